@@ -1,0 +1,391 @@
+//! Every message exchanged between agent and control plane.
+//!
+//! Wire rule (postcard is positional): never reorder, remove or retype a field or variant.
+//! New variants go at the end of an enum; a changed struct means a new `PROTOCOL_VERSION`.
+//! Golden-byte fixtures in `tests/golden/` fail when an encoding changes by accident.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::trust::{Digest, SignedBlob};
+
+/// Identifies one model version everywhere: the digest is the SHA-256 of its signed
+/// manifest payload, so two models with equal name and version but other bytes differ.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+    pub digest: Digest,
+}
+
+/// Device → control plane.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Uplink {
+    Hello(Hello),
+    Status(Status),
+    Telemetry(TelemetryBatch),
+    Progress(Progress),
+    ChunkRequest(ChunkRequest),
+    Shadow(ShadowReport),
+    Drift(DriftReport),
+    Samples(SampleBatch),
+    Labels(LabelBatch),
+    KeyringRefused(KeyringRefused),
+}
+
+impl Uplink {
+    /// The topic kind this message travels on.
+    pub fn kind(&self) -> crate::topics::UplinkKind {
+        use crate::topics::UplinkKind as K;
+        match self {
+            Uplink::Hello(_) => K::Hello,
+            Uplink::Status(_) => K::Status,
+            Uplink::Telemetry(_) => K::Telemetry,
+            Uplink::Progress(_) => K::Progress,
+            Uplink::ChunkRequest(_) => K::ChunkRequest,
+            Uplink::Shadow(_) => K::Shadow,
+            Uplink::Drift(_) => K::Drift,
+            Uplink::Samples(_) => K::Samples,
+            Uplink::Labels(_) => K::Labels,
+            Uplink::KeyringRefused(_) => K::KeyringRefused,
+        }
+    }
+}
+
+/// Sent on every (re)connect: who the device is and what it runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub agent_version: String,
+    /// Oldest and newest protocol versions this agent speaks.
+    pub protocol_min: u16,
+    pub protocol_max: u16,
+    /// Rust target arch (`x86_64`, `aarch64`, `arm`).
+    pub arch: String,
+    pub os: String,
+    pub labels: BTreeMap<String, String>,
+    pub active: Option<ModelRef>,
+    pub staged: Option<ModelRef>,
+    /// Highest command sequence the device has accepted (its replay floor).
+    pub last_command_seq: u64,
+    pub keyring_version: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Presence {
+    Online,
+    /// Published by the broker as the last will, or by the agent on clean shutdown.
+    Offline,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub presence: Presence,
+    pub active: Option<ModelRef>,
+    pub staged: Option<ModelRef>,
+    /// Model running in shadow beside the active one, if any.
+    pub shadow: Option<ModelRef>,
+    pub uptime_s: u64,
+}
+
+/// Fixed, protocol-wide latency buckets so histograms from any agent merge by addition.
+/// Bucket `i` counts latencies `<= LATENCY_BUCKETS_US[i]`; the last bucket is overflow.
+pub const LATENCY_BUCKETS_US: [u64; 24] = [
+    10,
+    20,
+    50,
+    100,
+    200,
+    350,
+    500,
+    750,
+    1_000,
+    1_500,
+    2_000,
+    3_500,
+    5_000,
+    7_500,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    u64::MAX,
+];
+
+/// A mergeable latency histogram over [`LATENCY_BUCKETS_US`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyHistogram {
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+}
+
+impl LatencyHistogram {
+    pub fn new() -> Self {
+        Self {
+            counts: vec![0; LATENCY_BUCKETS_US.len()],
+            sum_us: 0,
+        }
+    }
+
+    pub fn record(&mut self, us: u64) {
+        if self.counts.len() != LATENCY_BUCKETS_US.len() {
+            self.counts.resize(LATENCY_BUCKETS_US.len(), 0);
+        }
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b < us);
+        self.counts[i.min(LATENCY_BUCKETS_US.len() - 1)] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a = a.saturating_add(*b);
+        }
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Upper bound of the bucket holding quantile `q` (0..=1), or `None` when empty.
+    pub fn quantile_upper_us(&self, q: f64) -> Option<u64> {
+        let total = self.total();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return LATENCY_BUCKETS_US.get(i).copied();
+            }
+        }
+        LATENCY_BUCKETS_US.last().copied()
+    }
+}
+
+/// Host facts from sysinfo, sampled once per telemetry window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SystemFacts {
+    pub cpu_percent: f32,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    /// Agent process resident memory.
+    pub agent_rss_bytes: u64,
+    pub temperature_c: Option<f32>,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+}
+
+/// One telemetry window (counters reset per window; the control plane sums windows).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub model: Option<ModelRef>,
+    pub inferences: u64,
+    pub errors: u64,
+    /// Inputs refused for NaN, missing values or out-of-range features.
+    pub data_quality_errors: u64,
+    pub latency: LatencyHistogram,
+    /// Count of predictions per output class (argmax) or per output bin.
+    pub outputs: Vec<u64>,
+    pub system: SystemFacts,
+    /// Spool records dropped because the spool was full (cumulative since install).
+    pub spool_dropped: u64,
+}
+
+/// Where a device is in carrying out a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Received,
+    Downloading,
+    Verified,
+    SelfTested,
+    Active,
+    Healthy,
+    Failed,
+    RolledBack,
+    Refused,
+    /// A command with nothing to install (rollback, config) was carried out.
+    Done,
+    /// The model runs in shadow beside the active one.
+    Shadowing,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub command_seq: u64,
+    /// SHA-256 of the signed command payload, so a report cannot be mistaken for another.
+    pub command_digest: Digest,
+    pub model: Option<ModelRef>,
+    pub phase: Phase,
+    pub chunks_done: u32,
+    pub chunks_total: u32,
+    /// Human-readable reason on `Failed`/`Refused`/`RolledBack`.
+    pub detail: Option<String>,
+}
+
+/// Ask for chunks of a model (missing ones only: verified chunks are never re-fetched).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    pub manifest_digest: Digest,
+    pub indices: Vec<u32>,
+}
+
+/// Candidate vs active on the same live inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShadowReport {
+    pub active: ModelRef,
+    pub candidate: ModelRef,
+    pub compared: u64,
+    /// Same argmax (classification) or within tolerance (regression).
+    pub agreed: u64,
+    pub candidate_errors: u64,
+    pub active_latency: LatencyHistogram,
+    pub candidate_latency: LatencyHistogram,
+}
+
+/// Counts of one feature over the bins of the manifest's baseline.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureSketch {
+    /// One count per baseline bin (numeric: `edges.len() + 1` bins; categorical: one per
+    /// category plus "other").
+    pub counts: Vec<u64>,
+    pub missing: u64,
+    pub out_of_range: u64,
+}
+
+/// Per-window distribution sketches: mergeable, never raw data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DriftReport {
+    pub model: ModelRef,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub features: Vec<FeatureSketch>,
+    pub predictions: Vec<u64>,
+}
+
+/// One sampled live input, kept for retraining.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Agent-local request id, the key a later label attaches to.
+    pub request_id: u64,
+    pub at_ms: u64,
+    pub features: Vec<f32>,
+    pub prediction: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleBatch {
+    pub model: ModelRef,
+    pub samples: Vec<Sample>,
+}
+
+/// A ground-truth label for an earlier request, from the feedback endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Label {
+    pub request_id: u64,
+    pub at_ms: u64,
+    pub value: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabelBatch {
+    pub labels: Vec<Label>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyringRefused {
+    pub offered_version: u64,
+    pub reason: String,
+}
+
+/// Control plane → one device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Downlink {
+    HelloAck(HelloAck),
+    /// A command signed by a fleet signing key ([`crate::trust::SigKind::Command`]).
+    Command(SignedBlob),
+    /// A keyring signed by the root key ([`crate::trust::SigKind::Keyring`]).
+    Keyring(SignedBlob),
+    /// Application-level acknowledgement: uplink frames with these sequence numbers are
+    /// stored durably, so the agent may delete them from its spool.
+    UplinkAck(UplinkAck),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// Version both sides will speak.
+    pub protocol_version: u16,
+    pub server_time_ms: u64,
+    /// Highest uplink sequence already stored for this device (resend above it).
+    pub stored_up_to: u64,
+}
+
+/// Inclusive ranges of stored uplink sequence numbers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UplinkAck {
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// One piece of a model file, published on the model's shared chunk topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkData {
+    pub manifest_digest: Digest,
+    pub index: u32,
+    pub data: Vec<u8>,
+}
+
+/// What a signed command tells a device to do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub target: crate::topics::DeviceId,
+    /// Strictly increasing per device; a device refuses any `seq <=` its last accepted.
+    pub seq: u64,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Rollout this command belongs to, for reports.
+    pub rollout_id: Option<u64>,
+    pub action: Action,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Action {
+    /// Install the model described by this signed manifest.
+    Deploy {
+        manifest: SignedBlob,
+        mode: DeployMode,
+    },
+    /// Return to the previous healthy model (or to `to` if still in the store).
+    Rollback { to: Option<ModelRef> },
+    /// Promote the shadow model to active.
+    Promote,
+    /// Change runtime settings.
+    Configure(AgentSettings),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeployMode {
+    /// Self-test, then switch traffic to it.
+    Activate,
+    /// Self-test, then run beside the active model and report agreement.
+    Shadow,
+}
+
+/// Settings the control plane may change remotely (signed like every command).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentSettings {
+    pub telemetry_interval_ms: u64,
+    /// Fraction of live inputs kept as samples, in parts per million.
+    pub sample_rate_ppm: u32,
+}
