@@ -464,6 +464,12 @@ impl DeviceKey {
         m.finalize().into_bytes().into()
     }
 
+    /// The password a device presents to the MQTT broker (username = device id). Derived,
+    /// so the broker never needs the key that authenticates frames.
+    pub fn mqtt_password(&self) -> String {
+        crate::topics::hex32(&self.mac(b"drover-mqtt-password-v1"))
+    }
+
     /// Constant-time MAC check.
     pub fn verify(&self, bytes: &[u8], tag: &[u8]) -> bool {
         let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(&self.0) else {
