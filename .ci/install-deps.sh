@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the real outside peers the test suite runs against. Idempotent; needs root
+# (CI runs as root) and the Debian and PyPI registries.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto mosquitto-clients)
+if ((${#need_apt[@]})); then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# The broker is started by the tests themselves on a free loopback port; keep the
+# packaged service from holding port 1883.
+if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
+pkill -x mosquitto 2>/dev/null || true
+echo "peers: mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | head -1 | awk '{print $3}')"
