@@ -1,1 +1,4 @@
-//! placeholder
+//! `drover-agent`: the Drover edge agent.
+
+pub mod config;
+pub mod runtime;

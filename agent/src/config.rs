@@ -1,0 +1,506 @@
+//! Agent configuration: a human-edited TOML file, apart from wire types.
+//!
+//! Layering: built-in defaults < TOML file < `DROVER_AGENT_*` environment < command-line
+//! overrides. Every field is validated and every error is reported at once, so an operator
+//! fixes a config in one pass. The environment is passed in as a map: tests never touch the
+//! process environment.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use drover_protocol::topics::{parse_hex32, DeviceId};
+use drover_protocol::trust::DeviceKey;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The config format version this build reads.
+pub const CONFIG_VERSION: u32 = 1;
+/// Prefix of environment variables that override config keys.
+pub const ENV_PREFIX: &str = "DROVER_AGENT_";
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub version: u32,
+    pub device_id: String,
+    /// 64 hex chars: the HMAC key shared with the control plane. Secret: never logged.
+    pub device_key: String,
+    /// 64 hex chars: the pinned ed25519 root public key.
+    pub root_public_key: String,
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub broker_url: String,
+    pub data_dir: PathBuf,
+    /// Loopback address of the local inference API (`127.0.0.1:0` picks a port).
+    pub api_addr: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+// Hand-written so the device key can never reach a log line.
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("version", &self.version)
+            .field("device_id", &self.device_id)
+            .field("device_key", &"<redacted>")
+            .field("root_public_key", &self.root_public_key)
+            .field("broker_url", &self.broker_url)
+            .field("data_dir", &self.data_dir)
+            .field("api_addr", &self.api_addr)
+            .field("labels", &self.labels)
+            .field("tls", &self.tls)
+            .field("telemetry", &self.telemetry)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub interval_ms: u64,
+    pub spool_max_bytes: u64,
+    /// Fraction of live inputs kept as samples, in parts per million.
+    pub sample_rate_ppm: u32,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 10_000,
+            spool_max_bytes: 64 * 1024 * 1024,
+            sample_rate_ppm: 10_000,
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    /// A hardened default: loopback API, TLS-less only on localhost, empty identity that
+    /// validation refuses until `drover device enroll` fills it in.
+    fn default() -> Self {
+        Self {
+            version: CONFIG_VERSION,
+            device_id: String::new(),
+            device_key: String::new(),
+            root_public_key: String::new(),
+            broker_url: "mqtt://127.0.0.1:1883".into(),
+            data_dir: PathBuf::from("/var/lib/drover-agent"),
+            api_addr: "127.0.0.1:8480".into(),
+            labels: BTreeMap::new(),
+            tls: None,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config is invalid:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+    #[error("cannot serialize config: {0}")]
+    Serialize(String),
+}
+
+/// Broker address parsed from `broker_url`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+/// A config that passed validation, with its secrets decoded.
+#[derive(Clone, Debug)]
+pub struct ValidConfig {
+    pub raw: AgentConfig,
+    pub device_id: DeviceId,
+    pub device_key: DeviceKey,
+    pub root_public_key: [u8; 32],
+    pub broker: BrokerAddr,
+    pub api_addr: SocketAddr,
+}
+
+impl AgentConfig {
+    /// Parses TOML text (no layering, no validation).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Serialize(e.to_string()))
+    }
+
+    /// Loads the layered config: defaults < `file` < `env` (`DROVER_AGENT_*` keys; nested
+    /// keys joined by `_`, e.g. `DROVER_AGENT_TELEMETRY_INTERVAL_MS`) < `overrides`
+    /// (`key=value` pairs with dotted keys, e.g. `telemetry.interval_ms=500`), then
+    /// validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        overrides: &[(String, String)],
+    ) -> Result<ValidConfig, ConfigError> {
+        let mut table = toml::Table::try_from(AgentConfig::default())
+            .map_err(|e| ConfigError::Serialize(e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let from_file: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            merge(&mut table, from_file);
+        }
+        let mut errors = Vec::new();
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            match env_key_path(rest) {
+                Some(path) => set_path(&mut table, &path, value),
+                None => errors.push(format!("environment variable {key} names no config key")),
+            }
+        }
+        for (key, value) in overrides {
+            let path: Vec<&str> = key.split('.').collect();
+            set_path(&mut table, &path, value);
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors));
+        }
+        let cfg: AgentConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: file.map(Path::to_owned).unwrap_or_default(),
+                    message: e.to_string(),
+                })?;
+        cfg.validate()
+    }
+
+    /// Checks every field; reports all problems at once.
+    pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
+        let mut errors = Vec::new();
+        if self.version != CONFIG_VERSION {
+            errors.push(format!(
+                "version = {} is not supported; this agent reads version {CONFIG_VERSION}",
+                self.version
+            ));
+        }
+        let device_id = DeviceId::new(self.device_id.clone())
+            .map_err(|e| errors.push(format!("device_id: {e}")))
+            .ok();
+        let device_key = parse_hex32(&self.device_key)
+            .ok_or_else(|| errors.push("device_key: must be 64 hex characters".into()))
+            .ok();
+        let root = parse_hex32(&self.root_public_key)
+            .ok_or_else(|| errors.push("root_public_key: must be 64 hex characters".into()))
+            .ok();
+        if let Some(r) = root {
+            if drover_protocol::TrustStore::new(r).is_err() {
+                errors.push("root_public_key: not a valid ed25519 public key".into());
+            }
+        }
+        let broker = parse_broker_url(&self.broker_url)
+            .map_err(|e| errors.push(format!("broker_url: {e}")))
+            .ok();
+        if let Some(b) = &broker {
+            if b.tls && self.tls.is_none() {
+                errors
+                    .push("tls: an mqtts:// broker_url needs a [tls] section with ca_file".into());
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+                errors.push(
+                    "tls: client_cert_file and client_key_file must be given together".into(),
+                );
+            }
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            errors.push("data_dir: must not be empty".into());
+        } else if !self.data_dir.is_absolute() && !self.data_dir.starts_with(".") {
+            // Relative paths are allowed (tests) but must be explicit about it.
+        }
+        let api_addr = self
+            .api_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| errors.push(format!("api_addr: {e}")))
+            .ok();
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.len() > 64 || v.len() > 256 {
+                errors.push(format!(
+                    "labels.{k}: keys are 1-64 bytes and values up to 256 bytes"
+                ));
+            }
+        }
+        let t = &self.telemetry;
+        if !(100..=86_400_000).contains(&t.interval_ms) {
+            errors.push("telemetry.interval_ms: must be within 100..=86400000".into());
+        }
+        if t.spool_max_bytes < 64 * 1024 {
+            errors.push("telemetry.spool_max_bytes: must be at least 65536".into());
+        }
+        if t.sample_rate_ppm > 1_000_000 {
+            errors.push("telemetry.sample_rate_ppm: must be at most 1000000".into());
+        }
+        match (device_id, device_key, root, broker, api_addr) {
+            (Some(device_id), Some(key), Some(root), Some(broker), Some(api_addr))
+                if errors.is_empty() =>
+            {
+                Ok(ValidConfig {
+                    raw: self.clone(),
+                    device_id,
+                    device_key: DeviceKey(key),
+                    root_public_key: root,
+                    broker,
+                    api_addr,
+                })
+            }
+            _ => Err(ConfigError::Invalid(errors)),
+        }
+    }
+}
+
+/// Parses `mqtt://host:port` or `mqtts://host:port`.
+pub fn parse_broker_url(url: &str) -> Result<BrokerAddr, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url:?} has an invalid port"))?,
+        ),
+        None => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("{url:?} has no valid host"));
+    }
+    Ok(BrokerAddr {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Maps an env suffix (`TELEMETRY_INTERVAL_MS`) to a key path.
+fn env_key_path(rest: &str) -> Option<Vec<&'static str>> {
+    const KEYS: &[&[&str]] = &[
+        &["version"],
+        &["device_id"],
+        &["device_key"],
+        &["root_public_key"],
+        &["broker_url"],
+        &["data_dir"],
+        &["api_addr"],
+        &["tls", "ca_file"],
+        &["tls", "client_cert_file"],
+        &["tls", "client_key_file"],
+        &["telemetry", "interval_ms"],
+        &["telemetry", "spool_max_bytes"],
+        &["telemetry", "sample_rate_ppm"],
+    ];
+    let want = rest.to_ascii_lowercase();
+    KEYS.iter()
+        .find(|p| p.join("_") == want)
+        .map(|p| p.to_vec())
+}
+
+/// Sets a dotted key to a string value, typed by the key (numbers stay numbers).
+fn set_path(table: &mut toml::Table, path: &[&str], value: &str) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry((*p).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else {
+            return;
+        };
+        t = next;
+    }
+    let v = match value.parse::<i64>() {
+        Ok(n)
+            if matches!(
+                *last,
+                "version" | "interval_ms" | "spool_max_bytes" | "sample_rate_ppm"
+            ) =>
+        {
+            toml::Value::Integer(n)
+        }
+        _ => toml::Value::String(value.to_owned()),
+    };
+    t.insert((*last).to_owned(), v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> AgentConfig {
+        AgentConfig {
+            device_id: "gw-01".into(),
+            device_key: "11".repeat(32),
+            root_public_key: drover_protocol::topics::hex32(
+                &drover_protocol::SecretKey::from_seed([7; 32]).public(),
+            ),
+            ..AgentConfig::default()
+        }
+    }
+
+    #[test]
+    fn documented_example_parses_and_validates() {
+        let text = format!(
+            r#"
+version = 1
+device_id = "gw-01"
+device_key = "{}"
+root_public_key = "{}"
+broker_url = "mqtts://broker.example:8883"
+data_dir = "/var/lib/drover-agent"
+api_addr = "127.0.0.1:8480"
+[labels]
+site = "plant-a"
+[tls]
+ca_file = "/etc/drover/ca.pem"
+client_cert_file = "/etc/drover/device.pem"
+client_key_file = "/etc/drover/device.key"
+[telemetry]
+interval_ms = 10000
+spool_max_bytes = 67108864
+sample_rate_ppm = 10000
+"#,
+            good().device_key,
+            good().root_public_key
+        );
+        let cfg = AgentConfig::from_toml(&text).unwrap();
+        let v = cfg.validate().unwrap();
+        assert_eq!(v.broker.port, 8883);
+        assert!(v.broker.tls);
+        assert_eq!(cfg.labels["site"], "plant-a");
+        // Round trip through to_toml.
+        assert_eq!(
+            AgentConfig::from_toml(&cfg.to_toml().unwrap()).unwrap(),
+            cfg
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let cfg = AgentConfig {
+            version: 9,
+            device_id: "a/b".into(),
+            device_key: "zz".into(),
+            broker_url: "http://x".into(),
+            api_addr: "nope".into(),
+            ..AgentConfig::default()
+        };
+        let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
+            panic!("expected Invalid");
+        };
+        for needle in [
+            "version",
+            "device_id",
+            "device_key",
+            "root_public_key",
+            "broker_url",
+            "api_addr",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(needle)),
+                "{needle} missing from {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let mut file_cfg = good();
+        file_cfg.telemetry.interval_ms = 5000;
+        file_cfg.api_addr = "127.0.0.1:1".into();
+        std::fs::write(&path, file_cfg.to_toml().unwrap()).unwrap();
+        let env: BTreeMap<String, String> = [
+            ("DROVER_AGENT_TELEMETRY_INTERVAL_MS", "700"),
+            ("DROVER_AGENT_API_ADDR", "127.0.0.1:2"),
+            ("UNRELATED", "x"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .collect();
+        let flags = vec![("api_addr".to_owned(), "127.0.0.1:3".to_owned())];
+        let v = AgentConfig::load(Some(&path), &env, &flags).unwrap();
+        assert_eq!(v.raw.telemetry.interval_ms, 700);
+        assert_eq!(v.api_addr.port(), 3);
+        // Default kept for what nobody set.
+        assert_eq!(v.raw.telemetry.sample_rate_ppm, 10_000);
+    }
+
+    #[test]
+    fn unknown_env_key_and_unknown_file_key_are_errors() {
+        let env: BTreeMap<String, String> = [("DROVER_AGENT_NOPE".to_owned(), "1".to_owned())]
+            .into_iter()
+            .collect();
+        assert!(matches!(
+            AgentConfig::load(None, &env, &[]),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(AgentConfig::from_toml("version = 1\nbogus = 2\n").is_err());
+    }
+
+    #[test]
+    fn debug_never_prints_the_device_key() {
+        let s = format!("{:?}", good());
+        assert!(!s.contains(&"11".repeat(32)));
+    }
+}
