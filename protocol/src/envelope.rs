@@ -151,8 +151,16 @@ fn expect(bytes: &[u8], expected: FrameKind) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// Decodes a whole body: trailing bytes are refused, so one frame has one meaning.
 fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
-    postcard::from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))
+    match postcard::take_from_bytes(body) {
+        Ok((v, [])) => Ok(v),
+        Ok((_, rest)) => Err(DecodeError::Malformed(format!(
+            "{} trailing bytes after the message",
+            rest.len()
+        ))),
+        Err(e) => Err(DecodeError::Malformed(e.to_string())),
+    }
 }
 
 fn open_mac<'a>(bytes: &'a [u8], key: &DeviceKey) -> Result<&'a [u8], DecodeError> {

@@ -226,7 +226,14 @@ fn encode_payload<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn decode_payload<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, TrustError> {
-    postcard::from_bytes(bytes).map_err(|e| TrustError::Malformed(e.to_string()))
+    match postcard::take_from_bytes(bytes) {
+        Ok((v, [])) => Ok(v),
+        Ok((_, rest)) => Err(TrustError::Malformed(format!(
+            "{} trailing bytes after the signed object",
+            rest.len()
+        ))),
+        Err(e) => Err(TrustError::Malformed(e.to_string())),
+    }
 }
 
 fn verify_raw(public: &[u8; 32], blob: &SignedBlob) -> Result<(), TrustError> {

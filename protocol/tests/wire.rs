@@ -182,3 +182,15 @@ fn oversized_and_truncated_frames_are_refused_before_decoding() {
     let bytes = seal_uplink(&device_key(), &uplink_frame(1, uplinks().remove(2).1));
     assert!(open_uplink(&bytes[..bytes.len() - 1], &dev(), &device_key()).is_err());
 }
+
+#[test]
+fn trailing_bytes_after_a_message_are_refused() {
+    let mut bytes = encode_chunk(&chunk());
+    bytes.push(0);
+    assert_eq!(
+        decode_chunk(&bytes),
+        Err(DecodeError::Malformed(
+            "1 trailing bytes after the message".into()
+        ))
+    );
+}
