@@ -1,1 +1,30 @@
-//! placeholder
+//! `drover-control-plane`: `drover serve` and the `drover` CLI.
+//!
+//! Layout:
+//! - [`serve`]: wires everything; `serve::run(config, shutdown)` is what `main` and the
+//!   tests call.
+//! - [`config`]: serve configuration (defaults < TOML < env < flags).
+//! - [`broker`]: the embedded rumqttd broker, authenticating devices from the store.
+//! - [`mqtt`]: the control plane's rumqttc sessions (the only MQTT client code).
+//! - [`ingest`]: authenticates uplink frames, stores them in batches on its own thread.
+//! - [`chunks`]: coalesced chunk serving on shared per-model topics.
+//! - [`registry`]: model validation (tract), baseline, test vectors, signing.
+//! - [`fleet`]: enroll, decommission, signed deploy commands.
+//! - [`store`]: SQLite; the only module that knows SQL.
+//! - [`keys`]: root/signing key files and the root-signed keyring.
+//! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
+//! - [`cli`]: the `drover` subcommands, one file each; a client of the API.
+
+pub mod api;
+pub mod broker;
+pub mod chunks;
+pub mod cli;
+pub mod config;
+pub mod fleet;
+pub mod ingest;
+pub mod keys;
+pub mod metrics;
+pub mod mqtt;
+pub mod registry;
+pub mod serve;
+pub mod store;

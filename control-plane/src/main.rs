@@ -1,1 +1,57 @@
-fn main() {}
+//! `drover`: thin entry point; everything lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use drover_control_plane::cli::{self, Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(a) => cli::serve::run(a).await,
+            Command::PrintDefaultConfig => {
+                print!(
+                    "{}",
+                    drover_control_plane::config::ServeConfig::default_toml()
+                );
+                Ok(())
+            }
+            Command::Keys(k) => cli::keys::run(k),
+            Command::Model(m) => cli::model::run(m).await,
+            Command::Device(d) => cli::device::run(d).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            let code = e
+                .downcast_ref::<cli::client::CliError>()
+                .map(|c| c.exit_code())
+                .unwrap_or(1);
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The API client the CLI uses: server URL and token from flags, env, or the files a
+//! local server writes in its data directory.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::serve::{TOKEN_FILE, URL_FILE};
+
+#[derive(Clone, Debug, Args)]
+pub struct ServerArgs {
+    /// API URL of `drover serve` (default: read from <data-dir>/api-url).
+    #[arg(long, env = "DROVER_SERVER")]
+    pub server: Option<String>,
+    /// API bearer token (default: read from <data-dir>/api-token).
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory of a local server, to find its URL and token.
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = "drover-data")]
+    pub data_dir: PathBuf,
+}
+
+/// Failures with their own exit codes, so scripts can tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach the server at {url}: {detail}\nis `drover serve` running? pass --server or set DROVER_SERVER")]
+    Unreachable { url: String, detail: String },
+    #[error("{message}")]
+    NotFound { message: String },
+    #[error("{message}")]
+    Conflict { message: String },
+    #[error("server refused the request ({status}): {message}")]
+    Refused { status: u16, message: String },
+}
+
+impl CliError {
+    /// 3 not found, 4 already exists, 5 server unreachable, 6 other refusal.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::NotFound { .. } => 3,
+            CliError::Conflict { .. } => 4,
+            CliError::Unreachable { .. } => 5,
+            CliError::Refused { .. } => 6,
+        }
+    }
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    pub fn new(args: &ServerArgs) -> anyhow::Result<Self> {
+        let base = match &args.server {
+            Some(s) => s.clone(),
+            None => {
+                let p = args.data_dir.join(URL_FILE);
+                std::fs::read_to_string(&p)
+                    .with_context(|| format!("no --server given and cannot read {}; start `drover serve --data-dir {}` or pass --server", p.display(), args.data_dir.display()))?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        let token = match &args.token {
+            Some(t) => t.clone(),
+            None => {
+                let p = args.data_dir.join(TOKEN_FILE);
+                std::fs::read_to_string(&p)
+                    .with_context(|| {
+                        format!(
+                            "no --token given and cannot read {}; pass --token or set DROVER_TOKEN",
+                            p.display()
+                        )
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        Ok(Self {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp =
+            req.bearer_auth(&self.token)
+                .send()
+                .await
+                .map_err(|e| CliError::Unreachable {
+                    url: self.base.clone(),
+                    detail: e.to_string(),
+                })?;
+        let status = resp.status();
+        if status.is_success() {
+            let text = resp.text().await.context("reading the server's reply")?;
+            let text = if text.is_empty() { "null" } else { &text };
+            return serde_json::from_str(text)
+                .context("the server's reply is not the expected JSON");
+        }
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        let message = body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no detail")
+            .to_owned();
+        Err(match status.as_u16() {
+            404 => CliError::NotFound { message },
+            409 => CliError::Conflict { message },
+            s => CliError::Refused { status: s, message },
+        }
+        .into())
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+}
+
+/// Prints a value as pretty JSON.
+pub fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Parses `k=v`.
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} must look like key=value"))
+}

@@ -1,0 +1,237 @@
+//! `drover device enroll|list|show|deploy|decommission`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use super::client::{parse_kv, print_json, Client, ServerArgs};
+use super::{fmt_ms, Output};
+use crate::api::{DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse};
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Issue a device identity and write the agent's config file.
+    Enroll {
+        /// Device id: 1-64 of [A-Za-z0-9._:-].
+        id: String,
+        /// Label `key=value` (repeatable), used by rollout selectors.
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Broker URL the agent connects to (default: the server's).
+        #[arg(long)]
+        broker_url: Option<String>,
+        /// The agent's data directory on the device.
+        #[arg(long, default_value = "/var/lib/drover-agent")]
+        agent_data_dir: PathBuf,
+        /// Where to write the agent config (contains the device secret; mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List devices.
+    List {
+        /// Only devices with this label `key=value` (repeatable: all must match).
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Only devices currently online.
+        #[arg(long)]
+        online: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one device.
+    Show {
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Send a signed command telling a device to install a model.
+    Deploy {
+        id: String,
+        /// NAME@X.Y.Z
+        #[arg(long)]
+        model: String,
+        /// Run the model in shadow beside the active one instead of activating it.
+        #[arg(long)]
+        shadow: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Revoke a device at once: the broker and ingest refuse it from now on.
+    Decommission {
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+fn show(d: &DeviceView) {
+    println!("{}", d.id);
+    println!("  online         {}", d.online);
+    if d.decommissioned {
+        println!("  DECOMMISSIONED");
+    }
+    let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("  labels         {}", labels.join(","));
+    println!(
+        "  agent          {} ({} {})",
+        d.agent_version.as_deref().unwrap_or("-"),
+        d.os.as_deref().unwrap_or("-"),
+        d.arch.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  last seen      {}",
+        d.last_seen_ms.map(fmt_ms).unwrap_or_else(|| "never".into())
+    );
+    println!(
+        "  active model   {}",
+        d.active_model.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  staged model   {}",
+        d.staged_model.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  last phase     {}",
+        d.last_phase.as_deref().unwrap_or("-")
+    );
+    println!("  enrolled       {}", fmt_ms(d.enrolled_at_ms));
+}
+
+pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
+    match cmd {
+        DeviceCommand::Enroll {
+            id,
+            labels,
+            broker_url,
+            agent_data_dir,
+            out,
+            server,
+        } => {
+            let labels: BTreeMap<String, String> = labels.into_iter().collect();
+            let r: EnrollResponse = Client::new(&server)?
+                .post(
+                    "/v1/devices",
+                    &EnrollRequest {
+                        id: id.clone(),
+                        labels: labels.clone(),
+                    },
+                )
+                .await?;
+            let cfg = drover_agent::config::AgentConfig {
+                device_id: r.device_id,
+                device_key: r.device_key,
+                root_public_key: r.root_public_key,
+                broker_url: broker_url.unwrap_or(r.broker_url),
+                data_dir: agent_data_dir,
+                labels,
+                ..Default::default()
+            };
+            let text = cfg.to_toml().context("cannot render the agent config")?;
+            crate::keys::write_private(&out, text.as_bytes())?;
+            println!("enrolled {id}; agent config written to {}", out.display());
+            Ok(())
+        }
+        DeviceCommand::List {
+            labels,
+            online,
+            server,
+            output,
+        } => {
+            let mut q = Vec::new();
+            if !labels.is_empty() {
+                let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                q.push(format!("label={}", l.join(",")));
+            }
+            if online {
+                q.push("online=true".into());
+            }
+            let path = if q.is_empty() {
+                "/v1/devices".to_string()
+            } else {
+                format!("/v1/devices?{}", q.join("&"))
+            };
+            let v: Vec<DeviceView> = Client::new(&server)?.get(&path).await?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            println!(
+                "{:<24} {:<7} {:<8} {:<24} LABELS",
+                "ID", "ONLINE", "ARCH", "ACTIVE MODEL"
+            );
+            for d in &v {
+                let labels: Vec<String> =
+                    d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<24} {:<7} {:<8} {:<24} {}",
+                    d.id,
+                    if d.decommissioned {
+                        "revoked"
+                    } else if d.online {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    d.arch.as_deref().unwrap_or("-"),
+                    d.active_model.as_deref().unwrap_or("-"),
+                    labels.join(",")
+                );
+            }
+            Ok(())
+        }
+        DeviceCommand::Show { id, server, output } => {
+            let v: DeviceView = Client::new(&server)?
+                .get(&format!("/v1/devices/{id}"))
+                .await?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            show(&v);
+            Ok(())
+        }
+        DeviceCommand::Deploy {
+            id,
+            model,
+            shadow,
+            server,
+            output,
+        } => {
+            let r: DeployResponse = Client::new(&server)?
+                .post(
+                    &format!("/v1/devices/{id}/deploy"),
+                    &DeployRequest {
+                        model,
+                        mode: Some(if shadow { "shadow" } else { "activate" }.into()),
+                    },
+                )
+                .await?;
+            if output == Output::Json {
+                return print_json(&r);
+            }
+            println!(
+                "command {} sent to {}: deploy {} (expires {})",
+                r.seq,
+                r.device,
+                r.model,
+                fmt_ms(r.expires_at_ms)
+            );
+            Ok(())
+        }
+        DeviceCommand::Decommission { id, server } => {
+            let _: serde_json::Value = Client::new(&server)?
+                .post(&format!("/v1/devices/{id}/decommission"), &())
+                .await?;
+            println!("{id} decommissioned");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! `drover model publish|list|show`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use super::client::{parse_kv, print_json, Client, ServerArgs};
+use super::{fmt_ms, Output};
+use crate::api::{ModelView, PublishBody};
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Validate an ONNX model with the agent runtime, sign it and add it to the registry.
+    Publish {
+        /// The ONNX file.
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Semantic version X.Y.Z.
+        #[arg(long)]
+        version: String,
+        /// CSV (header row of feature names) to derive the drift baseline from.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// JSON test vectors (`[{"inputs":[..],"outputs":[..],"tolerance":1e-4}]`);
+        /// generated from the baseline or deterministic inputs when absent.
+        #[arg(long)]
+        test_vectors: Option<PathBuf>,
+        /// Chunk size in bytes for downloads (default 65536).
+        #[arg(long)]
+        chunk_size: Option<u32>,
+        #[arg(long)]
+        training_job: Option<String>,
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Evaluation metric `name=value` (repeatable).
+        #[arg(long = "metric", value_parser = parse_kv)]
+        metrics: Vec<(String, String)>,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List published models.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one model: NAME@X.Y.Z.
+    Show {
+        model: String,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+fn print_model(m: &ModelView) {
+    println!("{}@{}", m.name, m.version);
+    println!("  digest   {}", m.digest);
+    println!("  sha256   {}", m.sha256);
+    println!("  size     {} bytes, chunks of {}", m.size, m.chunk_size);
+    println!(
+        "  signed   by key {} at {}",
+        m.key_id,
+        fmt_ms(m.created_at_ms)
+    );
+    if let Ok(s) = serde_json::to_string_pretty(&m.summary) {
+        for line in s.lines() {
+            println!("  {line}");
+        }
+    }
+}
+
+pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Publish {
+            file,
+            name,
+            version,
+            baseline,
+            test_vectors,
+            chunk_size,
+            training_job,
+            dataset,
+            metrics,
+            server,
+            output,
+        } => {
+            let model = std::fs::read(&file)
+                .with_context(|| format!("cannot read model file {}", file.display()))?;
+            let baseline_csv = baseline
+                .map(|p| {
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read baseline {}", p.display()))
+                })
+                .transpose()?;
+            let test_vectors = test_vectors
+                .map(|p| -> anyhow::Result<_> {
+                    let t = std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read test vectors {}", p.display()))?;
+                    serde_json::from_str(&t).with_context(|| {
+                        format!("{} is not a JSON list of test vectors", p.display())
+                    })
+                })
+                .transpose()?;
+            let mut m = BTreeMap::new();
+            for (k, v) in metrics {
+                let v: f64 = v
+                    .parse()
+                    .with_context(|| format!("metric {k}={v}: value is not a number"))?;
+                m.insert(k, v);
+            }
+            let body = PublishBody {
+                name,
+                version,
+                model_hex: hex::encode(&model),
+                baseline_csv,
+                test_vectors,
+                chunk_size,
+                training_job,
+                dataset,
+                metrics: m,
+            };
+            let client = Client::new(&server)?;
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_message(format!(
+                "uploading {} ({} bytes), validating and signing",
+                file.display(),
+                model.len()
+            ));
+            bar.enable_steady_tick(Duration::from_millis(120));
+            let r: anyhow::Result<ModelView> = client.post("/v1/models", &body).await;
+            bar.finish_and_clear();
+            let v = r?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            println!("published");
+            print_model(&v);
+            Ok(())
+        }
+        ModelCommand::List { server, output } => {
+            let v: Vec<ModelView> = Client::new(&server)?.get("/v1/models").await?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            println!(
+                "{:<24} {:<10} {:>10}  {:<16} CREATED",
+                "NAME", "VERSION", "SIZE", "DIGEST"
+            );
+            for m in &v {
+                println!(
+                    "{:<24} {:<10} {:>10}  {:<16} {}",
+                    m.name,
+                    m.version,
+                    m.size,
+                    &m.digest[..16.min(m.digest.len())],
+                    fmt_ms(m.created_at_ms)
+                );
+            }
+            Ok(())
+        }
+        ModelCommand::Show {
+            model,
+            server,
+            output,
+        } => {
+            let (name, version) = crate::fleet::parse_model_ref(&model)?;
+            let v: ModelView = Client::new(&server)?
+                .get(&format!("/v1/models/{name}/{version}"))
+                .await?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            print_model(&v);
+            Ok(())
+        }
+    }
+}

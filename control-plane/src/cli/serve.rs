@@ -1,0 +1,63 @@
+//! `drover serve`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::{Overrides, ServeConfig};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see `drover print-default-config`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data directory (database, keys, models, API token).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP API address; port 0 picks a free port.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// Embedded broker address; port 0 picks a free port.
+    #[arg(long)]
+    pub mqtt_listen: Option<String>,
+    /// Use an external broker instead: mqtt://user:pass@host:port.
+    #[arg(long)]
+    pub broker_url: Option<String>,
+}
+
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("DROVER_"))
+        .collect();
+    let overrides = Overrides {
+        data_dir: args.data_dir,
+        http_listen: args.http_listen,
+        mqtt_listen: args.mqtt_listen,
+        broker_url: args.broker_url,
+    };
+    let config = ServeConfig::load(args.config.as_deref(), &env, &overrides)?;
+    let handle = crate::serve::run(config, signal()).await?;
+    println!(
+        "drover serve: api http://{} broker mqtt://{}",
+        handle.http_addr(),
+        handle.mqtt_addr()
+    );
+    handle.wait().await;
+    Ok(())
+}

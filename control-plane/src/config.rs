@@ -1,0 +1,367 @@
+//! `drover serve` configuration: defaults < TOML file < `DROVER_*` environment < flags.
+//!
+//! Every field is validated and every error is reported at once. The environment is
+//! passed in as a map, so tests never touch the process environment.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    pub version: u32,
+    /// Holds `drover.db`, `keys/`, `models/`, `api-token` and `api-url`.
+    pub data_dir: PathBuf,
+    /// HTTP API address (`127.0.0.1:0` picks a free port).
+    pub http_listen: String,
+    /// Embedded broker address (port 0 picks a free port). Ignored with `broker_url`.
+    pub mqtt_listen: String,
+    /// External broker (`mqtt://user:pass@host:port`); empty = run the embedded broker.
+    pub broker_url: String,
+    /// Broker URL written into enrolled agents' configs; empty = derived from the broker.
+    pub advertised_broker_url: String,
+    pub ingest: IngestConfig,
+    /// Raw telemetry older than this is deleted (hourly rollups are kept).
+    pub telemetry_retention_hours: u64,
+    /// Chunk requests for the same chunk within this window are answered by one publish.
+    pub chunk_window_ms: u64,
+    /// Deployment commands expire this long after being issued.
+    pub command_ttl_hours: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest number of frames written in one SQLite transaction.
+    pub batch_max: usize,
+    /// Uplink acks to each device are coalesced over this interval.
+    pub ack_interval_ms: u64,
+    /// MQTT sessions sharing the uplink subscription (`$share`), for throughput.
+    pub sessions: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            batch_max: 8192,
+            ack_interval_ms: 200,
+            sessions: 2,
+        }
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            version: CONFIG_VERSION,
+            data_dir: PathBuf::from("drover-data"),
+            http_listen: "127.0.0.1:8470".into(),
+            mqtt_listen: "127.0.0.1:1883".into(),
+            broker_url: String::new(),
+            advertised_broker_url: String::new(),
+            ingest: IngestConfig::default(),
+            telemetry_retention_hours: 24 * 7,
+            chunk_window_ms: 100,
+            command_ttl_hours: 24 * 7,
+        }
+    }
+}
+
+/// Command-line overrides (the highest layer).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub http_listen: Option<String>,
+    pub mqtt_listen: Option<String>,
+    pub broker_url: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config is invalid:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// An MQTT broker address with optional credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerUrl")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Parses `mqtt://[user:pass@]host[:port]` or `mqtts://…`.
+pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return Err(format!(
+            "broker url {url:?} must start with mqtt:// or mqtts://"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (cred, hostport) = match rest.rsplit_once('@') {
+        Some((c, h)) => (Some(c), h),
+        None => (None, rest),
+    };
+    let (username, password) = match cred {
+        Some(c) => match c.split_once(':') {
+            Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
+            None => (Some(c.to_owned()), None),
+        },
+        None => (None, None),
+    };
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (
+            h.trim_matches(|c| c == '[' || c == ']').to_owned(),
+            p.parse::<u16>()
+                .map_err(|_| format!("broker url port {p:?} is not a number"))?,
+        ),
+        _ => (hostport.to_owned(), default_port),
+    };
+    if host.is_empty() {
+        return Err(format!("broker url {url:?} has no host"));
+    }
+    Ok(BrokerUrl {
+        host,
+        port,
+        tls,
+        username,
+        password,
+    })
+}
+
+/// The broker the server runs or joins.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BrokerMode {
+    Embedded { listen: SocketAddr },
+    External(BrokerUrl),
+}
+
+/// A config that passed validation.
+#[derive(Clone, Debug)]
+pub struct ValidServeConfig {
+    pub raw: ServeConfig,
+    pub http_listen: SocketAddr,
+    pub broker: BrokerMode,
+}
+
+fn env_layer(cfg: &mut ServeConfig, env: &HashMap<String, String>, errors: &mut Vec<String>) {
+    if let Some(v) = env.get("DROVER_DATA_DIR") {
+        cfg.data_dir = PathBuf::from(v);
+    }
+    if let Some(v) = env.get("DROVER_HTTP_LISTEN") {
+        cfg.http_listen = v.clone();
+    }
+    if let Some(v) = env.get("DROVER_MQTT_LISTEN") {
+        cfg.mqtt_listen = v.clone();
+    }
+    if let Some(v) = env.get("DROVER_BROKER_URL") {
+        cfg.broker_url = v.clone();
+    }
+    if let Some(v) = env.get("DROVER_INGEST_SESSIONS") {
+        match v.parse() {
+            Ok(n) => cfg.ingest.sessions = n,
+            Err(_) => errors.push(format!("DROVER_INGEST_SESSIONS={v:?} is not a number")),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Applies every layer and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+        overrides: &Overrides,
+    ) -> Result<ValidServeConfig, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?
+            }
+            None => ServeConfig::default(),
+        };
+        let mut errors = Vec::new();
+        env_layer(&mut cfg, env, &mut errors);
+        if let Some(v) = &overrides.data_dir {
+            cfg.data_dir = v.clone();
+        }
+        if let Some(v) = &overrides.http_listen {
+            cfg.http_listen = v.clone();
+        }
+        if let Some(v) = &overrides.mqtt_listen {
+            cfg.mqtt_listen = v.clone();
+        }
+        if let Some(v) = &overrides.broker_url {
+            cfg.broker_url = v.clone();
+        }
+        cfg.validate_with(errors)
+    }
+
+    pub fn validate(self) -> Result<ValidServeConfig, ConfigError> {
+        self.validate_with(Vec::new())
+    }
+
+    fn validate_with(self, mut errors: Vec<String>) -> Result<ValidServeConfig, ConfigError> {
+        if self.version != CONFIG_VERSION {
+            errors.push(format!(
+                "version = {} is not supported; this build reads version {CONFIG_VERSION}",
+                self.version
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            errors.push("data_dir is empty".into());
+        }
+        let http: Option<SocketAddr> = match self.http_listen.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errors.push(format!(
+                    "http_listen = {:?} is not an address like 127.0.0.1:8470",
+                    self.http_listen
+                ));
+                None
+            }
+        };
+        let broker = if self.broker_url.is_empty() {
+            match self.mqtt_listen.parse() {
+                Ok(listen) => Some(BrokerMode::Embedded { listen }),
+                Err(_) => {
+                    errors.push(format!(
+                        "mqtt_listen = {:?} is not an address like 127.0.0.1:1883",
+                        self.mqtt_listen
+                    ));
+                    None
+                }
+            }
+        } else {
+            match parse_broker_url(&self.broker_url) {
+                Ok(u) => Some(BrokerMode::External(u)),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            }
+        };
+        if !self.advertised_broker_url.is_empty() {
+            if let Err(e) = parse_broker_url(&self.advertised_broker_url) {
+                errors.push(format!("advertised_broker_url: {e}"));
+            }
+        }
+        if self.ingest.batch_max == 0 {
+            errors.push("ingest.batch_max must be at least 1".into());
+        }
+        if self.ingest.sessions == 0 || self.ingest.sessions > 64 {
+            errors.push("ingest.sessions must be within 1..=64".into());
+        }
+        if self.ingest.ack_interval_ms == 0 {
+            errors.push("ingest.ack_interval_ms must be at least 1".into());
+        }
+        if self.command_ttl_hours == 0 {
+            errors.push("command_ttl_hours must be at least 1".into());
+        }
+        match (errors.is_empty(), http, broker) {
+            (true, Some(http_listen), Some(broker)) => Ok(ValidServeConfig {
+                raw: self,
+                http_listen,
+                broker,
+            }),
+            _ => Err(ConfigError::Invalid(errors)),
+        }
+    }
+
+    /// The commented default config printed by `drover print-default-config`.
+    pub fn default_toml() -> String {
+        let body = toml::to_string(&ServeConfig::default()).unwrap_or_default();
+        format!(
+            "# drover serve configuration (defaults < this file < DROVER_* env < flags)\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_all_errors_are_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "version = 1\nhttp_listen = \"127.0.0.1:1\"\nmqtt_listen = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
+        let env = HashMap::from([("DROVER_MQTT_LISTEN".to_string(), "127.0.0.1:3".to_string())]);
+        let o = Overrides {
+            http_listen: Some("127.0.0.1:4".into()),
+            ..Default::default()
+        };
+        let c = ServeConfig::load(Some(&f), &env, &o).unwrap();
+        assert_eq!(c.http_listen.port(), 4);
+        assert_eq!(
+            c.broker,
+            BrokerMode::Embedded {
+                listen: "127.0.0.1:3".parse().unwrap()
+            }
+        );
+        let bad = ServeConfig {
+            version: 9,
+            http_listen: "nope".into(),
+            broker_url: "http://x".into(),
+            ..Default::default()
+        };
+        match bad.validate() {
+            Err(ConfigError::Invalid(errs)) => assert_eq!(errs.len(), 3, "{errs:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(toml::from_str::<ServeConfig>(&ServeConfig::default_toml()).is_ok());
+    }
+
+    #[test]
+    fn broker_urls_parse_with_credentials() {
+        let u = parse_broker_url("mqtts://cp:secret@broker.local:8884").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.tls),
+            ("broker.local", 8884, true)
+        );
+        assert_eq!(u.username.as_deref(), Some("cp"));
+        assert!(!format!("{u:?}").contains("secret"));
+        assert_eq!(parse_broker_url("mqtt://h").unwrap().port, 1883);
+        assert!(parse_broker_url("tcp://h").is_err());
+    }
+}

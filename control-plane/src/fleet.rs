@@ -1,0 +1,160 @@
+//! Fleet operations behind the API: enroll, decommission, deploy (signed commands).
+//! Synchronous (they hold the store); the API runs them on the blocking pool.
+
+use std::collections::BTreeMap;
+
+use drover_protocol::messages::{Action, Command, DeployMode};
+use drover_protocol::trust::{KeyId, SigKind, SignedBlob};
+use drover_protocol::{DeviceId, DeviceKey};
+use rand::RngCore as _;
+
+use crate::serve::{DeviceEntry, Shared};
+use crate::store::{CommandRow, ModelRow, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    DeviceId(#[from] drover_protocol::topics::TopicError),
+    #[error("model {0} is not published; see `drover model list`")]
+    UnknownModel(String),
+    #[error("model reference {0:?} must look like NAME@X.Y.Z")]
+    BadModelRef(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The identity `device enroll` hands out; the key is secret.
+pub struct Enrollment {
+    pub device_id: DeviceId,
+    pub device_key: DeviceKey,
+}
+
+pub fn enroll(
+    shared: &Shared,
+    store: &mut Store,
+    id: &str,
+    labels: &BTreeMap<String, String>,
+    now_ms: u64,
+) -> Result<Enrollment, FleetError> {
+    let device_id = DeviceId::new(id)?;
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    let device_key = DeviceKey(key);
+    store.enroll_device(&device_id, &device_key, labels, now_ms)?;
+    shared.set_device(
+        device_id.clone(),
+        DeviceEntry {
+            key: device_key.clone(),
+            decommissioned: false,
+        },
+    );
+    tracing::info!(device_id = %device_id, "device enrolled");
+    Ok(Enrollment {
+        device_id,
+        device_key,
+    })
+}
+
+/// Revokes a device at once: the broker refuses its logins, ingest refuses its frames.
+pub fn decommission(shared: &Shared, store: &mut Store, id: &str) -> Result<(), FleetError> {
+    let device_id = DeviceId::new(id)?;
+    if !store.decommission_device(id)? {
+        return Err(StoreError::UnknownDevice(id.to_owned()).into());
+    }
+    let key = shared.device_key(&device_id);
+    if let Some(key) = key {
+        shared.set_device(
+            device_id.clone(),
+            DeviceEntry {
+                key,
+                decommissioned: true,
+            },
+        );
+    }
+    tracing::info!(device_id = %device_id, "device decommissioned");
+    Ok(())
+}
+
+/// Splits `NAME@X.Y.Z`.
+pub fn parse_model_ref(s: &str) -> Result<(&str, &str), FleetError> {
+    s.split_once('@')
+        .filter(|(n, v)| !n.is_empty() && !v.is_empty())
+        .ok_or_else(|| FleetError::BadModelRef(s.to_owned()))
+}
+
+pub fn find_model(store: &Store, model: &str) -> Result<ModelRow, FleetError> {
+    let (name, version) = parse_model_ref(model)?;
+    store
+        .model(name, version)?
+        .ok_or_else(|| FleetError::UnknownModel(model.to_owned()))
+}
+
+/// Issues a signed deploy command with the device's next sequence number, persisted
+/// (synchronous=FULL) before it is returned for publishing.
+pub fn deploy(
+    shared: &Shared,
+    store: &mut Store,
+    device: &str,
+    model: &ModelRow,
+    mode: DeployMode,
+    now_ms: u64,
+) -> Result<(CommandRow, SignedBlob), FleetError> {
+    let target = DeviceId::new(device)?;
+    let manifest = SignedBlob {
+        kind: SigKind::Manifest,
+        key_id: parse_key_id(&model.key_id),
+        payload: model.payload.clone(),
+        signature: model.signature.clone(),
+    };
+    let expires_at_ms = now_ms.saturating_add(shared.command_ttl_ms);
+    let signing = &shared.keys.signing;
+    let built = store.issue_command(device, |seq| {
+        let cmd = Command {
+            target: target.clone(),
+            seq,
+            issued_at_ms: now_ms,
+            expires_at_ms,
+            rollout_id: None,
+            action: Action::Deploy {
+                manifest: manifest.clone(),
+                mode,
+            },
+        };
+        let blob = signing.sign_command(&cmd);
+        Ok::<_, std::convert::Infallible>(CommandRow {
+            device: device.to_owned(),
+            seq,
+            issued_at_ms: now_ms,
+            expires_at_ms,
+            kind: "deploy".into(),
+            model_digest: Some(model.digest),
+            key_id: blob.key_id.0,
+            payload: blob.payload,
+            signature: blob.signature,
+        })
+    })?;
+    let row = match built {
+        Ok(row) => row,
+        Err(never) => match never {},
+    };
+    let blob = SignedBlob {
+        kind: SigKind::Command,
+        key_id: KeyId(row.key_id),
+        payload: row.payload.clone(),
+        signature: row.signature.clone(),
+    };
+    tracing::info!(device_id = device, model = %model.name, version = %model.version, seq = row.seq, "deploy command issued");
+    Ok((row, blob))
+}
+
+/// Parses a key id printed as 16 hex digits.
+pub fn parse_key_id(s: &str) -> KeyId {
+    let mut id = [0u8; 8];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = s
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    KeyId(id)
+}

@@ -1,0 +1,282 @@
+//! Ingest: authenticate uplink frames and store them in batched transactions.
+//!
+//! Runs on a dedicated thread (SQLite never blocks the async runtime). A batch is
+//! whatever is queued when the thread wakes, up to `batch_max` frames, so batches grow
+//! with load and a lone frame is stored at once. After each commit the thread hands the
+//! stored sequence numbers to the dispatcher, which acknowledges them to the devices.
+//!
+//! A frame that fails (bad topic, unknown or decommissioned device, oversized, garbage,
+//! bad MAC, forged device id, incompatible version) is counted by reason, logged at most
+//! once per device and reason per minute, and dropped; it never touches the database.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use drover_protocol::envelope::{open_uplink, MAX_UPLINK_LEN};
+use drover_protocol::messages::{ChunkRequest, Hello, Presence, Uplink};
+use drover_protocol::topics::{self, ParsedTopic};
+use drover_protocol::trust::{KeyId, SigKind, SignedBlob};
+use drover_protocol::{DecodeError, DeviceId};
+use tokio::sync::mpsc;
+
+use crate::metrics::Refusal;
+use crate::mqtt::RawUplink;
+use crate::serve::{now_ms, Shared};
+use crate::store::{Inbound, Store};
+
+/// What the ingest thread asks the async side to send.
+#[derive(Debug)]
+pub enum Event {
+    /// Stored uplink sequence numbers to acknowledge, per device.
+    Acks(Vec<(DeviceId, Vec<u64>)>),
+    /// Reply to a hello: negotiated version (or why not), stored high-water mark, and
+    /// the device's newest command when it has not accepted it yet.
+    Hello {
+        device: DeviceId,
+        negotiated: Result<u16, DecodeError>,
+        stored_up_to: u64,
+        keyring_version: u64,
+        pending_command: Option<SignedBlob>,
+    },
+    Chunks(ChunkRequest),
+}
+
+const LOG_INTERVAL_MS: u64 = 60_000;
+
+struct Ingest {
+    store: Store,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<Event>,
+    last_logged: HashMap<(String, Refusal), u64>,
+    online: HashSet<DeviceId>,
+}
+
+/// Spawns the ingest thread; it ends (after storing everything queued) when every
+/// sender of `rx` is dropped.
+pub fn spawn(
+    store: Store,
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<RawUplink>,
+    events: mpsc::UnboundedSender<Event>,
+    batch_max: usize,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("drover-ingest".into())
+        .spawn(move || {
+            let mut ing = Ingest {
+                store,
+                shared,
+                events,
+                last_logged: HashMap::new(),
+                online: HashSet::new(),
+            };
+            let mut raw = Vec::with_capacity(batch_max);
+            while let Some(first) = rx.blocking_recv() {
+                raw.push(first);
+                while raw.len() < batch_max {
+                    match rx.try_recv() {
+                        Ok(r) => raw.push(r),
+                        Err(_) => break,
+                    }
+                }
+                ing.batch(&mut raw);
+            }
+            tracing::debug!("ingest thread drained and stopped");
+        })
+}
+
+impl Ingest {
+    fn refuse(&mut self, who: &str, r: Refusal, detail: &dyn std::fmt::Display) {
+        self.shared.metrics.refuse(r);
+        let now = now_ms();
+        let key = (who.to_owned(), r);
+        let due = self
+            .last_logged
+            .get(&key)
+            .is_none_or(|t| now.saturating_sub(*t) >= LOG_INTERVAL_MS);
+        if due {
+            if self.last_logged.len() > 100_000 {
+                self.last_logged.clear();
+            }
+            self.last_logged.insert(key, now);
+            tracing::warn!(device_id = who, reason = r.as_str(), %detail, "uplink frame refused");
+        }
+    }
+
+    fn authenticate(&mut self, raw: &RawUplink) -> Option<Inbound> {
+        let (device, kind) = match topics::parse(&raw.topic) {
+            Ok(ParsedTopic::Uplink { device, kind }) => (device, kind),
+            Ok(_) => {
+                self.refuse("-", Refusal::BadTopic, &"not an uplink topic");
+                return None;
+            }
+            Err(e) => {
+                self.refuse("-", Refusal::BadTopic, &e);
+                return None;
+            }
+        };
+        let key = {
+            let devices = self
+                .shared
+                .devices
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            devices
+                .get(&device)
+                .map(|d| (d.key.clone(), d.decommissioned))
+        };
+        let key = match key {
+            None => {
+                self.refuse(device.as_str(), Refusal::UnknownDevice, &"not enrolled");
+                return None;
+            }
+            Some((_, true)) => {
+                self.refuse(device.as_str(), Refusal::Decommissioned, &"decommissioned");
+                return None;
+            }
+            Some((k, false)) => k,
+        };
+        if raw.payload.len() > MAX_UPLINK_LEN {
+            let e = DecodeError::TooLarge {
+                len: raw.payload.len(),
+                max: MAX_UPLINK_LEN,
+            };
+            self.refuse(device.as_str(), Refusal::TooLarge, &e);
+            return None;
+        }
+        match open_uplink(&raw.payload, &device, &key) {
+            Ok(frame) if frame.msg.kind() == kind => Some(Inbound {
+                frame,
+                received_at_ms: now_ms(),
+            }),
+            Ok(frame) => {
+                let detail = format!(
+                    "{:?} message on the {} topic",
+                    frame.msg.kind(),
+                    kind.as_str()
+                );
+                self.refuse(device.as_str(), Refusal::Garbage, &detail);
+                None
+            }
+            Err(e) => {
+                self.refuse(device.as_str(), Refusal::of(&e), &e);
+                None
+            }
+        }
+    }
+
+    fn batch(&mut self, raw: &mut Vec<RawUplink>) {
+        let m = Arc::clone(&self.shared.metrics);
+        m.uplink_received.fetch_add(raw.len() as u64, Relaxed);
+        let mut items = Vec::with_capacity(raw.len());
+        for r in raw.drain(..) {
+            if let Some(inb) = self.authenticate(&r) {
+                items.push(inb);
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+        let outcome = match self.store.apply_batch(&items) {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing is acked, so agents keep the frames and resend them.
+                m.ingest_errors.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, frames = items.len(), "ingest batch failed");
+                return;
+            }
+        };
+        m.ingest_batches.fetch_add(1, Relaxed);
+        m.uplink_stored.fetch_add(outcome.new_rows, Relaxed);
+        m.uplink_duplicates.fetch_add(outcome.duplicates, Relaxed);
+        let _ = self
+            .events
+            .send(Event::Acks(outcome.stored.into_iter().collect()));
+        for item in &items {
+            let dev = &item.frame.device;
+            match &item.frame.msg {
+                Uplink::Hello(h) => {
+                    self.online.insert(dev.clone());
+                    self.hello(dev, h);
+                }
+                Uplink::Status(s) => {
+                    if s.presence == Presence::Online {
+                        self.online.insert(dev.clone());
+                    } else {
+                        self.online.remove(dev);
+                        tracing::info!(device_id = %dev, "device offline");
+                    }
+                }
+                Uplink::ChunkRequest(c) => {
+                    m.chunk_requests.fetch_add(1, Relaxed);
+                    let _ = self.events.send(Event::Chunks(c.clone()));
+                }
+                Uplink::KeyringRefused(k) => {
+                    tracing::warn!(device_id = %dev, offered = k.offered_version, reason = %k.reason, "device refused the keyring");
+                }
+                _ => {}
+            }
+        }
+        m.devices_online.store(self.online.len() as u64, Relaxed);
+    }
+
+    fn hello(&mut self, dev: &DeviceId, h: &Hello) {
+        let negotiated = drover_protocol::envelope::negotiate(h.protocol_min, h.protocol_max);
+        if let Err(e) = &negotiated {
+            self.refuse(dev.as_str(), Refusal::Incompatible, e);
+        }
+        tracing::info!(device_id = %dev, agent_version = %h.agent_version, arch = %h.arch, "device hello");
+        let stored_up_to = match self.store.device(dev.as_str()) {
+            Ok(Some(d)) => d.max_uplink_seq,
+            _ => 0,
+        };
+        let now = now_ms();
+        let pending_command = match self.store.latest_command(dev.as_str()) {
+            Ok(Some(c)) if c.seq > h.last_command_seq && c.expires_at_ms > now => {
+                Some(SignedBlob {
+                    kind: SigKind::Command,
+                    key_id: KeyId(c.key_id),
+                    payload: c.payload,
+                    signature: c.signature,
+                })
+            }
+            _ => None,
+        };
+        let _ = self.events.send(Event::Hello {
+            device: dev.clone(),
+            negotiated,
+            stored_up_to,
+            keyring_version: h.keyring_version,
+            pending_command,
+        });
+    }
+}
+
+/// Compresses sorted, de-duplicated sequence numbers into inclusive ranges.
+pub fn ranges(seqs: &mut Vec<u64>) -> Vec<(u64, u64)> {
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &s in seqs.iter() {
+        match out.last_mut() {
+            Some((_, hi)) if *hi + 1 == s => *hi = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_compress_runs_and_drop_duplicates() {
+        assert_eq!(
+            ranges(&mut vec![5, 1, 2, 3, 3, 7, 8]),
+            vec![(1, 3), (5, 5), (7, 8)]
+        );
+        assert!(ranges(&mut vec![]).is_empty());
+    }
+}

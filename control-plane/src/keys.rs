@@ -1,0 +1,305 @@
+//! Key files: the root key, signing keys and the root-signed keyring, under `<data>/keys/`.
+//!
+//! Security rules: secret files are created 0600 (temp file, fsync, rename); a secret file
+//! readable by group or others is refused, never silently used; secrets never reach a log
+//! line or `Debug` output (`SecretKey` redacts itself).
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use drover_protocol::trust::{KeyEntry, KeyId, Keyring, Role, SecretKey, SignedBlob, TrustStore};
+use rand::RngCore as _;
+
+pub const ROOT_FILE: &str = "root.key";
+pub const KEYRING_FILE: &str = "keyring.bin";
+const DAY_MS: u64 = 86_400_000;
+/// Keyring validity when not told otherwise: devices refuse an expired keyring, so the
+/// operator must re-sign (`keys rotate`) at least this often.
+pub const DEFAULT_KEYRING_VALID_DAYS: u64 = 365;
+/// How long a rotated-out key's signatures stay valid, so in-flight commands still land.
+pub const DEFAULT_GRACE_DAYS: u64 = 7;
+/// Tolerated device clock skew for a new key's `not_before_ms`.
+const SKEW_MS: u64 = 10 * 60 * 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("keys already exist in {0}; use `drover keys rotate` to add a signing key")]
+    AlreadyInitialized(PathBuf),
+    #[error("no keys in {0}; run `drover keys init --data-dir <dir>` first")]
+    NotInitialized(PathBuf),
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    InsecurePermissions { path: PathBuf, mode: u32 },
+    #[error("key file {path} is not 64 hex characters")]
+    BadKeyFile { path: PathBuf },
+    #[error("keyring {path} does not verify against the root key: {reason}")]
+    BadKeyring { path: PathBuf, reason: String },
+    #[error("keyring {0} has no active signing key; run `drover keys rotate`")]
+    NoActiveKey(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Loaded key material for a running server.
+#[derive(Debug)]
+pub struct Keys {
+    pub root_public: [u8; 32],
+    pub keyring: Keyring,
+    pub keyring_blob: SignedBlob,
+    /// The newest active signing key (signs manifests and commands).
+    pub signing: SecretKey,
+}
+
+fn key_path(dir: &Path, id: KeyId) -> PathBuf {
+    dir.join(format!("signing-{id}.key"))
+}
+
+/// Writes a file with mode 0600 atomically (temp in the same directory, fsync, rename).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Reads a private file, refusing it when group or others may read it.
+pub fn read_private(path: &Path) -> Result<Vec<u8>, KeyError> {
+    let meta = fs::metadata(path).map_err(io(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::InsecurePermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    fs::read(path).map_err(io(path))
+}
+
+fn read_secret(path: &Path) -> Result<SecretKey, KeyError> {
+    let bytes = read_private(path)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let seed = drover_protocol::topics::parse_hex32(text.trim()).ok_or(KeyError::BadKeyFile {
+        path: path.to_owned(),
+    })?;
+    Ok(SecretKey::from_seed(seed))
+}
+
+fn write_secret(path: &Path, k: &SecretKey) -> Result<(), KeyError> {
+    let mut s = drover_protocol::topics::hex32(&k.seed());
+    s.push('\n');
+    write_private(path, s.as_bytes())
+}
+
+fn new_secret() -> SecretKey {
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    SecretKey::from_seed(seed)
+}
+
+fn write_keyring(dir: &Path, blob: &SignedBlob) -> Result<(), KeyError> {
+    let bytes = postcard::to_allocvec(blob).map_err(|e| KeyError::BadKeyring {
+        path: dir.join(KEYRING_FILE),
+        reason: e.to_string(),
+    })?;
+    write_private(&dir.join(KEYRING_FILE), &bytes)
+}
+
+fn read_keyring(dir: &Path, root: &SecretKey) -> Result<(SignedBlob, Keyring), KeyError> {
+    let path = dir.join(KEYRING_FILE);
+    let bytes = read_private(&path)?;
+    let bad = |reason: String| KeyError::BadKeyring {
+        path: path.clone(),
+        reason,
+    };
+    let blob: SignedBlob = postcard::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+    // Checked at time 0: this is our own keyring, we want its signature checked, not its
+    // expiry (an expired keyring must still be readable so it can be rotated).
+    let ring = TrustStore::new(root.public())
+        .and_then(|t| t.check_keyring(&blob, 0))
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((blob, ring))
+}
+
+/// `drover keys init`: a root key, a first signing key (models + commands) and keyring v1.
+pub fn init(data_dir: &Path, now_ms: u64, valid_days: u64) -> Result<Keys, KeyError> {
+    let dir = data_dir.join("keys");
+    if dir.join(ROOT_FILE).exists() {
+        return Err(KeyError::AlreadyInitialized(dir));
+    }
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io(&dir))?;
+    let root = new_secret();
+    let signing = new_secret();
+    let ring = Keyring {
+        version: 1,
+        issued_at_ms: now_ms,
+        expires_at_ms: now_ms.saturating_add(valid_days.saturating_mul(DAY_MS)),
+        keys: vec![KeyEntry {
+            key_id: signing.id(),
+            public: signing.public(),
+            roles: vec![Role::Models, Role::Commands],
+            not_before_ms: now_ms.saturating_sub(SKEW_MS),
+            not_after_ms: u64::MAX,
+            revoked: false,
+        }],
+    };
+    let blob = root.sign_keyring(&ring);
+    write_secret(&key_path(&dir, signing.id()), &signing)?;
+    write_keyring(&dir, &blob)?;
+    // The root key is written last: its presence marks a complete init.
+    write_secret(&dir.join(ROOT_FILE), &root)?;
+    tracing::info!(root_key = %root.id(), signing_key = %signing.id(), "keys initialized");
+    Ok(Keys {
+        root_public: root.public(),
+        keyring: ring,
+        keyring_blob: blob,
+        signing,
+    })
+}
+
+/// `drover keys rotate`: a new signing key; active keys retire after `grace_days`.
+pub fn rotate(
+    data_dir: &Path,
+    now_ms: u64,
+    grace_days: u64,
+    valid_days: u64,
+) -> Result<Keys, KeyError> {
+    let dir = data_dir.join("keys");
+    let root_path = dir.join(ROOT_FILE);
+    if !root_path.exists() {
+        return Err(KeyError::NotInitialized(dir));
+    }
+    let root = read_secret(&root_path)?;
+    let (_, old) = read_keyring(&dir, &root)?;
+    let signing = new_secret();
+    let retire_at = now_ms.saturating_add(grace_days.saturating_mul(DAY_MS));
+    let mut keys: Vec<KeyEntry> = old
+        .keys
+        .into_iter()
+        // Keys already past their end are dropped: they can never verify again.
+        .filter(|k| k.not_after_ms > now_ms)
+        .map(|mut k| {
+            k.not_after_ms = k.not_after_ms.min(retire_at);
+            k
+        })
+        .collect();
+    keys.push(KeyEntry {
+        key_id: signing.id(),
+        public: signing.public(),
+        roles: vec![Role::Models, Role::Commands],
+        not_before_ms: now_ms.saturating_sub(SKEW_MS),
+        not_after_ms: u64::MAX,
+        revoked: false,
+    });
+    let ring = Keyring {
+        version: old.version + 1,
+        issued_at_ms: now_ms,
+        expires_at_ms: now_ms.saturating_add(valid_days.saturating_mul(DAY_MS)),
+        keys,
+    };
+    let blob = root.sign_keyring(&ring);
+    write_secret(&key_path(&dir, signing.id()), &signing)?;
+    write_keyring(&dir, &blob)?;
+    tracing::info!(signing_key = %signing.id(), keyring_version = ring.version, "signing key rotated");
+    Ok(Keys {
+        root_public: root.public(),
+        keyring: ring,
+        keyring_blob: blob,
+        signing,
+    })
+}
+
+/// Loads the keys a server needs; the current signing key is the newest active one.
+pub fn load(data_dir: &Path) -> Result<Keys, KeyError> {
+    let dir = data_dir.join("keys");
+    let root_path = dir.join(ROOT_FILE);
+    if !root_path.exists() {
+        return Err(KeyError::NotInitialized(dir));
+    }
+    let root = read_secret(&root_path)?;
+    let (blob, ring) = read_keyring(&dir, &root)?;
+    let current = ring
+        .keys
+        .iter()
+        .filter(|k| !k.revoked && k.not_after_ms == u64::MAX)
+        .max_by_key(|k| k.not_before_ms)
+        .ok_or_else(|| KeyError::NoActiveKey(dir.join(KEYRING_FILE)))?;
+    let signing = read_secret(&key_path(&dir, current.key_id))?;
+    Ok(Keys {
+        root_public: root.public(),
+        keyring: ring,
+        keyring_blob: blob,
+        signing,
+    })
+}
+
+/// Loads the keys, creating them on first start.
+pub fn load_or_init(data_dir: &Path, now_ms: u64) -> Result<Keys, KeyError> {
+    if data_dir.join("keys").join(ROOT_FILE).exists() {
+        load(data_dir)
+    } else {
+        init(data_dir, now_ms, DEFAULT_KEYRING_VALID_DAYS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_0600_files_and_refuses_a_second_init() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = init(dir.path(), 1_000_000_000, 30).unwrap();
+        for e in fs::read_dir(dir.path().join("keys")).unwrap() {
+            let mode = e.unwrap().metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        assert!(matches!(
+            init(dir.path(), 1, 30),
+            Err(KeyError::AlreadyInitialized(_))
+        ));
+        let loaded = load(dir.path()).unwrap();
+        assert_eq!(loaded.signing.id(), k.signing.id());
+        assert_eq!(loaded.root_public, k.root_public);
+    }
+
+    #[test]
+    fn world_readable_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 1_000_000_000, 30).unwrap();
+        let root = dir.path().join("keys").join(ROOT_FILE);
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            load(dir.path()),
+            Err(KeyError::InsecurePermissions { mode: 0o644, .. })
+        ));
+    }
+}

@@ -1,0 +1,182 @@
+//! The control plane's MQTT sessions (rumqttc): the only module that touches the MQTT
+//! client. Each session's event loop runs alone in its task (publishing from the polling
+//! task can deadlock rumqttc under load); incoming uplink publishes are handed to ingest
+//! over a bounded channel, so a slow database back-pressures the broker, not memory.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::BrokerUrl;
+
+/// One publish as received: topic and payload, not yet parsed or authenticated.
+#[derive(Debug)]
+pub struct RawUplink {
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("mqtts:// needs TLS, which this build of the control plane does not configure yet; use mqtt:// on a trusted network or a local TLS-terminating proxy")]
+    TlsUnsupported,
+    #[error("publish to {topic} failed: {source}")]
+    Publish {
+        topic: String,
+        source: rumqttc::ClientError,
+    },
+}
+
+/// Handle to the sessions; `publisher` sends downlink, chunk and keyring publishes.
+pub struct MqttLink {
+    publisher: AsyncClient,
+    clients: Vec<AsyncClient>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    stop_ingest: watch::Sender<bool>,
+    stop_publisher: watch::Sender<bool>,
+}
+
+impl MqttLink {
+    /// Connects `sessions` sessions; with more than one they share the uplink filter.
+    pub fn start(
+        url: &BrokerUrl,
+        client_prefix: &str,
+        sessions: usize,
+        inbound: mpsc::Sender<RawUplink>,
+    ) -> Result<Self, MqttError> {
+        if url.tls {
+            return Err(MqttError::TlsUnsupported);
+        }
+        let (stop_ingest, ingest_rx) = watch::channel(false);
+        let (stop_publisher, publisher_rx) = watch::channel(false);
+        let filter = if sessions > 1 {
+            drover_protocol::topics::uplink_filter_shared("drover-ingest")
+        } else {
+            drover_protocol::topics::uplink_filter_all()
+        };
+        let mut clients = Vec::new();
+        let mut tasks = Vec::new();
+        // Session 0 publishes only, so its outgoing queue never waits behind ingest.
+        for n in 0..=sessions {
+            let mut o = MqttOptions::new(format!("{client_prefix}-{n}"), &url.host, url.port);
+            o.set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(true)
+                .set_max_packet_size(crate::broker::MAX_PAYLOAD, crate::broker::MAX_PAYLOAD)
+                .set_inflight(1000)
+                .set_request_channel_capacity(4096);
+            if let Some(u) = &url.username {
+                o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
+            }
+            let (client, eventloop) = AsyncClient::new(o, 4096);
+            let sub = (n > 0).then(|| filter.clone());
+            tasks.push(tokio::spawn(poll_loop(
+                client.clone(),
+                eventloop,
+                sub,
+                inbound.clone(),
+                if n == 0 {
+                    publisher_rx.clone()
+                } else {
+                    ingest_rx.clone()
+                },
+            )));
+            clients.push(client);
+        }
+        Ok(Self {
+            publisher: clients[0].clone(),
+            clients,
+            tasks: std::sync::Mutex::new(tasks),
+            stop_ingest,
+            stop_publisher,
+        })
+    }
+
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), MqttError> {
+        self.publisher
+            .publish(topic.clone(), qos, retain, payload)
+            .await
+            .map_err(|source| MqttError::Publish { topic, source })
+    }
+
+    /// Stops the uplink sessions; their poll loops end and drop the ingest channel, so
+    /// ingest stores what is queued and stops. The publisher keeps running.
+    pub fn stop_ingest(&self) {
+        let _ = self.stop_ingest.send(true);
+        for c in self.clients.iter().skip(1) {
+            let _ = c.try_disconnect();
+        }
+    }
+
+    /// Disconnects every session and waits for the poll loops to end.
+    pub async fn shutdown(&self) {
+        self.stop_ingest();
+        let _ = self.stop_publisher.send(true);
+        let _ = self.publisher.try_disconnect();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+async fn poll_loop(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    filter: Option<String>,
+    inbound: mpsc::Sender<RawUplink>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let ev = tokio::select! {
+            ev = eventloop.poll() => ev,
+            _ = stop.changed() => {
+                // Let the disconnect request go out, briefly.
+                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+                return;
+            }
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                tracing::debug!("mqtt session connected");
+                if let Some(f) = &filter {
+                    // try_: never wait on the request channel from the polling task.
+                    if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                        tracing::warn!(error = %e, "cannot subscribe to uplink");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let raw = RawUplink {
+                    topic: p.topic,
+                    payload: p.payload,
+                };
+                if inbound.send(raw).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if *stop.borrow() {
+                    return;
+                }
+                tracing::warn!(error = %e, "mqtt session error; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! `drover serve`: wires the broker, MQTT sessions, ingest, dispatcher, chunk server and
+//! HTTP API together, and tears them down in an order that loses nothing.
+//!
+//! Shutdown order: HTTP stops accepting; uplink sessions disconnect; ingest stores every
+//! queued frame and exits; the dispatcher sends the last acks; the publisher disconnects.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use drover_protocol::envelope::{encode_keyring, seal_downlink, DownlinkFrame};
+use drover_protocol::messages::{Downlink, HelloAck, UplinkAck};
+use drover_protocol::topics;
+use drover_protocol::{DeviceId, DeviceKey};
+use rand::RngCore as _;
+use rumqttc::QoS;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::config::{BrokerMode, BrokerUrl, ValidServeConfig};
+use crate::ingest::{self, Event};
+use crate::keys::{self, Keys};
+use crate::metrics::Metrics;
+use crate::mqtt::MqttLink;
+use crate::store::Store;
+
+pub const DB_FILE: &str = "drover.db";
+pub const TOKEN_FILE: &str = "api-token";
+pub const URL_FILE: &str = "api-url";
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_hex() -> String {
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    topics::hex32(&b)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start a worker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A device as the broker and ingest see it.
+#[derive(Clone, Debug)]
+pub struct DeviceEntry {
+    pub key: DeviceKey,
+    pub decommissioned: bool,
+}
+
+/// State shared by every part of the server.
+#[derive(Debug)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub devices: RwLock<HashMap<DeviceId, DeviceEntry>>,
+    pub data_dir: PathBuf,
+    pub keys: Keys,
+    pub api_token: String,
+    /// Written into enrolled agents' configs.
+    pub agent_broker_url: String,
+    pub command_ttl_ms: u64,
+    /// The control plane's own broker login (embedded broker only).
+    cp_login: Option<(String, String)>,
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Shared {
+    /// Broker authentication: the control plane's own login, or username = device id
+    /// and password = that device's derived MQTT password. Decommissioned: refused.
+    pub fn broker_login_ok(&self, user: &str, pass: &str) -> bool {
+        if let Some((u, p)) = &self.cp_login {
+            if user == u {
+                return ct_eq(pass.as_bytes(), p.as_bytes());
+            }
+        }
+        let ok = DeviceId::new(user).ok().is_some_and(|id| {
+            let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+            devices.get(&id).is_some_and(|d| {
+                !d.decommissioned && ct_eq(pass.as_bytes(), d.key.mqtt_password().as_bytes())
+            })
+        });
+        if !ok {
+            self.metrics.broker_auth_refused.fetch_add(1, Relaxed);
+            tracing::warn!(device_id = user, "broker refused a login");
+        }
+        ok
+    }
+
+    pub fn device_key(&self, id: &DeviceId) -> Option<DeviceKey> {
+        let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+        devices
+            .get(id)
+            .filter(|d| !d.decommissioned)
+            .map(|d| d.key.clone())
+    }
+
+    pub fn set_device(&self, id: DeviceId, entry: DeviceEntry) {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        devices.insert(id, entry);
+        let n = devices.values().filter(|d| !d.decommissioned).count();
+        self.metrics.devices_enrolled.store(n as u64, Relaxed);
+    }
+}
+
+/// A running server. Dropping it does not stop it: call [`ServeHandle::shutdown`].
+pub struct ServeHandle {
+    http_addr: SocketAddr,
+    mqtt_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    main: JoinHandle<()>,
+}
+
+impl ServeHandle {
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The broker address devices connect to.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    pub fn api_token(&self) -> &str {
+        &self.shared.api_token
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn root_public_key(&self) -> [u8; 32] {
+        self.shared.keys.root_public
+    }
+
+    /// Stops the server and waits until everything queued is stored.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.main).await;
+    }
+
+    /// Waits until the server stops (its shutdown future resolved).
+    pub async fn wait(self) {
+        let _ = self.main.await;
+    }
+}
+
+fn read_or_create_token(data_dir: &Path) -> Result<String, keys::KeyError> {
+    let path = data_dir.join(TOKEN_FILE);
+    if path.exists() {
+        let t = keys::read_private(&path)?;
+        return Ok(String::from_utf8_lossy(&t).trim().to_owned());
+    }
+    let t = random_hex();
+    keys::write_private(&path, format!("{t}\n").as_bytes())?;
+    Ok(t)
+}
+
+/// Starts `drover serve`. Returns once every listener is bound; the server runs until
+/// `shutdown` resolves or [`ServeHandle::shutdown`] is called.
+pub async fn run(
+    config: ValidServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ServeHandle, ServeError> {
+    let raw = &config.raw;
+    let data_dir = raw.data_dir.clone();
+    for d in [data_dir.clone(), data_dir.join("models")] {
+        std::fs::create_dir_all(&d).map_err(|source| ServeError::DataDir { path: d, source })?;
+    }
+    let keys = keys::load_or_init(&data_dir, now_ms())?;
+    let db = data_dir.join(DB_FILE);
+    let mut api_store = Store::open(&db)?;
+    api_store.mark_all_offline()?;
+    let ingest_store = Store::open(&db)?;
+    let api_token = read_or_create_token(&data_dir)?;
+
+    let cp_login = match &config.broker {
+        BrokerMode::Embedded { .. } => Some(("drover-control-plane".to_string(), random_hex())),
+        BrokerMode::External(_) => None,
+    };
+    let mut shared = Shared {
+        metrics: Arc::new(Metrics::default()),
+        devices: RwLock::new(HashMap::new()),
+        data_dir: data_dir.clone(),
+        keys,
+        api_token,
+        agent_broker_url: raw.advertised_broker_url.clone(),
+        command_ttl_ms: raw.command_ttl_hours.saturating_mul(3_600_000),
+        cp_login: cp_login.clone(),
+    };
+    for d in api_store.device_auth()? {
+        shared.set_device(
+            d.id,
+            DeviceEntry {
+                key: d.key,
+                decommissioned: d.decommissioned,
+            },
+        );
+    }
+
+    let (mqtt_addr, url) = match &config.broker {
+        BrokerMode::Embedded { listen } => {
+            // The broker's auth hook needs `Shared`, and `Shared` needs the broker's URL:
+            // resolve the port first, then build both.
+            let listen = if listen.port() == 0 {
+                std::net::TcpListener::bind(listen)
+                    .and_then(|l| l.local_addr())
+                    .map_err(|source| crate::broker::BrokerError::Port {
+                        addr: *listen,
+                        source,
+                    })?
+            } else {
+                *listen
+            };
+            if shared.agent_broker_url.is_empty() {
+                shared.agent_broker_url = format!("mqtt://{listen}");
+            }
+            let (u, p) = cp_login.unwrap_or_default();
+            (
+                listen,
+                BrokerUrl {
+                    host: listen.ip().to_string(),
+                    port: listen.port(),
+                    tls: false,
+                    username: Some(u),
+                    password: Some(p),
+                },
+            )
+        }
+        BrokerMode::External(u) => {
+            if shared.agent_broker_url.is_empty() {
+                let scheme = if u.tls { "mqtts" } else { "mqtt" };
+                shared.agent_broker_url = format!("{scheme}://{}:{}", u.host, u.port);
+            }
+            let addr = (u.host.as_str(), u.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], u.port)));
+            (addr, u.clone())
+        }
+    };
+    let shared = Arc::new(shared);
+    if matches!(config.broker, BrokerMode::Embedded { .. }) {
+        crate::broker::start(mqtt_addr, Arc::clone(&shared))?;
+    }
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(65_536);
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
+    let client_prefix = format!("drover-cp-{}", &random_hex()[..8]);
+    let mqtt = Arc::new(MqttLink::start(
+        &url,
+        &client_prefix,
+        raw.ingest.sessions,
+        inbound_tx,
+    )?);
+    let ingest = ingest::spawn(
+        ingest_store,
+        Arc::clone(&shared),
+        inbound_rx,
+        events_tx,
+        raw.ingest.batch_max,
+    )
+    .map_err(ServeError::Thread)?;
+    let api_store = Arc::new(Mutex::new(api_store));
+    let dispatcher = tokio::spawn(dispatch(
+        events_rx,
+        Arc::clone(&shared),
+        Arc::clone(&mqtt),
+        chunk_tx,
+        Duration::from_millis(raw.ingest.ack_interval_ms),
+    ));
+    let chunks = tokio::spawn(crate::chunks::run(
+        chunk_rx,
+        Arc::clone(&shared),
+        Arc::clone(&mqtt),
+        Arc::clone(&api_store),
+        raw.chunk_window_ms,
+    ));
+    // The keyring is retained so a device gets it the moment it subscribes.
+    if let Err(e) = mqtt
+        .publish(
+            topics::keyring(),
+            encode_keyring(&shared.keys.keyring_blob),
+            QoS::AtLeastOnce,
+            true,
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "cannot publish the keyring");
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| ServeError::Http {
+            addr: config.http_listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| ServeError::Http {
+        addr: config.http_listen,
+        source,
+    })?;
+    let _ = keys::write_private(
+        &data_dir.join(URL_FILE),
+        format!("http://{http_addr}\n").as_bytes(),
+    );
+    let app = crate::api::router(crate::api::AppState {
+        shared: Arc::clone(&shared),
+        store: Arc::clone(&api_store),
+        mqtt: Arc::clone(&mqtt),
+    });
+    let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
+    let http = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = http_stop_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    let retention_ms = raw.telemetry_retention_hours.saturating_mul(3_600_000);
+    let maint_store = Arc::clone(&api_store);
+    let maintenance = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let s = Arc::clone(&maint_store);
+            let r = tokio::task::spawn_blocking(move || {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .prune_telemetry(now_ms().saturating_sub(retention_ms))
+            })
+            .await;
+            if let Ok(Ok(n)) = r {
+                if n > 0 {
+                    tracing::info!(rows = n, "pruned raw telemetry past retention");
+                }
+            }
+        }
+    });
+
+    tracing::info!(%http_addr, %mqtt_addr, data_dir = %data_dir.display(), "drover serve started");
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let main = tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop_rx => {}
+        }
+        tracing::info!("shutting down");
+        let _ = http_stop_tx.send(());
+        let _ = http.await;
+        maintenance.abort();
+        mqtt.stop_ingest();
+        let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
+        let _ = dispatcher.await;
+        let _ = chunks.await;
+        mqtt.shutdown().await;
+        tracing::info!("stopped");
+    });
+    Ok(ServeHandle {
+        http_addr,
+        mqtt_addr,
+        shared,
+        stop: Some(stop_tx),
+        main,
+    })
+}
+
+async fn send_downlink(shared: &Shared, mqtt: &MqttLink, device: &DeviceId, msg: Downlink) {
+    let Some(key) = shared.device_key(device) else {
+        return;
+    };
+    let frame = seal_downlink(
+        &key,
+        &DownlinkFrame {
+            device: device.clone(),
+            sent_at_ms: now_ms(),
+            msg,
+        },
+    );
+    if let Err(e) = mqtt
+        .publish(topics::downlink(device), frame, QoS::AtLeastOnce, false)
+        .await
+    {
+        tracing::warn!(device_id = %device, error = %e, "downlink publish failed");
+    }
+}
+
+async fn flush_acks(shared: &Shared, mqtt: &MqttLink, acks: &mut HashMap<DeviceId, Vec<u64>>) {
+    for (device, mut seqs) in acks.drain() {
+        let ranges = ingest::ranges(&mut seqs);
+        send_downlink(
+            shared,
+            mqtt,
+            &device,
+            Downlink::UplinkAck(UplinkAck { ranges }),
+        )
+        .await;
+        shared.metrics.acks_sent.fetch_add(1, Relaxed);
+    }
+}
+
+/// Sends what ingest asks for: coalesced acks, hello replies, chunk requests.
+async fn dispatch(
+    mut events: mpsc::UnboundedReceiver<Event>,
+    shared: Arc<Shared>,
+    mqtt: Arc<MqttLink>,
+    chunk_tx: mpsc::UnboundedSender<drover_protocol::messages::ChunkRequest>,
+    ack_interval: Duration,
+) {
+    let mut acks: HashMap<DeviceId, Vec<u64>> = HashMap::new();
+    let mut tick = tokio::time::interval(ack_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                None => {
+                    flush_acks(&shared, &mqtt, &mut acks).await;
+                    return;
+                }
+                Some(Event::Acks(v)) => {
+                    for (d, s) in v {
+                        acks.entry(d).or_default().extend(s);
+                    }
+                }
+                Some(Event::Chunks(c)) => {
+                    let _ = chunk_tx.send(c);
+                }
+                Some(Event::Hello { device, negotiated, stored_up_to, keyring_version, pending_command }) => {
+                    let Ok(protocol_version) = negotiated else { continue };
+                    send_downlink(&shared, &mqtt, &device, Downlink::HelloAck(HelloAck {
+                        protocol_version,
+                        server_time_ms: now_ms(),
+                        stored_up_to,
+                    })).await;
+                    // Always offered: re-offering the accepted keyring is harmless, and a
+                    // device that missed the retained copy catches up here.
+                    let _ = keyring_version;
+                    send_downlink(&shared, &mqtt, &device, Downlink::Keyring(shared.keys.keyring_blob.clone())).await;
+                    if let Some(cmd) = pending_command {
+                        send_downlink(&shared, &mqtt, &device, Downlink::Command(cmd)).await;
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                if !acks.is_empty() {
+                    flush_acks(&shared, &mqtt, &mut acks).await;
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a signed command to its device (used by the API after persisting it).
+pub async fn send_command(
+    shared: &Shared,
+    mqtt: &MqttLink,
+    device: &DeviceId,
+    blob: drover_protocol::SignedBlob,
+) {
+    send_downlink(shared, mqtt, device, Downlink::Command(blob)).await;
+}

@@ -1,0 +1,1015 @@
+//! The fleet store: SQLite in WAL mode with versioned migrations.
+//!
+//! Architecture invariant: this is the only module that knows SQL. Every other module
+//! speaks in the plain row structs below or in `drover-protocol` types.
+//!
+//! Durability: every connection runs `synchronous=FULL`, so a committed command sequence
+//! or an acknowledged telemetry record survives power loss (an agent deletes a record
+//! from its spool once acked, so an ack must mean "on disk"). Batching amortises the fsync.
+//! Write transactions use `BEGIN IMMEDIATE` so they never fail half-way with SQLITE_BUSY.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drover_protocol::envelope::UplinkFrame;
+use drover_protocol::messages::{ModelRef, Phase, Presence, Uplink};
+use drover_protocol::topics::hex32;
+use drover_protocol::{DeviceId, DeviceKey};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database {path} has schema version {found}, newer than this build's {supported}: upgrade drover")]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("device {0} is already enrolled")]
+    DeviceExists(String),
+    #[error("device {0} is not enrolled")]
+    UnknownDevice(String),
+    #[error("model {name}@{version} is already published")]
+    ModelExists { name: String, version: String },
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+    #[error("sqlite: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    device_key BLOB NOT NULL,
+    labels TEXT NOT NULL,
+    enrolled_at_ms INTEGER NOT NULL,
+    decommissioned INTEGER NOT NULL DEFAULT 0,
+    arch TEXT, os TEXT, agent_version TEXT,
+    last_seen_ms INTEGER,
+    online INTEGER NOT NULL DEFAULT 0,
+    active_model TEXT, active_digest TEXT,
+    staged_model TEXT, staged_digest TEXT,
+    last_phase TEXT,
+    reported_command_seq INTEGER NOT NULL DEFAULT 0,
+    max_uplink_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE models (
+    digest TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    summary TEXT NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE commands (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    issued_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    model_digest TEXT,
+    key_id BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE TABLE telemetry (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    model_digest TEXT,
+    inferences INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    data_quality_errors INTEGER NOT NULL,
+    latency_sum_us INTEGER NOT NULL,
+    latency_counts BLOB NOT NULL,
+    outputs BLOB NOT NULL,
+    cpu_percent REAL NOT NULL,
+    mem_used_bytes INTEGER NOT NULL,
+    mem_total_bytes INTEGER NOT NULL,
+    agent_rss_bytes INTEGER NOT NULL,
+    temperature_c REAL,
+    disk_free_bytes INTEGER NOT NULL,
+    disk_total_bytes INTEGER NOT NULL,
+    spool_dropped INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE INDEX telemetry_by_time ON telemetry (received_at_ms);
+CREATE TABLE telemetry_rollup (
+    device TEXT NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    windows INTEGER NOT NULL,
+    inferences INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    data_quality_errors INTEGER NOT NULL,
+    latency_sum_us INTEGER NOT NULL,
+    cpu_percent_sum REAL NOT NULL,
+    mem_used_max INTEGER NOT NULL,
+    PRIMARY KEY (device, bucket_ms)
+) WITHOUT ROWID;
+CREATE TABLE progress (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, received_at_ms INTEGER NOT NULL,
+    command_seq INTEGER NOT NULL, phase TEXT NOT NULL, model_digest TEXT,
+    chunks_done INTEGER NOT NULL, chunks_total INTEGER NOT NULL, detail TEXT,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE TABLE shadow (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, received_at_ms INTEGER NOT NULL,
+    active_digest TEXT NOT NULL, candidate_digest TEXT NOT NULL,
+    compared INTEGER NOT NULL, agreed INTEGER NOT NULL, candidate_errors INTEGER NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE TABLE drift (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, received_at_ms INTEGER NOT NULL,
+    model_digest TEXT NOT NULL, window_start_ms INTEGER NOT NULL, window_end_ms INTEGER NOT NULL,
+    sketch TEXT NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE TABLE samples (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL,
+    model_digest TEXT NOT NULL, request_id INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+    features BLOB NOT NULL, prediction BLOB NOT NULL,
+    PRIMARY KEY (device, seq, idx)
+) WITHOUT ROWID;
+CREATE TABLE labels (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL,
+    request_id INTEGER NOT NULL, at_ms INTEGER NOT NULL, value REAL NOT NULL,
+    PRIMARY KEY (device, seq, idx)
+) WITHOUT ROWID;
+"#];
+
+/// A device as the store knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceRow {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub enrolled_at_ms: u64,
+    pub decommissioned: bool,
+    pub arch: Option<String>,
+    pub os: Option<String>,
+    pub agent_version: Option<String>,
+    pub last_seen_ms: Option<u64>,
+    pub online: bool,
+    pub active_model: Option<String>,
+    pub staged_model: Option<String>,
+    pub last_phase: Option<String>,
+    pub reported_command_seq: u64,
+    pub max_uplink_seq: u64,
+}
+
+/// What ingest needs to authenticate a device.
+#[derive(Clone, Debug)]
+pub struct DeviceAuth {
+    pub id: DeviceId,
+    pub key: DeviceKey,
+    pub decommissioned: bool,
+}
+
+/// A published model version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelRow {
+    pub digest: [u8; 32],
+    pub name: String,
+    pub version: String,
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub chunk_size: u32,
+    pub created_at_ms: u64,
+    pub key_id: String,
+    /// The signed manifest payload and its signature, exactly as signed.
+    pub payload: Vec<u8>,
+    pub signature: Vec<u8>,
+    /// Human-facing JSON summary (schema, lineage, metrics, baseline size).
+    pub summary: String,
+}
+
+/// A signed command, persisted before it is published.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandRow {
+    pub device: String,
+    pub seq: u64,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub kind: String,
+    pub model_digest: Option<[u8; 32]>,
+    pub key_id: [u8; 8],
+    pub payload: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// One raw telemetry window as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryRow {
+    pub device: String,
+    pub seq: u64,
+    pub received_at_ms: u64,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub inferences: u64,
+    pub errors: u64,
+    pub cpu_percent: f64,
+    pub mem_used_bytes: u64,
+}
+
+/// An authenticated uplink frame waiting to be stored.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    pub frame: UplinkFrame,
+    pub received_at_ms: u64,
+}
+
+/// What one batch did, per device.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Sequence numbers now durably stored (including duplicates stored earlier), per device.
+    pub stored: HashMap<DeviceId, Vec<u64>>,
+    /// Rows newly written (duplicates excluded).
+    pub new_rows: u64,
+    pub duplicates: u64,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn now_or(v: Option<i64>) -> Option<u64> {
+    v.map(|x| x.max(0) as u64)
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn pack_u64s(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn pack_f32s(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn model_text(m: &Option<ModelRef>) -> (Option<String>, Option<String>) {
+    match m {
+        Some(m) => (
+            Some(format!("{}@{}", m.name, m.version)),
+            Some(hex32(&m.digest)),
+        ),
+        None => (None, None),
+    }
+}
+
+fn phase_text(p: Phase) -> &'static str {
+    match p {
+        Phase::Received => "received",
+        Phase::Downloading => "downloading",
+        Phase::Verified => "verified",
+        Phase::SelfTested => "self-tested",
+        Phase::Active => "active",
+        Phase::Healthy => "healthy",
+        Phase::Failed => "failed",
+        Phase::RolledBack => "rolled-back",
+        Phase::Refused => "refused",
+        Phase::Done => "done",
+        Phase::Shadowing => "shadowing",
+    }
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
+#[derive(Default)]
+struct Rollup {
+    windows: u64,
+    inferences: u64,
+    errors: u64,
+    dq: u64,
+    latency_sum: u64,
+    cpu_sum: f64,
+    mem_max: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and runs pending migrations.
+    pub fn open(path: &Path) -> Result<Self> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        let mut s = Store {
+            conn,
+            path: path.to_owned(),
+        };
+        s.migrate()?;
+        Ok(s)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let found: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let supported = MIGRATIONS.len() as i64;
+        if found > supported {
+            return Err(StoreError::SchemaTooNew {
+                path: self.path.clone(),
+                found,
+                supported,
+            });
+        }
+        for (n, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (n + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    // ---- devices ----
+
+    pub fn enroll_device(
+        &mut self,
+        id: &DeviceId,
+        key: &DeviceKey,
+        labels: &BTreeMap<String, String>,
+        now_ms: u64,
+    ) -> Result<()> {
+        let labels_json = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: Option<i64> = tx
+            .query_row("SELECT 1 FROM devices WHERE id = ?1", [id.as_str()], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if exists.is_some() {
+            return Err(StoreError::DeviceExists(id.to_string()));
+        }
+        tx.execute(
+            "INSERT INTO devices (id, device_key, labels, enrolled_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![id.as_str(), &key.0[..], labels_json, i(now_ms)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Marks a device decommissioned; returns false when it is not enrolled.
+    pub fn decommission_device(&mut self, id: &str) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE devices SET decommissioned = 1, online = 0 WHERE id = ?1",
+            [id],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Every enrolled device's key, for the ingest and broker-auth cache.
+    pub fn device_auth(&self) -> Result<Vec<DeviceAuth>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, device_key, decommissioned FROM devices")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, bool>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, key, decommissioned) = row?;
+            let id = DeviceId::new(id).map_err(|e| StoreError::Corrupt {
+                table: "devices",
+                detail: e.to_string(),
+            })?;
+            let key: [u8; 32] = key.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                table: "devices",
+                detail: format!("device {id} key is {} bytes", key.len()),
+            })?;
+            out.push(DeviceAuth {
+                id,
+                key: DeviceKey(key),
+                decommissioned,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Presence is unknown after a restart: every device must say hello again.
+    pub fn mark_all_offline(&mut self) -> Result<()> {
+        self.conn
+            .execute("UPDATE devices SET online = 0 WHERE online = 1", [])?;
+        Ok(())
+    }
+
+    const DEVICE_COLS: &'static str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq";
+
+    fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+        let labels: String = r.get(1)?;
+        Ok(DeviceRow {
+            id: r.get(0)?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            enrolled_at_ms: r.get::<_, i64>(2)?.max(0) as u64,
+            decommissioned: r.get(3)?,
+            arch: r.get(4)?,
+            os: r.get(5)?,
+            agent_version: r.get(6)?,
+            last_seen_ms: now_or(r.get(7)?),
+            online: r.get(8)?,
+            active_model: r.get(9)?,
+            staged_model: r.get(10)?,
+            last_phase: r.get(11)?,
+            reported_command_seq: r.get::<_, i64>(12)?.max(0) as u64,
+            max_uplink_seq: r.get::<_, i64>(13)?.max(0) as u64,
+        })
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRow>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {} FROM devices ORDER BY id",
+            Self::DEVICE_COLS
+        ))?;
+        let rows = st.query_map([], Self::device_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {} FROM devices WHERE id = ?1", Self::DEVICE_COLS),
+                [id],
+                Self::device_from_row,
+            )
+            .optional()?)
+    }
+
+    // ---- ingest ----
+
+    /// Stores a batch of authenticated uplink frames in one transaction. Duplicates (same
+    /// device and sequence) are recognised and not stored twice.
+    pub fn apply_batch(&mut self, batch: &[Inbound]) -> Result<BatchOutcome> {
+        let mut out = BatchOutcome::default();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut seen: HashMap<&DeviceId, (u64, u64)> = HashMap::new();
+        let mut rollups: HashMap<(&str, u64), Rollup> = HashMap::new();
+        {
+            let mut ins_tel = tx.prepare_cached(
+                "INSERT OR IGNORE INTO telemetry VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)",
+            )?;
+            for item in batch {
+                let f = &item.frame;
+                let dev = f.device.as_str();
+                let recv = i(item.received_at_ms);
+                let e = seen.entry(&f.device).or_insert((0, 0));
+                e.0 = e.0.max(f.seq);
+                e.1 = e.1.max(item.received_at_ms);
+                let inserted = match &f.msg {
+                    Uplink::Telemetry(t) => {
+                        let n = ins_tel.execute(params![
+                            dev,
+                            i(f.seq),
+                            recv,
+                            i(t.window_start_ms),
+                            i(t.window_end_ms),
+                            t.model.as_ref().map(|m| hex32(&m.digest)),
+                            i(t.inferences),
+                            i(t.errors),
+                            i(t.data_quality_errors),
+                            i(t.latency.sum_us),
+                            pack_u64s(&t.latency.counts),
+                            pack_u64s(&t.outputs),
+                            f64::from(t.system.cpu_percent),
+                            i(t.system.mem_used_bytes),
+                            i(t.system.mem_total_bytes),
+                            i(t.system.agent_rss_bytes),
+                            t.system.temperature_c.map(f64::from),
+                            i(t.system.disk_free_bytes),
+                            i(t.system.disk_total_bytes),
+                            i(t.spool_dropped),
+                        ])?;
+                        if n == 1 {
+                            let r = rollups
+                                .entry((dev, t.window_start_ms / HOUR_MS * HOUR_MS))
+                                .or_default();
+                            r.windows += 1;
+                            r.inferences = r.inferences.saturating_add(t.inferences);
+                            r.errors = r.errors.saturating_add(t.errors);
+                            r.dq = r.dq.saturating_add(t.data_quality_errors);
+                            r.latency_sum = r.latency_sum.saturating_add(t.latency.sum_us);
+                            r.cpu_sum += f64::from(t.system.cpu_percent);
+                            r.mem_max = r.mem_max.max(t.system.mem_used_bytes);
+                        }
+                        n == 1
+                    }
+                    Uplink::Hello(h) => {
+                        let (am, ad) = model_text(&h.active);
+                        let (sm, sd) = model_text(&h.staged);
+                        tx.execute(
+                            "UPDATE devices SET arch=?2, os=?3, agent_version=?4, online=1, active_model=?5, active_digest=?6, staged_model=?7, staged_digest=?8, reported_command_seq=max(reported_command_seq, ?9) WHERE id=?1",
+                            params![dev, h.arch, h.os, h.agent_version, am, ad, sm, sd, i(h.last_command_seq)],
+                        )?;
+                        true
+                    }
+                    Uplink::Status(s) => {
+                        let (am, ad) = model_text(&s.active);
+                        let (sm, sd) = model_text(&s.staged);
+                        let online = s.presence == Presence::Online;
+                        tx.execute(
+                            "UPDATE devices SET online=?2, active_model=coalesce(?3, active_model), active_digest=coalesce(?4, active_digest), staged_model=?5, staged_digest=?6 WHERE id=?1",
+                            params![dev, online, am, ad, sm, sd],
+                        )?;
+                        true
+                    }
+                    Uplink::Progress(p) => {
+                        let (m, d) = model_text(&p.model);
+                        let n = tx.execute(
+                            "INSERT OR IGNORE INTO progress VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+                            params![
+                                dev,
+                                i(f.seq),
+                                recv,
+                                i(p.command_seq),
+                                phase_text(p.phase),
+                                d,
+                                p.chunks_done,
+                                p.chunks_total,
+                                p.detail
+                            ],
+                        )?;
+                        if n == 1 {
+                            match p.phase {
+                                Phase::Active | Phase::Healthy => tx.execute(
+                                    "UPDATE devices SET last_phase=?2, active_model=coalesce(?3, active_model), active_digest=coalesce(?4, active_digest), staged_model=NULL, staged_digest=NULL WHERE id=?1",
+                                    params![dev, phase_text(p.phase), m, d],
+                                )?,
+                                Phase::Verified | Phase::SelfTested | Phase::Shadowing => tx.execute(
+                                    "UPDATE devices SET last_phase=?2, staged_model=coalesce(?3, staged_model), staged_digest=coalesce(?4, staged_digest) WHERE id=?1",
+                                    params![dev, phase_text(p.phase), m, d],
+                                )?,
+                                _ => tx.execute(
+                                    "UPDATE devices SET last_phase=?2 WHERE id=?1",
+                                    params![dev, phase_text(p.phase)],
+                                )?,
+                            };
+                        }
+                        n == 1
+                    }
+                    Uplink::Shadow(s) => {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO shadow VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                            params![
+                                dev,
+                                i(f.seq),
+                                recv,
+                                hex32(&s.active.digest),
+                                hex32(&s.candidate.digest),
+                                i(s.compared),
+                                i(s.agreed),
+                                i(s.candidate_errors)
+                            ],
+                        )? == 1
+                    }
+                    Uplink::Drift(d) => {
+                        let sketch = serde_json::json!({
+                            "features": d.features.iter().map(|s| serde_json::json!({
+                                "counts": s.counts, "missing": s.missing, "out_of_range": s.out_of_range
+                            })).collect::<Vec<_>>(),
+                            "predictions": d.predictions,
+                        });
+                        tx.execute(
+                            "INSERT OR IGNORE INTO drift VALUES (?1,?2,?3,?4,?5,?6,?7)",
+                            params![
+                                dev,
+                                i(f.seq),
+                                recv,
+                                hex32(&d.model.digest),
+                                i(d.window_start_ms),
+                                i(d.window_end_ms),
+                                sketch.to_string()
+                            ],
+                        )? == 1
+                    }
+                    Uplink::Samples(s) => {
+                        let mut any = false;
+                        for (idx, x) in s.samples.iter().enumerate() {
+                            any |= tx.execute(
+                                "INSERT OR IGNORE INTO samples VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                                params![
+                                    dev,
+                                    i(f.seq),
+                                    idx as i64,
+                                    hex32(&s.model.digest),
+                                    i(x.request_id),
+                                    i(x.at_ms),
+                                    pack_f32s(&x.features),
+                                    pack_f32s(&x.prediction)
+                                ],
+                            )? == 1;
+                        }
+                        any
+                    }
+                    Uplink::Labels(l) => {
+                        let mut any = false;
+                        for (idx, x) in l.labels.iter().enumerate() {
+                            any |= tx.execute(
+                                "INSERT OR IGNORE INTO labels VALUES (?1,?2,?3,?4,?5,?6)",
+                                params![
+                                    dev,
+                                    i(f.seq),
+                                    idx as i64,
+                                    i(x.request_id),
+                                    i(x.at_ms),
+                                    x.value
+                                ],
+                            )? == 1;
+                        }
+                        any
+                    }
+                    // Not stored: served or logged by the caller.
+                    Uplink::ChunkRequest(_) | Uplink::KeyringRefused(_) => true,
+                };
+                if inserted {
+                    out.new_rows += 1;
+                } else {
+                    out.duplicates += 1;
+                }
+                out.stored.entry(f.device.clone()).or_default().push(f.seq);
+            }
+            let mut up_roll = tx.prepare_cached(
+                "INSERT INTO telemetry_rollup VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)
+                 ON CONFLICT (device, bucket_ms) DO UPDATE SET
+                   windows = windows + excluded.windows,
+                   inferences = inferences + excluded.inferences,
+                   errors = errors + excluded.errors,
+                   data_quality_errors = data_quality_errors + excluded.data_quality_errors,
+                   latency_sum_us = latency_sum_us + excluded.latency_sum_us,
+                   cpu_percent_sum = cpu_percent_sum + excluded.cpu_percent_sum,
+                   mem_used_max = max(mem_used_max, excluded.mem_used_max)",
+            )?;
+            for ((dev, bucket), r) in &rollups {
+                up_roll.execute(params![
+                    dev,
+                    i(*bucket),
+                    i(r.windows),
+                    i(r.inferences),
+                    i(r.errors),
+                    i(r.dq),
+                    i(r.latency_sum),
+                    r.cpu_sum,
+                    i(r.mem_max)
+                ])?;
+            }
+            let mut up_dev = tx.prepare_cached(
+                "UPDATE devices SET max_uplink_seq = max(max_uplink_seq, ?2), last_seen_ms = max(coalesce(last_seen_ms, 0), ?3) WHERE id = ?1",
+            )?;
+            for (dev, (seq, at)) in &seen {
+                up_dev.execute(params![dev.as_str(), i(*seq), i(*at)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Deletes raw telemetry received before `before_ms` (rollups are kept).
+    pub fn prune_telemetry(&mut self, before_ms: u64) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM telemetry WHERE received_at_ms < ?1",
+            [i(before_ms)],
+        )?)
+    }
+
+    pub fn telemetry(&self, device: &str, limit: u32) -> Result<Vec<TelemetryRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT device, seq, received_at_ms, window_start_ms, window_end_ms, inferences, errors, cpu_percent, mem_used_bytes
+             FROM telemetry WHERE device = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![device, limit], |r| {
+            Ok(TelemetryRow {
+                device: r.get(0)?,
+                seq: r.get::<_, i64>(1)?.max(0) as u64,
+                received_at_ms: r.get::<_, i64>(2)?.max(0) as u64,
+                window_start_ms: r.get::<_, i64>(3)?.max(0) as u64,
+                window_end_ms: r.get::<_, i64>(4)?.max(0) as u64,
+                inferences: r.get::<_, i64>(5)?.max(0) as u64,
+                errors: r.get::<_, i64>(6)?.max(0) as u64,
+                cpu_percent: r.get(7)?,
+                mem_used_bytes: r.get::<_, i64>(8)?.max(0) as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn telemetry_count(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM telemetry", [], |r| r.get::<_, i64>(0))?
+            .max(0) as u64)
+    }
+
+    /// Rollup windows summed over every bucket of a device.
+    pub fn rollup_windows(&self, device: &str) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT coalesce(sum(windows), 0) FROM telemetry_rollup WHERE device = ?1",
+                [device],
+                |r| r.get::<_, i64>(0),
+            )?
+            .max(0) as u64)
+    }
+
+    // ---- models ----
+
+    pub fn insert_model(&mut self, m: &ModelRow) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: Option<i64> = tx
+            .query_row(
+                "SELECT 1 FROM models WHERE name = ?1 AND version = ?2",
+                params![m.name, m.version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if exists.is_some() {
+            return Err(StoreError::ModelExists {
+                name: m.name.clone(),
+                version: m.version.clone(),
+            });
+        }
+        tx.execute(
+            "INSERT INTO models VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
+            params![
+                hex32(&m.digest),
+                m.name,
+                m.version,
+                hex32(&m.sha256),
+                i(m.size),
+                m.chunk_size,
+                i(m.created_at_ms),
+                m.key_id,
+                m.payload,
+                m.signature,
+                m.summary
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRow> {
+        let hex_digest = |s: String| drover_protocol::topics::parse_hex32(&s).unwrap_or([0; 32]);
+        Ok(ModelRow {
+            digest: hex_digest(r.get(0)?),
+            name: r.get(1)?,
+            version: r.get(2)?,
+            sha256: hex_digest(r.get(3)?),
+            size: r.get::<_, i64>(4)?.max(0) as u64,
+            chunk_size: r.get(5)?,
+            created_at_ms: r.get::<_, i64>(6)?.max(0) as u64,
+            key_id: r.get(7)?,
+            payload: r.get(8)?,
+            signature: r.get(9)?,
+            summary: r.get(10)?,
+        })
+    }
+
+    pub fn models(&self) -> Result<Vec<ModelRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM models ORDER BY name, created_at_ms")?;
+        let rows = st.query_map([], Self::model_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn model(&self, name: &str, version: &str) -> Result<Option<ModelRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT * FROM models WHERE name = ?1 AND version = ?2",
+                params![name, version],
+                Self::model_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn model_by_digest(&self, digest: &[u8; 32]) -> Result<Option<ModelRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT * FROM models WHERE digest = ?1",
+                [hex32(digest)],
+                Self::model_from_row,
+            )
+            .optional()?)
+    }
+
+    // ---- commands ----
+
+    /// Allocates the device's next command sequence, lets `build` sign the command for it,
+    /// and commits the row before returning, so the sequence is durable before publishing.
+    pub fn issue_command<E>(
+        &mut self,
+        device: &str,
+        build: impl FnOnce(u64) -> std::result::Result<CommandRow, E>,
+    ) -> Result<std::result::Result<CommandRow, E>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let reported: Option<(i64, bool)> = tx
+            .query_row(
+                "SELECT reported_command_seq, decommissioned FROM devices WHERE id = ?1",
+                [device],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((reported, false)) = reported else {
+            return Err(StoreError::UnknownDevice(device.to_owned()));
+        };
+        let last: i64 = tx.query_row(
+            "SELECT coalesce(max(seq), 0) FROM commands WHERE device = ?1",
+            [device],
+            |r| r.get(0),
+        )?;
+        let seq = last.max(reported).max(0) as u64 + 1;
+        let row = match build(seq) {
+            Ok(row) => row,
+            Err(e) => return Ok(Err(e)),
+        };
+        tx.execute(
+            "INSERT INTO commands VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+            params![
+                device,
+                i(row.seq),
+                i(row.issued_at_ms),
+                i(row.expires_at_ms),
+                row.kind,
+                row.model_digest.as_ref().map(hex32),
+                &row.key_id[..],
+                row.payload,
+                row.signature
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Ok(row))
+    }
+
+    fn command_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRow> {
+        let digest: Option<String> = r.get(5)?;
+        let key_id: Vec<u8> = r.get(6)?;
+        let mut kid = [0u8; 8];
+        if key_id.len() == 8 {
+            kid.copy_from_slice(&key_id);
+        }
+        Ok(CommandRow {
+            device: r.get(0)?,
+            seq: r.get::<_, i64>(1)?.max(0) as u64,
+            issued_at_ms: r.get::<_, i64>(2)?.max(0) as u64,
+            expires_at_ms: r.get::<_, i64>(3)?.max(0) as u64,
+            kind: r.get(4)?,
+            model_digest: digest.and_then(|d| drover_protocol::topics::parse_hex32(&d)),
+            key_id: kid,
+            payload: r.get(7)?,
+            signature: r.get(8)?,
+        })
+    }
+
+    pub fn latest_command(&self, device: &str) -> Result<Option<CommandRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT * FROM commands WHERE device = ?1 ORDER BY seq DESC LIMIT 1",
+                [device],
+                Self::command_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn commands(&self, device: &str) -> Result<Vec<CommandRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM commands WHERE device = ?1 ORDER BY seq")?;
+        let rows = st.query_map([device], Self::command_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_protocol::messages::{LatencyHistogram, SystemFacts, TelemetryBatch};
+
+    fn tel(dev: &DeviceId, seq: u64) -> Inbound {
+        Inbound {
+            frame: UplinkFrame {
+                device: dev.clone(),
+                seq,
+                sent_at_ms: 1,
+                msg: Uplink::Telemetry(TelemetryBatch {
+                    window_start_ms: 1000 * seq,
+                    window_end_ms: 1000 * seq + 999,
+                    model: None,
+                    inferences: 10,
+                    errors: 1,
+                    data_quality_errors: 0,
+                    latency: LatencyHistogram::new(),
+                    outputs: vec![1, 2],
+                    system: SystemFacts::default(),
+                    spool_dropped: 0,
+                }),
+            },
+            received_at_ms: 5,
+        }
+    }
+
+    #[test]
+    fn migrations_run_once_and_telemetry_is_deduplicated_by_device_and_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.db");
+        let dev = DeviceId::new("gw-1").unwrap();
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.enroll_device(&dev, &DeviceKey([1; 32]), &BTreeMap::new(), 1)
+                .unwrap();
+            let o = s.apply_batch(&[tel(&dev, 1), tel(&dev, 2)]).unwrap();
+            assert_eq!((o.new_rows, o.duplicates), (2, 0));
+        }
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let o = s.apply_batch(&[tel(&dev, 2), tel(&dev, 3)]).unwrap();
+        assert_eq!((o.new_rows, o.duplicates), (1, 1));
+        assert_eq!(o.stored[&dev], vec![2, 3]);
+        assert_eq!(s.telemetry_count().unwrap(), 3);
+        assert_eq!(s.rollup_windows("gw-1").unwrap(), 3);
+        assert_eq!(s.device("gw-1").unwrap().unwrap().max_uplink_seq, 3);
+    }
+
+    #[test]
+    fn command_sequences_continue_above_the_device_reported_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("d.db")).unwrap();
+        let dev = DeviceId::new("gw-1").unwrap();
+        s.enroll_device(&dev, &DeviceKey([1; 32]), &BTreeMap::new(), 1)
+            .unwrap();
+        let mk = |seq| -> std::result::Result<CommandRow, ()> {
+            Ok(CommandRow {
+                device: "gw-1".into(),
+                seq,
+                issued_at_ms: 1,
+                expires_at_ms: 2,
+                kind: "deploy".into(),
+                model_digest: None,
+                key_id: [0; 8],
+                payload: vec![],
+                signature: vec![],
+            })
+        };
+        assert_eq!(s.issue_command("gw-1", mk).unwrap().unwrap().seq, 1);
+        assert_eq!(s.issue_command("gw-1", mk).unwrap().unwrap().seq, 2);
+        assert!(matches!(
+            s.issue_command("nope", mk),
+            Err(StoreError::UnknownDevice(_))
+        ));
+        assert!(matches!(
+            s.enroll_device(&dev, &DeviceKey([1; 32]), &BTreeMap::new(), 1),
+            Err(StoreError::DeviceExists(_))
+        ));
+    }
+}
