@@ -1,1 +1,120 @@
-fn main() {}
+//! `drover-agent`: thin entry point. Parses flags, loads the layered config, sets up
+//! tracing and calls [`drover_agent::run`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use drover_agent::config::AgentConfig;
+use tracing_subscriber::EnvFilter;
+
+/// Drover edge agent: verified model store, local inference API, telemetry.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short, default_value = "/etc/drover/agent.toml")]
+    config: PathBuf,
+    /// Override a config key: `--set telemetry.interval_ms=500` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Override `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Override `api_addr`.
+    #[arg(long)]
+    api_addr: Option<String>,
+    /// Override `broker_url`.
+    #[arg(long)]
+    broker_url: Option<String>,
+    /// Fault injection for crash tests: SIGKILL self at the N-th pass of POINT.
+    #[arg(long, hide = true, value_name = "POINT:N")]
+    crash_at: Option<String>,
+    /// Probation before a new model is declared healthy, in ms (tests shorten it).
+    #[arg(long, hide = true, default_value_t = 2000)]
+    probation_ms: u64,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the default (hardened) config as TOML.
+    PrintDefaultConfig,
+    /// Run the agent (the default).
+    Run,
+    /// Load and validate the config, print it (secrets redacted) and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("drover-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Cmd::PrintDefaultConfig) = cli.cmd {
+        print!("{}", AgentConfig::default().to_toml()?);
+        return Ok(());
+    }
+    if let Some(spec) = &cli.crash_at {
+        drover_agent::crash::arm(spec).map_err(anyhow::Error::msg)?;
+    }
+    let env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(drover_agent::config::ENV_PREFIX))
+        .collect();
+    let mut overrides = Vec::new();
+    for s in &cli.set {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--set {s:?}: expected KEY=VALUE"))?;
+        overrides.push((k.to_owned(), v.to_owned()));
+    }
+    if let Some(d) = &cli.data_dir {
+        overrides.push(("data_dir".into(), d.display().to_string()));
+    }
+    if let Some(a) = &cli.api_addr {
+        overrides.push(("api_addr".into(), a.clone()));
+    }
+    if let Some(b) = &cli.broker_url {
+        overrides.push(("broker_url".into(), b.clone()));
+    }
+    let cfg = AgentConfig::load(Some(&cli.config), &env, &overrides)?;
+    if let Some(Cmd::CheckConfig) = cli.cmd {
+        println!("{:#?}", cfg.raw);
+        return Ok(());
+    }
+    let tuning = drover_agent::Tuning {
+        probation: std::time::Duration::from_millis(cli.probation_ms),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match &mut term { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            }
+        };
+        let agent = drover_agent::run_with(cfg.raw, tuning, shutdown).await?;
+        // Tests read the bound address from stdout.
+        println!("api_addr={}", agent.api_addr());
+        agent.wait().await?;
+        anyhow::Ok(())
+    })
+}

@@ -20,7 +20,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 /// Largest tensor (elements) a request may carry, so a client cannot make us allocate GBs.
 pub const MAX_TENSOR_ELEMENTS: u64 = 16 * 1024 * 1024;
 
-#[derive(Debug, Error, PartialEq)]
+#[derive(Clone, Debug, Error, PartialEq)]
 pub enum RuntimeError {
     #[error("model is not a valid ONNX protobuf: {0}")]
     Decode(String),

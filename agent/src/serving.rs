@@ -1,0 +1,452 @@
+//! The models serving traffic: the active one and an optional shadow, swapped atomically.
+//!
+//! Hot swap: a request clones the `Arc` of the active model when it starts and runs on it
+//! to the end, so swapping never fails an in-flight request; the old model is freed when
+//! its last request finishes.
+//!
+//! Also accumulates the per-window monitoring counters the telemetry tick drains.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use drover_protocol::manifest::{Baseline, FeatureBaseline, Manifest, TensorData, TensorValue};
+use drover_protocol::messages::{FeatureSketch, Label, LatencyHistogram, ModelRef, Sample};
+use thiserror::Error;
+
+use crate::runtime::{Model, RuntimeError};
+
+/// A model loaded and ready, with the manifest it was verified against.
+pub struct Loaded {
+    pub model_ref: ModelRef,
+    pub manifest: Manifest,
+    pub model: Model,
+}
+
+#[derive(Debug, Error)]
+pub enum InferError {
+    #[error("no model is loaded yet")]
+    NoModel,
+    #[error("model {0:?} is not served here")]
+    UnknownModel(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+impl InferError {
+    /// Whether the client is at fault (4xx) rather than the server (5xx).
+    pub fn is_client_error(&self) -> bool {
+        match self {
+            InferError::NoModel => false,
+            InferError::UnknownModel(_) => true,
+            InferError::Runtime(e) => matches!(
+                e,
+                RuntimeError::InputCount { .. }
+                    | RuntimeError::InputType { .. }
+                    | RuntimeError::InputShape { .. }
+                    | RuntimeError::DataLength { .. }
+            ),
+        }
+    }
+}
+
+/// Counters of one telemetry window.
+#[derive(Default)]
+pub struct Window {
+    pub inferences: u64,
+    pub errors: u64,
+    pub data_quality_errors: u64,
+    pub latency: LatencyHistogram,
+    pub outputs: Vec<u64>,
+    /// Drift sketches against the active model's baseline (one per baseline feature).
+    pub features: Vec<FeatureSketch>,
+    pub predictions: Vec<u64>,
+    pub samples: Vec<Sample>,
+    pub labels: Vec<Label>,
+    pub shadow: ShadowWindow,
+    /// Errors of the model currently on probation since it was activated.
+    pub probation_errors: u64,
+    pub probation_ok: u64,
+}
+
+#[derive(Default)]
+pub struct ShadowWindow {
+    pub compared: u64,
+    pub agreed: u64,
+    pub candidate_errors: u64,
+    pub active_latency: LatencyHistogram,
+    pub candidate_latency: LatencyHistogram,
+}
+
+pub struct Serving {
+    active: RwLock<Option<Arc<Loaded>>>,
+    shadow: RwLock<Option<Arc<Loaded>>>,
+    window: Mutex<Window>,
+    next_id: AtomicU64,
+    sample_rate_ppm: AtomicU64,
+}
+
+/// Result of one served inference.
+pub struct Served {
+    pub model: Arc<Loaded>,
+    pub outputs: Vec<TensorValue>,
+    pub request_id: u64,
+}
+
+fn argmax_counts(outputs: &[TensorValue], counts: &mut Vec<u64>) {
+    // Classification convention: an I64 label output counts its labels; else the first
+    // F32 output of shape [N, C] counts its argmax per row.
+    let label = outputs
+        .iter()
+        .find(|o| matches!(o.data, TensorData::I64(_)));
+    let mut bump = |class: usize| {
+        if class < 1024 {
+            if counts.len() <= class {
+                counts.resize(class + 1, 0);
+            }
+            counts[class] += 1;
+        }
+    };
+    if let Some(TensorValue {
+        data: TensorData::I64(v),
+        ..
+    }) = label
+    {
+        for l in v {
+            if let Ok(c) = usize::try_from(*l) {
+                bump(c);
+            }
+        }
+        return;
+    }
+    if let Some(o) = outputs.first() {
+        if let (TensorData::F32(v), [_, c]) = (&o.data, o.shape.as_slice()) {
+            let c = *c as usize;
+            if c > 0 {
+                for row in v.chunks(c) {
+                    let best = row.iter().enumerate().fold((0, f32::MIN), |b, (i, x)| {
+                        if *x > b.1 {
+                            (i, *x)
+                        } else {
+                            b
+                        }
+                    });
+                    bump(best.0);
+                }
+            }
+        }
+    }
+}
+
+/// Bins one row of features into the baseline's sketches (pure).
+pub fn sketch_row(baseline: &Baseline, row: &[f32], sketches: &mut Vec<FeatureSketch>) {
+    if sketches.len() != baseline.features.len() {
+        *sketches = baseline
+            .features
+            .iter()
+            .map(|f| FeatureSketch {
+                counts: vec![
+                    0;
+                    match f {
+                        FeatureBaseline::Numeric { edges, .. } => edges.len() + 1,
+                        FeatureBaseline::Categorical { categories, .. } => categories.len() + 1,
+                    }
+                ],
+                missing: 0,
+                out_of_range: 0,
+            })
+            .collect();
+    }
+    for (i, (f, s)) in baseline
+        .features
+        .iter()
+        .zip(sketches.iter_mut())
+        .enumerate()
+    {
+        let Some(x) = row.get(i).copied() else {
+            s.missing += 1;
+            continue;
+        };
+        if x.is_nan() {
+            s.missing += 1;
+            continue;
+        }
+        let x = f64::from(x);
+        let bin = match f {
+            FeatureBaseline::Numeric {
+                edges, min, max, ..
+            } => {
+                if x < *min || x > *max {
+                    s.out_of_range += 1;
+                }
+                edges.partition_point(|e| *e <= x)
+            }
+            FeatureBaseline::Categorical { categories, .. } => categories
+                .iter()
+                .position(|c| *c as f64 == x)
+                .unwrap_or(categories.len()),
+        };
+        if let Some(c) = s.counts.get_mut(bin) {
+            *c += 1;
+        }
+    }
+}
+
+fn first_rows(inputs: &[TensorValue]) -> Vec<Vec<f32>> {
+    match inputs.first() {
+        Some(TensorValue {
+            data: TensorData::F32(v),
+            shape,
+            ..
+        }) if shape.len() == 2 && shape[1] > 0 => {
+            v.chunks(shape[1] as usize).map(<[f32]>::to_vec).collect()
+        }
+        Some(TensorValue {
+            data: TensorData::F32(v),
+            ..
+        }) => vec![v.clone()],
+        _ => vec![],
+    }
+}
+
+fn has_nan(inputs: &[TensorValue]) -> bool {
+    inputs.iter().any(|t| match &t.data {
+        TensorData::F32(v) => v.iter().any(|x| !x.is_finite()),
+        TensorData::I64(_) => false,
+    })
+}
+
+fn flat_f32(outputs: &[TensorValue]) -> Vec<f32> {
+    match outputs
+        .iter()
+        .find(|o| matches!(o.data, TensorData::F32(_)))
+    {
+        Some(TensorValue {
+            data: TensorData::F32(v),
+            ..
+        }) => v.iter().take(64).copied().collect(),
+        _ => vec![],
+    }
+}
+
+fn agree(a: &[TensorValue], b: &[TensorValue]) -> bool {
+    let mut ca = Vec::new();
+    let mut cb = Vec::new();
+    argmax_counts(a, &mut ca);
+    argmax_counts(b, &mut cb);
+    if !ca.is_empty() || !cb.is_empty() {
+        return ca == cb;
+    }
+    let (fa, fb) = (flat_f32(a), flat_f32(b));
+    fa.len() == fb.len() && fa.iter().zip(&fb).all(|(x, y)| (x - y).abs() <= 1e-3)
+}
+
+impl Serving {
+    pub fn new(sample_rate_ppm: u32) -> Self {
+        Self {
+            active: RwLock::new(None),
+            shadow: RwLock::new(None),
+            window: Mutex::new(Window::default()),
+            next_id: AtomicU64::new(1),
+            sample_rate_ppm: AtomicU64::new(u64::from(sample_rate_ppm)),
+        }
+    }
+
+    pub fn set_sample_rate(&self, ppm: u32) {
+        self.sample_rate_ppm
+            .store(u64::from(ppm.min(1_000_000)), Ordering::Relaxed);
+    }
+
+    pub fn active(&self) -> Option<Arc<Loaded>> {
+        self.active.read().ok().and_then(|g| g.clone())
+    }
+
+    pub fn shadow(&self) -> Option<Arc<Loaded>> {
+        self.shadow.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Atomically replaces the active model; returns the old one.
+    pub fn swap_active(&self, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
+        let old = match self.active.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, new),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), new),
+        };
+        if let Ok(mut w) = self.window.lock() {
+            w.probation_errors = 0;
+            w.probation_ok = 0;
+            w.features.clear();
+            w.predictions.clear();
+        }
+        old
+    }
+
+    pub fn set_shadow(&self, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
+        match self.shadow.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, new),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), new),
+        }
+    }
+
+    /// Drains the current window's counters.
+    pub fn take_window(&self) -> Window {
+        match self.window.lock() {
+            Ok(mut w) => {
+                let (pe, po) = (w.probation_errors, w.probation_ok);
+                let mut out = std::mem::take(&mut *w);
+                w.probation_errors = pe;
+                w.probation_ok = po;
+                out.probation_errors = pe;
+                out.probation_ok = po;
+                out
+            }
+            Err(_) => Window::default(),
+        }
+    }
+
+    /// (errors, successes) of the active model since it was activated.
+    pub fn probation(&self) -> (u64, u64) {
+        self.window
+            .lock()
+            .map(|w| (w.probation_errors, w.probation_ok))
+            .unwrap_or((0, 0))
+    }
+
+    pub fn add_label(&self, label: Label) {
+        if let Ok(mut w) = self.window.lock() {
+            if w.labels.len() < 10_000 {
+                w.labels.push(label);
+            }
+        }
+    }
+
+    /// Highest request id handed out so far.
+    pub fn last_request_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed).saturating_sub(1)
+    }
+
+    /// Runs one inference on the active model (blocking: call from a blocking thread).
+    pub fn infer(
+        &self,
+        name: &str,
+        inputs: &[TensorValue],
+        now_ms: u64,
+    ) -> Result<Served, InferError> {
+        let model = self.active().ok_or(InferError::NoModel)?;
+        if model.model_ref.name != name {
+            return Err(InferError::UnknownModel(name.to_owned()));
+        }
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = model.model.run(inputs);
+        let us = started.elapsed().as_micros() as u64;
+        let shadow = self.shadow().filter(|_| result.is_ok());
+        let shadow_result = shadow.as_ref().map(|s| {
+            let t = Instant::now();
+            let r = s.model.run(inputs);
+            (r, t.elapsed().as_micros() as u64)
+        });
+        let rate = self.sample_rate_ppm.load(Ordering::Relaxed);
+        let sampled =
+            rate > 0 && (request_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 1_000_000) < rate;
+        if let Ok(mut w) = self.window.lock() {
+            w.inferences += 1;
+            w.latency.record(us);
+            if has_nan(inputs) {
+                w.data_quality_errors += 1;
+            }
+            match &result {
+                Ok(outputs) => {
+                    w.probation_ok += 1;
+                    let mut counts = std::mem::take(&mut w.outputs);
+                    argmax_counts(outputs, &mut counts);
+                    w.outputs = counts;
+                    if let Some(b) = &model.manifest.baseline {
+                        let mut sk = std::mem::take(&mut w.features);
+                        for row in first_rows(inputs) {
+                            sketch_row(b, &row, &mut sk);
+                        }
+                        w.features = sk;
+                        let mut p = std::mem::take(&mut w.predictions);
+                        argmax_counts(outputs, &mut p);
+                        w.predictions = p;
+                    }
+                    if sampled && w.samples.len() < 1000 {
+                        w.samples.push(Sample {
+                            request_id,
+                            at_ms: now_ms,
+                            features: first_rows(inputs)
+                                .into_iter()
+                                .flatten()
+                                .take(4096)
+                                .collect(),
+                            prediction: flat_f32(outputs),
+                        });
+                    }
+                    if let (Some((sr, sus)), Ok(a)) = (&shadow_result, &result) {
+                        w.shadow.compared += 1;
+                        w.shadow.active_latency.record(us);
+                        w.shadow.candidate_latency.record(*sus);
+                        match sr {
+                            Ok(b) if agree(a, b) => w.shadow.agreed += 1,
+                            Ok(_) => {}
+                            Err(_) => w.shadow.candidate_errors += 1,
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !InferError::Runtime(e.clone()).is_client_error() {
+                        w.errors += 1;
+                        w.probation_errors += 1;
+                    } else {
+                        w.data_quality_errors += 1;
+                    }
+                }
+            }
+        }
+        let outputs = result?;
+        Ok(Served {
+            model,
+            outputs,
+            request_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sketch_counts_bins_missing_and_out_of_range() {
+        let b = Baseline {
+            rows: 10,
+            features: vec![FeatureBaseline::Numeric {
+                name: "a".into(),
+                edges: vec![0.0, 1.0],
+                counts: vec![1, 1, 1],
+                min: -1.0,
+                max: 2.0,
+            }],
+            predictions: vec![],
+        };
+        let mut sk = Vec::new();
+        for x in [-0.5, 0.5, 1.5, 5.0, f32::NAN] {
+            sketch_row(&b, &[x], &mut sk);
+        }
+        assert_eq!(sk[0].counts, vec![1, 1, 2]);
+        assert_eq!(sk[0].missing, 1);
+        assert_eq!(sk[0].out_of_range, 1);
+    }
+
+    #[test]
+    fn argmax_counts_rows() {
+        let o = TensorValue {
+            name: "y".into(),
+            shape: vec![2, 3],
+            data: TensorData::F32(vec![0.1, 0.9, 0.0, 0.7, 0.2, 0.1]),
+        };
+        let mut c = Vec::new();
+        argmax_counts(&[o], &mut c);
+        assert_eq!(c, vec![1, 1]);
+    }
+}

@@ -1,0 +1,212 @@
+//! On-disk uplink spool: every important uplink frame is written here (sealed, with its
+//! sequence number) before it is sent, and deleted only when the control plane
+//! acknowledges it (`Downlink::UplinkAck`). Bounded: when full, the oldest records go first
+//! and are counted (`dropped`, reported in telemetry), never silently.
+//!
+//! Layout: `spool/<seq, 20 digits>.frame`, plus `spool/dropped` holding the drop count.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::fsutil::{sync_dir, write_atomic};
+
+#[derive(Debug, Error)]
+pub enum SpoolError {
+    #[error("spool I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    index: BTreeMap<u64, u64>,
+    bytes: u64,
+    max_bytes: u64,
+    dropped: u64,
+}
+
+/// Which records to evict so that `incoming` more bytes fit (pure: the oldest first).
+pub fn evictions(index: &BTreeMap<u64, u64>, bytes: u64, incoming: u64, max: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut total = bytes;
+    for (seq, len) in index {
+        if total + incoming <= max {
+            break;
+        }
+        out.push(*seq);
+        total -= len;
+    }
+    out
+}
+
+impl Spool {
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut index = BTreeMap::new();
+        let mut bytes = 0;
+        for entry in fs::read_dir(dir).map_err(io(dir))? {
+            let entry = entry.map_err(io(dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(seq) = name
+                .strip_suffix(".frame")
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let len = entry.metadata().map_err(io(dir))?.len();
+            index.insert(seq, len);
+            bytes += len;
+        }
+        let dropped = fs::read_to_string(dir.join("dropped"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Spool {
+            dir: dir.to_owned(),
+            index,
+            bytes,
+            max_bytes,
+            dropped,
+        })
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:020}.frame"))
+    }
+
+    /// Stores one sealed frame durably; evicts (and counts) the oldest when full.
+    pub fn push(&mut self, seq: u64, frame: &[u8]) -> Result<(), SpoolError> {
+        let len = frame.len() as u64;
+        let evict = evictions(&self.index, self.bytes, len, self.max_bytes);
+        if !evict.is_empty() {
+            for s in &evict {
+                self.remove(*s)?;
+            }
+            self.dropped += evict.len() as u64;
+            let p = self.dir.join("dropped");
+            write_atomic(&p, self.dropped.to_string().as_bytes()).map_err(io(&p))?;
+            tracing::warn!(
+                dropped = evict.len(),
+                total_dropped = self.dropped,
+                "uplink spool full: oldest records dropped"
+            );
+        }
+        let p = self.path(seq);
+        write_atomic(&p, frame).map_err(io(&p))?;
+        self.index.insert(seq, len);
+        self.bytes += len;
+        Ok(())
+    }
+
+    fn remove(&mut self, seq: u64) -> Result<(), SpoolError> {
+        if let Some(len) = self.index.remove(&seq) {
+            self.bytes -= len;
+            let p = self.path(seq);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&p)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes acknowledged records (inclusive ranges).
+    pub fn ack(&mut self, ranges: &[(u64, u64)]) -> Result<usize, SpoolError> {
+        let mut seqs = Vec::new();
+        for (lo, hi) in ranges {
+            if lo > hi {
+                continue;
+            }
+            seqs.extend(self.index.range(*lo..=*hi).map(|(s, _)| *s));
+        }
+        for s in &seqs {
+            self.remove(*s)?;
+        }
+        if !seqs.is_empty() {
+            sync_dir(&self.dir).map_err(io(&self.dir))?;
+        }
+        Ok(seqs.len())
+    }
+
+    /// Unacknowledged sequence numbers, oldest first.
+    pub fn seqs(&self) -> Vec<u64> {
+        self.index.keys().copied().collect()
+    }
+
+    pub fn read(&self, seq: u64) -> Result<Vec<u8>, SpoolError> {
+        let p = self.path(seq);
+        fs::read(&p).map_err(io(&p))
+    }
+
+    pub fn max_seq(&self) -> Option<u64> {
+        self.index.keys().next_back().copied()
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen_and_acks_delete_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        for seq in 1..=5 {
+            s.push(seq, &[seq as u8; 10]).unwrap();
+        }
+        assert_eq!(s.ack(&[(2, 3)]).unwrap(), 2);
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.seqs(), vec![1, 4, 5]);
+        assert_eq!(s.read(4).unwrap(), vec![4; 10]);
+        assert_eq!(s.bytes(), 30);
+    }
+
+    #[test]
+    fn full_spool_drops_oldest_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 100).unwrap();
+        for seq in 1..=12 {
+            s.push(seq, &[0; 10]).unwrap();
+        }
+        assert_eq!(s.seqs(), (3..=12).collect::<Vec<_>>());
+        assert_eq!(s.dropped(), 2);
+        assert_eq!(Spool::open(dir.path(), 100).unwrap().dropped(), 2);
+    }
+
+    #[test]
+    fn eviction_is_oldest_first_and_minimal() {
+        let idx: BTreeMap<u64, u64> = [(1, 40), (2, 40), (3, 10)].into_iter().collect();
+        assert_eq!(evictions(&idx, 90, 10, 100), Vec::<u64>::new());
+        assert_eq!(evictions(&idx, 90, 20, 100), vec![1]);
+        assert_eq!(evictions(&idx, 90, 60, 100), vec![1, 2]);
+    }
+}
