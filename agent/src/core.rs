@@ -247,6 +247,16 @@ impl Core {
                 core.probation = Some((Instant::now() + core.tuning.probation, a.activated_by));
             }
         }
+        // Healthy persisted but the report may have died with the process: report again.
+        if let Some(a) = core.state.active.clone() {
+            if let (SlotState::Healthy, Some((seq, digest))) = (a.state, a.activated_by) {
+                core.progress(seq, digest, Some(a.model), Phase::Healthy, 0, 0, None);
+                if let Some(a) = &mut core.state.active {
+                    a.activated_by = None;
+                }
+                core.save();
+            }
+        }
         if let Some(p) = core.state.pending.clone() {
             core.resume(p);
         }
@@ -518,18 +528,35 @@ impl Core {
                 return;
             }
         };
-        // Persist the replay floor before acting, so a replay after a crash is refused.
-        self.state.last_command_seq = cmd.seq;
+        // Persist the replay floor before acting, so a replay after a crash is refused. A
+        // deployment is persisted in the same write, so a crash cannot lose it.
+        let seq = cmd.seq;
+        self.state.last_command_seq = seq;
+        let deploy = match &cmd.action {
+            Action::Deploy { manifest, mode } => {
+                Some(self.prepare_deploy(seq, digest, manifest, *mode))
+            }
+            _ => None,
+        };
+        if let Some(Ok(p)) = &deploy {
+            self.state.pending = Some(p.clone());
+        }
         self.save();
         crash::point("command.after_seq_persist");
-        self.progress(cmd.seq, digest, None, Phase::Received, 0, 0, None);
-        self.execute(cmd, digest);
+        self.progress(seq, digest, None, Phase::Received, 0, 0, None);
+        match deploy {
+            Some(Ok(p)) => self.start_deploy(p),
+            Some(Err((model, phase, detail))) => {
+                self.progress(seq, digest, model, phase, 0, 0, Some(detail))
+            }
+            None => self.execute(cmd, digest),
+        }
     }
 
     fn execute(&mut self, cmd: Command, digest: Digest) {
         let seq = cmd.seq;
         match cmd.action {
-            Action::Deploy { manifest, mode } => self.deploy(seq, digest, manifest, mode),
+            Action::Deploy { .. } => {}
             Action::Rollback { to } => self.rollback(seq, digest, to),
             Action::Promote => self.promote(seq, digest),
             Action::Configure(s) => {
@@ -542,14 +569,19 @@ impl Core {
         }
     }
 
-    fn deploy(&mut self, seq: u64, digest: Digest, blob: SignedBlob, mode: DeployMode) {
-        let manifest = match self.trust.verify_manifest(&blob, now_ms()) {
-            Ok(m) => m,
-            Err(e) => {
-                self.progress(seq, digest, None, Phase::Refused, 0, 0, Some(e.to_string()));
-                return;
-            }
-        };
+    /// Verifies a deploy's manifest; the result becomes the pending deployment.
+    #[allow(clippy::type_complexity)]
+    fn prepare_deploy(
+        &mut self,
+        seq: u64,
+        digest: Digest,
+        blob: &SignedBlob,
+        mode: DeployMode,
+    ) -> Result<Pending, (Option<ModelRef>, Phase, String)> {
+        let manifest = self
+            .trust
+            .verify_manifest(blob, now_ms())
+            .map_err(|e| (None, Phase::Refused, e.to_string()))?;
         let model = ModelRef {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
@@ -558,9 +590,19 @@ impl Core {
         if mode == DeployMode::Activate
             && self.state.active.as_ref().map(|a| &a.model) == Some(&model)
         {
-            self.progress(seq, digest, Some(model), Phase::Healthy, 0, 0, None);
-            return;
+            return Err((Some(model), Phase::Healthy, "already active".into()));
         }
+        Ok(Pending {
+            command_seq: seq,
+            command_digest: digest,
+            manifest_blob: blob.clone(),
+            manifest,
+            model,
+            mode,
+        })
+    }
+
+    fn start_deploy(&mut self, pending: Pending) {
         if let Some(old) = self.job.take() {
             let d = old.pending.manifest_blob.digest();
             let _ = self
@@ -573,19 +615,9 @@ impl Core {
                 Phase::Failed,
                 0,
                 0,
-                Some(format!("superseded by command {seq}")),
+                Some(format!("superseded by command {}", pending.command_seq)),
             );
         }
-        let pending = Pending {
-            command_seq: seq,
-            command_digest: digest,
-            manifest_blob: blob,
-            manifest,
-            model,
-            mode,
-        };
-        self.state.pending = Some(pending.clone());
-        self.save();
         crash::point("deploy.after_pending_persist");
         self.resume(pending);
     }
@@ -830,6 +862,11 @@ impl Core {
             crash::point("healthy.after_persist");
             if let Some((seq, digest)) = cmd {
                 self.progress(seq, digest, Some(active.model), Phase::Healthy, 0, 0, None);
+                // Reported (spooled): forget the command so a restart does not report again.
+                if let Some(a) = &mut self.state.active {
+                    a.activated_by = None;
+                }
+                self.save();
             }
         } else {
             let detail = format!(

@@ -208,8 +208,8 @@ pub fn deploy_command(keys: &Keys, device: &str, seq: u64, model: &Published) ->
 pub struct Seen {
     /// Every authenticated uplink frame received, in arrival order (duplicates kept).
     pub frames: Vec<UplinkFrame>,
-    /// Chunk indices requested, per manifest digest, in arrival order.
-    pub chunk_requests: Vec<(Digest, Vec<u32>)>,
+    /// Chunk requests (frame seq, manifest digest, indices), in arrival order.
+    pub chunk_requests: Vec<(u64, Digest, Vec<u32>)>,
 }
 
 /// What the fake control plane does automatically.
@@ -341,10 +341,11 @@ impl ControlPlane {
                             }
                         }
                         Uplink::ChunkRequest(r) if b.serve_chunks => {
-                            s2.lock()
-                                .unwrap()
-                                .chunk_requests
-                                .push((r.manifest_digest, r.indices.clone()));
+                            s2.lock().unwrap().chunk_requests.push((
+                                frame.seq,
+                                r.manifest_digest,
+                                r.indices.clone(),
+                            ));
                             if let Some(m) = m2.lock().unwrap().get(&r.manifest_digest) {
                                 for i in &r.indices {
                                     let Some(len) = m.manifest.chunk_len(*i) else {
