@@ -528,3 +528,82 @@ pub fn f32s(t: &TensorValue) -> Vec<f32> {
 pub fn progress_for<'a>(ps: &'a [Progress], digest: &Digest) -> Vec<&'a Progress> {
     ps.iter().filter(|p| &p.command_digest == digest).collect()
 }
+
+/// A running agent plus its broker and control plane, with `model` deployed and healthy.
+pub struct Harness {
+    pub cp: ControlPlane,
+    pub keys: Arc<Keys>,
+    pub agent: Option<drover_agent::Agent>,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub next_seq: u64,
+}
+
+impl Harness {
+    pub async fn start(dev: &str, tweak: impl FnOnce(&mut AgentConfig)) -> Harness {
+        let port = start_broker();
+        let keys = Arc::new(Keys::new());
+        let cp = ControlPlane::start(port, dev, keys.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = agent_config(dir.path(), dev, port, &keys);
+        tweak(&mut cfg);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let agent = drover_agent::run_with(
+            cfg,
+            drover_agent::Tuning {
+                probation: Duration::from_millis(200),
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+        .unwrap();
+        let base = format!("http://{}", agent.api_addr());
+        cp.wait_hello(1).await;
+        Harness {
+            cp,
+            keys,
+            agent: Some(agent),
+            base,
+            dir,
+            stop: Some(stop_tx),
+            next_seq: 1,
+        }
+    }
+
+    /// Signs and sends a command with the next sequence number; returns its blob.
+    pub async fn command(&mut self, action: Action) -> SignedBlob {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let blob = self.keys.signer.sign_command(&Command {
+            target: self.cp.device.clone(),
+            seq,
+            issued_at_ms: now_ms(),
+            expires_at_ms: now_ms() + 600_000,
+            rollout_id: None,
+            action,
+        });
+        self.cp.command(seq, blob.clone()).await;
+        blob
+    }
+
+    pub async fn deploy(&mut self, m: &Published, mode: DeployMode) -> SignedBlob {
+        self.cp.add_model(m);
+        self.command(Action::Deploy {
+            manifest: m.blob.clone(),
+            mode,
+        })
+        .await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(a) = self.agent.take() {
+            a.wait().await.unwrap();
+        }
+    }
+}
