@@ -499,6 +499,33 @@ sample_rate_ppm = 10000
     }
 
     #[test]
+    fn shipped_config_is_hardened_and_valid_once_enrolled() {
+        let text = include_str!("../agent.toml");
+        let mut cfg = AgentConfig::from_toml(text).unwrap();
+        assert!(cfg.broker_url.starts_with("mqtts://"));
+        assert!(cfg.api_addr.starts_with("127.0.0.1:"));
+        // Unenrolled: refused, naming the identity fields.
+        let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
+            panic!("an unenrolled config must not validate");
+        };
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        let g = good();
+        cfg.device_id = g.device_id;
+        cfg.device_key = g.device_key;
+        cfg.root_public_key = g.root_public_key;
+        assert!(cfg.validate().unwrap().broker.tls);
+    }
+
+    #[test]
+    fn default_config_round_trips_through_toml() {
+        let text = AgentConfig::default().to_toml().unwrap();
+        assert_eq!(
+            AgentConfig::from_toml(&text).unwrap(),
+            AgentConfig::default()
+        );
+    }
+
+    #[test]
     fn debug_never_prints_the_device_key() {
         let s = format!("{:?}", good());
         assert!(!s.contains(&"11".repeat(32)));

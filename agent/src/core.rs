@@ -1048,3 +1048,151 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentConfig;
+    use drover_protocol::envelope::DownlinkFrame;
+    use drover_protocol::messages::ChunkData;
+    use drover_protocol::topics::{hex32, UplinkKind};
+    use drover_protocol::trust::{KeyEntry, Keyring, Role};
+    use drover_protocol::{DeviceKey, SecretKey};
+    use std::sync::Mutex;
+
+    struct Rig {
+        core: Core,
+        out: tokio::sync::mpsc::UnboundedReceiver<Outbound>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let root = SecretKey::from_seed([1; 32]);
+        let cfg = AgentConfig {
+            device_id: "gw-unit".into(),
+            device_key: hex32(&[9; 32]),
+            root_public_key: hex32(&root.public()),
+            data_dir: dir.path().to_owned(),
+            api_addr: "127.0.0.1:0".into(),
+            ..AgentConfig::default()
+        }
+        .validate()
+        .unwrap();
+        let serving = Arc::new(Serving::new(0));
+        let booted = boot(&cfg, &serving).unwrap();
+        let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+        let will = Arc::new(Mutex::new((String::new(), Vec::new())));
+        let mut core = Core::new(cfg, booted, serving, tx, will, Tuning::default());
+        core.connected = true;
+        Rig {
+            core,
+            out,
+            _dir: dir,
+        }
+    }
+
+    fn keyring(root: &SecretKey, signer: &SecretKey, version: u64) -> SignedBlob {
+        root.sign_keyring(&Keyring {
+            version,
+            issued_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            keys: vec![KeyEntry {
+                key_id: signer.id(),
+                public: signer.public(),
+                roles: vec![Role::Models, Role::Commands],
+                not_before_ms: 0,
+                not_after_ms: u64::MAX,
+                revoked: false,
+            }],
+        })
+    }
+
+    fn published(out: &mut tokio::sync::mpsc::UnboundedReceiver<Outbound>) -> Vec<String> {
+        let mut topics = Vec::new();
+        while let Ok(o) = out.try_recv() {
+            if let Outbound::Publish { topic, .. } = o {
+                topics.push(topic);
+            }
+        }
+        topics
+    }
+
+    #[test]
+    fn keyring_from_another_root_is_refused_and_reported() {
+        let mut r = rig();
+        published(&mut r.out);
+        let rogue = SecretKey::from_seed([5; 32]);
+        let blob = keyring(&rogue, &rogue, 9);
+        r.core
+            .on_message(&topics::keyring(), &envelope::encode_keyring(&blob));
+        let want = topics::uplink(&r.core.cfg.device_id, UplinkKind::KeyringRefused);
+        assert!(published(&mut r.out).contains(&want));
+        assert!(r.core.trust.keyring().is_none());
+        // The genuine one is accepted and persisted.
+        let root = SecretKey::from_seed([1; 32]);
+        let good = keyring(&root, &root, 1);
+        r.core
+            .on_message(&topics::keyring(), &envelope::encode_keyring(&good));
+        assert_eq!(r.core.trust.keyring().map(|k| k.version), Some(1));
+        assert_eq!(State::load(&r.core.data_dir).unwrap().keyring, Some(good));
+    }
+
+    #[test]
+    fn hostile_frames_never_panic_or_change_state() {
+        let mut r = rig();
+        let root = SecretKey::from_seed([1; 32]);
+        let dev = r.core.cfg.device_id.clone();
+        let key = DeviceKey([9; 32]);
+        let cmd = root.sign_command(&Command {
+            target: dev.clone(),
+            seq: 5,
+            issued_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            rollout_id: None,
+            action: Action::Promote,
+        });
+        let frames: Vec<(String, Vec<u8>)> = vec![
+            (
+                topics::downlink(&dev),
+                envelope::seal_downlink(
+                    &key,
+                    &DownlinkFrame {
+                        device: dev.clone(),
+                        sent_at_ms: 0,
+                        msg: Downlink::Command(cmd),
+                    },
+                ),
+            ),
+            (
+                topics::keyring(),
+                envelope::encode_keyring(&keyring(&root, &root, 3)),
+            ),
+            (
+                topics::model_chunks(&[4; 32]),
+                envelope::encode_chunk(&ChunkData {
+                    manifest_digest: [4; 32],
+                    index: 7,
+                    data: vec![1; 100],
+                }),
+            ),
+        ];
+        let before = State::load(&r.core.data_dir).unwrap();
+        for (topic, bytes) in &frames {
+            for cut in 0..bytes.len() {
+                r.core.on_message(topic, &bytes[..cut]);
+            }
+            for i in 0..bytes.len() {
+                let mut b = bytes.clone();
+                b[i] ^= 0x55;
+                r.core.on_message(topic, &b);
+            }
+            r.core.on_message("drover/v1/dev/other/down", bytes);
+            r.core.on_message("not/a/topic", bytes);
+        }
+        let after = State::load(&r.core.data_dir).unwrap();
+        assert_eq!(after.last_command_seq, before.last_command_seq);
+        assert_eq!(after.active, None);
+        assert!(r.core.trust.keyring().is_none());
+    }
+}

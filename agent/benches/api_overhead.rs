@@ -1,0 +1,204 @@
+//! Benchmark (not a test): the local KServe v2 API's overhead over calling tract directly,
+//! p50 and p99, and the agent's RSS/PSS with a model loaded.
+//!
+//! Run: `cargo bench -p drover-agent --bench api_overhead`
+//! (release build; the agent has no broker here, so it serves the pre-installed model
+//! while its MQTT session retries in the background, as on an offline device).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use drover_agent::config::AgentConfig;
+use drover_agent::download::blob_path;
+use drover_agent::runtime::Model;
+use drover_agent::state::{Slot, SlotState, State};
+use drover_protocol::manifest::{chunk_hashes, Lineage, Manifest, TensorData, TensorValue};
+use drover_protocol::messages::ModelRef;
+use drover_protocol::topics::hex32;
+use drover_protocol::trust::sha256;
+
+const N: usize = 5000;
+
+fn fixture() -> Vec<u8> {
+    std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dense_v1.onnx"))
+        .unwrap()
+}
+
+/// Installs the model as the healthy active slot of a fresh data dir.
+fn install(dir: &Path, bytes: &[u8]) {
+    let manifest = Manifest {
+        name: "dense".into(),
+        version: "1.0.0".into(),
+        sha256: sha256(bytes),
+        size: bytes.len() as u64,
+        chunk_size: 65536,
+        chunk_hashes: chunk_hashes(bytes, 65536),
+        inputs: vec![],
+        outputs: vec![],
+        baseline: None,
+        test_vectors: vec![],
+        lineage: Lineage::default(),
+        created_at_ms: 0,
+    };
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    std::fs::write(blob_path(dir, &manifest.sha256), bytes).unwrap();
+    let state = State {
+        active: Some(Slot {
+            model: ModelRef {
+                name: "dense".into(),
+                version: "1.0.0".into(),
+                digest: [7; 32],
+            },
+            manifest,
+            state: SlotState::Healthy,
+            unhealthy_boots: 0,
+            activated_by: None,
+        }),
+        ..State::default()
+    };
+    state.save(dir).unwrap();
+}
+
+fn config(dir: &Path) -> AgentConfig {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    AgentConfig {
+        device_id: "bench".into(),
+        device_key: hex32(&[9; 32]),
+        root_public_key: hex32(&drover_protocol::SecretKey::from_seed([1; 32]).public()),
+        // Nothing listens here: the agent serves offline.
+        broker_url: format!("mqtt://127.0.0.1:{port}"),
+        data_dir: dir.to_owned(),
+        api_addr: "127.0.0.1:0".into(),
+        ..AgentConfig::default()
+    }
+}
+
+fn quantiles(mut v: Vec<Duration>) -> (f64, f64) {
+    v.sort();
+    let q = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1e6;
+    (q(0.50), q(0.99))
+}
+
+fn mem_kb(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn main() {
+    let bytes = fixture();
+    let x: Vec<f32> = (0..16).map(|i| (i as f32 - 8.0) / 8.0).collect();
+    let input = TensorValue {
+        name: "x".into(),
+        shape: vec![1, 16],
+        data: TensorData::F32(x.clone()),
+    };
+
+    // Direct tract call.
+    let model = Model::load(&bytes).unwrap();
+    for _ in 0..500 {
+        model.run(std::slice::from_ref(&input)).unwrap();
+    }
+    let direct: Vec<Duration> = (0..N)
+        .map(|_| {
+            let t = Instant::now();
+            model.run(std::slice::from_ref(&input)).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    let (d50, d99) = quantiles(direct);
+
+    // Through the agent's HTTP API (in-process agent, keep-alive client).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), &bytes);
+    let (a50, a99) = rt.block_on(async {
+        let agent = drover_agent::run(config(dir.path()), std::future::pending()).await.unwrap();
+        let url = format!("http://{}/v2/models/dense/infer", agent.api_addr());
+        let http = reqwest::Client::new();
+        let body = serde_json::json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": x}]})
+            .to_string();
+        let call = || {
+            let req = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            async move {
+                let r = req.send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+            }
+        };
+        for _ in 0..500 {
+            call().await;
+        }
+        let mut api = Vec::with_capacity(N);
+        for _ in 0..N {
+            let t = Instant::now();
+            call().await;
+            api.push(t.elapsed());
+        }
+        agent.shutdown();
+        agent.wait().await.unwrap();
+        quantiles(api)
+    });
+
+    // RSS/PSS of the real binary with the model loaded, after serving requests.
+    let dir2 = tempfile::tempdir().unwrap();
+    install(dir2.path(), &bytes);
+    let cfg_path = dir2.path().join("agent.toml");
+    std::fs::write(&cfg_path, config(dir2.path()).to_toml().unwrap()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_drover-agent"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line.trim().trim_start_matches("api_addr=").to_owned();
+    let started = Instant::now();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let body = serde_json::json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.1f32; 16]}]});
+        for _ in 0..200 {
+            let r = http.post(format!("http://{addr}/v2/models/dense/infer")).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    });
+    let _ = started;
+    let pid = child.id();
+    let rss = mem_kb(pid, "status", "VmRSS:").unwrap_or(0);
+    let pss = mem_kb(pid, "smaps_rollup", "Pss:").unwrap_or(0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let bin_size = std::fs::metadata(env!("CARGO_BIN_EXE_drover-agent"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+
+    println!("command: cargo bench -p drover-agent --bench api_overhead");
+    println!("model: tests/fixtures/dense_v1.onnx (16 -> 128 -> 3 dense, batch 1), {N} sequential requests");
+    println!("direct tract Model::run      p50 {d50:8.1} us   p99 {d99:8.1} us");
+    println!("KServe v2 HTTP API (client)  p50 {a50:8.1} us   p99 {a99:8.1} us");
+    println!(
+        "API overhead                 p50 {:8.1} us   p99 {:8.1} us",
+        a50 - d50,
+        a99 - d99
+    );
+    println!("agent binary (x86_64 release) {:.1} MB; with model loaded after 200 requests: RSS {:.1} MB, PSS {:.1} MB",
+        bin_size as f64 / 1e6, rss as f64 / 1024.0, pss as f64 / 1024.0);
+}
