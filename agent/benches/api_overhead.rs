@@ -120,7 +120,7 @@ fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), &bytes);
-    let (a50, a99) = rt.block_on(async {
+    let ((a50, a99), (f50, f99)) = rt.block_on(async {
         let agent = drover_agent::run(config(dir.path()), std::future::pending()).await.unwrap();
         let url = format!("http://{}/v2/models/dense/infer", agent.api_addr());
         let http = reqwest::Client::new();
@@ -146,9 +146,18 @@ fn main() {
             call().await;
             api.push(t.elapsed());
         }
+        // The HTTP floor: client + loopback + server for a handler that does nothing.
+        let live = format!("http://{}/v2/health/live", agent.api_addr());
+        let mut floor = Vec::with_capacity(N);
+        for _ in 0..N {
+            let t = Instant::now();
+            let r = http.get(&live).send().await.unwrap();
+            r.bytes().await.unwrap();
+            floor.push(t.elapsed());
+        }
         agent.shutdown();
         agent.wait().await.unwrap();
-        quantiles(api)
+        (quantiles(api), quantiles(floor))
     });
 
     // RSS/PSS of the real binary with the model loaded, after serving requests.
@@ -198,6 +207,11 @@ fn main() {
         "API overhead                 p50 {:8.1} us   p99 {:8.1} us",
         a50 - d50,
         a99 - d99
+    );
+    println!("HTTP floor (GET /v2/health/live, same client) p50 {f50:8.1} us   p99 {f99:8.1} us");
+    println!(
+        "agent-side inference overhead (API - floor - tract) p50 {:8.1} us",
+        a50 - f50 - d50
     );
     println!("agent binary (x86_64 release) {:.1} MB; with model loaded after 200 requests: RSS {:.1} MB, PSS {:.1} MB",
         bin_size as f64 / 1e6, rss as f64 / 1024.0, pss as f64 / 1024.0);

@@ -40,6 +40,15 @@ const CHUNK_BATCH: usize = 64;
 const CHUNK_RETRY: Duration = Duration::from_secs(2);
 /// Uplink sequence numbers reserved per state write.
 const SEQ_BLOCK: u64 = 1000;
+/// Replayed spool records in flight (sent, not yet acknowledged) after a reconnect.
+const REPLAY_WINDOW: usize = 256;
+
+/// A spool replay in progress: records with `next <= seq < end` are still to be sent.
+#[derive(Clone, Copy, Debug)]
+struct Replay {
+    next: u64,
+    end: u64,
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -82,6 +91,7 @@ pub struct Core {
     out: UnboundedSender<Outbound>,
     will: WillSlot,
     connected: bool,
+    replay: Option<Replay>,
     next_seq: u64,
     job: Option<Job>,
     probation: Option<(Instant, Option<(u64, Digest)>)>,
@@ -232,6 +242,7 @@ impl Core {
             out,
             will,
             connected: false,
+            replay: None,
             next_seq,
             job: None,
             probation: None,
@@ -363,6 +374,7 @@ impl Core {
             Inbound::Connected => self.on_connected(),
             Inbound::Disconnected(_) => {
                 self.connected = false;
+                self.replay = None;
                 self.refresh_will();
             }
             Inbound::Message { topic, payload } => self.on_message(&topic, &payload),
@@ -389,10 +401,39 @@ impl Core {
         self.send(hello, false);
         let st = Uplink::Status(self.status(Presence::Online));
         self.send(st, false);
-        // Everything not yet acknowledged, oldest first; the control plane de-duplicates
-        // by (device, seq).
-        for seq in self.spool.seqs() {
-            match self.spool.read(seq) {
+        // Everything not yet acknowledged is replayed, oldest first, in windows (see
+        // `replay`); records spooled from now on are sent live. The control plane
+        // de-duplicates by (device, seq).
+        self.replay = Some(Replay {
+            next: 0,
+            end: self.next_seq,
+        });
+        self.replay_window();
+        if let Some(job) = &mut self.job {
+            let digest = job.pending.manifest_blob.digest();
+            let _ = self
+                .out
+                .send(Outbound::Subscribe(topics::model_chunks(&digest)));
+            job.last_request = None;
+        }
+    }
+
+    /// Sends the next window of the replay: at most `REPLAY_WINDOW` records may be in
+    /// flight unacknowledged, so a large spool never sits in memory at once.
+    fn replay_window(&mut self) {
+        let Some(r) = self.replay else { return };
+        if !self.connected {
+            return;
+        }
+        let in_flight = self.spool.count_below(r.next);
+        let room = REPLAY_WINDOW.saturating_sub(in_flight);
+        if room == 0 {
+            return;
+        }
+        let batch = self.spool.range(r.next, r.end, room);
+        let dev = self.cfg.device_id.clone();
+        for seq in &batch {
+            match self.spool.read(*seq) {
                 Ok(bytes) => {
                     if let Ok(f) = envelope::decode_uplink_unauthenticated(&bytes) {
                         let topic = topics::uplink(&dev, f.msg.kind());
@@ -405,13 +446,13 @@ impl Core {
                 Err(e) => tracing::warn!(error = %e, seq, "unreadable spool record"),
             }
         }
-        if let Some(job) = &mut self.job {
-            let digest = job.pending.manifest_blob.digest();
-            let _ = self
-                .out
-                .send(Outbound::Subscribe(topics::model_chunks(&digest)));
-            job.last_request = None;
-        }
+        let next = batch.last().map(|s| s + 1).unwrap_or(r.next);
+        let done = self.spool.range(next, r.end, 1).is_empty();
+        self.replay = if done {
+            None
+        } else {
+            Some(Replay { next, end: r.end })
+        };
     }
 
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
@@ -457,6 +498,7 @@ impl Core {
                 if let Err(e) = self.spool.ack(&ack.ranges) {
                     tracing::warn!(error = %e, "spool ack failed");
                 }
+                self.replay_window();
             }
             Downlink::Keyring(blob) => self.on_keyring(blob),
             Downlink::Command(blob) => self.on_command(blob),
@@ -978,6 +1020,7 @@ impl Core {
         }
         if now >= self.telemetry_due {
             self.telemetry_due = now + self.interval();
+            self.replay_window();
             self.emit_telemetry();
         }
     }
@@ -1116,6 +1159,43 @@ mod tests {
             }
         }
         topics
+    }
+
+    #[test]
+    fn reconnect_replays_the_spool_in_bounded_windows() {
+        let mut r = rig();
+        r.core.connected = false;
+        for i in 0..600 {
+            r.core.send(
+                Uplink::Labels(LabelBatch {
+                    labels: vec![drover_protocol::messages::Label {
+                        request_id: i,
+                        at_ms: 0,
+                        value: 1.0,
+                    }],
+                }),
+                true,
+            );
+        }
+        let labels = topics::uplink(&r.core.cfg.device_id, UplinkKind::Labels);
+        let count = |out: &mut tokio::sync::mpsc::UnboundedReceiver<Outbound>| {
+            published(out).iter().filter(|t| **t == labels).count()
+        };
+        assert_eq!(count(&mut r.out), 0);
+        r.core.on_connected();
+        assert_eq!(count(&mut r.out), REPLAY_WINDOW);
+        let seqs = r.core.spool.seqs();
+        r.core
+            .on_downlink(Downlink::UplinkAck(drover_protocol::messages::UplinkAck {
+                ranges: vec![(seqs[0], seqs[99])],
+            }));
+        assert_eq!(count(&mut r.out), 100);
+        r.core
+            .on_downlink(Downlink::UplinkAck(drover_protocol::messages::UplinkAck {
+                ranges: vec![(seqs[100], seqs[REPLAY_WINDOW + 99])],
+            }));
+        assert_eq!(count(&mut r.out), 600 - REPLAY_WINDOW - 100);
+        assert!(r.core.replay.is_none());
     }
 
     #[test]

@@ -146,6 +146,23 @@ impl Spool {
         self.index.keys().copied().collect()
     }
 
+    /// Number of records below `seq`.
+    pub fn count_below(&self, seq: u64) -> usize {
+        self.index.range(..seq).count()
+    }
+
+    /// Up to `limit` sequence numbers in `from..to`, oldest first.
+    pub fn range(&self, from: u64, to: u64, limit: usize) -> Vec<u64> {
+        if from >= to {
+            return Vec::new();
+        }
+        self.index
+            .range(from..to)
+            .take(limit)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
     pub fn read(&self, seq: u64) -> Result<Vec<u8>, SpoolError> {
         let p = self.path(seq);
         fs::read(&p).map_err(io(&p))
