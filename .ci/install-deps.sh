@@ -13,4 +13,9 @@ fi
 # packaged service from holding port 1883.
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 pkill -x mosquitto 2>/dev/null || true
+# The real KServe v2 client the agent's local API is checked against.
+if ! python3 -c 'import tritonclient.http, numpy' >/dev/null 2>&1; then
+  python3 -m pip install -q --disable-pip-version-check 'tritonclient[http]' numpy
+fi
+echo "peers: tritonclient $(python3 -c 'import importlib.metadata as m; print(m.version("tritonclient"))')"
 echo "peers: mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | head -1 | awk '{print $3}')"
