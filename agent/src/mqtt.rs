@@ -52,7 +52,8 @@ pub fn backoff(attempt: u32, jitter: f64) -> Duration {
     Duration::from_millis((base_ms as f64 * (0.5 + 0.5 * j)) as u64)
 }
 
-fn tls_config(cfg: &ValidConfig) -> Result<Option<Transport>, MqttError> {
+/// The rustls transport for an `mqtts://` broker (`None` for plain `mqtt://`).
+pub fn tls_config(cfg: &ValidConfig) -> Result<Option<Transport>, MqttError> {
     if !cfg.broker.tls {
         return Ok(None);
     }
@@ -75,6 +76,12 @@ fn tls_config(cfg: &ValidConfig) -> Result<Option<Transport>, MqttError> {
         roots
             .add(c)
             .map_err(|e| MqttError::Tls(format!("CA file: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(MqttError::Tls(format!(
+            "CA file {} holds no PEM certificate",
+            tls.ca_file.display()
+        )));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -222,6 +229,107 @@ async fn poll_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn openssl(dir: &std::path::Path, args: &[&str]) {
+        let st = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl {args:?}");
+    }
+
+    fn tls_cfg(dir: &std::path::Path, ca: &str, client: bool) -> ValidConfig {
+        let mut c = crate::config::AgentConfig {
+            device_id: "gw-01".into(),
+            device_key: "11".repeat(32),
+            root_public_key: drover_protocol::topics::hex32(
+                &drover_protocol::SecretKey::from_seed([7; 32]).public(),
+            ),
+            broker_url: "mqtts://localhost:8883".into(),
+            data_dir: dir.to_owned(),
+            tls: Some(crate::config::TlsConfig {
+                ca_file: dir.join(ca),
+                client_cert_file: client.then(|| dir.join("dev.pem")),
+                client_key_file: client.then(|| dir.join("dev.key")),
+            }),
+            ..Default::default()
+        };
+        c.api_addr = "127.0.0.1:0".into();
+        c.validate().unwrap()
+    }
+
+    #[test]
+    fn tls_transport_loads_ca_and_client_identity_and_refuses_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend([
+            "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=ca",
+        ]);
+        openssl(d, &args);
+        let mut args = vec!["req"];
+        args.extend(ec);
+        args.extend([
+            "-keyout",
+            "dev.key",
+            "-out",
+            "dev.csr",
+            "-subj",
+            "/CN=gw-01",
+        ]);
+        openssl(d, &args);
+        // Extensions make a v3 certificate (webpki refuses v1).
+        std::fs::write(d.join("ext.cnf"), "basicConstraints=CA:FALSE\n").unwrap();
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "dev.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "dev.pem",
+                "-days",
+                "1",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        for client in [false, true] {
+            match tls_config(&tls_cfg(d, "ca.pem", client)) {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("no TLS transport"),
+                Err(e) => panic!("client identity {client}: {e}"),
+            }
+        }
+        assert!(matches!(
+            tls_config(&tls_cfg(d, "missing.pem", false)),
+            Err(MqttError::ReadFile {
+                what: "CA file",
+                ..
+            })
+        ));
+        std::fs::write(d.join("junk.pem"), "not a certificate").unwrap();
+        let Err(e) = tls_config(&tls_cfg(d, "junk.pem", false)) else {
+            panic!("junk CA accepted");
+        };
+        assert!(e.to_string().contains("holds no PEM certificate"), "{e}");
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {
