@@ -58,6 +58,24 @@ async fn deploy_infer_hot_swap_under_load_and_refuse_bad_commands() {
     assert_eq!(r.status(), 503);
 
     cp.wait_hello(1).await;
+    let hello = cp
+        .wait_for("hello", |s| {
+            s.frames.iter().find_map(|f| match &f.msg {
+                drover_protocol::messages::Uplink::Hello(h) => Some(h.clone()),
+                _ => None,
+            })
+        })
+        .await;
+    assert_eq!(hello.labels.get("site").map(String::as_str), Some("test"));
+    assert_eq!(hello.arch, std::env::consts::ARCH);
+    assert_eq!(
+        (hello.protocol_min, hello.protocol_max),
+        (
+            drover_protocol::MIN_PROTOCOL_VERSION,
+            drover_protocol::PROTOCOL_VERSION
+        )
+    );
+    assert_eq!((hello.last_command_seq, hello.active.clone()), (0, None));
     let v1 = publish(&keys, "dense_v1", "dense", "1.0.0", 1024);
     let v2 = publish(&keys, "dense_v2", "dense", "2.0.0", 1024);
     cp.add_model(&v1);

@@ -1,5 +1,6 @@
-//! Offline test: a TCP proxy between agent and broker is cut; telemetry is spooled on
-//! disk; when the link returns every record arrives (duplicates detectable by seq).
+//! Offline test: a TCP proxy between agent and broker is cut; the broker publishes the
+//! agent's last will; telemetry is spooled on disk; when the link returns every record
+//! arrives (duplicates detectable by seq).
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use drover_protocol::messages::{TelemetryBatch, Uplink};
+use drover_protocol::messages::{Presence, TelemetryBatch, Uplink};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A loopback TCP proxy that can be cut (existing connections closed, new ones refused).
@@ -104,6 +105,14 @@ async fn telemetry_is_spooled_while_offline_and_all_arrives_after() {
 
     proxy.cut();
     let received_at_cut = telemetry(&cp.seen.lock().unwrap()).len();
+    // The broker publishes the agent's last will: an authenticated Offline status.
+    cp.wait_for("last will", |s| {
+        s.frames.iter().find_map(|f| match &f.msg {
+            Uplink::Status(st) if st.presence == Presence::Offline => Some(()),
+            _ => None,
+        })
+    })
+    .await;
     // Wait until a dozen records are held on disk while offline.
     while spool_len(dir.path()) < 12 {
         tokio::time::sleep(Duration::from_millis(50)).await;
