@@ -76,7 +76,7 @@ impl MqttLink {
                 client.clone(),
                 eventloop,
                 sub,
-                inbound.clone(),
+                (n > 0).then(|| inbound.clone()),
                 if n == 0 {
                     publisher_rx.clone()
                 } else {
@@ -132,7 +132,8 @@ async fn poll_loop(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
     filter: Option<String>,
-    inbound: mpsc::Sender<RawUplink>,
+    // None for the publisher session: it must not keep the ingest channel open.
+    inbound: Option<mpsc::Sender<RawUplink>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -161,8 +162,10 @@ async fn poll_loop(
                     topic: p.topic,
                     payload: p.payload,
                 };
-                if inbound.send(raw).await.is_err() {
-                    return;
+                if let Some(tx) = &inbound {
+                    if tx.send(raw).await.is_err() {
+                        return;
+                    }
                 }
             }
             Ok(_) => {}
