@@ -43,3 +43,46 @@ where
 pub fn peers_required() -> bool {
     std::env::var_os("DROVER_REQUIRE_PEERS").is_some_and(|v| v == "1")
 }
+
+/// Path of a workspace binary (`drover`, `drover-agent`). `cargo test --workspace` builds
+/// every package's binaries before any test runs; when a test is run alone (`-p
+/// drover-tests`) the binary is built on demand.
+pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test binary has no target dir")?
+        .to_path_buf();
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let package = match name {
+            "drover" => "drover-control-plane",
+            "drover-agent" => "drover-agent",
+            other => anyhow::bail!("unknown workspace binary {other}"),
+        };
+        let st = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", package, "--bin", name])
+            .status()?;
+        anyhow::ensure!(st.success(), "building {name} failed");
+    }
+    Ok(path)
+}
+
+/// Runs the `drover` CLI with args; returns stdout, or an error with stderr.
+pub fn drover_cli(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(workspace_bin("drover")?)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "drover {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
