@@ -93,6 +93,30 @@ impl Mosquitto {
         Ok(m)
     }
 
+    /// Adds accounts to the password file and makes the running broker reload it
+    /// (SIGHUP), as an operator does after enrolling devices.
+    pub fn add_users(&self, users: &[(String, String)]) -> anyhow::Result<()> {
+        let passwd = self.dir.join("passwd");
+        for (user, pass) in users {
+            let st = Command::new("mosquitto_passwd")
+                .arg("-b")
+                .arg(&passwd)
+                .arg(user)
+                .arg(pass)
+                .status()?;
+            if !st.success() {
+                bail!("mosquitto_passwd failed for {user}");
+            }
+        }
+        let st = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("could not signal mosquitto to reload");
+        }
+        Ok(())
+    }
+
     pub fn url(&self, user: &str, pass: &str) -> String {
         format!("mqtt://{user}:{pass}@127.0.0.1:{}", self.port)
     }
