@@ -20,7 +20,7 @@ use drover_protocol::messages::{
     TelemetryBatch, Uplink,
 };
 use drover_protocol::topics::{self, ParsedTopic};
-use drover_protocol::trust::{Digest, SignedBlob, TrustStore};
+use drover_protocol::trust::{Digest, SignedBlob, TrustError, TrustStore};
 use drover_protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -377,7 +377,15 @@ impl Core {
                 self.replay = None;
                 self.refresh_will();
             }
-            Inbound::Message { topic, payload } => self.on_message(&topic, &payload),
+            Inbound::Message {
+                topic,
+                payload,
+                ack,
+            } => {
+                self.on_message(&topic, &payload);
+                // Handled (and persisted where it matters): now the broker may forget it.
+                let _ = self.out.send(Outbound::Ack(ack));
+            }
         }
     }
 
@@ -564,6 +572,15 @@ impl Core {
             now_ms(),
         ) {
             Ok(c) => c,
+            Err(TrustError::Replayed { seq, .. })
+                if self.state.last_command_digest == Some(digest) =>
+            {
+                tracing::debug!(
+                    command_seq = seq,
+                    "redelivery of the last accepted command ignored"
+                );
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "command refused");
                 self.progress(0, digest, None, Phase::Refused, 0, 0, Some(e.to_string()));
@@ -574,6 +591,7 @@ impl Core {
         // deployment is persisted in the same write, so a crash cannot lose it.
         let seq = cmd.seq;
         self.state.last_command_seq = seq;
+        self.state.last_command_digest = Some(digest);
         let deploy = match &cmd.action {
             Action::Deploy { manifest, mode } => {
                 Some(self.prepare_deploy(seq, digest, manifest, *mode))

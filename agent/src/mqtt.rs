@@ -33,8 +33,19 @@ pub enum MqttError {
 pub enum Inbound {
     Connected,
     Disconnected(String),
-    Message { topic: String, payload: Vec<u8> },
+    /// A message; the broker redelivers it until the core returns `ack` (after handling
+    /// it, e.g. after a command's seq is persisted).
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+        ack: AckToken,
+    },
 }
+
+/// Opaque handle to acknowledge one incoming QoS 1 message (manual acks: rumqttc would
+/// otherwise ack before the agent has handled, let alone persisted, anything).
+#[derive(Debug)]
+pub struct AckToken(rumqttc::Publish);
 
 /// What the core asks the session to do.
 #[derive(Debug)]
@@ -42,6 +53,7 @@ pub enum Outbound {
     Publish { topic: String, payload: Vec<u8> },
     Subscribe(String),
     Unsubscribe(String),
+    Ack(AckToken),
     Disconnect,
 }
 
@@ -130,7 +142,8 @@ pub fn start(
             drover_protocol::envelope::MAX_DOWNLINK_LEN + 1024,
             drover_protocol::envelope::MAX_UPLINK_LEN + 1024,
         )
-        .set_inflight(64);
+        .set_inflight(64)
+        .set_manual_acks(true);
     if let Some(t) = tls_config(cfg)? {
         opts.set_transport(t);
     }
@@ -159,6 +172,7 @@ pub fn start(
                 }
                 Outbound::Subscribe(t) => client.subscribe(t, QoS::AtLeastOnce).await,
                 Outbound::Unsubscribe(t) => client.unsubscribe(t).await,
+                Outbound::Ack(AckToken(p)) => client.ack(&p).await,
                 Outbound::Disconnect => {
                     let _ = client.disconnect().await;
                     break;
@@ -192,10 +206,12 @@ async fn poll_loop(
                     return;
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
+            Ok(Event::Incoming(Packet::Publish(mut p))) => {
+                let payload = std::mem::take(&mut p.payload).to_vec();
                 let msg = Inbound::Message {
-                    topic: p.topic,
-                    payload: p.payload.to_vec(),
+                    topic: std::mem::take(&mut p.topic),
+                    payload,
+                    ack: AckToken(p),
                 };
                 if inbound.send(msg).is_err() {
                     return;

@@ -86,6 +86,10 @@ impl From<&AgentSettings> for Settings {
 pub struct State {
     /// Highest command sequence accepted (the replay floor).
     pub last_command_seq: u64,
+    /// Digest of that command, to recognise the broker redelivering it (not a replay
+    /// attack: the same signed bytes we already accepted).
+    #[serde(default)]
+    pub last_command_digest: Option<Digest>,
     /// Uplink sequence numbers up to this are reserved; a restart continues above it.
     pub uplink_seq_reserved: u64,
     pub keyring: Option<SignedBlob>,

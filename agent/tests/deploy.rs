@@ -203,11 +203,15 @@ async fn deploy_infer_hot_swap_under_load_and_refuse_bad_commands() {
         ),
         (forged, TrustError::BadSignature.to_string()),
         (
-            c2.clone(),
-            TrustError::Replayed { seq: 2, last: 2 }.to_string(),
+            c1.clone(),
+            TrustError::Replayed { seq: 1, last: 2 }.to_string(),
         ),
         (expired, format!("command expired at {expires} ms (now ")),
     ];
+    // The broker redelivering the last accepted command is not an attack: it is ignored
+    // (no refusal report, no action); the refusals below are handled after it, in order.
+    cp.send(drover_protocol::messages::Downlink::Command(c2.clone()))
+        .await;
     for (blob, reason) in cases {
         cp.send(drover_protocol::messages::Downlink::Command(blob.clone()))
             .await;
@@ -232,6 +236,10 @@ async fn deploy_infer_hot_swap_under_load_and_refuse_bad_commands() {
             .unwrap();
         assert_eq!(r["model_version"], "2.0.0");
     }
+
+    assert!(progress_for(&cp.progress(), &c2.digest())
+        .iter()
+        .all(|p| p.phase != Phase::Refused));
 
     // 4. Rollback command returns to v1.
     let rb = keys.signer.sign_command(&Command {
