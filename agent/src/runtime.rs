@@ -30,7 +30,7 @@ pub enum RuntimeError {
     UnsupportedOperator(String),
     #[error("model does not load: {0}")]
     Load(String),
-    #[error("runtime panicked while {0}; model refused")]
+    #[error("tract panicked while {0} (caught; the agent keeps running)")]
     Panicked(&'static str),
     #[error("model expects {expected} inputs, got {got}")]
     InputCount { expected: usize, got: usize },

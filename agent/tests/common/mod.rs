@@ -542,6 +542,14 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(dev: &str, tweak: impl FnOnce(&mut AgentConfig)) -> Harness {
+        Self::start_with_probation(dev, tweak, Duration::from_millis(200)).await
+    }
+
+    pub async fn start_with_probation(
+        dev: &str,
+        tweak: impl FnOnce(&mut AgentConfig),
+        probation: Duration,
+    ) -> Harness {
         let port = start_broker();
         let keys = Arc::new(Keys::new());
         let cp = ControlPlane::start(port, dev, keys.clone()).await;
@@ -549,15 +557,9 @@ impl Harness {
         let mut cfg = agent_config(dir.path(), dev, port, &keys);
         tweak(&mut cfg);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let agent = drover_agent::run_with(
-            cfg,
-            drover_agent::Tuning {
-                probation: Duration::from_millis(200),
-            },
-            async move {
-                let _ = stop_rx.await;
-            },
-        )
+        let agent = drover_agent::run_with(cfg, drover_agent::Tuning { probation }, async move {
+            let _ = stop_rx.await;
+        })
         .await
         .unwrap();
         let base = format!("http://{}", agent.api_addr());
