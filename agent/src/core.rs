@@ -40,6 +40,8 @@ const CHUNK_BATCH: usize = 64;
 const CHUNK_RETRY: Duration = Duration::from_secs(2);
 /// Uplink sequence numbers reserved per state write.
 const SEQ_BLOCK: u64 = 1000;
+/// At most one KeyringRefused report per this interval.
+const KEYRING_REFUSAL_INTERVAL: Duration = Duration::from_secs(60);
 /// Replayed spool records in flight (sent, not yet acknowledged) after a reconnect.
 const REPLAY_WINDOW: usize = 256;
 
@@ -91,6 +93,7 @@ pub struct Core {
     out: UnboundedSender<Outbound>,
     will: WillSlot,
     connected: bool,
+    last_keyring_refusal: Option<Instant>,
     replay: Option<Replay>,
     next_seq: u64,
     job: Option<Job>,
@@ -242,6 +245,7 @@ impl Core {
             out,
             will,
             connected: false,
+            last_keyring_refusal: None,
             replay: None,
             next_seq,
             job: None,
@@ -525,6 +529,16 @@ impl Core {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "keyring refused");
+                // Reports are rate-limited: whoever can publish bogus keyrings must not be
+                // able to fill the spool (and the disk's write budget) with refusals.
+                let now = Instant::now();
+                if self
+                    .last_keyring_refusal
+                    .is_some_and(|t| now.duration_since(t) < KEYRING_REFUSAL_INTERVAL)
+                {
+                    return;
+                }
+                self.last_keyring_refusal = Some(now);
                 let offered_version = 0;
                 self.send(
                     Uplink::KeyringRefused(KeyringRefused {
@@ -1226,6 +1240,13 @@ mod tests {
             .on_message(&topics::keyring(), &envelope::encode_keyring(&blob));
         let want = topics::uplink(&r.core.cfg.device_id, UplinkKind::KeyringRefused);
         assert!(published(&mut r.out).contains(&want));
+        // A flood of bogus keyrings yields no further reports within the interval.
+        for v in 10..20 {
+            let blob = keyring(&rogue, &rogue, v);
+            r.core
+                .on_message(&topics::keyring(), &envelope::encode_keyring(&blob));
+        }
+        assert!(!published(&mut r.out).contains(&want));
         assert!(r.core.trust.keyring().is_none());
         // The genuine one is accepted and persisted.
         let root = SecretKey::from_seed([1; 32]);
