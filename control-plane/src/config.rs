@@ -23,6 +23,8 @@ pub struct ServeConfig {
     pub mqtt_listen: String,
     /// External broker (`mqtt://user:pass@host:port`); empty = run the embedded broker.
     pub broker_url: String,
+    /// PEM CA bundle trusted for an `mqtts://` external broker.
+    pub broker_ca_file: String,
     /// Broker URL written into enrolled agents' configs; empty = derived from the broker.
     pub advertised_broker_url: String,
     pub ingest: IngestConfig,
@@ -63,6 +65,7 @@ impl Default for ServeConfig {
             http_listen: "127.0.0.1:8470".into(),
             mqtt_listen: "127.0.0.1:1883".into(),
             broker_url: String::new(),
+            broker_ca_file: String::new(),
             advertised_broker_url: String::new(),
             ingest: IngestConfig::default(),
             telemetry_retention_hours: 24 * 7,
@@ -188,6 +191,9 @@ fn env_layer(cfg: &mut ServeConfig, env: &HashMap<String, String>, errors: &mut 
     if let Some(v) = env.get("DROVER_BROKER_URL") {
         cfg.broker_url = v.clone();
     }
+    if let Some(v) = env.get("DROVER_BROKER_CA_FILE") {
+        cfg.broker_ca_file = v.clone();
+    }
     if let Some(v) = env.get("DROVER_INGEST_SESSIONS") {
         match v.parse() {
             Ok(n) => cfg.ingest.sessions = n,
@@ -270,6 +276,11 @@ impl ServeConfig {
             }
         } else {
             match parse_broker_url(&self.broker_url) {
+                Ok(u) if u.tls && self.broker_ca_file.is_empty() => {
+                    errors
+                        .push("an mqtts:// broker_url needs broker_ca_file (PEM CA bundle)".into());
+                    None
+                }
                 Ok(u) => Some(BrokerMode::External(u)),
                 Err(e) => {
                     errors.push(e);

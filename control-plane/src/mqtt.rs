@@ -3,10 +3,12 @@
 //! task can deadlock rumqttc under load); incoming uplink publishes are handed to ingest
 //! over a bounded channel, so a slow database back-pressures the broker, not memory.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -21,8 +23,12 @@ pub struct RawUplink {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("mqtts:// needs TLS, which this build of the control plane does not configure yet; use mqtt:// on a trusted network or a local TLS-terminating proxy")]
-    TlsUnsupported,
+    #[error("mqtts:// needs a CA bundle: set broker_ca_file")]
+    NoCaFile,
+    #[error("cannot read CA file {path}: {detail}")]
+    CaFile { path: String, detail: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
     #[error("publish to {topic} failed: {source}")]
     Publish {
         topic: String,
@@ -37,21 +43,29 @@ pub struct MqttLink {
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     stop_ingest: watch::Sender<bool>,
     stop_publisher: watch::Sender<bool>,
+    /// Count of uplink subscriptions acknowledged by the broker.
+    subscribed: watch::Receiver<usize>,
+    sessions: usize,
 }
 
 impl MqttLink {
     /// Connects `sessions` sessions; with more than one they share the uplink filter.
     pub fn start(
         url: &BrokerUrl,
+        ca_file: Option<&Path>,
         client_prefix: &str,
         sessions: usize,
         inbound: mpsc::Sender<RawUplink>,
     ) -> Result<Self, MqttError> {
-        if url.tls {
-            return Err(MqttError::TlsUnsupported);
-        }
+        let tls = if url.tls {
+            Some(tls_config(ca_file.ok_or(MqttError::NoCaFile)?)?)
+        } else {
+            None
+        };
         let (stop_ingest, ingest_rx) = watch::channel(false);
         let (stop_publisher, publisher_rx) = watch::channel(false);
+        let (subacked, subscribed) = watch::channel(0usize);
+        let subacked = Arc::new(subacked);
         let filter = if sessions > 1 {
             drover_protocol::topics::uplink_filter_shared("drover-ingest")
         } else {
@@ -67,6 +81,11 @@ impl MqttLink {
                 .set_max_packet_size(crate::broker::MAX_PAYLOAD, crate::broker::MAX_PAYLOAD)
                 .set_inflight(1000)
                 .set_request_channel_capacity(4096);
+            if let Some(t) = &tls {
+                o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                    Arc::clone(t),
+                )));
+            }
             if let Some(u) = &url.username {
                 o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
             }
@@ -82,6 +101,7 @@ impl MqttLink {
                 } else {
                     ingest_rx.clone()
                 },
+                Arc::clone(&subacked),
             )));
             clients.push(client);
         }
@@ -91,7 +111,19 @@ impl MqttLink {
             tasks: std::sync::Mutex::new(tasks),
             stop_ingest,
             stop_publisher,
+            subscribed,
+            sessions,
         })
+    }
+
+    /// Waits until every uplink session's subscription is acknowledged (so nothing a
+    /// device publishes from now on is missed), or `timeout` passes; returns whether ready.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.subscribed.clone();
+        let want = self.sessions;
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n >= want))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     pub async fn publish(
@@ -128,6 +160,32 @@ impl MqttLink {
     }
 }
 
+/// A rustls client config trusting the CA certificates in a PEM file.
+pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, MqttError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::CertificateDer;
+    let ca_err = |detail: String| MqttError::CaFile {
+        path: ca_file.display().to_string(),
+        detail,
+    };
+    let pem = std::fs::read(ca_file).map_err(|e| ca_err(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| ca_err(e.to_string()))?;
+        roots.add(c).map_err(|e| ca_err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(ca_err("no certificate in the file".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
 async fn poll_loop(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
@@ -135,6 +193,7 @@ async fn poll_loop(
     // None for the publisher session: it must not keep the ingest channel open.
     inbound: Option<mpsc::Sender<RawUplink>>,
     mut stop: watch::Receiver<bool>,
+    subacked: Arc<watch::Sender<usize>>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -156,6 +215,9 @@ async fn poll_loop(
                         tracing::warn!(error = %e, "cannot subscribe to uplink");
                     }
                 }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                subacked.send_modify(|n| *n += 1);
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let raw = RawUplink {

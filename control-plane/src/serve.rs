@@ -282,8 +282,10 @@ pub async fn run(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
     let client_prefix = format!("drover-cp-{}", &random_hex()[..8]);
+    let ca_file = (!raw.broker_ca_file.is_empty()).then(|| PathBuf::from(&raw.broker_ca_file));
     let mqtt = Arc::new(MqttLink::start(
         &url,
+        ca_file.as_deref(),
         &client_prefix,
         raw.ingest.sessions,
         inbound_tx,
@@ -311,6 +313,9 @@ pub async fn run(
         Arc::clone(&api_store),
         raw.chunk_window_ms,
     ));
+    if !mqtt.ready(Duration::from_secs(10)).await {
+        tracing::warn!("uplink subscriptions not acknowledged yet; continuing, sessions retry");
+    }
     // The keyring is retained so a device gets it the moment it subscribes.
     if let Err(e) = mqtt
         .publish(

@@ -39,6 +39,18 @@ fn mosquitto_bin() -> Option<PathBuf> {
 }
 
 fn start_mosquitto(dir: &Path) -> Option<Mosquitto> {
+    start_mosquitto_with(dir, "")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_mosquitto_with(dir: &Path, extra: &str) -> Option<Mosquitto> {
     let Some(bin) = mosquitto_bin() else {
         assert!(
             std::env::var_os("DROVER_REQUIRE_PEERS").is_none(),
@@ -47,22 +59,19 @@ fn start_mosquitto(dir: &Path) -> Option<Mosquitto> {
         eprintln!("SKIPPED: mosquitto not installed (set DROVER_REQUIRE_PEERS=1 to fail instead)");
         return None;
     };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        format!("user root\nper_listener_settings false\nallow_anonymous true\npersistence false\nlistener {port} 127.0.0.1\n{extra}"),
     )
     .unwrap();
     let child = Command::new(bin)
         .arg("-c")
         .arg(&conf)
+        .arg("-v")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("mosquitto.log")).unwrap())
         .spawn()
         .unwrap();
     let m = Mosquitto { child, port };
@@ -164,4 +173,128 @@ async fn external_mosquitto_carries_hello_telemetry_deploy_and_last_will() {
     })
     .await;
     server.shutdown().await;
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is needed to make test certificates");
+    assert!(st.success(), "openssl {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_reaches_an_mqtts_broker_with_a_pinned_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        d,
+        &[
+            &["req", "-x509"][..],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=drover-test-ca",
+            ][..],
+        ]
+        .concat(),
+    );
+    openssl(
+        d,
+        &[
+            &["req"][..],
+            &ec[..],
+            &[
+                "-keyout",
+                "srv.key",
+                "-out",
+                "srv.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ][..],
+        ]
+        .concat(),
+    );
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    let tls_port = free_port();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/srv.pem\nkeyfile {0}/srv.key\n",
+        d.display()
+    );
+    let Some(broker) = start_mosquitto_with(d, &extra) else {
+        return;
+    };
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut cfg = config(&d.join("data"));
+    cfg.broker_url = format!("mqtts://127.0.0.1:{tls_port}");
+    cfg.broker_ca_file = d.join("ca.pem").display().to_string();
+    cfg.advertised_broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let server = serve::run(cfg.validate().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let api = Api::new(&server);
+    let e = api.enroll("tls-01", &[]).await;
+    assert_eq!(e.broker_url, format!("mqtt://127.0.0.1:{}", broker.port));
+    // The device uses the plain listener; the control plane speaks TLS to the broker.
+    let (id, key) = FakeDevice::from_enrollment(&e);
+    let plain: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port).parse().unwrap();
+    let mut dev = FakeDevice::connect(plain, id, key).await;
+    dev.send(hello()).await;
+    let ack = dev
+        .recv_downlink(
+            "HelloAck over the TLS-connected control plane",
+            |f| match &f.msg {
+                Downlink::HelloAck(a) => Some(a.clone()),
+                _ => None,
+            },
+        )
+        .await;
+    assert_eq!(ack.protocol_version, 1);
+    server.shutdown().await;
+
+    // Without a CA file, an mqtts:// URL is refused up front.
+    let mut bad = config(&d.join("data2"));
+    bad.broker_url = format!("mqtts://127.0.0.1:{tls_port}");
+    assert!(bad.validate().is_err());
 }

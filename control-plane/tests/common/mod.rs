@@ -25,6 +25,10 @@ pub fn now_ms() -> u64 {
 }
 
 pub fn config(dir: &Path) -> ServeConfig {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut c = ServeConfig {
         data_dir: dir.to_owned(),
         http_listen: "127.0.0.1:0".into(),
@@ -37,10 +41,6 @@ pub fn config(dir: &Path) -> ServeConfig {
 }
 
 pub async fn start(dir: &Path) -> ServeHandle {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     serve::run(config(dir).validate().unwrap(), std::future::pending())
         .await
         .unwrap()
