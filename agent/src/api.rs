@@ -46,6 +46,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         .route("/v2/models/{name}/feedback", post(feedback))
+        .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -309,6 +310,72 @@ async fn infer(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes)
         "outputs": outputs,
     }))
     .into_response()
+}
+
+/// Prometheus text exposition of the agent's cumulative counters.
+async fn metrics(State(s): State<ApiState>) -> Response {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let t = &s.serving.totals;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        );
+    };
+    metric(
+        "drover_agent_inferences_total",
+        "counter",
+        "Inference requests that reached a model.",
+        t.inferences.load(Relaxed),
+    );
+    metric(
+        "drover_agent_inference_errors_total",
+        "counter",
+        "Inferences that failed in the runtime.",
+        t.errors.load(Relaxed),
+    );
+    metric(
+        "drover_agent_inference_rejected_total",
+        "counter",
+        "Inferences refused for bad inputs.",
+        t.client_errors.load(Relaxed),
+    );
+    metric(
+        "drover_agent_inference_latency_microseconds_sum",
+        "counter",
+        "Total model run time.",
+        t.latency_us_sum.load(Relaxed),
+    );
+    metric(
+        "drover_agent_model_swaps_total",
+        "counter",
+        "Active model swaps.",
+        t.swaps.load(Relaxed),
+    );
+    let loaded = s.serving.active();
+    metric(
+        "drover_agent_model_loaded",
+        "gauge",
+        "1 when a model is serving.",
+        u64::from(loaded.is_some()),
+    );
+    if let Some(m) = loaded {
+        let _ = write!(
+            out,
+            "# HELP drover_agent_model_info The serving model.\n# TYPE drover_agent_model_info gauge\ndrover_agent_model_info{{name=\"{}\",version=\"{}\"}} 1\n",
+            m.model_ref.name, m.model_ref.version
+        );
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]

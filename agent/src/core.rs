@@ -355,6 +355,8 @@ impl Core {
 
     /// Runs until `stop` is set.
     pub fn run(mut self, rx: Receiver<Inbound>, stop: Arc<AtomicBool>) {
+        let span = tracing::info_span!("core", device_id = %self.cfg.device_id);
+        let _entered = span.enter();
         loop {
             if stop.load(Ordering::SeqCst) {
                 break;

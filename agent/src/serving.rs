@@ -78,7 +78,19 @@ pub struct ShadowWindow {
     pub candidate_latency: LatencyHistogram,
 }
 
+/// Cumulative counters since start, for the Prometheus endpoint (telemetry windows are
+/// drained; these never are).
+#[derive(Default)]
+pub struct Totals {
+    pub inferences: AtomicU64,
+    pub errors: AtomicU64,
+    pub client_errors: AtomicU64,
+    pub latency_us_sum: AtomicU64,
+    pub swaps: AtomicU64,
+}
+
 pub struct Serving {
+    pub totals: Totals,
     active: RwLock<Option<Arc<Loaded>>>,
     shadow: RwLock<Option<Arc<Loaded>>>,
     window: Mutex<Window>,
@@ -244,6 +256,7 @@ fn agree(a: &[TensorValue], b: &[TensorValue]) -> bool {
 impl Serving {
     pub fn new(sample_rate_ppm: u32) -> Self {
         Self {
+            totals: Totals::default(),
             active: RwLock::new(None),
             shadow: RwLock::new(None),
             window: Mutex::new(Window::default()),
@@ -267,6 +280,7 @@ impl Serving {
 
     /// Atomically replaces the active model; returns the old one.
     pub fn swap_active(&self, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
+        self.totals.swaps.fetch_add(1, Ordering::Relaxed);
         let old = match self.active.write() {
             Ok(mut g) => std::mem::replace(&mut *g, new),
             Err(p) => std::mem::replace(&mut *p.into_inner(), new),
@@ -339,6 +353,15 @@ impl Serving {
         let started = Instant::now();
         let result = model.model.run(inputs);
         let us = started.elapsed().as_micros() as u64;
+        self.totals.inferences.fetch_add(1, Ordering::Relaxed);
+        self.totals.latency_us_sum.fetch_add(us, Ordering::Relaxed);
+        if let Err(e) = &result {
+            if InferError::Runtime(e.clone()).is_client_error() {
+                self.totals.client_errors.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.totals.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let shadow = self.shadow().filter(|_| result.is_ok());
         let shadow_result = shadow.as_ref().map(|s| {
             let t = Instant::now();

@@ -176,6 +176,30 @@ async fn kserve_v2_api_works_with_tritonclient_and_refuses_malformed_requests() 
         let msg = v["error"].as_str().unwrap_or_default();
         assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
     }
+    // Prometheus metrics count what happened above.
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("drover_agent_model_info{name=\"dense\",version=\"1.0.0\"} 1"),
+        "{text}"
+    );
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(count("drover_agent_inferences_total") >= 2);
+    assert!(count("drover_agent_inference_rejected_total") >= 3);
+    assert_eq!(count("drover_agent_inference_errors_total"), 0);
+
     // Nested data (KServe allows it) is accepted.
     let nested: Vec<Vec<f32>> = x.chunks(16).map(<[f32]>::to_vec).collect();
     let r = http
