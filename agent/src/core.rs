@@ -285,7 +285,8 @@ impl Core {
             .as_ref()
             .map(|s| s.telemetry_interval_ms)
             .unwrap_or(self.cfg.raw.telemetry.interval_ms)
-            .max(100);
+            // Settings come off the network (signed, but still): clamp before `Instant +`.
+            .clamp(100, 86_400_000);
         Duration::from_millis(ms)
     }
 
@@ -1230,6 +1231,27 @@ mod tests {
             }));
         assert_eq!(count(&mut r.out), 600 - REPLAY_WINDOW - 100);
         assert!(r.core.replay.is_none());
+    }
+
+    #[test]
+    fn extreme_settings_are_clamped_not_panicking() {
+        let mut r = rig();
+        r.core.execute(
+            Command {
+                target: r.core.cfg.device_id.clone(),
+                seq: 1,
+                issued_at_ms: 0,
+                expires_at_ms: u64::MAX,
+                rollout_id: None,
+                action: Action::Configure(drover_protocol::messages::AgentSettings {
+                    telemetry_interval_ms: u64::MAX,
+                    sample_rate_ppm: u32::MAX,
+                }),
+            },
+            [0; 32],
+        );
+        r.core.tick();
+        assert_eq!(r.core.interval(), Duration::from_millis(86_400_000));
     }
 
     #[test]
