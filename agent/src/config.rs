@@ -244,8 +244,6 @@ impl AgentConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             errors.push("data_dir: must not be empty".into());
-        } else if !self.data_dir.is_absolute() && !self.data_dir.starts_with(".") {
-            // Relative paths are allowed (tests) but must be explicit about it.
         }
         let api_addr = self
             .api_addr

@@ -56,6 +56,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // tract can panic on hostile models; the runtime catches it, and this puts the
+    // message in the structured log instead of bare stderr.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "panic (caught where the runtime guards it)");
+    }));
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
