@@ -260,7 +260,7 @@ pub fn ranges(seqs: &mut Vec<u64>) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &s in seqs.iter() {
         match out.last_mut() {
-            Some((_, hi)) if *hi + 1 == s => *hi = s,
+            Some((_, hi)) if hi.checked_add(1) == Some(s) => *hi = s,
             _ => out.push((s, s)),
         }
     }
@@ -278,5 +278,10 @@ mod tests {
             vec![(1, 3), (5, 5), (7, 8)]
         );
         assert!(ranges(&mut vec![]).is_empty());
+        // Hostile sequence numbers at the top of the range do not overflow.
+        assert_eq!(
+            ranges(&mut vec![u64::MAX, u64::MAX - 1]),
+            vec![(u64::MAX - 1, u64::MAX)]
+        );
     }
 }
