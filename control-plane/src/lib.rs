@@ -14,6 +14,8 @@
 //! - [`keys`]: root/signing key files and the root-signed keyring.
 //! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
 //! - [`cli`]: the `drover` subcommands, one file each; a client of the API.
+//! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
+//!   embedded default can train with nothing installed but Rust.
 
 pub mod api;
 pub mod broker;
@@ -28,3 +30,4 @@ pub mod mqtt;
 pub mod registry;
 pub mod serve;
 pub mod store;
+pub mod trainer;

@@ -8,10 +8,14 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo narrates on stdout; its components only log warnings unless asked.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "error,rumqttd=off",
+        _ => "info,rumqttd=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -27,6 +31,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
+            Command::Demo(a) => cli::demo::run(a).await,
             Command::Serve(a) => cli::serve::run(a).await,
             Command::PrintDefaultConfig => {
                 print!(

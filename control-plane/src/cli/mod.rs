@@ -1,6 +1,7 @@
 //! The `drover` command line: one module per subcommand, each with its args and `run`.
 
 pub mod client;
+pub mod demo;
 pub mod device;
 pub mod keys;
 pub mod model;
@@ -18,6 +19,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The whole system end to end in a temp dir: control plane, a fleet of agents,
+    /// training, signed deploy, live inference, telemetry. Nothing to install.
+    Demo(demo::DemoArgs),
     /// Run the control plane: embedded MQTT broker, ingest, registry, HTTP API.
     Serve(serve::ServeArgs),
     /// Print the default `drover serve` configuration file.
