@@ -4,6 +4,12 @@
 //!
 //! cargo bench -p drover-control-plane --bench ingest -- [--devices N] [--messages M]
 //!     [--sessions S]
+//!
+//! Measured 2026-11-25 on the 2-core x86_64 dev VM (release, load generator, broker and
+//! control plane in one process, another build running beside it):
+//! - 1,000 devices x 100: broker raw 139,805 msg/s; ingest into SQLite 59,408 msg/s.
+//! - 8,000 devices x 25: broker raw 100,204 msg/s; ingest into SQLite 55,294 msg/s.
+//!   (10,000 devices needs more than this sandbox's 20,000 open files: two per device.)
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
