@@ -22,7 +22,9 @@ if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${DEFAULT_TARGETS[@]}"); fi
 log() { printf '[cross/build %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# target -> Debian arch, GNU triple (cross gcc prefix), qemu runner
+# target -> Debian arch, GNU triple (cross gcc prefix), qemu runner. qemu runs against the
+# multiarch libc6:<arch>, not `-L /usr/<triple>`: that cross libc (2.36-8cross1) hangs (aarch64) or
+# segfaults (armhf) in the first pthread_create under qemu 7.2.
 deb_arch() {
   case "$1" in
     aarch64-unknown-linux-gnu) echo arm64 ;;
@@ -40,8 +42,8 @@ gnu_triple() {
 }
 qemu_runner() {
   case "$1" in
-    aarch64-unknown-linux-gnu) echo "qemu-aarch64-static -L /usr/aarch64-linux-gnu" ;;
-    armv7-unknown-linux-gnueabihf) echo "qemu-arm-static -L /usr/arm-linux-gnueabihf" ;;
+    aarch64-unknown-linux-gnu) echo "qemu-aarch64-static" ;;
+    armv7-unknown-linux-gnueabihf) echo "qemu-arm-static" ;;
     *) echo "" ;;
   esac
 }
@@ -68,10 +70,7 @@ ensure_std() {
   [ -d "/usr/lib/rustlib/$target/lib" ] && return 0
   arch="$(deb_arch "$target")"
   ver="$(dpkg-query -W -f='${Version}' rustc-web)"
-  if ! dpkg --print-foreign-architectures | grep -qx "$arch" && [ "$arch" != "$(host_arch)" ]; then
-    dpkg --add-architecture "$arch"
-    APT_UPDATED=0
-  fi
+  add_arch "$target"
   apt_update
   if apt-cache madison "libstd-rust-web-dev:$arch" 2>/dev/null | grep -qF "$ver"; then
     apt_install "libstd-rust-web-dev:$arch=$ver"
@@ -96,6 +95,16 @@ ensure_std() {
   [ -d "/usr/lib/rustlib/$target/lib" ] || die "no std for $target after install"
 }
 
+add_arch() {
+  local arch
+  arch="$(deb_arch "$1")"
+  if [ "$arch" != "$(host_arch)" ] && ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+    [ "$(id -u)" = 0 ] && [ "${DROVER_CROSS_NO_APT:-0}" != 1 ] || die "dpkg architecture $arch not enabled"
+    dpkg --add-architecture "$arch"
+    APT_UPDATED=0
+  fi
+}
+
 ensure_tools() {
   local need=()
   dpkg -s rustc-web >/dev/null 2>&1 || need+=(rustc-web)
@@ -105,13 +114,16 @@ ensure_tools() {
   for t in "${TARGETS[@]}"; do
     case "$t" in
       aarch64-*) command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
-                 command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static) ;;
+                 command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+                 [ -e /lib/ld-linux-aarch64.so.1 ] || need+=(libc6:arm64) ;;
       armv7-*) command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
-               command -v qemu-arm-static >/dev/null || need+=(qemu-user-static) ;;
+               command -v qemu-arm-static >/dev/null || need+=(qemu-user-static)
+               [ -e /lib/ld-linux-armhf.so.3 ] || need+=(libc6:armhf) ;;
       x86_64-*) command -v cc >/dev/null || need+=(gcc libc6-dev) ;;
     esac
   done
   if [ ${#need[@]} -gt 0 ]; then
+    for t in "${TARGETS[@]}"; do add_arch "$t"; done
     apt_update
     # shellcheck disable=SC2046
     apt_install $(printf '%s\n' "${need[@]}" | sort -u)

@@ -62,8 +62,8 @@ for deb in "${DEBS[@]}"; do
 
   # The installed config parses with this very binary (emulated for foreign arches).
   case "$arch" in
-    arm64) run=(qemu-aarch64-static -L /usr/aarch64-linux-gnu) ;;
-    armhf) run=(qemu-arm-static -L /usr/arm-linux-gnueabihf) ;;
+    arm64) run=(qemu-aarch64-static) ;;
+    armhf) run=(qemu-arm-static) ;;
     *) run=() ;;
   esac
   if [ ${#run[@]} -eq 0 ] || command -v "${run[0]}" >/dev/null; then

@@ -25,10 +25,13 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "agent", "tests", "fixtures")
 
-# qemu-user runner per Rust target; None means run natively.
+# qemu-user runner per Rust target; None means run natively. No `-L /usr/<triple>`: the Debian
+# cross libc there (2.36-8cross1) hangs (aarch64) or segfaults (armhf) in the first pthread_create
+# under qemu 7.2; the multiarch libc6:arm64/armhf (same version as the host's) works, and qemu finds
+# its loader at /lib/ld-linux-*.so.* by default.
 RUNNERS = {
-    "aarch64-unknown-linux-gnu": ["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"],
-    "armv7-unknown-linux-gnueabihf": ["qemu-arm-static", "-L", "/usr/arm-linux-gnueabihf"],
+    "aarch64-unknown-linux-gnu": ["qemu-aarch64-static"],
+    "armv7-unknown-linux-gnueabihf": ["qemu-arm-static"],
     "x86_64-unknown-linux-gnu": None,
 }
 TOLERANCE = 1e-4
