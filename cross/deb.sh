@@ -144,7 +144,7 @@ EOF
   chmod 0755 "$stage/DEBIAN/postinst" "$stage/DEBIAN/prerm" "$stage/DEBIAN/postrm"
 
   deb="$DEBS/drover-agent_${VERSION}_${arch}.deb"
-  dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb.tmp" >/dev/null
+  dpkg-deb --root-owner-group -Zxz -z6 --build "$stage" "$deb.tmp" >/dev/null
   mv "$deb.tmp" "$deb"
   rm -rf "$stage"
   trap - EXIT
