@@ -18,7 +18,16 @@ use drover_protocol::messages::ModelRef;
 use drover_protocol::topics::hex32;
 use drover_protocol::trust::sha256;
 
-const N: usize = 5000;
+/// Requests per measurement. `cargo bench` passes `--bench`; without it (`cargo test
+/// --all-targets` runs bench targets too) this is a quick smoke run that only proves the
+/// benchmark still works, and its figures mean nothing.
+fn iterations() -> usize {
+    if std::env::args().any(|a| a == "--bench") {
+        5000
+    } else {
+        50
+    }
+}
 
 fn fixture() -> Vec<u8> {
     std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dense_v1.onnx"))
@@ -91,6 +100,7 @@ fn mem_kb(pid: u32, file: &str, key: &str) -> Option<u64> {
 }
 
 fn main() {
+    let n = iterations();
     let bytes = fixture();
     let x: Vec<f32> = (0..16).map(|i| (i as f32 - 8.0) / 8.0).collect();
     let input = TensorValue {
@@ -104,7 +114,7 @@ fn main() {
     for _ in 0..500 {
         model.run(std::slice::from_ref(&input)).unwrap();
     }
-    let direct: Vec<Duration> = (0..N)
+    let direct: Vec<Duration> = (0..n)
         .map(|_| {
             let t = Instant::now();
             model.run(std::slice::from_ref(&input)).unwrap();
@@ -140,16 +150,16 @@ fn main() {
         for _ in 0..500 {
             call().await;
         }
-        let mut api = Vec::with_capacity(N);
-        for _ in 0..N {
+        let mut api = Vec::with_capacity(n);
+        for _ in 0..n {
             let t = Instant::now();
             call().await;
             api.push(t.elapsed());
         }
         // The HTTP floor: client + loopback + server for a handler that does nothing.
         let live = format!("http://{}/v2/health/live", agent.api_addr());
-        let mut floor = Vec::with_capacity(N);
-        for _ in 0..N {
+        let mut floor = Vec::with_capacity(n);
+        for _ in 0..n {
             let t = Instant::now();
             let r = http.get(&live).send().await.unwrap();
             r.bytes().await.unwrap();
@@ -210,7 +220,7 @@ fn main() {
         .unwrap_or(0);
 
     println!("command: cargo bench -p drover-agent --bench api_overhead");
-    println!("model: tests/fixtures/dense_v1.onnx (16 -> 128 -> 3 dense, batch 1), {N} sequential requests");
+    println!("model: tests/fixtures/dense_v1.onnx (16 -> 128 -> 3 dense, batch 1), {n} sequential requests");
     println!("direct tract Model::run      p50 {d50:8.1} us   p99 {d99:8.1} us");
     println!("KServe v2 HTTP API (client)  p50 {a50:8.1} us   p99 {a99:8.1} us");
     println!(
