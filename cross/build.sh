@@ -171,4 +171,4 @@ for t in "${TARGETS[@]}"; do
   printf '%s\t%s\t%s\t%s\n' "$t" "$secs" "$bytes" "$glibc" >>"$SUMMARY"
   log "$t: ${secs}s, $bytes bytes ($(awk "BEGIN{printf \"%.2f\", $bytes/1048576}") MiB), needs glibc >= ${glibc#GLIBC_}"
 done
-column -t "$SUMMARY" >&2
+{ column -t "$SUMMARY" 2>/dev/null || cat "$SUMMARY"; } >&2
