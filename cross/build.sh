@@ -110,6 +110,7 @@ ensure_tools() {
   dpkg -s rustc-web >/dev/null 2>&1 || need+=(rustc-web)
   dpkg -s cargo-web >/dev/null 2>&1 || need+=(cargo-web)
   command -v readelf >/dev/null || need+=(binutils)
+  command -v python3 >/dev/null || need+=(python3) # cross/qemu_e2e.py
   local t
   for t in "${TARGETS[@]}"; do
     case "$t" in
