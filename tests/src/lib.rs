@@ -86,3 +86,38 @@ pub fn drover_cli(args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// `drover device list --output json` through the CLI binary.
+pub fn cli_devices(server: &[&str]) -> Vec<serde_json::Value> {
+    drover_cli(&[&["device", "list", "--output", "json"][..], server].concat())
+        .ok()
+        .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Enrolls a device through the CLI (`device enroll --out`) and rewrites the parts of
+/// its config that belong to this test machine: data dir, API address, and a short
+/// telemetry interval. The config file is left with those edits, as an operator would.
+pub fn cli_enroll(
+    server: &[&str],
+    dir: &std::path::Path,
+    id: &str,
+    labels: &[&str],
+    api_addr: &str,
+) -> anyhow::Result<drover_agent::config::AgentConfig> {
+    let out = dir.join(format!("{id}.toml"));
+    let out_s = out.to_string_lossy().into_owned();
+    let mut args = vec!["device", "enroll", id, "--out", out_s.as_str()];
+    for l in labels {
+        args.extend(["--label", l]);
+    }
+    args.extend(server);
+    drover_cli(&args)?;
+    let mut cfg = drover_agent::config::AgentConfig::from_toml(&std::fs::read_to_string(&out)?)?;
+    cfg.data_dir = dir.join(format!("{id}-data"));
+    cfg.api_addr = api_addr.to_string();
+    cfg.telemetry.interval_ms = 300;
+    std::fs::write(&out, cfg.to_toml()?)?;
+    Ok(cfg)
+}

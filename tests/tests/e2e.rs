@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use drover_agent::config::AgentConfig;
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::serve;
-use drover_tests::{drover_cli, free_port, wait_until, workspace_bin};
+use drover_tests::{cli_devices, cli_enroll, drover_cli, free_port, wait_until, workspace_bin};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -29,41 +28,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Enrolls a device through the CLI and rewrites the parts of its config that belong to
-/// this test machine (data dir, API port, a short telemetry interval).
-fn enroll(server: &[&str], dir: &Path, id: &str, site: &str, api_addr: &str) -> AgentConfig {
-    let out = dir.join(format!("{id}.toml"));
-    drover_cli(
-        &[
-            &[
-                "device",
-                "enroll",
-                id,
-                "--label",
-                &format!("site={site}"),
-                "--out",
-            ],
-            &[out.to_str().unwrap()][..],
-            server,
-        ]
-        .concat(),
-    )
-    .unwrap();
-    let mut cfg = AgentConfig::from_toml(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    cfg.data_dir = dir.join(format!("{id}-data"));
-    cfg.api_addr = api_addr.to_string();
-    cfg.telemetry.interval_ms = 300;
-    std::fs::write(&out, cfg.to_toml().unwrap()).unwrap();
-    cfg
-}
-
 fn devices(server: &[&str]) -> Vec<Value> {
-    let out = drover_cli(&[&["device", "list", "--output", "json"][..], server].concat()).unwrap();
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    cli_devices(server)
 }
 
 fn device<'a>(list: &'a [Value], id: &str) -> Option<&'a Value> {
@@ -88,9 +54,16 @@ async fn two_agents_enroll_deploy_serve_report_and_go_offline_by_last_will() {
     let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
 
     // Enroll two devices at two sites; start one in-process and one as a real process.
-    let cfg_a = enroll(&srv, dir, "gw-a", "plant-a", "127.0.0.1:0");
+    let cfg_a = cli_enroll(&srv, dir, "gw-a", &["site=plant-a"], "127.0.0.1:0").unwrap();
     let port_b = free_port();
-    let cfg_b = enroll(&srv, dir, "gw-b", "plant-b", &format!("127.0.0.1:{port_b}"));
+    cli_enroll(
+        &srv,
+        dir,
+        "gw-b",
+        &["site=plant-b"],
+        &format!("127.0.0.1:{port_b}"),
+    )
+    .unwrap();
     let (stop_a, stop_a_rx) = tokio::sync::oneshot::channel::<()>();
     let agent_a = drover_agent::run(cfg_a, async {
         let _ = stop_a_rx.await;
@@ -105,7 +78,6 @@ async fn two_agents_enroll_deploy_serve_report_and_go_offline_by_last_will() {
             .spawn()
             .unwrap(),
     );
-    let _ = &cfg_b;
 
     wait_until("both devices online", WAIT, || async {
         let l = devices(&srv);

@@ -14,9 +14,8 @@ use drover_control_plane::serve;
 use drover_protocol::topics::{self, UplinkKind};
 use drover_protocol::{DeviceId, DeviceKey};
 use drover_tests::mosquitto::{self, Mosquitto, CONTROL_PLANE_USER};
-use drover_tests::{drover_cli, peers_required, wait_until};
+use drover_tests::{cli_devices as devices, cli_enroll, drover_cli, peers_required, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -26,32 +25,6 @@ fn device_password(cfg: &AgentConfig) -> String {
         *b = u8::from_str_radix(&cfg.device_key[2 * i..2 * i + 2], 16).unwrap();
     }
     DeviceKey(key).mqtt_password()
-}
-
-fn devices(srv: &[&str]) -> Vec<Value> {
-    let out = drover_cli(&[&["device", "list", "--output", "json"][..], srv].concat()).unwrap();
-    serde_json::from_str::<Value>(&out)
-        .unwrap()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn enroll(srv: &[&str], dir: &Path, id: &str) -> AgentConfig {
-    let out = dir.join(format!("{id}.toml"));
-    drover_cli(
-        &[
-            &["device", "enroll", id, "--out", out.to_str().unwrap()][..],
-            srv,
-        ]
-        .concat(),
-    )
-    .unwrap();
-    let mut cfg = AgentConfig::from_toml(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    cfg.data_dir = dir.join(format!("{id}-data"));
-    cfg.api_addr = "127.0.0.1:0".into();
-    cfg.telemetry.interval_ms = 300;
-    cfg
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -86,8 +59,8 @@ async fn agents_and_control_plane_work_through_mosquitto_with_acls() {
     let token = server.api_token().to_string();
     let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
 
-    let cfg_a = enroll(&srv, dir, "gw-a");
-    let cfg_b = enroll(&srv, dir, "gw-b");
+    let cfg_a = cli_enroll(&srv, dir, "gw-a", &[], "127.0.0.1:0").unwrap();
+    let cfg_b = cli_enroll(&srv, dir, "gw-b", &[], "127.0.0.1:0").unwrap();
     broker
         .add_users(&[
             ("gw-a".into(), device_password(&cfg_a)),
