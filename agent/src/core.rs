@@ -503,11 +503,10 @@ impl Core {
                     stored_up_to = ack.stored_up_to,
                     "hello acknowledged"
                 );
-                if ack.stored_up_to > 0 {
-                    if let Err(e) = self.spool.ack(&[(0, ack.stored_up_to)]) {
-                        tracing::warn!(error = %e, "spool ack failed");
-                    }
-                }
+                // `stored_up_to` is the highest sequence stored, not a gap-free watermark:
+                // a frame below it may have been lost with a control-plane crash, and the
+                // spool is then its only copy. Records leave the spool only on exact
+                // `UplinkAck` ranges; replays of stored ones are de-duplicated and re-acked.
             }
             Downlink::UplinkAck(ack) => {
                 if let Err(e) = self.spool.ack(&ack.ranges) {
@@ -542,7 +541,8 @@ impl Core {
                     return;
                 }
                 self.last_keyring_refusal = Some(now);
-                let offered_version = 0;
+                let offered_version =
+                    drover_protocol::trust::claimed_keyring_version(&blob).unwrap_or(0);
                 self.send(
                     Uplink::KeyringRefused(KeyringRefused {
                         offered_version,

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use drover_protocol::messages::{Presence, TelemetryBatch, Uplink};
+use drover_protocol::messages::{
+    Action, AgentSettings, Downlink, HelloAck, Phase, Presence, TelemetryBatch, Uplink, UplinkAck,
+};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A loopback TCP proxy that can be cut (existing connections closed, new ones refused).
@@ -169,4 +171,73 @@ async fn telemetry_is_spooled_while_offline_and_all_arrives_after() {
         windows.len(),
         dups
     );
+}
+
+/// `HelloAck.stored_up_to` is the highest sequence the control plane stored, not a
+/// gap-free watermark (a frame below it may have died with a control-plane crash). The
+/// agent must keep every spooled record until an exact `UplinkAck` names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_records_survive_a_hello_ack_and_leave_only_on_exact_acks() {
+    let mut h = Harness::start("gw-gap", |_| {}).await;
+    h.cp.behaviour.lock().unwrap().ack = false;
+    let c = h
+        .command(Action::Configure(AgentSettings {
+            telemetry_interval_ms: 100,
+            sample_rate_ppm: 0,
+        }))
+        .await;
+    h.cp.wait_phase(c.digest(), Phase::Done).await;
+    let spool = h.dir.path().join("spool");
+    let frames = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".frame"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    h.cp.wait_for("three unacked telemetry records spooled", |_| {
+        (frames(&spool).len() >= 3).then_some(())
+    })
+    .await;
+    let before = frames(&spool);
+
+    // A HelloAck claiming everything up to a high sequence is stored, then a command
+    // whose completion proves the agent has handled the HelloAck before it.
+    h.cp.send(Downlink::HelloAck(HelloAck {
+        protocol_version: 1,
+        server_time_ms: now_ms(),
+        stored_up_to: 1 << 40,
+    }))
+    .await;
+    let c = h
+        .command(Action::Configure(AgentSettings {
+            telemetry_interval_ms: 60_000,
+            sample_rate_ppm: 0,
+        }))
+        .await;
+    h.cp.wait_phase(c.digest(), Phase::Done).await;
+    let after = frames(&spool);
+    for f in &before {
+        assert!(
+            after.contains(f),
+            "{f} left the spool without an exact ack: {after:?}"
+        );
+    }
+
+    // Exact acks empty it.
+    h.cp.behaviour.lock().unwrap().ack = true;
+    h.cp.send(Downlink::UplinkAck(UplinkAck {
+        ranges: vec![(0, 1 << 40)],
+    }))
+    .await;
+    h.cp.wait_for("spool emptied by an exact ack", |_| {
+        frames(&spool).is_empty().then_some(())
+    })
+    .await;
+    h.stop().await;
 }

@@ -328,7 +328,9 @@ pub struct HelloAck {
     /// Version both sides will speak.
     pub protocol_version: u16,
     pub server_time_ms: u64,
-    /// Highest uplink sequence already stored for this device (resend above it).
+    /// Highest uplink sequence already stored for this device. Informational: it is not a
+    /// gap-free watermark, so an agent must not drop spooled records below it (only
+    /// `UplinkAck` ranges delete them).
     pub stored_up_to: u64,
 }
 

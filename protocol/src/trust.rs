@@ -403,6 +403,17 @@ impl TrustStore {
     }
 }
 
+/// The version a keyring blob *claims*, read without verifying it: only for reporting a
+/// refused keyring (`Uplink::KeyringRefused`), never for deciding anything.
+pub fn claimed_keyring_version(blob: &SignedBlob) -> Option<u64> {
+    if blob.kind != SigKind::Keyring {
+        return None;
+    }
+    decode_payload::<Keyring>(&blob.payload)
+        .ok()
+        .map(|k| k.version)
+}
+
 /// Checks one downloaded chunk against the verified manifest.
 pub fn verify_chunk(m: &Manifest, index: u32, data: &[u8]) -> Result<(), TrustError> {
     let expected = m.chunk_len(index).ok_or(TrustError::ChunkIndex {

@@ -105,6 +105,16 @@ fn keyring_not_signed_by_root_is_refused() {
 }
 
 #[test]
+fn a_refused_keyring_still_names_the_version_it_claims() {
+    let blob = root().sign_keyring(&keyring(2));
+    assert_eq!(claimed_keyring_version(&blob), Some(2));
+    assert_eq!(
+        claimed_keyring_version(&signer().sign_manifest(&manifest())),
+        None
+    );
+}
+
+#[test]
 fn older_keyring_is_refused_as_rollback() {
     let mut s = store();
     assert_eq!(
