@@ -8,7 +8,9 @@
 # Env: DROVER_CROSS_TARGETS (default "aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf";
 #      add x86_64-unknown-linux-gnu for the amd64 package), DROVER_CROSS_FAST_LTO=1 (default) builds
 #      release-size with thin LTO and 16 codegen units to fit the CI budget (0: fat LTO, cgu 1,
-#      the shipped configuration), DROVER_CROSS_E2E_TIMEOUT (seconds per wait, default 240).
+#      the shipped configuration), DROVER_CROSS_PROFILE (default release-size; .ci/run uses
+#      cross-check, a dev-based profile that builds in minutes), DROVER_CROSS_E2E_TIMEOUT (seconds
+#      per wait, default 240).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +20,9 @@ if [ "${DROVER_CROSS_FAST_LTO:-1}" = 1 ]; then
   export CARGO_PROFILE_RELEASE_SIZE_LTO=thin CARGO_PROFILE_RELEASE_SIZE_CODEGEN_UNITS=16
 fi
 
+# The native control plane shares the main (debug) target dir; remember it before build.sh
+# picks its own default for the cross builds.
+NATIVE_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 TIMINGS=()
 T0=$(date +%s)
 step() {
@@ -49,7 +54,7 @@ e2e() {
   local args=() t
   for t in "${TARGETS[@]}"; do args+=(--agent "$t=cross/out/$t/drover-agent"); done
   # Hard outer bound in case a wait inside hangs in a syscall.
-  timeout --kill-after=10 900 python3 cross/qemu_e2e.py --drover target/debug/drover "${args[@]}" \
+  timeout --kill-after=10 900 python3 cross/qemu_e2e.py --drover "${NATIVE_TARGET_DIR}/debug/drover" "${args[@]}" \
     --timeout "${DROVER_CROSS_E2E_TIMEOUT:-240}" --json cross/out/e2e.json
 }
 
