@@ -85,6 +85,26 @@ pub struct EnrollResponse {
     pub broker_url: String,
 }
 
+impl EnrollResponse {
+    /// The enrolled device's agent config (the agent's own defaults for everything the
+    /// enrollment does not decide).
+    pub fn agent_config(
+        self,
+        data_dir: std::path::PathBuf,
+        labels: BTreeMap<String, String>,
+    ) -> drover_agent::config::AgentConfig {
+        drover_agent::config::AgentConfig {
+            device_id: self.device_id,
+            device_key: self.device_key,
+            root_public_key: self.root_public_key,
+            broker_url: self.broker_url,
+            data_dir,
+            labels,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeployRequest {
     /// `NAME@X.Y.Z`.

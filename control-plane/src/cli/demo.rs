@@ -244,20 +244,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 },
             )
             .await?;
-        let cfg = drover_agent::config::AgentConfig {
-            device_id: r.device_id,
-            device_key: r.device_key,
-            root_public_key: r.root_public_key,
-            broker_url: r.broker_url,
-            data_dir: dir.join("agents").join(&id),
-            api_addr: "127.0.0.1:0".into(),
-            labels: BTreeMap::from([("site".into(), site.into())]),
-            telemetry: drover_agent::config::TelemetryConfig {
-                interval_ms: 500,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        let mut cfg = r.agent_config(
+            dir.join("agents").join(&id),
+            BTreeMap::from([("site".into(), site.into())]),
+        );
+        cfg.api_addr = "127.0.0.1:0".into();
+        cfg.telemetry.interval_ms = 500;
         let agent = drover_agent::run(cfg, std::future::pending())
             .await
             .with_context(|| format!("starting agent {id}"))?;

@@ -127,15 +127,10 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            let cfg = drover_agent::config::AgentConfig {
-                device_id: r.device_id,
-                device_key: r.device_key,
-                root_public_key: r.root_public_key,
-                broker_url: broker_url.unwrap_or(r.broker_url),
-                data_dir: agent_data_dir,
-                labels,
-                ..Default::default()
-            };
+            let mut cfg = r.agent_config(agent_data_dir, labels);
+            if let Some(url) = broker_url {
+                cfg.broker_url = url;
+            }
             let text = cfg.to_toml().context("cannot render the agent config")?;
             crate::keys::write_private(&out, text.as_bytes())?;
             println!("enrolled {id}; agent config written to {}", out.display());
