@@ -18,9 +18,19 @@ static ALLOC: Cap<System> = Cap::new(System, usize::MAX);
 /// Decoding may use at most this much extra heap (serde caps pre-allocation at 1 MiB per sequence).
 const DECODE_BUDGET: usize = 4 * 1024 * 1024;
 
+/// The allocator's limit is one global shared by the test threads, and `Cap` keeps limit and
+/// remaining bytes in two atomics: moving the limit from two threads at once can make
+/// `allocated()` read a torn pair. One decode at a time keeps the accounting exact.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn decode_all(bytes: &[u8]) {
+    let _serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let before = ALLOC.allocated();
-    ALLOC.set_limit(before + DECODE_BUDGET).unwrap();
+    ALLOC
+        .set_limit(before.saturating_add(DECODE_BUDGET))
+        .unwrap();
     let _ = open_uplink(bytes, &dev(), &device_key());
     let _ = decode_uplink_unauthenticated(bytes);
     let _ = decode_downlink_unauthenticated(bytes);
