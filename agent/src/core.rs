@@ -995,8 +995,38 @@ impl Core {
         }
     }
 
+    /// Drops an in-flight download: a later command (a rollback) overrides it, so the
+    /// deploy it belonged to must not activate afterwards.
+    fn cancel_job(&mut self, by_seq: u64) {
+        if let Some(old) = self.job.take() {
+            let d = old.pending.manifest_blob.digest();
+            let _ = self
+                .out
+                .send(Outbound::Unsubscribe(topics::model_chunks(&d)));
+            self.state.pending = None;
+            self.save();
+            self.progress(
+                old.pending.command_seq,
+                old.pending.command_digest,
+                Some(old.pending.model.clone()),
+                Phase::Failed,
+                0,
+                0,
+                Some(format!("superseded by command {by_seq}")),
+            );
+        }
+    }
+
     fn rollback(&mut self, seq: u64, digest: Digest, to: Option<ModelRef>) {
+        self.cancel_job(seq);
         if let Some(to) = &to {
+            // Already where the command wants it (e.g. the candidate never activated, or
+            // the agent rolled it back itself): nothing to do.
+            if self.state.active.as_ref().map(|a| &a.model) == Some(to) {
+                self.probation = None;
+                self.progress(seq, digest, Some(to.clone()), Phase::Done, 0, 0, None);
+                return;
+            }
             let prev = self.state.previous.as_ref().map(|p| &p.model);
             if prev != Some(to) {
                 self.progress(

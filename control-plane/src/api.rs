@@ -30,6 +30,7 @@ pub struct AppState {
     pub shared: Arc<Shared>,
     pub store: Arc<Mutex<Store>>,
     pub mqtt: Arc<MqttLink>,
+    pub rollouts: crate::rollout::driver::RolloutHandle,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -298,6 +299,10 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/models", get(list_models).post(publish))
         .route("/v1/models/{name}/{version}", get(show_model))
         .route("/v1/keyring", get(keyring))
+        .route("/v1/rollouts", get(list_rollouts).post(start_rollout))
+        .route("/v1/rollouts/{id}", get(show_rollout))
+        .route("/v1/rollouts/{id}/report", get(rollout_report))
+        .route("/v1/rollouts/{id}/{op}", post(operate_rollout))
         .layer(middleware::from_fn_with_state(st.clone(), require_token))
         .layer(DefaultBodyLimit::max(600 * 1024 * 1024));
     Router::new()
@@ -555,4 +560,234 @@ pub fn keyring_view(keys: &crate::keys::Keys) -> KeyringView {
 
 async fn keyring(State(st): State<AppState>) -> Json<KeyringView> {
     Json(keyring_view(&st.shared.keys))
+}
+
+// ---- rollouts ----
+
+/// A rollout as the CLI shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub id: u64,
+    pub model: String,
+    pub digest: String,
+    pub selector: String,
+    pub status: String,
+    /// Why it paused or rolled back.
+    pub reason: Option<String>,
+    /// One-based current wave.
+    pub wave: usize,
+    pub waves: Vec<WaveView>,
+    pub stage: String,
+    pub stage_since_ms: u64,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub selected: u64,
+    /// Devices per state (queued, deploying, healthy, failed, ...).
+    pub devices: BTreeMap<String, u64>,
+    pub gates: Vec<crate::rollout::GateValue>,
+    pub plan: crate::rollout::Plan,
+    /// Per-device detail (`show` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_slots: Vec<RolloutDeviceView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WaveView {
+    pub wave: usize,
+    /// Cumulative devices this wave reaches (of those selected now).
+    pub target: u64,
+    pub bake: String,
+    pub assigned: u64,
+    pub healthy: u64,
+    pub failed: u64,
+    pub in_flight: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutDeviceView {
+    pub device: String,
+    pub wave: usize,
+    pub state: String,
+    pub command_seq: Option<u64>,
+    pub previous: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutReport {
+    pub rollout: RolloutView,
+    pub events: Vec<crate::rollout::Event>,
+}
+
+impl RolloutView {
+    pub fn from_state(s: &crate::rollout::RolloutState, with_devices: bool) -> Self {
+        use crate::rollout::{DevState, Status};
+        let reason = match &s.status {
+            Status::Paused { reason }
+            | Status::RollingBack { reason }
+            | Status::RolledBack { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        let mut devices: BTreeMap<String, u64> = BTreeMap::new();
+        for d in s.devices.values() {
+            *devices.entry(d.state.name().to_owned()).or_default() += 1;
+        }
+        let waves = s
+            .plan
+            .waves
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let of = s.devices.values().filter(|d| d.wave == i);
+                let count = |f: &dyn Fn(DevState) -> bool| {
+                    s.devices
+                        .values()
+                        .filter(|d| d.wave == i && f(d.state))
+                        .count() as u64
+                };
+                WaveView {
+                    wave: i + 1,
+                    target: w.cumulative(s.selected as usize) as u64,
+                    bake: humantime::format_duration(w.bake).to_string(),
+                    assigned: of.count() as u64,
+                    healthy: count(&|d| matches!(d, DevState::Healthy | DevState::Active)),
+                    failed: count(&|d| d == DevState::Failed),
+                    in_flight: count(&|d| {
+                        matches!(
+                            d,
+                            DevState::Queued
+                                | DevState::Deploying
+                                | DevState::Shadowing
+                                | DevState::Promoting
+                        )
+                    }),
+                }
+            })
+            .collect();
+        let device_slots = if with_devices {
+            s.devices
+                .iter()
+                .map(|(id, d)| RolloutDeviceView {
+                    device: id.clone(),
+                    wave: d.wave + 1,
+                    state: d.state.name().to_owned(),
+                    command_seq: d.command_seq,
+                    previous: d.previous.clone(),
+                    detail: d.detail.clone(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        RolloutView {
+            id: s.id,
+            model: format!("{}@{}", s.candidate.name, s.candidate.version),
+            digest: s.candidate.digest.clone(),
+            selector: s.plan.selector.clone(),
+            status: s.status.name().to_owned(),
+            reason,
+            wave: s.wave + 1,
+            waves,
+            stage: format!("{:?}", s.stage).to_lowercase(),
+            stage_since_ms: s.stage_since_ms,
+            created_at_ms: s.created_at_ms,
+            updated_at_ms: s.updated_at_ms,
+            selected: s.selected,
+            devices,
+            gates: s.gates.clone(),
+            plan: s.plan.clone(),
+            device_slots,
+        }
+    }
+}
+
+impl From<crate::rollout::driver::RolloutError> for ApiError {
+    fn from(e: crate::rollout::driver::RolloutError) -> Self {
+        use crate::rollout::driver::RolloutError as E;
+        match e {
+            E::Plan(_) => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
+            E::Fleet(f) => f.into(),
+            E::Store(s) => s.into(),
+            E::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            E::Refused(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
+            E::Corrupt(_) | E::Stopped => {
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
+async fn start_rollout(
+    State(st): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
+    let plan: crate::rollout::Plan = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid rollout plan: {e}"),
+        )
+    })?;
+    plan.validate()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let s = st.rollouts.start(plan, "api").await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RolloutView::from_state(&s, false)),
+    ))
+}
+
+async fn list_rollouts(State(st): State<AppState>) -> Result<Json<Vec<RolloutView>>, ApiError> {
+    let all = blocking(&st, |_, s| Ok(crate::rollout::driver::list(s)?)).await?;
+    Ok(Json(
+        all.iter()
+            .map(|r| RolloutView::from_state(r, false))
+            .collect(),
+    ))
+}
+
+async fn show_rollout(
+    State(st): State<AppState>,
+    Path(id): Path<u64>,
+) -> Result<Json<RolloutView>, ApiError> {
+    let r = blocking(&st, move |_, s| Ok(crate::rollout::driver::load(s, id)?)).await?;
+    let r = r.ok_or_else(|| not_found(&format!("rollout {id}")))?;
+    Ok(Json(RolloutView::from_state(&r, true)))
+}
+
+async fn rollout_report(
+    State(st): State<AppState>,
+    Path(id): Path<u64>,
+) -> Result<Json<RolloutReport>, ApiError> {
+    let (r, events) = blocking(&st, move |_, s| {
+        Ok((
+            crate::rollout::driver::load(s, id)?,
+            crate::rollout::driver::events(s, id)?,
+        ))
+    })
+    .await?;
+    let r = r.ok_or_else(|| not_found(&format!("rollout {id}")))?;
+    Ok(Json(RolloutReport {
+        rollout: RolloutView::from_state(&r, true),
+        events,
+    }))
+}
+
+async fn operate_rollout(
+    State(st): State<AppState>,
+    Path((id, op)): Path<(u64, String)>,
+) -> Result<Json<RolloutView>, ApiError> {
+    use crate::rollout::Op;
+    let op = match op.as_str() {
+        "pause" => Op::Pause,
+        "resume" => Op::Resume,
+        "abort" => Op::Abort,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no rollout operation {other:?}: use pause, resume or abort"),
+            ))
+        }
+    };
+    let s = st.rollouts.operate(id, op, "operator").await?;
+    Ok(Json(RolloutView::from_state(&s, false)))
 }

@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub chunk_window_ms: u64,
     /// Deployment commands expire this long after being issued.
     pub command_ttl_hours: u64,
+    /// How often the rollout driver re-evaluates every open rollout.
+    pub rollout_tick_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,6 +73,7 @@ impl Default for ServeConfig {
             telemetry_retention_hours: 24 * 7,
             chunk_window_ms: 100,
             command_ttl_hours: 24 * 7,
+            rollout_tick_ms: 1000,
         }
     }
 }
@@ -304,6 +307,9 @@ impl ServeConfig {
         }
         if self.command_ttl_hours == 0 {
             errors.push("command_ttl_hours must be at least 1".into());
+        }
+        if !(10..=600_000).contains(&self.rollout_tick_ms) {
+            errors.push("rollout_tick_ms must be within 10..=600000".into());
         }
         match (errors.is_empty(), http, broker) {
             (true, Some(http_listen), Some(broker)) => Ok(ValidServeConfig {

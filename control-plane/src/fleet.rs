@@ -89,6 +89,64 @@ pub fn find_model(store: &Store, model: &str) -> Result<ModelRow, FleetError> {
         .ok_or_else(|| FleetError::UnknownModel(model.to_owned()))
 }
 
+/// The signed manifest of a published model, as devices receive it.
+pub fn manifest_blob(model: &ModelRow) -> SignedBlob {
+    SignedBlob {
+        kind: SigKind::Manifest,
+        key_id: parse_key_id(&model.key_id),
+        payload: model.payload.clone(),
+        signature: model.signature.clone(),
+    }
+}
+
+/// Signs `action` for `device` with sequence `seq`; the row is what the store persists.
+pub fn sign_command(
+    shared: &Shared,
+    device: &DeviceId,
+    seq: u64,
+    now_ms: u64,
+    rollout_id: Option<u64>,
+    action: Action,
+) -> CommandRow {
+    let (kind, model_digest) = match &action {
+        Action::Deploy { manifest, .. } => ("deploy", Some(manifest.digest())),
+        Action::Rollback { to } => ("rollback", to.as_ref().map(|m| m.digest)),
+        Action::Promote => ("promote", None),
+        Action::Configure(_) => ("configure", None),
+    };
+    let expires_at_ms = now_ms.saturating_add(shared.command_ttl_ms);
+    let cmd = Command {
+        target: device.clone(),
+        seq,
+        issued_at_ms: now_ms,
+        expires_at_ms,
+        rollout_id,
+        action,
+    };
+    let blob = shared.keys.signing.sign_command(&cmd);
+    CommandRow {
+        device: device.to_string(),
+        seq,
+        issued_at_ms: now_ms,
+        expires_at_ms,
+        kind: kind.into(),
+        model_digest,
+        key_id: blob.key_id.0,
+        payload: blob.payload,
+        signature: blob.signature,
+    }
+}
+
+/// The signed blob a device receives for a stored command row.
+pub fn command_blob(row: &CommandRow) -> SignedBlob {
+    SignedBlob {
+        kind: SigKind::Command,
+        key_id: KeyId(row.key_id),
+        payload: row.payload.clone(),
+        signature: row.signature.clone(),
+    }
+}
+
 /// Issues a signed deploy command with the device's next sequence number, persisted
 /// (synchronous=FULL) before it is returned for publishing.
 pub fn deploy(
@@ -100,49 +158,25 @@ pub fn deploy(
     now_ms: u64,
 ) -> Result<(CommandRow, SignedBlob), FleetError> {
     let target = DeviceId::new(device)?;
-    let manifest = SignedBlob {
-        kind: SigKind::Manifest,
-        key_id: parse_key_id(&model.key_id),
-        payload: model.payload.clone(),
-        signature: model.signature.clone(),
-    };
-    let expires_at_ms = now_ms.saturating_add(shared.command_ttl_ms);
-    let signing = &shared.keys.signing;
+    let manifest = manifest_blob(model);
     let built = store.issue_command(device, |seq| {
-        let cmd = Command {
-            target: target.clone(),
+        Ok::<_, std::convert::Infallible>(sign_command(
+            shared,
+            &target,
             seq,
-            issued_at_ms: now_ms,
-            expires_at_ms,
-            rollout_id: None,
-            action: Action::Deploy {
+            now_ms,
+            None,
+            Action::Deploy {
                 manifest: manifest.clone(),
                 mode,
             },
-        };
-        let blob = signing.sign_command(&cmd);
-        Ok::<_, std::convert::Infallible>(CommandRow {
-            device: device.to_owned(),
-            seq,
-            issued_at_ms: now_ms,
-            expires_at_ms,
-            kind: "deploy".into(),
-            model_digest: Some(model.digest),
-            key_id: blob.key_id.0,
-            payload: blob.payload,
-            signature: blob.signature,
-        })
+        ))
     })?;
     let row = match built {
         Ok(row) => row,
         Err(never) => match never {},
     };
-    let blob = SignedBlob {
-        kind: SigKind::Command,
-        key_id: KeyId(row.key_id),
-        payload: row.payload.clone(),
-        signature: row.signature.clone(),
-    };
+    let blob = command_blob(&row);
     tracing::info!(device_id = device, model = %model.name, version = %model.version, seq = row.seq, "deploy command issued");
     Ok((row, blob))
 }

@@ -10,6 +10,7 @@
 //! - [`chunks`]: coalesced chunk serving on shared per-model topics.
 //! - [`registry`]: model validation (tract), baseline, test vectors, signing.
 //! - [`fleet`]: enroll, decommission, signed deploy commands.
+//! - [`rollout`]: staged rollouts: plans, the pure engine, the driver that applies it.
 //! - [`store`]: SQLite; the only module that knows SQL.
 //! - [`keys`]: root/signing key files and the root-signed keyring.
 //! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
@@ -28,6 +29,7 @@ pub mod keys;
 pub mod metrics;
 pub mod mqtt;
 pub mod registry;
+pub mod rollout;
 pub mod serve;
 pub mod store;
 pub mod trainer;

@@ -343,10 +343,17 @@ pub async fn run(
         &data_dir.join(URL_FILE),
         format!("http://{http_addr}\n").as_bytes(),
     );
+    let (rollouts, rollout_task) = crate::rollout::driver::spawn(
+        Arc::clone(&shared),
+        Arc::clone(&api_store),
+        Arc::clone(&mqtt),
+        Duration::from_millis(raw.rollout_tick_ms),
+    );
     let app = crate::api::router(crate::api::AppState {
         shared: Arc::clone(&shared),
         store: Arc::clone(&api_store),
         mqtt: Arc::clone(&mqtt),
+        rollouts,
     });
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move {
@@ -391,6 +398,9 @@ pub async fn run(
         let _ = http_stop_tx.send(());
         let _ = http.await;
         maintenance.abort();
+        // The router (and with it the last rollout handle) is gone; a step in progress
+        // finishes its transaction first.
+        let _ = rollout_task.await;
         mqtt.stop_ingest();
         let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
         let _ = dispatcher.await;

@@ -47,7 +47,8 @@ pub enum StoreError {
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// Migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id TEXT PRIMARY KEY,
     device_key BLOB NOT NULL,
@@ -154,7 +155,41 @@ CREATE TABLE labels (
     request_id INTEGER NOT NULL, at_ms INTEGER NOT NULL, value REAL NOT NULL,
     PRIMARY KEY (device, seq, idx)
 ) WITHOUT ROWID;
-"#];
+"#,
+    // 2: staged rollouts (state, per-device slots, report events); shadow latency;
+    // which rollout a command belongs to.
+    r#"
+CREATE TABLE rollouts (
+    id INTEGER PRIMARY KEY,
+    model_digest TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    pending INTEGER NOT NULL DEFAULT 0,
+    header TEXT NOT NULL
+);
+CREATE TABLE rollout_devices (
+    rollout_id INTEGER NOT NULL REFERENCES rollouts (id),
+    device TEXT NOT NULL,
+    slot TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, device)
+) WITHOUT ROWID;
+CREATE TABLE rollout_events (
+    rollout_id INTEGER NOT NULL REFERENCES rollouts (id),
+    n INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    event TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, n)
+) WITHOUT ROWID;
+ALTER TABLE shadow ADD COLUMN active_latency BLOB;
+ALTER TABLE shadow ADD COLUMN candidate_latency BLOB;
+ALTER TABLE commands ADD COLUMN rollout_id INTEGER;
+CREATE INDEX shadow_by_candidate ON shadow (candidate_digest, received_at_ms);
+CREATE INDEX telemetry_by_model ON telemetry (model_digest, received_at_ms);
+"#,
+];
 
 /// A device as the store knows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -173,6 +208,8 @@ pub struct DeviceRow {
     pub last_phase: Option<String>,
     pub reported_command_seq: u64,
     pub max_uplink_seq: u64,
+    /// Manifest digest (hex) of the active model.
+    pub active_digest: Option<String>,
 }
 
 /// What ingest needs to authenticate a device.
@@ -293,6 +330,76 @@ fn phase_text(p: Phase) -> &'static str {
     }
 }
 
+fn parse_phase(s: &str) -> Option<Phase> {
+    [
+        Phase::Received,
+        Phase::Downloading,
+        Phase::Verified,
+        Phase::SelfTested,
+        Phase::Active,
+        Phase::Healthy,
+        Phase::Failed,
+        Phase::RolledBack,
+        Phase::Refused,
+        Phase::Done,
+        Phase::Shadowing,
+    ]
+    .into_iter()
+    .find(|p| phase_text(*p) == s)
+}
+
+/// One rollout step's writes (JSON produced by the rollout driver).
+#[derive(Clone, Debug, Default)]
+pub struct RolloutWrite {
+    pub header: String,
+    pub status: String,
+    /// Devices still in flight (a completed rollout with pending devices keeps ticking).
+    pub pending: u64,
+    pub now_ms: u64,
+    /// Changed device slots: (device, slot JSON).
+    pub slots: Vec<(String, String)>,
+    /// New report events: (at_ms, kind, event JSON).
+    pub events: Vec<(u64, String, String)>,
+}
+
+/// A rollout's header JSON and its device slots (device, slot JSON).
+pub type RolloutRows = (String, Vec<(String, String)>);
+
+/// One telemetry window's health figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthRow {
+    pub device: String,
+    pub seq: u64,
+    pub received_at_ms: u64,
+    pub model_digest: String,
+    pub inferences: u64,
+    pub errors: u64,
+    pub latency_counts: Vec<u64>,
+}
+
+/// One shadow report as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShadowRow {
+    pub device: String,
+    pub seq: u64,
+    pub received_at_ms: u64,
+    pub compared: u64,
+    pub agreed: u64,
+    pub active_latency: Vec<u64>,
+    pub candidate_latency: Vec<u64>,
+}
+
+/// One progress report as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgressRow {
+    pub device: String,
+    pub seq: u64,
+    pub received_at_ms: u64,
+    pub command_seq: u64,
+    pub phase: Option<Phase>,
+    pub detail: Option<String>,
+}
+
 const HOUR_MS: u64 = 3_600_000;
 
 #[derive(Default)]
@@ -304,6 +411,56 @@ struct Rollup {
     latency_sum: u64,
     cpu_sum: f64,
     mem_max: u64,
+}
+
+/// The device's next command sequence: above every command issued and above the floor
+/// the device reported (so a restored database never re-uses a sequence).
+fn next_command_seq(tx: &rusqlite::Transaction<'_>, device: &str) -> Result<u64> {
+    let reported: Option<(i64, bool)> = tx
+        .query_row(
+            "SELECT reported_command_seq, decommissioned FROM devices WHERE id = ?1",
+            [device],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((reported, false)) = reported else {
+        return Err(StoreError::UnknownDevice(device.to_owned()));
+    };
+    let last: i64 = tx.query_row(
+        "SELECT coalesce(max(seq), 0) FROM commands WHERE device = ?1",
+        [device],
+        |r| r.get(0),
+    )?;
+    Ok(last.max(reported).max(0) as u64 + 1)
+}
+
+fn insert_command(
+    tx: &rusqlite::Transaction<'_>,
+    row: &CommandRow,
+    rollout_id: Option<u64>,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO commands (device, seq, issued_at_ms, expires_at_ms, kind, model_digest, key_id, payload, signature, rollout_id) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+        params![
+            row.device,
+            i(row.seq),
+            i(row.issued_at_ms),
+            i(row.expires_at_ms),
+            row.kind,
+            row.model_digest.as_ref().map(hex32),
+            &row.key_id[..],
+            row.payload,
+            row.signature,
+            rollout_id.map(i)
+        ],
+    )?;
+    Ok(())
+}
+
+fn unpack_u64s(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
 }
 
 impl Store {
@@ -436,7 +593,7 @@ impl Store {
         Ok(())
     }
 
-    const DEVICE_COLS: &'static str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq";
+    const DEVICE_COLS: &'static str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq, active_digest";
 
     fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
         let labels: String = r.get(1)?;
@@ -455,6 +612,7 @@ impl Store {
             last_phase: r.get(11)?,
             reported_command_seq: r.get::<_, i64>(12)?.max(0) as u64,
             max_uplink_seq: r.get::<_, i64>(13)?.max(0) as u64,
+            active_digest: r.get(14)?,
         })
     }
 
@@ -593,7 +751,7 @@ impl Store {
                     }
                     Uplink::Shadow(s) => {
                         tx.execute(
-                            "INSERT OR IGNORE INTO shadow VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                            "INSERT OR IGNORE INTO shadow (device, seq, received_at_ms, active_digest, candidate_digest, compared, agreed, candidate_errors, active_latency, candidate_latency) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
                             params![
                                 dev,
                                 i(f.seq),
@@ -602,7 +760,9 @@ impl Store {
                                 hex32(&s.candidate.digest),
                                 i(s.compared),
                                 i(s.agreed),
-                                i(s.candidate_errors)
+                                i(s.candidate_errors),
+                                pack_u64s(&s.active_latency.counts),
+                                pack_u64s(&s.candidate_latency.counts)
                             ],
                         )? == 1
                     }
@@ -853,40 +1013,12 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let reported: Option<(i64, bool)> = tx
-            .query_row(
-                "SELECT reported_command_seq, decommissioned FROM devices WHERE id = ?1",
-                [device],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((reported, false)) = reported else {
-            return Err(StoreError::UnknownDevice(device.to_owned()));
-        };
-        let last: i64 = tx.query_row(
-            "SELECT coalesce(max(seq), 0) FROM commands WHERE device = ?1",
-            [device],
-            |r| r.get(0),
-        )?;
-        let seq = last.max(reported).max(0) as u64 + 1;
+        let seq = next_command_seq(&tx, device)?;
         let row = match build(seq) {
             Ok(row) => row,
             Err(e) => return Ok(Err(e)),
         };
-        tx.execute(
-            "INSERT INTO commands VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
-            params![
-                device,
-                i(row.seq),
-                i(row.issued_at_ms),
-                i(row.expires_at_ms),
-                row.kind,
-                row.model_digest.as_ref().map(hex32),
-                &row.key_id[..],
-                row.payload,
-                row.signature
-            ],
-        )?;
+        insert_command(&tx, &row, None)?;
         tx.commit()?;
         Ok(Ok(row))
     }
@@ -927,6 +1059,205 @@ impl Store {
             .conn
             .prepare("SELECT * FROM commands WHERE device = ?1 ORDER BY seq")?;
         let rows = st.query_map([device], Self::command_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    // ---- rollouts ----
+
+    /// Creates a rollout; `header` builds its JSON state from the allocated id.
+    pub fn create_rollout(
+        &mut self,
+        model_digest: &str,
+        created_by: &str,
+        now_ms: u64,
+        header: impl FnOnce(u64) -> String,
+    ) -> Result<u64> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO rollouts (model_digest, status, created_by, created_at_ms, updated_at_ms, header) VALUES (?1, 'running', ?2, ?3, ?3, '{}')",
+            params![model_digest, created_by, i(now_ms)],
+        )?;
+        let id = tx.last_insert_rowid().max(0) as u64;
+        tx.execute(
+            "UPDATE rollouts SET header = ?2 WHERE id = ?1",
+            params![i(id), header(id)],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Rollouts the driver must still tick: not rolled back, and either not completed or
+    /// with devices still in flight (late devices are picked up after completion).
+    pub fn open_rollouts(&self) -> Result<Vec<u64>> {
+        let mut st = self.conn.prepare(
+            "SELECT id FROM rollouts WHERE status IN ('running', 'paused', 'rolling-back') OR (status = 'completed' AND pending > 0) ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+        Ok(rows
+            .map(|r| r.map(|v| v.max(0) as u64))
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Every rollout's header JSON, newest first.
+    pub fn rollouts(&self) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT header FROM rollouts ORDER BY id DESC")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// A rollout's header JSON and its device slots (device, slot JSON).
+    pub fn rollout(&self, id: u64) -> Result<Option<RolloutRows>> {
+        let header: Option<String> = self
+            .conn
+            .query_row("SELECT header FROM rollouts WHERE id = ?1", [i(id)], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(header) = header else {
+            return Ok(None);
+        };
+        let mut st = self.conn.prepare_cached(
+            "SELECT device, slot FROM rollout_devices WHERE rollout_id = ?1 ORDER BY device",
+        )?;
+        let rows = st.query_map([i(id)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(Some((header, rows.collect::<rusqlite::Result<Vec<_>>>()?)))
+    }
+
+    /// A rollout's report events (JSON), oldest first.
+    pub fn rollout_events(&self, id: u64) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT event FROM rollout_events WHERE rollout_id = ?1 ORDER BY n")?;
+        let rows = st.query_map([i(id)], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Applies one engine step in a single transaction: issues the commands (each device's
+    /// next sequence, signed by `build`), then writes the state `finish` returns given the
+    /// issued `(device, seq)` pairs. A crash leaves either all of it or none, so a
+    /// restarted control plane never re-sends a step's commands nor loses them.
+    pub fn apply_rollout_step<E>(
+        &mut self,
+        id: u64,
+        commands: &[String],
+        mut build: impl FnMut(&str, u64) -> std::result::Result<CommandRow, E>,
+        finish: impl FnOnce(&[(String, u64)]) -> RolloutWrite,
+    ) -> Result<std::result::Result<Vec<CommandRow>, E>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut rows = Vec::with_capacity(commands.len());
+        let mut seqs = Vec::with_capacity(commands.len());
+        for device in commands {
+            let seq = next_command_seq(&tx, device)?;
+            let row = match build(device, seq) {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
+            insert_command(&tx, &row, Some(id))?;
+            seqs.push((device.clone(), seq));
+            rows.push(row);
+        }
+        let w = finish(&seqs);
+        tx.execute(
+            "UPDATE rollouts SET header = ?2, status = ?3, pending = ?4, updated_at_ms = ?5 WHERE id = ?1",
+            params![i(id), w.header, w.status, i(w.pending), i(w.now_ms)],
+        )?;
+        {
+            let mut up = tx.prepare_cached(
+                "INSERT INTO rollout_devices (rollout_id, device, slot) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (rollout_id, device) DO UPDATE SET slot = excluded.slot",
+            )?;
+            for (device, slot) in &w.slots {
+                up.execute(params![i(id), device, slot])?;
+            }
+            let mut ev = tx.prepare_cached(
+                "INSERT INTO rollout_events (rollout_id, n, at_ms, kind, event)
+                 VALUES (?1, (SELECT coalesce(max(n), 0) + 1 FROM rollout_events WHERE rollout_id = ?1), ?2, ?3, ?4)",
+            )?;
+            for (at, kind, json) in &w.events {
+                ev.execute(params![i(id), i(*at), kind, json])?;
+            }
+        }
+        tx.commit()?;
+        Ok(Ok(rows))
+    }
+
+    /// Telemetry windows of one model received since `since_ms` (for rollout gates).
+    pub fn model_health_since(&self, digest: &str, since_ms: u64) -> Result<Vec<HealthRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT device, seq, received_at_ms, model_digest, inferences, errors, latency_counts
+             FROM telemetry WHERE model_digest = ?1 AND received_at_ms >= ?2",
+        )?;
+        let rows = st.query_map(params![digest, i(since_ms)], Self::health_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Telemetry windows of every model received in `[from_ms, to_ms)` (rollout baselines).
+    pub fn health_between(&self, from_ms: u64, to_ms: u64) -> Result<Vec<HealthRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT device, seq, received_at_ms, model_digest, inferences, errors, latency_counts
+             FROM telemetry WHERE received_at_ms >= ?1 AND received_at_ms < ?2 AND model_digest IS NOT NULL",
+        )?;
+        let rows = st.query_map(params![i(from_ms), i(to_ms)], Self::health_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn health_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HealthRow> {
+        Ok(HealthRow {
+            device: r.get(0)?,
+            seq: r.get::<_, i64>(1)?.max(0) as u64,
+            received_at_ms: r.get::<_, i64>(2)?.max(0) as u64,
+            model_digest: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+            inferences: r.get::<_, i64>(4)?.max(0) as u64,
+            errors: r.get::<_, i64>(5)?.max(0) as u64,
+            latency_counts: unpack_u64s(&r.get::<_, Vec<u8>>(6)?),
+        })
+    }
+
+    /// Shadow reports for a candidate received since `since_ms`.
+    pub fn shadow_since(&self, candidate_digest: &str, since_ms: u64) -> Result<Vec<ShadowRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT device, seq, received_at_ms, compared, agreed, active_latency, candidate_latency
+             FROM shadow WHERE candidate_digest = ?1 AND received_at_ms >= ?2",
+        )?;
+        let rows = st.query_map(params![candidate_digest, i(since_ms)], |r| {
+            Ok(ShadowRow {
+                device: r.get(0)?,
+                seq: r.get::<_, i64>(1)?.max(0) as u64,
+                received_at_ms: r.get::<_, i64>(2)?.max(0) as u64,
+                compared: r.get::<_, i64>(3)?.max(0) as u64,
+                agreed: r.get::<_, i64>(4)?.max(0) as u64,
+                active_latency: unpack_u64s(&r.get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default()),
+                candidate_latency: unpack_u64s(
+                    &r.get::<_, Option<Vec<u8>>>(6)?.unwrap_or_default(),
+                ),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Progress reports received since `since_ms`, in arrival order per device.
+    pub fn progress_since(&self, since_ms: u64) -> Result<Vec<ProgressRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT device, seq, received_at_ms, command_seq, phase, detail FROM progress
+             WHERE received_at_ms >= ?1 ORDER BY device, seq",
+        )?;
+        let rows = st.query_map([i(since_ms)], |r| {
+            let phase: String = r.get(4)?;
+            Ok(ProgressRow {
+                device: r.get(0)?,
+                seq: r.get::<_, i64>(1)?.max(0) as u64,
+                received_at_ms: r.get::<_, i64>(2)?.max(0) as u64,
+                command_seq: r.get::<_, i64>(3)?.max(0) as u64,
+                phase: parse_phase(&phase),
+                detail: r.get(5)?,
+            })
+        })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 }

@@ -1,0 +1,674 @@
+//! The async shell around the rollout engine.
+//!
+//! One task owns every open rollout's state in memory. Operator requests (start, pause,
+//! resume, abort) arrive on a channel, so they never race a tick. Each tick builds the
+//! observations from the store (incrementally: only rows received since the last tick are
+//! read), runs [`engine::step`], writes the new state and the commands it issues in one
+//! SQLite transaction, then publishes the commands. On start it reloads every open rollout,
+//! so a restarted control plane resumes exactly where the last committed step left it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_protocol::messages::{
+    Action as WireAction, DeployMode, LatencyHistogram, ModelRef, Phase,
+};
+use drover_protocol::topics::parse_hex32;
+use drover_protocol::DeviceId;
+use tokio::sync::{mpsc, oneshot};
+
+use super::engine::{
+    self, Action, Candidate, DevState, DeviceObs, Event, Health, Observations, Op, RolloutState,
+    ShadowObs, Slot,
+};
+use super::plan::{Plan, Selector};
+use crate::fleet;
+use crate::mqtt::MqttLink;
+use crate::serve::{now_ms, Shared};
+use crate::store::{RolloutWrite, Store, StoreError};
+
+/// Rows received up to this long before the last one read are read again (and skipped if
+/// already seen), so a batch committed late is never missed.
+const RESCAN_MS: u64 = 30_000;
+/// How far before a rollout starts the previous model's telemetry is its baseline.
+const BASELINE_MS: u64 = 15 * 60_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Plan(#[from] super::plan::PlanError),
+    #[error(transparent)]
+    Fleet(#[from] fleet::FleetError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("rollout {0} not found")]
+    NotFound(u64),
+    #[error(transparent)]
+    Refused(#[from] engine::OpRefused),
+    #[error("corrupt rollout state in the store: {0}")]
+    Corrupt(String),
+    #[error("the rollout driver is not running")]
+    Stopped,
+}
+
+enum Msg {
+    Start {
+        plan: Box<Plan>,
+        by: String,
+        reply: oneshot::Sender<Result<RolloutState, RolloutError>>,
+    },
+    Operate {
+        id: u64,
+        op: Op,
+        by: String,
+        reply: oneshot::Sender<Result<RolloutState, RolloutError>>,
+    },
+}
+
+/// The API's handle on the driver.
+#[derive(Clone, Debug)]
+pub struct RolloutHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl RolloutHandle {
+    pub async fn start(&self, plan: Plan, by: &str) -> Result<RolloutState, RolloutError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Start {
+                plan: Box::new(plan),
+                by: by.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| RolloutError::Stopped)?;
+        rx.await.map_err(|_| RolloutError::Stopped)?
+    }
+
+    pub async fn operate(&self, id: u64, op: Op, by: &str) -> Result<RolloutState, RolloutError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Operate {
+                id,
+                op,
+                by: by.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| RolloutError::Stopped)?;
+        rx.await.map_err(|_| RolloutError::Stopped)?
+    }
+}
+
+/// Reads a rollout's committed state (for the API's read paths).
+pub fn load(store: &Store, id: u64) -> Result<Option<RolloutState>, RolloutError> {
+    let Some((header, slots)) = store.rollout(id)? else {
+        return Ok(None);
+    };
+    let mut s: RolloutState =
+        serde_json::from_str(&header).map_err(|e| RolloutError::Corrupt(e.to_string()))?;
+    for (device, slot) in slots {
+        let slot: Slot =
+            serde_json::from_str(&slot).map_err(|e| RolloutError::Corrupt(e.to_string()))?;
+        s.devices.insert(device, slot);
+    }
+    Ok(Some(s))
+}
+
+/// Every rollout's header (devices omitted), newest first.
+pub fn list(store: &Store) -> Result<Vec<RolloutState>, RolloutError> {
+    store
+        .rollouts()?
+        .iter()
+        .map(|h| serde_json::from_str(h).map_err(|e| RolloutError::Corrupt(e.to_string())))
+        .collect()
+}
+
+/// A rollout's report events, oldest first.
+pub fn events(store: &Store, id: u64) -> Result<Vec<Event>, RolloutError> {
+    store
+        .rollout_events(id)?
+        .iter()
+        .map(|e| serde_json::from_str(e).map_err(|e| RolloutError::Corrupt(e.to_string())))
+        .collect()
+}
+
+/// Rows of a growing table read incrementally: each tick reads from a little before the
+/// newest row seen, skipping rows already applied.
+#[derive(Default)]
+struct Cursor {
+    newest_ms: u64,
+    seen: HashMap<(String, u64), u64>,
+}
+
+impl Cursor {
+    fn read_from_ms(&self, floor: u64) -> u64 {
+        self.newest_ms.saturating_sub(RESCAN_MS).max(floor)
+    }
+
+    /// True the first time a row is offered.
+    fn fresh(&mut self, device: &str, seq: u64, at_ms: u64) -> bool {
+        if at_ms < self.newest_ms.saturating_sub(RESCAN_MS) {
+            return false;
+        }
+        self.newest_ms = self.newest_ms.max(at_ms);
+        self.seen.insert((device.to_owned(), seq), at_ms).is_none()
+    }
+
+    fn prune(&mut self) {
+        let floor = self.newest_ms.saturating_sub(RESCAN_MS);
+        self.seen.retain(|_, at| *at >= floor);
+    }
+}
+
+/// What the driver has read about one rollout so far.
+#[derive(Default)]
+struct Seen {
+    baseline: Option<HashMap<(String, String), Health>>,
+    candidate: HashMap<String, Health>,
+    candidate_cursor: Cursor,
+    shadow: HashMap<String, ShadowObs>,
+    shadow_cursor: Cursor,
+    /// (device, command seq) → (uplink seq, phase, detail) of the latest report.
+    progress: HashMap<(String, u64), (u64, Phase, Option<String>)>,
+    progress_cursor: Cursor,
+}
+
+fn hist(counts: Vec<u64>) -> LatencyHistogram {
+    LatencyHistogram { counts, sum_us: 0 }
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    store: Arc<Mutex<Store>>,
+    mqtt: Arc<MqttLink>,
+    rollouts: BTreeMap<u64, RolloutState>,
+    seen: HashMap<u64, Seen>,
+}
+
+/// Starts the driver task; it stops when every handle is dropped.
+pub fn spawn(
+    shared: Arc<Shared>,
+    store: Arc<Mutex<Store>>,
+    mqtt: Arc<MqttLink>,
+    interval: Duration,
+) -> (RolloutHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(64);
+    let driver = Driver {
+        shared,
+        store,
+        mqtt,
+        rollouts: BTreeMap::new(),
+        seen: HashMap::new(),
+    };
+    let task = tokio::spawn(driver.run(rx, interval));
+    (RolloutHandle { tx }, task)
+}
+
+impl Driver {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Shared, &mut Store) -> Result<T, RolloutError> + Send + 'static,
+    ) -> Result<T, RolloutError> {
+        let shared = Arc::clone(&self.shared);
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&shared, &mut s)
+        })
+        .await
+        .map_err(|e| RolloutError::Corrupt(format!("store task failed: {e}")))?
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, interval: Duration) {
+        match self
+            .blocking(|_, s| {
+                let mut out = Vec::new();
+                for id in s.open_rollouts()? {
+                    out.extend(load(s, id)?);
+                }
+                Ok(out)
+            })
+            .await
+        {
+            Ok(open) => {
+                for r in open {
+                    tracing::info!(
+                        rollout = r.id,
+                        status = r.status.name(),
+                        wave = r.wave + 1,
+                        "resuming rollout"
+                    );
+                    self.rollouts.insert(r.id, r);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot load open rollouts; none will progress"),
+        }
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    None => return,
+                    Some(Msg::Start { plan, by, reply }) => {
+                        let r = self.start(*plan, &by).await;
+                        let _ = reply.send(r);
+                    }
+                    Some(Msg::Operate { id, op, by, reply }) => {
+                        let r = self.operate(id, op, &by).await;
+                        let _ = reply.send(r);
+                    }
+                },
+                _ = tick.tick() => self.tick_all().await,
+            }
+        }
+    }
+
+    async fn start(&mut self, plan: Plan, by: &str) -> Result<RolloutState, RolloutError> {
+        plan.validate()?;
+        let by = by.to_owned();
+        let now = now_ms();
+        let state = self
+            .blocking(move |_, s| {
+                let model = fleet::find_model(s, &plan.model)?;
+                let candidate = Candidate {
+                    name: model.name.clone(),
+                    version: model.version.clone(),
+                    digest: drover_protocol::topics::hex32(&model.digest),
+                };
+                let mut state = None;
+                let digest = candidate.digest.clone();
+                s.create_rollout(&digest, &by, now, |id| {
+                    let st = RolloutState::new(id, plan.clone(), candidate.clone(), now);
+                    let json = serde_json::to_string(&st).unwrap_or_default();
+                    state = Some(st);
+                    json
+                })?;
+                let state = state.ok_or_else(|| RolloutError::Corrupt("no state".into()))?;
+                let ev = Event {
+                    at_ms: now,
+                    kind: "started".into(),
+                    detail: format!(
+                        "{by} started a rollout of {}@{} to {:?} in {} waves",
+                        state.candidate.name,
+                        state.candidate.version,
+                        state.plan.selector,
+                        state.plan.waves.len()
+                    ),
+                    gates: Vec::new(),
+                };
+                write_step(s, &state, vec![ev], now)?;
+                Ok(state)
+            })
+            .await?;
+        tracing::info!(rollout = state.id, model = %state.plan.model, "rollout started");
+        self.rollouts.insert(state.id, state.clone());
+        // First step at once: the canary wave's commands go out now.
+        self.tick(state.id).await;
+        Ok(self.rollouts.get(&state.id).cloned().unwrap_or(state))
+    }
+
+    async fn operate(&mut self, id: u64, op: Op, by: &str) -> Result<RolloutState, RolloutError> {
+        let current = match self.rollouts.get(&id) {
+            Some(r) => r.clone(),
+            None => self
+                .blocking(move |_, s| load(s, id))
+                .await?
+                .ok_or(RolloutError::NotFound(id))?,
+        };
+        let step = engine::operate(&current, op, by, now_ms())?;
+        tracing::info!(rollout = id, ?op, by, "operator request");
+        let state = self.commit(&current, step).await?;
+        self.rollouts.insert(id, state.clone());
+        Ok(state)
+    }
+
+    async fn tick_all(&mut self) {
+        let ids: Vec<u64> = self.rollouts.keys().copied().collect();
+        for id in ids {
+            self.tick(id).await;
+        }
+    }
+
+    async fn tick(&mut self, id: u64) {
+        let Some(current) = self.rollouts.get(&id).cloned() else {
+            return;
+        };
+        let obs = match self.observe(&current).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(rollout = id, error = %e, "cannot read observations");
+                return;
+            }
+        };
+        let step = engine::step(&current, &obs, now_ms());
+        if step.state == current && step.actions.is_empty() && step.events.is_empty() {
+            return;
+        }
+        // Persist only when something a reader would see changed.
+        let unchanged = step.actions.is_empty()
+            && step.events.is_empty()
+            && step.state.devices == current.devices
+            && step.state.status == current.status
+            && step.state.gates == current.gates
+            && step.state.stage == current.stage
+            && step.state.wave == current.wave;
+        if unchanged {
+            return;
+        }
+        match self.commit(&current, step).await {
+            Ok(s) => {
+                let keep = s.status.is_active()
+                    && !(s.status == engine::Status::Completed && pending(&s) == 0);
+                if keep {
+                    self.rollouts.insert(id, s);
+                } else {
+                    self.rollouts.remove(&id);
+                    self.seen.remove(&id);
+                }
+            }
+            Err(e) => tracing::error!(rollout = id, error = %e, "rollout step not applied"),
+        }
+    }
+
+    /// Persists a step (state, events and the commands it issues, in one transaction) and
+    /// publishes the commands.
+    async fn commit(
+        &self,
+        before: &RolloutState,
+        step: engine::Step,
+    ) -> Result<RolloutState, RolloutError> {
+        let now = now_ms();
+        let before = before.clone();
+        let engine::Step {
+            state,
+            actions,
+            events,
+        } = step;
+        for e in &events {
+            tracing::info!(rollout = state.id, kind = %e.kind, "{}", e.detail);
+        }
+        let (state, rows) = self
+            .blocking(move |shared, s| {
+                let manifest = match fleet::find_model(s, &state.plan.model) {
+                    Ok(m) => Some(fleet::manifest_blob(&m)),
+                    Err(_) => None,
+                };
+                // Rollback targets by digest, resolved to names for the signed command.
+                let mut to_refs: HashMap<String, Option<ModelRef>> = HashMap::new();
+                for a in &actions {
+                    if let Action::Rollback { to: Some(d), .. } = a {
+                        let r = parse_hex32(d)
+                            .and_then(|b| s.model_by_digest(&b).ok().flatten())
+                            .map(|m| ModelRef {
+                                name: m.name,
+                                version: m.version,
+                                digest: m.digest,
+                            });
+                        to_refs.insert(d.clone(), r);
+                    }
+                }
+                let devices: Vec<String> = actions.iter().map(|a| a.device().to_owned()).collect();
+                let by_device: HashMap<&str, &Action> =
+                    actions.iter().map(|a| (a.device(), a)).collect();
+                let mut state = state;
+                let rollout_id = state.id;
+                let model_name = state.plan.model.clone();
+                let rows = s.apply_rollout_step(
+                    rollout_id,
+                    &devices,
+                    |device, seq| {
+                        let id = DeviceId::new(device)
+                            .map_err(|e| RolloutError::Corrupt(e.to_string()))?;
+                        let action = match by_device.get(device) {
+                            Some(Action::Deploy { shadow, .. }) => WireAction::Deploy {
+                                manifest: manifest.clone().ok_or_else(|| {
+                                    RolloutError::Corrupt(format!(
+                                        "model {model_name} is no longer published"
+                                    ))
+                                })?,
+                                mode: if *shadow {
+                                    DeployMode::Shadow
+                                } else {
+                                    DeployMode::Activate
+                                },
+                            },
+                            Some(Action::Promote { .. }) => WireAction::Promote,
+                            Some(Action::Rollback { to, .. }) => WireAction::Rollback {
+                                to: to.as_ref().and_then(|d| to_refs.get(d).cloned().flatten()),
+                            },
+                            None => return Err(RolloutError::Corrupt("no action".into())),
+                        };
+                        Ok(fleet::sign_command(
+                            shared,
+                            &id,
+                            seq,
+                            now,
+                            Some(rollout_id),
+                            action,
+                        ))
+                    },
+                    |seqs| {
+                        for (device, seq) in seqs {
+                            if let Some(slot) = state.devices.get_mut(device) {
+                                slot.command_seq = Some(*seq);
+                            }
+                        }
+                        write_of(&before, &state, events, now)
+                    },
+                )?;
+                Ok((state, rows?))
+            })
+            .await?;
+        for row in &rows {
+            if let Ok(device) = DeviceId::new(row.device.clone()) {
+                self.shared.metrics.commands_issued.fetch_add(1, Relaxed);
+                crate::serve::send_command(
+                    &self.shared,
+                    &self.mqtt,
+                    &device,
+                    fleet::command_blob(row),
+                )
+                .await;
+            }
+        }
+        Ok(state)
+    }
+
+    async fn observe(&mut self, r: &RolloutState) -> Result<Observations, RolloutError> {
+        let id = r.id;
+        let seen = self.seen.remove(&id).unwrap_or_default();
+        let digest = r.candidate.digest.clone();
+        let created = r.created_at_ms;
+        let selector = Selector::parse(&r.plan.selector).unwrap_or_default();
+        let (devices, seen) = self
+            .blocking(move |_, s| {
+                let mut seen = seen;
+                if seen.baseline.is_none() {
+                    let mut b: HashMap<(String, String), Health> = HashMap::new();
+                    for row in s.health_between(created.saturating_sub(BASELINE_MS), created)? {
+                        b.entry((row.device, row.model_digest))
+                            .or_default()
+                            .merge(&Health {
+                                inferences: row.inferences,
+                                errors: row.errors,
+                                latency: hist(row.latency_counts),
+                            });
+                    }
+                    seen.baseline = Some(b);
+                }
+                let from = seen.candidate_cursor.read_from_ms(created);
+                for row in s.model_health_since(&digest, from)? {
+                    if seen
+                        .candidate_cursor
+                        .fresh(&row.device, row.seq, row.received_at_ms)
+                    {
+                        seen.candidate
+                            .entry(row.device)
+                            .or_default()
+                            .merge(&Health {
+                                inferences: row.inferences,
+                                errors: row.errors,
+                                latency: hist(row.latency_counts),
+                            });
+                    }
+                }
+                seen.candidate_cursor.prune();
+                let from = seen.shadow_cursor.read_from_ms(created);
+                for row in s.shadow_since(&digest, from)? {
+                    if seen
+                        .shadow_cursor
+                        .fresh(&row.device, row.seq, row.received_at_ms)
+                    {
+                        let e = seen.shadow.entry(row.device).or_default();
+                        e.compared = e.compared.saturating_add(row.compared);
+                        e.agreed = e.agreed.saturating_add(row.agreed);
+                        e.active_latency.merge(&hist(row.active_latency));
+                        e.candidate_latency.merge(&hist(row.candidate_latency));
+                    }
+                }
+                seen.shadow_cursor.prune();
+                let from = seen.progress_cursor.read_from_ms(created);
+                for row in s.progress_since(from)? {
+                    if !seen
+                        .progress_cursor
+                        .fresh(&row.device, row.seq, row.received_at_ms)
+                    {
+                        continue;
+                    }
+                    let Some(phase) = row.phase else { continue };
+                    let e = seen
+                        .progress
+                        .entry((row.device, row.command_seq))
+                        .or_insert((0, phase, None));
+                    if row.seq >= e.0 {
+                        *e = (row.seq, phase, row.detail);
+                    }
+                }
+                seen.progress_cursor.prune();
+                Ok((s.devices()?, seen))
+            })
+            .await?;
+        let mut obs = Observations::default();
+        for d in devices {
+            let assigned = r.devices.get(&d.id);
+            let selected = !d.decommissioned
+                && selector.matches(
+                    &d.labels,
+                    &[
+                        ("id", Some(d.id.as_str())),
+                        ("arch", d.arch.as_deref()),
+                        ("os", d.os.as_deref()),
+                        ("agent_version", d.agent_version.as_deref()),
+                    ],
+                );
+            if !selected && assigned.is_none() {
+                continue;
+            }
+            if selected {
+                obs.selected.push(d.id.clone());
+            }
+            let progress = assigned
+                .and_then(|a| a.command_seq)
+                .and_then(|seq| seen.progress.get(&(d.id.clone(), seq)))
+                .map(|(_, p, detail)| (*p, detail.clone()));
+            let previous = assigned
+                .and_then(|a| a.previous.clone())
+                .or_else(|| d.active_digest.clone());
+            let baseline = previous
+                .and_then(|p| {
+                    seen.baseline
+                        .as_ref()
+                        .and_then(|b| b.get(&(d.id.clone(), p)).cloned())
+                })
+                .unwrap_or_default();
+            obs.devices.insert(
+                d.id.clone(),
+                DeviceObs {
+                    online: d.online && !d.decommissioned,
+                    active: d.active_digest.clone(),
+                    progress,
+                    candidate: seen.candidate.get(&d.id).cloned().unwrap_or_default(),
+                    baseline,
+                    shadow: seen.shadow.get(&d.id).cloned().unwrap_or_default(),
+                    drift_psi: None,
+                },
+            );
+        }
+        self.seen.insert(id, seen);
+        Ok(obs)
+    }
+}
+
+/// Devices still in flight.
+fn pending(s: &RolloutState) -> u64 {
+    s.devices
+        .values()
+        .filter(|d| pending_state(d.state))
+        .count() as u64
+}
+
+/// The store writes for going from `before` to `after`.
+fn write_of(
+    before: &RolloutState,
+    after: &RolloutState,
+    events: Vec<Event>,
+    now: u64,
+) -> RolloutWrite {
+    let mut header = after.clone();
+    header.devices.clear();
+    let slots = after
+        .devices
+        .iter()
+        .filter(|(id, slot)| before.devices.get(*id) != Some(*slot))
+        .map(|(id, slot)| (id.clone(), serde_json::to_string(slot).unwrap_or_default()))
+        .collect();
+    RolloutWrite {
+        header: serde_json::to_string(&header).unwrap_or_default(),
+        status: after.status.name().to_owned(),
+        pending: pending(after),
+        now_ms: now,
+        slots,
+        events: events
+            .into_iter()
+            .map(|e| {
+                (
+                    e.at_ms,
+                    e.kind.clone(),
+                    serde_json::to_string(&e).unwrap_or_default(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Writes a state with no commands (a new rollout).
+fn write_step(
+    s: &mut Store,
+    state: &RolloutState,
+    events: Vec<Event>,
+    now: u64,
+) -> Result<(), RolloutError> {
+    let empty = RolloutState {
+        devices: BTreeMap::new(),
+        ..state.clone()
+    };
+    let w = write_of(&empty, state, events, now);
+    let no_command = |d: &str, _| Err(RolloutError::Corrupt(format!("unexpected command for {d}")));
+    s.apply_rollout_step(state.id, &[], no_command, |_| w)?
+        .map(|_| ())
+}
+
+fn pending_state(s: DevState) -> bool {
+    matches!(
+        s,
+        DevState::Queued
+            | DevState::Deploying
+            | DevState::Shadowing
+            | DevState::Promoting
+            | DevState::Active
+            | DevState::RollingBack
+    )
+}

@@ -1,0 +1,517 @@
+//! Every engine transition, with the clock passed in.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use drover_protocol::messages::{LatencyHistogram, Phase};
+
+use super::engine::*;
+use super::plan::*;
+
+const OLD: &str = "old-digest";
+const NEW: &str = "new-digest";
+const S: u64 = 1000;
+
+fn plan(waves: &[(f64, u64)]) -> Plan {
+    Plan {
+        model: "m@2.0.0".into(),
+        selector: String::new(),
+        waves: waves
+            .iter()
+            .map(|&(p, bake_s)| Wave {
+                percent: Some(p),
+                count: None,
+                bake: Duration::from_secs(bake_s),
+            })
+            .collect(),
+        max_concurrent: 0,
+        device_deadline: Duration::from_secs(600),
+        on_failure: OnFailure::Pause,
+        gates: Gates {
+            min_inferences: 10,
+            ..Gates::default()
+        },
+        shadow: None,
+    }
+}
+
+fn candidate() -> Candidate {
+    Candidate {
+        name: "m".into(),
+        version: "2.0.0".into(),
+        digest: NEW.into(),
+    }
+}
+
+fn hist(us: u64, n: u64) -> LatencyHistogram {
+    let mut h = LatencyHistogram::new();
+    for _ in 0..n {
+        h.record(us);
+    }
+    h
+}
+
+/// A fleet of `n` online devices running the old model.
+struct Fleet {
+    obs: Observations,
+}
+
+impl Fleet {
+    fn new(n: usize) -> Self {
+        let mut obs = Observations::default();
+        for i in 0..n {
+            let id = format!("dev-{i:03}");
+            obs.selected.push(id.clone());
+            obs.devices.insert(
+                id,
+                DeviceObs {
+                    online: true,
+                    active: Some(OLD.into()),
+                    baseline: Health {
+                        inferences: 100,
+                        errors: 0,
+                        latency: hist(100, 100),
+                    },
+                    ..DeviceObs::default()
+                },
+            );
+        }
+        Fleet { obs }
+    }
+
+    fn dev(&mut self, id: &str) -> &mut DeviceObs {
+        self.obs.devices.get_mut(id).unwrap()
+    }
+
+    /// Every device commanded in `s` reports `phase` (and, if healthy, serves well).
+    fn report_all(&mut self, s: &RolloutState, from: DevState, phase: Phase) {
+        for (id, slot) in &s.devices {
+            if slot.state == from {
+                let o = self.dev(id);
+                o.progress = Some((phase, None));
+                if phase == Phase::Healthy {
+                    o.active = Some(NEW.into());
+                    o.candidate = Health {
+                        inferences: 100,
+                        errors: 0,
+                        latency: hist(100, 100),
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn ids_in(actions: &[Action]) -> Vec<String> {
+    actions.iter().map(|a| a.device().to_owned()).collect()
+}
+
+fn count(s: &RolloutState, st: DevState) -> usize {
+    s.devices.values().filter(|d| d.state == st).count()
+}
+
+/// The driver fills in each command's sequence; tests do the same.
+fn issue(mut step: Step) -> Step {
+    for (n, a) in step.actions.iter().enumerate() {
+        if let Some(slot) = step.state.devices.get_mut(a.device()) {
+            slot.command_seq = Some(100 + n as u64);
+        }
+    }
+    step
+}
+
+#[test]
+fn canary_wave_is_the_lowest_buckets_and_other_devices_are_untouched() {
+    let f = Fleet::new(50);
+    let s = RolloutState::new(1, plan(&[(10.0, 60), (100.0, 60)]), candidate(), 0);
+    let st = issue(step(&s, &f.obs, 0));
+    assert_eq!(st.actions.len(), 5, "10 % of 50");
+    let mut by_bucket: Vec<(u32, String)> = f
+        .obs
+        .selected
+        .iter()
+        .map(|id| (bucket(id), id.clone()))
+        .collect();
+    by_bucket.sort();
+    let expect: Vec<String> = by_bucket.iter().take(5).map(|(_, id)| id.clone()).collect();
+    let mut got = ids_in(&st.actions);
+    got.sort();
+    let mut expect_sorted = expect.clone();
+    expect_sorted.sort();
+    assert_eq!(got, expect_sorted);
+    assert!(st
+        .actions
+        .iter()
+        .all(|a| matches!(a, Action::Deploy { shadow: false, .. })));
+    assert_eq!(st.state.devices.len(), 5);
+    // The same inputs give the same canary: deterministic.
+    let again = step(&s, &f.obs, 0);
+    assert_eq!(ids_in(&again.actions).len(), 5);
+    // A second step with no news sends nothing twice.
+    let idle = step(&st.state, &f.obs, S);
+    assert!(idle.actions.is_empty(), "{:?}", idle.actions);
+}
+
+#[test]
+fn waves_advance_only_after_install_and_bake_then_complete() {
+    let mut f = Fleet::new(20);
+    let s0 = RolloutState::new(1, plan(&[(10.0, 60), (100.0, 30)]), candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    assert_eq!(s1.stage, Stage::Install);
+    // Half-way: active (probation) is not finished.
+    f.report_all(&s1, DevState::Deploying, Phase::Active);
+    let s2 = step(&s1, &f.obs, 5 * S).state;
+    assert_eq!(count(&s2, DevState::Active), 2);
+    assert_eq!(s2.stage, Stage::Install);
+    f.report_all(&s2, DevState::Active, Phase::Healthy);
+    let s3 = step(&s2, &f.obs, 10 * S);
+    assert_eq!(s3.state.stage, Stage::Bake);
+    assert_eq!(s3.state.stage_since_ms, 10 * S);
+    // Bake not over: stays in wave 1.
+    let s4 = step(&s3.state, &f.obs, 69 * S);
+    assert_eq!((s4.state.wave, s4.state.stage), (0, Stage::Bake));
+    assert!(s4.actions.is_empty());
+    // Bake over, gates pass: wave 2 starts and its devices are commanded.
+    let s5 = step(&s4.state, &f.obs, 70 * S);
+    assert_eq!(s5.state.wave, 1);
+    assert!(s5
+        .events
+        .iter()
+        .any(|e| e.kind == "advanced" && !e.gates.is_empty()));
+    let s6 = issue(step(&s5.state, &f.obs, 71 * S));
+    assert_eq!(s6.actions.len(), 18, "the remaining 18 devices");
+    f.report_all(&s6.state, DevState::Deploying, Phase::Healthy);
+    let s7 = step(&s6.state, &f.obs, 72 * S).state;
+    assert_eq!(s7.stage, Stage::Bake);
+    let s8 = step(&s7, &f.obs, 102 * S);
+    assert_eq!(s8.state.status, Status::Completed);
+    assert_eq!(count(&s8.state, DevState::Healthy), 20);
+}
+
+#[test]
+fn error_rate_over_the_gate_pauses_the_canary_and_nobody_else_gets_it() {
+    let mut f = Fleet::new(40);
+    let s0 = RolloutState::new(1, plan(&[(5.0, 60), (100.0, 60)]), candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    f.report_all(&s1, DevState::Deploying, Phase::Healthy);
+    for (id, slot) in &s1.devices {
+        if slot.state == DevState::Deploying {
+            f.dev(id).candidate.errors = 30; // 30 % errors
+        }
+    }
+    let s2 = step(&s1, &f.obs, 5 * S);
+    assert!(matches!(&s2.state.status, Status::Paused { reason } if reason.contains("error_rate")));
+    assert!(s2.actions.is_empty());
+    let ev = s2.events.iter().find(|e| e.kind == "paused").unwrap();
+    let g = ev.gates.iter().find(|g| g.gate == "error_rate").unwrap();
+    assert_eq!(g.verdict, Verdict::Fail);
+    assert!((g.value.unwrap() - 0.3).abs() < 1e-9);
+    // Paused: time passes, nothing more is assigned or sent.
+    let s3 = step(&s2.state, &f.obs, 1000 * S);
+    assert!(s3.actions.is_empty());
+    assert_eq!(s3.state.devices.len(), 2);
+}
+
+#[test]
+fn a_failing_gate_with_rollback_returns_only_commanded_devices_to_their_previous_model() {
+    let mut f = Fleet::new(40);
+    let mut p = plan(&[(5.0, 60), (100.0, 60)]);
+    p.on_failure = OnFailure::Rollback;
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    f.report_all(&s1, DevState::Deploying, Phase::Healthy);
+    for (id, slot) in &s1.devices {
+        if slot.state == DevState::Deploying {
+            f.dev(id).candidate.latency = hist(5_000, 100); // 100 us -> 5 ms
+        }
+    }
+    let s2 = issue(step(&s1, &f.obs, 5 * S));
+    assert!(
+        matches!(&s2.state.status, Status::RollingBack { reason } if reason.contains("p99_latency_ratio")),
+        "{:?}",
+        s2.state.status
+    );
+    assert_eq!(s2.actions.len(), 2);
+    for a in &s2.actions {
+        assert_eq!(
+            a,
+            &Action::Rollback {
+                device: a.device().into(),
+                to: Some(OLD.into())
+            }
+        );
+    }
+    // Devices confirm; the rollout ends rolled back.
+    for id in ids_in(&s2.actions) {
+        f.dev(&id).progress = Some((Phase::Done, None));
+    }
+    let s3 = step(&s2.state, &f.obs, 6 * S);
+    assert!(matches!(s3.state.status, Status::RolledBack { .. }));
+    assert_eq!(count(&s3.state, DevState::RolledBack), 2);
+    assert!(s3.events.iter().any(|e| e.kind == "rolled-back"));
+}
+
+#[test]
+fn install_failures_beyond_the_budget_fail_the_gate_at_once() {
+    let mut f = Fleet::new(20);
+    let mut p = plan(&[(50.0, 60)]);
+    p.gates.min_install_success = Some(0.8); // 2 of 10 may fail
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    let ids: Vec<String> = s1.devices.keys().cloned().collect();
+    for id in &ids[..2] {
+        f.dev(id).progress = Some((Phase::Failed, Some("self-test failed".into())));
+    }
+    let s2 = step(&s1, &f.obs, S);
+    assert_eq!(
+        s2.state.status,
+        Status::Running,
+        "2 failures are within budget"
+    );
+    assert_eq!(
+        s2.events
+            .iter()
+            .filter(|e| e.kind == "device-failed")
+            .count(),
+        2
+    );
+    f.dev(&ids[2]).progress = Some((Phase::RolledBack, Some("probation".into())));
+    let s3 = step(&s2.state, &f.obs, 2 * S);
+    assert!(
+        matches!(&s3.state.status, Status::Paused { reason } if reason.contains("install_success")),
+        "{:?}",
+        s3.state.status
+    );
+}
+
+#[test]
+fn offline_devices_are_counted_apart_and_picked_up_when_they_return() {
+    let mut f = Fleet::new(10);
+    let s0 = RolloutState::new(1, plan(&[(100.0, 10)]), candidate(), 0);
+    // Two devices are offline when the wave starts.
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    let ids: Vec<String> = s1.devices.keys().cloned().collect();
+    f.dev(&ids[0]).online = false;
+    f.dev(&ids[1]).online = false;
+    f.report_all(&s1, DevState::Deploying, Phase::Healthy);
+    f.dev(&ids[0]).progress = None;
+    f.dev(&ids[1]).progress = None;
+    f.dev(&ids[0]).active = Some(OLD.into());
+    f.dev(&ids[1]).active = Some(OLD.into());
+    // The wave does not wait for them, and they are not failures.
+    let s2 = step(&s1, &f.obs, S).state;
+    assert_eq!(s2.stage, Stage::Bake);
+    assert_eq!(count(&s2, DevState::Deploying), 2);
+    // Past the deadline while offline: still not failed.
+    let s3 = step(&s2, &f.obs, 700 * S).state;
+    assert_eq!(s3.status, Status::Completed);
+    assert_eq!(count(&s3, DevState::Failed), 0);
+    assert_eq!(count(&s3, DevState::Deploying), 2);
+    // One returns and installs (its pending command is delivered at hello).
+    f.dev(&ids[0]).online = true;
+    f.dev(&ids[0]).progress = Some((Phase::Healthy, None));
+    let s4 = step(&s3, &f.obs, 800 * S).state;
+    assert_eq!(s4.devices[&ids[0]].state, DevState::Healthy);
+    // An online device stuck past the deadline is a failure.
+    f.dev(&ids[1]).online = true;
+    f.dev(&ids[1]).progress = Some((Phase::Downloading, None));
+    let s5 = step(&s4, &f.obs, 900 * S).state;
+    assert_eq!(s5.devices[&ids[1]].state, DevState::Failed);
+    assert!(s5.devices[&ids[1]]
+        .detail
+        .as_deref()
+        .unwrap()
+        .contains("deadline"));
+}
+
+#[test]
+fn concurrency_limit_holds_back_online_devices_only() {
+    let mut f = Fleet::new(10);
+    let mut p = plan(&[(100.0, 0)]);
+    p.max_concurrent = 3;
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let offline = f.obs.selected[0].clone();
+    f.dev(&offline).online = false;
+    let s1 = issue(step(&s0, &f.obs, 0));
+    // 3 online downloads, plus the offline device's command (delivered when it returns).
+    assert_eq!(s1.actions.len(), 4);
+    assert!(ids_in(&s1.actions).contains(&offline));
+    assert_eq!(count(&s1.state, DevState::Queued), 6);
+    f.report_all(&s1.state, DevState::Deploying, Phase::Healthy);
+    f.dev(&offline).progress = None;
+    let s2 = issue(step(&s1.state, &f.obs, S));
+    assert_eq!(s2.actions.len(), 3, "3 more as slots free up");
+}
+
+#[test]
+fn shadow_phase_promotes_on_agreement_and_pauses_on_disagreement() {
+    for agree in [true, false] {
+        let mut f = Fleet::new(10);
+        let mut p = plan(&[(20.0, 10), (100.0, 10)]);
+        p.shadow = Some(ShadowPhase {
+            duration: Duration::from_secs(30),
+            min_compared: 50,
+            min_agreement: 0.9,
+            max_latency_ratio: Some(2.0),
+        });
+        let s0 = RolloutState::new(1, p, candidate(), 0);
+        let s1 = issue(step(&s0, &f.obs, 0));
+        assert_eq!(s1.state.stage, Stage::Shadow);
+        assert!(s1
+            .actions
+            .iter()
+            .all(|a| matches!(a, Action::Deploy { shadow: true, .. })));
+        f.report_all(&s1.state, DevState::Deploying, Phase::Shadowing);
+        for id in s1.state.devices.keys() {
+            f.dev(id).shadow = ShadowObs {
+                compared: 40,
+                agreed: if agree { 39 } else { 20 },
+                active_latency: hist(100, 40),
+                candidate_latency: hist(150, 40),
+            };
+        }
+        let s2 = step(&s1.state, &f.obs, 10 * S);
+        if !agree {
+            assert!(
+                matches!(&s2.state.status, Status::Paused { reason } if reason.contains("shadow_agreement"))
+            );
+            continue;
+        }
+        assert!(s2.actions.is_empty(), "shadow duration not over");
+        assert_eq!(count(&s2.state, DevState::Shadowing), 2);
+        let s3 = issue(step(&s2.state, &f.obs, 30 * S));
+        assert_eq!(s3.actions.len(), 2);
+        assert!(s3
+            .actions
+            .iter()
+            .all(|a| matches!(a, Action::Promote { .. })));
+        assert_eq!(s3.state.stage, Stage::Install);
+        f.report_all(&s3.state, DevState::Promoting, Phase::Healthy);
+        let s4 = step(&s3.state, &f.obs, 31 * S);
+        assert_eq!(count(&s4.state, DevState::Healthy), 2);
+        assert_eq!(s4.state.stage, Stage::Bake);
+    }
+}
+
+#[test]
+fn a_late_shadowing_device_is_promoted_after_its_wave_moved_on() {
+    let mut f = Fleet::new(4);
+    let mut p = plan(&[(50.0, 0), (100.0, 0)]);
+    p.shadow = Some(ShadowPhase {
+        duration: Duration::ZERO,
+        min_compared: 1,
+        min_agreement: 0.5,
+        max_latency_ratio: None,
+    });
+    let mut s = RolloutState::new(1, p, candidate(), 0);
+    s.wave = 1;
+    s.stage = Stage::Install;
+    s.devices.insert(
+        "dev-000".into(),
+        Slot {
+            wave: 0,
+            state: DevState::Deploying,
+            assigned_at_ms: 0,
+            commanded_at_ms: Some(0),
+            command_seq: Some(7),
+            previous: Some(OLD.into()),
+            detail: None,
+        },
+    );
+    f.dev("dev-000").progress = Some((Phase::Shadowing, None));
+    let st = step(&s, &f.obs, S);
+    assert!(st.actions.contains(&Action::Promote {
+        device: "dev-000".into()
+    }));
+}
+
+#[test]
+fn a_lost_progress_report_is_recovered_from_the_reported_active_model() {
+    let mut f = Fleet::new(1);
+    let s0 = RolloutState::new(1, plan(&[(100.0, 0)]), candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    f.dev("dev-000").active = Some(NEW.into());
+    let s2 = step(&s1, &f.obs, S).state;
+    assert_eq!(s2.devices["dev-000"].state, DevState::Active);
+}
+
+#[test]
+fn require_data_holds_the_wave_until_gates_have_data() {
+    let mut f = Fleet::new(10);
+    let mut p = plan(&[(100.0, 10)]);
+    p.gates.require_data = true;
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    f.report_all(&s1, DevState::Deploying, Phase::Healthy);
+    for id in s1.devices.keys() {
+        f.dev(id).candidate = Health::default();
+    }
+    let s2 = step(&s1, &f.obs, S).state;
+    assert_eq!(s2.stage, Stage::Bake);
+    let s3 = step(&s2, &f.obs, 100 * S).state;
+    assert_eq!(s3.status, Status::Running, "no inference data yet");
+    for id in s1.devices.keys() {
+        f.dev(id).candidate = Health {
+            inferences: 50,
+            errors: 0,
+            latency: hist(100, 50),
+        };
+    }
+    let s4 = step(&s3, &f.obs, 101 * S).state;
+    assert_eq!(s4.status, Status::Completed);
+}
+
+#[test]
+fn operators_pause_resume_and_abort_with_checks() {
+    let mut f = Fleet::new(10);
+    let s0 = RolloutState::new(1, plan(&[(100.0, 10)]), candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    f.report_all(&s1, DevState::Deploying, Phase::Healthy);
+    let s1 = step(&s1, &f.obs, S).state;
+    let paused = operate(&s1, Op::Pause, "alice", 2 * S).unwrap();
+    assert!(matches!(&paused.state.status, Status::Paused { reason } if reason.contains("alice")));
+    assert!(operate(&paused.state, Op::Pause, "alice", 2 * S).is_err());
+    let resumed = operate(&paused.state, Op::Resume, "alice", 3 * S).unwrap();
+    assert_eq!(resumed.state.status, Status::Running);
+    let aborted = operate(&resumed.state, Op::Abort, "bob", 4 * S).unwrap();
+    assert!(
+        matches!(&aborted.state.status, Status::RollingBack { reason } if reason.contains("bob"))
+    );
+    assert_eq!(aborted.actions.len(), 10);
+    assert!(operate(&aborted.state, Op::Resume, "bob", 5 * S).is_err());
+    let e = operate(&aborted.state, Op::Abort, "bob", 5 * S).unwrap_err();
+    assert!(e.to_string().contains("rolling-back"), "{e}");
+}
+
+#[test]
+fn rollback_skips_devices_without_a_previous_model_and_never_commanded_ones() {
+    let mut f = Fleet::new(4);
+    f.dev("dev-000").active = None;
+    let mut p = plan(&[(100.0, 10)]);
+    p.max_concurrent = 1;
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    let queued = count(&s1, DevState::Queued);
+    assert_eq!(queued, 3);
+    let ab = operate(&s1, Op::Abort, "op", S).unwrap();
+    assert!(ab.actions.len() <= 1);
+    let none_prev = &ab.state.devices["dev-000"];
+    assert!(matches!(
+        none_prev.state,
+        DevState::Failed | DevState::RolledBack
+    ));
+    assert_eq!(count(&ab.state, DevState::Queued), 0);
+}
+
+#[test]
+fn devices_that_stop_matching_keep_their_slot_and_new_matches_join_the_current_wave() {
+    let mut f = Fleet::new(10);
+    let s0 = RolloutState::new(1, plan(&[(50.0, 0), (100.0, 0)]), candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    assert_eq!(s1.devices.len(), 5);
+    let gone = s1.devices.keys().next().unwrap().clone();
+    f.obs.selected.retain(|d| d != &gone);
+    let s2 = step(&s1, &f.obs, S).state;
+    assert!(s2.devices.contains_key(&gone));
+    let _ = BTreeMap::<u8, u8>::new();
+}

@@ -1,0 +1,17 @@
+//! Staged rollouts: plans, the pure engine, and the async driver that applies it.
+//!
+//! - [`plan`]: the operator's plan (TOML or flags): model, selector, cumulative waves, bake
+//!   times, concurrency, deadline, gates, shadow phase; device buckets.
+//! - [`engine`]: `step(state, observations, now) -> (state, actions, events)`, no I/O.
+//! - [`driver`]: reads observations from the store, runs the engine on a timer, persists
+//!   state + commands in one transaction, publishes the commands.
+
+pub mod driver;
+pub mod engine;
+pub mod plan;
+
+#[cfg(test)]
+mod engine_tests;
+
+pub use engine::{Candidate, DevState, Event, GateValue, Op, RolloutState, Stage, Status, Verdict};
+pub use plan::{OnFailure, Plan, PlanError, Selector};
