@@ -43,6 +43,7 @@ fn main() -> ExitCode {
             Command::Keys(k) => cli::keys::run(k),
             Command::Model(m) => cli::model::run(m).await,
             Command::Device(d) => cli::device::run(d).await,
+            Command::Rollout(r) => cli::rollout::run(r).await,
         }
     });
     match result {

@@ -5,6 +5,7 @@ pub mod demo;
 pub mod device;
 pub mod keys;
 pub mod model;
+pub mod rollout;
 pub mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -35,6 +36,9 @@ pub enum Command {
     /// Enroll, list, inspect, deploy to and decommission devices.
     #[command(subcommand)]
     Device(device::DeviceCommand),
+    /// Staged rollouts: canary and waves, health gates, pause, resume, abort (rollback).
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
 }
 
 /// How listings are printed.

@@ -1,0 +1,462 @@
+//! `drover rollout start|status|watch|pause|resume|abort|list|report`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+
+use super::client::{print_json, Client, ServerArgs};
+use super::{fmt_ms, Output};
+use crate::api::{RolloutReport, RolloutView};
+use crate::rollout::plan::{Gates, ShadowPhase, Wave};
+use crate::rollout::{OnFailure, Plan, Verdict};
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a staged rollout from a plan file and/or flags (flags override the file).
+    Start(Box<StartArgs>),
+    /// Show one rollout (waves, gates against thresholds, devices), or list them.
+    Status {
+        id: Option<u64>,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Follow a rollout live until it completes, pauses or rolls back.
+    Watch {
+        id: u64,
+        /// Refresh interval.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Stop assigning devices (in-flight installs finish).
+    Pause(IdArgs),
+    /// Continue a paused rollout.
+    Resume(IdArgs),
+    /// Stop and send every device that took the model back to its previous one.
+    Abort(IdArgs),
+    /// List rollouts, newest first.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// The rollout's report: who, what, when, and each gate's value at each decision.
+    Report {
+        id: u64,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    pub id: u64,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Plan file (TOML); see `drover rollout start --help` for the fields.
+    pub plan: Option<PathBuf>,
+    /// NAME@X.Y.Z of a published model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Device selector, e.g. `site=plant-a,arch=aarch64`.
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// Cumulative waves in percent, e.g. `1,10,50,100`.
+    #[arg(long, value_delimiter = ',')]
+    pub waves: Option<Vec<f64>>,
+    /// Bake time of every wave, e.g. `10m`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub bake: Option<Duration>,
+    #[arg(long)]
+    pub max_concurrent: Option<u32>,
+    /// Time a device has to install once commanded, e.g. `1h`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub deadline: Option<Duration>,
+    /// `pause` or `rollback` when a gate fails.
+    #[arg(long, value_parser = parse_on_failure)]
+    pub on_failure: Option<OnFailure>,
+    #[arg(long)]
+    pub min_install_success: Option<f64>,
+    #[arg(long)]
+    pub max_error_rate: Option<f64>,
+    #[arg(long)]
+    pub max_p99_latency_ratio: Option<f64>,
+    #[arg(long)]
+    pub max_drift_psi: Option<f64>,
+    #[arg(long)]
+    pub min_inferences: Option<u64>,
+    /// Run a shadow phase of this length on each wave before activation.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub shadow: Option<Duration>,
+    /// Shadow agreement needed to promote.
+    #[arg(long)]
+    pub min_agreement: Option<f64>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+fn parse_on_failure(s: &str) -> Result<OnFailure, String> {
+    match s {
+        "pause" => Ok(OnFailure::Pause),
+        "rollback" => Ok(OnFailure::Rollback),
+        _ => Err(format!("{s:?} must be pause or rollback")),
+    }
+}
+
+/// The plan from the file (if any) with the flags laid over it, validated.
+pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
+    let mut plan = match &a.plan {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read plan {}", p.display()))?;
+            toml::from_str::<Plan>(&text)
+                .map_err(|e| anyhow::anyhow!("invalid rollout plan {}: {e}", p.display()))?
+        }
+        None => Plan {
+            model: String::new(),
+            selector: String::new(),
+            waves: vec![
+                Wave {
+                    percent: Some(10.0),
+                    count: None,
+                    bake: Duration::from_secs(300),
+                },
+                Wave {
+                    percent: Some(100.0),
+                    count: None,
+                    bake: Duration::from_secs(300),
+                },
+            ],
+            max_concurrent: 100,
+            device_deadline: Duration::from_secs(3600),
+            on_failure: OnFailure::Pause,
+            gates: Gates::default(),
+            shadow: None,
+        },
+    };
+    if let Some(m) = &a.model {
+        plan.model = m.clone();
+    }
+    if let Some(s) = &a.selector {
+        plan.selector = s.clone();
+    }
+    if let Some(w) = &a.waves {
+        let bake = plan.waves.first().map(|w| w.bake).unwrap_or_default();
+        plan.waves = w
+            .iter()
+            .map(|&p| Wave {
+                percent: Some(p),
+                count: None,
+                bake,
+            })
+            .collect();
+    }
+    if let Some(b) = a.bake {
+        for w in &mut plan.waves {
+            w.bake = b;
+        }
+    }
+    if let Some(n) = a.max_concurrent {
+        plan.max_concurrent = n;
+    }
+    if let Some(d) = a.deadline {
+        plan.device_deadline = d;
+    }
+    if let Some(f) = a.on_failure {
+        plan.on_failure = f;
+    }
+    let g = &mut plan.gates;
+    if let Some(v) = a.min_install_success {
+        g.min_install_success = Some(v);
+    }
+    if let Some(v) = a.max_error_rate {
+        g.max_error_rate = Some(v);
+    }
+    if let Some(v) = a.max_p99_latency_ratio {
+        g.max_p99_latency_ratio = Some(v);
+    }
+    if let Some(v) = a.max_drift_psi {
+        g.max_drift_psi = Some(v);
+    }
+    if let Some(v) = a.min_inferences {
+        g.min_inferences = v;
+    }
+    if a.shadow.is_some() || a.min_agreement.is_some() {
+        let s = plan.shadow.get_or_insert_with(ShadowPhase::default);
+        if let Some(d) = a.shadow {
+            s.duration = d;
+        }
+        if let Some(m) = a.min_agreement {
+            s.min_agreement = m;
+        }
+    }
+    plan.validate()?;
+    Ok(plan)
+}
+
+fn verdict(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Pass => "pass",
+        Verdict::Fail => "FAIL",
+        Verdict::NoData => "no data",
+    }
+}
+
+fn print_status(r: &RolloutView) {
+    println!(
+        "rollout {}  {}  {}  (selector {:?}, {} devices selected)",
+        r.id, r.model, r.status, r.selector, r.selected
+    );
+    if let Some(reason) = &r.reason {
+        println!("  reason: {reason}");
+    }
+    println!(
+        "  wave {}/{} stage {} since {}; started {}",
+        r.wave,
+        r.waves.len(),
+        r.stage,
+        fmt_ms(r.stage_since_ms),
+        fmt_ms(r.created_at_ms)
+    );
+    println!(
+        "  {:<5} {:>7} {:>9} {:>8} {:>7} {:>10}  BAKE",
+        "WAVE", "TARGET", "ASSIGNED", "HEALTHY", "FAILED", "IN FLIGHT"
+    );
+    for w in &r.waves {
+        println!(
+            "  {:<5} {:>7} {:>9} {:>8} {:>7} {:>10}  {}",
+            w.wave, w.target, w.assigned, w.healthy, w.failed, w.in_flight, w.bake
+        );
+    }
+    if !r.gates.is_empty() {
+        println!(
+            "  {:<26} {:>10}  {:<10} {:<8} BASIS",
+            "GATE", "VALUE", "LIMIT", "VERDICT"
+        );
+        for g in &r.gates {
+            println!(
+                "  {:<26} {:>10}  {:<10} {:<8} {}",
+                g.gate,
+                g.value.map_or("-".into(), |v| format!("{v:.4}")),
+                g.threshold,
+                verdict(g.verdict),
+                g.basis
+            );
+        }
+    }
+    let failed: Vec<_> = r
+        .device_slots
+        .iter()
+        .filter(|d| d.state == "failed")
+        .collect();
+    for d in failed.iter().take(10) {
+        println!(
+            "  failed {} (wave {}): {}",
+            d.device,
+            d.wave,
+            d.detail.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+fn is_final(r: &RolloutView) -> bool {
+    matches!(r.status.as_str(), "completed" | "paused" | "rolled-back")
+}
+
+pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
+    match cmd {
+        RolloutCommand::Start(a) => {
+            let plan = build_plan(&a)?;
+            let r: RolloutView = Client::new(&a.server)?.post("/v1/rollouts", &plan).await?;
+            if a.output == Output::Json {
+                return print_json(&r);
+            }
+            println!(
+                "rollout {} started: {} to {:?}, {} waves; follow it with `drover rollout watch {}`",
+                r.id,
+                r.model,
+                r.selector,
+                r.waves.len(),
+                r.id
+            );
+            Ok(())
+        }
+        RolloutCommand::Status { id, server, output } => {
+            let client = Client::new(&server)?;
+            match id {
+                Some(id) => {
+                    let r: RolloutView = client.get(&format!("/v1/rollouts/{id}")).await?;
+                    if output == Output::Json {
+                        return print_json(&r);
+                    }
+                    print_status(&r);
+                }
+                None => {
+                    let all: Vec<RolloutView> = client.get("/v1/rollouts").await?;
+                    if output == Output::Json {
+                        return print_json(&all);
+                    }
+                    for r in all.iter().filter(|r| !is_final(r) || r.status == "paused") {
+                        print_status(r);
+                    }
+                }
+            }
+            Ok(())
+        }
+        RolloutCommand::List { server, output } => {
+            let all: Vec<RolloutView> = Client::new(&server)?.get("/v1/rollouts").await?;
+            if output == Output::Json {
+                return print_json(&all);
+            }
+            println!(
+                "{:<4} {:<28} {:<13} {:<6} {:<20} SELECTOR",
+                "ID", "MODEL", "STATUS", "WAVE", "STARTED"
+            );
+            for r in &all {
+                println!(
+                    "{:<4} {:<28} {:<13} {:<6} {:<20} {}",
+                    r.id,
+                    r.model,
+                    r.status,
+                    format!("{}/{}", r.wave, r.waves.len()),
+                    fmt_ms(r.created_at_ms),
+                    r.selector
+                );
+            }
+            Ok(())
+        }
+        RolloutCommand::Watch {
+            id,
+            interval,
+            server,
+            output,
+        } => watch(id, interval, &server, output).await,
+        RolloutCommand::Pause(a) => operate(a, "pause").await,
+        RolloutCommand::Resume(a) => operate(a, "resume").await,
+        RolloutCommand::Abort(a) => operate(a, "abort").await,
+        RolloutCommand::Report { id, server, output } => {
+            let r: RolloutReport = Client::new(&server)?
+                .get(&format!("/v1/rollouts/{id}/report"))
+                .await?;
+            if output == Output::Json {
+                return print_json(&r);
+            }
+            print_status(&r.rollout);
+            println!("\n  TIMELINE");
+            for e in &r.events {
+                println!("  {}  {:<14} {}", fmt_ms(e.at_ms), e.kind, e.detail);
+                for g in &e.gates {
+                    println!(
+                        "  {:>21} {:<24} {:>10} {:<10} {}",
+                        "",
+                        g.gate,
+                        g.value.map_or("-".into(), |v| format!("{v:.4}")),
+                        g.threshold,
+                        verdict(g.verdict)
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn operate(a: IdArgs, op: &str) -> anyhow::Result<()> {
+    let r: RolloutView = Client::new(&a.server)?
+        .post(&format!("/v1/rollouts/{}/{op}", a.id), &())
+        .await?;
+    if a.output == Output::Json {
+        return print_json(&r);
+    }
+    println!("rollout {} is now {}", r.id, r.status);
+    Ok(())
+}
+
+async fn watch(
+    id: u64,
+    interval: Duration,
+    server: &ServerArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let client = Client::new(server)?;
+    let multi = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
+    let status_line = multi.add(indicatif::ProgressBar::new_spinner());
+    loop {
+        let r: RolloutView = client.get(&format!("/v1/rollouts/{id}")).await?;
+        if output == Output::Json {
+            // One JSON object per line, so scripts can follow along.
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            while bars.len() < r.waves.len() {
+                let b = multi.add(indicatif::ProgressBar::new(0));
+                b.set_style(style.clone());
+                b.set_prefix(format!("wave {}", bars.len() + 1));
+                bars.push(b);
+            }
+            for (b, w) in bars.iter().zip(&r.waves) {
+                b.set_length(w.target.max(1));
+                b.set_position(w.healthy.min(w.target.max(1)));
+                b.set_message(format!(
+                    "healthy, {} failed, {} in flight, bake {}",
+                    w.failed, w.in_flight, w.bake
+                ));
+            }
+            let gates: Vec<String> = r
+                .gates
+                .iter()
+                .map(|g| {
+                    format!(
+                        "{} {} {} [{}]",
+                        g.gate,
+                        g.value.map_or("-".into(), |v| format!("{v:.3}")),
+                        g.threshold,
+                        verdict(g.verdict)
+                    )
+                })
+                .collect();
+            status_line.set_message(format!(
+                "rollout {} {} wave {}/{} {} | {}",
+                r.id,
+                r.status,
+                r.wave,
+                r.waves.len(),
+                r.stage,
+                gates.join(" | ")
+            ));
+            status_line.tick();
+        }
+        if is_final(&r) {
+            for b in &bars {
+                b.finish();
+            }
+            status_line.finish();
+            if output == Output::Text {
+                print_status(&r);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
