@@ -737,6 +737,11 @@ impl Store {
                                     "UPDATE devices SET last_phase=?2, active_model=coalesce(?3, active_model), active_digest=coalesce(?4, active_digest), staged_model=NULL, staged_digest=NULL WHERE id=?1",
                                     params![dev, phase_text(p.phase), m, d],
                                 )?,
+                                // The model the device returned to (its report names it).
+                                Phase::RolledBack | Phase::Done => tx.execute(
+                                    "UPDATE devices SET last_phase=?2, active_model=coalesce(?3, active_model), active_digest=coalesce(?4, active_digest) WHERE id=?1",
+                                    params![dev, phase_text(p.phase), m, d],
+                                )?,
                                 Phase::Verified | Phase::SelfTested | Phase::Shadowing => tx.execute(
                                     "UPDATE devices SET last_phase=?2, staged_model=coalesce(?3, staged_model), staged_digest=coalesce(?4, staged_digest) WHERE id=?1",
                                     params![dev, phase_text(p.phase), m, d],

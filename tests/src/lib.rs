@@ -6,6 +6,7 @@
 //!   persistence, on a free loopback port, killed on drop.
 //! - [`free_port`], [`wait_until`]: loopback port picking and bounded polling.
 
+pub mod fleet;
 pub mod mosquitto;
 
 use std::future::Future;
