@@ -160,21 +160,23 @@ pub struct Traffic {
 pub type Targets = Arc<Mutex<Vec<SocketAddr>>>;
 
 impl Traffic {
-    /// Sends one request per target every `period`, to model `name`. Every `bad_every`-th
-    /// request (0: none) carries a feature value of 5.0, which a fragile model cannot take.
+    /// Sends one request per target every `period`, to model `name`. Each target's every
+    /// `bad_every`-th request (0: none) carries a feature value of 5.0, which a fragile
+    /// model cannot take.
     pub fn start(targets: Targets, name: &str, period: Duration, bad_every: u64) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let http = reqwest::Client::new();
         let (s, n, name) = (stop.clone(), sent.clone(), name.to_owned());
         let task = tokio::spawn(async move {
-            let mut i = 0u64;
+            let mut round = 0u64;
             while !s.load(Ordering::Relaxed) {
+                round += 1;
                 let addrs = targets.lock().map(|t| t.clone()).unwrap_or_default();
                 let mut reqs = Vec::new();
-                for a in addrs {
-                    i += 1;
-                    let v = if bad_every > 0 && i % bad_every == 0 {
+                for (k, a) in addrs.into_iter().enumerate() {
+                    // Every device gets a bad input every `bad_every` rounds.
+                    let v = if bad_every > 0 && (round + k as u64) % bad_every == 0 {
                         5.0
                     } else {
                         0.25

@@ -252,7 +252,7 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
             "--waves",
             "8,100",
             "--bake",
-            "2s",
+            "5s",
             "--on-failure",
             "rollback",
             "--max-error-rate",
@@ -316,6 +316,61 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
     for id in ids("plant-a") {
         assert_eq!(models[&id].as_deref(), Some("dense@2.0.0"), "{id}");
     }
+
+    // (c) A shadow phase: plant-b runs v2 beside v1 on live inputs, the shadow gates judge
+    //     the comparisons the agents report, then each wave is promoted.
+    let r = rollout_cli(
+        &api,
+        &[
+            "start",
+            "--model",
+            "dense@2.0.0",
+            "--selector",
+            "site=plant-b",
+            "--waves",
+            "20,100",
+            "--bake",
+            "1s",
+            "--shadow",
+            "2s",
+            "--min-agreement",
+            "0",
+            "--max-shadow-latency-ratio",
+            "50",
+            "--max-p99-latency-ratio",
+            "50",
+        ],
+    )
+    .unwrap();
+    let shadow_id = r["id"].as_u64().unwrap();
+    wait_status(&api, shadow_id, "completed").await;
+    let report = rollout_cli(&api, &["report", &shadow_id.to_string()]).unwrap();
+    let promoted: Vec<&Value> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "promoted")
+        .collect();
+    assert_eq!(promoted.len(), 2, "one promotion per wave: {report:#}");
+    for p in promoted {
+        let agreement = p["gates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["gate"] == "shadow_agreement")
+            .unwrap();
+        assert!(
+            agreement["basis"]
+                .as_str()
+                .is_some_and(|b| !b.contains("of 0 compared")),
+            "the shadow gate judged real comparisons: {p:#}"
+        );
+    }
+    let models = api.active_models().await.unwrap();
+    assert!(
+        models.values().all(|m| m.as_deref() == Some("dense@2.0.0")),
+        "{models:?}"
+    );
 
     traffic.stop().await;
     for d in &mut fleet {

@@ -107,6 +107,9 @@ pub struct StartArgs {
     /// Shadow agreement needed to promote.
     #[arg(long)]
     pub min_agreement: Option<f64>,
+    /// Largest candidate/active p99 latency ratio in the shadow phase.
+    #[arg(long)]
+    pub max_shadow_latency_ratio: Option<f64>,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, value_enum, default_value_t)]
@@ -199,8 +202,11 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
     if let Some(v) = a.min_inferences {
         g.min_inferences = v;
     }
-    if a.shadow.is_some() || a.min_agreement.is_some() {
+    if a.shadow.is_some() || a.min_agreement.is_some() || a.max_shadow_latency_ratio.is_some() {
         let s = plan.shadow.get_or_insert_with(ShadowPhase::default);
+        if let Some(r) = a.max_shadow_latency_ratio {
+            s.max_latency_ratio = Some(r);
+        }
         if let Some(d) = a.shadow {
             s.duration = d;
         }
