@@ -398,6 +398,14 @@ min_agreement = 0.9
     }
 
     #[test]
+    fn the_documented_example_plan_is_valid() {
+        let p = Plan::from_toml(include_str!("../../examples/rollout.toml")).unwrap();
+        assert_eq!(p.waves.len(), 4);
+        assert_eq!(p.on_failure, OnFailure::Rollback);
+        assert!(p.shadow.is_some());
+    }
+
+    #[test]
     fn a_bad_plan_reports_every_problem() {
         let e = Plan::from_toml(
             r#"
