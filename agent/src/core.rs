@@ -35,9 +35,10 @@ use crate::state::{Pending, Settings, Slot, SlotState, State};
 use crate::telemetry::SysProbe;
 
 /// Chunks asked for in one request (bounded so one request cannot flood the broker).
-const CHUNK_BATCH: usize = 64;
+/// Public so the fleet simulator's virtual devices ask exactly as agents do.
+pub const CHUNK_BATCH: usize = 64;
 /// How long to wait for requested chunks before asking again.
-const CHUNK_RETRY: Duration = Duration::from_secs(2);
+pub const CHUNK_RETRY: Duration = Duration::from_secs(2);
 /// Uplink sequence numbers reserved per state write.
 const SEQ_BLOCK: u64 = 1000;
 /// At most one KeyringRefused report per this interval.
@@ -80,6 +81,13 @@ struct Job {
     requested: BTreeSet<u32>,
     last_request: Option<Instant>,
     last_reported: u32,
+}
+
+/// The probation verdict: a newly activated model is healthy unless its errors exceed
+/// 10 % of the requests it served since activation. Public so the fleet simulator's
+/// virtual devices judge their (modelled) probation by the agent's own rule.
+pub fn probation_passed(errors: u64, ok: u64) -> bool {
+    errors == 0 || errors.saturating_mul(10) <= ok
 }
 
 pub struct Core {
@@ -928,8 +936,7 @@ impl Core {
         let Some(active) = self.state.active.clone() else {
             return;
         };
-        // Healthy unless errors exceed 10 % of requests served since activation.
-        if errors == 0 || errors * 10 <= ok {
+        if probation_passed(errors, ok) {
             crash::point("healthy.before_persist");
             if let Some(a) = &mut self.state.active {
                 a.state = SlotState::Healthy;

@@ -5,9 +5,15 @@
 //! - [`mosquitto`]: a real Debian mosquitto with password file, `%u` pattern ACLs and
 //!   persistence, on a free loopback port, killed on drop.
 //! - [`free_port`], [`wait_until`]: loopback port picking and bounded polling.
+//! - [`sim`]: the fleet simulator (thousands of protocol-true virtual devices in one
+//!   process), run by the `drover-fleet-sim` binary, the benches and `tests/fleet_sim.rs`.
+//! - [`serve_process`]: `drover serve` as a child process, for benches that need the
+//!   broker and control plane in their own process (open-file limits, peak RSS).
 
 pub mod fleet;
 pub mod mosquitto;
+pub mod serve_process;
+pub mod sim;
 
 use std::future::Future;
 use std::time::Duration;
@@ -64,8 +70,11 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
             "drover-agent" => "drover-agent",
             other => anyhow::bail!("unknown workspace binary {other}"),
         };
+        // Benches run from target/release: build the binary they measure in release too.
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let st = std::process::Command::new(env!("CARGO"))
             .args(["build", "-p", package, "--bin", name])
+            .args(release.then_some("--release"))
             .status()?;
         anyhow::ensure!(st.success(), "building {name} failed");
     }

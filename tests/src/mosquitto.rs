@@ -117,6 +117,47 @@ impl Mosquitto {
         Ok(())
     }
 
+    /// As [`Mosquitto::add_users`] for thousands of accounts: hashes them all in one
+    /// `mosquitto_passwd -U` run instead of one process per account.
+    pub fn add_users_bulk(&self, users: &[(String, String)]) -> anyhow::Result<()> {
+        let plain = self.dir.join("passwd.new");
+        let mut text = String::new();
+        for (user, pass) in users {
+            if user.contains(':') || user.contains('\n') || pass.contains('\n') {
+                bail!("account {user:?} cannot go in a mosquitto password file");
+            }
+            text.push_str(&format!("{user}:{pass}\n"));
+        }
+        std::fs::write(&plain, text)?;
+        let st = Command::new("mosquitto_passwd")
+            .arg("-U")
+            .arg(&plain)
+            .status()
+            .context("running mosquitto_passwd -U")?;
+        if !st.success() {
+            bail!("mosquitto_passwd -U failed");
+        }
+        let hashed = std::fs::read_to_string(&plain)?;
+        let _ = std::fs::remove_file(&plain);
+        let passwd = self.dir.join("passwd");
+        let mut all = std::fs::read_to_string(&passwd)?;
+        all.push_str(&hashed);
+        std::fs::write(&passwd, all)?;
+        let st = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("could not signal mosquitto to reload");
+        }
+        // The reload is asynchronous; give it a moment before clients log in.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, user: &str, pass: &str) -> String {
         format!("mqtt://{user}:{pass}@127.0.0.1:{}", self.port)
     }

@@ -1,0 +1,133 @@
+//! `drover serve` as a child process: for benchmarks whose broker and control plane must
+//! live in their own process (10,000 devices need 10,000 sockets on each side, and the
+//! server's peak RSS must be its own). Killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+pub struct ServeProcess {
+    child: Child,
+    pub data_dir: PathBuf,
+    pub api_url: String,
+    pub token: String,
+}
+
+impl ServeProcess {
+    /// Starts `drover` (binary at `bin`) with `serve --config` on a config whose data dir
+    /// is `data_dir`, free loopback ports and the given extra TOML lines (e.g.
+    /// `rollout_tick_ms = 500`, `broker_url = "mqtt://..."`).
+    pub fn start(bin: &Path, data_dir: &Path, extra_toml: &str) -> anyhow::Result<ServeProcess> {
+        std::fs::create_dir_all(data_dir)?;
+        let conf = data_dir.join("serve.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "version = 1\ndata_dir = {:?}\nhttp_listen = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n{extra_toml}\n",
+                data_dir.display().to_string()
+            ),
+        )?;
+        let url_file = data_dir.join(drover_control_plane::serve::URL_FILE);
+        let _ = std::fs::remove_file(&url_file);
+        let log = std::fs::File::create(data_dir.join("serve.log"))?;
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(&conf)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut p = ServeProcess {
+            child,
+            data_dir: data_dir.to_owned(),
+            api_url: String::new(),
+            token: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = p.child.try_wait()? {
+                bail!("drover serve exited ({st}): {}", p.log());
+            }
+            if let Ok(url) = std::fs::read_to_string(&url_file) {
+                if !url.trim().is_empty() {
+                    p.api_url = url.trim().to_owned();
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "drover serve did not write {}: {}",
+                    url_file.display(),
+                    p.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.token = std::fs::read_to_string(data_dir.join(drover_control_plane::serve::TOKEN_FILE))?
+            .trim()
+            .to_owned();
+        Ok(p)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("serve.log")).unwrap_or_default()
+    }
+
+    pub fn api(&self) -> crate::fleet::Api {
+        crate::fleet::Api::new(self.api_url.clone(), self.token.clone())
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Peak and current resident set size of a process, in bytes (`VmHWM`, `VmRSS`).
+pub fn rss(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// One counter from a Prometheus text page (`name value`, no labels).
+pub fn prom_counter(page: &str, name: &str) -> Option<u64> {
+    page.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The control plane's `/metrics` page (open, no token).
+pub async fn metrics(api_url: &str) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("{api_url}/metrics"))
+        .await?
+        .text()
+        .await?)
+}
