@@ -717,8 +717,25 @@ impl From<crate::rollout::driver::RolloutError> for ApiError {
     }
 }
 
+/// Who asked (`?by=alice`), recorded in the rollout's report. The API has one bearer
+/// token, so this is the operator's word, not an authenticated identity.
+#[derive(Debug, Deserialize)]
+pub struct ByQuery {
+    pub by: Option<String>,
+}
+
+fn actor(q: &ByQuery) -> String {
+    match q.by.as_deref().map(str::trim) {
+        Some(b) if !b.is_empty() && b.len() <= 64 && !b.chars().any(char::is_control) => {
+            b.to_owned()
+        }
+        _ => "api".to_owned(),
+    }
+}
+
 async fn start_rollout(
     State(st): State<AppState>,
+    Query(by): Query<ByQuery>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let plan: crate::rollout::Plan = serde_json::from_slice(&body).map_err(|e| {
@@ -729,7 +746,7 @@ async fn start_rollout(
     })?;
     plan.validate()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let s = st.rollouts.start(plan, "api").await?;
+    let s = st.rollouts.start(plan, &actor(&by)).await?;
     Ok((
         StatusCode::CREATED,
         Json(RolloutView::from_state(&s, false)),
@@ -775,6 +792,7 @@ async fn rollout_report(
 async fn operate_rollout(
     State(st): State<AppState>,
     Path((id, op)): Path<(u64, String)>,
+    Query(by): Query<ByQuery>,
 ) -> Result<Json<RolloutView>, ApiError> {
     use crate::rollout::Op;
     let op = match op.as_str() {
@@ -788,6 +806,6 @@ async fn operate_rollout(
             ))
         }
     };
-    let s = st.rollouts.operate(id, op, "operator").await?;
+    let s = st.rollouts.operate(id, op, &actor(&by)).await?;
     Ok(Json(RolloutView::from_state(&s, false)))
 }

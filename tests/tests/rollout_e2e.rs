@@ -142,6 +142,8 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
             // the engine tests check the ratio gate exactly.
             "--max-p99-latency-ratio",
             "50",
+            "--by",
+            "release-bot",
         ],
     )
     .unwrap();
@@ -183,6 +185,14 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         );
     }
     let report = rollout_cli(&api, &["report", &good.to_string()]).unwrap();
+    assert!(
+        report["events"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("release-bot started"),
+        "who started it: {:#}",
+        report["events"][0]
+    );
     let kinds: Vec<&str> = report["events"]
         .as_array()
         .unwrap()
