@@ -1048,6 +1048,17 @@ impl Store {
         })
     }
 
+    pub fn command(&self, device: &str, seq: u64) -> Result<Option<CommandRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT * FROM commands WHERE device = ?1 AND seq = ?2",
+                params![device, i(seq)],
+                Self::command_from_row,
+            )
+            .optional()?)
+    }
+
     pub fn latest_command(&self, device: &str) -> Result<Option<CommandRow>> {
         Ok(self
             .conn

@@ -34,6 +34,11 @@ use crate::store::{RolloutWrite, Store, StoreError};
 const RESCAN_MS: u64 = 30_000;
 /// How far before a rollout starts the previous model's telemetry is its baseline.
 const BASELINE_MS: u64 = 15 * 60_000;
+/// A command an online device has not answered at all for this long is published again
+/// (same bytes, same sequence: a device that already has it refuses the replay). This
+/// covers a crash between committing a step and publishing it when devices stay
+/// connected to an external broker and so never say hello again.
+const REPUBLISH_MS: u64 = 30_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -186,6 +191,8 @@ struct Driver {
     mqtt: Arc<MqttLink>,
     rollouts: BTreeMap<u64, RolloutState>,
     seen: HashMap<u64, Seen>,
+    /// (device, seq) → when it was last published.
+    published: HashMap<(String, u64), u64>,
 }
 
 /// Starts the driver task; it stops when every handle is dropped.
@@ -202,6 +209,7 @@ pub fn spawn(
         mqtt,
         rollouts: BTreeMap::new(),
         seen: HashMap::new(),
+        published: HashMap::new(),
     };
     let task = tokio::spawn(driver.run(rx, interval));
     (RolloutHandle { tx }, task)
@@ -343,6 +351,7 @@ impl Driver {
                 return;
             }
         };
+        self.republish_unanswered(&current, &obs).await;
         let step = engine::step(&current, &obs, now_ms());
         if step.state == current && step.actions.is_empty() && step.events.is_empty() {
             return;
@@ -475,6 +484,58 @@ impl Driver {
             }
         }
         Ok(state)
+    }
+
+    async fn republish_unanswered(&mut self, r: &RolloutState, obs: &Observations) {
+        let now = now_ms();
+        let due: Vec<(String, u64)> = r
+            .devices
+            .iter()
+            .filter(|(_, d)| {
+                matches!(
+                    d.state,
+                    DevState::Deploying | DevState::Promoting | DevState::RollingBack
+                )
+            })
+            .filter_map(|(id, d)| {
+                let o = obs.devices.get(id)?;
+                let seq = d.command_seq?;
+                let since = self
+                    .published
+                    .get(&(id.clone(), seq))
+                    .copied()
+                    .or(d.commanded_at_ms)?;
+                (o.online && o.progress.is_none() && now.saturating_sub(since) >= REPUBLISH_MS)
+                    .then(|| (id.clone(), seq))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let wanted = due.clone();
+        let rows = self
+            .blocking(move |_, s| {
+                let mut out = Vec::new();
+                for (device, seq) in &wanted {
+                    out.extend(s.command(device, *seq)?);
+                }
+                Ok(out)
+            })
+            .await
+            .unwrap_or_default();
+        for row in rows {
+            if let Ok(device) = DeviceId::new(row.device.clone()) {
+                tracing::info!(rollout = r.id, device_id = %device, seq = row.seq, "republishing an unanswered command");
+                crate::serve::send_command(
+                    &self.shared,
+                    &self.mqtt,
+                    &device,
+                    fleet::command_blob(&row),
+                )
+                .await;
+                self.published.insert((row.device.clone(), row.seq), now);
+            }
+        }
     }
 
     async fn observe(&mut self, r: &RolloutState) -> Result<Observations, RolloutError> {
