@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub command_ttl_hours: u64,
     /// How often the rollout driver re-evaluates every open rollout.
     pub rollout_tick_ms: u64,
+    /// A rollout command an online device has not answered for this long is published again.
+    pub rollout_republish_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,6 +76,7 @@ impl Default for ServeConfig {
             chunk_window_ms: 100,
             command_ttl_hours: 24 * 7,
             rollout_tick_ms: 1000,
+            rollout_republish_ms: 30_000,
         }
     }
 }
@@ -310,6 +313,9 @@ impl ServeConfig {
         }
         if !(10..=600_000).contains(&self.rollout_tick_ms) {
             errors.push("rollout_tick_ms must be within 10..=600000".into());
+        }
+        if !(100..=3_600_000).contains(&self.rollout_republish_ms) {
+            errors.push("rollout_republish_ms must be within 100..=3600000".into());
         }
         match (errors.is_empty(), http, broker) {
             (true, Some(http_listen), Some(broker)) => Ok(ValidServeConfig {

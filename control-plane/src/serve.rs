@@ -348,6 +348,7 @@ pub async fn run(
         Arc::clone(&api_store),
         Arc::clone(&mqtt),
         Duration::from_millis(raw.rollout_tick_ms),
+        Duration::from_millis(raw.rollout_republish_ms),
     );
     let app = crate::api::router(crate::api::AppState {
         shared: Arc::clone(&shared),

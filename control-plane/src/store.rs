@@ -645,7 +645,9 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut seen: HashMap<&DeviceId, (u64, u64)> = HashMap::new();
+        // Per device: highest sequence, latest receipt, and whether its last frame in
+        // this batch said it went offline (a last will).
+        let mut seen: HashMap<&DeviceId, (u64, u64, bool)> = HashMap::new();
         let mut rollups: HashMap<(&str, u64), Rollup> = HashMap::new();
         {
             let mut ins_tel = tx.prepare_cached(
@@ -655,9 +657,10 @@ impl Store {
                 let f = &item.frame;
                 let dev = f.device.as_str();
                 let recv = i(item.received_at_ms);
-                let e = seen.entry(&f.device).or_insert((0, 0));
+                let e = seen.entry(&f.device).or_insert((0, 0, false));
                 e.0 = e.0.max(f.seq);
                 e.1 = e.1.max(item.received_at_ms);
+                e.2 = matches!(&f.msg, Uplink::Status(s) if s.presence == Presence::Offline);
                 let inserted = match &f.msg {
                     Uplink::Telemetry(t) => {
                         let n = ins_tel.execute(params![
@@ -862,10 +865,12 @@ impl Store {
                 ])?;
             }
             let mut up_dev = tx.prepare_cached(
-                "UPDATE devices SET max_uplink_seq = max(max_uplink_seq, ?2), last_seen_ms = max(coalesce(last_seen_ms, 0), ?3) WHERE id = ?1",
+                // A device that speaks is online, even if it never said hello to this
+                // process (it stayed connected to an external broker across a restart).
+                "UPDATE devices SET max_uplink_seq = max(max_uplink_seq, ?2), last_seen_ms = max(coalesce(last_seen_ms, 0), ?3), online = CASE WHEN ?4 THEN 0 ELSE 1 END WHERE id = ?1 AND decommissioned = 0",
             )?;
-            for (dev, (seq, at)) in &seen {
-                up_dev.execute(params![dev.as_str(), i(*seq), i(*at)])?;
+            for (dev, (seq, at, offline)) in &seen {
+                up_dev.execute(params![dev.as_str(), i(*seq), i(*at), offline])?;
             }
         }
         tx.commit()?;

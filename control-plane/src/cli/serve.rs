@@ -24,6 +24,9 @@ pub struct ServeArgs {
     /// Use an external broker instead: mqtt://user:pass@host:port.
     #[arg(long)]
     pub broker_url: Option<String>,
+    /// Fault injection for crash tests: SIGKILL self the N-th time POINT is passed.
+    #[arg(long, hide = true, value_name = "POINT:N")]
+    pub crash_at: Option<String>,
 }
 
 async fn signal() {
@@ -42,6 +45,9 @@ async fn signal() {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(spec) = &args.crash_at {
+        drover_agent::crash::arm(spec).map_err(anyhow::Error::msg)?;
+    }
     let env: HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("DROVER_"))
         .collect();

@@ -34,11 +34,6 @@ use crate::store::{RolloutWrite, Store, StoreError};
 const RESCAN_MS: u64 = 30_000;
 /// How far before a rollout starts the previous model's telemetry is its baseline.
 const BASELINE_MS: u64 = 15 * 60_000;
-/// A command an online device has not answered at all for this long is published again
-/// (same bytes, same sequence: a device that already has it refuses the replay). This
-/// covers a crash between committing a step and publishing it when devices stay
-/// connected to an external broker and so never say hello again.
-const REPUBLISH_MS: u64 = 30_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -193,6 +188,11 @@ struct Driver {
     seen: HashMap<u64, Seen>,
     /// (device, seq) → when it was last published.
     published: HashMap<(String, u64), u64>,
+    /// A command an online device has not answered at all for this long is published
+    /// again (same bytes, same sequence: a device that already has it refuses the
+    /// replay). This covers a crash between committing a step and publishing it when
+    /// devices stay connected to an external broker and so never say hello again.
+    republish_ms: u64,
 }
 
 /// Starts the driver task; it stops when every handle is dropped.
@@ -201,6 +201,7 @@ pub fn spawn(
     store: Arc<Mutex<Store>>,
     mqtt: Arc<MqttLink>,
     interval: Duration,
+    republish: Duration,
 ) -> (RolloutHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let driver = Driver {
@@ -210,6 +211,7 @@ pub fn spawn(
         rollouts: BTreeMap::new(),
         seen: HashMap::new(),
         published: HashMap::new(),
+        republish_ms: u64::try_from(republish.as_millis()).unwrap_or(u64::MAX),
     };
     let task = tokio::spawn(driver.run(rx, interval));
     (RolloutHandle { tx }, task)
@@ -471,6 +473,10 @@ impl Driver {
                 Ok((state, rows?))
             })
             .await?;
+        if !rows.is_empty() {
+            // Crash tests: the step is committed, its commands not yet published.
+            drover_agent::crash::point("rollout.after_commit");
+        }
         for row in &rows {
             if let Ok(device) = DeviceId::new(row.device.clone()) {
                 self.shared.metrics.commands_issued.fetch_add(1, Relaxed);
@@ -505,7 +511,7 @@ impl Driver {
                     .get(&(id.clone(), seq))
                     .copied()
                     .or(d.commanded_at_ms)?;
-                (o.online && o.progress.is_none() && now.saturating_sub(since) >= REPUBLISH_MS)
+                (o.online && o.progress.is_none() && now.saturating_sub(since) >= self.republish_ms)
                     .then(|| (id.clone(), seq))
             })
             .collect();
