@@ -618,10 +618,12 @@ impl Driver {
                 Ok((s.devices()?, seen))
             })
             .await?;
+        let held = held_by_older(&self.rollouts, r.id);
         let mut obs = Observations::default();
         for d in devices {
             let assigned = r.devices.get(&d.id);
             let selected = !d.decommissioned
+                && !held.contains(d.id.as_str())
                 && selector.matches(
                     &d.labels,
                     &[
@@ -667,6 +669,26 @@ impl Driver {
         self.seen.insert(id, seen);
         Ok(obs)
     }
+}
+
+/// Devices an older rollout still owns (it runs, is paused or rolls back): a newer
+/// rollout leaves them alone until that one ends, so a device never gets commands from
+/// two rollouts that would supersede each other.
+pub fn held_by_older(
+    open: &BTreeMap<u64, RolloutState>,
+    id: u64,
+) -> std::collections::HashSet<&str> {
+    open.range(..id)
+        .filter(|(_, r)| {
+            matches!(
+                r.status,
+                engine::Status::Running
+                    | engine::Status::Paused { .. }
+                    | engine::Status::RollingBack { .. }
+            )
+        })
+        .flat_map(|(_, r)| r.devices.keys().map(String::as_str))
+        .collect()
 }
 
 /// Devices still in flight.
@@ -738,4 +760,60 @@ fn pending_state(s: DevState) -> bool {
             | DevState::Active
             | DevState::RollingBack
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::plan::Plan;
+
+    fn rollout(id: u64, status: engine::Status, devices: &[&str]) -> RolloutState {
+        let plan = Plan::from_toml("model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n").unwrap();
+        let mut r = RolloutState::new(
+            id,
+            plan,
+            Candidate {
+                name: "m".into(),
+                version: "1.0.0".into(),
+                digest: "d".into(),
+            },
+            0,
+        );
+        r.status = status;
+        for d in devices {
+            r.devices.insert(
+                (*d).to_owned(),
+                Slot {
+                    wave: 0,
+                    state: DevState::Healthy,
+                    assigned_at_ms: 0,
+                    commanded_at_ms: Some(0),
+                    command_seq: Some(1),
+                    previous: None,
+                    detail: None,
+                },
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn an_older_active_rollout_holds_its_devices() {
+        let mut open = BTreeMap::new();
+        open.insert(1, rollout(1, engine::Status::Running, &["a", "b"]));
+        open.insert(
+            2,
+            rollout(2, engine::Status::Paused { reason: "x".into() }, &["c"]),
+        );
+        open.insert(3, rollout(3, engine::Status::Completed, &["d"]));
+        open.insert(4, rollout(4, engine::Status::Running, &["e"]));
+        let held = held_by_older(&open, 4);
+        let mut v: Vec<&str> = held.into_iter().collect();
+        v.sort_unstable();
+        assert_eq!(v, vec!["a", "b", "c"], "completed rollouts release devices");
+        assert!(
+            held_by_older(&open, 1).is_empty(),
+            "the oldest is never held"
+        );
+    }
 }
