@@ -30,6 +30,8 @@ pub struct AppState {
     pub shared: Arc<Shared>,
     pub store: Arc<Mutex<Store>>,
     pub mqtt: Arc<MqttLink>,
+    /// The continuous-training engine, when a policy is configured.
+    pub continuous: Option<Arc<crate::continuous::Engine>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -208,7 +210,7 @@ pub struct LimitQuery {
 
 /// An API error: status and a message that says what to do.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -298,6 +300,7 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/models", get(list_models).post(publish))
         .route("/v1/models/{name}/{version}", get(show_model))
         .route("/v1/keyring", get(keyring))
+        .merge(crate::api_continuous::routes())
         .layer(middleware::from_fn_with_state(st.clone(), require_token))
         .layer(DefaultBodyLimit::max(600 * 1024 * 1024));
     Router::new()

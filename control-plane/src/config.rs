@@ -34,6 +34,36 @@ pub struct ServeConfig {
     pub chunk_window_ms: u64,
     /// Deployment commands expire this long after being issued.
     pub command_ttl_hours: u64,
+    /// Drift scoring and continuous training (see `continuous.rs`).
+    pub continuous: ContinuousConfig,
+}
+
+/// Drift scoring and continuous training. Off while `policy` is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContinuousConfig {
+    /// Policy file (TOML): drift windows, triggers, job spec, gate, rollout template.
+    pub policy: String,
+    /// How often drift is scored and triggers are checked.
+    pub tick_secs: u64,
+    /// Training jobs the local executor runs at once.
+    pub local_jobs: usize,
+    /// Directory of the Slurm client commands; empty = `PATH`.
+    pub slurm_bin_dir: String,
+    /// `SLURM_CONF` for the Slurm client commands; empty = the system's.
+    pub slurm_conf: String,
+}
+
+impl Default for ContinuousConfig {
+    fn default() -> Self {
+        Self {
+            policy: String::new(),
+            tick_secs: 60,
+            local_jobs: 1,
+            slurm_bin_dir: String::new(),
+            slurm_conf: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,6 +101,7 @@ impl Default for ServeConfig {
             telemetry_retention_hours: 24 * 7,
             chunk_window_ms: 100,
             command_ttl_hours: 24 * 7,
+            continuous: ContinuousConfig::default(),
         }
     }
 }
@@ -292,6 +323,9 @@ impl ServeConfig {
             if let Err(e) = parse_broker_url(&self.advertised_broker_url) {
                 errors.push(format!("advertised_broker_url: {e}"));
             }
+        }
+        if self.continuous.tick_secs == 0 || self.continuous.local_jobs == 0 {
+            errors.push("continuous.tick_secs and continuous.local_jobs must be at least 1".into());
         }
         if self.ingest.batch_max == 0 {
             errors.push("ingest.batch_max must be at least 1".into());

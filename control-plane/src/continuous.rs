@@ -395,8 +395,8 @@ impl Engine {
         policy: Policy,
         policy_dir: PathBuf,
         local_concurrency: usize,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> Self {
+        Self {
             store,
             data_dir,
             signing: SecretKey::from_seed(signing.seed()),
@@ -406,7 +406,7 @@ impl Engine {
             slurm: SlurmConfig::default(),
             poll_interval: Duration::from_millis(500),
             cancels: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Loads a policy file and builds its engine.
@@ -416,7 +416,7 @@ impl Engine {
         signing: &SecretKey,
         path: &Path,
         local_concurrency: usize,
-    ) -> Result<Arc<Self>> {
+    ) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ContinuousError::Policy {
             path: path.display().to_string(),
             detail: e.to_string(),
@@ -574,9 +574,30 @@ impl Engine {
     /// the row (`state`, `detail`), not an `Err`.
     pub async fn run_job(
         self: &Arc<Self>,
+        spec: (JobSpec, String, PathBuf),
+        trigger: &str,
+        now_ms: u64,
+    ) -> Result<JobRow> {
+        self.run_job_inner(spec, trigger, now_ms, None).await
+    }
+
+    /// [`Engine::run_job`], sending the job's id on `id` as soon as it is recorded.
+    pub async fn run_job_reporting(
+        self: &Arc<Self>,
+        spec: (JobSpec, String, PathBuf),
+        trigger: &str,
+        now_ms: u64,
+        id: tokio::sync::oneshot::Sender<u64>,
+    ) -> Result<JobRow> {
+        self.run_job_inner(spec, trigger, now_ms, Some(id)).await
+    }
+
+    async fn run_job_inner(
+        self: &Arc<Self>,
         (spec, spec_text, spec_dir): (JobSpec, String, PathBuf),
         trigger: &str,
         now_ms: u64,
+        report: Option<tokio::sync::oneshot::Sender<u64>>,
     ) -> Result<JobRow> {
         let model = self.policy.model.clone();
         let jobs_dir = self.data_dir.join("jobs");
@@ -606,6 +627,9 @@ impl Engine {
                 Ok((row, champion))
             })
             .await?;
+        if let Some(tx) = report {
+            let _ = tx.send(row.id);
+        }
         let paths = JobPaths::new(Path::new(&row.dir));
         // Dataset.
         let since = now_ms.saturating_sub((spec.dataset.fleet_since_hours * 3_600_000.0) as u64);

@@ -43,6 +43,8 @@ fn main() -> ExitCode {
             Command::Keys(k) => cli::keys::run(k),
             Command::Model(m) => cli::model::run(m).await,
             Command::Device(d) => cli::device::run(d).await,
+            Command::Drift(d) => cli::drift::run(d).await,
+            Command::Train(t) => cli::train::run(t).await,
         }
     });
     match result {

@@ -343,10 +343,13 @@ pub async fn run(
         &data_dir.join(URL_FILE),
         format!("http://{http_addr}\n").as_bytes(),
     );
+    let (continuous, continuous_task) =
+        start_continuous(&raw.continuous, &api_store, &shared).await;
     let app = crate::api::router(crate::api::AppState {
         shared: Arc::clone(&shared),
         store: Arc::clone(&api_store),
         mqtt: Arc::clone(&mqtt),
+        continuous,
     });
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move {
@@ -391,6 +394,9 @@ pub async fn run(
         let _ = http_stop_tx.send(());
         let _ = http.await;
         maintenance.abort();
+        if let Some(t) = continuous_task {
+            t.abort();
+        }
         mqtt.stop_ingest();
         let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
         let _ = dispatcher.await;
@@ -405,6 +411,65 @@ pub async fn run(
         stop: Some(stop_tx),
         main,
     })
+}
+
+/// Starts drift scoring and continuous training when a policy is configured: re-attaches
+/// to Slurm jobs left running, then ticks. A bad policy is logged and leaves it off
+/// rather than stopping the server.
+async fn start_continuous(
+    cfg: &crate::config::ContinuousConfig,
+    store: &Arc<Mutex<Store>>,
+    shared: &Arc<Shared>,
+) -> (
+    Option<Arc<crate::continuous::Engine>>,
+    Option<JoinHandle<()>>,
+) {
+    use crate::continuous::Engine;
+    if cfg.policy.is_empty() {
+        return (None, None);
+    }
+    let engine = Engine::from_policy_file(
+        Arc::clone(store),
+        shared.data_dir.clone(),
+        &shared.keys.signing,
+        Path::new(&cfg.policy),
+        cfg.local_jobs,
+    )
+    .map(|mut e| {
+        e.slurm = crate::jobs::slurm::SlurmConfig {
+            bin_dir: (!cfg.slurm_bin_dir.is_empty()).then(|| PathBuf::from(&cfg.slurm_bin_dir)),
+            slurm_conf: (!cfg.slurm_conf.is_empty()).then(|| PathBuf::from(&cfg.slurm_conf)),
+        };
+        Arc::new(e)
+    });
+    let engine = match engine {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "continuous training is off");
+            return (None, None);
+        }
+    };
+    if let Err(e) = engine.reattach().await {
+        tracing::error!(error = %e, "cannot re-attach to training jobs");
+    }
+    let every = Duration::from_secs(cfg.tick_secs);
+    let e = Arc::clone(&engine);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match e.tick(now_ms()).await {
+                Ok(t) => {
+                    if let Some(trigger) = t.trigger {
+                        tracing::info!(%trigger, "training job started");
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "continuous tick failed"),
+            }
+        }
+    });
+    (Some(engine), Some(task))
 }
 
 async fn send_downlink(shared: &Shared, mqtt: &MqttLink, device: &DeviceId, msg: Downlink) {

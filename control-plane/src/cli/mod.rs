@@ -3,9 +3,11 @@
 pub mod client;
 pub mod demo;
 pub mod device;
+pub mod drift;
 pub mod keys;
 pub mod model;
 pub mod serve;
+pub mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -35,6 +37,12 @@ pub enum Command {
     /// Enroll, list, inspect, deploy to and decommission devices.
     #[command(subcommand)]
     Device(device::DeviceCommand),
+    /// Drift scores per device, label group and fleet (PSI, chi-square).
+    #[command(subcommand)]
+    Drift(drift::DriftCommand),
+    /// Training jobs: the built-in trainer, manual runs, job state and outcome.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
 }
 
 /// How listings are printed.
