@@ -443,10 +443,9 @@ impl Engine {
             .map_err(|e| ContinuousError::Task(e.to_string()))?
     }
 
-    /// Scores the window `[now - window, now)` for every scope and stores the scores.
-    pub async fn score_drift(&self, now_ms: u64) -> Result<(u64, u64, Vec<Score>)> {
-        let w = self.policy.drift.window_secs * 1000;
-        let window = (now_ms.saturating_sub(w), now_ms);
+    /// Scores the window `[from, to)` for every scope and stores the scores.
+    pub async fn score_drift(&self, from_ms: u64, to_ms: u64) -> Result<Vec<Score>> {
+        let window = (from_ms, to_ms);
         let group_by = self.policy.drift.group_by.clone();
         let t = self.policy.thresholds();
         let scores = self
@@ -472,7 +471,7 @@ impl Engine {
                 Ok(scores)
             })
             .await?;
-        Ok((window.0, window.1, scores))
+        Ok(scores)
     }
 
     /// The first trigger that fires now, if no job of this policy is under way.
@@ -522,11 +521,17 @@ impl Engine {
         .await
     }
 
-    /// Scores drift, then starts a job if a trigger fires.
+    /// Scores the policy's window ending now, then starts a job if a trigger fires.
     pub async fn tick(self: &Arc<Self>, now_ms: u64) -> Result<Tick> {
-        let (a, b, scores) = self.score_drift(now_ms).await?;
+        let w = self.policy.drift.window_secs * 1000;
+        self.tick_window(now_ms.saturating_sub(w), now_ms).await
+    }
+
+    /// [`Engine::tick`] for an explicit window `[from, to)` (`to` is "now" for triggers).
+    pub async fn tick_window(self: &Arc<Self>, from_ms: u64, now_ms: u64) -> Result<Tick> {
+        let scores = self.score_drift(from_ms, now_ms).await?;
         let mut tick = Tick {
-            window: (a, b),
+            window: (from_ms, now_ms),
             scores,
             ..Default::default()
         };
