@@ -866,6 +866,32 @@ impl Engine {
                 return self.save(row).await;
             }
         };
+        let before = row.clone();
+        match self
+            .gate(row, paths, champion, features, candidate, trainer_metrics)
+            .await
+        {
+            Ok(row) => Ok(row),
+            // Whatever broke in the gate, the job ends refused with the reason, not stuck.
+            Err(e) => {
+                let mut row = before;
+                row.outcome = Some("refused".into());
+                row.detail = Some(format!("evaluation failed: {e}"));
+                self.save(row).await
+            }
+        }
+    }
+
+    /// Scores candidate and champion on the held-out rows, decides, registers.
+    async fn gate(
+        &self,
+        mut row: JobRow,
+        paths: &JobPaths,
+        champion: Option<ModelRow>,
+        features: Vec<String>,
+        candidate: Vec<u8>,
+        trainer_metrics: serde_json::Value,
+    ) -> Result<JobRow> {
         let holdout = dataset::read_holdout(&paths.holdout).map_err(JobError::from)?;
         let train_csv = std::fs::read_to_string(&paths.train).map_err(|source| JobError::Io {
             what: "cannot read",

@@ -457,3 +457,92 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     }
     server.shutdown().await;
 }
+
+/// `drover serve` with a `[continuous]` policy: `drover train run --wait` starts the
+/// policy's job through the API, and the CLI shows the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drover_train_run_through_serve_with_a_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = Rng::new(5);
+    let old: Vec<_> = (0..800).map(|_| world(&mut rng, false)).collect();
+    std::fs::write(dir.join("base.csv"), labeled_csv(&old)).unwrap();
+    std::fs::write(dir.join("baseline.csv"), features_csv(&old)).unwrap();
+    let drover = workspace_bin("drover").unwrap();
+    let train = toml_args(&[
+        drover.to_str().unwrap(),
+        "train",
+        "builtin",
+        "--data",
+        "{dataset}",
+        "--out",
+        "{out}",
+    ]);
+    std::fs::write(
+        dir.join("policy.toml"),
+        policy(MODEL, "[gate]\nmin_recent_improvement = 0.0\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("job.toml"),
+        job_spec("local", &train, 300, Some(&dir.join("base.csv"))),
+    )
+    .unwrap();
+    let mut config = ServeConfig {
+        data_dir: dir.join("server"),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    config.continuous.policy = dir.join("policy.toml").display().to_string();
+    config.continuous.tick_secs = 3600;
+    let server = serve::run(config.validate().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.http_addr());
+    let token = server.api_token().to_string();
+    let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
+    let cli = |args: &[&str]| drover_cli(&[args, &srv[..]].concat());
+
+    // An untrained champion, so the job's candidate must beat it.
+    let champ = dir.join("champion");
+    drover_cli(&[
+        "train",
+        "builtin",
+        "--epochs",
+        "0",
+        "--data",
+        dir.join("base.csv").to_str().unwrap(),
+        "--out",
+        champ.to_str().unwrap(),
+    ])
+    .unwrap();
+    cli(&[
+        "model",
+        "publish",
+        champ.join("model.onnx").to_str().unwrap(),
+        "--name",
+        MODEL,
+        "--version",
+        "2.0.0",
+        "--baseline",
+        dir.join("baseline.csv").to_str().unwrap(),
+    ])
+    .unwrap();
+
+    let job: Value =
+        serde_json::from_str(&cli(&["train", "run", "--wait", "--output", "json"]).unwrap())
+            .unwrap();
+    assert_eq!(job["trigger"], "manual");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["outcome"], "accepted", "{job}");
+    assert_eq!(job["candidate_model"], "shift@2.0.1");
+    let jobs: Value =
+        serde_json::from_str(&cli(&["train", "jobs", "--output", "json"]).unwrap()).unwrap();
+    assert_eq!(jobs.as_array().map(Vec::len), Some(1));
+    let e = cli(&["train", "cancel", "999"])
+        .err()
+        .map(|e| e.to_string());
+    assert!(e.is_some_and(|e| e.contains("training job 999 is not running")));
+    server.shutdown().await;
+}

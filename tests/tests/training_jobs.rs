@@ -238,3 +238,40 @@ async fn sklearn_example_trainer_runs_through_the_local_executor() {
     );
     assert_eq!(rig.versions(MODEL), ["1.0.0", "1.0.1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_job_left_running_by_a_restart_is_marked_failed_and_publishes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rig, base) = setup(tmp.path());
+    let cmd = toml_args(&["true"]);
+    let e = rig
+        .engine(
+            "p",
+            &policy(MODEL, ""),
+            &job_spec("local", &cmd, 60, Some(&base)),
+        )
+        .unwrap();
+    // What a control plane that died mid-job leaves behind.
+    let id = {
+        let mut s = rig.lock();
+        let mut row = drover_control_plane::store::JobRow {
+            name: "retrain".into(),
+            trigger: "manual".into(),
+            executor: "local".into(),
+            spec: String::new(),
+            state: "running".into(),
+            external_id: Some("4242".into()),
+            created_at_ms: 1,
+            ..Default::default()
+        };
+        row.id = s.insert_job(&row).unwrap();
+        s.update_job(&row).unwrap();
+        row.id
+    };
+    let handles = e.reattach().await.unwrap();
+    assert!(handles.is_empty(), "nothing to follow for a local job");
+    let row = rig.lock().job(id).unwrap().unwrap();
+    assert_eq!(row.state, "failed");
+    assert!(row.detail.unwrap_or_default().contains("restarted"));
+    no_new_version(&rig);
+}
