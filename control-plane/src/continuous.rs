@@ -1043,6 +1043,29 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_policy_and_job_specs_parse() {
+        let p = Policy::parse(
+            include_str!("../trainers/examples/policy.toml"),
+            "policy.toml",
+        );
+        assert!(p.as_ref().is_ok_and(|p| p.rollout.is_some()), "{p:?}");
+        for (name, text) in [
+            (
+                "builtin",
+                include_str!("../trainers/examples/job-builtin.toml"),
+            ),
+            (
+                "sklearn",
+                include_str!("../trainers/examples/job-sklearn.toml"),
+            ),
+            ("slurm", include_str!("../trainers/examples/job-slurm.toml")),
+        ] {
+            let j = JobSpec::parse(text, name);
+            assert!(j.is_ok(), "{name}: {j:?}");
+        }
+    }
+
+    #[test]
     fn versions_count_up_by_patch() {
         assert_eq!(next_version(Some("1.2.3")), "1.2.4");
         assert_eq!(next_version(None), "1.0.0");
