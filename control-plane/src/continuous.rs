@@ -478,6 +478,7 @@ impl Engine {
     pub async fn due_trigger(&self, now_ms: u64) -> Result<Option<String>> {
         let tr = self.policy.triggers.clone();
         let w = self.policy.drift.window_secs * 1000;
+        let model = self.policy.model.clone();
         self.with_store(move |s| {
             if !s.jobs_in_state(&["queued", "running"])?.is_empty() {
                 return Ok(None);
@@ -490,8 +491,15 @@ impl Engine {
                     .saturating_sub(w * (n + 1))
                     .max(last_job.map_or(0, |t| t + 1));
                 let hist = s.drift_history(None, since, 1_000_000)?;
+                // Only drift of this policy's model (any version) triggers its training.
+                let digests: std::collections::HashSet<String> = s
+                    .models()?
+                    .into_iter()
+                    .filter(|m| m.name == model)
+                    .map(|m| drover_protocol::topics::hex32(&m.digest))
+                    .collect();
                 let mut by_scope: BTreeMap<&str, BTreeMap<u64, Level>> = BTreeMap::new();
-                for sc in &hist {
+                for sc in hist.iter().filter(|sc| digests.contains(&sc.model_digest)) {
                     let l = by_scope
                         .entry(&sc.scope)
                         .or_default()
@@ -641,9 +649,10 @@ impl Engine {
         let base = spec.dataset.base.as_ref().map(|b| spec_dir.join(b));
         let fraction = spec.dataset.holdout_fraction;
         let p2 = paths.clone();
+        let model_name = self.policy.model.clone();
         let built = self
             .with_store(move |s| {
-                let fleet = s.labeled_samples(since)?;
+                let fleet = s.labeled_samples(since, &model_name)?;
                 Ok((fleet, p2))
             })
             .await
@@ -688,6 +697,13 @@ impl Engine {
             }
         };
         row.dataset_hash = Some(data.hash.clone());
+        if data.skipped > 0 {
+            tracing::info!(
+                job = row.id,
+                skipped = data.skipped,
+                "fleet samples left out of the dataset"
+            );
+        }
         row.state = "running".into();
         let cancel = Arc::new(Notify::new());
         self.cancels

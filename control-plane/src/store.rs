@@ -1141,15 +1141,20 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    /// Sampled inputs taken at or after `since_ms` that have a label, oldest first.
-    pub fn labeled_samples(&self, since_ms: u64) -> Result<Vec<LabeledSample>> {
+    /// Inputs sampled at or after `since_ms` by any version of model `model_name`, with
+    /// the label that came back for them, oldest first. A label only attaches to a sample
+    /// taken before it (agents number requests from 1 again after a restart).
+    pub fn labeled_samples(&self, since_ms: u64, model_name: &str) -> Result<Vec<LabeledSample>> {
         let mut st = self.conn.prepare(
             "SELECT s.device, s.at_ms, s.features, l.value
-             FROM samples s JOIN labels l ON l.device = s.device AND l.request_id = s.request_id
-             WHERE s.at_ms >= ?1
+             FROM samples s
+             JOIN models m ON m.digest = s.model_digest
+             JOIN labels l ON l.device = s.device AND l.request_id = s.request_id
+                          AND l.at_ms >= s.at_ms
+             WHERE s.at_ms >= ?1 AND m.name = ?2
              ORDER BY s.at_ms, s.device, s.seq, s.idx",
         )?;
-        let rows = st.query_map([i(since_ms)], |r| {
+        let rows = st.query_map(params![i(since_ms), model_name], |r| {
             Ok(LabeledSample {
                 device: r.get(0)?,
                 at_ms: r.get::<_, i64>(1)?.max(0) as u64,

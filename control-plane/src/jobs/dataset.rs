@@ -19,12 +19,6 @@ const MAX_ROWS: usize = 5_000_000;
 pub enum DatasetError {
     #[error("{origin}: {detail}")]
     Csv { origin: String, detail: String },
-    #[error("fleet sample from {device} has {got} features, the dataset has {expected}")]
-    Width {
-        device: String,
-        got: usize,
-        expected: usize,
-    },
     #[error("no rows: the base dataset is empty and no labeled fleet samples were found")]
     Empty,
     #[error("the held-out split is empty ({rows} rows, holdout fraction {fraction}); add data or raise the fraction")]
@@ -47,6 +41,9 @@ pub struct Dataset {
     pub holdout: Vec<Row>,
     /// SHA-256 over the training and held-out rows, hex.
     pub hash: String,
+    /// Fleet samples left out: a width other than the dataset's (a batched request, a
+    /// model with other inputs), a non-finite value, or a label that is not a class.
+    pub skipped: u64,
 }
 
 fn label_of(v: f64) -> Option<u32> {
@@ -133,27 +130,25 @@ fn held_out(r: &Row, occurrence: u64, fraction: f64) -> bool {
 }
 
 /// Builds the dataset: base rows, then fleet samples that carry a class label. Fleet
-/// samples whose label is not a class number are skipped (regression labels do not fit a
-/// classifier's dataset); a sample of the wrong width is an error.
+/// samples that do not fit (see [`Dataset::skipped`]) are counted and left out.
 pub fn build(
     base: Option<(Vec<String>, Vec<Row>)>,
     fleet: &[LabeledSample],
     holdout_fraction: f64,
 ) -> Result<Dataset, DatasetError> {
     let (mut features, mut rows) = base.unwrap_or_default();
+    let mut skipped = 0;
     for s in fleet {
         let Some(label) = label_of(s.label) else {
+            skipped += 1;
             continue;
         };
-        if features.is_empty() {
+        if features.is_empty() && !s.features.is_empty() {
             features = (0..s.features.len()).map(|i| format!("f{i}")).collect();
         }
         if s.features.len() != features.len() || s.features.iter().any(|x| !x.is_finite()) {
-            return Err(DatasetError::Width {
-                device: s.device.clone(),
-                got: s.features.len(),
-                expected: features.len(),
-            });
+            skipped += 1;
+            continue;
         }
         rows.push(Row {
             features: s.features.clone(),
@@ -192,6 +187,7 @@ pub fn build(
         train,
         holdout,
         hash,
+        skipped,
     })
 }
 
@@ -274,6 +270,24 @@ mod tests {
         assert_eq!(a.train.len() + a.holdout.len(), 300);
         assert!(a.holdout.iter().any(|r| r.recent) && a.holdout.iter().any(|r| !r.recent));
         assert!((40..110).contains(&a.holdout.len()), "{}", a.holdout.len());
+    }
+
+    #[test]
+    fn fleet_samples_that_do_not_fit_are_counted_and_left_out() {
+        let mut fleet: Vec<_> = (0..40)
+            .map(|i| sample(f64::from(i % 2), i as f32))
+            .collect();
+        fleet.push(LabeledSample {
+            device: "d".into(),
+            at_ms: 1,
+            features: vec![1.0, 2.0, 3.0, 4.0],
+            label: 1.0,
+        });
+        fleet.push(sample(0.5, 1.0));
+        fleet.push(sample(1.0, f32::NAN));
+        let d = build(None, &fleet, 0.5).unwrap();
+        assert_eq!(d.skipped, 3);
+        assert_eq!(d.train.len() + d.holdout.len(), 40);
     }
 
     #[test]
