@@ -33,6 +33,9 @@ fi
 # The scikit-learn example trainer (control-plane/trainers/sklearn/train.py) and the drift
 # fixture script (numpy/scipy), in the same python3 the tests run.
 if ! python3 -c 'import sklearn, skl2onnx, numpy, scipy' >/dev/null 2>&1; then
-  python3 -m pip install -q --disable-pip-version-check scikit-learn skl2onnx numpy scipy
+  # Debian 12's python3 is "externally managed" (PEP 668): fall back to its documented override.
+  python3 -m pip install -q --disable-pip-version-check scikit-learn skl2onnx numpy scipy ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+      scikit-learn skl2onnx numpy scipy
 fi
-echo "peers: slurm $(sbatch --version 2>/dev/null | awk '{print $2}'), scikit-learn $(python3 -c 'import sklearn; print(sklearn.__version__)')"
+echo "peers: slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm 2>/dev/null), scikit-learn $(python3 -c 'import sklearn; print(sklearn.__version__)')"

@@ -44,7 +44,8 @@ pub struct ServeConfig {
 pub struct ContinuousConfig {
     /// Policy file (TOML): drift windows, triggers, job spec, gate, rollout template.
     pub policy: String,
-    /// How often drift is scored and triggers are checked.
+    /// How often drift is scored and triggers are checked (each tick scores the policy's
+    /// window ending then; a tick shorter than the window makes the windows slide).
     pub tick_secs: u64,
     /// Training jobs the local executor runs at once.
     pub local_jobs: usize,
@@ -58,7 +59,7 @@ impl Default for ContinuousConfig {
     fn default() -> Self {
         Self {
             policy: String::new(),
-            tick_secs: 60,
+            tick_secs: 300,
             local_jobs: 1,
             slurm_bin_dir: String::new(),
             slurm_conf: String::new(),

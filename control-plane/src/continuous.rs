@@ -69,6 +69,13 @@ pub struct DriftPolicy {
     pub psi_warn: f64,
     #[serde(default = "default_alert")]
     pub psi_alert: f64,
+    /// Stored scores older than this are deleted.
+    #[serde(default = "default_retention")]
+    pub retention_hours: u64,
+}
+
+fn default_retention() -> u64 {
+    24 * 7
 }
 
 fn default_window() -> u64 {
@@ -88,6 +95,7 @@ impl Default for DriftPolicy {
             group_by: Vec::new(),
             psi_warn: default_warn(),
             psi_alert: default_alert(),
+            retention_hours: default_retention(),
         }
     }
 }
@@ -448,6 +456,7 @@ impl Engine {
         let window = (from_ms, to_ms);
         let group_by = self.policy.drift.group_by.clone();
         let t = self.policy.thresholds();
+        let keep_ms = self.policy.drift.retention_hours.saturating_mul(3_600_000);
         let scores = self
             .with_store(move |s| {
                 let sketches = s.drift_sketches(window.0, window.1)?;
@@ -468,6 +477,7 @@ impl Engine {
                 }
                 let scores = drift::score_window(&baselines, &sketches, &group_by, window, &t);
                 s.insert_drift_scores(&scores)?;
+                s.prune_drift_scores(to_ms.saturating_sub(keep_ms))?;
                 Ok(scores)
             })
             .await?;
@@ -650,43 +660,13 @@ impl Engine {
         let fraction = spec.dataset.holdout_fraction;
         let p2 = paths.clone();
         let model_name = self.policy.model.clone();
-        let built = self
-            .with_store(move |s| {
-                let fleet = s.labeled_samples(since, &model_name)?;
-                Ok((fleet, p2))
-            })
+        let fleet = self
+            .with_store(move |s| Ok(s.labeled_samples(since, &model_name)?))
+            .await?;
+        // Parsing and writing datasets is blocking work: off the async runtime.
+        let built = tokio::task::spawn_blocking(move || write_dataset(base, &fleet, fraction, &p2))
             .await
-            .and_then(|(fleet, p)| {
-                let base = match &base {
-                    Some(b) => {
-                        let text = std::fs::read_to_string(b).map_err(|source| JobError::Io {
-                            what: "cannot read base dataset",
-                            path: b.clone(),
-                            source,
-                        })?;
-                        Some(
-                            dataset::parse_labeled_csv(&text, &b.display().to_string())
-                                .map_err(JobError::from)?,
-                        )
-                    }
-                    None => None,
-                };
-                let d = dataset::build(base, &fleet, fraction).map_err(JobError::from)?;
-                let io = |path: &Path| {
-                    let path = path.to_owned();
-                    move |source| JobError::Io {
-                        what: "cannot write",
-                        path,
-                        source,
-                    }
-                };
-                std::fs::create_dir_all(&p.dir).map_err(io(&p.dir))?;
-                std::fs::write(&p.train, dataset::to_csv(&d.features, &d.train, false))
-                    .map_err(io(&p.train))?;
-                std::fs::write(&p.holdout, dataset::to_csv(&d.features, &d.holdout, true))
-                    .map_err(io(&p.holdout))?;
-                Ok(d)
-            });
+            .map_err(|e| ContinuousError::Task(e.to_string()))?;
         let data = match built {
             Ok(d) => d,
             Err(e) => {
@@ -818,7 +798,8 @@ impl Engine {
             let this = Arc::clone(self);
             handles.push(tokio::spawn(async move {
                 let paths = JobPaths::new(Path::new(&row.dir));
-                let (spec, ..) = this.load_job_spec()?;
+                // The spec as submitted (the file may have changed since).
+                let spec = JobSpec::parse(&row.spec, &format!("job {}", row.id))?;
                 let model = this.policy.model.clone();
                 let parent = row.parent_model.clone();
                 let champion = this
@@ -1019,6 +1000,42 @@ impl Engine {
         }
         self.save(row).await
     }
+}
+
+/// Builds the job's dataset and writes `train.csv` (for the trainer) and `holdout.csv`
+/// (for the gate) into its directory.
+fn write_dataset(
+    base: Option<PathBuf>,
+    fleet: &[crate::store::LabeledSample],
+    holdout_fraction: f64,
+    p: &JobPaths,
+) -> std::result::Result<jobs::Dataset, JobError> {
+    let base = match &base {
+        Some(b) => {
+            let text = std::fs::read_to_string(b).map_err(|source| JobError::Io {
+                what: "cannot read base dataset",
+                path: b.clone(),
+                source,
+            })?;
+            Some(dataset::parse_labeled_csv(&text, &b.display().to_string())?)
+        }
+        None => None,
+    };
+    let d = dataset::build(base, fleet, holdout_fraction)?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| JobError::Io {
+            what: "cannot write",
+            path,
+            source,
+        }
+    };
+    std::fs::create_dir_all(&p.dir).map_err(io(&p.dir))?;
+    std::fs::write(&p.train, dataset::to_csv(&d.features, &d.train, false))
+        .map_err(io(&p.train))?;
+    std::fs::write(&p.holdout, dataset::to_csv(&d.features, &d.holdout, true))
+        .map_err(io(&p.holdout))?;
+    Ok(d)
 }
 
 fn strip_label_column(csv: &str, features: usize) -> String {

@@ -1096,6 +1096,14 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes scores of windows that ended before `before_ms`.
+    pub fn prune_drift_scores(&mut self, before_ms: u64) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM drift_scores WHERE window_end_ms < ?1",
+            [i(before_ms)],
+        )?)
+    }
+
     fn score_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::drift::Score> {
         let level: String = r.get(11)?;
         Ok(crate::drift::Score {

@@ -275,3 +275,35 @@ async fn local_job_left_running_by_a_restart_is_marked_failed_and_publishes_noth
     assert!(row.detail.unwrap_or_default().contains("restarted"));
     no_new_version(&rig);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_whose_dataset_cannot_be_built_fails_with_the_reason_and_runs_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rig, _) = setup(tmp.path());
+    let marker = tmp.path().join("trainer-ran");
+    let cmd = toml_args(&["touch", marker.to_str().unwrap()]);
+    let missing = tmp.path().join("no-such-base.csv");
+    let e = rig
+        .engine(
+            "p",
+            &policy(MODEL, ""),
+            &job_spec("local", &cmd, 60, Some(&missing)),
+        )
+        .unwrap();
+    let job = e
+        .run_job(
+            e.load_job_spec().unwrap(),
+            "manual",
+            drover_control_plane::serve::now_ms(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(job.state, "failed");
+    let detail = job.detail.unwrap_or_default();
+    assert!(
+        detail.contains("cannot read base dataset") && detail.contains("no-such-base.csv"),
+        "{detail}"
+    );
+    assert!(!marker.exists(), "the trainer never ran");
+    no_new_version(&rig);
+}
