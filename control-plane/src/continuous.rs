@@ -197,6 +197,15 @@ impl Policy {
         }
     }
 
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Policy> {
+        let text = std::fs::read_to_string(path).map_err(|e| ContinuousError::Policy {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        Policy::parse(&text, &path.display().to_string())
+    }
+
     pub fn thresholds(&self) -> Thresholds {
         Thresholds {
             psi_warn: self.drift.psi_warn,
@@ -425,11 +434,7 @@ impl Engine {
         path: &Path,
         local_concurrency: usize,
     ) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ContinuousError::Policy {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        })?;
-        let policy = Policy::parse(&text, &path.display().to_string())?;
+        let policy = Policy::load(path)?;
         let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
         Ok(Self::new(
             store,

@@ -67,6 +67,8 @@ pub enum ServeError {
     },
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
+    #[error("continuous training: {0}")]
+    Continuous(#[from] crate::continuous::ContinuousError),
 }
 
 /// A device as the broker and ingest see it.
@@ -196,6 +198,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServeHandle, ServeError> {
     let raw = &config.raw;
+    // A configured policy must load before anything starts.
+    if !raw.continuous.policy.is_empty() {
+        crate::continuous::Policy::load(Path::new(&raw.continuous.policy))?;
+    }
     let data_dir = raw.data_dir.clone();
     for d in [data_dir.clone(), data_dir.join("models")] {
         std::fs::create_dir_all(&d).map_err(|source| ServeError::DataDir { path: d, source })?;
@@ -344,7 +350,7 @@ pub async fn run(
         format!("http://{http_addr}\n").as_bytes(),
     );
     let (continuous, continuous_task) =
-        start_continuous(&raw.continuous, &api_store, &shared).await;
+        start_continuous(&raw.continuous, &api_store, &shared).await?;
     let app = crate::api::router(crate::api::AppState {
         shared: Arc::clone(&shared),
         store: Arc::clone(&api_store),
@@ -414,41 +420,35 @@ pub async fn run(
 }
 
 /// Starts drift scoring and continuous training when a policy is configured: re-attaches
-/// to Slurm jobs left running, then ticks. A bad policy is logged and leaves it off
-/// rather than stopping the server.
+/// to Slurm jobs left running, then ticks. A policy that does not load stops the server
+/// with the reason (the operator asked for it to run).
 async fn start_continuous(
     cfg: &crate::config::ContinuousConfig,
     store: &Arc<Mutex<Store>>,
     shared: &Arc<Shared>,
-) -> (
-    Option<Arc<crate::continuous::Engine>>,
-    Option<JoinHandle<()>>,
-) {
+) -> Result<
+    (
+        Option<Arc<crate::continuous::Engine>>,
+        Option<JoinHandle<()>>,
+    ),
+    ServeError,
+> {
     use crate::continuous::Engine;
     if cfg.policy.is_empty() {
-        return (None, None);
+        return Ok((None, None));
     }
-    let engine = Engine::from_policy_file(
+    let mut engine = Engine::from_policy_file(
         Arc::clone(store),
         shared.data_dir.clone(),
         &shared.keys.signing,
         Path::new(&cfg.policy),
         cfg.local_jobs,
-    )
-    .map(|mut e| {
-        e.slurm = crate::jobs::slurm::SlurmConfig {
-            bin_dir: (!cfg.slurm_bin_dir.is_empty()).then(|| PathBuf::from(&cfg.slurm_bin_dir)),
-            slurm_conf: (!cfg.slurm_conf.is_empty()).then(|| PathBuf::from(&cfg.slurm_conf)),
-        };
-        Arc::new(e)
-    });
-    let engine = match engine {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(error = %e, "continuous training is off");
-            return (None, None);
-        }
+    )?;
+    engine.slurm = crate::jobs::slurm::SlurmConfig {
+        bin_dir: (!cfg.slurm_bin_dir.is_empty()).then(|| PathBuf::from(&cfg.slurm_bin_dir)),
+        slurm_conf: (!cfg.slurm_conf.is_empty()).then(|| PathBuf::from(&cfg.slurm_conf)),
     };
+    let engine = Arc::new(engine);
     if let Err(e) = engine.reattach().await {
         tracing::error!(error = %e, "cannot re-attach to training jobs");
     }
@@ -469,7 +469,7 @@ async fn start_continuous(
             }
         }
     });
-    (Some(engine), Some(task))
+    Ok((Some(engine), Some(task)))
 }
 
 async fn send_downlink(shared: &Shared, mqtt: &MqttLink, device: &DeviceId, msg: Downlink) {

@@ -546,3 +546,30 @@ async fn drover_train_run_through_serve_with_a_policy() {
     assert!(e.is_some_and(|e| e.contains("training job 999 is not running")));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_to_start_with_a_policy_that_does_not_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("policy.toml"),
+        "version = 1\nmodel = \"m\"\njob = \"j.toml\"\n[drift]\npsi_warn = 0.5\npsi_alert = 0.2\n",
+    )
+    .unwrap();
+    let mut config = ServeConfig {
+        data_dir: dir.join("server"),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    config.continuous.policy = dir.join("policy.toml").display().to_string();
+    let e = serve::run(config.validate().unwrap(), std::future::pending())
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.starts_with("continuous training: policy") && e.contains("psi_warn = 0.5"),
+        "{e}"
+    );
+}
