@@ -505,7 +505,7 @@ impl Engine {
                 let since = now_ms
                     .saturating_sub(w * (n + 1))
                     .max(last_job.map_or(0, |t| t + 1));
-                let hist = s.drift_history(None, since, 1_000_000)?;
+                let levels = s.drift_window_levels(since)?;
                 // Only drift of this policy's model (any version) triggers its training.
                 let digests: std::collections::HashSet<String> = s
                     .models()?
@@ -514,13 +514,16 @@ impl Engine {
                     .map(|m| drover_protocol::topics::hex32(&m.digest))
                     .collect();
                 let mut by_scope: BTreeMap<&str, BTreeMap<u64, Level>> = BTreeMap::new();
-                for sc in hist.iter().filter(|sc| digests.contains(&sc.model_digest)) {
+                for (scope, digest, end, level) in &levels {
+                    if !digests.contains(digest) {
+                        continue;
+                    }
                     let l = by_scope
-                        .entry(&sc.scope)
+                        .entry(scope)
                         .or_default()
-                        .entry(sc.window_end_ms)
+                        .entry(*end)
                         .or_insert(Level::Ok);
-                    *l = (*l).max(sc.level);
+                    *l = (*l).max(*level);
                 }
                 for (scope, windows) in by_scope {
                     let last: Vec<&Level> = windows.values().rev().take(n as usize).collect();

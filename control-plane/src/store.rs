@@ -1096,6 +1096,35 @@ impl Store {
         Ok(())
     }
 
+    /// The worst level of every (scope, model digest, window end) since `since_ms`:
+    /// what the sustained-drift trigger needs, without reading every score.
+    pub fn drift_window_levels(
+        &self,
+        since_ms: u64,
+    ) -> Result<Vec<(String, String, u64, crate::drift::Level)>> {
+        use crate::drift::Level;
+        let mut st = self.conn.prepare(
+            "SELECT scope, model_digest, window_end_ms,
+                    MAX(CASE level WHEN 'alert' THEN 2 WHEN 'warn' THEN 1 ELSE 0 END)
+             FROM drift_scores WHERE window_end_ms >= ?1
+             GROUP BY scope, model_digest, window_end_ms",
+        )?;
+        let rows = st.query_map([i(since_ms)], |r| {
+            let level = match r.get::<_, i64>(3)? {
+                2 => Level::Alert,
+                1 => Level::Warn,
+                _ => Level::Ok,
+            };
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get::<_, i64>(2)?.max(0) as u64,
+                level,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     /// Deletes scores of windows that ended before `before_ms`.
     pub fn prune_drift_scores(&mut self, before_ms: u64) -> Result<usize> {
         Ok(self.conn.execute(
