@@ -31,6 +31,8 @@ pub struct AppState {
     pub store: Arc<Mutex<Store>>,
     pub mqtt: Arc<MqttLink>,
     pub rollouts: crate::rollout::driver::RolloutHandle,
+    /// The continuous-training engine, when a policy is configured.
+    pub continuous: Option<Arc<crate::continuous::Engine>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -209,7 +211,7 @@ pub struct LimitQuery {
 
 /// An API error: status and a message that says what to do.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -303,6 +305,7 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/rollouts/{id}", get(show_rollout))
         .route("/v1/rollouts/{id}/report", get(rollout_report))
         .route("/v1/rollouts/{id}/{op}", post(operate_rollout))
+        .merge(crate::api_continuous::routes())
         .layer(middleware::from_fn_with_state(st.clone(), require_token))
         .layer(DefaultBodyLimit::max(600 * 1024 * 1024));
     Router::new()

@@ -38,6 +38,37 @@ pub struct ServeConfig {
     pub rollout_tick_ms: u64,
     /// A rollout command an online device has not answered for this long is published again.
     pub rollout_republish_ms: u64,
+    /// Drift scoring and continuous training (see `continuous.rs`).
+    pub continuous: ContinuousConfig,
+}
+
+/// Drift scoring and continuous training. Off while `policy` is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContinuousConfig {
+    /// Policy file (TOML): drift windows, triggers, job spec, gate, rollout template.
+    pub policy: String,
+    /// How often drift is scored and triggers are checked (each tick scores the policy's
+    /// window ending then; a tick shorter than the window makes the windows slide).
+    pub tick_secs: u64,
+    /// Training jobs the local executor runs at once.
+    pub local_jobs: usize,
+    /// Directory of the Slurm client commands; empty = `PATH`.
+    pub slurm_bin_dir: String,
+    /// `SLURM_CONF` for the Slurm client commands; empty = the system's.
+    pub slurm_conf: String,
+}
+
+impl Default for ContinuousConfig {
+    fn default() -> Self {
+        Self {
+            policy: String::new(),
+            tick_secs: 300,
+            local_jobs: 1,
+            slurm_bin_dir: String::new(),
+            slurm_conf: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -77,6 +108,7 @@ impl Default for ServeConfig {
             command_ttl_hours: 24 * 7,
             rollout_tick_ms: 1000,
             rollout_republish_ms: 30_000,
+            continuous: ContinuousConfig::default(),
         }
     }
 }
@@ -298,6 +330,9 @@ impl ServeConfig {
             if let Err(e) = parse_broker_url(&self.advertised_broker_url) {
                 errors.push(format!("advertised_broker_url: {e}"));
             }
+        }
+        if self.continuous.tick_secs == 0 || self.continuous.local_jobs == 0 {
+            errors.push("continuous.tick_secs and continuous.local_jobs must be at least 1".into());
         }
         if self.ingest.batch_max == 0 {
             errors.push("ingest.batch_max must be at least 1".into());

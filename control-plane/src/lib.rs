@@ -17,14 +17,21 @@
 //! - [`cli`]: the `drover` subcommands, one file each; a client of the API.
 //! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
 //!   embedded default can train with nothing installed but Rust.
+//! - [`drift`]: PSI and chi-square drift scores per device, label group and fleet.
+//! - [`jobs`]: training job specs, datasets and executors (local process, Slurm).
+//! - [`continuous`]: policy, triggers, the evaluation gate and registration of candidates.
 
 pub mod api;
+pub mod api_continuous;
 pub mod broker;
 pub mod chunks;
 pub mod cli;
 pub mod config;
+pub mod continuous;
+pub mod drift;
 pub mod fleet;
 pub mod ingest;
+pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;

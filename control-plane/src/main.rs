@@ -44,6 +44,8 @@ fn main() -> ExitCode {
             Command::Model(m) => cli::model::run(m).await,
             Command::Device(d) => cli::device::run(d).await,
             Command::Rollout(r) => cli::rollout::run(r).await,
+            Command::Drift(d) => cli::drift::run(d).await,
+            Command::Train(t) => cli::train::run(t).await,
         }
     });
     match result {

@@ -67,6 +67,8 @@ pub enum ServeError {
     },
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
+    #[error("continuous training: {0}")]
+    Continuous(#[from] crate::continuous::ContinuousError),
 }
 
 /// A device as the broker and ingest see it.
@@ -196,6 +198,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServeHandle, ServeError> {
     let raw = &config.raw;
+    // A configured policy must load before anything starts.
+    if !raw.continuous.policy.is_empty() {
+        crate::continuous::Policy::load(Path::new(&raw.continuous.policy))?;
+    }
     let data_dir = raw.data_dir.clone();
     for d in [data_dir.clone(), data_dir.join("models")] {
         std::fs::create_dir_all(&d).map_err(|source| ServeError::DataDir { path: d, source })?;
@@ -350,11 +356,14 @@ pub async fn run(
         Duration::from_millis(raw.rollout_tick_ms),
         Duration::from_millis(raw.rollout_republish_ms),
     );
+    let (continuous, continuous_task) =
+        start_continuous(&raw.continuous, &api_store, &shared).await?;
     let app = crate::api::router(crate::api::AppState {
         shared: Arc::clone(&shared),
         store: Arc::clone(&api_store),
         mqtt: Arc::clone(&mqtt),
         rollouts,
+        continuous,
     });
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move {
@@ -402,6 +411,9 @@ pub async fn run(
         // The router (and with it the last rollout handle) is gone; a step in progress
         // finishes its transaction first.
         let _ = rollout_task.await;
+        if let Some(t) = continuous_task {
+            t.abort();
+        }
         mqtt.stop_ingest();
         let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
         let _ = dispatcher.await;
@@ -416,6 +428,59 @@ pub async fn run(
         stop: Some(stop_tx),
         main,
     })
+}
+
+/// Starts drift scoring and continuous training when a policy is configured: re-attaches
+/// to Slurm jobs left running, then ticks. A policy that does not load stops the server
+/// with the reason (the operator asked for it to run).
+async fn start_continuous(
+    cfg: &crate::config::ContinuousConfig,
+    store: &Arc<Mutex<Store>>,
+    shared: &Arc<Shared>,
+) -> Result<
+    (
+        Option<Arc<crate::continuous::Engine>>,
+        Option<JoinHandle<()>>,
+    ),
+    ServeError,
+> {
+    use crate::continuous::Engine;
+    if cfg.policy.is_empty() {
+        return Ok((None, None));
+    }
+    let mut engine = Engine::from_policy_file(
+        Arc::clone(store),
+        shared.data_dir.clone(),
+        &shared.keys.signing,
+        Path::new(&cfg.policy),
+        cfg.local_jobs,
+    )?;
+    engine.slurm = crate::jobs::slurm::SlurmConfig {
+        bin_dir: (!cfg.slurm_bin_dir.is_empty()).then(|| PathBuf::from(&cfg.slurm_bin_dir)),
+        slurm_conf: (!cfg.slurm_conf.is_empty()).then(|| PathBuf::from(&cfg.slurm_conf)),
+    };
+    let engine = Arc::new(engine);
+    if let Err(e) = engine.reattach().await {
+        tracing::error!(error = %e, "cannot re-attach to training jobs");
+    }
+    let every = Duration::from_secs(cfg.tick_secs);
+    let e = Arc::clone(&engine);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match e.tick(now_ms()).await {
+                Ok(t) => {
+                    if let Some(trigger) = t.trigger {
+                        tracing::info!(%trigger, "training job started");
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "continuous tick failed"),
+            }
+        }
+    });
+    Ok((Some(engine), Some(task)))
 }
 
 async fn send_downlink(shared: &Shared, mqtt: &MqttLink, device: &DeviceId, msg: Downlink) {

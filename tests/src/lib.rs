@@ -5,9 +5,14 @@
 //! - [`mosquitto`]: a real Debian mosquitto with password file, `%u` pattern ACLs and
 //!   persistence, on a free loopback port, killed on drop.
 //! - [`free_port`], [`wait_until`]: loopback port picking and bounded polling.
+//! - [`slurm`]: a real single-node Slurm cluster (munged, slurmctld, slurmd) on loopback.
+//! - [`training`]: store, keys, a shifting synthetic world and fleet data for the
+//!   continuous-training tests.
 
 pub mod fleet;
 pub mod mosquitto;
+pub mod slurm;
+pub mod training;
 
 use std::future::Future;
 use std::time::Duration;

@@ -3,10 +3,12 @@
 pub mod client;
 pub mod demo;
 pub mod device;
+pub mod drift;
 pub mod keys;
 pub mod model;
 pub mod rollout;
 pub mod serve;
+pub mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -39,6 +41,12 @@ pub enum Command {
     /// Staged rollouts: canary and waves, health gates, pause, resume, abort (rollback).
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// Drift scores per device, label group and fleet (PSI, chi-square).
+    #[command(subcommand)]
+    Drift(drift::DriftCommand),
+    /// Training jobs: the built-in trainer, manual runs, job state and outcome.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
 }
 
 /// How listings are printed.
