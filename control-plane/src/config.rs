@@ -23,8 +23,16 @@ pub struct ServeConfig {
     pub mqtt_listen: String,
     /// External broker (`mqtt://user:pass@host:port`); empty = run the embedded broker.
     pub broker_url: String,
-    /// PEM CA bundle trusted for an `mqtts://` external broker.
+    /// PEM CA bundle trusted for an `mqtts://` external broker; empty = the fleet CA
+    /// (`<data>/keys/ca.pem`, as `drover broker config mosquitto` sets the broker up).
     pub broker_ca_file: String,
+    /// Client certificate and key for an `mqtts://` external broker; empty = the control
+    /// plane's own identity from the fleet CA (`<data>/keys/control-plane.{pem,key}`).
+    pub broker_client_cert_file: String,
+    pub broker_client_key_file: String,
+    /// Development only: the embedded broker accepts plaintext MQTT with passwords and no
+    /// client certificates (a warning is logged). Default: mutual TLS only.
+    pub allow_plaintext: bool,
     /// Broker URL written into enrolled agents' configs; empty = derived from the broker.
     pub advertised_broker_url: String,
     pub ingest: IngestConfig,
@@ -66,6 +74,9 @@ impl Default for ServeConfig {
             mqtt_listen: "127.0.0.1:1883".into(),
             broker_url: String::new(),
             broker_ca_file: String::new(),
+            broker_client_cert_file: String::new(),
+            broker_client_key_file: String::new(),
+            allow_plaintext: false,
             advertised_broker_url: String::new(),
             ingest: IngestConfig::default(),
             telemetry_retention_hours: 24 * 7,
@@ -82,6 +93,7 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     pub mqtt_listen: Option<String>,
     pub broker_url: Option<String>,
+    pub allow_plaintext: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +248,9 @@ impl ServeConfig {
         if let Some(v) = &overrides.broker_url {
             cfg.broker_url = v.clone();
         }
+        if overrides.allow_plaintext {
+            cfg.allow_plaintext = true;
+        }
         cfg.validate_with(errors)
     }
 
@@ -276,11 +291,6 @@ impl ServeConfig {
             }
         } else {
             match parse_broker_url(&self.broker_url) {
-                Ok(u) if u.tls && self.broker_ca_file.is_empty() => {
-                    errors
-                        .push("an mqtts:// broker_url needs broker_ca_file (PEM CA bundle)".into());
-                    None
-                }
                 Ok(u) => Some(BrokerMode::External(u)),
                 Err(e) => {
                     errors.push(e);
@@ -292,6 +302,11 @@ impl ServeConfig {
             if let Err(e) = parse_broker_url(&self.advertised_broker_url) {
                 errors.push(format!("advertised_broker_url: {e}"));
             }
+        }
+        if self.broker_client_cert_file.is_empty() != self.broker_client_key_file.is_empty() {
+            errors.push(
+                "broker_client_cert_file and broker_client_key_file must be given together".into(),
+            );
         }
         if self.ingest.batch_max == 0 {
             errors.push("ingest.batch_max must be at least 1".into());

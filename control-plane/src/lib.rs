@@ -12,6 +12,8 @@
 //! - [`fleet`]: enroll, decommission, signed deploy commands.
 //! - [`store`]: SQLite; the only module that knows SQL.
 //! - [`keys`]: root/signing key files and the root-signed keyring.
+//! - [`pki`]: the fleet CA (rcgen): device and broker certificates, the CRL.
+//! - [`doctor`]: `drover doctor`'s checks of unsafe settings.
 //! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
 //! - [`cli`]: the `drover` subcommands, one file each; a client of the API.
 //! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
@@ -27,6 +29,7 @@ pub mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;
+pub mod pki;
 pub mod registry;
 pub mod serve;
 pub mod store;

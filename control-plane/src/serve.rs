@@ -60,6 +60,10 @@ pub enum ServeError {
     Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    TlsFront(#[from] crate::broker::TlsFrontError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -82,7 +86,12 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub devices: RwLock<HashMap<DeviceId, DeviceEntry>>,
     pub data_dir: PathBuf,
-    pub keys: Keys,
+    /// Swapped in place by `drover keys rotate` (through the API): no restart.
+    keys: RwLock<Arc<Keys>>,
+    /// The fleet CA: device certificates, the broker's identity, the CRL.
+    pub ca: crate::pki::FleetCa,
+    /// Open mutual-TLS sessions of the embedded broker (cut on decommission).
+    pub tls_sessions: crate::broker::Sessions,
     pub api_token: String,
     /// Written into enrolled agents' configs.
     pub agent_broker_url: String,
@@ -96,6 +105,27 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Shared {
+    /// The current keys (a rotation swaps them; holders keep a consistent snapshot).
+    pub fn keys(&self) -> Arc<Keys> {
+        Arc::clone(&self.keys.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn set_keys(&self, keys: Keys) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+    }
+
+    /// Ids of decommissioned devices (for the CRL).
+    pub fn decommissioned(&self) -> Vec<String> {
+        let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = devices
+            .iter()
+            .filter(|(_, d)| d.decommissioned)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Broker authentication: the control plane's own login, or username = device id
     /// and password = that device's derived MQTT password. Decommissioned: refused.
     pub fn broker_login_ok(&self, user: &str, pass: &str) -> bool {
@@ -137,6 +167,7 @@ impl Shared {
 pub struct ServeHandle {
     http_addr: SocketAddr,
     mqtt_addr: SocketAddr,
+    broker_url: String,
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     main: JoinHandle<()>,
@@ -152,6 +183,16 @@ impl ServeHandle {
         self.mqtt_addr
     }
 
+    /// The broker URL devices are told to use (`mqtts://` unless plaintext was allowed).
+    pub fn broker_url(&self) -> &str {
+        &self.broker_url
+    }
+
+    /// Open mutual-TLS sessions of `device` on the embedded broker.
+    pub fn open_tls_sessions(&self, device: &str) -> usize {
+        self.shared.tls_sessions.open(device)
+    }
+
     pub fn api_token(&self) -> &str {
         &self.shared.api_token
     }
@@ -161,7 +202,7 @@ impl ServeHandle {
     }
 
     pub fn root_public_key(&self) -> [u8; 32] {
-        self.shared.keys.root_public
+        self.shared.keys().root_public
     }
 
     /// Stops the server and waits until everything queued is stored.
@@ -201,6 +242,7 @@ pub async fn run(
         std::fs::create_dir_all(&d).map_err(|source| ServeError::DataDir { path: d, source })?;
     }
     let keys = keys::load_or_init(&data_dir, now_ms())?;
+    let ca = crate::pki::FleetCa::load_or_init(&data_dir, now_ms())?;
     let db = data_dir.join(DB_FILE);
     let mut api_store = Store::open(&db)?;
     api_store.mark_all_offline()?;
@@ -215,7 +257,9 @@ pub async fn run(
         metrics: Arc::new(Metrics::default()),
         devices: RwLock::new(HashMap::new()),
         data_dir: data_dir.clone(),
-        keys,
+        keys: RwLock::new(Arc::new(keys)),
+        ca,
+        tls_sessions: crate::broker::Sessions::default(),
         api_token,
         agent_broker_url: raw.advertised_broker_url.clone(),
         command_ttl_ms: raw.command_ttl_hours.saturating_mul(3_600_000),
@@ -231,8 +275,56 @@ pub async fn run(
         );
     }
 
+    // The CRL external brokers read; rewritten at every start so it never goes stale.
+    shared.ca.write_crl(&shared.decommissioned(), now_ms())?;
+    let mut tls_front = None;
     let (mqtt_addr, url) = match &config.broker {
+        BrokerMode::Embedded { listen } if !raw.allow_plaintext => {
+            // rumqttd on a private loopback port; the mutual-TLS front on `listen`.
+            let backend = crate::broker::concrete(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+            let front = std::net::TcpListener::bind(listen)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| crate::broker::BrokerError::Port {
+                    addr: *listen,
+                    source,
+                })?;
+            let public = front
+                .local_addr()
+                .map_err(|source| crate::broker::BrokerError::Port {
+                    addr: *listen,
+                    source,
+                })?;
+            let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            if !public.ip().is_unspecified() {
+                hosts.push(public.ip().to_string());
+            }
+            if let Ok(u) = crate::config::parse_broker_url(&shared.agent_broker_url) {
+                hosts.push(u.host);
+            }
+            hosts.dedup();
+            let (cert, key) = shared.ca.broker_identity(&hosts, now_ms())?;
+            let tls = crate::broker::server_tls_config(shared.ca.ca_pem(), &cert, &key)?;
+            tls_front = Some((front, tls));
+            if shared.agent_broker_url.is_empty() {
+                shared.agent_broker_url = format!("mqtts://{public}");
+            }
+            let (u, p) = cp_login.clone().unwrap_or_default();
+            (
+                backend,
+                BrokerUrl {
+                    host: backend.ip().to_string(),
+                    port: backend.port(),
+                    tls: false,
+                    username: Some(u),
+                    password: Some(p),
+                },
+            )
+        }
         BrokerMode::Embedded { listen } => {
+            tracing::warn!(
+                "allow_plaintext: the embedded broker accepts plaintext MQTT without client \
+                 certificates; for development only"
+            );
             // The broker's auth hook needs `Shared`, and `Shared` needs the broker's URL:
             // resolve the port first, then build both.
             let listen = if listen.port() == 0 {
@@ -274,18 +366,42 @@ pub async fn run(
         }
     };
     let shared = Arc::new(shared);
+    let mut public_mqtt_addr = mqtt_addr;
     if matches!(config.broker, BrokerMode::Embedded { .. }) {
         crate::broker::start(mqtt_addr, Arc::clone(&shared))?;
+        if let Some((front, tls)) = tls_front {
+            public_mqtt_addr =
+                crate::broker::start_tls_front(front, mqtt_addr, tls, Arc::clone(&shared))?;
+        }
     }
 
     let (inbound_tx, inbound_rx) = mpsc::channel(65_536);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
     let client_prefix = format!("drover-cp-{}", &random_hex()[..8]);
-    let ca_file = (!raw.broker_ca_file.is_empty()).then(|| PathBuf::from(&raw.broker_ca_file));
+    // An mqtts:// external broker: the fleet CA and the control plane's own certificate
+    // unless others are configured.
+    let keys_dir = data_dir.join("keys");
+    let ca_file = if raw.broker_ca_file.is_empty() {
+        keys_dir.join(crate::pki::CA_CERT_FILE)
+    } else {
+        PathBuf::from(&raw.broker_ca_file)
+    };
+    let identity = if raw.broker_client_cert_file.is_empty() {
+        (
+            keys_dir.join(crate::pki::CP_CERT_FILE),
+            keys_dir.join(crate::pki::CP_KEY_FILE),
+        )
+    } else {
+        (
+            PathBuf::from(&raw.broker_client_cert_file),
+            PathBuf::from(&raw.broker_client_key_file),
+        )
+    };
     let mqtt = Arc::new(MqttLink::start(
         &url,
-        ca_file.as_deref(),
+        Some(&ca_file),
+        Some((&identity.0, &identity.1)),
         &client_prefix,
         raw.ingest.sessions,
         inbound_tx,
@@ -320,7 +436,7 @@ pub async fn run(
     if let Err(e) = mqtt
         .publish(
             topics::keyring(),
-            encode_keyring(&shared.keys.keyring_blob),
+            encode_keyring(&shared.keys().keyring_blob),
             QoS::AtLeastOnce,
             true,
         )
@@ -380,7 +496,8 @@ pub async fn run(
         }
     });
 
-    tracing::info!(%http_addr, %mqtt_addr, data_dir = %data_dir.display(), "drover serve started");
+    let broker_url = shared.agent_broker_url.clone();
+    tracing::info!(%http_addr, mqtt_addr = %public_mqtt_addr, data_dir = %data_dir.display(), "drover serve started");
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let main = tokio::spawn(async move {
         tokio::select! {
@@ -400,7 +517,8 @@ pub async fn run(
     });
     Ok(ServeHandle {
         http_addr,
-        mqtt_addr,
+        mqtt_addr: public_mqtt_addr,
+        broker_url,
         shared,
         stop: Some(stop_tx),
         main,
@@ -477,7 +595,7 @@ async fn dispatch(
                     // Always offered: re-offering the accepted keyring is harmless, and a
                     // device that missed the retained copy catches up here.
                     let _ = keyring_version;
-                    send_downlink(&shared, &mqtt, &device, Downlink::Keyring(shared.keys.keyring_blob.clone())).await;
+                    send_downlink(&shared, &mqtt, &device, Downlink::Keyring(shared.keys().keyring_blob.clone())).await;
                     if let Some(cmd) = pending_command {
                         send_downlink(&shared, &mqtt, &device, Downlink::Command(cmd)).await;
                     }
@@ -500,4 +618,26 @@ pub async fn send_command(
     blob: drover_protocol::SignedBlob,
 ) {
     send_downlink(shared, mqtt, device, Downlink::Command(blob)).await;
+}
+
+/// `drover keys rotate` without a restart: reloads the key files, swaps them in and
+/// publishes the new keyring (retained, so devices connecting later get it too; devices
+/// that were offline also get it in reply to their `Hello`).
+pub async fn reload_keys(shared: &Shared, mqtt: &MqttLink) -> Result<Arc<Keys>, ServeError> {
+    let dir = shared.data_dir.clone();
+    let keys = tokio::task::spawn_blocking(move || keys::load(&dir))
+        .await
+        .map_err(|e| ServeError::Thread(std::io::Error::other(e.to_string())))??;
+    let version = keys.keyring.version;
+    shared.set_keys(keys);
+    let keys = shared.keys();
+    mqtt.publish(
+        topics::keyring(),
+        encode_keyring(&keys.keyring_blob),
+        QoS::AtLeastOnce,
+        true,
+    )
+    .await?;
+    tracing::info!(keyring_version = version, signing_key = %keys.signing.id(), "keys reloaded; keyring published");
+    Ok(keys)
 }

@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// Use an external broker instead: mqtt://user:pass@host:port.
     #[arg(long)]
     pub broker_url: Option<String>,
+    /// Development only: let the embedded broker accept plaintext MQTT (passwords, no
+    /// client certificates). Logs a warning. Default: mutual TLS.
+    #[arg(long)]
+    pub allow_plaintext: bool,
 }
 
 async fn signal() {
@@ -50,13 +54,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         mqtt_listen: args.mqtt_listen,
         broker_url: args.broker_url,
+        allow_plaintext: args.allow_plaintext,
     };
     let config = ServeConfig::load(args.config.as_deref(), &env, &overrides)?;
     let handle = crate::serve::run(config, signal()).await?;
     println!(
-        "drover serve: api http://{} broker mqtt://{}",
+        "drover serve: api http://{} broker {}",
         handle.http_addr(),
-        handle.mqtt_addr()
+        handle.broker_url()
     );
     handle.wait().await;
     Ok(())
