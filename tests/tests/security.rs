@@ -327,11 +327,8 @@ async fn keys_rotate_reaches_running_and_returning_agents_without_a_restart() {
     wait_phase(
         &srv,
         "gw-a",
-        |d| {
-            d["last_phase"]
-                .as_str()
-                .is_some_and(|p| p.contains("refused") || p.contains("failed"))
-        },
+        // `refused` is the phase of a signature/trust refusal (before any download).
+        |d| d["last_phase"] == "refused",
         "gw-a refuses the retired key's manifest",
     )
     .await;
