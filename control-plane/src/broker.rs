@@ -106,8 +106,11 @@ pub fn start(listen: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, Brok
 //    (expired, foreign-CA or missing certificates are refused here);
 // 2. the first MQTT packet must be CONNECT whose username equals the certificate's CN, and
 //    that device must not be decommissioned;
-// 3. the bytes go on to rumqttd, whose auth hook still checks the password derived from
-//    the device key. A device must hold both its certificate and its key.
+// 3. the password must be the one derived from that device's key: a device must hold
+//    both its certificate and its key;
+// 4. the CONNECT goes on to rumqttd with the password replaced by a per-process token
+//    (`Shared::front_token`); rumqttd's auth hook accepts device logins only with that
+//    token, so connecting to its private loopback port directly gets a device nowhere.
 //
 // `Sessions::kick` cuts a device's open connections at once (decommission).
 
@@ -310,19 +313,33 @@ async fn relay(
     let MqttPacket::Connect(connect) = connect else {
         return Err("first packet is not CONNECT".into());
     };
-    let user = connect.login.as_ref().map(|l| l.username.as_str());
-    if user != Some(identity.as_str()) {
+    let mut connect = connect;
+    let Some(login) = connect.login.as_mut() else {
+        return Err(format!("certificate {identity:?} sent no username"));
+    };
+    if login.username != identity {
         return Err(format!(
             "certificate {identity:?} may not log in as {:?}",
-            user.unwrap_or("")
+            login.username
         ));
     }
-    let revoked = DeviceId::new(identity.as_str())
-        .ok()
-        .is_none_or(|id| shared.device_key(&id).is_none());
-    if revoked {
-        return Err(format!("{identity} is not an enrolled, active device"));
+    if !shared.device_password_ok(&identity, &login.password) {
+        return Err(format!(
+            "{identity} is not an enrolled, active device, or its password is wrong"
+        ));
     }
+    login.password = shared.front_token(&identity);
+    // The CONNECT frame is replaced; anything the client pipelined after it is kept.
+    let frame_len = rumqttc::mqttbytes::check(buf.iter(), MAX_CONNECT)
+        .map_err(|e| format!("bad first packet: {e}"))?
+        .frame_length();
+    let rest = buf.split_off(frame_len);
+    let mut out = BytesMut::with_capacity(frame_len + rest.len() + 64);
+    MqttPacket::Connect(connect)
+        .write(&mut out, MAX_CONNECT * 2)
+        .map_err(|e| format!("re-encoding CONNECT: {e}"))?;
+    out.extend_from_slice(&rest);
+    let buf = out;
     let mut upstream = tokio::net::TcpStream::connect(backend)
         .await
         .map_err(|e| format!("embedded broker: {e}"))?;
@@ -350,5 +367,3 @@ async fn relay(
     shared.tls_sessions.enter(&identity, -1);
     Ok(())
 }
-
-use drover_protocol::DeviceId;

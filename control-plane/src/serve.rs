@@ -98,6 +98,10 @@ pub struct Shared {
     pub command_ttl_ms: u64,
     /// The control plane's own broker login (embedded broker only).
     cp_login: Option<(String, String)>,
+    /// Embedded broker behind the mutual-TLS front: the per-process key of the logins the
+    /// front vouches for. rumqttd then accepts device logins only with this token, so its
+    /// private loopback port cannot be used to skip the certificate check.
+    front_key: Option<DeviceKey>,
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -128,23 +132,50 @@ impl Shared {
 
     /// Broker authentication: the control plane's own login, or username = device id
     /// and password = that device's derived MQTT password. Decommissioned: refused.
+    /// Behind the TLS front, a device login must carry the front's token instead (the
+    /// front checked certificate, username and password before issuing it).
     pub fn broker_login_ok(&self, user: &str, pass: &str) -> bool {
         if let Some((u, p)) = &self.cp_login {
             if user == u {
                 return ct_eq(pass.as_bytes(), p.as_bytes());
             }
         }
-        let ok = DeviceId::new(user).ok().is_some_and(|id| {
-            let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
-            devices.get(&id).is_some_and(|d| {
-                !d.decommissioned && ct_eq(pass.as_bytes(), d.key.mqtt_password().as_bytes())
-            })
-        });
+        let ok = match &self.front_key {
+            Some(_) => {
+                self.device_active(user)
+                    && ct_eq(pass.as_bytes(), self.front_token(user).as_bytes())
+            }
+            None => self.device_password_ok(user, pass),
+        };
         if !ok {
             self.metrics.broker_auth_refused.fetch_add(1, Relaxed);
             tracing::warn!(device_id = user, "broker refused a login");
         }
         ok
+    }
+
+    fn device_active(&self, user: &str) -> bool {
+        DeviceId::new(user)
+            .ok()
+            .is_some_and(|id| self.device_key(&id).is_some())
+    }
+
+    /// Username = an enrolled, active device id and password = its derived MQTT password.
+    pub fn device_password_ok(&self, user: &str, pass: &str) -> bool {
+        DeviceId::new(user).ok().is_some_and(|id| {
+            let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+            devices.get(&id).is_some_and(|d| {
+                !d.decommissioned && ct_eq(pass.as_bytes(), d.key.mqtt_password().as_bytes())
+            })
+        })
+    }
+
+    /// The password the TLS front substitutes for a device it has authenticated.
+    pub fn front_token(&self, user: &str) -> String {
+        match &self.front_key {
+            Some(k) => topics::hex32(&k.mac(format!("drover-tls-front-v1:{user}").as_bytes())),
+            None => String::new(),
+        }
     }
 
     pub fn device_key(&self, id: &DeviceId) -> Option<DeviceKey> {
@@ -168,6 +199,7 @@ pub struct ServeHandle {
     http_addr: SocketAddr,
     mqtt_addr: SocketAddr,
     broker_url: String,
+    backend_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     main: JoinHandle<()>,
@@ -186,6 +218,12 @@ impl ServeHandle {
     /// The broker URL devices are told to use (`mqtts://` unless plaintext was allowed).
     pub fn broker_url(&self) -> &str {
         &self.broker_url
+    }
+
+    /// The embedded rumqttd's private loopback address behind the TLS front (`None` for
+    /// an external broker or plaintext mode).
+    pub fn embedded_backend_addr(&self) -> Option<SocketAddr> {
+        self.backend_addr
     }
 
     /// Open mutual-TLS sessions of `device` on the embedded broker.
@@ -264,6 +302,7 @@ pub async fn run(
         agent_broker_url: raw.advertised_broker_url.clone(),
         command_ttl_ms: raw.command_ttl_hours.saturating_mul(3_600_000),
         cp_login: cp_login.clone(),
+        front_key: None,
     };
     for d in api_store.device_auth()? {
         shared.set_device(
@@ -305,6 +344,9 @@ pub async fn run(
             let (cert, key) = shared.ca.broker_identity(&hosts, now_ms())?;
             let tls = crate::broker::server_tls_config(shared.ca.ca_pem(), &cert, &key)?;
             tls_front = Some((front, tls));
+            let mut k = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut k);
+            shared.front_key = Some(DeviceKey(k));
             if shared.agent_broker_url.is_empty() {
                 shared.agent_broker_url = format!("mqtts://{public}");
             }
@@ -367,11 +409,13 @@ pub async fn run(
     };
     let shared = Arc::new(shared);
     let mut public_mqtt_addr = mqtt_addr;
+    let mut backend_addr = None;
     if matches!(config.broker, BrokerMode::Embedded { .. }) {
         crate::broker::start(mqtt_addr, Arc::clone(&shared))?;
         if let Some((front, tls)) = tls_front {
             public_mqtt_addr =
                 crate::broker::start_tls_front(front, mqtt_addr, tls, Arc::clone(&shared))?;
+            backend_addr = Some(mqtt_addr);
         }
     }
 
@@ -519,6 +563,7 @@ pub async fn run(
         http_addr,
         mqtt_addr: public_mqtt_addr,
         broker_url,
+        backend_addr,
         shared,
         stop: Some(stop_tx),
         main,

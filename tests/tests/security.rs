@@ -159,6 +159,16 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
             .is_err()
     );
 
+    // rumqttd's private loopback port does not take a device's password: only the
+    // front's token, which it issues after the certificate checks.
+    let backend = server.embedded_backend_addr().unwrap();
+    assert_ne!(backend.port(), port);
+    let direct = connect(backend.port(), "gw-a", None, Some(("gw-a", &pass_a))).await;
+    assert!(
+        direct.is_err(),
+        "the private broker port took a device password"
+    );
+
     // The real identity works; a real agent runs over it.
     let (_c, mut el) = connect(port, "gw-a-probe", Some(&a), Some(("gw-a", &pass_a)))
         .await
