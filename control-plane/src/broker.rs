@@ -117,6 +117,8 @@ pub fn start(listen: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, Brok
 use std::sync::Mutex;
 
 use bytes::BytesMut;
+use drover_protocol::topics::{self, ParsedTopic};
+use drover_protocol::DeviceId;
 use rumqttc::mqttbytes::v4::Packet as MqttPacket;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::broadcast;
@@ -329,16 +331,24 @@ async fn relay(
         ));
     }
     login.password = shared.front_token(&identity);
+    let device = DeviceId::new(identity.as_str()).map_err(|e| e.to_string())?;
+    if let Some(will) = &connect.last_will {
+        if !may_publish(&device, &will.topic) {
+            return Err(format!(
+                "{identity} may not set a last will on {:?}",
+                will.topic
+            ));
+        }
+    }
     // The CONNECT frame is replaced; anything the client pipelined after it is kept.
     let frame_len = rumqttc::mqttbytes::check(buf.iter(), MAX_CONNECT)
         .map_err(|e| format!("bad first packet: {e}"))?
         .frame_length();
     let rest = buf.split_off(frame_len);
-    let mut out = BytesMut::with_capacity(frame_len + rest.len() + 64);
+    let mut out = BytesMut::with_capacity(frame_len + 64);
     MqttPacket::Connect(connect)
         .write(&mut out, MAX_CONNECT * 2)
         .map_err(|e| format!("re-encoding CONNECT: {e}"))?;
-    out.extend_from_slice(&rest);
     let buf = out;
     let mut upstream = tokio::net::TcpStream::connect(backend)
         .await
@@ -358,12 +368,97 @@ async fn relay(
             }
         }
     };
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream) => {}
+    let (mut tls_rx, mut tls_tx) = tokio::io::split(tls);
+    let (mut up_rx, mut up_tx) = upstream.into_split();
+    let result = tokio::select! {
+        r = filter_client(&mut tls_rx, &mut up_tx, &device, rest) => r,
+        _ = tokio::io::copy(&mut up_rx, &mut tls_tx) => Ok(()),
         _ = kicked => {
             tracing::info!(device_id = %identity, "open session closed: device decommissioned");
+            Ok(())
+        }
+    };
+    shared.tls_sessions.enter(&identity, -1);
+    result
+}
+
+/// The ACL of the embedded broker (rumqttd has none): a device publishes only on its own
+/// uplink topics (last will included).
+fn may_publish(device: &DeviceId, topic: &str) -> bool {
+    matches!(topics::parse(topic), Ok(ParsedTopic::Uplink { device: d, .. }) if d == *device)
+}
+
+/// A device subscribes only to its own downlink, the keyring and model chunk topics (by
+/// digest: no wildcards).
+fn may_subscribe(device: &DeviceId, filter: &str) -> bool {
+    match topics::parse(filter) {
+        Ok(ParsedTopic::Downlink { device: d }) => d == *device,
+        Ok(ParsedTopic::Keyring) | Ok(ParsedTopic::ModelChunks { .. }) => true,
+        _ => false,
+    }
+}
+
+/// Relays the client's packets to rumqttd, one whole packet at a time, checking each
+/// PUBLISH and SUBSCRIBE against the ACL. MQTT 3.1.1 cannot refuse a publish, so a
+/// violation closes the connection (and is logged and counted by the caller).
+async fn filter_client(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    device: &DeviceId,
+    mut buf: BytesMut,
+) -> Result<(), String> {
+    loop {
+        let mut out = BytesMut::new();
+        loop {
+            let header = match rumqttc::mqttbytes::check(buf.iter(), MAX_PAYLOAD) {
+                Ok(h) => h,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(e) => return Err(format!("bad packet: {e}")),
+            };
+            let frame = buf.split_to(header.frame_length());
+            match frame.first().map(|b| b >> 4) {
+                Some(3) => {
+                    let topic = publish_topic(&frame).ok_or("malformed PUBLISH")?;
+                    if !may_publish(device, topic) {
+                        return Err(format!("{device} may not publish to {topic:?}"));
+                    }
+                }
+                Some(8) => {
+                    let mut probe = frame.clone();
+                    let Ok(MqttPacket::Subscribe(sub)) = MqttPacket::read(&mut probe, MAX_CONNECT)
+                    else {
+                        return Err("malformed SUBSCRIBE".into());
+                    };
+                    if let Some(f) = sub.filters.iter().find(|f| !may_subscribe(device, &f.path)) {
+                        return Err(format!("{device} may not subscribe to {:?}", f.path));
+                    }
+                }
+                Some(1) => return Err("a second CONNECT".into()),
+                _ => {}
+            }
+            out.extend_from_slice(&frame);
+        }
+        if !out.is_empty() {
+            to.write_all(&out)
+                .await
+                .map_err(|e| format!("embedded broker: {e}"))?;
+        }
+        if from
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| format!("reading from client: {e}"))?
+            == 0
+        {
+            return Ok(());
         }
     }
-    shared.tls_sessions.enter(&identity, -1);
-    Ok(())
+}
+
+/// The topic of a whole PUBLISH frame, without copying its payload.
+fn publish_topic(frame: &[u8]) -> Option<&str> {
+    // Fixed header: 1 byte, then the remaining length in 1-4 bytes (high bit = more).
+    let len_bytes = frame.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
+    let at = 1 + len_bytes;
+    let n = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]) as usize;
+    std::str::from_utf8(frame.get(at + 2..at + 2 + n)?).ok()
 }

@@ -186,6 +186,50 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
     .unwrap();
     assert_eq!(server.open_tls_sessions("gw-a"), 1);
 
+    // The embedded broker's ACL: gw-a may not subscribe to gw-b's commands nor publish
+    // as gw-b (the front closes the connection: MQTT 3.1.1 has no per-publish refusal);
+    // its own downlink and the keyring are fine.
+    let gw_a = DeviceId::new("gw-a").unwrap();
+    let gw_b = DeviceId::new("gw-b").unwrap();
+    let (c, el_sub) = connect(port, "gw-a-acl-1", Some(&a), Some(("gw-a", &pass_a)))
+        .await
+        .unwrap();
+    c.subscribe(topics::downlink(&gw_b), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_ack_or_close(el_sub).await,
+        "closed",
+        "gw-a subscribed to gw-b's commands"
+    );
+    let (c, el_pub) = connect(port, "gw-a-acl-2", Some(&a), Some(("gw-a", &pass_a)))
+        .await
+        .unwrap();
+    c.publish(
+        topics::uplink(&gw_b, UplinkKind::Labels),
+        QoS::AtLeastOnce,
+        false,
+        b"forged".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next_ack_or_close(el_pub).await,
+        "closed",
+        "gw-a published as gw-b"
+    );
+    let (c, el_own) = connect(port, "gw-a-acl-3", Some(&a), Some(("gw-a", &pass_a)))
+        .await
+        .unwrap();
+    c.subscribe(topics::downlink(&gw_a), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_ack_or_close(el_own).await,
+        "ack",
+        "gw-a's own subscription"
+    );
+
     // Decommission cuts the open session at once and refuses the next connect.
     drover_cli(&[&["device", "decommission", "gw-a"][..], &srv].concat()).unwrap();
     let cut = tokio::time::timeout(WAIT, async {
@@ -209,6 +253,21 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
     );
     server.shutdown().await;
     drop(agent_b);
+}
+
+/// Polls until the broker acknowledges (SUBACK/PUBACK) or closes the connection.
+async fn next_ack_or_close(mut el: EventLoop) -> &'static str {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_) | Packet::PubAck(_))) => return "ack",
+                Ok(_) => {}
+                Err(_) => return "closed",
+            }
+        }
+    })
+    .await
+    .unwrap_or("neither")
 }
 
 fn publish_model(srv: &[&str], version: &str) {
