@@ -322,7 +322,7 @@ async fn relay(
     if login.username != identity {
         return Err(format!(
             "certificate {identity:?} may not log in as {:?}",
-            login.username
+            clip(&login.username)
         ));
     }
     if !shared.device_password_ok(&identity, &login.password) {
@@ -336,7 +336,7 @@ async fn relay(
         if !may_publish(&device, &will.topic) {
             return Err(format!(
                 "{identity} may not set a last will on {:?}",
-                will.topic
+                clip(&will.topic)
             ));
         }
     }
@@ -420,7 +420,7 @@ async fn filter_client(
                 Some(3) => {
                     let topic = publish_topic(&frame).ok_or("malformed PUBLISH")?;
                     if !may_publish(device, topic) {
-                        return Err(format!("{device} may not publish to {topic:?}"));
+                        return Err(format!("{device} may not publish to {:?}", clip(topic)));
                     }
                 }
                 Some(8) => {
@@ -430,7 +430,7 @@ async fn filter_client(
                         return Err("malformed SUBSCRIBE".into());
                     };
                     if let Some(f) = sub.filters.iter().find(|f| !may_subscribe(device, &f.path)) {
-                        return Err(format!("{device} may not subscribe to {:?}", f.path));
+                        return Err(format!("{device} may not subscribe to {:?}", clip(&f.path)));
                     }
                 }
                 Some(1) => return Err("a second CONNECT".into()),
@@ -452,6 +452,11 @@ async fn filter_client(
             return Ok(());
         }
     }
+}
+
+/// Client-chosen text in a log line: bounded (debug-formatting escapes the rest).
+fn clip(s: &str) -> String {
+    s.chars().take(100).collect()
 }
 
 /// The topic of a whole PUBLISH frame, without copying its payload.

@@ -36,6 +36,7 @@ pub const CONTROL_PLANE_IDENTITY: &str = "drover-control-plane";
 const DAY_MS: u64 = 86_400_000;
 pub const CA_VALID_DAYS: u64 = 10 * 365;
 pub const DEVICE_CERT_VALID_DAYS: u64 = 2 * 365;
+pub const CRL_VALID_DAYS: u64 = 365;
 /// Devices and brokers may disagree about the time by this much.
 const SKEW_MS: u64 = 10 * 60 * 1000;
 
@@ -288,9 +289,10 @@ impl FleetCa {
         }
         let crl = CertificateRevocationListParams {
             this_update: at(now_ms.saturating_sub(SKEW_MS)),
-            // Brokers refuse every client once the CRL is stale: it is rewritten on each
-            // decommission and at every `drover serve` start.
-            next_update: at(now_ms.saturating_add(30 * DAY_MS)),
+            // OpenSSL-based brokers refuse every client once the CRL they loaded is past
+            // nextUpdate, so it is a year ahead; `drover serve` rewrites the file at start,
+            // on each decommission and daily, and `drover doctor` warns a month before.
+            next_update: at(now_ms.saturating_add(CRL_VALID_DAYS * DAY_MS)),
             crl_number: SerialNumber::from_slice(&(now_ms / 1000).to_be_bytes()),
             issuing_distribution_point: None,
             revoked_certs,
@@ -348,6 +350,15 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = c.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
+}
+
+/// `nextUpdate` of a PEM CRL, in ms since the epoch.
+pub fn crl_next_update_ms(pem: &[u8]) -> Option<u64> {
+    use rustls::pki_types::pem::PemObject as _;
+    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_slice(pem).ok()?;
+    let (_, crl) = x509_parser::parse_x509_crl(&der).ok()?;
+    let t = crl.next_update()?.timestamp();
+    Some(u64::try_from(t).unwrap_or(0).saturating_mul(1000))
 }
 
 /// `notAfter` of the first certificate in a PEM file, in ms since the epoch.

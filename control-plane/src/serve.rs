@@ -521,8 +521,10 @@ pub async fn run(
     });
     let retention_ms = raw.telemetry_retention_hours.saturating_mul(3_600_000);
     let maint_store = Arc::clone(&api_store);
+    let maint_shared = Arc::clone(&shared);
     let maintenance = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
+        let mut crl_ticks = 0u64;
         loop {
             tick.tick().await;
             let s = Arc::clone(&maint_store);
@@ -535,6 +537,18 @@ pub async fn run(
             if let Ok(Ok(n)) = r {
                 if n > 0 {
                     tracing::info!(rows = n, "pruned raw telemetry past retention");
+                }
+            }
+            // The CRL is re-issued about daily so its nextUpdate stays a year ahead.
+            crl_ticks += 1;
+            if crl_ticks % 144 == 0 {
+                let sh = Arc::clone(&maint_shared);
+                let r = tokio::task::spawn_blocking(move || {
+                    sh.ca.write_crl(&sh.decommissioned(), now_ms())
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "cannot rewrite the CRL");
                 }
             }
         }

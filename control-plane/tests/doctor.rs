@@ -47,6 +47,14 @@ fn doctor_passes_a_clean_setup_and_reports_each_unsafe_setting() {
     assert!(out.contains("ca.key") && out.contains("chmod 600"), "{out}");
     chmod(&ca_key, 0o600);
 
+    // A CRL whose nextUpdate is near: brokers would soon refuse every client.
+    ca.write_crl(&[], now - 340 * 86_400_000).unwrap();
+    let (ok, out) = doctor(&["--data-dir", data_s]);
+    assert!(!ok && out.contains("CRL nextUpdate"), "{out}");
+    ca.write_crl(&[], now).unwrap();
+    let (ok, out) = doctor(&["--data-dir", data_s]);
+    assert!(ok, "{out}");
+
     // A plaintext embedded broker.
     let conf = tmp.path().join("serve.toml");
     std::fs::write(

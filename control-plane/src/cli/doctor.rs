@@ -143,6 +143,23 @@ pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
     ] {
         check_cert(&keys.join(file), what, now, &mut out);
     }
+    let crl = keys.join(crate::pki::CRL_FILE);
+    if let Ok(pem) = std::fs::read(&crl) {
+        match crate::pki::crl_next_update_ms(&pem) {
+            Some(t) if t <= now.saturating_add(WARN_DAYS * DAY_MS) => out.push(Finding {
+                path: crl.display().to_string(),
+                problem: format!(
+                    "CRL nextUpdate {}: brokers refuse every client after it; start `drover serve` to re-issue it",
+                    super::fmt_ms(t)
+                ),
+            }),
+            Some(_) => {}
+            None => out.push(Finding {
+                path: crl.display().to_string(),
+                problem: "not a readable PEM CRL".into(),
+            }),
+        }
+    }
     if keys.join(crate::keys::ROOT_FILE).exists() {
         match crate::keys::load(&data_dir) {
             Ok(k) if k.keyring.expires_at_ms <= now.saturating_add(WARN_DAYS * DAY_MS) => {
