@@ -71,7 +71,8 @@ impl Default for ServeConfig {
             version: CONFIG_VERSION,
             data_dir: PathBuf::from("drover-data"),
             http_listen: "127.0.0.1:8470".into(),
-            mqtt_listen: "127.0.0.1:1883".into(),
+            // MQTT over TLS's port; with allow_plaintext set 1883 explicitly if wanted.
+            mqtt_listen: "127.0.0.1:8883".into(),
             broker_url: String::new(),
             broker_ca_file: String::new(),
             broker_client_cert_file: String::new(),
@@ -283,7 +284,7 @@ impl ServeConfig {
                 Ok(listen) => Some(BrokerMode::Embedded { listen }),
                 Err(_) => {
                     errors.push(format!(
-                        "mqtt_listen = {:?} is not an address like 127.0.0.1:1883",
+                        "mqtt_listen = {:?} is not an address like 127.0.0.1:8883",
                         self.mqtt_listen
                     ));
                     None

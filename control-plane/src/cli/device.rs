@@ -144,7 +144,10 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             }
             let text = cfg.to_toml().context("cannot render the agent config")?;
             crate::keys::write_private(&out, text.as_bytes())?;
-            println!("enrolled {id}; agent config written to {}", out.display());
+            println!(
+                "enrolled {id}; agent config written to {} (TLS certificate and key beside it, 0600)",
+                out.display()
+            );
             Ok(())
         }
         DeviceCommand::List {
