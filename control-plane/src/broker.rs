@@ -467,3 +467,59 @@ fn publish_topic(frame: &[u8]) -> Option<&str> {
     let n = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]) as usize;
     std::str::from_utf8(frame.get(at + 2..at + 2 + n)?).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish_frame(topic: &str, payload_len: usize) -> BytesMut {
+        let mut b = BytesMut::new();
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            topic,
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            vec![7u8; payload_len],
+        );
+        p.pkid = 1;
+        MqttPacket::Publish(p).write(&mut b, 1 << 24).unwrap();
+        b
+    }
+
+    #[test]
+    fn publish_topic_is_read_whatever_the_length_encoding() {
+        // 1-, 2- and 3-byte remaining lengths.
+        for len in [10, 300, 70_000] {
+            let f = publish_frame("drover/v1/dev/gw-1/up/telemetry", len);
+            assert_eq!(publish_topic(&f), Some("drover/v1/dev/gw-1/up/telemetry"));
+        }
+        assert_eq!(publish_topic(&[0x30]), None);
+        assert_eq!(publish_topic(&[0x30, 0x05, 0x00, 0x09, b'a']), None);
+    }
+
+    #[test]
+    fn acl_allows_own_topics_only_and_no_wildcards() {
+        let a = DeviceId::new("gw-a").unwrap();
+        let b = DeviceId::new("gw-b").unwrap();
+        assert!(may_publish(
+            &a,
+            &topics::uplink(&a, topics::UplinkKind::Labels)
+        ));
+        assert!(!may_publish(
+            &a,
+            &topics::uplink(&b, topics::UplinkKind::Labels)
+        ));
+        assert!(!may_publish(&a, &topics::downlink(&a)));
+        assert!(!may_publish(&a, &topics::keyring()));
+        assert!(may_subscribe(&a, &topics::downlink(&a)));
+        assert!(may_subscribe(&a, &topics::keyring()));
+        assert!(may_subscribe(&a, &topics::model_chunks(&[3; 32])));
+        assert!(!may_subscribe(&a, &topics::downlink(&b)));
+        for wild in [
+            "#",
+            "drover/#",
+            "drover/v1/dev/+/down",
+            "drover/v1/model/+/chunks",
+        ] {
+            assert!(!may_subscribe(&a, wild), "{wild}");
+        }
+    }
+}
