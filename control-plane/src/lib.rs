@@ -4,7 +4,8 @@
 //! - [`serve`]: wires everything; `serve::run(config, shutdown)` is what `main` and the
 //!   tests call.
 //! - [`config`]: serve configuration (defaults < TOML < env < flags).
-//! - [`broker`]: the embedded rumqttd broker, authenticating devices from the store.
+//! - [`broker`]: the embedded rumqttd broker behind a mutual-TLS front (certificate,
+//!   username = CN, key-derived password, per-topic ACL, sessions cut on decommission).
 //! - [`mqtt`]: the control plane's rumqttc sessions (the only MQTT client code).
 //! - [`ingest`]: authenticates uplink frames, stores them in batches on its own thread.
 //! - [`chunks`]: coalesced chunk serving on shared per-model topics.
@@ -13,6 +14,7 @@
 //! - [`rollout`]: staged rollouts: plans, the pure engine, the driver that applies it.
 //! - [`store`]: SQLite; the only module that knows SQL.
 //! - [`keys`]: root/signing key files and the root-signed keyring.
+//! - [`pki`]: the fleet CA (rcgen): device and broker certificates, the CRL.
 //! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
 //! - [`cli`]: the `drover` subcommands, one file each; a client of the API.
 //! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
@@ -35,6 +37,7 @@ pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;
+pub mod pki;
 pub mod registry;
 pub mod rollout;
 pub mod serve;

@@ -139,7 +139,8 @@ pub async fn enroll(
         .await?;
     let resp: drover_control_plane::api::EnrollResponse = serde_json::from_value(resp)?;
     let data_dir: PathBuf = dir.join(format!("{id}-data"));
-    let mut config = resp.agent_config(data_dir, labels);
+    // The device's key, certificate and the fleet CA, for mutual TLS (files 0600).
+    let mut config = resp.write_agent_files(dir, None, data_dir, labels)?;
     config.api_addr = "127.0.0.1:0".into();
     config.telemetry.interval_ms = 300;
     Ok(Device {

@@ -2,8 +2,9 @@
 //! they share: real outside peers (mosquitto) started on loopback, free ports, waiting.
 //!
 //! Layout:
-//! - [`mosquitto`]: a real Debian mosquitto with password file, `%u` pattern ACLs and
-//!   persistence, on a free loopback port, killed on drop.
+//! - [`mosquitto`]: a real Debian mosquitto on a free loopback port, killed on drop: with
+//!   password file, `%u` pattern ACLs and persistence, or with the mutual-TLS configuration
+//!   `drover broker config mosquitto` writes (certificate identity, CRL, ACL).
 //! - [`free_port`], [`wait_until`]: loopback port picking and bounded polling.
 //! - [`slurm`]: a real single-node Slurm cluster (munged, slurmctld, slurmd) on loopback.
 //! - [`training`]: store, keys, a shifting synthetic world and fleet data for the

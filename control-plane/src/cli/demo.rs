@@ -244,10 +244,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 },
             )
             .await?;
-        let mut cfg = r.agent_config(
-            dir.join("agents").join(&id),
+        let agent_dir = dir.join("agents").join(&id);
+        std::fs::create_dir_all(&agent_dir)?;
+        let mut cfg = r.write_agent_files(
+            &agent_dir,
+            None,
+            agent_dir.clone(),
             BTreeMap::from([("site".into(), site.into())]),
-        );
+        )?;
         cfg.api_addr = "127.0.0.1:0".into();
         cfg.telemetry.interval_ms = 500;
         let agent = drover_agent::run(cfg, std::future::pending())

@@ -1,8 +1,10 @@
 //! The `drover` command line: one module per subcommand, each with its args and `run`.
 
+pub mod broker;
 pub mod client;
 pub mod demo;
 pub mod device;
+pub mod doctor;
 pub mod drift;
 pub mod keys;
 pub mod model;
@@ -47,6 +49,12 @@ pub enum Command {
     /// Training jobs: the built-in trainer, manual runs, job state and outcome.
     #[command(subcommand)]
     Train(train::TrainCommand),
+    /// External broker setup: write a mosquitto configuration (mutual TLS, CRL, ACLs).
+    #[command(subcommand)]
+    Broker(broker::BrokerCommand),
+    /// Report unsafe settings (key file modes, plaintext broker, expiring certificates);
+    /// exits non-zero when it finds any.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// How listings are printed.

@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// Fault injection for crash tests: SIGKILL self the N-th time POINT is passed.
     #[arg(long, hide = true, value_name = "POINT:N")]
     pub crash_at: Option<String>,
+    /// Development only: let the embedded broker accept plaintext MQTT (passwords, no
+    /// client certificates). Logs a warning. Default: mutual TLS.
+    #[arg(long)]
+    pub allow_plaintext: bool,
 }
 
 async fn signal() {
@@ -56,13 +60,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         mqtt_listen: args.mqtt_listen,
         broker_url: args.broker_url,
+        allow_plaintext: args.allow_plaintext,
     };
     let config = ServeConfig::load(args.config.as_deref(), &env, &overrides)?;
     let handle = crate::serve::run(config, signal()).await?;
     println!(
-        "drover serve: api http://{} broker mqtt://{}",
+        "drover serve: api http://{} broker {}",
         handle.http_addr(),
-        handle.mqtt_addr()
+        handle.broker_url()
     );
     handle.wait().await;
     Ok(())
