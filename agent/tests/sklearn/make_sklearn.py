@@ -14,7 +14,7 @@ Outputs, for each family <name> (all well under 200 KB):
   <name>.json  {"exporter", "inputs": 16-row batch, "outputs": onnxruntime's outputs, "ops": node op types}
   zipmap_refused.onnx  a classifier exported with the default zipmap=True (ai.onnx.ml:ZipMap, which the
                        agent refuses by name)
-  svm_refused.onnx     an SVC (ai.onnx.ml:SVMClassifier, not supported yet: refused by name)
+  svm_refused.onnx     an SVC (ai.onnx.ml:SVMClassifier, not supported yet: refused by name), with its .json
 """
 import json
 import os
@@ -164,8 +164,7 @@ def build(out):
     from sklearn.svm import SVC
     est = SVC(kernel="rbf").fit(Xc[:100], yc[:100])
     m = to_onnx(est, Xc[:1], target_opset=OPSET, options=CLF)
-    with open(os.path.join(out, "svm_refused.onnx"), "wb") as f:
-        f.write(m.SerializeToString())
+    emit(out, "svm_refused", "skl2onnx", m, batch_c)
 
 
 def check():
