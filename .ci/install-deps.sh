@@ -17,6 +17,12 @@ pkill -x mosquitto 2>/dev/null || true
 if ! python3 -c 'import tritonclient.http, numpy' >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check 'tritonclient[http]' numpy
 fi
+# onnxruntime: the reference the ai.onnx.ml benchmark (agent/benches/onnx_ml.rs) times against; its smoke run
+# is part of `cargo test --all-targets`. The ai.onnx.ml tests themselves read committed fixtures and need no Python.
+if ! python3 -c 'import onnxruntime, numpy' >/dev/null 2>&1; then
+  python3 -m pip install -q --disable-pip-version-check onnxruntime numpy
+fi
+echo "peers: onnxruntime $(python3 -c 'import onnxruntime; print(onnxruntime.__version__)')"
 echo "peers: tritonclient $(python3 -c 'import importlib.metadata as m; print(m.version("tritonclient"))')"
 echo "peers: mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | head -1 | awk '{print $3}')"
 
