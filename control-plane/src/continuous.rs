@@ -398,6 +398,23 @@ pub struct Engine {
     /// How often a Slurm job's state is polled.
     pub poll_interval: Duration,
     cancels: Mutex<HashMap<u64, Arc<Notify>>>,
+    /// Where accepted candidates are rolled out by the policy's `[rollout]` plan (set by
+    /// `drover serve`; without it an accepted candidate is only registered).
+    pub rollouts: Option<crate::rollout::driver::WeakRolloutHandle>,
+}
+
+/// The policy's `[rollout]` table as a rollout plan for `model` (`name@version`).
+pub fn rollout_plan(
+    template: &toml::Table,
+    model: &str,
+) -> std::result::Result<crate::rollout::Plan, String> {
+    let mut t = template.clone();
+    t.insert("model".into(), toml::Value::String(model.to_owned()));
+    let plan: crate::rollout::Plan = toml::Value::Table(t)
+        .try_into()
+        .map_err(|e| format!("the policy's [rollout] plan is invalid: {e}"))?;
+    plan.validate().map_err(|e| e.to_string())?;
+    Ok(plan)
 }
 
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
@@ -423,6 +440,7 @@ impl Engine {
             slurm: SlurmConfig::default(),
             poll_interval: Duration::from_millis(500),
             cancels: Mutex::new(HashMap::new()),
+            rollouts: None,
         }
     }
 
@@ -1000,6 +1018,33 @@ impl Engine {
                     .as_ref()
                     .and_then(|t| serde_json::to_string(t).ok());
                 row.detail = Some("candidate beats the champion; signed and registered".into());
+                let model = format!("{}@{}", a.model.name, a.model.version);
+                let handle = self.rollouts.as_ref().and_then(|w| w.upgrade());
+                match (&a.rollout_plan, handle) {
+                    (Some(t), Some(h)) => match rollout_plan(t, &model) {
+                        Ok(plan) => match h.start(plan, "continuous-training").await {
+                            Ok(r) => {
+                                tracing::info!(job = row.id, rollout = r.id, %model, "rollout started by policy");
+                                row.detail = Some(format!(
+                                    "candidate beats the champion; signed, registered and rolled out by policy (rollout {})",
+                                    r.id
+                                ));
+                            }
+                            Err(e) => {
+                                row.detail = Some(format!(
+                                    "candidate beats the champion; signed and registered; rollout not started: {e}"
+                                ))
+                            }
+                        },
+                        Err(e) => {
+                            row.detail = Some(format!(
+                                "candidate beats the champion; signed and registered; rollout not started: {e}"
+                            ))
+                        }
+                    },
+                    (Some(_), None) => {}
+                    (None, _) => {}
+                }
             }
             Err(e) => {
                 row.outcome = Some("refused".into());
@@ -1090,6 +1135,10 @@ mod tests {
             "policy.toml",
         );
         assert!(p.as_ref().is_ok_and(|p| p.rollout.is_some()), "{p:?}");
+        let template = p.unwrap().rollout.unwrap();
+        let plan = rollout_plan(&template, "classifier@1.0.1").unwrap();
+        assert!(plan.shadow.is_some() && plan.waves.len() == 3, "{plan:?}");
+        assert!(rollout_plan(&toml::Table::new(), "classifier@1.0.1").is_err());
         for (name, text) in [
             (
                 "builtin",

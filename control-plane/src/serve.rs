@@ -203,11 +203,18 @@ pub struct ServeHandle {
     broker_url: String,
     backend_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    rollouts: crate::rollout::driver::WeakRolloutHandle,
     stop: Option<oneshot::Sender<()>>,
     main: JoinHandle<()>,
 }
 
 impl ServeHandle {
+    /// The rollout driver (weak: it does not keep the server from shutting down), for an
+    /// in-process continuous-training engine.
+    pub fn rollouts(&self) -> crate::rollout::driver::WeakRolloutHandle {
+        self.rollouts.clone()
+    }
+
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -517,7 +524,8 @@ pub async fn run(
         Duration::from_millis(raw.rollout_republish_ms),
     );
     let (continuous, continuous_task) =
-        start_continuous(&raw.continuous, &api_store, &shared).await?;
+        start_continuous(&raw.continuous, &api_store, &shared, rollouts.downgrade()).await?;
+    let weak_rollouts = rollouts.downgrade();
     let app = crate::api::router(crate::api::AppState {
         shared: Arc::clone(&shared),
         store: Arc::clone(&api_store),
@@ -602,6 +610,7 @@ pub async fn run(
         broker_url,
         backend_addr,
         shared,
+        rollouts: weak_rollouts,
         stop: Some(stop_tx),
         main,
     })
@@ -614,6 +623,7 @@ async fn start_continuous(
     cfg: &crate::config::ContinuousConfig,
     store: &Arc<Mutex<Store>>,
     shared: &Arc<Shared>,
+    rollouts: crate::rollout::driver::WeakRolloutHandle,
 ) -> Result<
     (
         Option<Arc<crate::continuous::Engine>>,
@@ -636,6 +646,7 @@ async fn start_continuous(
         bin_dir: (!cfg.slurm_bin_dir.is_empty()).then(|| PathBuf::from(&cfg.slurm_bin_dir)),
         slurm_conf: (!cfg.slurm_conf.is_empty()).then(|| PathBuf::from(&cfg.slurm_conf)),
     };
+    engine.rollouts = Some(rollouts);
     let engine = Arc::new(engine);
     if let Err(e) = engine.reattach().await {
         tracing::error!(error = %e, "cannot re-attach to training jobs");

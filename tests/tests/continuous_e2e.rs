@@ -199,23 +199,24 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     let rules = "[drift]\nwindow_secs = 3600\ngroup_by = [\"site\"]\n\
                  [triggers]\nsustained_windows = 2\n\
                  [gate]\nmin_recent_improvement = 0.05\n\
-                 [rollout]\nshadow_secs = 300\ncanary = 1\nwaves = [10, 50, 100]\n";
+                 [rollout]\nselector = \"site=b\"\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
     std::fs::write(pdir.join("policy.toml"), policy(MODEL, rules)).unwrap();
     std::fs::write(
         pdir.join("job.toml"),
         job_spec("local", &train, 300, Some(&dir.join("base.csv"))),
     )
     .unwrap();
-    let engine = Arc::new(
-        Engine::from_policy_file(
-            Arc::clone(&store),
-            data_dir.clone(),
-            &keys.signing,
-            &pdir.join("policy.toml"),
-            1,
-        )
-        .unwrap(),
-    );
+    let mut engine = Engine::from_policy_file(
+        Arc::clone(&store),
+        data_dir.clone(),
+        &keys.signing,
+        &pdir.join("policy.toml"),
+        1,
+    )
+    .unwrap();
+    // Accepted candidates are rolled out by the policy's plan through the server's driver.
+    engine.rollouts = Some(server.rollouts());
+    let engine = Arc::new(engine);
 
     // Window 0: both sites as at training time. Nothing alerts, nothing triggers.
     let t0 = now_ms();
@@ -321,7 +322,14 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
         "{metrics}"
     );
     let plan: Value = serde_json::from_str(job.rollout_plan.as_deref().unwrap()).unwrap();
-    assert_eq!(plan["canary"], 1);
+    assert_eq!(plan["selector"], "site=b");
+    assert!(
+        job.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("rolled out by policy")),
+        "{:?}",
+        job.detail
+    );
 
     // What the operator sees, through the CLI and the server's API.
     let status: Value = serde_json::from_str(&cli(&[
@@ -369,9 +377,17 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
         format!("job-{}", job.id)
     );
 
-    // Shipped to the drifting site (the rollout engine's step; a direct deploy here), its
-    // accuracy there recovers.
-    cli(&["device", "deploy", "gw-b", "--model", "shift@1.0.1"]);
+    // Rolled out by policy to the drifting site only (a staged rollout the server drives);
+    // its accuracy there recovers.
+    let rollouts: Value =
+        serde_json::from_str(&cli(&["rollout", "list", "--output", "json"])).unwrap();
+    let by_policy = rollouts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == "shift@1.0.1")
+        .expect("a rollout of the accepted candidate");
+    assert_eq!(by_policy["selector"], "site=b");
     wait_until("gw-b serves shift@1.0.1", WAIT, || async {
         let v: Value = http
             .get(format!("http://{addr_b}/v2/models/{MODEL}"))
@@ -398,6 +414,12 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     assert!(
         acc_b_after > 0.9 && acc_b_after > acc_b_shifted + 0.2,
         "site b recovers: {acc_b_shifted} -> {acc_b_after}"
+    );
+    let gw_a: Value =
+        serde_json::from_str(&cli(&["device", "show", "gw-a", "--output", "json"])).unwrap();
+    assert_eq!(
+        gw_a["active_model"], "shift@1.0.0",
+        "the policy's selector kept the stable site on the champion"
     );
 
     // A worse candidate (an untrained model) is refused, and the job says why.

@@ -151,7 +151,7 @@ async fn builtin_trainer_job_beats_the_champion_and_is_registered_with_lineage()
         "--out",
         "{out}",
     ]);
-    let rollout = "[rollout]\nshadow_secs = 600\nwaves = [1, 10, 100]\n";
+    let rollout = "[rollout]\n[[rollout.waves]]\npercent = 1\n[[rollout.waves]]\npercent = 100\n";
     let e = rig
         .engine(
             "p",
@@ -170,7 +170,12 @@ async fn builtin_trainer_job_beats_the_champion_and_is_registered_with_lineage()
     assert_eq!(rig.versions(MODEL), ["1.0.0", "1.0.1"]);
     let plan: serde_json::Value =
         serde_json::from_str(job.rollout_plan.as_deref().unwrap()).unwrap();
-    assert_eq!(plan["waves"], serde_json::json!([1, 10, 100]));
+    assert_eq!(plan["waves"][1]["percent"], 100);
+    // The template is a valid rollout plan for the accepted version.
+    let template: toml::Table =
+        toml::from_str("[[waves]]\npercent = 1\n[[waves]]\npercent = 100\n").unwrap();
+    let p = drover_control_plane::continuous::rollout_plan(&template, "shift@1.0.1").unwrap();
+    assert_eq!(p.model, "shift@1.0.1");
     // Lineage in the signed manifest: parent, job, dataset hash, the gate's metrics.
     let row = rig.lock().model(MODEL, "1.0.1").unwrap().unwrap();
     let m: drover_protocol::manifest::Manifest = postcard::from_bytes(&row.payload).unwrap();

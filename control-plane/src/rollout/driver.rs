@@ -73,7 +73,26 @@ pub struct RolloutHandle {
     tx: mpsc::Sender<Msg>,
 }
 
+/// A handle that does not keep the driver alive (for long-lived owners such as the
+/// continuous-training engine, so shutdown is not held up by them).
+#[derive(Clone, Debug)]
+pub struct WeakRolloutHandle {
+    tx: mpsc::WeakSender<Msg>,
+}
+
+impl WeakRolloutHandle {
+    pub fn upgrade(&self) -> Option<RolloutHandle> {
+        self.tx.upgrade().map(|tx| RolloutHandle { tx })
+    }
+}
+
 impl RolloutHandle {
+    pub fn downgrade(&self) -> WeakRolloutHandle {
+        WeakRolloutHandle {
+            tx: self.tx.downgrade(),
+        }
+    }
+
     pub async fn start(&self, plan: Plan, by: &str) -> Result<RolloutState, RolloutError> {
         let (reply, rx) = oneshot::channel();
         self.tx
