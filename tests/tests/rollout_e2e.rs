@@ -382,6 +382,78 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         "{models:?}"
     );
 
+    // (d) The drift gate: a model whose baseline (standard normal features) is far from
+    //     the live inputs (0.25 and 5.0) pauses its rollout on the agents' drift sketches.
+    let mut csv = (0..16)
+        .map(|i| format!("f{i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+        + "\n";
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..400 {
+        let row: Vec<String> = (0..16)
+            .map(|_| {
+                // Irwin–Hall: the sum of 12 uniforms minus 6 is close to standard normal.
+                let z: f64 = (0..12)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        (state >> 11) as f64 / (1u64 << 53) as f64
+                    })
+                    .sum::<f64>()
+                    - 6.0;
+                format!("{z:.4}")
+            })
+            .collect();
+        csv.push_str(&row.join(","));
+        csv.push('\n');
+    }
+    let baseline = tmp.path().join("baseline.csv");
+    std::fs::write(&baseline, csv).unwrap();
+    let mut args: Vec<String> = [
+        "model",
+        "publish",
+        fixture("dense_v1.onnx").to_str().unwrap(),
+        "--name",
+        "dense",
+        "--version",
+        "5.0.0",
+        "--baseline",
+        baseline.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(api.cli_args());
+    drover_tests::drover_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let r = rollout_cli(
+        &api,
+        &[
+            "start",
+            "--model",
+            "dense@5.0.0",
+            "--selector",
+            "site=plant-a",
+            "--waves",
+            "10,100",
+            "--bake",
+            "20s",
+            "--max-drift-psi",
+            "0.25",
+            "--max-p99-latency-ratio",
+            "50",
+        ],
+    )
+    .unwrap();
+    let drift_id = r["id"].as_u64().unwrap();
+    let paused = wait_status(&api, drift_id, "paused").await;
+    assert!(
+        paused["reason"].as_str().unwrap().contains("drift_psi"),
+        "{paused:#}"
+    );
+    assert_eq!(paused["wave"], 1, "stopped in the canary");
+
     traffic.stop().await;
     for d in &mut fleet {
         d.stop().await.unwrap();

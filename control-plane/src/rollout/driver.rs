@@ -569,7 +569,8 @@ impl Driver {
         let digest = r.candidate.digest.clone();
         let created = r.created_at_ms;
         let selector = Selector::parse(&r.plan.selector).unwrap_or_default();
-        let (devices, seen) = self
+        let want_drift = r.plan.gates.max_drift_psi.is_some();
+        let (devices, seen, drift) = self
             .blocking(move |_, s| {
                 let mut seen = seen;
                 if seen.baseline.is_none() {
@@ -634,7 +635,12 @@ impl Driver {
                     }
                 }
                 seen.progress_cursor.prune();
-                Ok((s.devices()?, seen))
+                let drift = if want_drift {
+                    candidate_drift(s, &digest, created, now_ms())?
+                } else {
+                    HashMap::new()
+                };
+                Ok((s.devices()?, seen, drift))
             })
             .await?;
         let held = held_by_older(&self.rollouts, r.id);
@@ -681,7 +687,7 @@ impl Driver {
                     candidate: seen.candidate.get(&d.id).cloned().unwrap_or_default(),
                     baseline,
                     shadow: seen.shadow.get(&d.id).cloned().unwrap_or_default(),
-                    drift_psi: None,
+                    drift_psi: drift.get(&d.id).copied(),
                 },
             );
         }
@@ -708,6 +714,50 @@ pub fn held_by_older(
         })
         .flat_map(|(_, r)| r.devices.keys().map(String::as_str))
         .collect()
+}
+
+/// Largest PSI per device of the candidate's live inputs (and predictions) against the
+/// baseline in its signed manifest, over the drift sketches reported since the rollout
+/// started. Empty when the model has no baseline.
+fn candidate_drift(
+    s: &Store,
+    digest_hex: &str,
+    from_ms: u64,
+    to_ms: u64,
+) -> Result<HashMap<String, f64>, RolloutError> {
+    let Some(digest) = parse_hex32(digest_hex) else {
+        return Ok(HashMap::new());
+    };
+    let Some(model) = s.model_by_digest(&digest)? else {
+        return Ok(HashMap::new());
+    };
+    let manifest: drover_protocol::manifest::Manifest = postcard::from_bytes(&model.payload)
+        .map_err(|e| RolloutError::Corrupt(format!("manifest of {}: {e}", model.name)))?;
+    let Some(baseline) = manifest.baseline else {
+        return Ok(HashMap::new());
+    };
+    let sketches: Vec<_> = s
+        .drift_sketches(from_ms, to_ms.saturating_add(1))?
+        .into_iter()
+        .filter(|k| k.model_digest == digest)
+        .collect();
+    let baselines = BTreeMap::from([(digest, baseline)]);
+    let scores = crate::drift::score_window(
+        &baselines,
+        &sketches,
+        &[],
+        (from_ms, to_ms),
+        &crate::drift::Thresholds::default(),
+    );
+    let mut out: HashMap<String, f64> = HashMap::new();
+    for sc in scores {
+        let (Some(device), Some(psi)) = (sc.scope.strip_prefix("device:"), sc.psi) else {
+            continue;
+        };
+        let e = out.entry(device.to_owned()).or_insert(psi);
+        *e = e.max(psi);
+    }
+    Ok(out)
 }
 
 /// Devices still in flight.
