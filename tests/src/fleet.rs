@@ -245,3 +245,57 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("../agent/tests/fixtures")
         .join(name)
 }
+
+/// Enrolls and starts `per_site` agents at each site (`<site>-NN`, label `site=<site>`)
+/// and waits until every one of them is online.
+pub async fn start_sites(
+    api: &Api,
+    dir: &Path,
+    sites: &[&str],
+    per_site: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Device>> {
+    let mut fleet = Vec::new();
+    for site in sites {
+        for i in 0..per_site {
+            let mut d = enroll(api, dir, &format!("{site}-{i:02}"), &[("site", site)]).await?;
+            d.start().await?;
+            fleet.push(d);
+        }
+    }
+    let want = fleet.len();
+    crate::wait_until(&format!("{want} devices online"), timeout, || async {
+        let v = api.get("/v1/devices?online=true").await.ok()?;
+        (v.as_array()?.len() == want).then_some(())
+    })
+    .await?;
+    Ok(fleet)
+}
+
+/// Publishes `file` as `name@version` and rolls it out to every device in one wave,
+/// waiting until the rollout completes. Returns the rollout id.
+pub async fn roll_out_everywhere(
+    api: &Api,
+    file: &Path,
+    name: &str,
+    version: &str,
+    timeout: Duration,
+) -> anyhow::Result<u64> {
+    publish(api, file, name, version)?;
+    let model = format!("{name}@{version}");
+    let r = rollout_cli(
+        api,
+        &["start", "--model", &model, "--waves", "100", "--bake", "0s"],
+    )?;
+    let id = r["id"].as_u64().context("rollout id")?;
+    crate::wait_until(
+        &format!("rollout of {model} to complete"),
+        timeout,
+        || async {
+            let r = api.get(&format!("/v1/rollouts/{id}")).await.ok()?;
+            (r["status"] == "completed").then_some(())
+        },
+    )
+    .await?;
+    Ok(id)
+}

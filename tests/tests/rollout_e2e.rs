@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::serve;
-use drover_tests::fleet::{enroll, fixture, publish, rollout_cli, Api, Device, Traffic};
+use drover_tests::fleet::{
+    fixture, publish, roll_out_everywhere, rollout_cli, start_sites, Api, Device, Traffic,
+};
 use drover_tests::wait_until;
 use serde_json::Value;
 
@@ -65,38 +67,13 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         .unwrap();
     let api = Api::new(format!("http://{}", server.http_addr()), server.api_token());
 
-    let mut fleet = Vec::new();
-    for site in ["plant-a", "plant-b"] {
-        for id in ids(site) {
-            let mut d = enroll(&api, dir, &id, &[("site", site)]).await.unwrap();
-            d.start().await.unwrap();
-            fleet.push(d);
-        }
-    }
-    wait_until("50 devices online", WAIT, || async {
-        let v = api.get("/v1/devices?online=true").await.ok()?;
-        (v.as_array()?.len() == 2 * PER_SITE).then_some(())
-    })
-    .await
-    .unwrap();
-
+    let mut fleet = start_sites(&api, dir, &["plant-a", "plant-b"], PER_SITE, WAIT)
+        .await
+        .unwrap();
     // Everyone on v1 first, through a one-wave rollout.
-    publish(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0").unwrap();
-    let r = rollout_cli(
-        &api,
-        &[
-            "start",
-            "--model",
-            "dense@1.0.0",
-            "--waves",
-            "100",
-            "--bake",
-            "0s",
-        ],
-    )
-    .unwrap();
-    let first = r["id"].as_u64().unwrap();
-    wait_status(&api, first, "completed").await;
+    roll_out_everywhere(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0", WAIT)
+        .await
+        .unwrap();
     let models = api.active_models().await.unwrap();
     assert!(
         models.values().all(|m| m.as_deref() == Some("dense@1.0.0")),

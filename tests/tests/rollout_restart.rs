@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use drover_tests::fleet::{enroll, fixture, publish, rollout_cli, Api};
+use drover_tests::fleet::{
+    enroll, fixture, publish, roll_out_everywhere, rollout_cli, start_sites, Api,
+};
 use drover_tests::{free_port, wait_until, workspace_bin};
 use serde_json::Value;
 
@@ -70,41 +72,13 @@ async fn serve_killed_mid_wave_resumes_without_duplicate_commands() {
     let token = std::fs::read_to_string(data.join("api-token")).unwrap();
     let api = Api::new(url.clone(), token.trim());
 
-    let mut fleet = Vec::new();
-    for site in ["plant-a", "plant-b"] {
-        for id in ids(site) {
-            let mut d = enroll(&api, dir, &id, &[("site", site)]).await.unwrap();
-            d.start().await.unwrap();
-            fleet.push(d);
-        }
-    }
-    wait_until("50 devices online", WAIT, || async {
-        let v = api.get("/v1/devices?online=true").await.ok()?;
-        (v.as_array()?.len() == 2 * PER_SITE).then_some(())
-    })
-    .await
-    .unwrap();
-    publish(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0").unwrap();
-    let r = rollout_cli(
-        &api,
-        &[
-            "start",
-            "--model",
-            "dense@1.0.0",
-            "--waves",
-            "100",
-            "--bake",
-            "0s",
-        ],
-    )
-    .unwrap();
-    let first = r["id"].as_u64().unwrap();
-    wait_until("everyone on dense@1.0.0", WAIT, || async {
-        let r = api.get(&format!("/v1/rollouts/{first}")).await.ok()?;
-        (r["status"] == "completed").then_some(())
-    })
-    .await
-    .unwrap();
+    let mut fleet = start_sites(&api, dir, &["plant-a", "plant-b"], PER_SITE, WAIT)
+        .await
+        .unwrap();
+    // Everyone on v1 first, through a one-wave rollout.
+    roll_out_everywhere(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0", WAIT)
+        .await
+        .unwrap();
 
     // A rollout with small concurrency and a bake, so it is caught in the middle.
     let v2 = publish(&api, &fixture("dense_v2.onnx"), "dense", "2.0.0").unwrap();
