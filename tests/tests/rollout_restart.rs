@@ -318,14 +318,12 @@ async fn commands_committed_before_a_crash_reach_devices_that_stay_connected() {
         )
         .await
         .unwrap();
-        let r = api.get("/v1/rollouts/1").await.unwrap();
         wait_until("the rollout completes", WAIT, || async {
             let r = api.get("/v1/rollouts/1").await.ok()?;
             (r["status"] == "completed").then_some(())
         })
         .await
         .unwrap();
-        let _ = r;
         let mut after = Vec::new();
         for d in &fleet {
             let c = api
