@@ -17,5 +17,31 @@ pkill -x mosquitto 2>/dev/null || true
 if ! python3 -c 'import tritonclient.http, numpy' >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check 'tritonclient[http]' numpy
 fi
+# onnxruntime: the reference the ai.onnx.ml benchmark (agent/benches/onnx_ml.rs) times against; its smoke run
+# is part of `cargo test --all-targets`. The ai.onnx.ml tests themselves read committed fixtures and need no Python.
+if ! python3 -c 'import onnxruntime, numpy' >/dev/null 2>&1; then
+  python3 -m pip install -q --disable-pip-version-check onnxruntime numpy
+fi
+echo "peers: onnxruntime $(python3 -c 'import onnxruntime; print(onnxruntime.__version__)')"
 echo "peers: tritonclient $(python3 -c 'import importlib.metadata as m; print(m.version("tritonclient"))')"
 echo "peers: mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | head -1 | awk '{print $3}')"
+
+# ---- continuous training (issue 7) ----
+# A real single-node Slurm for the Slurm executor test (tests/src/slurm.rs starts its own
+# munged, slurmctld and slurmd in a temp dir; the packaged services stay off).
+if ! command -v sbatch >/dev/null 2>&1 || [[ ! -x /usr/sbin/slurmd ]] || [[ ! -x /usr/sbin/munged ]]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+fi
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now slurmctld slurmd munge >/dev/null 2>&1 || true
+fi
+# The scikit-learn example trainer (control-plane/trainers/sklearn/train.py) and the drift
+# fixture script (numpy/scipy), in the same python3 the tests run.
+if ! python3 -c 'import sklearn, skl2onnx, numpy, scipy' >/dev/null 2>&1; then
+  # Debian 12's python3 is "externally managed" (PEP 668): fall back to its documented override.
+  python3 -m pip install -q --disable-pip-version-check scikit-learn skl2onnx numpy scipy ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+      scikit-learn skl2onnx numpy scipy
+fi
+echo "peers: slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm 2>/dev/null), scikit-learn $(python3 -c 'import sklearn; print(sklearn.__version__)')"

@@ -4,6 +4,8 @@
 //! - [`config`]: the human-edited TOML config, layered and validated.
 //! - [`runtime`]: tract-onnx model loading, inference and self-test (also used by the
 //!   control plane at publish time).
+//! - [`onnx_ml`]: the `ai.onnx.ml` operators (scikit-learn pipelines, tree ensembles)
+//!   registered into tract's ONNX operator table.
 //! - [`serving`]: the active and shadow models behind an atomic swap, and the per-window
 //!   monitoring counters.
 //! - [`api`]: the local KServe v2 inference API (axum, loopback).
@@ -23,6 +25,7 @@ pub mod crash;
 pub mod download;
 pub mod fsutil;
 pub mod mqtt;
+pub mod onnx_ml;
 pub mod runtime;
 pub mod serving;
 pub mod spool;

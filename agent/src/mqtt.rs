@@ -26,6 +26,10 @@ pub enum MqttError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error(
+        "client key {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    InsecureKey { path: std::path::PathBuf, mode: u32 },
 }
 
 /// What the session tells the core.
@@ -106,6 +110,23 @@ pub fn tls_config(cfg: &ValidConfig) -> Result<Option<Transport>, MqttError> {
             let certs = CertificateDer::pem_slice_iter(&cert_pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| MqttError::Tls(format!("client certificate: {e}")))?;
+            // A private key others can read is refused, never silently used.
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(key)
+                .map_err(|source| MqttError::ReadFile {
+                    what: "client key",
+                    path: key.to_owned(),
+                    source,
+                })?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(MqttError::InsecureKey {
+                    path: key.to_owned(),
+                    mode,
+                });
+            }
             let key_pem = read("client key", key)?;
             let key = PrivateKeyDer::from_pem_slice(&key_pem)
                 .map_err(|e| MqttError::Tls(format!("client key: {e}")))?;
@@ -326,6 +347,14 @@ mod tests {
                 "ext.cnf",
             ],
         );
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = d.join("dev.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            tls_config(&tls_cfg(d, "ca.pem", true)),
+            Err(MqttError::InsecureKey { mode: 0o644, .. })
+        ));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         for client in [false, true] {
             match tls_config(&tls_cfg(d, "ca.pem", client)) {
                 Ok(Some(_)) => {}

@@ -7,6 +7,7 @@
 //! on some malformed models, so loading and running go through `catch_unwind`; ONNX
 //! `external_data` is refused before tract sees the model (it would open paths named by
 //! the file); operators tract lacks are refused by name before tract builds the graph.
+//! The `ai.onnx.ml` operators come from [`crate::onnx_ml`], registered into tract's table.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -105,8 +106,13 @@ fn check_graph(
         check_tensor(t)?;
     }
     for n in &g.node {
-        let domain_ok = matches!(n.domain.as_str(), "" | "ai.onnx" | "ai.onnx.ml");
-        if !domain_ok || !known.0.contains_key(&n.op_type) {
+        let ml = crate::onnx_ml::OPERATORS.contains(&n.op_type.as_str());
+        let known_here = match n.domain.as_str() {
+            "" | "ai.onnx" => !ml && known.0.contains_key(&n.op_type),
+            "ai.onnx.ml" => ml,
+            _ => false,
+        };
+        if !known_here {
             return Err(RuntimeError::UnsupportedOperator(op_name(
                 &n.domain, &n.op_type,
             )));
@@ -172,7 +178,7 @@ fn fmt_shape(shape: &[Dim]) -> String {
 }
 
 fn load_inner(bytes: &[u8]) -> Result<Model, RuntimeError> {
-    let onnx = tract_onnx::onnx();
+    let onnx = crate::onnx_ml::onnx();
     let proto = onnx
         .proto_model_for_read(&mut &*bytes)
         .map_err(|e| RuntimeError::Decode(format!("{e:#}")))?;

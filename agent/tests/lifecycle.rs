@@ -132,8 +132,8 @@ async fn configure_drift_samples_shadow_promote_and_self_test_refusals() {
         .starts_with("self-test failed: self-test vector 0"));
     assert_eq!(infer_version(&base, &body).await, "2.0.0");
 
-    // A model needing an operator tract lacks is refused naming it.
-    let scaler = publish(&h.keys, "scaler_logreg", "dense", "4.0.0", 1024);
+    // A model needing an operator the runtime lacks (an skl2onnx SVC) is refused naming it.
+    let scaler = publish(&h.keys, "../sklearn/svm_refused", "dense", "4.0.0", 1024);
     let c = h.deploy(&scaler, DeployMode::Activate).await;
     let p =
         h.cp.wait_for("unsupported operator", |s| {
@@ -147,7 +147,7 @@ async fn configure_drift_samples_shadow_promote_and_self_test_refusals() {
             })
         })
         .await;
-    assert!(p.detail.unwrap().contains("ai.onnx.ml:Scaler"));
+    assert!(p.detail.unwrap().contains("ai.onnx.ml:SVMClassifier"));
     assert_eq!(infer_version(&base, &body).await, "2.0.0");
     h.stop().await;
 }

@@ -3,7 +3,12 @@
 //! the same devices and message count, measured in the same run.
 //!
 //! cargo bench -p drover-control-plane --bench ingest -- [--devices N] [--messages M]
-//!     [--sessions S]
+//!     [--sessions S] [--tls]
+//!
+//! Plaintext (`allow_plaintext`) by default, so figures compare with earlier runs; `--tls`
+//! connects every device by mutual TLS through the embedded broker's TLS front, with the
+//! certificate its enrollment issued (the raw broker rate is then skipped: the front's ACL
+//! refuses its `bench/…` topics).
 //!
 //! Measured 2026-11-25 on the 2-core x86_64 dev VM (release, load generator, broker and
 //! control plane in one process, another build running beside it):
@@ -27,6 +32,7 @@ struct Args {
     devices: usize,
     messages: usize,
     sessions: usize,
+    tls: bool,
 }
 
 fn args() -> Args {
@@ -34,6 +40,7 @@ fn args() -> Args {
         devices: 1000,
         messages: 100,
         sessions: 2,
+        tls: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     // `cargo bench` passes `--bench`; without it (`cargo test --all-targets` runs bench
@@ -44,6 +51,11 @@ fn args() -> Args {
     }
     let mut i = 1;
     while i < argv.len() {
+        if argv[i] == "--tls" {
+            a.tls = true;
+            i += 1;
+            continue;
+        }
         let v = argv.get(i + 1).and_then(|s| s.parse().ok());
         match (argv[i].as_str(), v) {
             ("--devices", Some(v)) => a.devices = v,
@@ -65,8 +77,37 @@ struct Device {
     client: AsyncClient,
 }
 
-async fn connect(broker: std::net::SocketAddr, id: DeviceId, key: DeviceKey) -> Device {
+/// An enrolled bench device: id, key, and its TLS material (CA, cert, key PEM).
+type Enrolled = (DeviceId, DeviceKey, [String; 3]);
+
+fn client_tls(pem: &[String; 3]) -> rumqttc::Transport {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(pem[0].as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs = CertificateDer::pem_slice_iter(pem[1].as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(pem[2].as_bytes()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .unwrap();
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(cfg)))
+}
+
+async fn connect(broker: std::net::SocketAddr, e: Enrolled, tls: bool) -> Device {
+    let (id, key, pem) = e;
     let mut o = MqttOptions::new(format!("b-{id}"), broker.ip().to_string(), broker.port());
+    if tls {
+        o.set_transport(client_tls(&pem));
+    }
     o.set_credentials(id.to_string(), key.mqtt_password())
         .set_keep_alive(Duration::from_secs(60))
         .set_inflight(200);
@@ -111,7 +152,7 @@ fn telemetry(seq: u64) -> Uplink {
     })
 }
 
-async fn enroll(server: &ServeHandle, n: usize) -> Vec<(DeviceId, DeviceKey)> {
+async fn enroll(server: &ServeHandle, n: usize) -> Vec<Enrolled> {
     let http = reqwest::Client::new();
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -128,6 +169,8 @@ async fn enroll(server: &ServeHandle, n: usize) -> Vec<(DeviceId, DeviceKey)> {
         out.push((
             DeviceId::new(r["device_id"].as_str().unwrap()).unwrap(),
             DeviceKey(parse_hex32(r["device_key"].as_str().unwrap()).unwrap()),
+            ["ca_pem", "client_cert_pem", "client_key_pem"]
+                .map(|k| r[k].as_str().unwrap_or_default().to_owned()),
         ));
     }
     out
@@ -148,6 +191,7 @@ async fn run(a: Args) {
         data_dir: dir.path().to_owned(),
         http_listen: "127.0.0.1:0".into(),
         mqtt_listen: "127.0.0.1:0".into(),
+        allow_plaintext: !a.tls,
         ..Default::default()
     };
     cfg.ingest.sessions = a.sessions;
@@ -156,8 +200,8 @@ async fn run(a: Args) {
         .unwrap();
     let total = (a.devices * a.messages) as u64;
     println!(
-        "command: cargo bench -p drover-control-plane --bench ingest -- --devices {} --messages {} --sessions {}",
-        a.devices, a.messages, a.sessions
+        "command: cargo bench -p drover-control-plane --bench ingest -- --devices {} --messages {} --sessions {}{}",
+        a.devices, a.messages, a.sessions, if a.tls { " --tls" } else { "" }
     );
     println!(
         "machine: {} cores ({}), {} devices x {} messages = {total} messages",
@@ -170,16 +214,23 @@ async fn run(a: Args) {
     );
     let ids = enroll(&server, a.devices).await;
     let mut devices = Vec::with_capacity(a.devices);
+    let t_conn = Instant::now();
     for chunk in ids.chunks(200) {
         let conns = chunk
             .iter()
             .cloned()
-            .map(|(id, key)| tokio::spawn(connect(server.mqtt_addr(), id, key)));
+            .map(|e| tokio::spawn(connect(server.mqtt_addr(), e, a.tls)));
         for c in conns {
             devices.push(c.await.unwrap());
         }
     }
-    println!("{} devices connected", devices.len());
+    let conn_s = t_conn.elapsed().as_secs_f64();
+    println!(
+        "{} devices connected{} in {conn_s:.2} s ({:.0} connects/s)",
+        devices.len(),
+        if a.tls { " by mutual TLS" } else { "" },
+        devices.len() as f64 / conn_s
+    );
 
     // 1. The broker's raw publish→subscribe rate: same devices, same payload size, one
     //    subscriber (what the control plane's ingest sessions see, without ingest).
@@ -194,72 +245,76 @@ async fn run(a: Args) {
     )
     .len();
     let received = Arc::new(AtomicU64::new(0));
-    {
-        let (id, key) = ids[0].clone();
-        let mut o = MqttOptions::new(
-            "bench-raw-sub",
-            server.mqtt_addr().ip().to_string(),
-            server.mqtt_addr().port(),
-        );
-        o.set_credentials(id.to_string(), key.mqtt_password())
-            .set_inflight(1000);
-        let (client, mut el) = AsyncClient::new(o, 1024);
-        client
-            .subscribe("bench/+/raw", QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        let rx = Arc::clone(&received);
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let mut ready = Some(ready_tx);
-        tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(_))) => {
-                        rx.fetch_add(1, Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        let _ = ready_rx.await;
-    }
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for d in &devices {
-        let c = d.client.clone();
-        let topic = format!("bench/{}/raw", d.id);
-        let n = a.messages;
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..n {
-                c.publish(
-                    topic.clone(),
-                    QoS::AtLeastOnce,
-                    false,
-                    vec![0u8; payload_len],
-                )
+    let (raw_s, raw_rate) = if a.tls {
+        (0.0, 0.0)
+    } else {
+        {
+            let (id, key, _) = ids[0].clone();
+            let mut o = MqttOptions::new(
+                "bench-raw-sub",
+                server.mqtt_addr().ip().to_string(),
+                server.mqtt_addr().port(),
+            );
+            o.set_credentials(id.to_string(), key.mqtt_password())
+                .set_inflight(1000);
+            let (client, mut el) = AsyncClient::new(o, 1024);
+            client
+                .subscribe("bench/+/raw", QoS::AtLeastOnce)
                 .await
                 .unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    while received.load(Relaxed) < total {
-        if t0.elapsed() > Duration::from_secs(600) {
-            println!("raw: only {} of {total} arrived", received.load(Relaxed));
-            break;
+            let rx = Arc::clone(&received);
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let mut ready = Some(ready_tx);
+            tokio::spawn(async move {
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            if let Some(r) = ready.take() {
+                                let _ = r.send(());
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(_))) => {
+                            rx.fetch_add(1, Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            });
+            let _ = ready_rx.await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let raw_s = t0.elapsed().as_secs_f64();
-    let raw_rate = received.load(Relaxed) as f64 / raw_s;
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for d in &devices {
+            let c = d.client.clone();
+            let topic = format!("bench/{}/raw", d.id);
+            let n = a.messages;
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..n {
+                    c.publish(
+                        topic.clone(),
+                        QoS::AtLeastOnce,
+                        false,
+                        vec![0u8; payload_len],
+                    )
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        while received.load(Relaxed) < total {
+            if t0.elapsed() > Duration::from_secs(600) {
+                println!("raw: only {} of {total} arrived", received.load(Relaxed));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let raw_s = t0.elapsed().as_secs_f64();
+        (raw_s, received.load(Relaxed) as f64 / raw_s)
+    };
 
     // 2. Ingest: authenticated telemetry frames (sealed beforehand, as an agent's spool
     //    holds them) through the broker into SQLite, until all are stored.
@@ -312,11 +367,13 @@ async fn run(a: Args) {
     let ingest_s = t0.elapsed().as_secs_f64();
     let ingest_rate = stored() as f64 / ingest_s;
     let m = server.metrics();
-    println!(
-        "broker raw pub->sub : {:>9.0} msg/s ({} msgs of {payload_len} B in {raw_s:.2} s)",
-        raw_rate,
-        received.load(Relaxed)
-    );
+    if !a.tls {
+        println!(
+            "broker raw pub->sub : {:>9.0} msg/s ({} msgs of {payload_len} B in {raw_s:.2} s)",
+            raw_rate,
+            received.load(Relaxed)
+        );
+    }
     println!(
         "ingest into SQLite  : {:>9.0} msg/s ({} rows in {ingest_s:.2} s, {} transactions, {} acks sent, refused {})",
         ingest_rate,

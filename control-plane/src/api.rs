@@ -31,6 +31,8 @@ pub struct AppState {
     pub store: Arc<Mutex<Store>>,
     pub mqtt: Arc<MqttLink>,
     pub rollouts: crate::rollout::driver::RolloutHandle,
+    /// The continuous-training engine, when a policy is configured.
+    pub continuous: Option<Arc<crate::continuous::Engine>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -84,9 +86,68 @@ pub struct EnrollResponse {
     pub device_key: String,
     pub root_public_key: String,
     pub broker_url: String,
+    /// The fleet CA (PEM) the agent trusts for the broker.
+    #[serde(default)]
+    pub ca_pem: String,
+    /// The device's client certificate (PEM, CN = device id).
+    #[serde(default)]
+    pub client_cert_pem: String,
+    /// Secret: the certificate's private key (PEM); goes into a 0600 file only.
+    #[serde(default)]
+    pub client_key_pem: String,
+}
+
+impl std::fmt::Debug for EnrollResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollResponse")
+            .field("device_id", &self.device_id)
+            .field("broker_url", &self.broker_url)
+            .field("device_key", &"<redacted>")
+            .field("client_key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 impl EnrollResponse {
+    /// Writes the TLS files beside the agent config (`<dir>/<id>.ca.pem`, `<id>.cert.pem`,
+    /// `<id>.key.pem`, all 0600) and returns the agent config referring to them under
+    /// `device_dir` (where they will live on the device; `dir` when `None`).
+    pub fn write_agent_files(
+        self,
+        dir: &std::path::Path,
+        device_dir: Option<&std::path::Path>,
+        data_dir: std::path::PathBuf,
+        labels: BTreeMap<String, String>,
+    ) -> Result<drover_agent::config::AgentConfig, crate::keys::KeyError> {
+        let id = self.device_id.clone();
+        let names = [
+            format!("{id}.ca.pem"),
+            format!("{id}.cert.pem"),
+            format!("{id}.key.pem"),
+        ];
+        let has_tls = !self.client_cert_pem.is_empty();
+        if has_tls {
+            for (name, body) in
+                names
+                    .iter()
+                    .zip([&self.ca_pem, &self.client_cert_pem, &self.client_key_pem])
+            {
+                crate::keys::write_private(&dir.join(name), body.as_bytes())?;
+            }
+        }
+        let on_device = device_dir.unwrap_or(dir);
+        let tls = (has_tls && self.broker_url.starts_with("mqtts://")).then(|| {
+            drover_agent::config::TlsConfig {
+                ca_file: on_device.join(&names[0]),
+                client_cert_file: Some(on_device.join(&names[1])),
+                client_key_file: Some(on_device.join(&names[2])),
+            }
+        });
+        let mut cfg = self.agent_config(data_dir, labels);
+        cfg.tls = tls;
+        Ok(cfg)
+    }
+
     /// The enrolled device's agent config (the agent's own defaults for everything the
     /// enrollment does not decide).
     pub fn agent_config(
@@ -209,7 +270,7 @@ pub struct LimitQuery {
 
 /// An API error: status and a message that says what to do.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -233,6 +294,7 @@ impl From<FleetError> for ApiError {
         match e {
             FleetError::Store(s) => s.into(),
             FleetError::UnknownModel(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            FleetError::Pki(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             _ => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
         }
     }
@@ -303,6 +365,8 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/rollouts/{id}", get(show_rollout))
         .route("/v1/rollouts/{id}/report", get(rollout_report))
         .route("/v1/rollouts/{id}/{op}", post(operate_rollout))
+        .merge(crate::api_continuous::routes())
+        .route("/v1/keyring/reload", post(reload_keyring))
         .layer(middleware::from_fn_with_state(st.clone(), require_token))
         .layer(DefaultBodyLimit::max(600 * 1024 * 1024));
     Router::new()
@@ -370,8 +434,11 @@ async fn enroll(
         Json(EnrollResponse {
             device_id: e.device_id.to_string(),
             device_key: hex32(&e.device_key.0),
-            root_public_key: hex32(&st.shared.keys.root_public),
+            root_public_key: hex32(&st.shared.keys().root_public),
             broker_url: st.shared.agent_broker_url.clone(),
+            ca_pem: st.shared.ca.ca_pem().to_owned(),
+            client_cert_pem: e.cert.cert_pem,
+            client_key_pem: e.cert.key_pem,
         }),
     ))
 }
@@ -380,7 +447,10 @@ async fn decommission(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    blocking(&st, move |sh, s| Ok(fleet::decommission(sh, s, &id)?)).await?;
+    blocking(&st, move |sh, s| {
+        Ok(fleet::decommission(sh, s, &id, now_ms())?)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -507,7 +577,7 @@ async fn publish(
             s,
             &sh.data_dir.join("models"),
             &req,
-            &sh.keys.signing,
+            &sh.keys().signing,
             now_ms(),
         )?)
     })
@@ -559,7 +629,16 @@ pub fn keyring_view(keys: &crate::keys::Keys) -> KeyringView {
 }
 
 async fn keyring(State(st): State<AppState>) -> Json<KeyringView> {
-    Json(keyring_view(&st.shared.keys))
+    Json(keyring_view(&st.shared.keys()))
+}
+
+/// `POST /v1/keyring/reload`: `drover keys rotate` tells the running server to load the
+/// rotated key files and publish the new keyring, so no restart is needed.
+async fn reload_keyring(State(st): State<AppState>) -> Result<Json<KeyringView>, ApiError> {
+    let keys = crate::serve::reload_keys(&st.shared, &st.mqtt)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(keyring_view(&keys)))
 }
 
 // ---- rollouts ----
@@ -717,8 +796,25 @@ impl From<crate::rollout::driver::RolloutError> for ApiError {
     }
 }
 
+/// Who asked (`?by=alice`), recorded in the rollout's report. The API has one bearer
+/// token, so this is the operator's word, not an authenticated identity.
+#[derive(Debug, Deserialize)]
+pub struct ByQuery {
+    pub by: Option<String>,
+}
+
+fn actor(q: &ByQuery) -> String {
+    match q.by.as_deref().map(str::trim) {
+        Some(b) if !b.is_empty() && b.len() <= 64 && !b.chars().any(char::is_control) => {
+            b.to_owned()
+        }
+        _ => "api".to_owned(),
+    }
+}
+
 async fn start_rollout(
     State(st): State<AppState>,
+    Query(by): Query<ByQuery>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let plan: crate::rollout::Plan = serde_json::from_slice(&body).map_err(|e| {
@@ -729,7 +825,7 @@ async fn start_rollout(
     })?;
     plan.validate()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let s = st.rollouts.start(plan, "api").await?;
+    let s = st.rollouts.start(plan, &actor(&by)).await?;
     Ok((
         StatusCode::CREATED,
         Json(RolloutView::from_state(&s, false)),
@@ -775,6 +871,7 @@ async fn rollout_report(
 async fn operate_rollout(
     State(st): State<AppState>,
     Path((id, op)): Path<(u64, String)>,
+    Query(by): Query<ByQuery>,
 ) -> Result<Json<RolloutView>, ApiError> {
     use crate::rollout::Op;
     let op = match op.as_str() {
@@ -788,6 +885,6 @@ async fn operate_rollout(
             ))
         }
     };
-    let s = st.rollouts.operate(id, op, "operator").await?;
+    let s = st.rollouts.operate(id, op, &actor(&by)).await?;
     Ok(Json(RolloutView::from_state(&s, false)))
 }

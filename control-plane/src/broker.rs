@@ -31,7 +31,7 @@ pub enum BrokerError {
 
 /// Port 0 means "pick one": bind it to learn a free port, release it, give it to rumqttd
 /// (which cannot report the port it bound).
-fn concrete(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
+pub fn concrete(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
     if addr.port() != 0 {
         return Ok(addr);
     }
@@ -92,4 +92,434 @@ pub fn start(listen: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, Brok
         std::thread::sleep(Duration::from_millis(10));
     }
     Err(BrokerError::NotListening(addr))
+}
+
+// ---- TLS front (issue 9) -------------------------------------------------------------
+//
+// rumqttd's own TLS support verifies a client certificate but cannot bind it to the MQTT
+// username (its auth hook sees client id, username and password only), has no CRL, and
+// handshakes inline in its accept loop (one silent client stalls every accept). So the
+// embedded broker listens on a private loopback port, and this front terminates mutual
+// TLS on the public address instead, one task per connection:
+//
+// 1. TLS handshake (rustls, ring) verifying the client certificate against the fleet CA
+//    (expired, foreign-CA or missing certificates are refused here);
+// 2. the first MQTT packet must be CONNECT whose username equals the certificate's CN, and
+//    that device must not be decommissioned;
+// 3. the password must be the one derived from that device's key: a device must hold
+//    both its certificate and its key;
+// 4. the CONNECT goes on to rumqttd with the password replaced by a per-process token
+//    (`Shared::front_token`); rumqttd's auth hook accepts device logins only with that
+//    token, so connecting to its private loopback port directly gets a device nowhere.
+//
+// `Sessions::kick` cuts a device's open connections at once (decommission).
+
+use std::sync::Mutex;
+
+use bytes::BytesMut;
+use drover_protocol::topics::{self, ParsedTopic};
+use drover_protocol::DeviceId;
+use rumqttc::mqttbytes::v4::Packet as MqttPacket;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::broadcast;
+
+/// How long a client may take to finish the TLS handshake and send CONNECT.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A CONNECT is small; anything larger before it is not a client we want.
+const MAX_CONNECT: usize = 16 * 1024;
+
+/// Open TLS sessions, so a decommissioned device can be disconnected at once.
+#[derive(Debug)]
+pub struct Sessions {
+    kick: broadcast::Sender<String>,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            kick: broadcast::channel(1024).0,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Sessions {
+    /// Closes every open connection of `identity`.
+    pub fn kick(&self, identity: &str) {
+        let _ = self.kick.send(identity.to_owned());
+    }
+
+    /// Number of open TLS connections of `identity`.
+    pub fn open(&self, identity: &str) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(identity).copied().unwrap_or(0)
+    }
+
+    fn enter(&self, identity: &str, delta: isize) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(identity.to_owned()).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            open.remove(identity);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFrontError {
+    #[error("cannot read {path}: {detail}")]
+    File {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The rustls server config: the broker's certificate, client certificates required and
+/// verified against the fleet CA.
+pub fn server_tls_config(
+    ca_pem: &str,
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsFrontError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let file = |path: &std::path::Path| {
+        crate::keys::read_private(path).map_err(|e| TlsFrontError::File {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| TlsFrontError::Tls(format!("fleet CA: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| TlsFrontError::Tls(format!("fleet CA: {e}")))?;
+    }
+    let certs = CertificateDer::pem_slice_iter(&file(cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsFrontError::Tls(format!("{}: {e}", cert_file.display())))?;
+    let key = PrivateKeyDer::from_pem_slice(&file(key_file)?)
+        .map_err(|e| TlsFrontError::Tls(format!("{}: {e}", key_file.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .build()
+    .map_err(|e| TlsFrontError::Tls(e.to_string()))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsFrontError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsFrontError::Tls(e.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
+/// Listens for mutual-TLS clients on `listen` and relays them to rumqttd at `backend`.
+pub fn start_tls_front(
+    listener: TcpListener,
+    backend: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+) -> Result<SocketAddr, TlsFrontError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|source| TlsFrontError::Listen {
+            addr: backend,
+            source,
+        })?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|source| TlsFrontError::Listen { addr, source })?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS front: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                if let Err(reason) = relay(stream, acceptor, backend, &shared).await {
+                    shared
+                        .metrics
+                        .broker_auth_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(%peer, %reason, "TLS front refused a connection");
+                }
+            });
+        }
+    });
+    tracing::info!(%addr, "embedded MQTT broker listening (mutual TLS)");
+    Ok(addr)
+}
+
+async fn relay(
+    stream: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    backend: SocketAddr,
+    shared: &Shared,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let identity = {
+        let (_, conn) = tls.get_ref();
+        conn.peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| crate::pki::common_name(c))
+            .ok_or_else(|| "client certificate has no common name".to_string())?
+    };
+    // Subscribe before checking the device's state, so a decommission racing this
+    // connection is either seen now or kicks it later.
+    let mut kicks = shared.tls_sessions.kick.subscribe();
+    let mut buf = BytesMut::with_capacity(512);
+    let connect = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        loop {
+            let mut probe = buf.clone();
+            match MqttPacket::read(&mut probe, MAX_CONNECT) {
+                Ok(p) => return Ok(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(format!("bad first packet: {e}")),
+            }
+            if buf.len() > MAX_CONNECT {
+                return Err("first packet too large".to_string());
+            }
+            let n = tls
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| format!("reading CONNECT: {e}"))?;
+            if n == 0 {
+                return Err("closed before CONNECT".to_string());
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no CONNECT in time".to_string())??;
+    let MqttPacket::Connect(connect) = connect else {
+        return Err("first packet is not CONNECT".into());
+    };
+    let mut connect = connect;
+    let Some(login) = connect.login.as_mut() else {
+        return Err(format!("certificate {identity:?} sent no username"));
+    };
+    if login.username != identity {
+        return Err(format!(
+            "certificate {identity:?} may not log in as {:?}",
+            clip(&login.username)
+        ));
+    }
+    if !shared.device_password_ok(&identity, &login.password) {
+        return Err(format!(
+            "{identity} is not an enrolled, active device, or its password is wrong"
+        ));
+    }
+    login.password = shared.front_token(&identity);
+    let device = DeviceId::new(identity.as_str()).map_err(|e| e.to_string())?;
+    if let Some(will) = &connect.last_will {
+        if !may_publish(&device, &will.topic) {
+            return Err(format!(
+                "{identity} may not set a last will on {:?}",
+                clip(&will.topic)
+            ));
+        }
+    }
+    // The CONNECT frame is replaced; anything the client pipelined after it is kept.
+    let frame_len = rumqttc::mqttbytes::check(buf.iter(), MAX_CONNECT)
+        .map_err(|e| format!("bad first packet: {e}"))?
+        .frame_length();
+    let rest = buf.split_off(frame_len);
+    let mut out = BytesMut::with_capacity(frame_len + 64);
+    MqttPacket::Connect(connect)
+        .write(&mut out, MAX_CONNECT * 2)
+        .map_err(|e| format!("re-encoding CONNECT: {e}"))?;
+    let buf = out;
+    let mut upstream = tokio::net::TcpStream::connect(backend)
+        .await
+        .map_err(|e| format!("embedded broker: {e}"))?;
+    let _ = upstream.set_nodelay(true);
+    upstream
+        .write_all(&buf)
+        .await
+        .map_err(|e| format!("embedded broker: {e}"))?;
+    shared.tls_sessions.enter(&identity, 1);
+    let kicked = async {
+        loop {
+            match kicks.recv().await {
+                Ok(id) if id == identity => return,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let (mut tls_rx, mut tls_tx) = tokio::io::split(tls);
+    let (mut up_rx, mut up_tx) = upstream.into_split();
+    let result = tokio::select! {
+        r = filter_client(&mut tls_rx, &mut up_tx, &device, rest) => r,
+        _ = tokio::io::copy(&mut up_rx, &mut tls_tx) => Ok(()),
+        _ = kicked => {
+            tracing::info!(device_id = %identity, "open session closed: device decommissioned");
+            Ok(())
+        }
+    };
+    shared.tls_sessions.enter(&identity, -1);
+    result
+}
+
+/// The ACL of the embedded broker (rumqttd has none): a device publishes only on its own
+/// uplink topics (last will included).
+fn may_publish(device: &DeviceId, topic: &str) -> bool {
+    matches!(topics::parse(topic), Ok(ParsedTopic::Uplink { device: d, .. }) if d == *device)
+}
+
+/// A device subscribes only to its own downlink, the keyring and model chunk topics (by
+/// digest: no wildcards).
+fn may_subscribe(device: &DeviceId, filter: &str) -> bool {
+    match topics::parse(filter) {
+        Ok(ParsedTopic::Downlink { device: d }) => d == *device,
+        Ok(ParsedTopic::Keyring) | Ok(ParsedTopic::ModelChunks { .. }) => true,
+        _ => false,
+    }
+}
+
+/// Relays the client's packets to rumqttd, one whole packet at a time, checking each
+/// PUBLISH and SUBSCRIBE against the ACL. MQTT 3.1.1 cannot refuse a publish, so a
+/// violation closes the connection (and is logged and counted by the caller).
+async fn filter_client(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    device: &DeviceId,
+    mut buf: BytesMut,
+) -> Result<(), String> {
+    loop {
+        let mut out = BytesMut::new();
+        loop {
+            let header = match rumqttc::mqttbytes::check(buf.iter(), MAX_PAYLOAD) {
+                Ok(h) => h,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(e) => return Err(format!("bad packet: {e}")),
+            };
+            let frame = buf.split_to(header.frame_length());
+            match frame.first().map(|b| b >> 4) {
+                Some(3) => {
+                    let topic = publish_topic(&frame).ok_or("malformed PUBLISH")?;
+                    if !may_publish(device, topic) {
+                        return Err(format!("{device} may not publish to {:?}", clip(topic)));
+                    }
+                }
+                Some(8) => {
+                    let mut probe = frame.clone();
+                    let Ok(MqttPacket::Subscribe(sub)) = MqttPacket::read(&mut probe, MAX_CONNECT)
+                    else {
+                        return Err("malformed SUBSCRIBE".into());
+                    };
+                    if let Some(f) = sub.filters.iter().find(|f| !may_subscribe(device, &f.path)) {
+                        return Err(format!("{device} may not subscribe to {:?}", clip(&f.path)));
+                    }
+                }
+                Some(1) => return Err("a second CONNECT".into()),
+                _ => {}
+            }
+            out.extend_from_slice(&frame);
+        }
+        if !out.is_empty() {
+            to.write_all(&out)
+                .await
+                .map_err(|e| format!("embedded broker: {e}"))?;
+        }
+        if from
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| format!("reading from client: {e}"))?
+            == 0
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Client-chosen text in a log line: bounded (debug-formatting escapes the rest).
+fn clip(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+/// The topic of a whole PUBLISH frame, without copying its payload.
+fn publish_topic(frame: &[u8]) -> Option<&str> {
+    // Fixed header: 1 byte, then the remaining length in 1-4 bytes (high bit = more).
+    let len_bytes = frame.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
+    let at = 1 + len_bytes;
+    let n = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]) as usize;
+    std::str::from_utf8(frame.get(at + 2..at + 2 + n)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish_frame(topic: &str, payload_len: usize) -> BytesMut {
+        let mut b = BytesMut::new();
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            topic,
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            vec![7u8; payload_len],
+        );
+        p.pkid = 1;
+        MqttPacket::Publish(p).write(&mut b, 1 << 24).unwrap();
+        b
+    }
+
+    #[test]
+    fn publish_topic_is_read_whatever_the_length_encoding() {
+        // 1-, 2- and 3-byte remaining lengths.
+        for len in [10, 300, 70_000] {
+            let f = publish_frame("drover/v1/dev/gw-1/up/telemetry", len);
+            assert_eq!(publish_topic(&f), Some("drover/v1/dev/gw-1/up/telemetry"));
+        }
+        assert_eq!(publish_topic(&[0x30]), None);
+        assert_eq!(publish_topic(&[0x30, 0x05, 0x00, 0x09, b'a']), None);
+    }
+
+    #[test]
+    fn acl_allows_own_topics_only_and_no_wildcards() {
+        let a = DeviceId::new("gw-a").unwrap();
+        let b = DeviceId::new("gw-b").unwrap();
+        assert!(may_publish(
+            &a,
+            &topics::uplink(&a, topics::UplinkKind::Labels)
+        ));
+        assert!(!may_publish(
+            &a,
+            &topics::uplink(&b, topics::UplinkKind::Labels)
+        ));
+        assert!(!may_publish(&a, &topics::downlink(&a)));
+        assert!(!may_publish(&a, &topics::keyring()));
+        assert!(may_subscribe(&a, &topics::downlink(&a)));
+        assert!(may_subscribe(&a, &topics::keyring()));
+        assert!(may_subscribe(&a, &topics::model_chunks(&[3; 32])));
+        assert!(!may_subscribe(&a, &topics::downlink(&b)));
+        for wild in [
+            "#",
+            "drover/#",
+            "drover/v1/dev/+/down",
+            "drover/v1/model/+/chunks",
+        ] {
+            assert!(!may_subscribe(&a, wild), "{wild}");
+        }
+    }
 }

@@ -23,8 +23,16 @@ pub struct ServeConfig {
     pub mqtt_listen: String,
     /// External broker (`mqtt://user:pass@host:port`); empty = run the embedded broker.
     pub broker_url: String,
-    /// PEM CA bundle trusted for an `mqtts://` external broker.
+    /// PEM CA bundle trusted for an `mqtts://` external broker; empty = the fleet CA
+    /// (`<data>/keys/ca.pem`, as `drover broker config mosquitto` sets the broker up).
     pub broker_ca_file: String,
+    /// Client certificate and key for an `mqtts://` external broker; empty = the control
+    /// plane's own identity from the fleet CA (`<data>/keys/control-plane.{pem,key}`).
+    pub broker_client_cert_file: String,
+    pub broker_client_key_file: String,
+    /// Development only: the embedded broker accepts plaintext MQTT with passwords and no
+    /// client certificates (a warning is logged). Default: mutual TLS only.
+    pub allow_plaintext: bool,
     /// Broker URL written into enrolled agents' configs; empty = derived from the broker.
     pub advertised_broker_url: String,
     pub ingest: IngestConfig,
@@ -36,6 +44,39 @@ pub struct ServeConfig {
     pub command_ttl_hours: u64,
     /// How often the rollout driver re-evaluates every open rollout.
     pub rollout_tick_ms: u64,
+    /// A rollout command an online device has not answered for this long is published again.
+    pub rollout_republish_ms: u64,
+    /// Drift scoring and continuous training (see `continuous.rs`).
+    pub continuous: ContinuousConfig,
+}
+
+/// Drift scoring and continuous training. Off while `policy` is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContinuousConfig {
+    /// Policy file (TOML): drift windows, triggers, job spec, gate, rollout template.
+    pub policy: String,
+    /// How often drift is scored and triggers are checked (each tick scores the policy's
+    /// window ending then; a tick shorter than the window makes the windows slide).
+    pub tick_secs: u64,
+    /// Training jobs the local executor runs at once.
+    pub local_jobs: usize,
+    /// Directory of the Slurm client commands; empty = `PATH`.
+    pub slurm_bin_dir: String,
+    /// `SLURM_CONF` for the Slurm client commands; empty = the system's.
+    pub slurm_conf: String,
+}
+
+impl Default for ContinuousConfig {
+    fn default() -> Self {
+        Self {
+            policy: String::new(),
+            tick_secs: 300,
+            local_jobs: 1,
+            slurm_bin_dir: String::new(),
+            slurm_conf: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,15 +106,21 @@ impl Default for ServeConfig {
             version: CONFIG_VERSION,
             data_dir: PathBuf::from("drover-data"),
             http_listen: "127.0.0.1:8470".into(),
-            mqtt_listen: "127.0.0.1:1883".into(),
+            // MQTT over TLS's port; with allow_plaintext set 1883 explicitly if wanted.
+            mqtt_listen: "127.0.0.1:8883".into(),
             broker_url: String::new(),
             broker_ca_file: String::new(),
+            broker_client_cert_file: String::new(),
+            broker_client_key_file: String::new(),
+            allow_plaintext: false,
             advertised_broker_url: String::new(),
             ingest: IngestConfig::default(),
             telemetry_retention_hours: 24 * 7,
             chunk_window_ms: 100,
             command_ttl_hours: 24 * 7,
             rollout_tick_ms: 1000,
+            rollout_republish_ms: 30_000,
+            continuous: ContinuousConfig::default(),
         }
     }
 }
@@ -85,6 +132,7 @@ pub struct Overrides {
     pub http_listen: Option<String>,
     pub mqtt_listen: Option<String>,
     pub broker_url: Option<String>,
+    pub allow_plaintext: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +287,9 @@ impl ServeConfig {
         if let Some(v) = &overrides.broker_url {
             cfg.broker_url = v.clone();
         }
+        if overrides.allow_plaintext {
+            cfg.allow_plaintext = true;
+        }
         cfg.validate_with(errors)
     }
 
@@ -271,7 +322,7 @@ impl ServeConfig {
                 Ok(listen) => Some(BrokerMode::Embedded { listen }),
                 Err(_) => {
                     errors.push(format!(
-                        "mqtt_listen = {:?} is not an address like 127.0.0.1:1883",
+                        "mqtt_listen = {:?} is not an address like 127.0.0.1:8883",
                         self.mqtt_listen
                     ));
                     None
@@ -279,11 +330,6 @@ impl ServeConfig {
             }
         } else {
             match parse_broker_url(&self.broker_url) {
-                Ok(u) if u.tls && self.broker_ca_file.is_empty() => {
-                    errors
-                        .push("an mqtts:// broker_url needs broker_ca_file (PEM CA bundle)".into());
-                    None
-                }
                 Ok(u) => Some(BrokerMode::External(u)),
                 Err(e) => {
                     errors.push(e);
@@ -295,6 +341,14 @@ impl ServeConfig {
             if let Err(e) = parse_broker_url(&self.advertised_broker_url) {
                 errors.push(format!("advertised_broker_url: {e}"));
             }
+        }
+        if self.continuous.tick_secs == 0 || self.continuous.local_jobs == 0 {
+            errors.push("continuous.tick_secs and continuous.local_jobs must be at least 1".into());
+        }
+        if self.broker_client_cert_file.is_empty() != self.broker_client_key_file.is_empty() {
+            errors.push(
+                "broker_client_cert_file and broker_client_key_file must be given together".into(),
+            );
         }
         if self.ingest.batch_max == 0 {
             errors.push("ingest.batch_max must be at least 1".into());
@@ -310,6 +364,9 @@ impl ServeConfig {
         }
         if !(10..=600_000).contains(&self.rollout_tick_ms) {
             errors.push("rollout_tick_ms must be within 10..=600000".into());
+        }
+        if !(100..=3_600_000).contains(&self.rollout_republish_ms) {
+            errors.push("rollout_republish_ms must be within 100..=3600000".into());
         }
         match (errors.is_empty(), http, broker) {
             (true, Some(http_listen), Some(broker)) => Ok(ValidServeConfig {

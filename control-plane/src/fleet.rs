@@ -21,12 +21,18 @@ pub enum FleetError {
     BadModelRef(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("device id {0:?} is reserved for the control plane's broker identity")]
+    ReservedId(String),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
 }
 
-/// The identity `device enroll` hands out; the key is secret.
+/// The identity `device enroll` hands out: the frame/MQTT key and a client certificate
+/// (CN = device id) from the fleet CA. Both keys are secret.
 pub struct Enrollment {
     pub device_id: DeviceId,
     pub device_key: DeviceKey,
+    pub cert: crate::pki::Issued,
 }
 
 pub fn enroll(
@@ -37,10 +43,14 @@ pub fn enroll(
     now_ms: u64,
 ) -> Result<Enrollment, FleetError> {
     let device_id = DeviceId::new(id)?;
+    if id == crate::pki::CONTROL_PLANE_IDENTITY {
+        return Err(FleetError::ReservedId(id.to_owned()));
+    }
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
     let device_key = DeviceKey(key);
     store.enroll_device(&device_id, &device_key, labels, now_ms)?;
+    let cert = shared.ca.issue_device(id, now_ms)?;
     shared.set_device(
         device_id.clone(),
         DeviceEntry {
@@ -52,11 +62,19 @@ pub fn enroll(
     Ok(Enrollment {
         device_id,
         device_key,
+        cert,
     })
 }
 
-/// Revokes a device at once: the broker refuses its logins, ingest refuses its frames.
-pub fn decommission(shared: &Shared, store: &mut Store, id: &str) -> Result<(), FleetError> {
+/// Revokes a device at once: the embedded broker refuses its logins and cuts its open
+/// session, ingest refuses its frames, and the CRL for external brokers lists its
+/// certificate (`<data>/keys/crl.pem`; mosquitto reads it on SIGHUP).
+pub fn decommission(
+    shared: &Shared,
+    store: &mut Store,
+    id: &str,
+    now_ms: u64,
+) -> Result<(), FleetError> {
     let device_id = DeviceId::new(id)?;
     if !store.decommission_device(id)? {
         return Err(StoreError::UnknownDevice(id.to_owned()).into());
@@ -71,7 +89,9 @@ pub fn decommission(shared: &Shared, store: &mut Store, id: &str) -> Result<(), 
             },
         );
     }
-    tracing::info!(device_id = %device_id, "device decommissioned");
+    shared.tls_sessions.kick(id);
+    shared.ca.write_crl(&shared.decommissioned(), now_ms)?;
+    tracing::info!(device_id = %device_id, "device decommissioned; CRL rewritten");
     Ok(())
 }
 
@@ -123,7 +143,7 @@ pub fn sign_command(
         rollout_id,
         action,
     };
-    let blob = shared.keys.signing.sign_command(&cmd);
+    let blob = shared.keys().signing.sign_command(&cmd);
     CommandRow {
         device: device.to_string(),
         seq,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use drover_protocol::envelope::{open_uplink, MAX_UPLINK_LEN};
 use drover_protocol::messages::{ChunkRequest, Hello, Presence, Uplink};
 use drover_protocol::topics::{self, ParsedTopic};
-use drover_protocol::trust::{KeyId, SigKind, SignedBlob};
+use drover_protocol::trust::SignedBlob;
 use drover_protocol::{DecodeError, DeviceId};
 use tokio::sync::mpsc;
 
@@ -234,12 +234,7 @@ impl Ingest {
         let now = now_ms();
         let pending_command = match self.store.latest_command(dev.as_str()) {
             Ok(Some(c)) if c.seq > h.last_command_seq && c.expires_at_ms > now => {
-                Some(SignedBlob {
-                    kind: SigKind::Command,
-                    key_id: KeyId(c.key_id),
-                    payload: c.payload,
-                    signature: c.signature,
-                })
+                Some(crate::fleet::command_blob(&c))
             }
             _ => None,
         };

@@ -4,7 +4,8 @@
 //! - [`serve`]: wires everything; `serve::run(config, shutdown)` is what `main` and the
 //!   tests call.
 //! - [`config`]: serve configuration (defaults < TOML < env < flags).
-//! - [`broker`]: the embedded rumqttd broker, authenticating devices from the store.
+//! - [`broker`]: the embedded rumqttd broker behind a mutual-TLS front (certificate,
+//!   username = CN, key-derived password, per-topic ACL, sessions cut on decommission).
 //! - [`mqtt`]: the control plane's rumqttc sessions (the only MQTT client code).
 //! - [`ingest`]: authenticates uplink frames, stores them in batches on its own thread.
 //! - [`chunks`]: coalesced chunk serving on shared per-model topics.
@@ -13,21 +14,30 @@
 //! - [`rollout`]: staged rollouts: plans, the pure engine, the driver that applies it.
 //! - [`store`]: SQLite; the only module that knows SQL.
 //! - [`keys`]: root/signing key files and the root-signed keyring.
+//! - [`pki`]: the fleet CA (rcgen): device and broker certificates, the CRL.
 //! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
 //! - [`cli`]: the `drover` subcommands, one file each; a client of the API.
 //! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
 //!   embedded default can train with nothing installed but Rust.
+//! - [`drift`]: PSI and chi-square drift scores per device, label group and fleet.
+//! - [`jobs`]: training job specs, datasets and executors (local process, Slurm).
+//! - [`continuous`]: policy, triggers, the evaluation gate and registration of candidates.
 
 pub mod api;
+pub mod api_continuous;
 pub mod broker;
 pub mod chunks;
 pub mod cli;
 pub mod config;
+pub mod continuous;
+pub mod drift;
 pub mod fleet;
 pub mod ingest;
+pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod mqtt;
+pub mod pki;
 pub mod registry;
 pub mod rollout;
 pub mod serve;

@@ -40,10 +40,14 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Keys(k) => cli::keys::run(k),
+            Command::Keys(k) => cli::keys::run(k).await,
+            Command::Broker(b) => cli::broker::run(b),
+            Command::Doctor(d) => cli::doctor::run(d),
             Command::Model(m) => cli::model::run(m).await,
             Command::Device(d) => cli::device::run(d).await,
             Command::Rollout(r) => cli::rollout::run(r).await,
+            Command::Drift(d) => cli::drift::run(d).await,
+            Command::Train(t) => cli::train::run(t).await,
         }
     });
     match result {

@@ -53,12 +53,13 @@ impl MqttLink {
     pub fn start(
         url: &BrokerUrl,
         ca_file: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
         client_prefix: &str,
         sessions: usize,
         inbound: mpsc::Sender<RawUplink>,
     ) -> Result<Self, MqttError> {
         let tls = if url.tls {
-            Some(tls_config(ca_file.ok_or(MqttError::NoCaFile)?)?)
+            Some(tls_config(ca_file.ok_or(MqttError::NoCaFile)?, identity)?)
         } else {
             None
         };
@@ -160,10 +161,14 @@ impl MqttLink {
     }
 }
 
-/// A rustls client config trusting the CA certificates in a PEM file.
-pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, MqttError> {
+/// A rustls client config trusting the CA certificates in a PEM file, presenting the
+/// client certificate `identity` (cert, key) when given.
+pub fn tls_config(
+    ca_file: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, MqttError> {
     use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let ca_err = |detail: String| MqttError::CaFile {
         path: ca_file.display().to_string(),
         detail,
@@ -181,8 +186,25 @@ pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, MqttError
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| MqttError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        Some((cert, key)) => {
+            let id_err = |path: &Path, detail: String| MqttError::CaFile {
+                path: path.display().to_string(),
+                detail,
+            };
+            let cert_pem = std::fs::read(cert).map_err(|e| id_err(cert, e.to_string()))?;
+            let certs = CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| id_err(cert, e.to_string()))?;
+            let key_pem = crate::keys::read_private(key).map_err(|e| id_err(key, e.to_string()))?;
+            let key_der =
+                PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| id_err(key, e.to_string()))?;
+            cfg.with_client_auth_cert(certs, key_der)
+                .map_err(|e| MqttError::Tls(e.to_string()))?
+        }
+        None => cfg.with_no_client_auth(),
+    };
     Ok(Arc::new(cfg))
 }
 

@@ -60,6 +60,10 @@ pub enum ServeError {
     Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    TlsFront(#[from] crate::broker::TlsFrontError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -67,6 +71,8 @@ pub enum ServeError {
     },
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
+    #[error("continuous training: {0}")]
+    Continuous(#[from] crate::continuous::ContinuousError),
 }
 
 /// A device as the broker and ingest see it.
@@ -82,13 +88,22 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub devices: RwLock<HashMap<DeviceId, DeviceEntry>>,
     pub data_dir: PathBuf,
-    pub keys: Keys,
+    /// Swapped in place by `drover keys rotate` (through the API): no restart.
+    keys: RwLock<Arc<Keys>>,
+    /// The fleet CA: device certificates, the broker's identity, the CRL.
+    pub ca: crate::pki::FleetCa,
+    /// Open mutual-TLS sessions of the embedded broker (cut on decommission).
+    pub tls_sessions: crate::broker::Sessions,
     pub api_token: String,
     /// Written into enrolled agents' configs.
     pub agent_broker_url: String,
     pub command_ttl_ms: u64,
     /// The control plane's own broker login (embedded broker only).
     cp_login: Option<(String, String)>,
+    /// Embedded broker behind the mutual-TLS front: the per-process key of the logins the
+    /// front vouches for. rumqttd then accepts device logins only with this token, so its
+    /// private loopback port cannot be used to skip the certificate check.
+    front_key: Option<DeviceKey>,
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -96,25 +111,73 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Shared {
+    /// The current keys (a rotation swaps them; holders keep a consistent snapshot).
+    pub fn keys(&self) -> Arc<Keys> {
+        Arc::clone(&self.keys.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn set_keys(&self, keys: Keys) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+    }
+
+    /// Ids of decommissioned devices (for the CRL).
+    pub fn decommissioned(&self) -> Vec<String> {
+        let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = devices
+            .iter()
+            .filter(|(_, d)| d.decommissioned)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Broker authentication: the control plane's own login, or username = device id
     /// and password = that device's derived MQTT password. Decommissioned: refused.
+    /// Behind the TLS front, a device login must carry the front's token instead (the
+    /// front checked certificate, username and password before issuing it).
     pub fn broker_login_ok(&self, user: &str, pass: &str) -> bool {
         if let Some((u, p)) = &self.cp_login {
             if user == u {
                 return ct_eq(pass.as_bytes(), p.as_bytes());
             }
         }
-        let ok = DeviceId::new(user).ok().is_some_and(|id| {
-            let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
-            devices.get(&id).is_some_and(|d| {
-                !d.decommissioned && ct_eq(pass.as_bytes(), d.key.mqtt_password().as_bytes())
-            })
-        });
+        let ok = match &self.front_key {
+            Some(_) => {
+                self.device_active(user)
+                    && ct_eq(pass.as_bytes(), self.front_token(user).as_bytes())
+            }
+            None => self.device_password_ok(user, pass),
+        };
         if !ok {
             self.metrics.broker_auth_refused.fetch_add(1, Relaxed);
             tracing::warn!(device_id = user, "broker refused a login");
         }
         ok
+    }
+
+    fn device_active(&self, user: &str) -> bool {
+        DeviceId::new(user)
+            .ok()
+            .is_some_and(|id| self.device_key(&id).is_some())
+    }
+
+    /// Username = an enrolled, active device id and password = its derived MQTT password.
+    pub fn device_password_ok(&self, user: &str, pass: &str) -> bool {
+        DeviceId::new(user).ok().is_some_and(|id| {
+            let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+            devices.get(&id).is_some_and(|d| {
+                !d.decommissioned && ct_eq(pass.as_bytes(), d.key.mqtt_password().as_bytes())
+            })
+        })
+    }
+
+    /// The password the TLS front substitutes for a device it has authenticated.
+    pub fn front_token(&self, user: &str) -> String {
+        match &self.front_key {
+            Some(k) => topics::hex32(&k.mac(format!("drover-tls-front-v1:{user}").as_bytes())),
+            None => String::new(),
+        }
     }
 
     pub fn device_key(&self, id: &DeviceId) -> Option<DeviceKey> {
@@ -137,12 +200,21 @@ impl Shared {
 pub struct ServeHandle {
     http_addr: SocketAddr,
     mqtt_addr: SocketAddr,
+    broker_url: String,
+    backend_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    rollouts: crate::rollout::driver::WeakRolloutHandle,
     stop: Option<oneshot::Sender<()>>,
     main: JoinHandle<()>,
 }
 
 impl ServeHandle {
+    /// The rollout driver (weak: it does not keep the server from shutting down), for an
+    /// in-process continuous-training engine.
+    pub fn rollouts(&self) -> crate::rollout::driver::WeakRolloutHandle {
+        self.rollouts.clone()
+    }
+
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -150,6 +222,22 @@ impl ServeHandle {
     /// The broker address devices connect to.
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The broker URL devices are told to use (`mqtts://` unless plaintext was allowed).
+    pub fn broker_url(&self) -> &str {
+        &self.broker_url
+    }
+
+    /// The embedded rumqttd's private loopback address behind the TLS front (`None` for
+    /// an external broker or plaintext mode).
+    pub fn embedded_backend_addr(&self) -> Option<SocketAddr> {
+        self.backend_addr
+    }
+
+    /// Open mutual-TLS sessions of `device` on the embedded broker.
+    pub fn open_tls_sessions(&self, device: &str) -> usize {
+        self.shared.tls_sessions.open(device)
     }
 
     pub fn api_token(&self) -> &str {
@@ -161,7 +249,7 @@ impl ServeHandle {
     }
 
     pub fn root_public_key(&self) -> [u8; 32] {
-        self.shared.keys.root_public
+        self.shared.keys().root_public
     }
 
     /// Stops the server and waits until everything queued is stored.
@@ -196,11 +284,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServeHandle, ServeError> {
     let raw = &config.raw;
+    // A configured policy must load before anything starts.
+    if !raw.continuous.policy.is_empty() {
+        crate::continuous::Policy::load(Path::new(&raw.continuous.policy))?;
+    }
     let data_dir = raw.data_dir.clone();
     for d in [data_dir.clone(), data_dir.join("models")] {
         std::fs::create_dir_all(&d).map_err(|source| ServeError::DataDir { path: d, source })?;
     }
     let keys = keys::load_or_init(&data_dir, now_ms())?;
+    let ca = crate::pki::FleetCa::load_or_init(&data_dir, now_ms())?;
     let db = data_dir.join(DB_FILE);
     let mut api_store = Store::open(&db)?;
     api_store.mark_all_offline()?;
@@ -215,11 +308,14 @@ pub async fn run(
         metrics: Arc::new(Metrics::default()),
         devices: RwLock::new(HashMap::new()),
         data_dir: data_dir.clone(),
-        keys,
+        keys: RwLock::new(Arc::new(keys)),
+        ca,
+        tls_sessions: crate::broker::Sessions::default(),
         api_token,
         agent_broker_url: raw.advertised_broker_url.clone(),
         command_ttl_ms: raw.command_ttl_hours.saturating_mul(3_600_000),
         cp_login: cp_login.clone(),
+        front_key: None,
     };
     for d in api_store.device_auth()? {
         shared.set_device(
@@ -231,8 +327,59 @@ pub async fn run(
         );
     }
 
+    // The CRL external brokers read; rewritten at every start so it never goes stale.
+    shared.ca.write_crl(&shared.decommissioned(), now_ms())?;
+    let mut tls_front = None;
     let (mqtt_addr, url) = match &config.broker {
+        BrokerMode::Embedded { listen } if !raw.allow_plaintext => {
+            // rumqttd on a private loopback port; the mutual-TLS front on `listen`.
+            let backend = crate::broker::concrete(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+            let front = std::net::TcpListener::bind(listen)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| crate::broker::BrokerError::Port {
+                    addr: *listen,
+                    source,
+                })?;
+            let public = front
+                .local_addr()
+                .map_err(|source| crate::broker::BrokerError::Port {
+                    addr: *listen,
+                    source,
+                })?;
+            let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            if !public.ip().is_unspecified() {
+                hosts.push(public.ip().to_string());
+            }
+            if let Ok(u) = crate::config::parse_broker_url(&shared.agent_broker_url) {
+                hosts.push(u.host);
+            }
+            hosts.dedup();
+            let (cert, key) = shared.ca.broker_identity(&hosts, now_ms())?;
+            let tls = crate::broker::server_tls_config(shared.ca.ca_pem(), &cert, &key)?;
+            tls_front = Some((front, tls));
+            let mut k = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut k);
+            shared.front_key = Some(DeviceKey(k));
+            if shared.agent_broker_url.is_empty() {
+                shared.agent_broker_url = format!("mqtts://{public}");
+            }
+            let (u, p) = cp_login.clone().unwrap_or_default();
+            (
+                backend,
+                BrokerUrl {
+                    host: backend.ip().to_string(),
+                    port: backend.port(),
+                    tls: false,
+                    username: Some(u),
+                    password: Some(p),
+                },
+            )
+        }
         BrokerMode::Embedded { listen } => {
+            tracing::warn!(
+                "allow_plaintext: the embedded broker accepts plaintext MQTT without client \
+                 certificates; for development only"
+            );
             // The broker's auth hook needs `Shared`, and `Shared` needs the broker's URL:
             // resolve the port first, then build both.
             let listen = if listen.port() == 0 {
@@ -274,18 +421,44 @@ pub async fn run(
         }
     };
     let shared = Arc::new(shared);
+    let mut public_mqtt_addr = mqtt_addr;
+    let mut backend_addr = None;
     if matches!(config.broker, BrokerMode::Embedded { .. }) {
         crate::broker::start(mqtt_addr, Arc::clone(&shared))?;
+        if let Some((front, tls)) = tls_front {
+            public_mqtt_addr =
+                crate::broker::start_tls_front(front, mqtt_addr, tls, Arc::clone(&shared))?;
+            backend_addr = Some(mqtt_addr);
+        }
     }
 
     let (inbound_tx, inbound_rx) = mpsc::channel(65_536);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
     let client_prefix = format!("drover-cp-{}", &random_hex()[..8]);
-    let ca_file = (!raw.broker_ca_file.is_empty()).then(|| PathBuf::from(&raw.broker_ca_file));
+    // An mqtts:// external broker: the fleet CA and the control plane's own certificate
+    // unless others are configured.
+    let keys_dir = data_dir.join("keys");
+    let ca_file = if raw.broker_ca_file.is_empty() {
+        keys_dir.join(crate::pki::CA_CERT_FILE)
+    } else {
+        PathBuf::from(&raw.broker_ca_file)
+    };
+    let identity = if raw.broker_client_cert_file.is_empty() {
+        (
+            keys_dir.join(crate::pki::CP_CERT_FILE),
+            keys_dir.join(crate::pki::CP_KEY_FILE),
+        )
+    } else {
+        (
+            PathBuf::from(&raw.broker_client_cert_file),
+            PathBuf::from(&raw.broker_client_key_file),
+        )
+    };
     let mqtt = Arc::new(MqttLink::start(
         &url,
-        ca_file.as_deref(),
+        Some(&ca_file),
+        Some((&identity.0, &identity.1)),
         &client_prefix,
         raw.ingest.sessions,
         inbound_tx,
@@ -320,7 +493,7 @@ pub async fn run(
     if let Err(e) = mqtt
         .publish(
             topics::keyring(),
-            encode_keyring(&shared.keys.keyring_blob),
+            encode_keyring(&shared.keys().keyring_blob),
             QoS::AtLeastOnce,
             true,
         )
@@ -348,12 +521,17 @@ pub async fn run(
         Arc::clone(&api_store),
         Arc::clone(&mqtt),
         Duration::from_millis(raw.rollout_tick_ms),
+        Duration::from_millis(raw.rollout_republish_ms),
     );
+    let (continuous, continuous_task) =
+        start_continuous(&raw.continuous, &api_store, &shared, rollouts.downgrade()).await?;
+    let weak_rollouts = rollouts.downgrade();
     let app = crate::api::router(crate::api::AppState {
         shared: Arc::clone(&shared),
         store: Arc::clone(&api_store),
         mqtt: Arc::clone(&mqtt),
         rollouts,
+        continuous,
     });
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move {
@@ -368,8 +546,10 @@ pub async fn run(
     });
     let retention_ms = raw.telemetry_retention_hours.saturating_mul(3_600_000);
     let maint_store = Arc::clone(&api_store);
+    let maint_shared = Arc::clone(&shared);
     let maintenance = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
+        let mut crl_ticks = 0u64;
         loop {
             tick.tick().await;
             let s = Arc::clone(&maint_store);
@@ -384,10 +564,23 @@ pub async fn run(
                     tracing::info!(rows = n, "pruned raw telemetry past retention");
                 }
             }
+            // The CRL is re-issued about daily so its nextUpdate stays a year ahead.
+            crl_ticks += 1;
+            if crl_ticks % 144 == 0 {
+                let sh = Arc::clone(&maint_shared);
+                let r = tokio::task::spawn_blocking(move || {
+                    sh.ca.write_crl(&sh.decommissioned(), now_ms())
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "cannot rewrite the CRL");
+                }
+            }
         }
     });
 
-    tracing::info!(%http_addr, %mqtt_addr, data_dir = %data_dir.display(), "drover serve started");
+    let broker_url = shared.agent_broker_url.clone();
+    tracing::info!(%http_addr, mqtt_addr = %public_mqtt_addr, data_dir = %data_dir.display(), "drover serve started");
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let main = tokio::spawn(async move {
         tokio::select! {
@@ -401,6 +594,9 @@ pub async fn run(
         // The router (and with it the last rollout handle) is gone; a step in progress
         // finishes its transaction first.
         let _ = rollout_task.await;
+        if let Some(t) = continuous_task {
+            t.abort();
+        }
         mqtt.stop_ingest();
         let _ = tokio::task::spawn_blocking(move || ingest.join()).await;
         let _ = dispatcher.await;
@@ -410,11 +606,69 @@ pub async fn run(
     });
     Ok(ServeHandle {
         http_addr,
-        mqtt_addr,
+        mqtt_addr: public_mqtt_addr,
+        broker_url,
+        backend_addr,
         shared,
+        rollouts: weak_rollouts,
         stop: Some(stop_tx),
         main,
     })
+}
+
+/// Starts drift scoring and continuous training when a policy is configured: re-attaches
+/// to Slurm jobs left running, then ticks. A policy that does not load stops the server
+/// with the reason (the operator asked for it to run).
+async fn start_continuous(
+    cfg: &crate::config::ContinuousConfig,
+    store: &Arc<Mutex<Store>>,
+    shared: &Arc<Shared>,
+    rollouts: crate::rollout::driver::WeakRolloutHandle,
+) -> Result<
+    (
+        Option<Arc<crate::continuous::Engine>>,
+        Option<JoinHandle<()>>,
+    ),
+    ServeError,
+> {
+    use crate::continuous::Engine;
+    if cfg.policy.is_empty() {
+        return Ok((None, None));
+    }
+    let mut engine = Engine::from_policy_file(
+        Arc::clone(store),
+        shared.data_dir.clone(),
+        &shared.keys().signing,
+        Path::new(&cfg.policy),
+        cfg.local_jobs,
+    )?;
+    engine.slurm = crate::jobs::slurm::SlurmConfig {
+        bin_dir: (!cfg.slurm_bin_dir.is_empty()).then(|| PathBuf::from(&cfg.slurm_bin_dir)),
+        slurm_conf: (!cfg.slurm_conf.is_empty()).then(|| PathBuf::from(&cfg.slurm_conf)),
+    };
+    engine.rollouts = Some(rollouts);
+    let engine = Arc::new(engine);
+    if let Err(e) = engine.reattach().await {
+        tracing::error!(error = %e, "cannot re-attach to training jobs");
+    }
+    let every = Duration::from_secs(cfg.tick_secs);
+    let e = Arc::clone(&engine);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match e.tick(now_ms()).await {
+                Ok(t) => {
+                    if let Some(trigger) = t.trigger {
+                        tracing::info!(%trigger, "training job started");
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "continuous tick failed"),
+            }
+        }
+    });
+    Ok((Some(engine), Some(task)))
 }
 
 async fn send_downlink(shared: &Shared, mqtt: &MqttLink, device: &DeviceId, msg: Downlink) {
@@ -487,7 +741,7 @@ async fn dispatch(
                     // Always offered: re-offering the accepted keyring is harmless, and a
                     // device that missed the retained copy catches up here.
                     let _ = keyring_version;
-                    send_downlink(&shared, &mqtt, &device, Downlink::Keyring(shared.keys.keyring_blob.clone())).await;
+                    send_downlink(&shared, &mqtt, &device, Downlink::Keyring(shared.keys().keyring_blob.clone())).await;
                     if let Some(cmd) = pending_command {
                         send_downlink(&shared, &mqtt, &device, Downlink::Command(cmd)).await;
                     }
@@ -510,4 +764,26 @@ pub async fn send_command(
     blob: drover_protocol::SignedBlob,
 ) {
     send_downlink(shared, mqtt, device, Downlink::Command(blob)).await;
+}
+
+/// `drover keys rotate` without a restart: reloads the key files, swaps them in and
+/// publishes the new keyring (retained, so devices connecting later get it too; devices
+/// that were offline also get it in reply to their `Hello`).
+pub async fn reload_keys(shared: &Shared, mqtt: &MqttLink) -> Result<Arc<Keys>, ServeError> {
+    let dir = shared.data_dir.clone();
+    let keys = tokio::task::spawn_blocking(move || keys::load(&dir))
+        .await
+        .map_err(|e| ServeError::Thread(std::io::Error::other(e.to_string())))??;
+    let version = keys.keyring.version;
+    shared.set_keys(keys);
+    let keys = shared.keys();
+    mqtt.publish(
+        topics::keyring(),
+        encode_keyring(&keys.keyring_blob),
+        QoS::AtLeastOnce,
+        true,
+    )
+    .await?;
+    tracing::info!(keyring_version = version, signing_key = %keys.signing.id(), "keys reloaded; keyring published");
+    Ok(keys)
 }

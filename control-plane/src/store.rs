@@ -189,6 +189,29 @@ ALTER TABLE commands ADD COLUMN rollout_id INTEGER;
 CREATE INDEX shadow_by_candidate ON shadow (candidate_digest, received_at_ms);
 CREATE INDEX telemetry_by_model ON telemetry (model_digest, received_at_ms);
 "#,
+    // 3: drift score history and training jobs (issue 7).
+    r#"
+CREATE TABLE drift_scores (
+    scope TEXT NOT NULL, model_digest TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL, window_end_ms INTEGER NOT NULL,
+    feature TEXT NOT NULL, count INTEGER NOT NULL,
+    psi REAL, chi2 REAL, p_value REAL,
+    missing INTEGER NOT NULL, out_of_range INTEGER NOT NULL, level TEXT NOT NULL,
+    PRIMARY KEY (scope, model_digest, window_end_ms, feature)
+) WITHOUT ROWID;
+CREATE INDEX drift_scores_by_end ON drift_scores (window_end_ms);
+CREATE INDEX samples_by_request ON samples (device, request_id);
+CREATE TABLE training_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL, trigger TEXT NOT NULL, executor TEXT NOT NULL,
+    spec TEXT NOT NULL, dir TEXT NOT NULL, state TEXT NOT NULL,
+    external_id TEXT, created_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER, exit_code INTEGER, detail TEXT,
+    dataset_hash TEXT, parent_model TEXT,
+    outcome TEXT, candidate_model TEXT, metrics TEXT,
+    rollout_plan TEXT
+);
+"#,
 ];
 
 /// A device as the store knows it.
@@ -645,7 +668,9 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut seen: HashMap<&DeviceId, (u64, u64)> = HashMap::new();
+        // Per device: highest sequence, latest receipt, and whether its last frame in
+        // this batch said it went offline (a last will).
+        let mut seen: HashMap<&DeviceId, (u64, u64, bool)> = HashMap::new();
         let mut rollups: HashMap<(&str, u64), Rollup> = HashMap::new();
         {
             let mut ins_tel = tx.prepare_cached(
@@ -655,9 +680,10 @@ impl Store {
                 let f = &item.frame;
                 let dev = f.device.as_str();
                 let recv = i(item.received_at_ms);
-                let e = seen.entry(&f.device).or_insert((0, 0));
+                let e = seen.entry(&f.device).or_insert((0, 0, false));
                 e.0 = e.0.max(f.seq);
                 e.1 = e.1.max(item.received_at_ms);
+                e.2 = matches!(&f.msg, Uplink::Status(s) if s.presence == Presence::Offline);
                 let inserted = match &f.msg {
                     Uplink::Telemetry(t) => {
                         let n = ins_tel.execute(params![
@@ -862,10 +888,12 @@ impl Store {
                 ])?;
             }
             let mut up_dev = tx.prepare_cached(
-                "UPDATE devices SET max_uplink_seq = max(max_uplink_seq, ?2), last_seen_ms = max(coalesce(last_seen_ms, 0), ?3) WHERE id = ?1",
+                // A device that speaks is online, even if it never said hello to this
+                // process (it stayed connected to an external broker across a restart).
+                "UPDATE devices SET max_uplink_seq = max(max_uplink_seq, ?2), last_seen_ms = max(coalesce(last_seen_ms, 0), ?3), online = CASE WHEN ?4 THEN 0 ELSE 1 END WHERE id = ?1 AND decommissioned = 0",
             )?;
-            for (dev, (seq, at)) in &seen {
-                up_dev.execute(params![dev.as_str(), i(*seq), i(*at)])?;
+            for (dev, (seq, at, offline)) in &seen {
+                up_dev.execute(params![dev.as_str(), i(*seq), i(*at), offline])?;
             }
         }
         tx.commit()?;
@@ -1046,6 +1074,17 @@ impl Store {
             payload: r.get(7)?,
             signature: r.get(8)?,
         })
+    }
+
+    pub fn command(&self, device: &str, seq: u64) -> Result<Option<CommandRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT * FROM commands WHERE device = ?1 AND seq = ?2",
+                params![device, i(seq)],
+                Self::command_from_row,
+            )
+            .optional()?)
     }
 
     pub fn latest_command(&self, device: &str) -> Result<Option<CommandRow>> {
@@ -1264,6 +1303,362 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+}
+
+// ---- issue 7: drift history, fleet training data and training jobs ----
+
+/// A sampled live input with the label that came back for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabeledSample {
+    pub device: String,
+    pub at_ms: u64,
+    pub features: Vec<f32>,
+    pub label: f64,
+}
+
+/// A training job as stored.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct JobRow {
+    pub id: u64,
+    pub name: String,
+    /// What started it: `manual`, `drift:<scope>`, `labels`, `schedule`.
+    pub trigger: String,
+    pub executor: String,
+    /// The job spec TOML as submitted.
+    pub spec: String,
+    pub dir: String,
+    /// `queued`, `running`, `succeeded`, `failed`, `timed-out`, `cancelled`.
+    pub state: String,
+    /// Slurm job id, or the local process id.
+    pub external_id: Option<String>,
+    pub created_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub exit_code: Option<i64>,
+    /// Failure detail (with the log tail) or the gate's reason.
+    pub detail: Option<String>,
+    pub dataset_hash: Option<String>,
+    pub parent_model: Option<String>,
+    /// `accepted` or `refused` once the gate ran.
+    pub outcome: Option<String>,
+    pub candidate_model: Option<String>,
+    /// JSON: the gate's metrics for candidate and champion.
+    pub metrics: Option<String>,
+    /// JSON: the policy's rollout plan template recorded with an accepted candidate.
+    pub rollout_plan: Option<String>,
+}
+
+fn unpack_f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|x| x.max(0) as u64)
+}
+
+impl Store {
+    /// Drift sketches whose window ends in `[from_ms, to_ms)`, with their device's labels.
+    pub fn drift_sketches(&self, from_ms: u64, to_ms: u64) -> Result<Vec<crate::drift::SketchRow>> {
+        use drover_protocol::messages::FeatureSketch;
+        let mut st = self.conn.prepare(
+            "SELECT d.device, v.labels, d.model_digest, d.window_end_ms, d.sketch
+             FROM drift d JOIN devices v ON v.id = d.device
+             WHERE d.window_end_ms >= ?1 AND d.window_end_ms < ?2
+             ORDER BY d.device, d.seq",
+        )?;
+        let rows = st.query_map(params![i(from_ms), i(to_ms)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (device, labels, digest, end, sketch) = row?;
+            let corrupt = |detail: String| StoreError::Corrupt {
+                table: "drift",
+                detail,
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&sketch).map_err(|e| corrupt(e.to_string()))?;
+            let u64s = |x: &serde_json::Value| -> Vec<u64> {
+                x.as_array()
+                    .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+                    .unwrap_or_default()
+            };
+            let features = v["features"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|f| FeatureSketch {
+                            counts: u64s(&f["counts"]),
+                            missing: f["missing"].as_u64().unwrap_or(0),
+                            out_of_range: f["out_of_range"].as_u64().unwrap_or(0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(crate::drift::SketchRow {
+                device,
+                labels: serde_json::from_str(&labels).unwrap_or_default(),
+                model_digest: drover_protocol::topics::parse_hex32(&digest)
+                    .ok_or_else(|| corrupt(format!("bad digest {digest:?}")))?,
+                window_end_ms: end.max(0) as u64,
+                features,
+                predictions: u64s(&v["predictions"]),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stores one window's scores (a recomputed window replaces its earlier scores).
+    pub fn insert_drift_scores(&mut self, scores: &[crate::drift::Score]) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO drift_scores VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)",
+            )?;
+            for s in scores {
+                st.execute(params![
+                    s.scope,
+                    s.model_digest,
+                    i(s.window_start_ms),
+                    i(s.window_end_ms),
+                    s.feature,
+                    i(s.count),
+                    s.psi,
+                    s.chi2,
+                    s.p_value,
+                    i(s.missing),
+                    i(s.out_of_range),
+                    s.level.as_str()
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The worst level of every (scope, model digest, window end) since `since_ms`:
+    /// what the sustained-drift trigger needs, without reading every score.
+    pub fn drift_window_levels(
+        &self,
+        since_ms: u64,
+    ) -> Result<Vec<(String, String, u64, crate::drift::Level)>> {
+        use crate::drift::Level;
+        let mut st = self.conn.prepare(
+            "SELECT scope, model_digest, window_end_ms,
+                    MAX(CASE level WHEN 'alert' THEN 2 WHEN 'warn' THEN 1 ELSE 0 END)
+             FROM drift_scores WHERE window_end_ms >= ?1
+             GROUP BY scope, model_digest, window_end_ms",
+        )?;
+        let rows = st.query_map([i(since_ms)], |r| {
+            let level = match r.get::<_, i64>(3)? {
+                2 => Level::Alert,
+                1 => Level::Warn,
+                _ => Level::Ok,
+            };
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get::<_, i64>(2)?.max(0) as u64,
+                level,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Deletes scores of windows that ended before `before_ms`.
+    pub fn prune_drift_scores(&mut self, before_ms: u64) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM drift_scores WHERE window_end_ms < ?1",
+            [i(before_ms)],
+        )?)
+    }
+
+    fn score_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::drift::Score> {
+        let level: String = r.get(11)?;
+        Ok(crate::drift::Score {
+            scope: r.get(0)?,
+            model_digest: r.get(1)?,
+            window_start_ms: r.get::<_, i64>(2)?.max(0) as u64,
+            window_end_ms: r.get::<_, i64>(3)?.max(0) as u64,
+            feature: r.get(4)?,
+            count: r.get::<_, i64>(5)?.max(0) as u64,
+            psi: r.get(6)?,
+            chi2: r.get(7)?,
+            p_value: r.get(8)?,
+            missing: r.get::<_, i64>(9)?.max(0) as u64,
+            out_of_range: r.get::<_, i64>(10)?.max(0) as u64,
+            level: crate::drift::Level::parse(&level).unwrap_or(crate::drift::Level::Ok),
+        })
+    }
+
+    /// Scores, newest window first; `scope` filters exactly; at most `limit` rows.
+    pub fn drift_history(
+        &self,
+        scope: Option<&str>,
+        since_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<crate::drift::Score>> {
+        let mut st = self.conn.prepare(
+            "SELECT * FROM drift_scores WHERE (?1 IS NULL OR scope = ?1) AND window_end_ms >= ?2
+             ORDER BY window_end_ms DESC, scope, feature LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![scope, i(since_ms), limit], Self::score_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// The scores of the most recent scored window of every scope.
+    pub fn drift_status(&self) -> Result<Vec<crate::drift::Score>> {
+        let mut st = self.conn.prepare(
+            "SELECT s.* FROM drift_scores s
+             JOIN (SELECT scope, MAX(window_end_ms) AS last FROM drift_scores GROUP BY scope) l
+               ON l.scope = s.scope AND l.last = s.window_end_ms
+             ORDER BY s.scope, s.model_digest, s.feature",
+        )?;
+        let rows = st.query_map([], Self::score_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Inputs sampled at or after `since_ms` by any version of model `model_name`, with
+    /// the label that came back for them, oldest first. A label only attaches to a sample
+    /// taken before it (agents number requests from 1 again after a restart).
+    pub fn labeled_samples(&self, since_ms: u64, model_name: &str) -> Result<Vec<LabeledSample>> {
+        let mut st = self.conn.prepare(
+            "SELECT s.device, s.at_ms, s.features, l.value
+             FROM samples s
+             JOIN models m ON m.digest = s.model_digest
+             JOIN labels l ON l.device = s.device AND l.request_id = s.request_id
+                          AND l.at_ms >= s.at_ms
+             WHERE s.at_ms >= ?1 AND m.name = ?2
+             ORDER BY s.at_ms, s.device, s.seq, s.idx",
+        )?;
+        let rows = st.query_map(params![i(since_ms), model_name], |r| {
+            Ok(LabeledSample {
+                device: r.get(0)?,
+                at_ms: r.get::<_, i64>(1)?.max(0) as u64,
+                features: unpack_f32s(&r.get::<_, Vec<u8>>(2)?),
+                label: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Labels received at or after `since_ms`.
+    pub fn labels_since(&self, since_ms: u64) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM labels WHERE at_ms >= ?1",
+                [i(since_ms)],
+                |r| r.get::<_, i64>(0),
+            )?
+            .max(0) as u64)
+    }
+
+    pub fn insert_job(&mut self, j: &JobRow) -> Result<u64> {
+        self.conn.execute(
+            "INSERT INTO training_jobs (name, trigger, executor, spec, dir, state, created_at_ms, parent_model)
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+            params![j.name, j.trigger, j.executor, j.spec, j.dir, j.state, i(j.created_at_ms), j.parent_model],
+        )?;
+        Ok(self.conn.last_insert_rowid().max(0) as u64)
+    }
+
+    /// Writes every mutable field of a job.
+    pub fn update_job(&mut self, j: &JobRow) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE training_jobs SET dir = ?2, state = ?3, external_id = ?4, finished_at_ms = ?5,
+               exit_code = ?6, detail = ?7, dataset_hash = ?8, parent_model = ?9, outcome = ?10,
+               candidate_model = ?11, metrics = ?12, rollout_plan = ?13
+             WHERE id = ?1",
+            params![
+                i(j.id),
+                j.dir,
+                j.state,
+                j.external_id,
+                j.finished_at_ms.map(i),
+                j.exit_code,
+                j.detail,
+                j.dataset_hash,
+                j.parent_model,
+                j.outcome,
+                j.candidate_model,
+                j.metrics,
+                j.rollout_plan
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::Corrupt {
+                table: "training_jobs",
+                detail: format!("job {} does not exist", j.id),
+            });
+        }
+        Ok(())
+    }
+
+    fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+        Ok(JobRow {
+            id: r.get::<_, i64>(0)?.max(0) as u64,
+            name: r.get(1)?,
+            trigger: r.get(2)?,
+            executor: r.get(3)?,
+            spec: r.get(4)?,
+            dir: r.get(5)?,
+            state: r.get(6)?,
+            external_id: r.get(7)?,
+            created_at_ms: r.get::<_, i64>(8)?.max(0) as u64,
+            finished_at_ms: opt_u64(r.get(9)?),
+            exit_code: r.get(10)?,
+            detail: r.get(11)?,
+            dataset_hash: r.get(12)?,
+            parent_model: r.get(13)?,
+            outcome: r.get(14)?,
+            candidate_model: r.get(15)?,
+            metrics: r.get(16)?,
+            rollout_plan: r.get(17)?,
+        })
+    }
+
+    pub fn job(&self, id: u64) -> Result<Option<JobRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT * FROM training_jobs WHERE id = ?1",
+                [i(id)],
+                Self::job_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Jobs, newest first.
+    pub fn jobs(&self, limit: u32) -> Result<Vec<JobRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM training_jobs ORDER BY id DESC LIMIT ?1")?;
+        let rows = st.query_map([limit], Self::job_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Jobs in one of `states`, oldest first.
+    pub fn jobs_in_state(&self, states: &[&str]) -> Result<Vec<JobRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT * FROM training_jobs ORDER BY id")?;
+        let rows = st.query_map([], Self::job_from_row)?;
+        let all = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(all
+            .into_iter()
+            .filter(|j| states.contains(&j.state.as_str()))
+            .collect())
     }
 }
 

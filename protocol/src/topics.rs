@@ -163,6 +163,26 @@ pub fn keyring() -> String {
     format!("{PREFIX}/fleet/keyring")
 }
 
+/// Broker ACL patterns for one device, with `user` standing for its authenticated
+/// identity (mosquitto's `%u`, EMQX's `${username}`): it may publish only under its own
+/// uplink topics, and read only its own downlink, every model's chunk topic and the
+/// fleet keyring. Returns `(publish, subscribe)` topic filters.
+pub fn device_acl(user: &str) -> (Vec<String>, Vec<String>) {
+    (
+        vec![format!("{PREFIX}/dev/{user}/up/#")],
+        vec![
+            format!("{PREFIX}/dev/{user}/down"),
+            format!("{PREFIX}/model/+/chunks"),
+            keyring(),
+        ],
+    )
+}
+
+/// The filter covering every Drover topic (the control plane's own ACL).
+pub fn all_filter() -> String {
+    format!("{PREFIX}/#")
+}
+
 /// What a topic received by the control plane or the agent names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParsedTopic {

@@ -139,7 +139,8 @@ pub async fn enroll(
         .await?;
     let resp: drover_control_plane::api::EnrollResponse = serde_json::from_value(resp)?;
     let data_dir: PathBuf = dir.join(format!("{id}-data"));
-    let mut config = resp.agent_config(data_dir, labels);
+    // The device's key, certificate and the fleet CA, for mutual TLS (files 0600).
+    let mut config = resp.write_agent_files(dir, None, data_dir, labels)?;
     config.api_addr = "127.0.0.1:0".into();
     config.telemetry.interval_ms = 300;
     Ok(Device {
@@ -243,4 +244,58 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../agent/tests/fixtures")
         .join(name)
+}
+
+/// Enrolls and starts `per_site` agents at each site (`<site>-NN`, label `site=<site>`)
+/// and waits until every one of them is online.
+pub async fn start_sites(
+    api: &Api,
+    dir: &Path,
+    sites: &[&str],
+    per_site: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Device>> {
+    let mut fleet = Vec::new();
+    for site in sites {
+        for i in 0..per_site {
+            let mut d = enroll(api, dir, &format!("{site}-{i:02}"), &[("site", site)]).await?;
+            d.start().await?;
+            fleet.push(d);
+        }
+    }
+    let want = fleet.len();
+    crate::wait_until(&format!("{want} devices online"), timeout, || async {
+        let v = api.get("/v1/devices?online=true").await.ok()?;
+        (v.as_array()?.len() == want).then_some(())
+    })
+    .await?;
+    Ok(fleet)
+}
+
+/// Publishes `file` as `name@version` and rolls it out to every device in one wave,
+/// waiting until the rollout completes. Returns the rollout id.
+pub async fn roll_out_everywhere(
+    api: &Api,
+    file: &Path,
+    name: &str,
+    version: &str,
+    timeout: Duration,
+) -> anyhow::Result<u64> {
+    publish(api, file, name, version)?;
+    let model = format!("{name}@{version}");
+    let r = rollout_cli(
+        api,
+        &["start", "--model", &model, "--waves", "100", "--bake", "0s"],
+    )?;
+    let id = r["id"].as_u64().context("rollout id")?;
+    crate::wait_until(
+        &format!("rollout of {model} to complete"),
+        timeout,
+        || async {
+            let r = api.get(&format!("/v1/rollouts/{id}")).await.ok()?;
+            (r["status"] == "completed").then_some(())
+        },
+    )
+    .await?;
+    Ok(id)
 }

@@ -2,9 +2,13 @@
 //! they share: real outside peers (mosquitto) started on loopback, free ports, waiting.
 //!
 //! Layout:
-//! - [`mosquitto`]: a real Debian mosquitto with password file, `%u` pattern ACLs and
-//!   persistence, on a free loopback port, killed on drop.
+//! - [`mosquitto`]: a real Debian mosquitto on a free loopback port, killed on drop: with
+//!   password file, `%u` pattern ACLs and persistence, or with the mutual-TLS configuration
+//!   `drover broker config mosquitto` writes (certificate identity, CRL, ACL).
 //! - [`free_port`], [`wait_until`]: loopback port picking and bounded polling.
+//! - [`slurm`]: a real single-node Slurm cluster (munged, slurmctld, slurmd) on loopback.
+//! - [`training`]: store, keys, a shifting synthetic world and fleet data for the
+//!   continuous-training tests.
 //! - [`sim`]: the fleet simulator (thousands of protocol-true virtual devices in one
 //!   process), run by the `drover-fleet-sim` binary, the benches and `tests/fleet_sim.rs`.
 //! - [`serve_process`]: `drover serve` as a child process, for benches that need the
@@ -14,6 +18,8 @@ pub mod fleet;
 pub mod mosquitto;
 pub mod serve_process;
 pub mod sim;
+pub mod slurm;
+pub mod training;
 
 use std::future::Future;
 use std::time::Duration;

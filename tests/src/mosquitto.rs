@@ -93,6 +93,46 @@ impl Mosquitto {
         Ok(m)
     }
 
+    /// Starts mosquitto with a configuration written by `drover broker config mosquitto`
+    /// (mutual TLS, certificate identity as username, CRL, pattern ACL) listening on
+    /// `port`. `dir` holds its log.
+    pub fn start_with_config(dir: &Path, conf: &Path, port: u16) -> anyhow::Result<Self> {
+        let bin = binary().context("mosquitto is not installed (run .ci/install-deps.sh)")?;
+        std::fs::create_dir_all(dir)?;
+        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting mosquitto")?;
+        let m = Mosquitto {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("mosquitto did not listen on {port}: {}", m.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(m)
+    }
+
+    /// Makes the running broker reload its configuration, ACL and CRL (SIGHUP).
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let st = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("could not signal mosquitto to reload");
+        }
+        Ok(())
+    }
+
     /// Adds accounts to the password file and makes the running broker reload it
     /// (SIGHUP), as an operator does after enrolling devices.
     pub fn add_users(&self, users: &[(String, String)]) -> anyhow::Result<()> {

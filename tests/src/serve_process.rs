@@ -17,7 +17,8 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     /// Starts `drover` (binary at `bin`) with `serve --config` on a config whose data dir
-    /// is `data_dir`, free loopback ports and the given extra TOML lines (e.g.
+    /// is `data_dir`, free loopback ports, the embedded broker in plaintext (simulated
+    /// devices log in with passwords, not certificates) and the given extra TOML lines (e.g.
     /// `rollout_tick_ms = 500`, `broker_url = "mqtt://..."`).
     pub fn start(bin: &Path, data_dir: &Path, extra_toml: &str) -> anyhow::Result<ServeProcess> {
         std::fs::create_dir_all(data_dir)?;
@@ -25,7 +26,7 @@ impl ServeProcess {
         std::fs::write(
             &conf,
             format!(
-                "version = 1\ndata_dir = {:?}\nhttp_listen = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n{extra_toml}\n",
+                "version = 1\ndata_dir = {:?}\nhttp_listen = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\nallow_plaintext = true\n{extra_toml}\n",
                 data_dir.display().to_string()
             ),
         )?;

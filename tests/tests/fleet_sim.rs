@@ -27,6 +27,8 @@ async fn two_hundred_simulated_devices_converge_and_lose_no_telemetry() {
         data_dir: tmp.path().join("server"),
         http_listen: "127.0.0.1:0".into(),
         mqtt_listen: "127.0.0.1:0".into(),
+        // Simulated devices log in with passwords, not client certificates.
+        allow_plaintext: true,
         rollout_tick_ms: 250,
         ..Default::default()
     };

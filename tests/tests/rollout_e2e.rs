@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::serve;
-use drover_tests::fleet::{enroll, fixture, publish, rollout_cli, Api, Device, Traffic};
+use drover_tests::fleet::{
+    fixture, publish, roll_out_everywhere, rollout_cli, start_sites, Api, Device, Traffic,
+};
 use drover_tests::wait_until;
 use serde_json::Value;
 
@@ -65,38 +67,13 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         .unwrap();
     let api = Api::new(format!("http://{}", server.http_addr()), server.api_token());
 
-    let mut fleet = Vec::new();
-    for site in ["plant-a", "plant-b"] {
-        for id in ids(site) {
-            let mut d = enroll(&api, dir, &id, &[("site", site)]).await.unwrap();
-            d.start().await.unwrap();
-            fleet.push(d);
-        }
-    }
-    wait_until("50 devices online", WAIT, || async {
-        let v = api.get("/v1/devices?online=true").await.ok()?;
-        (v.as_array()?.len() == 2 * PER_SITE).then_some(())
-    })
-    .await
-    .unwrap();
-
+    let mut fleet = start_sites(&api, dir, &["plant-a", "plant-b"], PER_SITE, WAIT)
+        .await
+        .unwrap();
     // Everyone on v1 first, through a one-wave rollout.
-    publish(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0").unwrap();
-    let r = rollout_cli(
-        &api,
-        &[
-            "start",
-            "--model",
-            "dense@1.0.0",
-            "--waves",
-            "100",
-            "--bake",
-            "0s",
-        ],
-    )
-    .unwrap();
-    let first = r["id"].as_u64().unwrap();
-    wait_status(&api, first, "completed").await;
+    roll_out_everywhere(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0", WAIT)
+        .await
+        .unwrap();
     let models = api.active_models().await.unwrap();
     assert!(
         models.values().all(|m| m.as_deref() == Some("dense@1.0.0")),
@@ -142,6 +119,8 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
             // the engine tests check the ratio gate exactly.
             "--max-p99-latency-ratio",
             "50",
+            "--by",
+            "release-bot",
         ],
     )
     .unwrap();
@@ -183,6 +162,14 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         );
     }
     let report = rollout_cli(&api, &["report", &good.to_string()]).unwrap();
+    assert!(
+        report["events"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("release-bot started"),
+        "who started it: {:#}",
+        report["events"][0]
+    );
     let kinds: Vec<&str> = report["events"]
         .as_array()
         .unwrap()
@@ -371,6 +358,78 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         models.values().all(|m| m.as_deref() == Some("dense@2.0.0")),
         "{models:?}"
     );
+
+    // (d) The drift gate: a model whose baseline (standard normal features) is far from
+    //     the live inputs (0.25 and 5.0) pauses its rollout on the agents' drift sketches.
+    let mut csv = (0..16)
+        .map(|i| format!("f{i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+        + "\n";
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..400 {
+        let row: Vec<String> = (0..16)
+            .map(|_| {
+                // Irwin–Hall: the sum of 12 uniforms minus 6 is close to standard normal.
+                let z: f64 = (0..12)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        (state >> 11) as f64 / (1u64 << 53) as f64
+                    })
+                    .sum::<f64>()
+                    - 6.0;
+                format!("{z:.4}")
+            })
+            .collect();
+        csv.push_str(&row.join(","));
+        csv.push('\n');
+    }
+    let baseline = tmp.path().join("baseline.csv");
+    std::fs::write(&baseline, csv).unwrap();
+    let mut args: Vec<String> = [
+        "model",
+        "publish",
+        fixture("dense_v1.onnx").to_str().unwrap(),
+        "--name",
+        "dense",
+        "--version",
+        "5.0.0",
+        "--baseline",
+        baseline.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(api.cli_args());
+    drover_tests::drover_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let r = rollout_cli(
+        &api,
+        &[
+            "start",
+            "--model",
+            "dense@5.0.0",
+            "--selector",
+            "site=plant-a",
+            "--waves",
+            "10,100",
+            "--bake",
+            "20s",
+            "--max-drift-psi",
+            "0.25",
+            "--max-p99-latency-ratio",
+            "50",
+        ],
+    )
+    .unwrap();
+    let drift_id = r["id"].as_u64().unwrap();
+    let paused = wait_status(&api, drift_id, "paused").await;
+    assert!(
+        paused["reason"].as_str().unwrap().contains("drift_psi"),
+        "{paused:#}"
+    );
+    assert_eq!(paused["wave"], 1, "stopped in the canary");
 
     traffic.stop().await;
     for d in &mut fleet {

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use drover_tests::fleet::{enroll, fixture, publish, rollout_cli, Api};
+use drover_tests::fleet::{
+    enroll, fixture, publish, roll_out_everywhere, rollout_cli, start_sites, Api,
+};
 use drover_tests::{free_port, wait_until, workspace_bin};
 use serde_json::Value;
 
@@ -70,41 +72,13 @@ async fn serve_killed_mid_wave_resumes_without_duplicate_commands() {
     let token = std::fs::read_to_string(data.join("api-token")).unwrap();
     let api = Api::new(url.clone(), token.trim());
 
-    let mut fleet = Vec::new();
-    for site in ["plant-a", "plant-b"] {
-        for id in ids(site) {
-            let mut d = enroll(&api, dir, &id, &[("site", site)]).await.unwrap();
-            d.start().await.unwrap();
-            fleet.push(d);
-        }
-    }
-    wait_until("50 devices online", WAIT, || async {
-        let v = api.get("/v1/devices?online=true").await.ok()?;
-        (v.as_array()?.len() == 2 * PER_SITE).then_some(())
-    })
-    .await
-    .unwrap();
-    publish(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0").unwrap();
-    let r = rollout_cli(
-        &api,
-        &[
-            "start",
-            "--model",
-            "dense@1.0.0",
-            "--waves",
-            "100",
-            "--bake",
-            "0s",
-        ],
-    )
-    .unwrap();
-    let first = r["id"].as_u64().unwrap();
-    wait_until("everyone on dense@1.0.0", WAIT, || async {
-        let r = api.get(&format!("/v1/rollouts/{first}")).await.ok()?;
-        (r["status"] == "completed").then_some(())
-    })
-    .await
-    .unwrap();
+    let mut fleet = start_sites(&api, dir, &["plant-a", "plant-b"], PER_SITE, WAIT)
+        .await
+        .unwrap();
+    // Everyone on v1 first, through a one-wave rollout.
+    roll_out_everywhere(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0", WAIT)
+        .await
+        .unwrap();
 
     // A rollout with small concurrency and a bake, so it is caught in the middle.
     let v2 = publish(&api, &fixture("dense_v2.onnx"), "dense", "2.0.0").unwrap();
@@ -203,6 +177,167 @@ async fn serve_killed_mid_wave_resumes_without_duplicate_commands() {
     );
     assert_eq!(kinds.last(), Some(&"completed"), "{kinds:?}");
 
+    for d in &mut fleet {
+        d.stop().await.unwrap();
+    }
+}
+
+/// The MQTT password a device derives from its key (what mosquitto's password file holds).
+fn device_password(cfg: &drover_agent::config::AgentConfig) -> String {
+    let key: [u8; 32] = hex_key(&cfg.device_key);
+    drover_protocol::DeviceKey(key).mqtt_password()
+}
+
+fn hex_key(s: &str) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+    }
+    key
+}
+
+/// On an external broker devices stay connected while the control plane restarts, so
+/// they never say hello again: a step committed just before a crash (commands stored,
+/// not yet published) must still reach them. `--crash-at` kills the server right after
+/// the first step that issues commands commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_committed_before_a_crash_reach_devices_that_stay_connected() {
+    use drover_tests::mosquitto::{self, Mosquitto, CONTROL_PLANE_USER};
+    if mosquitto::binary().is_none() {
+        assert!(
+            !drover_tests::peers_required(),
+            "mosquitto is required (DROVER_REQUIRE_PEERS=1) but not installed"
+        );
+        eprintln!("skipped: mosquitto not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cp_pass = "cp-secret-for-test";
+    let broker = Mosquitto::start(
+        &dir.join("mosquitto"),
+        &[(CONTROL_PLANE_USER.to_string(), cp_pass.to_string())],
+    )
+    .unwrap();
+    let http_port = free_port();
+    let data = dir.join("server");
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\ndata_dir = {:?}\nhttp_listen = \"127.0.0.1:{http_port}\"\nbroker_url = {:?}\nadvertised_broker_url = \"mqtt://127.0.0.1:{}\"\nrollout_tick_ms = 200\nrollout_republish_ms = 1500\n",
+            data.to_str().unwrap(),
+            broker.url(CONTROL_PLANE_USER, cp_pass),
+            broker.port
+        ),
+    )
+    .unwrap();
+    let url = format!("http://127.0.0.1:{http_port}");
+    let spawn = |crash: bool| {
+        let mut c = Command::new(workspace_bin("drover").unwrap());
+        c.args(["serve", "--config", config.to_str().unwrap()]);
+        if crash {
+            c.args(["--crash-at", "rollout.after_commit:1"]);
+        }
+        Server(
+            c.env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut server = spawn(true);
+    healthy(&url).await;
+    let token = std::fs::read_to_string(data.join("api-token")).unwrap();
+    let api = Api::new(url.clone(), token.trim());
+
+    let mut fleet = Vec::new();
+    for i in 0..6 {
+        let d = enroll(&api, dir, &format!("ext-{i}"), &[("site", "plant-x")])
+            .await
+            .unwrap();
+        broker
+            .add_users(&[(d.id.clone(), device_password(&d.config))])
+            .unwrap();
+        fleet.push(d);
+    }
+    for d in &mut fleet {
+        d.start().await.unwrap();
+    }
+    wait_until("6 devices online through mosquitto", WAIT, || async {
+        let v = api.get("/v1/devices?online=true").await.ok()?;
+        (v.as_array()?.len() == 6).then_some(())
+    })
+    .await
+    .unwrap();
+    publish(&api, &fixture("dense_v1.onnx"), "dense", "1.0.0").unwrap();
+    // The first step that issues commands commits, then the server dies before publishing.
+    let _ = rollout_cli(
+        &api,
+        &[
+            "start",
+            "--model",
+            "dense@1.0.0",
+            "--waves",
+            "100",
+            "--bake",
+            "0s",
+        ],
+    );
+    let status = tokio::task::spawn_blocking(move || server.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!status.success(), "the crash point killed the server");
+    let issued: Vec<usize> = {
+        // The store holds the commands the crashed step committed.
+        let _restarted = spawn(false);
+        healthy(&url).await;
+        let mut n = Vec::new();
+        for d in &fleet {
+            let c = api
+                .get(&format!("/v1/devices/{}/commands", d.id))
+                .await
+                .unwrap();
+            n.push(c.as_array().unwrap().len());
+        }
+        assert!(
+            n.iter().all(|&k| k == 1),
+            "one committed command each: {n:?}"
+        );
+        wait_until(
+            "devices that never reconnected run dense@1.0.0",
+            WAIT,
+            || async {
+                let m = api.active_models().await.ok()?;
+                m.values()
+                    .all(|v| v.as_deref() == Some("dense@1.0.0"))
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        wait_until("the rollout completes", WAIT, || async {
+            let r = api.get("/v1/rollouts/1").await.ok()?;
+            (r["status"] == "completed").then_some(())
+        })
+        .await
+        .unwrap();
+        let mut after = Vec::new();
+        for d in &fleet {
+            let c = api
+                .get(&format!("/v1/devices/{}/commands", d.id))
+                .await
+                .unwrap();
+            after.push(c.as_array().unwrap().len());
+        }
+        after
+    };
+    assert!(
+        issued.iter().all(|&k| k == 1),
+        "republished, not re-issued: {issued:?}"
+    );
     for d in &mut fleet {
         d.stop().await.unwrap();
     }

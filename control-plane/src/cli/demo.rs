@@ -22,10 +22,10 @@ use serde_json::{json, Value};
 
 use super::client::{Client, ServerArgs};
 use crate::api::{
-    DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse, ModelView,
-    PublishBody, TelemetryView,
+    DeviceView, EnrollRequest, EnrollResponse, ModelView, PublishBody, RolloutView, TelemetryView,
 };
 use crate::config::ServeConfig;
+use crate::rollout::Plan;
 use crate::serve;
 use crate::trainer::{self, Dataset, TrainParams};
 
@@ -33,7 +33,7 @@ use crate::trainer::{self, Dataset, TrainParams};
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Number of in-process agents (split across two sites).
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 24)]
     pub devices: usize,
     /// Seed for the synthetic sensor data (same seed, same run).
     #[arg(long, default_value_t = 7)]
@@ -244,10 +244,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 },
             )
             .await?;
-        let mut cfg = r.agent_config(
-            dir.join("agents").join(&id),
+        let agent_dir = dir.join("agents").join(&id);
+        std::fs::create_dir_all(&agent_dir)?;
+        let mut cfg = r.write_agent_files(
+            &agent_dir,
+            None,
+            agent_dir.clone(),
             BTreeMap::from([("site".into(), site.into())]),
-        );
+        )?;
         cfg.api_addr = "127.0.0.1:0".into();
         cfg.telemetry.interval_ms = 500;
         let agent = drover_agent::run(cfg, std::future::pending())
@@ -267,43 +271,36 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await?;
     tl.mark("fleet online", t);
 
-    // 5. Deploy by signed command; devices download chunks, verify, self-test, activate.
+    // 5. Staged rollout: signed commands in gated waves; devices download chunks, verify,
+    //    self-test, activate.
     step(
         5,
-        "Deploying by signed command: chunked download, verify, self-test, activate",
+        "Rolling out in gated waves: canary, then the fleet (signed commands, chunked download, self-test)",
     );
     let t = Instant::now();
-    for (id, _) in &agents {
-        let _: DeployResponse = client
-            .post(
-                &format!("/v1/devices/{id}/deploy"),
-                &DeployRequest {
-                    model: "failure-predictor@1.0.0".into(),
-                    mode: None,
-                },
-            )
-            .await?;
-    }
-    let pb = bar(args.devices, "devices running the model");
-    wait_for(
-        &pb,
-        || async {
-            let l: Vec<DeviceView> = client.get("/v1/devices").await.ok()?;
-            Some(
-                l.iter()
-                    .filter(|d| {
-                        d.active_model
-                            .as_deref()
-                            .is_some_and(|m| m.contains("1.0.0"))
-                    })
-                    .count(),
-            )
-        },
-        args.devices,
-    )
-    .await?;
+    let plan = Plan::from_toml(
+        r#"
+model = "failure-predictor@1.0.0"
+[[waves]]
+percent = 10
+bake = "2s"
+[[waves]]
+percent = 50
+bake = "1s"
+[[waves]]
+percent = 100
+bake = "0s"
+"#,
+    )?;
+    let started: RolloutView = client.post("/v1/rollouts?by=drover-demo", &plan).await?;
+    let done = follow_rollout(&client, started.id).await?;
     let deploy_time = t.elapsed();
-    tl.mark("model active on every device", t);
+    let wave_rows: Vec<(usize, u64, String)> = done
+        .waves
+        .iter()
+        .map(|w| (w.wave, w.target, w.bake.clone()))
+        .collect();
+    tl.mark("rollout completed on every device", t);
 
     // 6. Live traffic through each agent's KServe v2 API, with ground-truth feedback.
     step(
@@ -422,9 +419,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         report,
-        "| deploy to all devices (command → active) | {:.2} s |",
+        "| staged rollout to all devices (start → completed) | {:.2} s |",
         deploy_time.as_secs_f64()
     );
+    for (wave, target, bake) in &wave_rows {
+        let _ = writeln!(
+            report,
+            "| rollout wave {wave} | {target} devices, bake {bake} |"
+        );
+    }
     let _ = writeln!(
         report,
         "| local API latency p50 (HTTP round trip) | {} µs |",
@@ -464,6 +467,46 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     server.shutdown().await;
     Ok(())
+}
+
+/// Follows a rollout with one progress bar per wave until it completes.
+async fn follow_rollout(client: &Client, id: u64) -> anyhow::Result<RolloutView> {
+    let multi = indicatif::MultiProgress::new();
+    let mut bars: Vec<ProgressBar> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r: RolloutView = client.get(&format!("/v1/rollouts/{id}")).await?;
+        while bars.len() < r.waves.len() {
+            let w = &r.waves[bars.len()];
+            let b = multi.add(bar(
+                w.target as usize,
+                &format!("wave {} ({} devices)", w.wave, w.target),
+            ));
+            bars.push(b);
+        }
+        for (b, w) in bars.iter().zip(&r.waves) {
+            b.set_position(w.healthy.min(w.target));
+        }
+        match r.status.as_str() {
+            "completed" => {
+                for b in &bars {
+                    b.finish();
+                }
+                return Ok(r);
+            }
+            "paused" | "rolled-back" | "rolling-back" => {
+                bail!(
+                    "rollout {id} stopped: {}",
+                    r.reason.as_deref().unwrap_or(r.status.as_str())
+                )
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            bail!("rollout {id} still {} after {WAIT:?}", r.status);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn wait_for<F, Fut>(pb: &ProgressBar, mut count: F, want: usize) -> anyhow::Result<()>

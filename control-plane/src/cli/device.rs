@@ -25,9 +25,14 @@ pub enum DeviceCommand {
         /// The agent's data directory on the device.
         #[arg(long, default_value = "/var/lib/drover-agent")]
         agent_data_dir: PathBuf,
-        /// Where to write the agent config (contains the device secret; mode 0600).
+        /// Where to write the agent config (contains the device secret; mode 0600). The
+        /// TLS files (`ID.ca.pem`, `ID.cert.pem`, `ID.key.pem`, 0600) go beside it.
         #[arg(long)]
         out: PathBuf,
+        /// Directory the TLS files will be copied to on the device, as written into the
+        /// config (default: beside `--out`).
+        #[arg(long)]
+        cert_dir: Option<PathBuf>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -115,6 +120,7 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             broker_url,
             agent_data_dir,
             out,
+            cert_dir,
             server,
         } => {
             let labels: BTreeMap<String, String> = labels.into_iter().collect();
@@ -127,13 +133,21 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            let mut cfg = r.agent_config(agent_data_dir, labels);
+            let dir = match out.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            let mut cfg = r.write_agent_files(&dir, cert_dir.as_deref(), agent_data_dir, labels)?;
             if let Some(url) = broker_url {
                 cfg.broker_url = url;
             }
             let text = cfg.to_toml().context("cannot render the agent config")?;
             crate::keys::write_private(&out, text.as_bytes())?;
-            println!("enrolled {id}; agent config written to {}", out.display());
+            println!(
+                "enrolled {id}; agent config written to {} (TLS certificate and key beside it, 0600)",
+                out.display()
+            );
             Ok(())
         }
         DeviceCommand::List {

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
+use super::client::{Client, ServerArgs};
 use super::Output;
-use crate::api::keyring_view;
+use crate::api::{keyring_view, KeyringView};
 use crate::keys;
 use crate::serve::now_ms;
 
@@ -19,10 +20,17 @@ pub enum KeysCommand {
         #[arg(long, default_value_t = keys::DEFAULT_KEYRING_VALID_DAYS)]
         valid_days: u64,
     },
-    /// Add a new signing key; current keys retire after the grace period.
+    /// Add a new signing key; current keys retire after the grace period. A running
+    /// `drover serve` on this data dir loads it and publishes the new keyring at once.
     Rotate {
         #[arg(long, env = "DROVER_DATA_DIR", default_value = "drover-data")]
         data_dir: PathBuf,
+        /// API URL of the running server (default: <data-dir>/api-url).
+        #[arg(long, env = "DROVER_SERVER")]
+        server: Option<String>,
+        /// API token (default: <data-dir>/api-token).
+        #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Days the old signing keys stay valid (in-flight commands still land).
         #[arg(long, default_value_t = keys::DEFAULT_GRACE_DAYS)]
         grace_days: u64,
@@ -67,7 +75,7 @@ fn print(k: &keys::Keys, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(cmd: KeysCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Init {
             data_dir,
@@ -79,14 +87,36 @@ pub fn run(cmd: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Rotate {
             data_dir,
+            server,
+            token,
             grace_days,
             valid_days,
         } => {
             let k = keys::rotate(&data_dir, now_ms(), grace_days, valid_days)?;
-            println!(
-                "keyring version {} signed; restart `drover serve` to use the new key",
-                k.keyring.version
-            );
+            println!("keyring version {} signed", k.keyring.version);
+            let args = ServerArgs {
+                server,
+                token,
+                data_dir: data_dir.clone(),
+            };
+            let reloaded: anyhow::Result<KeyringView> = match Client::new(&args) {
+                Ok(c) => c.post("/v1/keyring/reload", &()).await,
+                Err(e) => Err(e),
+            };
+            match reloaded {
+                Ok(v) if v.version == k.keyring.version => {
+                    println!("the running server signs with the new key and published the keyring")
+                }
+                Ok(v) => anyhow::bail!(
+                    "the server at --server reloaded keyring version {}, not {}: is it serving {}?",
+                    v.version,
+                    k.keyring.version,
+                    data_dir.display()
+                ),
+                Err(e) => println!(
+                    "no running server took the new key ({e}); `drover serve` uses it at its next start"
+                ),
+            }
             print(&k, Output::Text)
         }
         KeysCommand::Show { data_dir, output } => print(&keys::load(&data_dir)?, output),

@@ -1,12 +1,16 @@
 //! The `drover` command line: one module per subcommand, each with its args and `run`.
 
+pub mod broker;
 pub mod client;
 pub mod demo;
 pub mod device;
+pub mod doctor;
+pub mod drift;
 pub mod keys;
 pub mod model;
 pub mod rollout;
 pub mod serve;
+pub mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -39,6 +43,18 @@ pub enum Command {
     /// Staged rollouts: canary and waves, health gates, pause, resume, abort (rollback).
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// Drift scores per device, label group and fleet (PSI, chi-square).
+    #[command(subcommand)]
+    Drift(drift::DriftCommand),
+    /// Training jobs: the built-in trainer, manual runs, job state and outcome.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// External broker setup: write a mosquitto configuration (mutual TLS, CRL, ACLs).
+    #[command(subcommand)]
+    Broker(broker::BrokerCommand),
+    /// Report unsafe settings (key file modes, plaintext broker, expiring certificates);
+    /// exits non-zero when it finds any.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// How listings are printed.
@@ -51,25 +67,13 @@ pub enum Output {
 
 /// Formats milliseconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.
 pub fn fmt_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant), good for any date after 1970.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    // RFC 3339 `2026-11-25T00:00:00Z`, shown with a space and without the zone letter.
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_owned()
 }
 
 #[cfg(test)]

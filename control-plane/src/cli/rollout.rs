@@ -61,6 +61,9 @@ pub enum RolloutCommand {
 #[derive(Debug, Args)]
 pub struct IdArgs {
     pub id: u64,
+    /// Who is asking, for the rollout's report (default: $USER).
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub by: String,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, value_enum, default_value_t)]
@@ -110,6 +113,9 @@ pub struct StartArgs {
     /// Largest candidate/active p99 latency ratio in the shadow phase.
     #[arg(long)]
     pub max_shadow_latency_ratio: Option<f64>,
+    /// Who is starting it, for the rollout's report (default: $USER).
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub by: String,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, value_enum, default_value_t)]
@@ -218,6 +224,14 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
     Ok(plan)
 }
 
+/// Keeps an operator name query-safe (letters, digits, `.-_@`).
+fn url_word(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@'))
+        .take(64)
+        .collect()
+}
+
 fn verdict(v: Verdict) -> &'static str {
     match v {
         Verdict::Pass => "pass",
@@ -291,7 +305,8 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
     match cmd {
         RolloutCommand::Start(a) => {
             let plan = build_plan(&a)?;
-            let r: RolloutView = Client::new(&a.server)?.post("/v1/rollouts", &plan).await?;
+            let path = format!("/v1/rollouts?by={}", url_word(&a.by));
+            let r: RolloutView = Client::new(&a.server)?.post(&path, &plan).await?;
             if a.output == Output::Json {
                 return print_json(&r);
             }
@@ -387,7 +402,10 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
 
 async fn operate(a: IdArgs, op: &str) -> anyhow::Result<()> {
     let r: RolloutView = Client::new(&a.server)?
-        .post(&format!("/v1/rollouts/{}/{op}", a.id), &())
+        .post(
+            &format!("/v1/rollouts/{}/{op}?by={}", a.id, url_word(&a.by)),
+            &(),
+        )
         .await?;
     if a.output == Output::Json {
         return print_json(&r);

@@ -24,6 +24,13 @@ pub struct ServeArgs {
     /// Use an external broker instead: mqtt://user:pass@host:port.
     #[arg(long)]
     pub broker_url: Option<String>,
+    /// Fault injection for crash tests: SIGKILL self the N-th time POINT is passed.
+    #[arg(long, hide = true, value_name = "POINT:N")]
+    pub crash_at: Option<String>,
+    /// Development only: let the embedded broker accept plaintext MQTT (passwords, no
+    /// client certificates). Logs a warning. Default: mutual TLS.
+    #[arg(long)]
+    pub allow_plaintext: bool,
 }
 
 async fn signal() {
@@ -42,6 +49,9 @@ async fn signal() {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(spec) = &args.crash_at {
+        drover_agent::crash::arm(spec).map_err(anyhow::Error::msg)?;
+    }
     let env: HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("DROVER_"))
         .collect();
@@ -50,13 +60,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         mqtt_listen: args.mqtt_listen,
         broker_url: args.broker_url,
+        allow_plaintext: args.allow_plaintext,
     };
     let config = ServeConfig::load(args.config.as_deref(), &env, &overrides)?;
     let handle = crate::serve::run(config, signal()).await?;
     println!(
-        "drover serve: api http://{} broker mqtt://{}",
+        "drover serve: api http://{} broker {}",
         handle.http_addr(),
-        handle.mqtt_addr()
+        handle.broker_url()
     );
     handle.wait().await;
     Ok(())

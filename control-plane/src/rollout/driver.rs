@@ -73,7 +73,26 @@ pub struct RolloutHandle {
     tx: mpsc::Sender<Msg>,
 }
 
+/// A handle that does not keep the driver alive (for long-lived owners such as the
+/// continuous-training engine, so shutdown is not held up by them).
+#[derive(Clone, Debug)]
+pub struct WeakRolloutHandle {
+    tx: mpsc::WeakSender<Msg>,
+}
+
+impl WeakRolloutHandle {
+    pub fn upgrade(&self) -> Option<RolloutHandle> {
+        self.tx.upgrade().map(|tx| RolloutHandle { tx })
+    }
+}
+
 impl RolloutHandle {
+    pub fn downgrade(&self) -> WeakRolloutHandle {
+        WeakRolloutHandle {
+            tx: self.tx.downgrade(),
+        }
+    }
+
     pub async fn start(&self, plan: Plan, by: &str) -> Result<RolloutState, RolloutError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -186,6 +205,13 @@ struct Driver {
     mqtt: Arc<MqttLink>,
     rollouts: BTreeMap<u64, RolloutState>,
     seen: HashMap<u64, Seen>,
+    /// (device, seq) → when it was last published.
+    published: HashMap<(String, u64), u64>,
+    /// A command an online device has not answered at all for this long is published
+    /// again (same bytes, same sequence: a device that already has it refuses the
+    /// replay). This covers a crash between committing a step and publishing it when
+    /// devices stay connected to an external broker and so never say hello again.
+    republish_ms: u64,
 }
 
 /// Starts the driver task; it stops when every handle is dropped.
@@ -194,6 +220,7 @@ pub fn spawn(
     store: Arc<Mutex<Store>>,
     mqtt: Arc<MqttLink>,
     interval: Duration,
+    republish: Duration,
 ) -> (RolloutHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let driver = Driver {
@@ -202,6 +229,8 @@ pub fn spawn(
         mqtt,
         rollouts: BTreeMap::new(),
         seen: HashMap::new(),
+        published: HashMap::new(),
+        republish_ms: u64::try_from(republish.as_millis()).unwrap_or(u64::MAX),
     };
     let task = tokio::spawn(driver.run(rx, interval));
     (RolloutHandle { tx }, task)
@@ -343,6 +372,7 @@ impl Driver {
                 return;
             }
         };
+        self.republish_unanswered(&current, &obs).await;
         let step = engine::step(&current, &obs, now_ms());
         if step.state == current && step.actions.is_empty() && step.events.is_empty() {
             return;
@@ -462,6 +492,10 @@ impl Driver {
                 Ok((state, rows?))
             })
             .await?;
+        if !rows.is_empty() {
+            // Crash tests: the step is committed, its commands not yet published.
+            drover_agent::crash::point("rollout.after_commit");
+        }
         for row in &rows {
             if let Ok(device) = DeviceId::new(row.device.clone()) {
                 self.shared.metrics.commands_issued.fetch_add(1, Relaxed);
@@ -477,13 +511,66 @@ impl Driver {
         Ok(state)
     }
 
+    async fn republish_unanswered(&mut self, r: &RolloutState, obs: &Observations) {
+        let now = now_ms();
+        let due: Vec<(String, u64)> = r
+            .devices
+            .iter()
+            .filter(|(_, d)| {
+                matches!(
+                    d.state,
+                    DevState::Deploying | DevState::Promoting | DevState::RollingBack
+                )
+            })
+            .filter_map(|(id, d)| {
+                let o = obs.devices.get(id)?;
+                let seq = d.command_seq?;
+                let since = self
+                    .published
+                    .get(&(id.clone(), seq))
+                    .copied()
+                    .or(d.commanded_at_ms)?;
+                (o.online && o.progress.is_none() && now.saturating_sub(since) >= self.republish_ms)
+                    .then(|| (id.clone(), seq))
+            })
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let wanted = due.clone();
+        let rows = self
+            .blocking(move |_, s| {
+                let mut out = Vec::new();
+                for (device, seq) in &wanted {
+                    out.extend(s.command(device, *seq)?);
+                }
+                Ok(out)
+            })
+            .await
+            .unwrap_or_default();
+        for row in rows {
+            if let Ok(device) = DeviceId::new(row.device.clone()) {
+                tracing::info!(rollout = r.id, device_id = %device, seq = row.seq, "republishing an unanswered command");
+                crate::serve::send_command(
+                    &self.shared,
+                    &self.mqtt,
+                    &device,
+                    fleet::command_blob(&row),
+                )
+                .await;
+                self.published.insert((row.device.clone(), row.seq), now);
+            }
+        }
+    }
+
     async fn observe(&mut self, r: &RolloutState) -> Result<Observations, RolloutError> {
         let id = r.id;
         let seen = self.seen.remove(&id).unwrap_or_default();
         let digest = r.candidate.digest.clone();
         let created = r.created_at_ms;
         let selector = Selector::parse(&r.plan.selector).unwrap_or_default();
-        let (devices, seen) = self
+        let want_drift = r.plan.gates.max_drift_psi.is_some();
+        let (devices, seen, drift) = self
             .blocking(move |_, s| {
                 let mut seen = seen;
                 if seen.baseline.is_none() {
@@ -548,13 +635,20 @@ impl Driver {
                     }
                 }
                 seen.progress_cursor.prune();
-                Ok((s.devices()?, seen))
+                let drift = if want_drift {
+                    candidate_drift(s, &digest, created, now_ms())?
+                } else {
+                    HashMap::new()
+                };
+                Ok((s.devices()?, seen, drift))
             })
             .await?;
+        let held = held_by_older(&self.rollouts, r.id);
         let mut obs = Observations::default();
         for d in devices {
             let assigned = r.devices.get(&d.id);
             let selected = !d.decommissioned
+                && !held.contains(d.id.as_str())
                 && selector.matches(
                     &d.labels,
                     &[
@@ -593,13 +687,77 @@ impl Driver {
                     candidate: seen.candidate.get(&d.id).cloned().unwrap_or_default(),
                     baseline,
                     shadow: seen.shadow.get(&d.id).cloned().unwrap_or_default(),
-                    drift_psi: None,
+                    drift_psi: drift.get(&d.id).copied(),
                 },
             );
         }
         self.seen.insert(id, seen);
         Ok(obs)
     }
+}
+
+/// Devices an older rollout still owns (it runs, is paused or rolls back): a newer
+/// rollout leaves them alone until that one ends, so a device never gets commands from
+/// two rollouts that would supersede each other.
+pub fn held_by_older(
+    open: &BTreeMap<u64, RolloutState>,
+    id: u64,
+) -> std::collections::HashSet<&str> {
+    open.range(..id)
+        .filter(|(_, r)| {
+            matches!(
+                r.status,
+                engine::Status::Running
+                    | engine::Status::Paused { .. }
+                    | engine::Status::RollingBack { .. }
+            )
+        })
+        .flat_map(|(_, r)| r.devices.keys().map(String::as_str))
+        .collect()
+}
+
+/// Largest PSI per device of the candidate's live inputs (and predictions) against the
+/// baseline in its signed manifest, over the drift sketches reported since the rollout
+/// started. Empty when the model has no baseline.
+fn candidate_drift(
+    s: &Store,
+    digest_hex: &str,
+    from_ms: u64,
+    to_ms: u64,
+) -> Result<HashMap<String, f64>, RolloutError> {
+    let Some(digest) = parse_hex32(digest_hex) else {
+        return Ok(HashMap::new());
+    };
+    let Some(model) = s.model_by_digest(&digest)? else {
+        return Ok(HashMap::new());
+    };
+    let manifest: drover_protocol::manifest::Manifest = postcard::from_bytes(&model.payload)
+        .map_err(|e| RolloutError::Corrupt(format!("manifest of {}: {e}", model.name)))?;
+    let Some(baseline) = manifest.baseline else {
+        return Ok(HashMap::new());
+    };
+    let sketches: Vec<_> = s
+        .drift_sketches(from_ms, to_ms.saturating_add(1))?
+        .into_iter()
+        .filter(|k| k.model_digest == digest)
+        .collect();
+    let baselines = BTreeMap::from([(digest, baseline)]);
+    let scores = crate::drift::score_window(
+        &baselines,
+        &sketches,
+        &[],
+        (from_ms, to_ms),
+        &crate::drift::Thresholds::default(),
+    );
+    let mut out: HashMap<String, f64> = HashMap::new();
+    for sc in scores {
+        let (Some(device), Some(psi)) = (sc.scope.strip_prefix("device:"), sc.psi) else {
+            continue;
+        };
+        let e = out.entry(device.to_owned()).or_insert(psi);
+        *e = e.max(psi);
+    }
+    Ok(out)
 }
 
 /// Devices still in flight.
@@ -671,4 +829,60 @@ fn pending_state(s: DevState) -> bool {
             | DevState::Active
             | DevState::RollingBack
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::plan::Plan;
+
+    fn rollout(id: u64, status: engine::Status, devices: &[&str]) -> RolloutState {
+        let plan = Plan::from_toml("model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n").unwrap();
+        let mut r = RolloutState::new(
+            id,
+            plan,
+            Candidate {
+                name: "m".into(),
+                version: "1.0.0".into(),
+                digest: "d".into(),
+            },
+            0,
+        );
+        r.status = status;
+        for d in devices {
+            r.devices.insert(
+                (*d).to_owned(),
+                Slot {
+                    wave: 0,
+                    state: DevState::Healthy,
+                    assigned_at_ms: 0,
+                    commanded_at_ms: Some(0),
+                    command_seq: Some(1),
+                    previous: None,
+                    detail: None,
+                },
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn an_older_active_rollout_holds_its_devices() {
+        let mut open = BTreeMap::new();
+        open.insert(1, rollout(1, engine::Status::Running, &["a", "b"]));
+        open.insert(
+            2,
+            rollout(2, engine::Status::Paused { reason: "x".into() }, &["c"]),
+        );
+        open.insert(3, rollout(3, engine::Status::Completed, &["d"]));
+        open.insert(4, rollout(4, engine::Status::Running, &["e"]));
+        let held = held_by_older(&open, 4);
+        let mut v: Vec<&str> = held.into_iter().collect();
+        v.sort_unstable();
+        assert_eq!(v, vec!["a", "b", "c"], "completed rollouts release devices");
+        assert!(
+            held_by_older(&open, 1).is_empty(),
+            "the oldest is never held"
+        );
+    }
 }

@@ -156,11 +156,7 @@ pub struct RolloutState {
 
 impl RolloutState {
     pub fn new(id: u64, plan: Plan, candidate: Candidate, now_ms: u64) -> Self {
-        let stage = if plan.shadow.is_some() {
-            Stage::Shadow
-        } else {
-            Stage::Install
-        };
+        let stage = first_stage(&plan);
         RolloutState {
             id,
             plan,
@@ -176,13 +172,14 @@ impl RolloutState {
             selected: 0,
         }
     }
+}
 
-    fn first_stage(&self) -> Stage {
-        if self.plan.shadow.is_some() {
-            Stage::Shadow
-        } else {
-            Stage::Install
-        }
+/// A wave starts in shadow when the plan has a shadow phase.
+fn first_stage(plan: &Plan) -> Stage {
+    if plan.shadow.is_some() {
+        Stage::Shadow
+    } else {
+        Stage::Install
     }
 }
 
@@ -819,7 +816,7 @@ fn run(
                     });
                 } else {
                     s.wave += 1;
-                    s.stage = s.first_stage();
+                    s.stage = first_stage(&s.plan);
                     s.stage_since_ms = now_ms;
                     events.push(Event {
                         at_ms: now_ms,

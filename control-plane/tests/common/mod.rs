@@ -34,6 +34,9 @@ pub fn config(dir: &Path) -> ServeConfig {
         http_listen: "127.0.0.1:0".into(),
         mqtt_listen: "127.0.0.1:0".into(),
         chunk_window_ms: 500,
+        // These tests speak to the broker as scripted devices with passwords; TLS is
+        // covered by tests/tests/security.rs.
+        allow_plaintext: true,
         ..Default::default()
     };
     c.ingest.ack_interval_ms = 20;

@@ -1,0 +1,179 @@
+//! HTTP API of drift scoring and continuous training (`drover drift`, `drover train`).
+//!
+//! - `GET /v1/drift/status`: the latest window's scores of every scope.
+//! - `GET /v1/drift/history?scope=&since_ms=&limit=`: stored scores, newest first.
+//! - `GET /v1/train/jobs`, `GET /v1/train/jobs/{id}`: training jobs and their outcome.
+//! - `POST /v1/train/run`: start the policy's job now (trigger `manual`).
+//! - `POST /v1/train/jobs/{id}/cancel`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ApiError, AppState};
+use crate::drift::Score;
+use crate::serve::now_ms;
+use crate::store::{JobRow, Store};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/drift/status", get(status))
+        .route("/v1/drift/history", get(history))
+        .route("/v1/train/jobs", get(jobs))
+        .route("/v1/train/jobs/{id}", get(job))
+        .route("/v1/train/jobs/{id}/cancel", post(cancel))
+        .route("/v1/train/run", post(run))
+}
+
+/// A training job as the CLI shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: u64,
+    pub name: String,
+    pub trigger: String,
+    pub executor: String,
+    pub state: String,
+    pub external_id: Option<String>,
+    pub dir: String,
+    pub created_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub exit_code: Option<i64>,
+    pub detail: Option<String>,
+    pub dataset_hash: Option<String>,
+    pub parent_model: Option<String>,
+    pub outcome: Option<String>,
+    pub candidate_model: Option<String>,
+    pub metrics: Option<serde_json::Value>,
+    pub rollout_plan: Option<serde_json::Value>,
+}
+
+impl From<JobRow> for JobView {
+    fn from(j: JobRow) -> Self {
+        let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+        Self {
+            id: j.id,
+            name: j.name,
+            trigger: j.trigger,
+            executor: j.executor,
+            state: j.state,
+            external_id: j.external_id,
+            dir: j.dir,
+            created_at_ms: j.created_at_ms,
+            finished_at_ms: j.finished_at_ms,
+            exit_code: j.exit_code,
+            detail: j.detail,
+            dataset_hash: j.dataset_hash,
+            parent_model: j.parent_model,
+            outcome: j.outcome,
+            candidate_model: j.candidate_model,
+            metrics: json(j.metrics),
+            rollout_plan: json(j.rollout_plan),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunResponse {
+    pub job_id: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    scope: Option<String>,
+    #[serde(default)]
+    since_ms: u64,
+    limit: Option<u32>,
+}
+
+async fn read<T: Send + 'static>(
+    st: &AppState,
+    f: impl FnOnce(&mut Store) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = Arc::clone(&st.store);
+    tokio::task::spawn_blocking(move || f(&mut store.lock().unwrap_or_else(|p| p.into_inner())))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+async fn status(State(st): State<AppState>) -> Result<Json<Vec<Score>>, ApiError> {
+    Ok(Json(read(&st, |s| Ok(s.drift_status()?)).await?))
+}
+
+async fn history(
+    State(st): State<AppState>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<Vec<Score>>, ApiError> {
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    Ok(Json(
+        read(&st, move |s| {
+            Ok(s.drift_history(q.scope.as_deref(), q.since_ms, limit)?)
+        })
+        .await?,
+    ))
+}
+
+async fn jobs(State(st): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {
+    let rows = read(&st, |s| Ok(s.jobs(1000)?)).await?;
+    Ok(Json(rows.into_iter().map(JobView::from).collect()))
+}
+
+async fn job(State(st): State<AppState>, Path(id): Path<u64>) -> Result<Json<JobView>, ApiError> {
+    read(&st, move |s| s.job(id).map_err(ApiError::from))
+        .await?
+        .map(|j| Json(j.into()))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("training job {id} not found"),
+            )
+        })
+}
+
+fn engine(st: &AppState) -> Result<Arc<crate::continuous::Engine>, ApiError> {
+    st.continuous.clone().ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "continuous training is off: set [continuous] policy in the serve config".into(),
+        )
+    })
+}
+
+async fn run(State(st): State<AppState>) -> Result<(StatusCode, Json<RunResponse>), ApiError> {
+    let e = engine(&st)?;
+    let spec = e
+        .load_job_spec()
+        .map_err(|err| ApiError(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let r = e.run_job_reporting(spec, "manual", now_ms(), tx).await;
+        if let Err(err) = r {
+            tracing::warn!(error = %err, "manual training job failed to run");
+        }
+    });
+    let id = rx.await.map_err(|_| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the job could not be recorded".into(),
+        )
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(RunResponse { job_id: id })))
+}
+
+async fn cancel(
+    State(st): State<AppState>,
+    Path(id): Path<u64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let e = engine(&st)?;
+    if e.cancel(id) {
+        Ok(Json(serde_json::json!({ "cancelling": id })))
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("training job {id} is not running"),
+        ))
+    }
+}
