@@ -83,11 +83,31 @@ struct Job {
     last_reported: u32,
 }
 
-/// The probation verdict: a newly activated model is healthy unless its errors exceed
-/// 10 % of the requests it served since activation. Public so the fleet simulator's
-/// virtual devices judge their (modelled) probation by the agent's own rule.
+/// Error rate above which a model on probation is rolled back.
+pub const PROBATION_MAX_ERROR_RATE: f64 = 0.10;
+
+/// The probation verdict on the requests a newly activated model served since activation:
+/// it fails only when they show, with 95 % confidence, an error rate above
+/// [`PROBATION_MAX_ERROR_RATE`], i.e. when the lower bound of the Wilson score interval of
+/// `errors / (errors + ok)` exceeds it. A plain ratio judges a handful of requests by
+/// chance: one error among the first five requests is 20 %, so a good model failing
+/// 0.4 % of requests was rolled back on a device that happened to serve few requests
+/// during probation (and, as a first install, had nothing to roll back to). With the
+/// bound, 1 error in 2 requests passes, 2 in 3 or 5 in 5 fail, and with many requests
+/// the verdict approaches the plain ratio. Public so the fleet simulator's virtual
+/// devices judge their (modelled) probation by the agent's own rule.
 pub fn probation_passed(errors: u64, ok: u64) -> bool {
-    errors == 0 || errors.saturating_mul(10) <= ok
+    if errors == 0 {
+        return true;
+    }
+    let n = errors.saturating_add(ok) as f64;
+    let p = errors as f64 / n;
+    // z for a one-sided 97.5 % / two-sided 95 % interval.
+    let z2 = 1.96f64 * 1.96;
+    let centre = p + z2 / (2.0 * n);
+    let spread = (z2 * (p * (1.0 - p) / n + z2 / (4.0 * n * n))).sqrt();
+    let lower = (centre - spread) / (1.0 + z2 / n);
+    lower <= PROBATION_MAX_ERROR_RATE
 }
 
 pub struct Core {
@@ -1174,6 +1194,29 @@ mod tests {
     use drover_protocol::trust::{KeyEntry, Keyring, Role};
     use drover_protocol::{DeviceKey, SecretKey};
     use std::sync::Mutex;
+
+    #[test]
+    fn probation_fails_only_on_evidence_of_an_error_rate_above_ten_percent() {
+        // No errors, or no requests: nothing against the model.
+        assert!(probation_passed(0, 0));
+        assert!(probation_passed(0, 3));
+        // A few requests with one error: chance, not evidence (the plain 10 % ratio
+        // failed all of these).
+        assert!(probation_passed(1, 1));
+        assert!(probation_passed(1, 4));
+        assert!(probation_passed(2, 8));
+        // Clear evidence fails, with few or many requests.
+        assert!(!probation_passed(1, 0));
+        assert!(!probation_passed(2, 1));
+        assert!(!probation_passed(5, 0));
+        assert!(!probation_passed(10, 0));
+        assert!(!probation_passed(16, 24));
+        assert!(!probation_passed(150, 850));
+        // Many requests: the verdict approaches the ratio.
+        assert!(probation_passed(10, 990));
+        assert!(probation_passed(100, 900));
+        assert!(!probation_passed(140, 860));
+    }
 
     struct Rig {
         core: Core,

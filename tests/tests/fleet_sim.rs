@@ -124,12 +124,34 @@ async fn two_hundred_simulated_devices_converge_and_lose_no_telemetry() {
                 active[*i]
             );
         }
+        let st = &fleet.shared.stats;
         panic!(
-            "{e}: {} devices behind: {behind:?}; rollout {:#}",
+            "{e}: {} devices behind: {behind:?}; self-rollbacks {}, install failures {}, \
+             commands refused {}; rollout {:#}",
             behind.len(),
+            Stats::get(&st.self_rollbacks),
+            Stats::get(&st.install_failures),
+            Stats::get(&st.commands_refused),
             run.last
         );
     }
+    let st = &fleet.shared.stats;
+    eprintln!(
+        "good rollout: installs {}, self-rollbacks {}, install failures {}, connects {}, churn drops {}",
+        Stats::get(&st.installs),
+        Stats::get(&st.self_rollbacks),
+        Stats::get(&st.install_failures),
+        Stats::get(&st.connects),
+        Stats::get(&st.churn_drops),
+    );
+    // A good model is judged on evidence: no device's probation rolled it back, however
+    // few requests it served (a plain 10 % ratio failed devices that served a handful).
+    assert_eq!(
+        Stats::get(&st.self_rollbacks),
+        0,
+        "self-rollbacks of a good model"
+    );
+    assert_eq!(Stats::get(&st.install_failures), 0, "failed installs");
     drover_tests::wait_until(
         "the control plane sees every device on sim@1.0.0",
         WAIT,

@@ -48,6 +48,43 @@ async fn signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Every device holds a socket on the embedded broker (three with the mutual-TLS front:
+/// the device's, and both ends of the front's loopback link to rumqttd), so the common
+/// soft limit of 1,024 open files would refuse devices long before 10,000. The soft limit
+/// is raised to the hard one, which an unprivileged process may do; what stays is logged.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let l = getrlimit(Resource::Nofile);
+        // `None` is "unlimited": nothing to raise (or, for the hard limit, no number the
+        // kernel would take as a soft one).
+        if let (Some(soft), Some(hard)) = (l.current, l.maximum) {
+            if soft < hard {
+                let raised = rustix::process::Rlimit {
+                    current: Some(hard),
+                    maximum: Some(hard),
+                };
+                match setrlimit(Resource::Nofile, raised) {
+                    Ok(()) => tracing::info!(
+                        from = soft,
+                        to = hard,
+                        "raised the open-file soft limit to the hard limit"
+                    ),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        soft,
+                        hard,
+                        "cannot raise the open-file soft limit"
+                    ),
+                }
+            } else {
+                tracing::info!(soft, hard, "open-file limit");
+            }
+        }
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(spec) = &args.crash_at {
         drover_agent::crash::arm(spec).map_err(anyhow::Error::msg)?;
@@ -63,6 +100,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         allow_plaintext: args.allow_plaintext,
     };
     let config = ServeConfig::load(args.config.as_deref(), &env, &overrides)?;
+    raise_open_file_limit();
     let handle = crate::serve::run(config, signal()).await?;
     println!(
         "drover serve: api http://{} broker {}",
