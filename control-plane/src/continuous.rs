@@ -69,6 +69,10 @@ pub struct DriftPolicy {
     pub psi_warn: f64,
     #[serde(default = "default_alert")]
     pub psi_alert: f64,
+    /// A level is raised only at this chi-square p-value or lower (lower it when many
+    /// scopes and features are scored per window, so chance alerts stay rare).
+    #[serde(default = "default_max_p")]
+    pub max_p_value: f64,
     /// Stored scores older than this are deleted.
     #[serde(default = "default_retention")]
     pub retention_hours: u64,
@@ -87,6 +91,9 @@ fn default_warn() -> f64 {
 fn default_alert() -> f64 {
     drift::DEFAULT_PSI_ALERT
 }
+fn default_max_p() -> f64 {
+    drift::DEFAULT_MAX_P_VALUE
+}
 
 impl Default for DriftPolicy {
     fn default() -> Self {
@@ -95,6 +102,7 @@ impl Default for DriftPolicy {
             group_by: Vec::new(),
             psi_warn: default_warn(),
             psi_alert: default_alert(),
+            max_p_value: default_max_p(),
             retention_hours: default_retention(),
         }
     }
@@ -182,6 +190,12 @@ impl Policy {
                 p.drift.psi_warn, p.drift.psi_alert
             ));
         }
+        if !(p.drift.max_p_value > 0.0 && p.drift.max_p_value <= 1.0) {
+            problems.push(format!(
+                "drift.max_p_value = {} must be within (0, 1]",
+                p.drift.max_p_value
+            ));
+        }
         if !(p.triggers.every_hours >= 0.0 && p.triggers.every_hours.is_finite()) {
             problems.push("triggers.every_hours must be >= 0".into());
         }
@@ -210,6 +224,7 @@ impl Policy {
         Thresholds {
             psi_warn: self.drift.psi_warn,
             psi_alert: self.drift.psi_alert,
+            max_p_value: self.drift.max_p_value,
         }
     }
 }
@@ -989,6 +1004,9 @@ impl Engine {
             dataset: row.dataset_hash.clone(),
             metrics,
         };
+        // The first model of a policy was compared with no champion that ran in
+        // production, so it is registered but not rolled out by itself.
+        let first = champion.is_none();
         // The candidate's drift baseline is what it trained on (features only).
         let baseline_csv = strip_label_column(&train_csv, features.len());
         let signing = SecretKey::from_seed(self.signing.seed());
@@ -1021,6 +1039,13 @@ impl Engine {
                 let model = format!("{}@{}", a.model.name, a.model.version);
                 let handle = self.rollouts.as_ref().and_then(|w| w.upgrade());
                 match (&a.rollout_plan, handle) {
+                    (Some(_), Some(_)) if first => {
+                        row.detail = Some(format!(
+                            "first model of the policy: signed and registered; with no champion to \
+                             compare it with in production it is not rolled out by policy \
+                             (start its first rollout with `drover rollout start --model {model}`)"
+                        ));
+                    }
                     (Some(t), Some(h)) => match rollout_plan(t, &model) {
                         Ok(plan) => match h.start(plan, "continuous-training").await {
                             Ok(r) => {

@@ -595,3 +595,62 @@ async fn serve_refuses_to_start_with_a_policy_that_does_not_load() {
         "{e}"
     );
 }
+
+/// The first model of a policy passes a gate with no champion to beat: it is signed and
+/// registered, but the policy's rollout does not ship it by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policys_first_model_is_registered_but_not_rolled_out_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = Rng::new(11);
+    let old: Vec<_> = (0..600).map(|_| world(&mut rng, false)).collect();
+    std::fs::write(dir.join("base.csv"), labeled_csv(&old)).unwrap();
+    let drover = workspace_bin("drover").unwrap();
+    let train = toml_args(&[
+        drover.to_str().unwrap(),
+        "train",
+        "builtin",
+        "--data",
+        "{dataset}",
+        "--out",
+        "{out}",
+    ]);
+    let rules = "[rollout]\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
+    std::fs::write(dir.join("policy.toml"), policy(MODEL, rules)).unwrap();
+    std::fs::write(
+        dir.join("job.toml"),
+        job_spec("local", &train, 300, Some(&dir.join("base.csv"))),
+    )
+    .unwrap();
+    let mut config = ServeConfig {
+        data_dir: dir.join("server"),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    config.continuous.policy = dir.join("policy.toml").display().to_string();
+    config.continuous.tick_secs = 3600;
+    let server = serve::run(config.validate().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.http_addr());
+    let token = server.api_token().to_string();
+    let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
+    let cli = |args: &[&str]| drover_cli(&[args, &srv[..]].concat());
+
+    let job: Value =
+        serde_json::from_str(&cli(&["train", "run", "--wait", "--output", "json"]).unwrap())
+            .unwrap();
+    assert_eq!(job["outcome"], "accepted", "{job}");
+    assert_eq!(job["candidate_model"], "shift@1.0.0");
+    assert!(
+        job["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not rolled out by policy")),
+        "{job}"
+    );
+    let rollouts: Value =
+        serde_json::from_str(&cli(&["rollout", "list", "--output", "json"]).unwrap()).unwrap();
+    assert_eq!(rollouts.as_array().map(Vec::len), Some(0), "{rollouts}");
+    server.shutdown().await;
+}

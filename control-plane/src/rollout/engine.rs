@@ -156,7 +156,7 @@ pub struct RolloutState {
 
 impl RolloutState {
     pub fn new(id: u64, plan: Plan, candidate: Candidate, now_ms: u64) -> Self {
-        let stage = first_stage(&plan);
+        let stage = first_stage(&plan, 0);
         RolloutState {
             id,
             plan,
@@ -174,9 +174,9 @@ impl RolloutState {
     }
 }
 
-/// A wave starts in shadow when the plan has a shadow phase.
-fn first_stage(plan: &Plan) -> Stage {
-    if plan.shadow.is_some() {
+/// A wave starts in shadow when the plan's shadow phase covers it.
+fn first_stage(plan: &Plan, wave: usize) -> Stage {
+    if plan.shadow.as_ref().is_some_and(|s| s.covers(wave)) {
         Stage::Shadow
     } else {
         Stage::Install
@@ -516,7 +516,9 @@ fn update_slot(slot: &mut Slot, o: &DeviceObs, candidate: &str, now_ms: u64, dea
 }
 
 fn deploy(s: &mut RolloutState, id: &str, now_ms: u64, actions: &mut Vec<Action>) {
-    let shadow = s.plan.shadow.is_some();
+    // Only a wave in its shadow stage installs as a shadow; past it (or on waves the
+    // shadow phase does not cover) devices activate directly.
+    let shadow = s.stage == Stage::Shadow;
     if let Some(slot) = s.devices.get_mut(id) {
         slot.state = DevState::Deploying;
         slot.commanded_at_ms = Some(now_ms);
@@ -816,7 +818,7 @@ fn run(
                     });
                 } else {
                     s.wave += 1;
-                    s.stage = first_stage(&s.plan);
+                    s.stage = first_stage(&s.plan, s.wave);
                     s.stage_since_ms = now_ms;
                     events.push(Event {
                         at_ms: now_ms,
