@@ -558,11 +558,27 @@ impl Engine {
                         .or_insert(Level::Ok);
                     *l = (*l).max(*level);
                 }
-                for (scope, windows) in by_scope {
-                    let last: Vec<&Level> = windows.values().rev().take(n as usize).collect();
-                    if last.len() as u64 == n && last.iter().all(|l| **l == Level::Alert) {
-                        return Ok(Some(format!("drift:{scope}")));
+                // Of the scopes in sustained drift, name a label group first (it says
+                // where), then the fleet, then a single device.
+                let rank = |scope: &str| {
+                    if scope.starts_with("device:") {
+                        2
+                    } else if scope == drift::SCOPE_FLEET {
+                        1
+                    } else {
+                        0
                     }
+                };
+                let sustained = by_scope
+                    .into_iter()
+                    .filter(|(_, windows)| {
+                        let last: Vec<&Level> = windows.values().rev().take(n as usize).collect();
+                        last.len() as u64 == n && last.iter().all(|l| **l == Level::Alert)
+                    })
+                    .map(|(scope, _)| scope)
+                    .min_by_key(|scope| rank(scope));
+                if let Some(scope) = sustained {
+                    return Ok(Some(format!("drift:{scope}")));
                 }
             }
             if tr.min_new_labels > 0 && s.labels_since(last_job.unwrap_or(0))? >= tr.min_new_labels
