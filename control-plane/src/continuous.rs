@@ -121,6 +121,10 @@ pub struct Triggers {
     /// A job at least this often.
     #[serde(default)]
     pub every_hours: f64,
+    /// After a job that drift started, drift starts no other for this long: its model
+    /// needs time to roll out and be judged on fresh data (0: no pause).
+    #[serde(default)]
+    pub cooldown_secs: u64,
 }
 
 /// What a candidate must show to replace the champion.
@@ -531,8 +535,16 @@ impl Engine {
             if !s.jobs_in_state(&["queued", "running"])?.is_empty() {
                 return Ok(None);
             }
-            let last_job = s.jobs(1)?.first().map(|j| j.created_at_ms);
-            if tr.sustained_windows > 0 {
+            let recent = s.jobs(100)?;
+            let last_job = recent.first().map(|j| j.created_at_ms);
+            let cooling = tr.cooldown_secs > 0
+                && recent
+                    .iter()
+                    .find(|j| j.trigger.starts_with("drift:"))
+                    .is_some_and(|j| {
+                        now_ms.saturating_sub(j.created_at_ms) < tr.cooldown_secs * 1000
+                    });
+            if tr.sustained_windows > 0 && !cooling {
                 let n = u64::from(tr.sustained_windows);
                 // Only windows after the last job count: its data already answered them.
                 let since = now_ms

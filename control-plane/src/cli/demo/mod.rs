@@ -92,6 +92,8 @@ max_p_value = 1e-6
 
 [triggers]
 sustained_windows = 2
+# Once drift has started a job, its model gets time to roll out and be judged.
+cooldown_secs = 600
 
 [gate]
 max_regression = 0.02
