@@ -405,11 +405,21 @@ pub struct Tick {
     pub job: Option<tokio::task::JoinHandle<Result<JobRow>>>,
 }
 
+/// Gives the current signing key.
+pub type SigningKeySource = Arc<dyn Fn() -> SecretKey + Send + Sync>;
+
+fn fixed_key(key: &SecretKey) -> SigningKeySource {
+    let seed = key.seed();
+    Arc::new(move || SecretKey::from_seed(seed))
+}
+
 /// Runs one policy: drift scoring, triggers, jobs, the gate.
 pub struct Engine {
     store: Arc<Mutex<Store>>,
     data_dir: PathBuf,
-    signing: SecretKey,
+    /// The key accepted candidates are signed with, read at signing time (a running
+    /// server swaps in a rotated key without restarting the engine).
+    signing: SigningKeySource,
     pub policy: Policy,
     policy_dir: PathBuf,
     local: LocalExecutor,
@@ -452,7 +462,7 @@ impl Engine {
         Self {
             store,
             data_dir,
-            signing: SecretKey::from_seed(signing.seed()),
+            signing: fixed_key(signing),
             policy,
             policy_dir,
             local: LocalExecutor::new(local_concurrency),
@@ -461,6 +471,11 @@ impl Engine {
             cancels: Mutex::new(HashMap::new()),
             rollouts: None,
         }
+    }
+
+    /// Signs accepted candidates with whatever key `source` gives at signing time.
+    pub fn set_signing_source(&mut self, source: SigningKeySource) {
+        self.signing = source;
     }
 
     /// Loads a policy file and builds its engine.
@@ -1037,7 +1052,7 @@ impl Engine {
         let first = champion.is_none();
         // The candidate's drift baseline is what it trained on (features only).
         let baseline_csv = strip_label_column(&train_csv, features.len());
-        let signing = SecretKey::from_seed(self.signing.seed());
+        let signing = (self.signing)();
         let policy = self.policy.clone();
         let store = Arc::clone(&self.store);
         let accepted = tokio::task::spawn_blocking(move || {

@@ -657,11 +657,47 @@ async fn a_policys_first_model_is_registered_but_not_rolled_out_by_itself() {
     let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
     let cli = |args: &[&str]| drover_cli(&[args, &srv[..]].concat());
 
+    // A live key rotation: the running engine signs with the new key, not the one it
+    // started with (which retires now).
+    let data = dir.join("server");
+    cli(&[
+        "keys",
+        "rotate",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--grace-days",
+        "0",
+    ])
+    .unwrap();
+    let ring: Value = serde_json::from_str(
+        &drover_cli(&[
+            "keys",
+            "show",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    let current = ring["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["current"] == true)
+        .map(|k| k["key_id"].as_str().unwrap().to_owned())
+        .unwrap();
+
     let job: Value =
         serde_json::from_str(&cli(&["train", "run", "--wait", "--output", "json"]).unwrap())
             .unwrap();
     assert_eq!(job["outcome"], "accepted", "{job}");
     assert_eq!(job["candidate_model"], "shift@1.0.0");
+    let model: Value =
+        serde_json::from_str(&cli(&["model", "show", "shift@1.0.0", "--output", "json"]).unwrap())
+            .unwrap();
+    assert_eq!(model["key_id"], current.as_str(), "{model}");
     assert!(
         job["detail"]
             .as_str()
