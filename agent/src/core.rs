@@ -1024,6 +1024,11 @@ impl Core {
 
     fn rollback(&mut self, seq: u64, digest: Digest, to: Option<ModelRef>) {
         self.cancel_job(seq);
+        // A rollback ends the rollout: a candidate still in shadow goes too.
+        if self.state.shadow.take().is_some() {
+            self.serving.set_shadow(None);
+            self.save();
+        }
         if let Some(to) = &to {
             // Already where the command wants it (e.g. the candidate never activated, or
             // the agent rolled it back itself): nothing to do.

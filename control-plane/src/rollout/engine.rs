@@ -557,7 +557,13 @@ fn start_rollback(
                 slot.state = DevState::RolledBack;
                 slot.detail = Some("never commanded".into());
             }
-            DevState::Deploying | DevState::Promoting | DevState::Active | DevState::Healthy => {
+            // A shadow never served traffic, but it still runs beside the active model:
+            // the rollback command (back to that same active model) makes the agent drop it.
+            DevState::Deploying
+            | DevState::Promoting
+            | DevState::Active
+            | DevState::Healthy
+            | DevState::Shadowing => {
                 if slot.previous.is_none() {
                     slot.state = DevState::Failed;
                     slot.detail = Some("no previous model to return to".into());
@@ -572,11 +578,7 @@ fn start_rollback(
                 });
                 sent += 1;
             }
-            // A shadow never served traffic; it stays unpromoted.
-            DevState::Shadowing
-            | DevState::Failed
-            | DevState::RollingBack
-            | DevState::RolledBack => {}
+            DevState::Failed | DevState::RollingBack | DevState::RolledBack => {}
         }
     }
     s.status = Status::RollingBack {

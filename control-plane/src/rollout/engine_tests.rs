@@ -565,3 +565,32 @@ fn a_shadow_phase_limited_to_the_canary_activates_later_waves_directly() {
         .iter()
         .all(|a| matches!(a, Action::Deploy { shadow: false, .. })));
 }
+
+#[test]
+fn aborting_during_the_shadow_phase_sends_shadowing_devices_back_to_their_model() {
+    let mut f = Fleet::new(10);
+    let mut p = plan(&[(20.0, 0), (100.0, 0)]);
+    p.shadow = Some(ShadowPhase {
+        duration: Duration::from_secs(60),
+        ..ShadowPhase::default()
+    });
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0));
+    f.report_all(&s1.state, DevState::Deploying, Phase::Shadowing);
+    let s2 = step(&s1.state, &f.obs, S);
+    assert_eq!(count(&s2.state, DevState::Shadowing), 2);
+    let ab = operate(&s2.state, Op::Abort, "op", 2 * S).unwrap();
+    let sent: Vec<&Action> = ab
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::Rollback { .. }))
+        .collect();
+    assert_eq!(sent.len(), 2, "{:?}", ab.actions);
+    for a in sent {
+        let Action::Rollback { device, to } = a else {
+            unreachable!()
+        };
+        assert_eq!(to, &ab.state.devices[device].previous, "back to the model it runs");
+    }
+    assert_eq!(count(&ab.state, DevState::RollingBack), 2);
+}
