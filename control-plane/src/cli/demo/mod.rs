@@ -194,7 +194,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     println!(
-        "Drover demo: {} pumps' gateways across {} sites, seed {}, in {}",
+        "Drover demo: {} edge gateways (one per pump) across {} plants, seed {}, in {}",
         args.devices,
         SITES.len(),
         args.seed,
