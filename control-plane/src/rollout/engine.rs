@@ -945,8 +945,8 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
             (Some(c), Some(b)) if b > 0 => Some(c as f64 / b as f64),
             _ => None,
         };
-        let enough = cand.latency.total() >= g.min_inferences.max(1)
-            && base.latency.total() >= g.min_inferences.max(1);
+        let need = g.min_inferences.max(P99_MIN_SAMPLES);
+        let enough = cand.latency.total() >= need && base.latency.total() >= need;
         out.push(ratio_gate(
             "p99_latency_ratio",
             value,
@@ -974,6 +974,10 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
     }
     out
 }
+
+/// Observations a p99 needs before a latency gate judges it: below 100 the p99 is the
+/// maximum, and one preempted request (or a cold first run) decides the verdict.
+pub const P99_MIN_SAMPLES: u64 = 100;
 
 /// The shadow gates over the current wave's shadowing devices.
 pub fn evaluate_shadow(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
@@ -1007,6 +1011,7 @@ pub fn evaluate_shadow(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
         ),
     )];
     if let Some(max) = p.max_latency_ratio {
+        let enough = total.compared >= p.min_compared.max(P99_MIN_SAMPLES);
         let c = total.candidate_latency.quantile_upper_us(0.99);
         let a = total.active_latency.quantile_upper_us(0.99);
         let value = match (c, a) {

@@ -590,7 +590,53 @@ fn aborting_during_the_shadow_phase_sends_shadowing_devices_back_to_their_model(
         let Action::Rollback { device, to } = a else {
             unreachable!()
         };
-        assert_eq!(to, &ab.state.devices[device].previous, "back to the model it runs");
+        assert_eq!(
+            to, &ab.state.devices[device].previous,
+            "back to the model it runs"
+        );
     }
     assert_eq!(count(&ab.state, DevState::RollingBack), 2);
+}
+
+#[test]
+fn a_p99_latency_gate_needs_a_hundred_samples_before_one_slow_request_decides_it() {
+    let shadow_obs = |n: u64, slow: u64| {
+        let mut cand = hist(100, n - slow);
+        cand.merge(&hist(5_000, slow));
+        ShadowObs {
+            compared: n,
+            agreed: n,
+            active_latency: hist(100, n),
+            candidate_latency: cand,
+        }
+    };
+    // One slow request in 20 is the p99 (the maximum): no verdict. One in 100 is not the
+    // p99; ten in 200 are.
+    for (n, slow, verdict) in [
+        (20, 1, Verdict::NoData),
+        (100, 1, Verdict::Pass),
+        (200, 10, Verdict::Fail),
+    ] {
+        let mut f = Fleet::new(5);
+        let mut p = plan(&[(20.0, 0), (100.0, 0)]);
+        p.shadow = Some(ShadowPhase {
+            duration: Duration::from_secs(60),
+            min_compared: 10,
+            min_agreement: 0.5,
+            max_latency_ratio: Some(2.0),
+            waves: 0,
+        });
+        let s0 = RolloutState::new(1, p, candidate(), 0);
+        let s1 = issue(step(&s0, &f.obs, 0));
+        f.report_all(&s1.state, DevState::Deploying, Phase::Shadowing);
+        let id = s1.state.devices.keys().next().unwrap().clone();
+        f.dev(&id).shadow = shadow_obs(n, slow);
+        let s2 = step(&s1.state, &f.obs, S);
+        let gates = evaluate_shadow(&s2.state, &f.obs);
+        let g = gates
+            .iter()
+            .find(|g| g.gate == "shadow_p99_latency_ratio")
+            .unwrap();
+        assert_eq!(g.verdict, verdict, "{n} samples: {g:?}");
+    }
 }

@@ -183,6 +183,41 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else {
         (tmp.path().to_path_buf(), Some(tmp))
     };
+    // Whatever happens in the story, the agents and the server stop before the temp dir
+    // under them is removed.
+    let mut fleet = Running::default();
+    let told = story(&args, &dir, &mut fleet).await;
+    if let (Ok(url), true) = (&told, args.keep) {
+        print_explore(url, &dir.join("server"));
+        tokio::signal::ctrl_c().await?;
+    }
+    fleet.shutdown().await;
+    told.map(|_| ())
+}
+
+/// What the demo started and must stop.
+#[derive(Default)]
+struct Running {
+    server: Option<serve::ServeHandle>,
+    agents: Vec<(String, drover_agent::Agent)>,
+}
+
+impl Running {
+    async fn shutdown(self) {
+        for (_, a) in &self.agents {
+            a.shutdown();
+        }
+        for (_, a) in self.agents {
+            let _ = a.wait().await;
+        }
+        if let Some(s) = self.server {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// The whole story; returns the API URL.
+async fn story(args: &DemoArgs, dir: &Path, running: &mut Running) -> anyhow::Result<String> {
     let start = Instant::now();
     let mut timeline: Vec<(String, f64)> = Vec::new();
     let mut mark =
@@ -220,7 +255,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     config.continuous.policy = pdir.join("policy.toml").display().to_string();
     config.continuous.tick_secs = WINDOW_SECS;
-    let server = serve::run(config.validate()?, std::future::pending()).await?;
+    let server = running
+        .server
+        .insert(serve::run(config.validate()?, std::future::pending()).await?);
     let url = format!("http://{}", server.http_addr());
     let client = Client::new(&ServerArgs {
         server: Some(url.clone()),
@@ -241,7 +278,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     let t = Instant::now();
     let pb = bar(args.devices, "devices online");
-    let mut agents = Vec::new();
+    let agents = &mut running.agents;
     let mut site_of = BTreeMap::new();
     for i in 0..args.devices {
         let site = SITES[i % SITES.len()];
@@ -483,7 +520,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + WAIT;
     let (stored, windows) = loop {
         let (mut stored, mut windows) = (0u64, 0u64);
-        for (id, _) in &agents {
+        for (id, _) in agents.iter() {
             let rows: Vec<TelemetryView> = client
                 .get(&format!("/v1/devices/{id}/telemetry?limit=100000"))
                 .await?;
@@ -531,18 +568,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         json_path.display()
     );
 
-    if args.keep {
-        print_explore(&url, &dir.join("server"));
-        tokio::signal::ctrl_c().await?;
-    }
-    for (_, a) in &agents {
-        a.shutdown();
-    }
-    for (_, a) in agents {
-        let _ = a.wait().await;
-    }
-    server.shutdown().await;
-    Ok(())
+    Ok(url)
 }
 
 fn version_of(model: &str) -> String {
