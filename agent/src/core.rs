@@ -41,6 +41,8 @@ pub const CHUNK_BATCH: usize = 64;
 pub const CHUNK_RETRY: Duration = Duration::from_secs(2);
 /// Uplink sequence numbers reserved per state write.
 const SEQ_BLOCK: u64 = 1000;
+/// Request ids reserved ahead (kept at least half ahead at every telemetry tick).
+const REQUEST_ID_BLOCK: u64 = 1 << 20;
 /// At most one KeyringRefused report per this interval.
 const KEYRING_REFUSAL_INTERVAL: Duration = Duration::from_secs(60);
 /// Replayed spool records in flight (sent, not yet acknowledged) after a reconnect.
@@ -238,6 +240,9 @@ pub fn boot(cfg: &ValidConfig, serving: &Serving) -> Result<Booted, BootError> {
             }
         }
     }
+    // This run's request ids continue above every id an earlier run could have used.
+    serving.continue_request_ids_after(state.request_ids_reserved);
+    state.request_ids_reserved = state.request_ids_reserved.saturating_add(REQUEST_ID_BLOCK);
     state.save(&data_dir)?;
     let spool = Spool::open(&data_dir.join("spool"), cfg.raw.telemetry.spool_max_bytes)?;
     Ok(Booted {
@@ -1046,6 +1051,11 @@ impl Core {
 
     fn rollback(&mut self, seq: u64, digest: Digest, to: Option<ModelRef>) {
         self.cancel_job(seq);
+        // A rollback ends the rollout: a candidate still in shadow goes too.
+        if self.state.shadow.take().is_some() {
+            self.serving.set_shadow(None);
+            self.save();
+        }
         if let Some(to) = &to {
             // Already where the command wants it (e.g. the candidate never activated, or
             // the agent rolled it back itself): nothing to do.
@@ -1109,6 +1119,11 @@ impl Core {
         };
         if retry {
             self.request_chunks();
+        }
+        let last_id = self.serving.last_request_id();
+        if last_id.saturating_add(REQUEST_ID_BLOCK / 2) > self.state.request_ids_reserved {
+            self.state.request_ids_reserved = last_id.saturating_add(REQUEST_ID_BLOCK);
+            self.save();
         }
         if now >= self.telemetry_due {
             self.telemetry_due = now + self.interval();
@@ -1274,6 +1289,23 @@ mod tests {
             }
         }
         topics
+    }
+
+    #[test]
+    fn request_ids_continue_across_restarts_even_past_the_first_reservation() {
+        let Rig { mut core, _dir, .. } = rig();
+        let first = core.serving.alloc_request_id();
+        // A long run: more requests than the reservation made at boot.
+        core.serving
+            .continue_request_ids_after(first + REQUEST_ID_BLOCK);
+        let last = core.serving.alloc_request_id();
+        core.tick();
+        let cfg = core.cfg.clone();
+        drop(core);
+        let again = Serving::new(0);
+        boot(&cfg, &again).unwrap();
+        let next = again.alloc_request_id();
+        assert!(next > last, "{next} after a restart, {last} before");
     }
 
     #[test]

@@ -333,6 +333,16 @@ impl Serving {
         }
     }
 
+    /// The next request id handed out is `last + 1` (set at boot from the reservation).
+    pub fn continue_request_ids_after(&self, last: u64) {
+        self.next_id
+            .store(last.saturating_add(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn alloc_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Highest request id handed out so far.
     pub fn last_request_id(&self) -> u64 {
         self.next_id.load(Ordering::Relaxed).saturating_sub(1)
@@ -349,7 +359,7 @@ impl Serving {
         if model.model_ref.name != name {
             return Err(InferError::UnknownModel(name.to_owned()));
         }
-        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request_id = self.alloc_request_id();
         let started = Instant::now();
         let result = model.model.run(inputs);
         let us = started.elapsed().as_micros() as u64;

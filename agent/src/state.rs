@@ -92,6 +92,10 @@ pub struct State {
     pub last_command_digest: Option<Digest>,
     /// Uplink sequence numbers up to this are reserved; a restart continues above it.
     pub uplink_seq_reserved: u64,
+    /// Local API request ids up to this are reserved; a restart continues above it, so a
+    /// label sent for a request id never meets a sample from another run.
+    #[serde(default)]
+    pub request_ids_reserved: u64,
     pub keyring: Option<SignedBlob>,
     pub settings: Option<Settings>,
     /// Slot A/B: the model serving traffic and the one to roll back to.

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use drover_protocol::manifest::{Baseline, FeatureBaseline};
-use drover_protocol::messages::{Action, AgentSettings, DeployMode, Phase, Uplink};
+use drover_protocol::messages::{Action, AgentSettings, DeployMode, ModelRef, Phase, Uplink};
 
 async fn infer_version(base: &str, body: &serde_json::Value) -> String {
     let v: serde_json::Value = reqwest::Client::new()
@@ -104,7 +104,28 @@ async fn configure_drift_samples_shadow_promote_and_self_test_refusals() {
     assert_eq!(report.active.version, "1.0.0");
     assert_eq!(report.candidate_errors, 0);
 
-    // Promote: the shadow becomes active.
+    // A rollback (an aborted rollout) drops the shadow, on disk too; v1 keeps serving.
+    let v1_ref = ModelRef {
+        name: "dense".into(),
+        version: "1.0.0".into(),
+        digest: v1.digest(),
+    };
+    let c = h.command(Action::Rollback { to: Some(v1_ref) }).await;
+    h.cp.wait_phase(c.digest(), Phase::Done).await;
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.dir.path().join("state.json")).unwrap()).unwrap();
+    assert!(
+        state["shadow"].is_null(),
+        "shadow kept: {}",
+        state["shadow"]
+    );
+    for _ in 0..5 {
+        assert_eq!(infer_version(&base, &body).await, "1.0.0");
+    }
+
+    // Shadow again, then promote: the shadow becomes active.
+    let c = h.deploy(&v2, DeployMode::Shadow).await;
+    h.cp.wait_phase(c.digest(), Phase::Shadowing).await;
     let c = h.command(Action::Promote).await;
     h.cp.wait_phase(c.digest(), Phase::Healthy).await;
     assert_eq!(infer_version(&base, &body).await, "2.0.0");

@@ -278,6 +278,14 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A path parameter that does not parse (say, `/v1/rollouts/abc`) gets the JSON error body
+/// every other refusal has, not axum's plain text.
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(e: axum::extract::rejection::PathRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, e.body_text())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let code = match &e {
@@ -843,8 +851,9 @@ async fn list_rollouts(State(st): State<AppState>) -> Result<Json<Vec<RolloutVie
 
 async fn show_rollout(
     State(st): State<AppState>,
-    Path(id): Path<u64>,
+    id: Result<Path<u64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<RolloutView>, ApiError> {
+    let Path(id) = id?;
     let r = blocking(&st, move |_, s| Ok(crate::rollout::driver::load(s, id)?)).await?;
     let r = r.ok_or_else(|| not_found(&format!("rollout {id}")))?;
     Ok(Json(RolloutView::from_state(&r, true)))
@@ -852,8 +861,9 @@ async fn show_rollout(
 
 async fn rollout_report(
     State(st): State<AppState>,
-    Path(id): Path<u64>,
+    id: Result<Path<u64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<RolloutReport>, ApiError> {
+    let Path(id) = id?;
     let (r, events) = blocking(&st, move |_, s| {
         Ok((
             crate::rollout::driver::load(s, id)?,
@@ -870,10 +880,11 @@ async fn rollout_report(
 
 async fn operate_rollout(
     State(st): State<AppState>,
-    Path((id, op)): Path<(u64, String)>,
+    path: Result<Path<(u64, String)>, axum::extract::rejection::PathRejection>,
     Query(by): Query<ByQuery>,
 ) -> Result<Json<RolloutView>, ApiError> {
     use crate::rollout::Op;
+    let Path((id, op)) = path?;
     let op = match op.as_str() {
         "pause" => Op::Pause,
         "resume" => Op::Resume,

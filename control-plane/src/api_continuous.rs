@@ -121,7 +121,11 @@ async fn jobs(State(st): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError
     Ok(Json(rows.into_iter().map(JobView::from).collect()))
 }
 
-async fn job(State(st): State<AppState>, Path(id): Path<u64>) -> Result<Json<JobView>, ApiError> {
+async fn job(
+    State(st): State<AppState>,
+    id: Result<Path<u64>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    let Path(id) = id?;
     read(&st, move |s| s.job(id).map_err(ApiError::from))
         .await?
         .map(|j| Json(j.into()))
@@ -165,8 +169,9 @@ async fn run(State(st): State<AppState>) -> Result<(StatusCode, Json<RunResponse
 
 async fn cancel(
     State(st): State<AppState>,
-    Path(id): Path<u64>,
+    id: Result<Path<u64>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
     let e = engine(&st)?;
     if e.cancel(id) {
         Ok(Json(serde_json::json!({ "cancelling": id })))

@@ -69,6 +69,10 @@ pub struct DriftPolicy {
     pub psi_warn: f64,
     #[serde(default = "default_alert")]
     pub psi_alert: f64,
+    /// A level is raised only at this chi-square p-value or lower (lower it when many
+    /// scopes and features are scored per window, so chance alerts stay rare).
+    #[serde(default = "default_max_p")]
+    pub max_p_value: f64,
     /// Stored scores older than this are deleted.
     #[serde(default = "default_retention")]
     pub retention_hours: u64,
@@ -87,6 +91,9 @@ fn default_warn() -> f64 {
 fn default_alert() -> f64 {
     drift::DEFAULT_PSI_ALERT
 }
+fn default_max_p() -> f64 {
+    drift::DEFAULT_MAX_P_VALUE
+}
 
 impl Default for DriftPolicy {
     fn default() -> Self {
@@ -95,6 +102,7 @@ impl Default for DriftPolicy {
             group_by: Vec::new(),
             psi_warn: default_warn(),
             psi_alert: default_alert(),
+            max_p_value: default_max_p(),
             retention_hours: default_retention(),
         }
     }
@@ -113,6 +121,10 @@ pub struct Triggers {
     /// A job at least this often.
     #[serde(default)]
     pub every_hours: f64,
+    /// After a job that drift started, drift starts no other for this long: its model
+    /// needs time to roll out and be judged on fresh data (0: no pause).
+    #[serde(default)]
+    pub cooldown_secs: u64,
 }
 
 /// What a candidate must show to replace the champion.
@@ -182,6 +194,12 @@ impl Policy {
                 p.drift.psi_warn, p.drift.psi_alert
             ));
         }
+        if !(p.drift.max_p_value > 0.0 && p.drift.max_p_value <= 1.0) {
+            problems.push(format!(
+                "drift.max_p_value = {} must be within (0, 1]",
+                p.drift.max_p_value
+            ));
+        }
         if !(p.triggers.every_hours >= 0.0 && p.triggers.every_hours.is_finite()) {
             problems.push("triggers.every_hours must be >= 0".into());
         }
@@ -210,6 +228,7 @@ impl Policy {
         Thresholds {
             psi_warn: self.drift.psi_warn,
             psi_alert: self.drift.psi_alert,
+            max_p_value: self.drift.max_p_value,
         }
     }
 }
@@ -386,11 +405,21 @@ pub struct Tick {
     pub job: Option<tokio::task::JoinHandle<Result<JobRow>>>,
 }
 
+/// Gives the current signing key.
+pub type SigningKeySource = Arc<dyn Fn() -> SecretKey + Send + Sync>;
+
+fn fixed_key(key: &SecretKey) -> SigningKeySource {
+    let seed = key.seed();
+    Arc::new(move || SecretKey::from_seed(seed))
+}
+
 /// Runs one policy: drift scoring, triggers, jobs, the gate.
 pub struct Engine {
     store: Arc<Mutex<Store>>,
     data_dir: PathBuf,
-    signing: SecretKey,
+    /// The key accepted candidates are signed with, read at signing time (a running
+    /// server swaps in a rotated key without restarting the engine).
+    signing: SigningKeySource,
     pub policy: Policy,
     policy_dir: PathBuf,
     local: LocalExecutor,
@@ -433,7 +462,7 @@ impl Engine {
         Self {
             store,
             data_dir,
-            signing: SecretKey::from_seed(signing.seed()),
+            signing: fixed_key(signing),
             policy,
             policy_dir,
             local: LocalExecutor::new(local_concurrency),
@@ -442,6 +471,11 @@ impl Engine {
             cancels: Mutex::new(HashMap::new()),
             rollouts: None,
         }
+    }
+
+    /// Signs accepted candidates with whatever key `source` gives at signing time.
+    pub fn set_signing_source(&mut self, source: SigningKeySource) {
+        self.signing = source;
     }
 
     /// Loads a policy file and builds its engine.
@@ -516,8 +550,16 @@ impl Engine {
             if !s.jobs_in_state(&["queued", "running"])?.is_empty() {
                 return Ok(None);
             }
-            let last_job = s.jobs(1)?.first().map(|j| j.created_at_ms);
-            if tr.sustained_windows > 0 {
+            let recent = s.jobs(100)?;
+            let last_job = recent.first().map(|j| j.created_at_ms);
+            let cooling = tr.cooldown_secs > 0
+                && recent
+                    .iter()
+                    .find(|j| j.trigger.starts_with("drift:"))
+                    .is_some_and(|j| {
+                        now_ms.saturating_sub(j.created_at_ms) < tr.cooldown_secs * 1000
+                    });
+            if tr.sustained_windows > 0 && !cooling {
                 let n = u64::from(tr.sustained_windows);
                 // Only windows after the last job count: its data already answered them.
                 let since = now_ms
@@ -543,11 +585,27 @@ impl Engine {
                         .or_insert(Level::Ok);
                     *l = (*l).max(*level);
                 }
-                for (scope, windows) in by_scope {
-                    let last: Vec<&Level> = windows.values().rev().take(n as usize).collect();
-                    if last.len() as u64 == n && last.iter().all(|l| **l == Level::Alert) {
-                        return Ok(Some(format!("drift:{scope}")));
+                // Of the scopes in sustained drift, name a label group first (it says
+                // where), then the fleet, then a single device.
+                let rank = |scope: &str| {
+                    if scope.starts_with("device:") {
+                        2
+                    } else if scope == drift::SCOPE_FLEET {
+                        1
+                    } else {
+                        0
                     }
+                };
+                let sustained = by_scope
+                    .into_iter()
+                    .filter(|(_, windows)| {
+                        let last: Vec<&Level> = windows.values().rev().take(n as usize).collect();
+                        last.len() as u64 == n && last.iter().all(|l| **l == Level::Alert)
+                    })
+                    .map(|(scope, _)| scope)
+                    .min_by_key(|scope| rank(scope));
+                if let Some(scope) = sustained {
+                    return Ok(Some(format!("drift:{scope}")));
                 }
             }
             if tr.min_new_labels > 0 && s.labels_since(last_job.unwrap_or(0))? >= tr.min_new_labels
@@ -989,9 +1047,12 @@ impl Engine {
             dataset: row.dataset_hash.clone(),
             metrics,
         };
+        // The first model of a policy was compared with no champion that ran in
+        // production, so it is registered but not rolled out by itself.
+        let first = champion.is_none();
         // The candidate's drift baseline is what it trained on (features only).
         let baseline_csv = strip_label_column(&train_csv, features.len());
-        let signing = SecretKey::from_seed(self.signing.seed());
+        let signing = (self.signing)();
         let policy = self.policy.clone();
         let store = Arc::clone(&self.store);
         let accepted = tokio::task::spawn_blocking(move || {
@@ -1021,6 +1082,13 @@ impl Engine {
                 let model = format!("{}@{}", a.model.name, a.model.version);
                 let handle = self.rollouts.as_ref().and_then(|w| w.upgrade());
                 match (&a.rollout_plan, handle) {
+                    (Some(_), Some(_)) if first => {
+                        row.detail = Some(format!(
+                            "first model of the policy: signed and registered; with no champion to \
+                             compare it with in production it is not rolled out by policy \
+                             (start its first rollout with `drover rollout start --model {model}`)"
+                        ));
+                    }
                     (Some(t), Some(h)) => match rollout_plan(t, &model) {
                         Ok(plan) => match h.start(plan, "continuous-training").await {
                             Ok(r) => {

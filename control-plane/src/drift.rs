@@ -22,6 +22,10 @@ use serde::{Deserialize, Serialize};
 pub const PSI_EPSILON: f64 = 1e-4;
 pub const DEFAULT_PSI_WARN: f64 = 0.1;
 pub const DEFAULT_PSI_ALERT: f64 = 0.25;
+/// A score raises its level only when the chi-square test finds the live counts differ
+/// from the baseline at this p-value or lower: on a small sample (one device, a short
+/// window) PSI is high by chance, and that is not drift.
+pub const DEFAULT_MAX_P_VALUE: f64 = 0.01;
 /// The pseudo-feature name under which prediction drift is reported.
 pub const PREDICTIONS: &str = "__predictions__";
 
@@ -147,6 +151,13 @@ fn gamma_q(a: f64, x: f64) -> f64 {
 pub struct Thresholds {
     pub psi_warn: f64,
     pub psi_alert: f64,
+    /// See [`DEFAULT_MAX_P_VALUE`].
+    #[serde(default = "default_max_p_value")]
+    pub max_p_value: f64,
+}
+
+fn default_max_p_value() -> f64 {
+    DEFAULT_MAX_P_VALUE
 }
 
 impl Default for Thresholds {
@@ -154,6 +165,7 @@ impl Default for Thresholds {
         Self {
             psi_warn: DEFAULT_PSI_WARN,
             psi_alert: DEFAULT_PSI_ALERT,
+            max_p_value: DEFAULT_MAX_P_VALUE,
         }
     }
 }
@@ -167,7 +179,12 @@ pub enum Level {
 }
 
 impl Level {
-    pub fn of(psi: Option<f64>, t: &Thresholds) -> Level {
+    /// The level of a PSI whose chi-square test gave `p_value` (`None`: no test possible,
+    /// PSI alone decides).
+    pub fn of(psi: Option<f64>, p_value: Option<f64>, t: &Thresholds) -> Level {
+        if p_value.is_some_and(|p| p > t.max_p_value) {
+            return Level::Ok;
+        }
         match psi {
             Some(p) if p >= t.psi_alert => Level::Alert,
             Some(p) if p >= t.psi_warn => Level::Warn,
@@ -316,7 +333,7 @@ pub fn score_window(
                 p_value: c.map(|c| c.p_value),
                 missing,
                 out_of_range: oor,
-                level: Level::of(p, t),
+                level: Level::of(p, c.map(|c| c.p_value), t),
             });
         };
         for (f, live) in b.features.iter().zip(&m.features) {
@@ -363,6 +380,34 @@ mod tests {
             c.map(|c| (c.statistic, c.dof, c.p_value)),
             Some((0.0, 1, 1.0))
         );
+    }
+
+    #[test]
+    fn a_high_psi_on_a_small_sample_is_not_drift_until_it_is_significant() {
+        let t = Thresholds::default();
+        // 10 live rows, 8 in one bin: PSI (0.42) is above the alert level by chance alone.
+        let (e, small) = ([500, 500], [8, 2]);
+        let p = psi(&e, &small, PSI_EPSILON);
+        let c = chi_square(&e, &small).map(|c| c.p_value);
+        assert!(p.is_some_and(|p| p >= t.psi_alert), "{p:?}");
+        assert!(c.is_some_and(|c| c > t.max_p_value), "{c:?}");
+        assert_eq!(Level::of(p, c, &t), Level::Ok);
+        // The same proportions over 1,000 rows are significant: alert.
+        let big = [800, 200];
+        let p = psi(&e, &big, PSI_EPSILON);
+        let c = chi_square(&e, &big).map(|c| c.p_value);
+        assert_eq!(Level::of(p, c, &t), Level::Alert, "{p:?} {c:?}");
+        // A stricter significance keeps a moderately significant sample at ok.
+        let mid = [24, 6];
+        let p = psi(&e, &mid, PSI_EPSILON);
+        let c = chi_square(&e, &mid).map(|c| c.p_value);
+        assert!(c.is_some_and(|c| c < 0.01 && c > 1e-6), "{c:?}");
+        assert_eq!(Level::of(p, c, &t), Level::Alert);
+        let strict = Thresholds {
+            max_p_value: 1e-6,
+            ..t
+        };
+        assert_eq!(Level::of(p, c, &strict), Level::Ok);
     }
 
     fn baseline() -> Baseline {

@@ -647,6 +647,11 @@ async fn start_continuous(
         slurm_conf: (!cfg.slurm_conf.is_empty()).then(|| PathBuf::from(&cfg.slurm_conf)),
     };
     engine.rollouts = Some(rollouts);
+    // After `drover keys rotate` the engine signs with the new key, like the rest of serve.
+    let live = Arc::clone(shared);
+    engine.set_signing_source(Arc::new(move || {
+        drover_protocol::SecretKey::from_seed(live.keys().signing.seed())
+    }));
     let engine = Arc::new(engine);
     if let Err(e) = engine.reattach().await {
         tracing::error!(error = %e, "cannot re-attach to training jobs");

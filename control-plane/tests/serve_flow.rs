@@ -342,5 +342,32 @@ async fn publish_refuses_unsupported_operators_by_name_and_duplicate_versions() 
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    // A path parameter that is not a number gets a JSON error naming the problem.
+    for path in [
+        "/v1/rollouts/abc",
+        "/v1/rollouts/abc/report",
+        "/v1/train/jobs/-1",
+    ] {
+        let r = api
+            .http
+            .get(format!("{}{path}", api.base))
+            .bearer_auth(&api.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Cannot parse")),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = api
+        .post("/v1/rollouts/x/pause", &serde_json::json!({}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].is_string(), "{body}");
     server.shutdown().await;
 }

@@ -197,7 +197,7 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     let pdir = dir.join("policy");
     std::fs::create_dir_all(&pdir).unwrap();
     let rules = "[drift]\nwindow_secs = 3600\ngroup_by = [\"site\"]\n\
-                 [triggers]\nsustained_windows = 2\n\
+                 [triggers]\nsustained_windows = 2\ncooldown_secs = 3600\n\
                  [gate]\nmin_recent_improvement = 0.05\n\
                  [rollout]\nselector = \"site=b\"\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
     std::fs::write(pdir.join("policy.toml"), policy(MODEL, rules)).unwrap();
@@ -415,6 +415,25 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
         acc_b_after > 0.9 && acc_b_after > acc_b_shifted + 0.2,
         "site b recovers: {acc_b_shifted} -> {acc_b_after}"
     );
+    // Site b still differs from the retrained model's baseline (it mixes both worlds),
+    // but the cooldown after a drift-started job holds further drift triggers: no retrain
+    // storm while the new model is judged.
+    for _ in 0..2 {
+        let t = now_ms();
+        let rows: Vec<_> = (0..200).map(|_| world(&mut rng, true)).collect();
+        traffic(&http, &addr_b, &rows).await;
+        let rows: Vec<_> = (0..200).map(|_| world(&mut rng, false)).collect();
+        traffic(&http, &addr_a, &rows).await;
+        ingested(&store, now_ms()).await;
+        let tick = engine.tick_window(t, now_ms()).await.unwrap();
+        assert_eq!(
+            level(&tick.scores, "site=b"),
+            Level::Alert,
+            "{:?}",
+            tick.scores
+        );
+        assert!(tick.trigger.is_none(), "cooldown: {:?}", tick.trigger);
+    }
     let gw_a: Value =
         serde_json::from_str(&cli(&["device", "show", "gw-a", "--output", "json"])).unwrap();
     assert_eq!(
@@ -594,4 +613,99 @@ async fn serve_refuses_to_start_with_a_policy_that_does_not_load() {
         e.starts_with("continuous training: policy") && e.contains("psi_warn = 0.5"),
         "{e}"
     );
+}
+
+/// The first model of a policy passes a gate with no champion to beat: it is signed and
+/// registered, but the policy's rollout does not ship it by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policys_first_model_is_registered_but_not_rolled_out_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = Rng::new(11);
+    let old: Vec<_> = (0..600).map(|_| world(&mut rng, false)).collect();
+    std::fs::write(dir.join("base.csv"), labeled_csv(&old)).unwrap();
+    let drover = workspace_bin("drover").unwrap();
+    let train = toml_args(&[
+        drover.to_str().unwrap(),
+        "train",
+        "builtin",
+        "--data",
+        "{dataset}",
+        "--out",
+        "{out}",
+    ]);
+    let rules = "[rollout]\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
+    std::fs::write(dir.join("policy.toml"), policy(MODEL, rules)).unwrap();
+    std::fs::write(
+        dir.join("job.toml"),
+        job_spec("local", &train, 300, Some(&dir.join("base.csv"))),
+    )
+    .unwrap();
+    let mut config = ServeConfig {
+        data_dir: dir.join("server"),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    config.continuous.policy = dir.join("policy.toml").display().to_string();
+    config.continuous.tick_secs = 3600;
+    let server = serve::run(config.validate().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.http_addr());
+    let token = server.api_token().to_string();
+    let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
+    let cli = |args: &[&str]| drover_cli(&[args, &srv[..]].concat());
+
+    // A live key rotation: the running engine signs with the new key, not the one it
+    // started with (which retires now).
+    let data = dir.join("server");
+    cli(&[
+        "keys",
+        "rotate",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--grace-days",
+        "0",
+    ])
+    .unwrap();
+    let ring: Value = serde_json::from_str(
+        &drover_cli(&[
+            "keys",
+            "show",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    let current = ring["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["current"] == true)
+        .map(|k| k["key_id"].as_str().unwrap().to_owned())
+        .unwrap();
+
+    let job: Value =
+        serde_json::from_str(&cli(&["train", "run", "--wait", "--output", "json"]).unwrap())
+            .unwrap();
+    assert_eq!(job["outcome"], "accepted", "{job}");
+    assert_eq!(job["candidate_model"], "shift@1.0.0");
+    let model: Value =
+        serde_json::from_str(&cli(&["model", "show", "shift@1.0.0", "--output", "json"]).unwrap())
+            .unwrap();
+    assert_eq!(model["key_id"], current.as_str(), "{model}");
+    assert!(
+        job["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not rolled out by policy")),
+        "{job}"
+    );
+    let rollouts: Value =
+        serde_json::from_str(&cli(&["rollout", "list", "--output", "json"]).unwrap()).unwrap();
+    assert_eq!(rollouts.as_array().map(Vec::len), Some(0), "{rollouts}");
+    server.shutdown().await;
 }

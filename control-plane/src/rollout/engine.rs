@@ -156,7 +156,7 @@ pub struct RolloutState {
 
 impl RolloutState {
     pub fn new(id: u64, plan: Plan, candidate: Candidate, now_ms: u64) -> Self {
-        let stage = first_stage(&plan);
+        let stage = first_stage(&plan, 0);
         RolloutState {
             id,
             plan,
@@ -174,9 +174,9 @@ impl RolloutState {
     }
 }
 
-/// A wave starts in shadow when the plan has a shadow phase.
-fn first_stage(plan: &Plan) -> Stage {
-    if plan.shadow.is_some() {
+/// A wave starts in shadow when the plan's shadow phase covers it.
+fn first_stage(plan: &Plan, wave: usize) -> Stage {
+    if plan.shadow.as_ref().is_some_and(|s| s.covers(wave)) {
         Stage::Shadow
     } else {
         Stage::Install
@@ -516,7 +516,9 @@ fn update_slot(slot: &mut Slot, o: &DeviceObs, candidate: &str, now_ms: u64, dea
 }
 
 fn deploy(s: &mut RolloutState, id: &str, now_ms: u64, actions: &mut Vec<Action>) {
-    let shadow = s.plan.shadow.is_some();
+    // Only a wave in its shadow stage installs as a shadow; past it (or on waves the
+    // shadow phase does not cover) devices activate directly.
+    let shadow = s.stage == Stage::Shadow;
     if let Some(slot) = s.devices.get_mut(id) {
         slot.state = DevState::Deploying;
         slot.commanded_at_ms = Some(now_ms);
@@ -555,7 +557,13 @@ fn start_rollback(
                 slot.state = DevState::RolledBack;
                 slot.detail = Some("never commanded".into());
             }
-            DevState::Deploying | DevState::Promoting | DevState::Active | DevState::Healthy => {
+            // A shadow never served traffic, but it still runs beside the active model:
+            // the rollback command (back to that same active model) makes the agent drop it.
+            DevState::Deploying
+            | DevState::Promoting
+            | DevState::Active
+            | DevState::Healthy
+            | DevState::Shadowing => {
                 if slot.previous.is_none() {
                     slot.state = DevState::Failed;
                     slot.detail = Some("no previous model to return to".into());
@@ -570,11 +578,7 @@ fn start_rollback(
                 });
                 sent += 1;
             }
-            // A shadow never served traffic; it stays unpromoted.
-            DevState::Shadowing
-            | DevState::Failed
-            | DevState::RollingBack
-            | DevState::RolledBack => {}
+            DevState::Failed | DevState::RollingBack | DevState::RolledBack => {}
         }
     }
     s.status = Status::RollingBack {
@@ -816,7 +820,7 @@ fn run(
                     });
                 } else {
                     s.wave += 1;
-                    s.stage = first_stage(&s.plan);
+                    s.stage = first_stage(&s.plan, s.wave);
                     s.stage_since_ms = now_ms;
                     events.push(Event {
                         at_ms: now_ms,
@@ -941,8 +945,8 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
             (Some(c), Some(b)) if b > 0 => Some(c as f64 / b as f64),
             _ => None,
         };
-        let enough = cand.latency.total() >= g.min_inferences.max(1)
-            && base.latency.total() >= g.min_inferences.max(1);
+        let need = g.min_inferences.max(P99_MIN_SAMPLES);
+        let enough = cand.latency.total() >= need && base.latency.total() >= need;
         out.push(ratio_gate(
             "p99_latency_ratio",
             value,
@@ -970,6 +974,10 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
     }
     out
 }
+
+/// Observations a p99 needs before a latency gate judges it: below 100 the p99 is the
+/// maximum, and one preempted request (or a cold first run) decides the verdict.
+pub const P99_MIN_SAMPLES: u64 = 100;
 
 /// The shadow gates over the current wave's shadowing devices.
 pub fn evaluate_shadow(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
@@ -1003,6 +1011,7 @@ pub fn evaluate_shadow(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
         ),
     )];
     if let Some(max) = p.max_latency_ratio {
+        let enough = total.compared >= p.min_compared.max(P99_MIN_SAMPLES);
         let c = total.candidate_latency.quantile_upper_us(0.99);
         let a = total.active_latency.quantile_upper_us(0.99);
         let value = match (c, a) {

@@ -353,6 +353,7 @@ fn shadow_phase_promotes_on_agreement_and_pauses_on_disagreement() {
             min_compared: 50,
             min_agreement: 0.9,
             max_latency_ratio: Some(2.0),
+            waves: 0,
         });
         let s0 = RolloutState::new(1, p, candidate(), 0);
         let s1 = issue(step(&s0, &f.obs, 0));
@@ -402,6 +403,7 @@ fn a_late_shadowing_device_is_promoted_after_its_wave_moved_on() {
         min_compared: 1,
         min_agreement: 0.5,
         max_latency_ratio: None,
+        waves: 0,
     });
     let mut s = RolloutState::new(1, p, candidate(), 0);
     s.wave = 1;
@@ -514,4 +516,127 @@ fn devices_that_stop_matching_keep_their_slot_and_new_matches_join_the_current_w
     let s2 = step(&s1, &f.obs, S).state;
     assert!(s2.devices.contains_key(&gone));
     let _ = BTreeMap::<u8, u8>::new();
+}
+
+#[test]
+fn a_shadow_phase_limited_to_the_canary_activates_later_waves_directly() {
+    let mut f = Fleet::new(10);
+    let mut p = plan(&[(20.0, 0), (100.0, 0)]);
+    p.shadow = Some(ShadowPhase {
+        duration: Duration::from_secs(5),
+        min_compared: 10,
+        min_agreement: 0.5,
+        max_latency_ratio: None,
+        waves: 1,
+    });
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0));
+    assert_eq!(s1.state.stage, Stage::Shadow);
+    assert_eq!(s1.actions.len(), 2);
+    assert!(s1
+        .actions
+        .iter()
+        .all(|a| matches!(a, Action::Deploy { shadow: true, .. })));
+    f.report_all(&s1.state, DevState::Deploying, Phase::Shadowing);
+    for id in s1.state.devices.keys() {
+        f.dev(id).shadow = ShadowObs {
+            compared: 20,
+            agreed: 18,
+            active_latency: hist(100, 20),
+            candidate_latency: hist(100, 20),
+        };
+    }
+    let s2 = issue(step(&s1.state, &f.obs, 5 * S));
+    assert!(s2
+        .actions
+        .iter()
+        .all(|a| matches!(a, Action::Promote { .. })));
+    f.report_all(&s2.state, DevState::Promoting, Phase::Healthy);
+    let s3 = step(&s2.state, &f.obs, 6 * S);
+    assert_eq!(s3.state.stage, Stage::Bake);
+    // Bake over: wave 2 is past the shadow phase and installs directly.
+    let s4 = step(&s3.state, &f.obs, 7 * S);
+    assert_eq!(s4.state.wave, 1);
+    assert_eq!(s4.state.stage, Stage::Install);
+    let s5 = issue(step(&s4.state, &f.obs, 7 * S));
+    assert_eq!(s5.actions.len(), 8, "{:?}", s5.actions);
+    assert!(s5
+        .actions
+        .iter()
+        .all(|a| matches!(a, Action::Deploy { shadow: false, .. })));
+}
+
+#[test]
+fn aborting_during_the_shadow_phase_sends_shadowing_devices_back_to_their_model() {
+    let mut f = Fleet::new(10);
+    let mut p = plan(&[(20.0, 0), (100.0, 0)]);
+    p.shadow = Some(ShadowPhase {
+        duration: Duration::from_secs(60),
+        ..ShadowPhase::default()
+    });
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0));
+    f.report_all(&s1.state, DevState::Deploying, Phase::Shadowing);
+    let s2 = step(&s1.state, &f.obs, S);
+    assert_eq!(count(&s2.state, DevState::Shadowing), 2);
+    let ab = operate(&s2.state, Op::Abort, "op", 2 * S).unwrap();
+    let sent: Vec<&Action> = ab
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::Rollback { .. }))
+        .collect();
+    assert_eq!(sent.len(), 2, "{:?}", ab.actions);
+    for a in sent {
+        let Action::Rollback { device, to } = a else {
+            unreachable!()
+        };
+        assert_eq!(
+            to, &ab.state.devices[device].previous,
+            "back to the model it runs"
+        );
+    }
+    assert_eq!(count(&ab.state, DevState::RollingBack), 2);
+}
+
+#[test]
+fn a_p99_latency_gate_needs_a_hundred_samples_before_one_slow_request_decides_it() {
+    let shadow_obs = |n: u64, slow: u64| {
+        let mut cand = hist(100, n - slow);
+        cand.merge(&hist(5_000, slow));
+        ShadowObs {
+            compared: n,
+            agreed: n,
+            active_latency: hist(100, n),
+            candidate_latency: cand,
+        }
+    };
+    // One slow request in 20 is the p99 (the maximum): no verdict. One in 100 is not the
+    // p99; ten in 200 are.
+    for (n, slow, verdict) in [
+        (20, 1, Verdict::NoData),
+        (100, 1, Verdict::Pass),
+        (200, 10, Verdict::Fail),
+    ] {
+        let mut f = Fleet::new(5);
+        let mut p = plan(&[(20.0, 0), (100.0, 0)]);
+        p.shadow = Some(ShadowPhase {
+            duration: Duration::from_secs(60),
+            min_compared: 10,
+            min_agreement: 0.5,
+            max_latency_ratio: Some(2.0),
+            waves: 0,
+        });
+        let s0 = RolloutState::new(1, p, candidate(), 0);
+        let s1 = issue(step(&s0, &f.obs, 0));
+        f.report_all(&s1.state, DevState::Deploying, Phase::Shadowing);
+        let id = s1.state.devices.keys().next().unwrap().clone();
+        f.dev(&id).shadow = shadow_obs(n, slow);
+        let s2 = step(&s1.state, &f.obs, S);
+        let gates = evaluate_shadow(&s2.state, &f.obs);
+        let g = gates
+            .iter()
+            .find(|g| g.gate == "shadow_p99_latency_ratio")
+            .unwrap();
+        assert_eq!(g.verdict, verdict, "{n} samples: {g:?}");
+    }
 }

@@ -107,6 +107,16 @@ pub struct ShadowPhase {
     pub min_agreement: f64,
     /// Candidate p99 / active p99 on the same inputs, at most this.
     pub max_latency_ratio: Option<f64>,
+    /// How many waves, from the first, run the shadow phase (0: every wave). `1`
+    /// shadows the canary only.
+    pub waves: u32,
+}
+
+impl ShadowPhase {
+    /// Whether wave `wave` (0-based) runs the shadow phase.
+    pub fn covers(&self, wave: usize) -> bool {
+        self.waves == 0 || wave < self.waves as usize
+    }
 }
 
 impl Default for ShadowPhase {
@@ -116,6 +126,7 @@ impl Default for ShadowPhase {
             min_compared: 50,
             min_agreement: 0.95,
             max_latency_ratio: Some(2.0),
+            waves: 0,
         }
     }
 }
