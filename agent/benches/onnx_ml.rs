@@ -1,6 +1,9 @@
 //! Benchmark (not a test): the agent's runtime (tract + our `ai.onnx.ml` operators) against
 //! onnxruntime (Python package, one intra-op and one inter-op thread, sequential) on the
-//! same exported models and the same inputs: the fixture's 16-row batch and its first row.
+//! same exported models and the same inputs: the fixture's batch and its first row. The
+//! families are the scikit-learn exports of `tests/sklearn` (linear models, an MLP, tree
+//! ensembles) plus the runtime fixtures' MLP and small CNN built with the onnx
+//! package (`tests/fixtures`).
 //! Prints per-call times and the ratio tract / onnxruntime per family.
 //!
 //! Run: `cargo bench -p drover-agent --bench onnx_ml` (needs `python3` with onnxruntime;
@@ -39,7 +42,16 @@ const FAMILIES: &[&str] = &[
     "gb_reg",
     "lgbm_clf",
     "lgbm_reg",
+    // The agent's runtime fixtures (`tests/fixtures/make_fixtures.py`): a dense MLP and a
+    // small CNN (Conv, Relu, MaxPool, Gemm).
+    "../fixtures/mlp",
+    "../fixtures/cnn",
 ];
+
+/// The floor model's file name for `family` (which may hold a `/`).
+fn floor_file(family: &str) -> String {
+    format!("{}.onnx", family.replace('/', "_"))
+}
 
 fn iterations() -> usize {
     if std::env::args().any(|a| a == "--bench") {
@@ -217,7 +229,7 @@ fn main() {
         let batch = inputs(family);
         let row: Vec<TensorValue> = batch.iter().map(first_row).collect();
         let floor_bytes = floor_model(&batch);
-        std::fs::write(floors.path().join(format!("{family}.onnx")), &floor_bytes).unwrap();
+        std::fs::write(floors.path().join(floor_file(family)), &floor_bytes).unwrap();
         let floor = Model::load(&floor_bytes).unwrap();
         tract.push([
             per_call(&model, &batch, iterations),
@@ -247,7 +259,7 @@ fn main() {
         worst_net = worst_net.max(nb).max(nr);
         println!(
             "{:<26} {:>10} {:>10} {:>5.2}x {:>5.2}x   {:>10} {:>10} {:>5.2}x {:>5.2}x",
-            family,
+            family.trim_start_matches("../fixtures/"),
             us(tb),
             us(ob),
             tb / ob,

@@ -5,6 +5,9 @@ Rust side uses (the fixture's batch and its first row), one thread, sequential e
 Usage: onnx_ml_ort.py FIXTURE_DIR FLOOR_DIR ITERATIONS FAMILY...   -> prints one JSON object
 {family: {"batch": s, "row": s, "batch_floor": s, "row_floor": s}}
 
+A FAMILY may be a path relative to FIXTURE_DIR (`../fixtures/cnn`); its floor file is named
+with `/` replaced by `_`.
+
 Times are seconds per `InferenceSession.run` call from Python (numpy in and out, the binding's
 overhead included). "*_floor" time FLOOR_DIR/<family>.onnx, an Identity graph over the same
 inputs written by the Rust side: what a call costs when the model does nothing.
@@ -51,7 +54,7 @@ def main():
 
     for family in families:
         sess = session(os.path.join(here, family + ".onnx"))
-        floor = session(os.path.join(floors, family + ".onnx"))
+        floor = session(os.path.join(floors, family.replace("/", "_") + ".onnx"))
         with open(os.path.join(here, family + ".json")) as f:
             feeds = load_inputs(json.load(f))
         row = {k: v[:1] for k, v in feeds.items()}
