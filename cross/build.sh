@@ -6,7 +6,12 @@
 #
 # Env: DROVER_CROSS_PROFILE (default release-size), CARGO_TARGET_DIR (default target/cross),
 #      DROVER_CROSS_NO_APT=1 to never touch apt, CARGO_PROFILE_RELEASE_SIZE_* to override the profile
-#      (cross/ci.sh uses thin LTO for speed).
+#      (cross/ci.sh uses thin LTO for speed),
+#      DROVER_CROSS_GLIBC (default 2.17): link against this glibc version's symbols with zig
+#      (cargo-zigbuild, `<target>.<glibc>`), so the binary runs on distributions as old as that;
+#      "host" links with the Debian cross gcc against the build machine's glibc instead,
+#      DROVER_CROSS_TOOLS (default ~/.cache/drover-cross): where ziglang (PyPI) and
+#      cargo-zigbuild (crates.io) are installed.
 # Out: cross/out/<target>/drover-agent and cross/out/build-summary.tsv
 #      (target, build seconds, bytes, newest GLIBC_ version the binary requires).
 # Idempotent: installs only what is missing, cargo rebuilds only what changed.
@@ -105,6 +110,30 @@ add_arch() {
   fi
 }
 
+GLIBC_FLOOR="${DROVER_CROSS_GLIBC:-2.17}"
+TOOLS="${DROVER_CROSS_TOOLS:-${HOME:-/root}/.cache/drover-cross}"
+ZIG_VERSION=0.17.1          # PyPI `ziglang`
+ZIGBUILD_VERSION=0.24.1     # crates.io `cargo-zigbuild`
+use_zig() { [ "$GLIBC_FLOOR" != host ]; }
+
+# zig (from the Python registry: ziglang ships the zig toolchain with glibc stubs for every
+# version) and cargo-zigbuild (drives zig as cc and linker for cargo). Both pinned, both under
+# $TOOLS, installed only when missing.
+ensure_zig() {
+  export PATH="$TOOLS/bin:$TOOLS/py/ziglang:$PATH"
+  if ! [ -x "$TOOLS/py/ziglang/zig" ] || [ "$("$TOOLS/py/ziglang/zig" version)" != "$ZIG_VERSION" ]; then
+    python3 -m pip --version >/dev/null 2>&1 || { apt_update; apt_install python3-pip; }
+    log "pip install ziglang==$ZIG_VERSION into $TOOLS/py"
+    # --target: outside the system site-packages, so PEP 668 does not apply.
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --upgrade --target "$TOOLS/py" "ziglang==$ZIG_VERSION"
+  fi
+  if ! [ -x "$TOOLS/bin/cargo-zigbuild" ]; then
+    log "cargo install cargo-zigbuild@$ZIGBUILD_VERSION into $TOOLS"
+    RUSTC="$RUSTC" "$CARGO" install -q --locked --root "$TOOLS" cargo-zigbuild --version "=$ZIGBUILD_VERSION"
+  fi
+  zig version >/dev/null || die "zig does not run"
+}
+
 ensure_tools() {
   local need=()
   dpkg -s rustc-web >/dev/null 2>&1 || need+=(rustc-web)
@@ -114,10 +143,10 @@ ensure_tools() {
   local t
   for t in "${TARGETS[@]}"; do
     case "$t" in
-      aarch64-*) command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+      aarch64-*) use_zig || command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
                  command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
                  [ -e /lib/ld-linux-aarch64.so.1 ] || need+=(libc6:arm64) ;;
-      armv7-*) command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+      armv7-*) use_zig || command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
                command -v qemu-arm-static >/dev/null || need+=(qemu-user-static)
                [ -e /lib/ld-linux-armhf.so.3 ] || need+=(libc6:armhf) ;;
       x86_64-*) command -v cc >/dev/null || need+=(gcc libc6-dev) ;;
@@ -144,7 +173,13 @@ CARGO="${CARGO:-/usr/bin/cargo}"
 [ -x "$RUSTC" ] || die "$RUSTC missing"
 [ -x "$CARGO" ] || CARGO="$(command -v cargo)"
 export RUSTC RUSTDOC="${RUSTDOC:-/usr/bin/rustdoc}"
-log "$("$RUSTC" --version), $("$CARGO" --version), profile $PROFILE, CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
+if use_zig; then
+  ensure_zig
+  LINKER_DESC="zig $(zig version) via cargo-zigbuild, glibc $GLIBC_FLOOR"
+else
+  LINKER_DESC="gcc, host glibc"
+fi
+log "$("$RUSTC" --version), $("$CARGO" --version), profile $PROFILE, $LINKER_DESC, CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 
 mkdir -p "$OUT"
 SUMMARY="$OUT/build-summary.tsv"
@@ -153,12 +188,18 @@ for t in "${TARGETS[@]}"; do
   triple="$(gnu_triple "$t")"
   up="$(echo "$t" | tr 'a-z-' 'A-Z_')"
   low="$(echo "$t" | tr '-' '_')"
-  if [ "$t" != x86_64-unknown-linux-gnu ] || [ "$(host_arch)" != amd64 ]; then
-    export "CARGO_TARGET_${up}_LINKER=${triple}-gcc" "CC_${low}=${triple}-gcc" "AR_${low}=${triple}-ar"
-  fi
   log "building $t"
   start=$(date +%s)
-  "$CARGO" build --locked --profile "$PROFILE" -p drover-agent --target "$t"
+  if use_zig; then
+    # zig is cc, ar and linker for C/asm (ring, tract-linalg kernels) and the final link; the
+    # `.2.17` suffix selects the glibc stubs. Output still lands in $CARGO_TARGET_DIR/<target>/.
+    CARGO="$CARGO" cargo-zigbuild zigbuild --locked --profile "$PROFILE" -p drover-agent --target "$t.$GLIBC_FLOOR"
+  else
+    if [ "$t" != x86_64-unknown-linux-gnu ] || [ "$(host_arch)" != amd64 ]; then
+      export "CARGO_TARGET_${up}_LINKER=${triple}-gcc" "CC_${low}=${triple}-gcc" "AR_${low}=${triple}-ar"
+    fi
+    "$CARGO" build --locked --profile "$PROFILE" -p drover-agent --target "$t"
+  fi
   secs=$(( $(date +%s) - start ))
   bin="$CARGO_TARGET_DIR/$t/$PROFILE/drover-agent"
   mkdir -p "$OUT/$t"

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use drover_agent::config::AgentConfig;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Drover edge agent: verified model store, local inference API, telemetry.
 #[derive(Parser)]
@@ -50,12 +52,15 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (filter, bad_filter) = log_filter(rust_log.as_deref());
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
+    if let Some(err) = bad_filter {
+        tracing::warn!(rust_log = ?rust_log, error = %err, "RUST_LOG not understood; logging at info");
+    }
     // tract can panic on hostile models; the runtime catches it, and this puts the
     // message in the structured log instead of bare stderr.
     std::panic::set_hook(Box::new(|info| {
@@ -67,6 +72,22 @@ fn main() -> ExitCode {
             eprintln!("drover-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The log filter from `RUST_LOG`: comma-separated `level`, `target` or `target=level` directives
+/// (`warn,drover_agent=debug`); unset or empty means `info`. tracing-subscriber's `Targets`
+/// rather than `EnvFilter`: no regex engine in the device binary (BENCHMARKS.md, issue 8), at the
+/// price of `EnvFilter`'s span and field matchers. Unparsable input falls back to `info` and
+/// returns the parse error for a warning.
+fn log_filter(rust_log: Option<&str>) -> (Targets, Option<String>) {
+    let info = || Targets::new().with_default(tracing::Level::INFO);
+    match rust_log.map(str::trim) {
+        None | Some("") => (info(), None),
+        Some(s) => match s.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (info(), Some(e.to_string())),
+        },
     }
 }
 
@@ -122,4 +143,34 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         agent.wait().await?;
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_directives_set_levels_per_target() {
+        let (f, err) = log_filter(Some("warn,drover_agent=debug"));
+        assert_eq!(err, None);
+        assert!(f.would_enable("drover_agent::core", &Level::DEBUG));
+        assert!(!f.would_enable("drover_agent::core", &Level::TRACE));
+        assert!(f.would_enable("rumqttc::state", &Level::WARN));
+        assert!(!f.would_enable("rumqttc::state", &Level::INFO));
+    }
+
+    #[test]
+    fn unset_empty_or_bad_rust_log_means_info() {
+        for input in [None, Some(""), Some("  ")] {
+            let (f, err) = log_filter(input);
+            assert_eq!(err, None, "{input:?}");
+            assert!(f.would_enable("drover_agent", &Level::INFO));
+            assert!(!f.would_enable("drover_agent", &Level::DEBUG));
+        }
+        let (f, err) = log_filter(Some("drover_agent=loud"));
+        assert!(err.is_some());
+        assert!(f.would_enable("tract_core", &Level::INFO));
+        assert!(!f.would_enable("tract_core", &Level::DEBUG));
+    }
 }
