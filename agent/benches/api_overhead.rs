@@ -213,6 +213,20 @@ fn main() {
     let pid = child.id();
     let rss = mem_kb(pid, "status", "VmRSS:").unwrap_or(0);
     let pss = mem_kb(pid, "smaps_rollup", "Pss:").unwrap_or(0);
+    // Idle CPU: the process's user + system time over a window with no requests (its
+    // telemetry timer, spool and reconnect backoff keep running).
+    let idle_secs = if std::env::args().any(|a| a == "--bench") {
+        20
+    } else {
+        1
+    };
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let after = cpu_ticks(pid);
+    let idle_cpu_pct = match (before, after, clock_ticks()) {
+        (Some(b), Some(a), Some(hz)) => Some(100.0 * (a - b) as f64 / (hz * idle_secs) as f64),
+        _ => None,
+    };
     let _ = child.kill();
     let _ = child.wait();
     let bin_size = std::fs::metadata(env!("CARGO_BIN_EXE_drover-agent"))
@@ -239,4 +253,25 @@ fn main() {
     );
     println!("agent binary (x86_64 release) {:.1} MB; with model loaded after 200 requests: RSS {:.1} MB, PSS {:.1} MB",
         bin_size as f64 / 1e6, rss as f64 / 1024.0, pss as f64 / 1024.0);
+    match idle_cpu_pct {
+        Some(p) => {
+            println!("idle CPU over {idle_secs} s with the model loaded: {p:.2} % of one core")
+        }
+        None => println!("idle CPU: /proc/{pid}/stat unreadable"),
+    }
+}
+
+/// utime + stime of a process, in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing paren.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+fn clock_ticks() -> Option<u64> {
+    let out = Command::new("getconf").arg("CLK_TCK").output().ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
 }
