@@ -59,15 +59,17 @@ impl Mosquitto {
         std::fs::write(dir.join("acl"), acl())?;
         let port = crate::free_port();
         let conf = dir.join("mosquitto.conf");
-        // No cap on queued messages (0): the fleet_ingest bench's raw subscriber is sent
-        // every device's messages (200,000 at 10,000 devices), and a capped queue drops
-        // QoS 1 messages silently, which stalled that bench.
+        // A queue far above any test's volume: the fleet_ingest bench's raw subscriber is
+        // sent every device's messages (200,000 at 10,000 devices), and a full queue drops
+        // QoS 1 messages silently, which stalled that bench. Not 0 ("no maximum" in the
+        // docs): with 0, mosquitto 2.0.11 closed the ACL test's observer connection on
+        // every run.
         std::fs::write(
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\n\
                  persistence true\npersistence_location {}/\nautosave_interval 1\n\
-                 max_inflight_messages 1000\nmax_queued_messages 0\nmessage_size_limit 8388608\n",
+                 max_inflight_messages 1000\nmax_queued_messages 10000000\nmessage_size_limit 8388608\n",
                 passwd.display(),
                 dir.join("acl").display(),
                 dir.display()
