@@ -38,7 +38,7 @@ use crate::drift::Score;
 use crate::rollout::Plan;
 use crate::serve;
 pub use report::Report;
-use report::{AccuracyRow, DriftRow, ModelRow, RolloutRow, TelemetryRow};
+use report::{pct, AccuracyRow, DriftRow, ModelRow, RolloutRow, TelemetryRow};
 use traffic::{Target, Traffic};
 
 /// Arguments of `drover demo`.
@@ -157,10 +157,6 @@ fn bar(len: usize, msg: &str) -> ProgressBar {
 
 fn step(n: usize, text: &str) {
     println!("\n[{n}] {text}");
-}
-
-fn pct(v: Option<f64>) -> String {
-    v.map_or("–".into(), |v| format!("{:.1} %", 100.0 * v))
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {

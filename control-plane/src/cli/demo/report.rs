@@ -85,7 +85,8 @@ pub struct TelemetryRow {
     pub telemetry_windows: u64,
 }
 
-fn pct(v: Option<f64>) -> String {
+/// A fraction as a percentage, `–` when there is none.
+pub fn pct(v: Option<f64>) -> String {
     v.map_or("–".into(), |v| format!("{:.1} %", 100.0 * v))
 }
 

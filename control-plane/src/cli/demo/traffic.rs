@@ -138,8 +138,8 @@ impl Traffic {
         for t in self.tasks {
             let _ = t.await;
         }
-        let l = lock(&self.ledger).clone();
-        l
+        let ledger = lock(&self.ledger).clone();
+        ledger
     }
 }
 
