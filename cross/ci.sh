@@ -47,7 +47,7 @@ report() {
 native_drover() {
   # The control plane runs natively: the normal toolchain and the main target dir (shared with the
   # debug test suite, so usually already built).
-  cargo build -q -p drover-control-plane --bin drover
+  cargo build -q -p drover-cli --bin drover
 }
 
 e2e() {

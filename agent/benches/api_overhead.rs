@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use drover_agent::config::AgentConfig;
 use drover_agent::download::blob_path;
-use drover_agent::runtime::Model;
 use drover_agent::state::{Slot, SlotState, State};
 use drover_protocol::manifest::{chunk_hashes, Lineage, Manifest, TensorData, TensorValue};
 use drover_protocol::messages::ModelRef;
 use drover_protocol::topics::hex32;
 use drover_protocol::trust::sha256;
+use drover_runtime::Model;
 
 /// Requests per measurement. `cargo bench` passes `--bench`; without it (`cargo test
 /// --all-targets` runs bench targets too) this is a quick smoke run that only proves the

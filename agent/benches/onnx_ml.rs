@@ -10,7 +10,7 @@
 //! without `--bench` it is a quick smoke run whose figures mean nothing).
 //!
 //! Both sides are timed the way an application calls them: tract through
-//! `drover_agent::runtime::Model::run` (wire tensors in and out, as the local API does),
+//! `drover_runtime::Model::run` (wire tensors in and out, as the local API does),
 //! onnxruntime through `InferenceSession.run` from Python (numpy in and out), so each figure
 //! includes its binding's per-call overhead ("call" ratio). To see past the bindings, each
 //! side also times a "floor" model, an Identity graph over the same inputs, and the "net"
@@ -20,9 +20,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use drover_agent::runtime::Model;
 use drover_protocol::manifest::{TensorData, TensorValue};
-use prost::Message;
+use drover_runtime::Model;
 use tract_onnx::pb;
 
 const FAMILIES: &[&str] = &[
@@ -133,46 +132,31 @@ fn per_call(model: &Model, inputs: &[TensorValue], iterations: usize) -> f64 {
 /// An Identity graph over the same inputs (names, element types, `[N, …]` shapes): what a
 /// call costs when the model does nothing.
 fn floor_model(inputs: &[TensorValue]) -> Vec<u8> {
+    use drover_runtime::graph::{model_bytes, node, value_info, DataType, GraphDim};
     let value_info = |name: &str, t: &TensorValue| {
-        let elem_type = match t.data {
-            TensorData::F32(_) => pb::tensor_proto::DataType::Float as i32,
-            TensorData::I64(_) => pb::tensor_proto::DataType::Int64 as i32,
+        let elem = match t.data {
+            TensorData::F32(_) => DataType::Float,
+            TensorData::I64(_) => DataType::Int64,
         };
-        let dim = t
+        let dims: Vec<GraphDim> = t
             .shape
             .iter()
             .enumerate()
-            .map(|(i, d)| pb::tensor_shape_proto::Dimension {
-                value: Some(if i == 0 {
-                    pb::tensor_shape_proto::dimension::Value::DimParam("N".into())
+            .map(|(i, d)| {
+                if i == 0 {
+                    GraphDim::batch()
                 } else {
-                    pb::tensor_shape_proto::dimension::Value::DimValue(*d as i64)
-                }),
-                ..Default::default()
+                    GraphDim::Fixed(*d as i64)
+                }
             })
             .collect();
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type,
-                    shape: Some(pb::TensorShapeProto { dim }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        value_info(name, elem, &dims)
     };
     let graph = pb::GraphProto {
         name: "floor".into(),
         node: inputs
             .iter()
-            .map(|t| pb::NodeProto {
-                op_type: "Identity".into(),
-                input: vec![t.name.clone()],
-                output: vec![format!("{}_out", t.name)],
-                ..Default::default()
-            })
+            .map(|t| node("Identity", &[t.name.as_str()], &format!("{}_out", t.name)))
             .collect(),
         input: inputs.iter().map(|t| value_info(&t.name, t)).collect(),
         output: inputs
@@ -181,16 +165,7 @@ fn floor_model(inputs: &[TensorValue]) -> Vec<u8> {
             .collect(),
         ..Default::default()
     };
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    model_bytes(graph, "", "")
 }
 
 fn onnxruntime(iterations: usize, floors: &std::path::Path) -> Option<serde_json::Value> {

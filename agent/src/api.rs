@@ -17,8 +17,8 @@ use drover_protocol::messages::Label;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::core::now_ms;
 use crate::serving::{InferError, Serving};
+use drover_host::clock::now_ms;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024 * 1024;

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use drover_host::clock::now_ms;
 
 use drover_protocol::envelope::{self, UplinkFrame};
 use drover_protocol::messages::{
@@ -25,14 +27,14 @@ use drover_protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::ValidConfig;
-use crate::crash;
 use crate::download::{self, Download};
 use crate::mqtt::{Inbound, Outbound, WillSlot};
-use crate::runtime::{self_test, Model};
 use crate::serving::{Loaded, Serving};
 use crate::spool::Spool;
 use crate::state::{Pending, Settings, Slot, SlotState, State};
 use crate::telemetry::SysProbe;
+use drover_host::crash;
+use drover_runtime::{self_test, Model};
 
 /// Chunks asked for in one request (bounded so one request cannot flood the broker).
 /// Public so the fleet simulator's virtual devices ask exactly as agents do.
@@ -53,13 +55,6 @@ const REPLAY_WINDOW: usize = 256;
 struct Replay {
     next: u64,
     end: u64,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Knobs tests turn; production uses the defaults.

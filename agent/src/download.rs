@@ -16,8 +16,8 @@ use drover_protocol::trust::{verify_chunk, verify_file, Digest, TrustError};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
-use crate::crash;
-use crate::fsutil::{sync_dir, write_atomic};
+use drover_host::crash;
+use drover_host::fs::{sync_dir, write_atomic};
 
 #[derive(Debug, Error)]
 pub enum DownloadError {

@@ -2,18 +2,17 @@
 //!
 //! Layout:
 //! - [`config`]: the human-edited TOML config, layered and validated.
-//! - [`runtime`]: tract-onnx model loading, inference and self-test (also used by the
-//!   control plane at publish time).
-//! - [`onnx_ml`]: the `ai.onnx.ml` operators (scikit-learn pipelines, tree ensembles)
-//!   registered into tract's ONNX operator table.
+//! - The model runtime (tract-onnx load, inference, self-test, the `ai.onnx.ml`
+//!   operators) is the `drover-runtime` crate, shared with the control plane.
 //! - [`serving`]: the active and shadow models behind an atomic swap, and the per-window
 //!   monitoring counters.
 //! - [`api`]: the local KServe v2 inference API (axum, loopback).
 //! - [`mqtt`]: the only module touching rumqttc; its poll loop runs alone in a task.
 //! - [`core`]: one thread owning durable state, trust store, spool and the deployment
 //!   state machine.
-//! - [`state`], [`download`], [`spool`], [`fsutil`]: the crash-safe on-disk store.
-//! - [`telemetry`]: system facts. [`crash`]: fault injection for the crash tests.
+//! - [`state`], [`download`], [`spool`]: the crash-safe on-disk store (writes through
+//!   `drover_host::fs`).
+//! - [`telemetry`]: system facts. Crash points for the SIGKILL tests: `drover_host::crash`.
 //!
 //! Architecture invariant: inference never waits on the core thread or the MQTT session;
 //! nothing decoded from the network can panic.
@@ -21,12 +20,8 @@
 pub mod api;
 pub mod config;
 pub mod core;
-pub mod crash;
 pub mod download;
-pub mod fsutil;
 pub mod mqtt;
-pub mod onnx_ml;
-pub mod runtime;
 pub mod serving;
 pub mod spool;
 pub mod state;

@@ -97,7 +97,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(spec) = &cli.crash_at {
-        drover_agent::crash::arm(spec).map_err(anyhow::Error::msg)?;
+        drover_host::crash::arm(spec).map_err(anyhow::Error::msg)?;
     }
     let env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with(drover_agent::config::ENV_PREFIX))

@@ -111,21 +111,18 @@ pub fn tls_config(cfg: &ValidConfig) -> Result<Option<Transport>, MqttError> {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| MqttError::Tls(format!("client certificate: {e}")))?;
             // A private key others can read is refused, never silently used.
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::metadata(key)
-                .map_err(|source| MqttError::ReadFile {
-                    what: "client key",
-                    path: key.to_owned(),
-                    source,
-                })?
-                .permissions()
-                .mode()
-                & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(MqttError::InsecureKey {
-                    path: key.to_owned(),
-                    mode,
-                });
+            match drover_host::fs::check_private(key) {
+                Ok(()) => {}
+                Err(drover_host::fs::FsError::InsecurePermissions { path, mode }) => {
+                    return Err(MqttError::InsecureKey { path, mode });
+                }
+                Err(drover_host::fs::FsError::Io { path, source }) => {
+                    return Err(MqttError::ReadFile {
+                        what: "client key",
+                        path,
+                        source,
+                    });
+                }
             }
             let key_pem = read("client key", key)?;
             let key = PrivateKeyDer::from_pem_slice(&key_pem)

@@ -14,7 +14,7 @@ use drover_protocol::manifest::{Baseline, FeatureBaseline, Manifest, TensorData,
 use drover_protocol::messages::{FeatureSketch, Label, LatencyHistogram, ModelRef, Sample};
 use thiserror::Error;
 
-use crate::runtime::{Model, RuntimeError};
+use drover_runtime::{Model, RuntimeError};
 
 /// A model loaded and ready, with the manifest it was verified against.
 pub struct Loaded {

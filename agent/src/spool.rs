@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::fsutil::{sync_dir, write_atomic};
+use drover_host::fs::{sync_dir, write_atomic};
 
 #[derive(Debug, Error)]
 pub enum SpoolError {

@@ -12,7 +12,7 @@ use drover_protocol::trust::{Digest, SignedBlob};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::fsutil::write_atomic;
+use drover_host::fs::write_atomic;
 
 #[derive(Debug, Error)]
 pub enum StateError {

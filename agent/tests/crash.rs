@@ -134,11 +134,11 @@ async fn sigkill_at_every_point_of_an_update_leaves_a_verified_model_and_resumes
     cp.add_model(&v2);
     let (in1, _) = reference("dense_v1");
     let body = infer_body(&in1);
-    let expect_v1 = drover_agent::runtime::Model::load(&v1.bytes)
+    let expect_v1 = drover_runtime::Model::load(&v1.bytes)
         .unwrap()
         .run(&in1)
         .unwrap();
-    let expect_v2 = drover_agent::runtime::Model::load(&v2.bytes)
+    let expect_v2 = drover_runtime::Model::load(&v2.bytes)
         .unwrap()
         .run(&in1)
         .unwrap();

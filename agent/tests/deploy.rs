@@ -102,7 +102,7 @@ async fn deploy_infer_hot_swap_under_load_and_refuse_bad_commands() {
     }
     let (in1, out1) = reference("dense_v1");
     // v2's expected output on the same inputs, computed by tract directly.
-    let out2 = drover_agent::runtime::Model::load(&v2.bytes)
+    let out2 = drover_runtime::Model::load(&v2.bytes)
         .unwrap()
         .run(&in1)
         .unwrap();

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use drover_agent::runtime::{compare, self_test, Model, RuntimeError};
 use drover_protocol::manifest::{DType, TensorData, TensorValue, TestVector};
+use drover_runtime::{compare, self_test, Model, RuntimeError};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-use drover_agent::runtime::{self_test, Model, RuntimeError};
 use drover_protocol::manifest::{TensorData, TensorValue, TestVector};
+use drover_runtime::{self_test, Model, RuntimeError};
 
 const RELATIVE: f64 = 1e-5;
 const ABSOLUTE: f64 = 1e-6;

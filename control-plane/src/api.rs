@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::fleet::{self, FleetError};
 use crate::mqtt::MqttLink;
 use crate::registry::{self, PublishRequest, RegistryError};
-use crate::serve::{now_ms, Shared};
+use crate::serve::Shared;
 use crate::store::{DeviceRow, ModelRow, Store, StoreError};
+use drover_host::clock::now_ms;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -105,65 +106,6 @@ impl std::fmt::Debug for EnrollResponse {
             .field("device_key", &"<redacted>")
             .field("client_key_pem", &"<redacted>")
             .finish()
-    }
-}
-
-impl EnrollResponse {
-    /// Writes the TLS files beside the agent config (`<dir>/<id>.ca.pem`, `<id>.cert.pem`,
-    /// `<id>.key.pem`, all 0600) and returns the agent config referring to them under
-    /// `device_dir` (where they will live on the device; `dir` when `None`).
-    pub fn write_agent_files(
-        self,
-        dir: &std::path::Path,
-        device_dir: Option<&std::path::Path>,
-        data_dir: std::path::PathBuf,
-        labels: BTreeMap<String, String>,
-    ) -> Result<drover_agent::config::AgentConfig, crate::keys::KeyError> {
-        let id = self.device_id.clone();
-        let names = [
-            format!("{id}.ca.pem"),
-            format!("{id}.cert.pem"),
-            format!("{id}.key.pem"),
-        ];
-        let has_tls = !self.client_cert_pem.is_empty();
-        if has_tls {
-            for (name, body) in
-                names
-                    .iter()
-                    .zip([&self.ca_pem, &self.client_cert_pem, &self.client_key_pem])
-            {
-                crate::keys::write_private(&dir.join(name), body.as_bytes())?;
-            }
-        }
-        let on_device = device_dir.unwrap_or(dir);
-        let tls = (has_tls && self.broker_url.starts_with("mqtts://")).then(|| {
-            drover_agent::config::TlsConfig {
-                ca_file: on_device.join(&names[0]),
-                client_cert_file: Some(on_device.join(&names[1])),
-                client_key_file: Some(on_device.join(&names[2])),
-            }
-        });
-        let mut cfg = self.agent_config(data_dir, labels);
-        cfg.tls = tls;
-        Ok(cfg)
-    }
-
-    /// The enrolled device's agent config (the agent's own defaults for everything the
-    /// enrollment does not decide).
-    pub fn agent_config(
-        self,
-        data_dir: std::path::PathBuf,
-        labels: BTreeMap<String, String>,
-    ) -> drover_agent::config::AgentConfig {
-        drover_agent::config::AgentConfig {
-            device_id: self.device_id,
-            device_key: self.device_key,
-            root_public_key: self.root_public_key,
-            broker_url: self.broker_url,
-            data_dir,
-            labels,
-            ..Default::default()
-        }
     }
 }
 

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, AppState};
 use crate::drift::Score;
-use crate::serve::now_ms;
 use crate::store::{JobRow, Store};
+use drover_host::clock::now_ms;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -16,8 +16,9 @@ use rumqttc::QoS;
 use tokio::sync::mpsc;
 
 use crate::mqtt::MqttLink;
-use crate::serve::{now_ms, Shared};
+use crate::serve::Shared;
 use crate::store::Store;
+use drover_host::clock::now_ms;
 
 /// Pure core: which chunks are due for publishing at `now`. Clock passed in.
 #[derive(Debug, Default)]

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use drover_agent::runtime::Model;
 use drover_protocol::manifest::{self, Lineage, Manifest, TensorData, TensorValue};
 use drover_protocol::messages::ModelRef;
 use drover_protocol::trust::SecretKey;
+use drover_runtime::Model;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -756,7 +756,7 @@ impl Engine {
             Err(e) => {
                 row.state = "failed".into();
                 row.detail = Some(format!("dataset: {e}"));
-                row.finished_at_ms = Some(crate::serve::now_ms());
+                row.finished_at_ms = Some(drover_host::clock::now_ms());
                 return self.save(row).await;
             }
         };
@@ -811,7 +811,7 @@ impl Engine {
             Err(e) => {
                 row.state = "failed".into();
                 row.detail = Some(e.to_string());
-                row.finished_at_ms = Some(crate::serve::now_ms());
+                row.finished_at_ms = Some(drover_host::clock::now_ms());
                 return self.save(row).await;
             }
         };
@@ -841,7 +841,7 @@ impl Engine {
             if let SlurmState::Done(o) = self.slurm.poll(&id, paths).await? {
                 return Ok(o);
             }
-            if crate::serve::now_ms() > deadline {
+            if drover_host::clock::now_ms() > deadline {
                 self.slurm.cancel(&id).await?;
                 return Ok(Outcome::TimedOut);
             }
@@ -874,7 +874,7 @@ impl Engine {
                     "the control plane restarted while this job ran locally; nothing was published"
                         .into(),
                 );
-                row.finished_at_ms = Some(crate::serve::now_ms());
+                row.finished_at_ms = Some(drover_host::clock::now_ms());
                 self.save(row).await?;
                 continue;
             }
@@ -927,7 +927,7 @@ impl Engine {
         champion: Option<ModelRow>,
         features: Vec<String>,
     ) -> Result<JobRow> {
-        row.finished_at_ms = Some(crate::serve::now_ms());
+        row.finished_at_ms = Some(drover_host::clock::now_ms());
         row.state = outcome.state().to_owned();
         if let Outcome::Failed { exit_code } = outcome {
             row.exit_code = exit_code;
@@ -1065,7 +1065,7 @@ impl Engine {
                 candidate,
                 baseline_csv,
                 lineage,
-                crate::serve::now_ms(),
+                drover_host::clock::now_ms(),
             )
         })
         .await

@@ -22,8 +22,9 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Refusal;
 use crate::mqtt::RawUplink;
-use crate::serve::{now_ms, Shared};
+use crate::serve::Shared;
 use crate::store::{Inbound, Store};
+use drover_host::clock::now_ms;
 
 /// What the ingest thread asks the async side to send.
 #[derive(Debug)]

@@ -5,8 +5,8 @@
 //! line or `Debug` output (`SecretKey` redacts itself).
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use drover_protocol::trust::{KeyEntry, KeyId, Keyring, Role, SecretKey, SignedBlob, TrustStore};
@@ -67,40 +67,25 @@ fn key_path(dir: &Path, id: KeyId) -> PathBuf {
     dir.join(format!("signing-{id}.key"))
 }
 
-/// Writes a file with mode 0600 atomically (temp in the same directory, fsync, rename).
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
+impl From<drover_host::fs::FsError> for KeyError {
+    fn from(e: drover_host::fs::FsError) -> Self {
+        match e {
+            drover_host::fs::FsError::Io { path, source } => KeyError::Io { path, source },
+            drover_host::fs::FsError::InsecurePermissions { path, mode } => {
+                KeyError::InsecurePermissions { path, mode }
+            }
         }
     }
-    Ok(())
+}
+
+/// Writes a file with mode 0600 atomically and durably ([`drover_host::fs::write_private`]).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    Ok(drover_host::fs::write_private(path, bytes)?)
 }
 
 /// Reads a private file, refusing it when group or others may read it.
 pub fn read_private(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let meta = fs::metadata(path).map_err(io(path))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::InsecurePermissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    fs::read(path).map_err(io(path))
+    Ok(drover_host::fs::read_private(path)?)
 }
 
 fn read_secret(path: &Path) -> Result<SecretKey, KeyError> {

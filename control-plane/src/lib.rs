@@ -1,4 +1,5 @@
-//! `drover-control-plane`: `drover serve` and the `drover` CLI.
+//! `drover-control-plane`: the `drover serve` library (the `drover` binary and its CLI
+//! live in `drover-cli`).
 //!
 //! Layout:
 //! - [`serve`]: wires everything; `serve::run(config, shutdown)` is what `main` and the
@@ -16,7 +17,6 @@
 //! - [`keys`]: root/signing key files and the root-signed keyring.
 //! - [`pki`]: the fleet CA (rcgen): device and broker certificates, the CRL.
 //! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
-//! - [`cli`]: the `drover` subcommands, one file each; a client of the API.
 //! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
 //!   embedded default can train with nothing installed but Rust.
 //! - [`drift`]: PSI and chi-square drift scores per device, label group and fleet.
@@ -27,7 +27,6 @@ pub mod api;
 pub mod api_continuous;
 pub mod broker;
 pub mod chunks;
-pub mod cli;
 pub mod config;
 pub mod continuous;
 pub mod drift;

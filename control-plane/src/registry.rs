@@ -1,18 +1,18 @@
 //! Model registry: validate an ONNX file with the agent's own runtime (tract), derive its
 //! drift baseline and test vectors, sign the manifest, store file and row.
 //!
-//! Validation uses `drover_agent::runtime`, the code devices run, so a model this build
+//! Validation uses `drover_runtime`, the code devices run, so a model this build
 //! of the agent cannot load (an unsupported operator, external data, a tract panic) is
 //! refused at publish time, naming the operator, instead of failing on every device.
 
 use std::path::Path;
 
-use drover_agent::runtime::{self, Model, RuntimeError};
 use drover_protocol::manifest::{
     self, Baseline, DType, Dim, FeatureBaseline, Lineage, Manifest, ManifestError, TensorData,
     TensorSpec, TensorValue, TestVector, DEFAULT_CHUNK_SIZE, MAX_MODEL_SIZE,
 };
 use drover_protocol::trust::{sha256, SecretKey, SignedBlob};
+use drover_runtime::{Model, RuntimeError};
 
 use crate::store::{ModelRow, Store, StoreError};
 
@@ -261,7 +261,7 @@ pub fn prepare(
     }
     match &req.test_vectors {
         Some(given) => {
-            runtime::self_test(&model, given).map_err(RegistryError::SelfTest)?;
+            drover_runtime::self_test(&model, given).map_err(RegistryError::SelfTest)?;
             vectors = given.clone();
         }
         None if vectors.is_empty() => {
@@ -355,12 +355,7 @@ pub fn publish(
         source,
     };
     if !path.exists() {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &req.model).map_err(io)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        drover_host::fs::write_atomic(&path, &req.model).map_err(io)?;
     }
     let row = ModelRow {
         digest: blob.digest(),

@@ -27,17 +27,13 @@ use crate::keys::{self, Keys};
 use crate::metrics::Metrics;
 use crate::mqtt::MqttLink;
 use crate::store::Store;
+use drover_host::ct_eq;
 
 pub const DB_FILE: &str = "drover.db";
 pub const TOKEN_FILE: &str = "api-token";
 pub const URL_FILE: &str = "api-url";
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use drover_host::clock::now_ms;
 
 fn random_hex() -> String {
     let mut b = [0u8; 32];
@@ -104,10 +100,6 @@ pub struct Shared {
     /// front vouches for. rumqttd then accepts device logins only with this token, so its
     /// private loopback port cannot be used to skip the certificate check.
     front_key: Option<DeviceKey>,
-}
-
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Shared {

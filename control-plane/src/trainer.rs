@@ -4,7 +4,6 @@
 //! with nothing installed but Rust; datacenter jobs use any command that writes
 //! `model.onnx` (see the training executors).
 
-use prost::Message;
 use thiserror::Error;
 use tract_onnx::pb;
 
@@ -107,48 +106,11 @@ impl LogReg {
     pub fn to_onnx(&self) -> Vec<u8> {
         let f = self.features() as i64;
         let c = self.classes as i64;
-        let tensor = |name: &str, dims: Vec<i64>, data: &[f32]| pb::TensorProto {
-            name: name.into(),
-            dims,
-            data_type: pb::tensor_proto::DataType::Float as i32,
-            float_data: data.to_vec(),
-            ..Default::default()
+        use drover_runtime::graph::{
+            attr_int, model_bytes, node, tensor_f32, value_info, DataType, GraphDim,
         };
-        let node = |op: &str, inputs: &[&str], output: &str| pb::NodeProto {
-            op_type: op.into(),
-            name: output.into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            ..Default::default()
-        };
-        let value =
-            |name: &str, dims: Vec<pb::tensor_shape_proto::dimension::Value>| pb::ValueInfoProto {
-                name: name.into(),
-                r#type: Some(pb::TypeProto {
-                    value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                        elem_type: pb::tensor_proto::DataType::Float as i32,
-                        shape: Some(pb::TensorShapeProto {
-                            dim: dims
-                                .into_iter()
-                                .map(|v| pb::tensor_shape_proto::Dimension {
-                                    value: Some(v),
-                                    ..Default::default()
-                                })
-                                .collect(),
-                        }),
-                    })),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-        use pb::tensor_shape_proto::dimension::Value as D;
         let mut softmax = node("Softmax", &["logits"], "probabilities");
-        softmax.attribute.push(pb::AttributeProto {
-            name: "axis".into(),
-            r#type: pb::attribute_proto::AttributeType::Int as i32,
-            i: 1,
-            ..Default::default()
-        });
+        softmax.attribute.push(attr_int("axis", 1));
         let graph = pb::GraphProto {
             name: "drover_logreg".into(),
             node: vec![
@@ -159,30 +121,24 @@ impl LogReg {
                 softmax,
             ],
             initializer: vec![
-                tensor("mean", vec![f], &self.mean),
-                tensor("inv_std", vec![f], &self.inv_std),
-                tensor("weights", vec![f, c], &self.weights),
-                tensor("bias", vec![c], &self.bias),
+                tensor_f32("mean", vec![f], self.mean.clone()),
+                tensor_f32("inv_std", vec![f], self.inv_std.clone()),
+                tensor_f32("weights", vec![f, c], self.weights.clone()),
+                tensor_f32("bias", vec![c], self.bias.clone()),
             ],
-            input: vec![value("x", vec![D::DimParam("N".into()), D::DimValue(f)])],
-            output: vec![value(
+            input: vec![value_info(
+                "x",
+                DataType::Float,
+                &[GraphDim::batch(), GraphDim::Fixed(f)],
+            )],
+            output: vec![value_info(
                 "probabilities",
-                vec![D::DimParam("N".into()), D::DimValue(c)],
+                DataType::Float,
+                &[GraphDim::batch(), GraphDim::Fixed(c)],
             )],
             ..Default::default()
         };
-        pb::ModelProto {
-            ir_version: 8,
-            producer_name: "drover-trainer".into(),
-            producer_version: env!("CARGO_PKG_VERSION").into(),
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: Some(graph),
-            ..Default::default()
-        }
-        .encode_to_vec()
+        model_bytes(graph, "drover-trainer", env!("CARGO_PKG_VERSION"))
     }
 }
 

@@ -140,7 +140,7 @@ pub async fn enroll(
     let resp: drover_control_plane::api::EnrollResponse = serde_json::from_value(resp)?;
     let data_dir: PathBuf = dir.join(format!("{id}-data"));
     // The device's key, certificate and the fleet CA, for mutual TLS (files 0600).
-    let mut config = resp.write_agent_files(dir, None, data_dir, labels)?;
+    let mut config = drover_cli::agent_files::write_agent_files(resp, dir, None, data_dir, labels)?;
     config.api_addr = "127.0.0.1:0".into();
     config.telemetry.interval_ms = 300;
     Ok(Device {

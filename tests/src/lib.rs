@@ -72,7 +72,7 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let path = profile_dir.join(name);
     if !path.exists() {
         let package = match name {
-            "drover" => "drover-control-plane",
+            "drover" => "drover-cli",
             "drover-agent" => "drover-agent",
             other => anyhow::bail!("unknown workspace binary {other}"),
         };

@@ -78,7 +78,7 @@ impl Rig {
     pub fn new(dir: &Path) -> anyhow::Result<Self> {
         let data = dir.join("server");
         std::fs::create_dir_all(data.join("models"))?;
-        let keys = keys::init(&data, drover_control_plane::serve::now_ms(), 365)?;
+        let keys = keys::init(&data, drover_host::clock::now_ms(), 365)?;
         let store = Store::open(&data.join("drover.db"))?;
         Ok(Self {
             dir: data,
@@ -116,7 +116,7 @@ impl Rig {
             &self.dir.join("models"),
             &req,
             &self.keys.signing,
-            drover_control_plane::serve::now_ms(),
+            drover_host::clock::now_ms(),
         )?)
     }
 

@@ -20,9 +20,7 @@ use rumqttc::{
 
 const WAIT: Duration = Duration::from_secs(90);
 
-fn now_ms() -> u64 {
-    serve::now_ms()
-}
+use drover_host::clock::now_ms;
 
 /// Client TLS material on disk: CA, certificate, key.
 struct Identity {
@@ -37,9 +35,9 @@ fn identity_files(dir: &Path, name: &str, ca_pem: &str, cert_pem: &str, key_pem:
         cert: dir.join(format!("{name}.crt")),
         key: dir.join(format!("{name}.key")),
     };
-    drover_control_plane::keys::write_private(&id.ca, ca_pem.as_bytes()).unwrap();
-    drover_control_plane::keys::write_private(&id.cert, cert_pem.as_bytes()).unwrap();
-    drover_control_plane::keys::write_private(&id.key, key_pem.as_bytes()).unwrap();
+    drover_host::fs::write_private(&id.ca, ca_pem.as_bytes()).unwrap();
+    drover_host::fs::write_private(&id.cert, cert_pem.as_bytes()).unwrap();
+    drover_host::fs::write_private(&id.key, key_pem.as_bytes()).unwrap();
     id
 }
 

@@ -25,7 +25,7 @@ fn setup(dir: &Path) -> (Rig, std::path::PathBuf) {
         &[("site", "b")],
         &champion,
         &shifted,
-        drover_control_plane::serve::now_ms(),
+        drover_host::clock::now_ms(),
     )
     .unwrap();
     (rig, base)
@@ -77,7 +77,7 @@ async fn training_job_runs_through_real_slurm_and_survives_a_control_plane_resta
         .run_job(
             e.load_job_spec().unwrap(),
             "manual",
-            drover_control_plane::serve::now_ms(),
+            drover_host::clock::now_ms(),
         )
         .await
         .unwrap();
@@ -124,7 +124,7 @@ async fn training_job_runs_through_real_slurm_and_survives_a_control_plane_resta
         e2.run_job_reporting(
             e2.load_job_spec().unwrap(),
             "manual",
-            drover_control_plane::serve::now_ms(),
+            drover_host::clock::now_ms(),
             tx,
         )
         .await

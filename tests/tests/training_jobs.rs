@@ -20,7 +20,7 @@ fn setup(dir: &Path) -> (Rig, std::path::PathBuf) {
     let base = dir.join("base.csv");
     std::fs::write(&base, drover_tests::training::labeled_csv(&old)).unwrap();
     let shifted: Vec<_> = (0..400).map(|_| world(&mut rng, true)).collect();
-    let now = drover_control_plane::serve::now_ms();
+    let now = drover_host::clock::now_ms();
     rig.ingest_labeled("b-1", &[("site", "b")], &champion, &shifted, now)
         .unwrap();
     (rig, base)
@@ -52,7 +52,7 @@ async fn failing_job_is_reported_with_its_log_tail_and_publishes_nothing() {
         .unwrap();
     let spec = e.load_job_spec().unwrap();
     let job = e
-        .run_job(spec, "manual", drover_control_plane::serve::now_ms())
+        .run_job(spec, "manual", drover_host::clock::now_ms())
         .await
         .unwrap();
     assert_eq!(job.state, "failed");
@@ -90,7 +90,7 @@ async fn job_past_its_timeout_is_killed_with_its_children_and_publishes_nothing(
         .unwrap();
     let spec = e.load_job_spec().unwrap();
     let job = e
-        .run_job(spec, "manual", drover_control_plane::serve::now_ms())
+        .run_job(spec, "manual", drover_host::clock::now_ms())
         .await
         .unwrap();
     assert_eq!(job.state, "timed-out");
@@ -120,7 +120,7 @@ async fn cancelled_job_stops_and_publishes_nothing() {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let e2 = e.clone();
     let run = tokio::spawn(async move {
-        e2.run_job_reporting(spec, "manual", drover_control_plane::serve::now_ms(), tx)
+        e2.run_job_reporting(spec, "manual", drover_host::clock::now_ms(), tx)
             .await
     });
     let id = rx.await.unwrap();
@@ -161,7 +161,7 @@ async fn builtin_trainer_job_beats_the_champion_and_is_registered_with_lineage()
         .unwrap();
     let spec = e.load_job_spec().unwrap();
     let job = e
-        .run_job(spec, "manual", drover_control_plane::serve::now_ms())
+        .run_job(spec, "manual", drover_host::clock::now_ms())
         .await
         .unwrap();
     assert_eq!(job.state, "succeeded", "{:?}", job.detail);
@@ -229,7 +229,7 @@ async fn sklearn_example_trainer_runs_through_the_local_executor() {
         .unwrap();
     let spec = e.load_job_spec().unwrap();
     let job = e
-        .run_job(spec, "manual", drover_control_plane::serve::now_ms())
+        .run_job(spec, "manual", drover_host::clock::now_ms())
         .await
         .unwrap();
     assert_eq!(job.state, "succeeded", "{:?}", job.detail);
@@ -299,7 +299,7 @@ async fn job_whose_dataset_cannot_be_built_fails_with_the_reason_and_runs_nothin
         .run_job(
             e.load_job_spec().unwrap(),
             "manual",
-            drover_control_plane::serve::now_ms(),
+            drover_host::clock::now_ms(),
         )
         .await
         .unwrap();

@@ -26,8 +26,9 @@ use super::engine::{
 use super::plan::{Plan, Selector};
 use crate::fleet;
 use crate::mqtt::MqttLink;
-use crate::serve::{now_ms, Shared};
+use crate::serve::Shared;
 use crate::store::{RolloutWrite, Store, StoreError};
+use drover_host::clock::now_ms;
 
 /// Rows received up to this long before the last one read are read again (and skipped if
 /// already seen), so a batch committed late is never missed.
@@ -494,7 +495,7 @@ impl Driver {
             .await?;
         if !rows.is_empty() {
             // Crash tests: the step is committed, its commands not yet published.
-            drover_agent::crash::point("rollout.after_commit");
+            drover_host::crash::point("rollout.after_commit");
         }
         for row in &rows {
             if let Ok(device) = DeviceId::new(row.device.clone()) {

@@ -20,9 +20,7 @@ use drover_protocol::{DeviceId, DeviceKey};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
-pub fn now_ms() -> u64 {
-    serve::now_ms()
-}
+pub use drover_host::clock::now_ms;
 
 pub fn config(dir: &Path) -> ServeConfig {
     let _ = tracing_subscriber::fmt()

@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drover_agent::core::{now_ms, probation_passed, CHUNK_BATCH, CHUNK_RETRY};
+use drover_agent::core::{probation_passed, CHUNK_BATCH, CHUNK_RETRY};
+use drover_host::clock::now_ms;
 use drover_protocol::envelope::{self, UplinkFrame};
 use drover_protocol::manifest::{Dim, Manifest};
 use drover_protocol::messages::{
@@ -42,7 +43,7 @@ struct Slot {
     manifest: Arc<Manifest>,
     healthy: bool,
     /// The real tract model, on devices that run tract.
-    tract: Option<Arc<drover_agent::runtime::Model>>,
+    tract: Option<Arc<drover_runtime::Model>>,
 }
 
 struct Job {
@@ -693,9 +694,8 @@ impl Device {
             None,
         );
         let tract = if self.ident.index < self.shared.cfg.tract_devices {
-            let loaded = drover_agent::runtime::Model::load(&file).and_then(|m| {
-                drover_agent::runtime::self_test(&m, &job.manifest.test_vectors).map(|_| m)
-            });
+            let loaded = drover_runtime::Model::load(&file)
+                .and_then(|m| drover_runtime::self_test(&m, &job.manifest.test_vectors).map(|_| m));
             match loaded {
                 Ok(m) => Some(Arc::new(m)),
                 Err(e) => return self.fail_job(job, format!("self-test failed: {e}")),

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use drover_protocol::manifest::{Baseline, FeatureBaseline, Manifest};
 use drover_protocol::messages::FeatureSketch;
 use drover_protocol::trust::{sha256, verify_file, Digest};
-use prost::Message as _;
 use rand::Rng;
 use tract_onnx::pb;
 
@@ -140,47 +139,18 @@ pub fn onnx_model_of_size(bytes: usize, seed: u64) -> Vec<u8> {
     };
     let w1 = weights(IN * hidden, 0.5);
     let w2 = weights(hidden * OUT, 1.0 / (hidden as f32).sqrt());
-    let tensor = |name: &str, dims: Vec<i64>, data: Vec<f32>| pb::TensorProto {
-        name: name.into(),
-        dims,
-        data_type: pb::tensor_proto::DataType::Float as i32,
-        float_data: data,
-        ..Default::default()
+    use drover_runtime::graph::{
+        attr_int, model_bytes, node, tensor_f32, value_info, DataType, GraphDim,
     };
-    let node = |op: &str, inputs: &[&str], output: &str| pb::NodeProto {
-        op_type: op.into(),
-        name: output.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        ..Default::default()
-    };
-    use pb::tensor_shape_proto::dimension::Value as D;
-    let value = |name: &str, width: usize| pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: pb::tensor_proto::DataType::Float as i32,
-                shape: Some(pb::TensorShapeProto {
-                    dim: [D::DimParam("N".into()), D::DimValue(width as i64)]
-                        .into_iter()
-                        .map(|v| pb::tensor_shape_proto::Dimension {
-                            value: Some(v),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let io = |name: &str, width: usize| {
+        value_info(
+            name,
+            DataType::Float,
+            &[GraphDim::batch(), GraphDim::Fixed(width as i64)],
+        )
     };
     let mut softmax = node("Softmax", &["logits"], "probabilities");
-    softmax.attribute.push(pb::AttributeProto {
-        name: "axis".into(),
-        r#type: pb::attribute_proto::AttributeType::Int as i32,
-        i: 1,
-        ..Default::default()
-    });
+    softmax.attribute.push(attr_int("axis", 1));
     let graph = pb::GraphProto {
         name: "drover_sim_mlp".into(),
         node: vec![
@@ -190,24 +160,14 @@ pub fn onnx_model_of_size(bytes: usize, seed: u64) -> Vec<u8> {
             softmax,
         ],
         initializer: vec![
-            tensor("w1", vec![IN as i64, hidden as i64], w1),
-            tensor("w2", vec![hidden as i64, OUT as i64], w2),
+            tensor_f32("w1", vec![IN as i64, hidden as i64], w1),
+            tensor_f32("w2", vec![hidden as i64, OUT as i64], w2),
         ],
-        input: vec![value("x", IN)],
-        output: vec![value("probabilities", OUT)],
+        input: vec![io("x", IN)],
+        output: vec![io("probabilities", OUT)],
         ..Default::default()
     };
-    pb::ModelProto {
-        ir_version: 8,
-        producer_name: "drover-fleet-sim".into(),
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    model_bytes(graph, "drover-fleet-sim", "")
 }
 
 /// A baseline CSV for the 16 inputs of [`onnx_model_of_size`] (uniform in [0, 1)), so
@@ -241,7 +201,7 @@ mod tests {
             "{} bytes",
             bytes.len()
         );
-        let m = drover_agent::runtime::Model::load(&bytes).unwrap();
+        let m = drover_runtime::Model::load(&bytes).unwrap();
         assert_eq!(m.inputs().len(), 1);
     }
 

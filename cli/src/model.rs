@@ -9,7 +9,7 @@ use clap::Subcommand;
 
 use super::client::{parse_kv, print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
-use crate::api::{ModelView, PublishBody};
+use drover_control_plane::api::{ModelView, PublishBody};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -172,7 +172,7 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             server,
             output,
         } => {
-            let (name, version) = crate::fleet::parse_model_ref(&model)?;
+            let (name, version) = drover_control_plane::fleet::parse_model_ref(&model)?;
             let v: ModelView = Client::new(&server)?
                 .get(&format!("/v1/models/{name}/{version}"))
                 .await?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::config::{Overrides, ServeConfig};
+use drover_control_plane::config::{Overrides, ServeConfig};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -87,7 +87,7 @@ fn raise_open_file_limit() {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(spec) = &args.crash_at {
-        drover_agent::crash::arm(spec).map_err(anyhow::Error::msg)?;
+        drover_host::crash::arm(spec).map_err(anyhow::Error::msg)?;
     }
     let env: HashMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("DROVER_"))
@@ -101,7 +101,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = ServeConfig::load(args.config.as_deref(), &env, &overrides)?;
     raise_open_file_limit();
-    let handle = crate::serve::run(config, signal()).await?;
+    let handle = drover_control_plane::serve::run(config, signal()).await?;
     println!(
         "drover serve: api http://{} broker {}",
         handle.http_addr(),

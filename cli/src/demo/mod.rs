@@ -29,14 +29,14 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::client::{Client, ServerArgs};
-use crate::api::{
+use drover_control_plane::api::{
     DeviceView, EnrollRequest, EnrollResponse, ModelView, RolloutReport, RolloutView, TelemetryView,
 };
-use crate::api_continuous::{JobView, RunResponse};
-use crate::config::ServeConfig;
-use crate::drift::Score;
-use crate::rollout::Plan;
-use crate::serve;
+use drover_control_plane::api_continuous::{JobView, RunResponse};
+use drover_control_plane::config::ServeConfig;
+use drover_control_plane::drift::Score;
+use drover_control_plane::rollout::Plan;
+use drover_control_plane::serve;
 pub use report::Report;
 use report::{pct, AccuracyRow, DriftRow, ModelRow, RolloutRow, TelemetryRow};
 use traffic::{Target, Traffic};
@@ -291,7 +291,8 @@ async fn story(args: &DemoArgs, dir: &Path, running: &mut Running) -> anyhow::Re
             .await?;
         let agent_dir = dir.join("agents").join(&id);
         std::fs::create_dir_all(&agent_dir)?;
-        let mut cfg = r.write_agent_files(&agent_dir, None, agent_dir.clone(), labels)?;
+        let mut cfg =
+            crate::agent_files::write_agent_files(r, &agent_dir, None, agent_dir.clone(), labels)?;
         cfg.api_addr = "127.0.0.1:0".into();
         cfg.telemetry.interval_ms = 500;
         // Half the readings (with their labels) go back as training samples.
@@ -359,7 +360,7 @@ async fn story(args: &DemoArgs, dir: &Path, running: &mut Running) -> anyhow::Re
         })
         .collect();
     let traffic = Traffic::start(targets, MODEL, every, args.seed);
-    let traffic_start = serve::now_ms();
+    let traffic_start = drover_host::clock::now_ms();
     let mut drift = DriftLog::new(&client, traffic_start).await?;
     drift
         .until(
@@ -377,7 +378,7 @@ async fn story(args: &DemoArgs, dir: &Path, running: &mut Running) -> anyhow::Re
     );
     let t = Instant::now();
     traffic.retrofit(SHIFTED);
-    let retrofit_ms = serve::now_ms();
+    let retrofit_ms = drover_host::clock::now_ms();
     let job = loop {
         drift.poll(&client).await?;
         let jobs: Vec<JobView> = client.get("/v1/train/jobs").await?;
@@ -792,7 +793,9 @@ impl DriftLog {
         let mut sites = BTreeSet::new();
         let mut devices: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
         for s in &self.scores {
-            if s.level != crate::drift::Level::Alert || self.model(&s.model_digest) != first {
+            if s.level != drover_control_plane::drift::Level::Alert
+                || self.model(&s.model_digest) != first
+            {
                 continue;
             }
             if let Some(site) = s.scope.strip_prefix("site=") {

@@ -4,7 +4,7 @@ use clap::Subcommand;
 
 use super::client::{print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
-use crate::drift::Score;
+use drover_control_plane::drift::Score;
 
 #[derive(Debug, Subcommand)]
 pub enum DriftCommand {
@@ -67,7 +67,7 @@ pub async fn run(cmd: DriftCommand) -> anyhow::Result<()> {
             server,
             output,
         } => {
-            let min = crate::drift::Level::parse(&level)
+            let min = drover_control_plane::drift::Level::parse(&level)
                 .ok_or_else(|| anyhow::anyhow!("--level {level:?}: expected ok, warn or alert"))?;
             let scores: Vec<Score> = Client::new(&server)?.get("/v1/drift/status").await?;
             let scores: Vec<Score> = scores.into_iter().filter(|s| s.level >= min).collect();
@@ -89,7 +89,8 @@ pub async fn run(cmd: DriftCommand) -> anyhow::Result<()> {
             if !(since_hours >= 0.0 && since_hours.is_finite()) {
                 anyhow::bail!("--since-hours must be a number >= 0");
             }
-            let since = crate::serve::now_ms().saturating_sub((since_hours * 3_600_000.0) as u64);
+            let since =
+                drover_host::clock::now_ms().saturating_sub((since_hours * 3_600_000.0) as u64);
             let mut path = format!("/v1/drift/history?since_ms={since}&limit={limit}");
             if let Some(s) = scope {
                 path.push_str("&scope=");

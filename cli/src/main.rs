@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use drover_control_plane::cli::{self, Cli, Command};
+use drover_cli::{self as cli, Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use crate::config::{BrokerMode, ServeConfig};
-use crate::serve::now_ms;
+use drover_control_plane::config::{BrokerMode, ServeConfig};
+use drover_host::clock::now_ms;
 
 const DAY_MS: u64 = 86_400_000;
 /// Certificates and keyrings closer than this to their end are reported.
@@ -38,16 +38,16 @@ fn mode(path: &Path) -> Option<u32> {
 }
 
 fn check_private(path: &Path, what: &str, out: &mut Vec<Finding>) {
-    if let Some(m) = mode(path) {
-        if m & 0o077 != 0 {
-            out.push(Finding {
-                path: path.display().to_string(),
-                problem: format!(
-                    "{what} is readable by group or others (mode {m:o}); run `chmod 600 {}`",
-                    path.display()
-                ),
-            });
-        }
+    if let Err(drover_host::fs::FsError::InsecurePermissions { mode: m, .. }) =
+        drover_host::fs::check_private(path)
+    {
+        out.push(Finding {
+            path: path.display().to_string(),
+            problem: format!(
+                "{what} is readable by group or others (mode {m:o}); run `chmod 600 {}`",
+                path.display()
+            ),
+        });
     }
 }
 
@@ -55,7 +55,7 @@ fn check_cert(path: &Path, what: &str, now: u64, out: &mut Vec<Finding>) {
     let Ok(pem) = std::fs::read_to_string(path) else {
         return;
     };
-    let Some(end) = crate::pki::not_after_ms(&pem) else {
+    let Some(end) = drover_control_plane::pki::not_after_ms(&pem) else {
         out.push(Finding {
             path: path.display().to_string(),
             problem: format!("{what} is not a readable PEM certificate"),
@@ -126,26 +126,35 @@ pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
         files.sort();
         for f in files.iter().filter(|f| f.is_file()) {
             let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.ends_with(".key") || name == crate::keys::KEYRING_FILE {
+            if name.ends_with(".key") || name == drover_control_plane::keys::KEYRING_FILE {
                 check_private(f, "key file", &mut out);
             }
         }
     }
     check_private(
-        &data_dir.join(crate::serve::TOKEN_FILE),
+        &data_dir.join(drover_control_plane::serve::TOKEN_FILE),
         "API token",
         &mut out,
     );
     for (file, what) in [
-        (crate::pki::CA_CERT_FILE, "fleet CA certificate"),
-        (crate::pki::BROKER_CERT_FILE, "embedded broker certificate"),
-        (crate::pki::CP_CERT_FILE, "control plane certificate"),
+        (
+            drover_control_plane::pki::CA_CERT_FILE,
+            "fleet CA certificate",
+        ),
+        (
+            drover_control_plane::pki::BROKER_CERT_FILE,
+            "embedded broker certificate",
+        ),
+        (
+            drover_control_plane::pki::CP_CERT_FILE,
+            "control plane certificate",
+        ),
     ] {
         check_cert(&keys.join(file), what, now, &mut out);
     }
-    let crl = keys.join(crate::pki::CRL_FILE);
+    let crl = keys.join(drover_control_plane::pki::CRL_FILE);
     if let Ok(pem) = std::fs::read(&crl) {
-        match crate::pki::crl_next_update_ms(&pem) {
+        match drover_control_plane::pki::crl_next_update_ms(&pem) {
             Some(t) if t <= now.saturating_add(WARN_DAYS * DAY_MS) => out.push(Finding {
                 path: crl.display().to_string(),
                 problem: format!(
@@ -160,11 +169,14 @@ pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
             }),
         }
     }
-    if keys.join(crate::keys::ROOT_FILE).exists() {
-        match crate::keys::load(&data_dir) {
+    if keys.join(drover_control_plane::keys::ROOT_FILE).exists() {
+        match drover_control_plane::keys::load(&data_dir) {
             Ok(k) if k.keyring.expires_at_ms <= now.saturating_add(WARN_DAYS * DAY_MS) => {
                 out.push(Finding {
-                    path: keys.join(crate::keys::KEYRING_FILE).display().to_string(),
+                    path: keys
+                        .join(drover_control_plane::keys::KEYRING_FILE)
+                        .display()
+                        .to_string(),
                     problem: format!(
                         "keyring expires {}; run `drover keys rotate`",
                         super::fmt_ms(k.keyring.expires_at_ms)

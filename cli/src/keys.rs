@@ -6,9 +6,9 @@ use clap::Subcommand;
 
 use super::client::{Client, ServerArgs};
 use super::Output;
-use crate::api::{keyring_view, KeyringView};
-use crate::keys;
-use crate::serve::now_ms;
+use drover_control_plane::api::{keyring_view, KeyringView};
+use drover_control_plane::keys;
+use drover_host::clock::now_ms;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {

@@ -8,9 +8,9 @@ use clap::{Args, Subcommand};
 
 use super::client::{print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
-use crate::api::{RolloutReport, RolloutView};
-use crate::rollout::plan::{Gates, ShadowPhase, Wave};
-use crate::rollout::{OnFailure, Plan, Verdict};
+use drover_control_plane::api::{RolloutReport, RolloutView};
+use drover_control_plane::rollout::plan::{Gates, ShadowPhase, Wave};
+use drover_control_plane::rollout::{OnFailure, Plan, Verdict};
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {

@@ -2,6 +2,7 @@
 //! telemetry and acks, publish, signed deploy, coalesced chunk serving, progress, last
 //! will, and the CLI binary listing the fleet.
 
+#[path = "../../control-plane/tests/common/mod.rs"]
 mod common;
 
 use std::process::Command as Proc;

@@ -8,7 +8,9 @@ use clap::Subcommand;
 
 use super::client::{parse_kv, print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
-use crate::api::{DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse};
+use drover_control_plane::api::{
+    DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
@@ -138,12 +140,18 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
                 _ => PathBuf::from("."),
             };
             let dir = std::path::absolute(&dir).unwrap_or(dir);
-            let mut cfg = r.write_agent_files(&dir, cert_dir.as_deref(), agent_data_dir, labels)?;
+            let mut cfg = crate::agent_files::write_agent_files(
+                r,
+                &dir,
+                cert_dir.as_deref(),
+                agent_data_dir,
+                labels,
+            )?;
             if let Some(url) = broker_url {
                 cfg.broker_url = url;
             }
             let text = cfg.to_toml().context("cannot render the agent config")?;
-            crate::keys::write_private(&out, text.as_bytes())?;
+            drover_host::fs::write_private(&out, text.as_bytes())?;
             println!(
                 "enrolled {id}; agent config written to {} (TLS certificate and key beside it, 0600)",
                 out.display()

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::Subcommand;
 
-use crate::keys::write_private;
-use crate::pki::{FleetCa, CONTROL_PLANE_IDENTITY, CRL_FILE};
-use crate::serve::now_ms;
+use drover_control_plane::pki::{FleetCa, CONTROL_PLANE_IDENTITY, CRL_FILE};
+use drover_host::clock::now_ms;
+use drover_host::fs::write_private;
 
 #[derive(Debug, Subcommand)]
 pub enum BrokerCommand {
@@ -135,11 +135,11 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
 }
 
 fn decommissioned_devices(data_dir: &Path) -> anyhow::Result<Vec<String>> {
-    let db = data_dir.join(crate::serve::DB_FILE);
+    let db = data_dir.join(drover_control_plane::serve::DB_FILE);
     if !db.exists() {
         return Ok(Vec::new());
     }
-    let store = crate::store::Store::open(&db)?;
+    let store = drover_control_plane::store::Store::open(&db)?;
     Ok(store
         .device_auth()?
         .into_iter()

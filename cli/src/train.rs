@@ -8,9 +8,9 @@ use clap::Subcommand;
 
 use super::client::{print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
-use crate::api_continuous::{JobView, RunResponse};
-use crate::jobs::dataset;
-use crate::trainer::{self, TrainParams};
+use drover_control_plane::api_continuous::{JobView, RunResponse};
+use drover_control_plane::jobs::dataset;
+use drover_control_plane::trainer::{self, TrainParams};
 
 #[derive(Debug, Subcommand)]
 pub enum TrainCommand {

@@ -1,6 +1,7 @@
 //! The `drover` binary end to end: `serve` as a process (port 0, SIGTERM), and the CLI
 //! as its API client: model publish/list/show, device enroll/show, exit codes.
 
+#[path = "../../control-plane/tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead as _, BufReader};

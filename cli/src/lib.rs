@@ -1,5 +1,6 @@
 //! The `drover` command line: one module per subcommand, each with its args and `run`.
 
+pub mod agent_files;
 pub mod broker;
 pub mod client;
 pub mod demo;
