@@ -135,7 +135,7 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
 }
 
 fn decommissioned_devices(data_dir: &Path) -> anyhow::Result<Vec<String>> {
-    let db = data_dir.join(drover_control_plane::serve::DB_FILE);
+    let db = data_dir.join(drover_control_plane::app::paths::DB_FILE);
     if !db.exists() {
         return Ok(Vec::new());
     }

@@ -8,7 +8,7 @@ use clap::Args;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use drover_control_plane::serve::{TOKEN_FILE, URL_FILE};
+use drover_control_plane::app::paths::{TOKEN_FILE, URL_FILE};
 
 #[derive(Clone, Debug, Args)]
 pub struct ServerArgs {

@@ -82,8 +82,8 @@ pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
     if let Some(path) = &args.config {
         match ServeConfig::load(Some(path), &HashMap::new(), &Default::default()) {
             Ok(cfg) => {
-                data_dir = cfg.raw.data_dir.clone();
-                if cfg.raw.allow_plaintext {
+                data_dir = cfg.data_dir.clone();
+                if cfg.allow_plaintext {
                     out.push(Finding {
                         path: path.display().to_string(),
                         problem: "allow_plaintext = true: the embedded broker accepts devices \
@@ -132,7 +132,7 @@ pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
         }
     }
     check_private(
-        &data_dir.join(drover_control_plane::serve::TOKEN_FILE),
+        &data_dir.join(drover_control_plane::app::paths::TOKEN_FILE),
         "API token",
         &mut out,
     );

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::app::App;
+
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -20,17 +22,14 @@ use drover_protocol::DeviceId;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::{self, FleetError};
-use crate::mqtt::MqttLink;
 use crate::registry::{self, PublishRequest, RegistryError};
-use crate::serve::Shared;
 use crate::store::{DeviceRow, ModelRow, Store, StoreError};
 use drover_host::clock::now_ms;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub shared: Arc<Shared>,
+    pub app: App,
     pub store: Arc<Mutex<Store>>,
-    pub mqtt: Arc<MqttLink>,
     pub rollouts: crate::rollout::driver::RolloutHandle,
     /// The continuous-training engine, when a policy is configured.
     pub continuous: Option<Arc<crate::continuous::Engine>>,
@@ -267,13 +266,13 @@ fn not_found(what: &str) -> ApiError {
 /// Runs store work on the blocking pool.
 async fn blocking<T: Send + 'static>(
     st: &AppState,
-    f: impl FnOnce(&Shared, &mut Store) -> Result<T, ApiError> + Send + 'static,
+    f: impl FnOnce(&App, &mut Store) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let shared = Arc::clone(&st.shared);
+    let app = st.app.clone();
     let store = Arc::clone(&st.store);
     tokio::task::spawn_blocking(move || {
         let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-        f(&shared, &mut s)
+        f(&app, &mut s)
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -285,11 +284,7 @@ async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            let a = t.trim().as_bytes();
-            let b = st.shared.api_token.as_bytes();
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-        });
+        .is_some_and(|t| drover_host::ct_eq(t.trim().as_bytes(), st.app.api_token.as_bytes()));
     if !ok {
         return ApiError(
             StatusCode::UNAUTHORIZED,
@@ -329,7 +324,7 @@ pub fn router(st: AppState) -> Router {
 async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.shared.metrics.render(),
+        st.app.metrics.render(),
     )
 }
 
@@ -384,9 +379,9 @@ async fn enroll(
         Json(EnrollResponse {
             device_id: e.device_id.to_string(),
             device_key: hex32(&e.device_key.0),
-            root_public_key: hex32(&st.shared.keys().root_public),
-            broker_url: st.shared.agent_broker_url.clone(),
-            ca_pem: st.shared.ca.ca_pem().to_owned(),
+            root_public_key: hex32(&st.app.keys.current().root_public),
+            broker_url: st.app.agent_broker_url.to_string(),
+            ca_pem: st.app.ca.ca_pem().to_owned(),
             client_cert_pem: e.cert.cert_pem,
             client_key_pem: e.cert.key_pem,
         }),
@@ -428,11 +423,11 @@ async fn deploy(
         Ok((row, blob, model))
     })
     .await?;
-    st.shared
+    st.app
         .metrics
         .commands_issued
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    crate::serve::send_command(&st.shared, &st.mqtt, &device, blob).await;
+    st.app.outbox.send_command(&device, blob).await;
     Ok(Json(DeployResponse {
         device: row.device,
         seq: row.seq,
@@ -525,9 +520,9 @@ async fn publish(
     let row = blocking(&st, move |sh, s| {
         Ok(registry::publish(
             s,
-            &sh.data_dir.join("models"),
+            &sh.paths.models_dir(),
             &req,
-            &sh.keys().signing,
+            &sh.keys.current().signing,
             now_ms(),
         )?)
     })
@@ -579,13 +574,15 @@ pub fn keyring_view(keys: &crate::keys::Keys) -> KeyringView {
 }
 
 async fn keyring(State(st): State<AppState>) -> Json<KeyringView> {
-    Json(keyring_view(&st.shared.keys()))
+    Json(keyring_view(&st.app.keys.current()))
 }
 
 /// `POST /v1/keyring/reload`: `drover keys rotate` tells the running server to load the
 /// rotated key files and publish the new keyring, so no restart is needed.
 async fn reload_keyring(State(st): State<AppState>) -> Result<Json<KeyringView>, ApiError> {
-    let keys = crate::serve::reload_keys(&st.shared, &st.mqtt)
+    let keys = st
+        .app
+        .reload_keys()
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(keyring_view(&keys)))

@@ -10,7 +10,17 @@ use std::time::Duration;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-use crate::serve::Shared;
+use crate::app::Devices;
+use crate::metrics::Metrics;
+
+/// What the broker's login hook and the TLS front consult: the device cache, the open
+/// sessions (cut on decommission) and the refusal counters.
+#[derive(Clone, Debug)]
+pub struct BrokerAuth {
+    pub devices: Devices,
+    pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
+}
 
 /// Largest MQTT payload the broker accepts: a full chunk or command frame fits, and an
 /// oversized uplink still reaches ingest, which counts it (`too_large`) and drops it.
@@ -41,7 +51,7 @@ pub fn concrete(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
 }
 
 /// Starts the broker; returns the address it listens on once it accepts connections.
-pub fn start(listen: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, BrokerError> {
+pub fn start(listen: SocketAddr, devices: Devices) -> Result<SocketAddr, BrokerError> {
     let addr = concrete(listen)?;
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
@@ -52,7 +62,7 @@ pub fn start(listen: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, Brok
         dynamic_filters: true,
     };
     connections.set_auth_handler(move |_client_id, user: String, pass: String| {
-        let ok = shared.broker_login_ok(&user, &pass);
+        let ok = devices.broker_login_ok(&user, &pass);
         async move { ok }
     });
     let server = ServerSettings {
@@ -109,7 +119,7 @@ pub fn start(listen: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, Brok
 // 3. the password must be the one derived from that device's key: a device must hold
 //    both its certificate and its key;
 // 4. the CONNECT goes on to rumqttd with the password replaced by a per-process token
-//    (`Shared::front_token`); rumqttd's auth hook accepts device logins only with that
+//    (`Devices::front_token`); rumqttd's auth hook accepts device logins only with that
 //    token, so connecting to its private loopback port directly gets a device nowhere.
 //
 // `Sessions::kick` cuts a device's open connections at once (decommission).
@@ -230,7 +240,7 @@ pub fn start_tls_front(
     listener: TcpListener,
     backend: SocketAddr,
     config: Arc<rustls::ServerConfig>,
-    shared: Arc<Shared>,
+    auth: BrokerAuth,
 ) -> Result<SocketAddr, TlsFrontError> {
     let addr = listener
         .local_addr()
@@ -252,11 +262,10 @@ pub fn start_tls_front(
                 }
             };
             let acceptor = acceptor.clone();
-            let shared = Arc::clone(&shared);
+            let auth = auth.clone();
             tokio::spawn(async move {
-                if let Err(reason) = relay(stream, acceptor, backend, &shared).await {
-                    shared
-                        .metrics
+                if let Err(reason) = relay(stream, acceptor, backend, &auth).await {
+                    auth.metrics
                         .broker_auth_refused
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(%peer, %reason, "TLS front refused a connection");
@@ -272,7 +281,7 @@ async fn relay(
     stream: tokio::net::TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     backend: SocketAddr,
-    shared: &Shared,
+    auth: &BrokerAuth,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
@@ -288,7 +297,7 @@ async fn relay(
     };
     // Subscribe before checking the device's state, so a decommission racing this
     // connection is either seen now or kicks it later.
-    let mut kicks = shared.tls_sessions.kick.subscribe();
+    let mut kicks = auth.sessions.kick.subscribe();
     let mut buf = BytesMut::with_capacity(512);
     let connect = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         loop {
@@ -325,12 +334,12 @@ async fn relay(
             clip(&login.username)
         ));
     }
-    if !shared.device_password_ok(&identity, &login.password) {
+    if !auth.devices.password_ok(&identity, &login.password) {
         return Err(format!(
             "{identity} is not an enrolled, active device, or its password is wrong"
         ));
     }
-    login.password = shared.front_token(&identity);
+    login.password = auth.devices.front_token(&identity);
     let device = DeviceId::new(identity.as_str()).map_err(|e| e.to_string())?;
     if let Some(will) = &connect.last_will {
         if !may_publish(&device, &will.topic) {
@@ -358,7 +367,7 @@ async fn relay(
         .write_all(&buf)
         .await
         .map_err(|e| format!("embedded broker: {e}"))?;
-    shared.tls_sessions.enter(&identity, 1);
+    auth.sessions.enter(&identity, 1);
     let kicked = async {
         loop {
             match kicks.recv().await {
@@ -378,7 +387,7 @@ async fn relay(
             Ok(())
         }
     };
-    shared.tls_sessions.enter(&identity, -1);
+    auth.sessions.enter(&identity, -1);
     result
 }
 
@@ -521,5 +530,171 @@ mod tests {
         ] {
             assert!(!may_subscribe(&a, wild), "{wild}");
         }
+    }
+}
+
+// ---- setup: which broker, on which addresses, with which logins ---------------------
+
+use std::net::ToSocketAddrs as _;
+
+use rand::RngCore as _;
+
+use crate::app::BrokerLogins;
+use crate::config::{BrokerMode, BrokerUrl, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    TlsFront(#[from] TlsFrontError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+}
+
+/// The broker decided on, before anything listens.
+pub struct Prepared {
+    /// Where the control plane's own sessions connect, with its login.
+    pub control_plane_url: BrokerUrl,
+    /// Where rumqttd listens (embedded only): the private loopback port behind the TLS
+    /// front, or the public address in plaintext mode.
+    pub embedded: Option<SocketAddr>,
+    /// The public mutual-TLS listener and its server config (embedded, not plaintext).
+    pub tls_front: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    /// The address devices connect to (for an external broker, as resolved now).
+    pub public_addr: SocketAddr,
+    pub logins: BrokerLogins,
+    /// Written into enrolled agents' configs.
+    pub agent_broker_url: String,
+}
+
+fn random_secret() -> String {
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    topics::hex32(&b)
+}
+
+/// Decides addresses, logins and the broker's TLS identity from the settings.
+pub fn prepare(
+    settings: &Settings,
+    ca: &crate::pki::FleetCa,
+    now_ms: u64,
+) -> Result<Prepared, SetupError> {
+    let advertised = settings.advertised_broker_url.clone();
+    match &settings.broker {
+        BrokerMode::Embedded { listen } if !settings.allow_plaintext => {
+            prepare_tls_front(*listen, advertised, ca, now_ms)
+        }
+        BrokerMode::Embedded { listen } => {
+            tracing::warn!(
+                "allow_plaintext: the embedded broker accepts plaintext MQTT without client \
+                 certificates; for development only"
+            );
+            let listen = concrete(*listen)?;
+            let login = ("drover-control-plane".to_string(), random_secret());
+            Ok(Prepared {
+                control_plane_url: loopback_login(listen, &login),
+                embedded: Some(listen),
+                tls_front: None,
+                public_addr: listen,
+                logins: BrokerLogins {
+                    control_plane: Some(login),
+                    front_key: None,
+                },
+                agent_broker_url: advertised.unwrap_or_else(|| format!("mqtt://{listen}")),
+            })
+        }
+        BrokerMode::External(u) => {
+            let scheme = if u.tls { "mqtts" } else { "mqtt" };
+            let public_addr = (u.host.as_str(), u.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], u.port)));
+            Ok(Prepared {
+                control_plane_url: u.clone(),
+                embedded: None,
+                tls_front: None,
+                public_addr,
+                logins: BrokerLogins::default(),
+                agent_broker_url: advertised
+                    .unwrap_or_else(|| format!("{scheme}://{}:{}", u.host, u.port)),
+            })
+        }
+    }
+}
+
+fn loopback_login(addr: SocketAddr, login: &(String, String)) -> BrokerUrl {
+    BrokerUrl {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        tls: false,
+        username: Some(login.0.clone()),
+        password: Some(login.1.clone()),
+    }
+}
+
+/// rumqttd on a private loopback port; the mutual-TLS front on `listen`, with a broker
+/// certificate for every name devices may use to reach it.
+fn prepare_tls_front(
+    listen: SocketAddr,
+    advertised: Option<String>,
+    ca: &crate::pki::FleetCa,
+    now_ms: u64,
+) -> Result<Prepared, SetupError> {
+    let backend = concrete(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let port_err = |source| BrokerError::Port {
+        addr: listen,
+        source,
+    };
+    let front = TcpListener::bind(listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(port_err)?;
+    let public = front.local_addr().map_err(port_err)?;
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !public.ip().is_unspecified() {
+        hosts.push(public.ip().to_string());
+    }
+    if let Some(u) = advertised
+        .as_deref()
+        .and_then(|a| crate::config::parse_broker_url(a).ok())
+    {
+        hosts.push(u.host);
+    }
+    hosts.dedup();
+    let (cert, key) = ca.broker_identity(&hosts, now_ms)?;
+    let tls = server_tls_config(ca.ca_pem(), &cert, &key)?;
+    let mut k = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut k);
+    let login = ("drover-control-plane".to_string(), random_secret());
+    Ok(Prepared {
+        control_plane_url: loopback_login(backend, &login),
+        embedded: Some(backend),
+        tls_front: Some((front, tls)),
+        public_addr: public,
+        logins: BrokerLogins {
+            control_plane: Some(login),
+            front_key: Some(drover_protocol::DeviceKey(k)),
+        },
+        agent_broker_url: advertised.unwrap_or_else(|| format!("mqtts://{public}")),
+    })
+}
+
+/// Starts the embedded broker (and its TLS front) when `prepared` asks for one. Returns
+/// the public address and, behind a front, rumqttd's private address.
+pub fn launch(
+    prepared: &mut Prepared,
+    auth: BrokerAuth,
+) -> Result<(SocketAddr, Option<SocketAddr>), SetupError> {
+    let Some(embedded) = prepared.embedded else {
+        return Ok((prepared.public_addr, None));
+    };
+    start(embedded, auth.devices.clone())?;
+    match prepared.tls_front.take() {
+        Some((front, tls)) => {
+            let public = start_tls_front(front, embedded, tls, auth)?;
+            Ok((public, Some(embedded)))
+        }
+        None => Ok((embedded, None)),
     }
 }

@@ -4,21 +4,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_protocol::envelope::encode_chunk;
 use drover_protocol::messages::{ChunkData, ChunkRequest};
-use drover_protocol::topics::{self, hex32};
+use drover_protocol::topics::hex32;
 use drover_protocol::trust::Digest;
-use rumqttc::QoS;
 use tokio::sync::mpsc;
 
-use crate::mqtt::MqttLink;
-use crate::serve::Shared;
+use crate::app::App;
 use crate::store::Store;
-use drover_host::clock::now_ms;
 
 /// Pure core: which chunks are due for publishing at `now`. Clock passed in.
 #[derive(Debug, Default)]
@@ -112,15 +108,14 @@ impl Files {
 /// Serves chunk requests until `rx` closes.
 pub async fn run(
     mut rx: mpsc::UnboundedReceiver<ChunkRequest>,
-    shared: Arc<Shared>,
-    mqtt: Arc<MqttLink>,
+    app: App,
     store: Arc<Mutex<Store>>,
-    window_ms: u64,
 ) {
-    let mut co = Coalescer::new(window_ms);
+    let now_ms = || app.clock.unix_ms();
+    let mut co = Coalescer::new(app.settings.chunk_window.as_millis() as u64);
     let mut files = Files {
         store,
-        models_dir: shared.data_dir.join("models"),
+        models_dir: app.paths.models_dir(),
         cache: HashMap::new(),
     };
     loop {
@@ -159,21 +154,8 @@ pub async fn run(
                 index,
                 data: bytes[start..end].to_vec(),
             });
-            let len = frame.len() as u64;
-            match mqtt
-                .publish(
-                    topics::model_chunks(&digest),
-                    frame,
-                    QoS::AtLeastOnce,
-                    false,
-                )
-                .await
-            {
-                Ok(()) => {
-                    shared.metrics.chunk_publishes.fetch_add(1, Relaxed);
-                    shared.metrics.chunk_bytes.fetch_add(len, Relaxed);
-                }
-                Err(e) => tracing::warn!(error = %e, "chunk publish failed"),
+            if let Err(e) = app.outbox.publish_chunk(&digest, frame).await {
+                tracing::warn!(error = %e, "chunk publish failed");
             }
         }
     }

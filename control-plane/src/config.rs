@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -221,12 +222,88 @@ pub enum BrokerMode {
     External(BrokerUrl),
 }
 
-/// A config that passed validation.
+/// A config that passed validation, typed: addresses parsed, optional paths as `Option`,
+/// durations as `Duration`. What the server runs on; the TOML form stays in `ServeConfig`.
 #[derive(Clone, Debug)]
-pub struct ValidServeConfig {
-    pub raw: ServeConfig,
+pub struct Settings {
+    pub data_dir: PathBuf,
     pub http_listen: SocketAddr,
     pub broker: BrokerMode,
+    /// Embedded broker only: plaintext MQTT with passwords, no client certificates.
+    pub allow_plaintext: bool,
+    /// CA bundle for an `mqtts://` external broker (`None`: the fleet CA).
+    pub broker_ca_file: Option<PathBuf>,
+    /// Client certificate and key for an `mqtts://` external broker (`None`: the control
+    /// plane's own identity from the fleet CA).
+    pub broker_client_identity: Option<(PathBuf, PathBuf)>,
+    /// Broker URL written into enrolled agents' configs (`None`: derived from the broker).
+    pub advertised_broker_url: Option<String>,
+    pub ingest: IngestSettings,
+    pub telemetry_retention: Duration,
+    pub chunk_window: Duration,
+    pub command_ttl: Duration,
+    pub rollout_tick: Duration,
+    pub rollout_republish: Duration,
+    /// Drift scoring and continuous training (`None`: no policy configured).
+    pub continuous: Option<ContinuousSettings>,
+}
+
+#[derive(Clone, Debug)]
+pub struct IngestSettings {
+    pub batch_max: usize,
+    pub ack_interval: Duration,
+    pub sessions: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ContinuousSettings {
+    pub policy: PathBuf,
+    pub tick: Duration,
+    pub local_jobs: usize,
+    pub slurm_bin_dir: Option<PathBuf>,
+    pub slurm_conf: Option<PathBuf>,
+}
+
+fn non_empty(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+impl ServeConfig {
+    /// The typed form of a config whose checks passed.
+    fn settings(self, http_listen: SocketAddr, broker: BrokerMode) -> Settings {
+        const HOUR: Duration = Duration::from_secs(3_600);
+        let c = self.continuous;
+        Settings {
+            http_listen,
+            broker,
+            allow_plaintext: self.allow_plaintext,
+            broker_ca_file: non_empty(&self.broker_ca_file),
+            broker_client_identity: non_empty(&self.broker_client_cert_file)
+                .zip(non_empty(&self.broker_client_key_file)),
+            advertised_broker_url: (!self.advertised_broker_url.is_empty())
+                .then_some(self.advertised_broker_url),
+            ingest: IngestSettings {
+                batch_max: self.ingest.batch_max,
+                ack_interval: Duration::from_millis(self.ingest.ack_interval_ms),
+                sessions: self.ingest.sessions,
+            },
+            telemetry_retention: HOUR
+                .saturating_mul(u32::try_from(self.telemetry_retention_hours).unwrap_or(u32::MAX)),
+            chunk_window: Duration::from_millis(self.chunk_window_ms),
+            command_ttl: HOUR
+                .saturating_mul(u32::try_from(self.command_ttl_hours).unwrap_or(u32::MAX)),
+            rollout_tick: Duration::from_millis(self.rollout_tick_ms),
+            rollout_republish: Duration::from_millis(self.rollout_republish_ms),
+            continuous: non_empty(&c.policy).map(|policy| ContinuousSettings {
+                policy,
+                tick: Duration::from_secs(c.tick_secs),
+                local_jobs: c.local_jobs,
+                slurm_bin_dir: non_empty(&c.slurm_bin_dir),
+                slurm_conf: non_empty(&c.slurm_conf),
+            }),
+            data_dir: self.data_dir,
+        }
+    }
 }
 
 fn env_layer(cfg: &mut ServeConfig, env: &HashMap<String, String>, errors: &mut Vec<String>) {
@@ -259,7 +336,7 @@ impl ServeConfig {
         file: Option<&Path>,
         env: &HashMap<String, String>,
         overrides: &Overrides,
-    ) -> Result<ValidServeConfig, ConfigError> {
+    ) -> Result<Settings, ConfigError> {
         let mut cfg = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -293,11 +370,11 @@ impl ServeConfig {
         cfg.validate_with(errors)
     }
 
-    pub fn validate(self) -> Result<ValidServeConfig, ConfigError> {
+    pub fn validate(self) -> Result<Settings, ConfigError> {
         self.validate_with(Vec::new())
     }
 
-    fn validate_with(self, mut errors: Vec<String>) -> Result<ValidServeConfig, ConfigError> {
+    fn validate_with(self, mut errors: Vec<String>) -> Result<Settings, ConfigError> {
         if self.version != CONFIG_VERSION {
             errors.push(format!(
                 "version = {} is not supported; this build reads version {CONFIG_VERSION}",
@@ -369,11 +446,7 @@ impl ServeConfig {
             errors.push("rollout_republish_ms must be within 100..=3600000".into());
         }
         match (errors.is_empty(), http, broker) {
-            (true, Some(http_listen), Some(broker)) => Ok(ValidServeConfig {
-                raw: self,
-                http_listen,
-                broker,
-            }),
+            (true, Some(http_listen), Some(broker)) => Ok(self.settings(http_listen, broker)),
             _ => Err(ConfigError::Invalid(errors)),
         }
     }
@@ -424,6 +497,44 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(toml::from_str::<ServeConfig>(&ServeConfig::default_toml()).is_ok());
+    }
+
+    #[test]
+    fn settings_are_typed_empty_paths_are_none_and_durations_carry_their_unit() {
+        let s = ServeConfig::default().validate().unwrap();
+        assert_eq!(s.broker_ca_file, None);
+        assert_eq!(s.broker_client_identity, None);
+        assert_eq!(s.advertised_broker_url, None);
+        assert!(s.continuous.is_none(), "no policy: no continuous training");
+        assert_eq!(s.command_ttl, Duration::from_secs(7 * 24 * 3_600));
+        assert_eq!(s.ingest.ack_interval, Duration::from_millis(200));
+        let s = ServeConfig {
+            broker_client_cert_file: "c.pem".into(),
+            broker_client_key_file: "k.pem".into(),
+            advertised_broker_url: "mqtts://cp.example.com:8883".into(),
+            continuous: ContinuousConfig {
+                policy: "policy.toml".into(),
+                tick_secs: 30,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            s.broker_client_identity,
+            Some((PathBuf::from("c.pem"), PathBuf::from("k.pem")))
+        );
+        assert_eq!(
+            s.advertised_broker_url.as_deref(),
+            Some("mqtts://cp.example.com:8883")
+        );
+        let c = s.continuous.unwrap();
+        assert_eq!(
+            (c.policy, c.tick),
+            (PathBuf::from("policy.toml"), Duration::from_secs(30))
+        );
+        assert_eq!(c.slurm_bin_dir, None);
     }
 
     #[test]

@@ -1169,6 +1169,62 @@ fn strip_label_column(csv: &str, features: usize) -> String {
         .join("\n")
 }
 
+/// Starts drift scoring and continuous training when a policy is configured: re-attaches
+/// to Slurm jobs left running, then ticks until `stop` turns true. A policy that does not
+/// load stops the server with the reason (the operator asked for it to run).
+pub async fn start(
+    app: &crate::app::App,
+    store: &Arc<Mutex<Store>>,
+    rollouts: crate::rollout::driver::WeakRolloutHandle,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Option<Arc<Engine>>, Option<tokio::task::JoinHandle<()>>)> {
+    let Some(cfg) = app.settings.continuous.clone() else {
+        return Ok((None, None));
+    };
+    let mut engine = Engine::from_policy_file(
+        Arc::clone(store),
+        app.paths.data_dir().to_owned(),
+        &app.keys.current().signing,
+        &cfg.policy,
+        cfg.local_jobs,
+    )?;
+    engine.slurm = SlurmConfig {
+        bin_dir: cfg.slurm_bin_dir.clone(),
+        slurm_conf: cfg.slurm_conf.clone(),
+    };
+    engine.rollouts = Some(rollouts);
+    // After `drover keys rotate` the engine signs with the new key, like the rest of serve.
+    let keys = app.keys.clone();
+    engine.set_signing_source(Arc::new(move || {
+        SecretKey::from_seed(keys.current().signing.seed())
+    }));
+    let engine = Arc::new(engine);
+    if let Err(e) = engine.reattach().await {
+        tracing::error!(error = %e, "cannot re-attach to training jobs");
+    }
+    let e = Arc::clone(&engine);
+    let clock = Arc::clone(&app.clock);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cfg.tick);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match e.tick(clock.unix_ms()).await {
+                Ok(t) => {
+                    if let Some(trigger) = t.trigger {
+                        tracing::info!(%trigger, "training job started");
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "continuous tick failed"),
+            }
+        }
+    });
+    Ok((Some(engine), Some(task)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

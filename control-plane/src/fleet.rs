@@ -8,7 +8,7 @@ use drover_protocol::trust::{KeyId, SigKind, SignedBlob};
 use drover_protocol::{DeviceId, DeviceKey};
 use rand::RngCore as _;
 
-use crate::serve::{DeviceEntry, Shared};
+use crate::app::{App, DeviceEntry};
 use crate::store::{CommandRow, ModelRow, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub struct Enrollment {
 }
 
 pub fn enroll(
-    shared: &Shared,
+    app: &App,
     store: &mut Store,
     id: &str,
     labels: &BTreeMap<String, String>,
@@ -50,8 +50,8 @@ pub fn enroll(
     rand::rngs::OsRng.fill_bytes(&mut key);
     let device_key = DeviceKey(key);
     store.enroll_device(&device_id, &device_key, labels, now_ms)?;
-    let cert = shared.ca.issue_device(id, now_ms)?;
-    shared.set_device(
+    let cert = app.ca.issue_device(id, now_ms)?;
+    app.devices.set(
         device_id.clone(),
         DeviceEntry {
             key: device_key.clone(),
@@ -69,19 +69,14 @@ pub fn enroll(
 /// Revokes a device at once: the embedded broker refuses its logins and cuts its open
 /// session, ingest refuses its frames, and the CRL for external brokers lists its
 /// certificate (`<data>/keys/crl.pem`; mosquitto reads it on SIGHUP).
-pub fn decommission(
-    shared: &Shared,
-    store: &mut Store,
-    id: &str,
-    now_ms: u64,
-) -> Result<(), FleetError> {
+pub fn decommission(app: &App, store: &mut Store, id: &str, now_ms: u64) -> Result<(), FleetError> {
     let device_id = DeviceId::new(id)?;
     if !store.decommission_device(id)? {
         return Err(StoreError::UnknownDevice(id.to_owned()).into());
     }
-    let key = shared.device_key(&device_id);
+    let key = app.devices.key(&device_id);
     if let Some(key) = key {
-        shared.set_device(
+        app.devices.set(
             device_id.clone(),
             DeviceEntry {
                 key,
@@ -89,8 +84,8 @@ pub fn decommission(
             },
         );
     }
-    shared.tls_sessions.kick(id);
-    shared.ca.write_crl(&shared.decommissioned(), now_ms)?;
+    app.tls_sessions.kick(id);
+    app.ca.write_crl(&app.devices.decommissioned(), now_ms)?;
     tracing::info!(device_id = %device_id, "device decommissioned; CRL rewritten");
     Ok(())
 }
@@ -121,7 +116,7 @@ pub fn manifest_blob(model: &ModelRow) -> SignedBlob {
 
 /// Signs `action` for `device` with sequence `seq`; the row is what the store persists.
 pub fn sign_command(
-    shared: &Shared,
+    app: &App,
     device: &DeviceId,
     seq: u64,
     now_ms: u64,
@@ -134,7 +129,7 @@ pub fn sign_command(
         Action::Promote => ("promote", None),
         Action::Configure(_) => ("configure", None),
     };
-    let expires_at_ms = now_ms.saturating_add(shared.command_ttl_ms);
+    let expires_at_ms = app.command_expiry_ms(now_ms);
     let cmd = Command {
         target: device.clone(),
         seq,
@@ -143,7 +138,7 @@ pub fn sign_command(
         rollout_id,
         action,
     };
-    let blob = shared.keys().signing.sign_command(&cmd);
+    let blob = app.keys.current().signing.sign_command(&cmd);
     CommandRow {
         device: device.to_string(),
         seq,
@@ -170,7 +165,7 @@ pub fn command_blob(row: &CommandRow) -> SignedBlob {
 /// Issues a signed deploy command with the device's next sequence number, persisted
 /// (synchronous=FULL) before it is returned for publishing.
 pub fn deploy(
-    shared: &Shared,
+    app: &App,
     store: &mut Store,
     device: &str,
     model: &ModelRow,
@@ -181,7 +176,7 @@ pub fn deploy(
     let manifest = manifest_blob(model);
     let built = store.issue_command(device, |seq| {
         Ok::<_, std::convert::Infallible>(sign_command(
-            shared,
+            app,
             &target,
             seq,
             now_ms,

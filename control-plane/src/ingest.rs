@@ -20,9 +20,10 @@ use drover_protocol::trust::SignedBlob;
 use drover_protocol::{DecodeError, DeviceId};
 use tokio::sync::mpsc;
 
+use crate::app::Devices;
+use crate::metrics::Metrics;
 use crate::metrics::Refusal;
 use crate::mqtt::RawUplink;
-use crate::serve::Shared;
 use crate::store::{Inbound, Store};
 use drover_host::clock::now_ms;
 
@@ -47,7 +48,8 @@ const LOG_INTERVAL_MS: u64 = 60_000;
 
 struct Ingest {
     store: Store,
-    shared: Arc<Shared>,
+    devices: Devices,
+    metrics: Arc<Metrics>,
     events: mpsc::UnboundedSender<Event>,
     last_logged: HashMap<(String, Refusal), u64>,
     online: HashSet<DeviceId>,
@@ -57,7 +59,8 @@ struct Ingest {
 /// sender of `rx` is dropped.
 pub fn spawn(
     store: Store,
-    shared: Arc<Shared>,
+    devices: Devices,
+    metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<RawUplink>,
     events: mpsc::UnboundedSender<Event>,
     batch_max: usize,
@@ -67,7 +70,8 @@ pub fn spawn(
         .spawn(move || {
             let mut ing = Ingest {
                 store,
-                shared,
+                devices,
+                metrics,
                 events,
                 last_logged: HashMap::new(),
                 online: HashSet::new(),
@@ -89,7 +93,7 @@ pub fn spawn(
 
 impl Ingest {
     fn refuse(&mut self, who: &str, r: Refusal, detail: &dyn std::fmt::Display) {
-        self.shared.metrics.refuse(r);
+        self.metrics.refuse(r);
         let now = now_ms();
         let key = (who.to_owned(), r);
         let due = self
@@ -117,16 +121,10 @@ impl Ingest {
                 return None;
             }
         };
-        let key = {
-            let devices = self
-                .shared
-                .devices
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
-            devices
-                .get(&device)
-                .map(|d| (d.key.clone(), d.decommissioned))
-        };
+        let key = self
+            .devices
+            .entry(&device)
+            .map(|d| (d.key, d.decommissioned));
         let key = match key {
             None => {
                 self.refuse(device.as_str(), Refusal::UnknownDevice, &"not enrolled");
@@ -168,7 +166,7 @@ impl Ingest {
     }
 
     fn batch(&mut self, raw: &mut Vec<RawUplink>) {
-        let m = Arc::clone(&self.shared.metrics);
+        let m = Arc::clone(&self.metrics);
         m.uplink_received.fetch_add(raw.len() as u64, Relaxed);
         let mut items = Vec::with_capacity(raw.len());
         for r in raw.drain(..) {

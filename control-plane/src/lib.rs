@@ -25,15 +25,18 @@
 
 pub mod api;
 pub mod api_continuous;
+pub mod app;
 pub mod broker;
 pub mod chunks;
 pub mod config;
 pub mod continuous;
+pub mod dispatch;
 pub mod drift;
 pub mod fleet;
 pub mod ingest;
 pub mod jobs;
 pub mod keys;
+pub mod maintenance;
 pub mod metrics;
 pub mod mqtt;
 pub mod pki;

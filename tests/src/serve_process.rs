@@ -30,7 +30,7 @@ impl ServeProcess {
                 data_dir.display().to_string()
             ),
         )?;
-        let url_file = data_dir.join(drover_control_plane::serve::URL_FILE);
+        let url_file = data_dir.join(drover_control_plane::app::paths::URL_FILE);
         let _ = std::fs::remove_file(&url_file);
         let log = std::fs::File::create(data_dir.join("serve.log"))?;
         let child = Command::new(bin)
@@ -68,9 +68,10 @@ impl ServeProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        p.token = std::fs::read_to_string(data_dir.join(drover_control_plane::serve::TOKEN_FILE))?
-            .trim()
-            .to_owned();
+        p.token =
+            std::fs::read_to_string(data_dir.join(drover_control_plane::app::paths::TOKEN_FILE))?
+                .trim()
+                .to_owned();
         Ok(p)
     }
 

@@ -182,7 +182,7 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     // The engine on the server's store and keys, with the policy: site groups, two
     // consecutive alert windows trigger the built-in trainer on base + fleet data.
     let store = Arc::new(Mutex::new(
-        Store::open(&data_dir.join(serve::DB_FILE)).unwrap(),
+        Store::open(&data_dir.join(drover_control_plane::app::paths::DB_FILE)).unwrap(),
     ));
     let keys = drover_control_plane::keys::load(&data_dir).unwrap();
     let drover = workspace_bin("drover").unwrap();

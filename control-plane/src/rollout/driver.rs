@@ -24,9 +24,8 @@ use super::engine::{
     ShadowObs, Slot,
 };
 use super::plan::{Plan, Selector};
+use crate::app::App;
 use crate::fleet;
-use crate::mqtt::MqttLink;
-use crate::serve::Shared;
 use crate::store::{RolloutWrite, Store, StoreError};
 use drover_host::clock::now_ms;
 
@@ -201,9 +200,8 @@ fn hist(counts: Vec<u64>) -> LatencyHistogram {
 }
 
 struct Driver {
-    shared: Arc<Shared>,
+    app: App,
     store: Arc<Mutex<Store>>,
-    mqtt: Arc<MqttLink>,
     rollouts: BTreeMap<u64, RolloutState>,
     seen: HashMap<u64, Seen>,
     /// (device, seq) → when it was last published.
@@ -216,18 +214,13 @@ struct Driver {
 }
 
 /// Starts the driver task; it stops when every handle is dropped.
-pub fn spawn(
-    shared: Arc<Shared>,
-    store: Arc<Mutex<Store>>,
-    mqtt: Arc<MqttLink>,
-    interval: Duration,
-    republish: Duration,
-) -> (RolloutHandle, tokio::task::JoinHandle<()>) {
+pub fn spawn(app: App, store: Arc<Mutex<Store>>) -> (RolloutHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
+    let interval = app.settings.rollout_tick;
+    let republish = app.settings.rollout_republish;
     let driver = Driver {
-        shared,
+        app,
         store,
-        mqtt,
         rollouts: BTreeMap::new(),
         seen: HashMap::new(),
         published: HashMap::new(),
@@ -240,13 +233,13 @@ pub fn spawn(
 impl Driver {
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Shared, &mut Store) -> Result<T, RolloutError> + Send + 'static,
+        f: impl FnOnce(&App, &mut Store) -> Result<T, RolloutError> + Send + 'static,
     ) -> Result<T, RolloutError> {
-        let shared = Arc::clone(&self.shared);
+        let app = self.app.clone();
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || {
             let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-            f(&shared, &mut s)
+            f(&app, &mut s)
         })
         .await
         .map_err(|e| RolloutError::Corrupt(format!("store task failed: {e}")))?
@@ -422,7 +415,7 @@ impl Driver {
             tracing::info!(rollout = state.id, kind = %e.kind, "{}", e.detail);
         }
         let (state, rows) = self
-            .blocking(move |shared, s| {
+            .blocking(move |app, s| {
                 let manifest = match fleet::find_model(s, &state.plan.model) {
                     Ok(m) => Some(fleet::manifest_blob(&m)),
                     Err(_) => None,
@@ -473,7 +466,7 @@ impl Driver {
                             None => return Err(RolloutError::Corrupt("no action".into())),
                         };
                         Ok(fleet::sign_command(
-                            shared,
+                            app,
                             &id,
                             seq,
                             now,
@@ -499,14 +492,11 @@ impl Driver {
         }
         for row in &rows {
             if let Ok(device) = DeviceId::new(row.device.clone()) {
-                self.shared.metrics.commands_issued.fetch_add(1, Relaxed);
-                crate::serve::send_command(
-                    &self.shared,
-                    &self.mqtt,
-                    &device,
-                    fleet::command_blob(row),
-                )
-                .await;
+                self.app.metrics.commands_issued.fetch_add(1, Relaxed);
+                self.app
+                    .outbox
+                    .send_command(&device, fleet::command_blob(row))
+                    .await;
             }
         }
         Ok(state)
@@ -552,13 +542,10 @@ impl Driver {
         for row in rows {
             if let Ok(device) = DeviceId::new(row.device.clone()) {
                 tracing::info!(rollout = r.id, device_id = %device, seq = row.seq, "republishing an unanswered command");
-                crate::serve::send_command(
-                    &self.shared,
-                    &self.mqtt,
-                    &device,
-                    fleet::command_blob(&row),
-                )
-                .await;
+                self.app
+                    .outbox
+                    .send_command(&device, fleet::command_blob(&row))
+                    .await;
                 self.published.insert((row.device.clone(), row.seq), now);
             }
         }

@@ -149,11 +149,11 @@ async fn run(a: Args) -> anyhow::Result<()> {
     );
     let server = match &a.server {
         Some(s) => s.clone(),
-        None => read_trimmed(&a.data_dir, drover_control_plane::serve::URL_FILE)?,
+        None => read_trimmed(&a.data_dir, drover_control_plane::app::paths::URL_FILE)?,
     };
     let token = match &a.token {
         Some(t) => t.clone(),
-        None => read_trimmed(&a.data_dir, drover_control_plane::serve::TOKEN_FILE)?,
+        None => read_trimmed(&a.data_dir, drover_control_plane::app::paths::TOKEN_FILE)?,
     };
     let api = Api::new(server, token);
     let cfg = SimConfig {

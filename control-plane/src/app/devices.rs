@@ -1,0 +1,205 @@
+//! The device cache: every enrolled device's key and standing, loaded from the store at
+//! start and updated by enroll and decommission, so the broker's login hook and ingest's
+//! MAC check never wait on SQLite. Also the broker login rules.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock};
+
+use drover_host::ct_eq;
+use drover_protocol::topics;
+use drover_protocol::{DeviceId, DeviceKey};
+
+use crate::metrics::Metrics;
+
+/// A device as the broker and ingest see it.
+#[derive(Clone, Debug)]
+pub struct DeviceEntry {
+    pub key: DeviceKey,
+    pub decommissioned: bool,
+}
+
+/// Who may log in to the embedded broker, besides enrolled devices.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerLogins {
+    /// The control plane's own login (embedded broker only).
+    pub control_plane: Option<(String, String)>,
+    /// Embedded broker behind the mutual-TLS front: the per-process key of the logins
+    /// the front vouches for. rumqttd then accepts device logins only with this token,
+    /// so its private loopback port cannot be used to skip the certificate check.
+    pub front_key: Option<DeviceKey>,
+}
+
+/// Cheap to clone; every clone sees the same devices.
+#[derive(Clone, Debug)]
+pub struct Devices {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    map: RwLock<HashMap<DeviceId, DeviceEntry>>,
+    logins: BrokerLogins,
+    metrics: Arc<Metrics>,
+}
+
+impl Devices {
+    pub fn new(
+        entries: impl IntoIterator<Item = (DeviceId, DeviceEntry)>,
+        logins: BrokerLogins,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let d = Devices {
+            inner: Arc::new(Inner {
+                map: RwLock::new(HashMap::new()),
+                logins,
+                metrics,
+            }),
+        };
+        for (id, e) in entries {
+            d.set(id, e);
+        }
+        d
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<DeviceId, DeviceEntry>> {
+        self.inner.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds or replaces a device; keeps the enrolled-devices gauge current.
+    pub fn set(&self, id: DeviceId, entry: DeviceEntry) {
+        let mut map = self.inner.map.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(id, entry);
+        let n = map.values().filter(|d| !d.decommissioned).count();
+        self.inner.metrics.devices_enrolled.store(n as u64, Relaxed);
+    }
+
+    /// A device's entry, decommissioned or not (`None`: never enrolled).
+    pub fn entry(&self, id: &DeviceId) -> Option<DeviceEntry> {
+        self.read().get(id).cloned()
+    }
+
+    /// An active device's key (`None`: unknown or decommissioned).
+    pub fn key(&self, id: &DeviceId) -> Option<DeviceKey> {
+        self.read()
+            .get(id)
+            .filter(|d| !d.decommissioned)
+            .map(|d| d.key.clone())
+    }
+
+    /// Ids of decommissioned devices, sorted (for the CRL).
+    pub fn decommissioned(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .read()
+            .iter()
+            .filter(|(_, d)| d.decommissioned)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Broker authentication: the control plane's own login, or username = device id and
+    /// password = that device's derived MQTT password. Decommissioned: refused. Behind the
+    /// TLS front, a device login must carry the front's token instead (the front checked
+    /// certificate, username and password before issuing it).
+    pub fn broker_login_ok(&self, user: &str, pass: &str) -> bool {
+        let logins = &self.inner.logins;
+        if let Some((u, p)) = &logins.control_plane {
+            if user == u {
+                return ct_eq(pass.as_bytes(), p.as_bytes());
+            }
+        }
+        let ok = match &logins.front_key {
+            Some(_) => {
+                self.is_active(user) && ct_eq(pass.as_bytes(), self.front_token(user).as_bytes())
+            }
+            None => self.password_ok(user, pass),
+        };
+        if !ok {
+            self.inner.metrics.broker_auth_refused.fetch_add(1, Relaxed);
+            tracing::warn!(device_id = user, "broker refused a login");
+        }
+        ok
+    }
+
+    fn is_active(&self, user: &str) -> bool {
+        DeviceId::new(user)
+            .ok()
+            .is_some_and(|id| self.key(&id).is_some())
+    }
+
+    /// Username = an enrolled, active device id and password = its derived MQTT password.
+    pub fn password_ok(&self, user: &str, pass: &str) -> bool {
+        DeviceId::new(user).ok().is_some_and(|id| {
+            self.read().get(&id).is_some_and(|d| {
+                !d.decommissioned && ct_eq(pass.as_bytes(), d.key.mqtt_password().as_bytes())
+            })
+        })
+    }
+
+    /// The password the TLS front substitutes for a device it has authenticated.
+    pub fn front_token(&self, user: &str) -> String {
+        match &self.inner.logins.front_key {
+            Some(k) => topics::hex32(&k.mac(format!("drover-tls-front-v1:{user}").as_bytes())),
+            None => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devices(front: bool) -> Devices {
+        let logins = BrokerLogins {
+            control_plane: Some(("cp".into(), "cp-secret".into())),
+            front_key: front.then_some(DeviceKey([7; 32])),
+        };
+        let entry = |k: u8, decommissioned| DeviceEntry {
+            key: DeviceKey([k; 32]),
+            decommissioned,
+        };
+        Devices::new(
+            [
+                (DeviceId::new("gw-1").unwrap(), entry(1, false)),
+                (DeviceId::new("gw-2").unwrap(), entry(2, true)),
+            ],
+            logins,
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    #[test]
+    fn broker_logins_follow_enrollment_and_decommission() {
+        let d = devices(false);
+        let pw = |k: u8| DeviceKey([k; 32]).mqtt_password();
+        assert!(d.broker_login_ok("cp", "cp-secret"));
+        assert!(!d.broker_login_ok("cp", "wrong"));
+        assert!(d.broker_login_ok("gw-1", &pw(1)));
+        assert!(
+            !d.broker_login_ok("gw-1", &pw(2)),
+            "another device's password"
+        );
+        assert!(!d.broker_login_ok("gw-2", &pw(2)), "decommissioned");
+        assert!(!d.broker_login_ok("gw-9", &pw(1)), "unknown");
+        assert_eq!(d.decommissioned(), vec!["gw-2".to_string()]);
+        assert_eq!(d.inner.metrics.devices_enrolled.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn behind_the_tls_front_only_the_front_token_logs_a_device_in() {
+        let d = devices(true);
+        let pw = DeviceKey([1; 32]).mqtt_password();
+        assert!(
+            !d.broker_login_ok("gw-1", &pw),
+            "the device password skips the front"
+        );
+        assert!(d.broker_login_ok("gw-1", &d.front_token("gw-1")));
+        assert!(!d.broker_login_ok("gw-1", &d.front_token("gw-3")));
+        assert!(
+            !d.broker_login_ok("gw-2", &d.front_token("gw-2")),
+            "decommissioned"
+        );
+    }
+}
