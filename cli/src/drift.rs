@@ -4,7 +4,8 @@ use clap::Subcommand;
 
 use super::client::{print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
-use drover_control_plane::drift::Score;
+use drover_control_plane::api::ScoreView as Score;
+use drover_control_plane::drift::Level;
 
 #[derive(Debug, Subcommand)]
 pub enum DriftCommand {
@@ -67,10 +68,13 @@ pub async fn run(cmd: DriftCommand) -> anyhow::Result<()> {
             server,
             output,
         } => {
-            let min = drover_control_plane::drift::Level::parse(&level)
+            let min = Level::parse(&level)
                 .ok_or_else(|| anyhow::anyhow!("--level {level:?}: expected ok, warn or alert"))?;
             let scores: Vec<Score> = Client::new(&server)?.get("/v1/drift/status").await?;
-            let scores: Vec<Score> = scores.into_iter().filter(|s| s.level >= min).collect();
+            let scores: Vec<Score> = scores
+                .into_iter()
+                .filter(|s| Level::parse(&s.level).is_some_and(|l| l >= min))
+                .collect();
             match output {
                 Output::Json => print_json(&scores),
                 Output::Text => {

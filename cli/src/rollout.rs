@@ -8,9 +8,10 @@ use clap::{Args, Subcommand};
 
 use super::client::{print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
+use drover_control_plane::api::VerdictView as Verdict;
 use drover_control_plane::api::{RolloutReport, RolloutView};
 use drover_control_plane::rollout::plan::{Gates, ShadowPhase, Wave};
-use drover_control_plane::rollout::{OnFailure, Plan, Verdict};
+use drover_control_plane::rollout::{OnFailure, Plan};
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {

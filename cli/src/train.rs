@@ -8,7 +8,7 @@ use clap::Subcommand;
 
 use super::client::{print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
-use drover_control_plane::api_continuous::{JobView, RunResponse};
+use drover_control_plane::api::{JobView, RunResponse};
 use drover_control_plane::jobs::dataset;
 use drover_control_plane::trainer::{self, TrainParams};
 

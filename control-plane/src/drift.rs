@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 
 use drover_protocol::manifest::{Baseline, FeatureBaseline};
 use drover_protocol::messages::FeatureSketch;
-use serde::{Deserialize, Serialize};
 
 /// Floor for bin proportions in PSI, so an empty bin does not make it infinite.
 pub const PSI_EPSILON: f64 = 1e-4;
@@ -49,7 +48,7 @@ pub fn psi(expected: &[u64], actual: &[u64], eps: f64) -> Option<f64> {
 }
 
 /// Result of a chi-square test of homogeneity.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ChiSquare {
     pub statistic: f64,
     pub dof: u32,
@@ -147,17 +146,12 @@ fn gamma_q(a: f64, x: f64) -> f64 {
 }
 
 /// Warn and alert levels.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Thresholds {
     pub psi_warn: f64,
     pub psi_alert: f64,
     /// See [`DEFAULT_MAX_P_VALUE`].
-    #[serde(default = "default_max_p_value")]
     pub max_p_value: f64,
-}
-
-fn default_max_p_value() -> f64 {
-    DEFAULT_MAX_P_VALUE
 }
 
 impl Default for Thresholds {
@@ -170,8 +164,7 @@ impl Default for Thresholds {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Ok,
     Warn,
@@ -231,7 +224,7 @@ pub fn scope_group(key: &str, value: &str) -> String {
 pub const SCOPE_FLEET: &str = "fleet";
 
 /// One drift score: one scope, one model, one window, one feature (or the predictions).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Score {
     pub scope: String,
     pub model_digest: String,

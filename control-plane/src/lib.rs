@@ -24,7 +24,7 @@
 //! - [`continuous`]: policy, triggers, the evaluation gate and registration of candidates.
 
 pub mod api;
-pub mod api_continuous;
+
 pub mod app;
 pub mod broker;
 pub mod chunks;

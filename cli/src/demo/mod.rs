@@ -29,12 +29,12 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::client::{Client, ServerArgs};
+use drover_control_plane::api::ScoreView as Score;
 use drover_control_plane::api::{
     DeviceView, EnrollRequest, EnrollResponse, ModelView, RolloutReport, RolloutView, TelemetryView,
 };
-use drover_control_plane::api_continuous::{JobView, RunResponse};
+use drover_control_plane::api::{JobView, RunResponse};
 use drover_control_plane::config::ServeConfig;
-use drover_control_plane::drift::Score;
 use drover_control_plane::rollout::Plan;
 use drover_control_plane::serve;
 pub use report::Report;
@@ -793,9 +793,7 @@ impl DriftLog {
         let mut sites = BTreeSet::new();
         let mut devices: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
         for s in &self.scores {
-            if s.level != drover_control_plane::drift::Level::Alert
-                || self.model(&s.model_digest) != first
-            {
+            if s.level != "alert" || self.model(&s.model_digest) != first {
                 continue;
             }
             if let Some(site) = s.scope.strip_prefix("site=") {

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ApiError, AppState};
+use super::{ApiError, AppState};
 use crate::drift::Score;
 use crate::store::{JobRow, Store};
 use drover_host::clock::now_ms;
@@ -76,6 +76,46 @@ impl From<JobRow> for JobView {
     }
 }
 
+/// One drift score: one scope, one model, one window, one feature (or the predictions).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreView {
+    /// `device:<id>`, `<label>=<value>` or `fleet`.
+    pub scope: String,
+    pub model_digest: String,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub feature: String,
+    /// Live observations in the window.
+    pub count: u64,
+    pub psi: Option<f64>,
+    pub chi2: Option<f64>,
+    pub p_value: Option<f64>,
+    /// Data-quality counts: NaN/missing and outside the baseline's range.
+    pub missing: u64,
+    pub out_of_range: u64,
+    /// `ok`, `warn` or `alert`.
+    pub level: String,
+}
+
+impl From<Score> for ScoreView {
+    fn from(s: Score) -> Self {
+        Self {
+            scope: s.scope,
+            model_digest: s.model_digest,
+            window_start_ms: s.window_start_ms,
+            window_end_ms: s.window_end_ms,
+            feature: s.feature,
+            count: s.count,
+            psi: s.psi,
+            chi2: s.chi2,
+            p_value: s.p_value,
+            missing: s.missing,
+            out_of_range: s.out_of_range,
+            level: s.level.as_str().to_owned(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunResponse {
     pub job_id: u64,
@@ -99,21 +139,21 @@ async fn read<T: Send + 'static>(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
-async fn status(State(st): State<AppState>) -> Result<Json<Vec<Score>>, ApiError> {
-    Ok(Json(read(&st, |s| Ok(s.drift_status()?)).await?))
+async fn status(State(st): State<AppState>) -> Result<Json<Vec<ScoreView>>, ApiError> {
+    let scores = read(&st, |s| Ok(s.drift_status()?)).await?;
+    Ok(Json(scores.into_iter().map(ScoreView::from).collect()))
 }
 
 async fn history(
     State(st): State<AppState>,
     Query(q): Query<HistoryQuery>,
-) -> Result<Json<Vec<Score>>, ApiError> {
+) -> Result<Json<Vec<ScoreView>>, ApiError> {
     let limit = q.limit.unwrap_or(1000).min(100_000);
-    Ok(Json(
-        read(&st, move |s| {
-            Ok(s.drift_history(q.scope.as_deref(), q.since_ms, limit)?)
-        })
-        .await?,
-    ))
+    let scores = read(&st, move |s| {
+        Ok(s.drift_history(q.scope.as_deref(), q.since_ms, limit)?)
+    })
+    .await?;
+    Ok(Json(scores.into_iter().map(ScoreView::from).collect()))
 }
 
 async fn jobs(State(st): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {

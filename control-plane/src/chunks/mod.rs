@@ -1,8 +1,13 @@
 //! Chunk serving: requests for the same chunk within a short window are answered by one
 //! publish on the model's shared chunk topic, so egress grows with model size, not with
 //! the number of downloading devices.
+//!
+//! [`coalescer`] is the pure core (which chunks are due, clock passed in); this module is
+//! its async shell: it reads model files and publishes through the outbox.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod coalescer;
+
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,56 +18,10 @@ use drover_protocol::topics::hex32;
 use drover_protocol::trust::Digest;
 use tokio::sync::mpsc;
 
+pub use self::coalescer::Coalescer;
+
 use crate::app::App;
 use crate::store::Store;
-
-/// Pure core: which chunks are due for publishing at `now`. Clock passed in.
-#[derive(Debug, Default)]
-pub struct Coalescer {
-    window_ms: u64,
-    /// (model, chunk) → when it was first requested in the current window.
-    pending: BTreeMap<(Digest, u32), u64>,
-}
-
-impl Coalescer {
-    pub fn new(window_ms: u64) -> Self {
-        Self {
-            window_ms,
-            pending: BTreeMap::new(),
-        }
-    }
-
-    /// Records a request; a chunk already pending is not queued twice.
-    pub fn request(&mut self, digest: Digest, index: u32, now_ms: u64) {
-        self.pending.entry((digest, index)).or_insert(now_ms);
-    }
-
-    /// Removes and returns the chunks whose window has closed.
-    pub fn due(&mut self, now_ms: u64) -> Vec<(Digest, u32)> {
-        let due: Vec<_> = self
-            .pending
-            .iter()
-            .filter(|(_, t)| now_ms >= t.saturating_add(self.window_ms))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &due {
-            self.pending.remove(k);
-        }
-        due
-    }
-
-    /// When the next window closes, if anything is pending.
-    pub fn next_deadline(&self) -> Option<u64> {
-        self.pending
-            .values()
-            .min()
-            .map(|t| t.saturating_add(self.window_ms))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-}
 
 /// Most chunks a single request may name (bounds the work one frame can cause).
 const MAX_INDICES_PER_REQUEST: usize = 65_536;
@@ -158,25 +117,5 @@ pub async fn run(
                 tracing::warn!(error = %e, "chunk publish failed");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_for_one_chunk_within_a_window_are_published_once() {
-        let mut c = Coalescer::new(100);
-        for dev in 0..20u64 {
-            c.request([1; 32], 0, 1_000 + dev);
-            c.request([1; 32], 1, 1_000 + dev);
-        }
-        assert!(c.due(1_099).is_empty());
-        assert_eq!(c.next_deadline(), Some(1_100));
-        assert_eq!(c.due(1_100), vec![([1; 32], 0), ([1; 32], 1)]);
-        assert!(c.is_empty());
-        c.request([1; 32], 0, 2_000);
-        assert_eq!(c.due(2_100).len(), 1);
     }
 }

@@ -1,0 +1,291 @@
+//! `/v1/devices`: enroll, list, show, deploy, decommission, telemetry, commands.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use drover_protocol::messages::DeployMode;
+use drover_protocol::topics::hex32;
+use drover_protocol::DeviceId;
+
+use super::{blocking, not_found, ApiError, AppState};
+use crate::fleet;
+use crate::store::DeviceRow;
+use drover_host::clock::now_ms;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub online: bool,
+    pub decommissioned: bool,
+    pub arch: Option<String>,
+    pub os: Option<String>,
+    pub agent_version: Option<String>,
+    pub last_seen_ms: Option<u64>,
+    pub active_model: Option<String>,
+    pub staged_model: Option<String>,
+    pub last_phase: Option<String>,
+    pub enrolled_at_ms: u64,
+    pub last_command_seq: u64,
+}
+
+impl From<DeviceRow> for DeviceView {
+    fn from(d: DeviceRow) -> Self {
+        Self {
+            id: d.id,
+            labels: d.labels,
+            online: d.online,
+            decommissioned: d.decommissioned,
+            arch: d.arch,
+            os: d.os,
+            agent_version: d.agent_version,
+            last_seen_ms: d.last_seen_ms,
+            active_model: d.active_model,
+            staged_model: d.staged_model,
+            last_phase: d.last_phase,
+            enrolled_at_ms: d.enrolled_at_ms,
+            last_command_seq: d.reported_command_seq,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub id: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub device_id: String,
+    /// Secret: goes into the agent's config file only.
+    pub device_key: String,
+    pub root_public_key: String,
+    pub broker_url: String,
+    /// The fleet CA (PEM) the agent trusts for the broker.
+    #[serde(default)]
+    pub ca_pem: String,
+    /// The device's client certificate (PEM, CN = device id).
+    #[serde(default)]
+    pub client_cert_pem: String,
+    /// Secret: the certificate's private key (PEM); goes into a 0600 file only.
+    #[serde(default)]
+    pub client_key_pem: String,
+}
+
+impl std::fmt::Debug for EnrollResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollResponse")
+            .field("device_id", &self.device_id)
+            .field("broker_url", &self.broker_url)
+            .field("device_key", &"<redacted>")
+            .field("client_key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeployRequest {
+    /// `NAME@X.Y.Z`.
+    pub model: String,
+    /// `activate` (default) or `shadow`.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeployResponse {
+    pub device: String,
+    pub seq: u64,
+    pub model: String,
+    pub digest: String,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TelemetryView {
+    pub seq: u64,
+    pub received_at_ms: u64,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub inferences: u64,
+    pub errors: u64,
+    pub cpu_percent: f64,
+    pub mem_used_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommandView {
+    pub seq: u64,
+    pub kind: String,
+    pub model_digest: Option<String>,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeviceQuery {
+    /// Comma-separated `k=v` pairs; a device must carry all of them.
+    pub label: Option<String>,
+    pub online: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LimitQuery {
+    pub limit: Option<u32>,
+}
+
+pub(super) async fn list_devices(
+    State(st): State<AppState>,
+    Query(q): Query<DeviceQuery>,
+) -> Result<Json<Vec<DeviceView>>, ApiError> {
+    let mut want: Vec<(String, String)> = Vec::new();
+    for pair in q.label.iter().flat_map(|l| l.split(',')) {
+        if pair.is_empty() {
+            continue;
+        }
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("label filter {pair:?} must look like key=value"),
+            )
+        })?;
+        want.push((k.to_owned(), v.to_owned()));
+    }
+    let devices = blocking(&st, |_, s| Ok(s.devices()?)).await?;
+    Ok(Json(
+        devices
+            .into_iter()
+            .filter(|d| q.online.is_none_or(|o| d.online == o))
+            .filter(|d| want.iter().all(|(k, v)| d.labels.get(k) == Some(v)))
+            .map(DeviceView::from)
+            .collect(),
+    ))
+}
+
+pub(super) async fn show_device(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let idc = id.clone();
+    let d = blocking(&st, move |_, s| Ok(s.device(&idc)?)).await?;
+    d.map(|d| Json(d.into()))
+        .ok_or_else(|| not_found(&format!("device {id}")))
+}
+
+pub(super) async fn enroll(
+    State(st): State<AppState>,
+    Json(req): Json<EnrollRequest>,
+) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
+    let e = blocking(&st, move |sh, s| {
+        Ok(fleet::enroll(sh, s, &req.id, &req.labels, now_ms())?)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrollResponse {
+            device_id: e.device_id.to_string(),
+            device_key: hex32(&e.device_key.0),
+            root_public_key: hex32(&st.app.keys.current().root_public),
+            broker_url: st.app.agent_broker_url.to_string(),
+            ca_pem: st.app.ca.ca_pem().to_owned(),
+            client_cert_pem: e.cert.cert_pem,
+            client_key_pem: e.cert.key_pem,
+        }),
+    ))
+}
+
+pub(super) async fn decommission(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(&st, move |sh, s| {
+        Ok(fleet::decommission(sh, s, &id, now_ms())?)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn deploy(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<DeployRequest>,
+) -> Result<Json<DeployResponse>, ApiError> {
+    let mode = match req.mode.as_deref() {
+        None | Some("activate") => DeployMode::Activate,
+        Some("shadow") => DeployMode::Shadow,
+        Some(m) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("mode {m:?} must be activate or shadow"),
+            ))
+        }
+    };
+    let device =
+        DeviceId::new(id.clone()).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let model_ref = req.model.clone();
+    let (row, blob, model) = blocking(&st, move |sh, s| {
+        let model = fleet::find_model(s, &model_ref)?;
+        let (row, blob) = fleet::deploy(sh, s, &id, &model, mode, now_ms())?;
+        Ok((row, blob, model))
+    })
+    .await?;
+    st.app
+        .metrics
+        .commands_issued
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    st.app.outbox.send_command(&device, blob).await;
+    Ok(Json(DeployResponse {
+        device: row.device,
+        seq: row.seq,
+        model: format!("{}@{}", model.name, model.version),
+        digest: hex32(&model.digest),
+        expires_at_ms: row.expires_at_ms,
+    }))
+}
+
+pub(super) async fn telemetry(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> Result<Json<Vec<TelemetryView>>, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let rows = blocking(&st, move |_, s| Ok(s.telemetry(&id, limit)?)).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| TelemetryView {
+                seq: r.seq,
+                received_at_ms: r.received_at_ms,
+                window_start_ms: r.window_start_ms,
+                window_end_ms: r.window_end_ms,
+                inferences: r.inferences,
+                errors: r.errors,
+                cpu_percent: r.cpu_percent,
+                mem_used_bytes: r.mem_used_bytes,
+            })
+            .collect(),
+    ))
+}
+
+pub(super) async fn commands(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<CommandView>>, ApiError> {
+    let rows = blocking(&st, move |_, s| Ok(s.commands(&id)?)).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|c| CommandView {
+                seq: c.seq,
+                kind: c.kind,
+                model_digest: c.model_digest.as_ref().map(hex32),
+                issued_at_ms: c.issued_at_ms,
+                expires_at_ms: c.expires_at_ms,
+            })
+            .collect(),
+    ))
+}
