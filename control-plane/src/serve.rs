@@ -160,36 +160,18 @@ pub async fn run_with_clock(
     let api_token: Arc<str> = read_or_create_token(&paths)?.into();
     let metrics = Arc::new(Metrics::default());
 
-    // Broker: addresses and logins first (the device cache needs the logins), then the
-    // cache, then the broker itself.
-    let mut broker = crate::broker::prepare(&settings, &ca, now)?;
-    let devices = Devices::new(
-        api_store.device_auth()?.into_iter().map(|d| {
-            let entry = DeviceEntry {
-                key: d.key,
-                decommissioned: d.decommissioned,
-            };
-            (d.id, entry)
-        }),
-        broker.logins.clone(),
-        Arc::clone(&metrics),
-    );
-    // The CRL external brokers read; rewritten at every start so it never goes stale.
-    ca.write_crl(&devices.decommissioned(), now)?;
-    let tls_sessions = Arc::new(Sessions::default());
-    let auth = BrokerAuth {
-        devices: devices.clone(),
-        sessions: Arc::clone(&tls_sessions),
-        metrics: Arc::clone(&metrics),
-    };
-    let (public_mqtt_addr, backend_addr) = crate::broker::launch(&mut broker, auth)?;
-
+    let broker = start_broker(&settings, &ca, &api_store, &metrics, now)?;
     let (inbound_tx, inbound_rx) = mpsc::channel(65_536);
-    let mqtt = Arc::new(connect_mqtt(&settings, &paths, &broker, inbound_tx)?);
+    let mqtt = Arc::new(connect_mqtt(
+        &settings,
+        &paths,
+        &broker.prepared,
+        inbound_tx,
+    )?);
     let app = App {
         outbox: Outbox::new(
             Arc::clone(&mqtt),
-            devices.clone(),
+            broker.devices.clone(),
             Arc::clone(&clock),
             Arc::clone(&metrics),
         ),
@@ -197,12 +179,12 @@ pub async fn run_with_clock(
         paths,
         clock,
         metrics,
-        devices,
+        devices: broker.devices,
         keys,
         ca,
-        tls_sessions,
+        tls_sessions: broker.sessions,
         api_token,
-        agent_broker_url: broker.agent_broker_url.clone().into(),
+        agent_broker_url: broker.prepared.agent_broker_url.clone().into(),
     };
 
     let api_store = Arc::new(Mutex::new(api_store));
@@ -236,7 +218,7 @@ pub async fn run_with_clock(
         loops_stopped,
     ));
 
-    tracing::info!(%http_addr, mqtt_addr = %public_mqtt_addr, data_dir = %app.paths.data_dir().display(), "drover serve started");
+    tracing::info!(%http_addr, mqtt_addr = %broker.public_addr, data_dir = %app.paths.data_dir().display(), "drover serve started");
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let tasks = Tasks {
         http,
@@ -256,12 +238,60 @@ pub async fn run_with_clock(
     });
     Ok(ServeHandle {
         http_addr,
-        mqtt_addr: public_mqtt_addr,
-        backend_addr,
+        mqtt_addr: broker.public_addr,
+        backend_addr: broker.backend_addr,
         app,
         rollouts: weak_rollouts,
         stop: Some(stop_tx),
         main,
+    })
+}
+
+/// The broker as started, and the device cache its login hook reads.
+struct Broker {
+    prepared: crate::broker::Prepared,
+    devices: Devices,
+    sessions: Arc<Sessions>,
+    public_addr: SocketAddr,
+    backend_addr: Option<SocketAddr>,
+}
+
+/// Addresses and logins first (the device cache needs the logins), then the cache and
+/// the CRL, then the broker itself (embedded: rumqttd and its TLS front).
+fn start_broker(
+    settings: &Settings,
+    ca: &crate::pki::FleetCa,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+    now: u64,
+) -> Result<Broker, ServeError> {
+    let mut prepared = crate::broker::prepare(settings, ca, now)?;
+    let devices = Devices::new(
+        store.device_auth()?.into_iter().map(|d| {
+            let entry = DeviceEntry {
+                key: d.key,
+                decommissioned: d.decommissioned,
+            };
+            (d.id, entry)
+        }),
+        prepared.logins.clone(),
+        Arc::clone(metrics),
+    );
+    // The CRL external brokers read; rewritten at every start so it never goes stale.
+    ca.write_crl(&devices.decommissioned(), now)?;
+    let sessions = Arc::new(Sessions::default());
+    let auth = BrokerAuth {
+        devices: devices.clone(),
+        sessions: Arc::clone(&sessions),
+        metrics: Arc::clone(metrics),
+    };
+    let (public_addr, backend_addr) = crate::broker::launch(&mut prepared, auth)?;
+    Ok(Broker {
+        prepared,
+        devices,
+        sessions,
+        public_addr,
+        backend_addr,
     })
 }
 

@@ -7,7 +7,7 @@
 //! SQLite transaction, then publishes the commands. On start it reloads every open rollout,
 //! so a restarted control plane resumes exactly where the last committed step left it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,12 +21,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::engine::{
     self, Action, Candidate, DevState, DeviceObs, Event, Health, Observations, Op, RolloutState,
-    ShadowObs, Slot,
+    ShadowObs,
 };
 use super::plan::{Plan, Selector};
+use super::record;
 use crate::app::App;
 use crate::fleet;
-use crate::store::{RolloutWrite, Store, StoreError};
+use crate::store::{DeviceRow, RolloutWrite, Store, StoreError};
 use drover_host::clock::now_ms;
 
 /// Rows received up to this long before the last one read are read again (and skipped if
@@ -49,6 +50,8 @@ pub enum RolloutError {
     Refused(#[from] engine::OpRefused),
     #[error("corrupt rollout state in the store: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Record(#[from] super::record::RecordError),
     #[error("the rollout driver is not running")]
     Stopped,
 }
@@ -126,14 +129,7 @@ pub fn load(store: &Store, id: u64) -> Result<Option<RolloutState>, RolloutError
     let Some((header, slots)) = store.rollout(id)? else {
         return Ok(None);
     };
-    let mut s: RolloutState =
-        serde_json::from_str(&header).map_err(|e| RolloutError::Corrupt(e.to_string()))?;
-    for (device, slot) in slots {
-        let slot: Slot =
-            serde_json::from_str(&slot).map_err(|e| RolloutError::Corrupt(e.to_string()))?;
-        s.devices.insert(device, slot);
-    }
-    Ok(Some(s))
+    Ok(Some(record::load(&header, slots)?))
 }
 
 /// Every rollout's header (devices omitted), newest first.
@@ -141,7 +137,7 @@ pub fn list(store: &Store) -> Result<Vec<RolloutState>, RolloutError> {
     store
         .rollouts()?
         .iter()
-        .map(|h| serde_json::from_str(h).map_err(|e| RolloutError::Corrupt(e.to_string())))
+        .map(|h| Ok(record::load_header(h)?))
         .collect()
 }
 
@@ -150,7 +146,7 @@ pub fn events(store: &Store, id: u64) -> Result<Vec<Event>, RolloutError> {
     store
         .rollout_events(id)?
         .iter()
-        .map(|e| serde_json::from_str(e).map_err(|e| RolloutError::Corrupt(e.to_string())))
+        .map(|e| Ok(record::load_event(e)?))
         .collect()
 }
 
@@ -197,6 +193,144 @@ struct Seen {
 
 fn hist(counts: Vec<u64>) -> LatencyHistogram {
     LatencyHistogram { counts, sum_us: 0 }
+}
+
+impl Seen {
+    /// Reads what was stored since the last tick: the pre-rollout baseline (once), the
+    /// candidate's health, shadow reports and command progress.
+    fn read_new_rows(&mut self, s: &Store, digest: &str, created: u64) -> Result<(), RolloutError> {
+        if self.baseline.is_none() {
+            let mut b: HashMap<(String, String), Health> = HashMap::new();
+            for row in s.health_between(created.saturating_sub(BASELINE_MS), created)? {
+                b.entry((row.device, row.model_digest))
+                    .or_default()
+                    .merge(&Health {
+                        inferences: row.inferences,
+                        errors: row.errors,
+                        latency: hist(row.latency_counts),
+                    });
+            }
+            self.baseline = Some(b);
+        }
+        let from = self.candidate_cursor.read_from_ms(created);
+        for row in s.model_health_since(digest, from)? {
+            if self
+                .candidate_cursor
+                .fresh(&row.device, row.seq, row.received_at_ms)
+            {
+                self.candidate
+                    .entry(row.device)
+                    .or_default()
+                    .merge(&Health {
+                        inferences: row.inferences,
+                        errors: row.errors,
+                        latency: hist(row.latency_counts),
+                    });
+            }
+        }
+        self.candidate_cursor.prune();
+        self.read_shadow(s, digest, created)?;
+        self.read_progress(s, created)
+    }
+
+    fn read_shadow(&mut self, s: &Store, digest: &str, created: u64) -> Result<(), RolloutError> {
+        let from = self.shadow_cursor.read_from_ms(created);
+        for row in s.shadow_since(digest, from)? {
+            if self
+                .shadow_cursor
+                .fresh(&row.device, row.seq, row.received_at_ms)
+            {
+                let e = self.shadow.entry(row.device).or_default();
+                e.compared = e.compared.saturating_add(row.compared);
+                e.agreed = e.agreed.saturating_add(row.agreed);
+                e.active_latency.merge(&hist(row.active_latency));
+                e.candidate_latency.merge(&hist(row.candidate_latency));
+            }
+        }
+        self.shadow_cursor.prune();
+        Ok(())
+    }
+
+    fn read_progress(&mut self, s: &Store, created: u64) -> Result<(), RolloutError> {
+        let from = self.progress_cursor.read_from_ms(created);
+        for row in s.progress_since(from)? {
+            if !self
+                .progress_cursor
+                .fresh(&row.device, row.seq, row.received_at_ms)
+            {
+                continue;
+            }
+            let Some(phase) = row.phase else { continue };
+            let e = self
+                .progress
+                .entry((row.device, row.command_seq))
+                .or_insert((0, phase, None));
+            if row.seq >= e.0 {
+                *e = (row.seq, phase, row.detail);
+            }
+        }
+        self.progress_cursor.prune();
+        Ok(())
+    }
+}
+
+/// What the engine sees of each selected or assigned device.
+fn observations(
+    r: &RolloutState,
+    devices: Vec<DeviceRow>,
+    seen: &Seen,
+    drift: &HashMap<String, f64>,
+    held: &HashSet<&str>,
+) -> Observations {
+    let selector = Selector::parse(&r.plan.selector).unwrap_or_default();
+    let mut obs = Observations::default();
+    for d in devices {
+        let assigned = r.devices.get(&d.id);
+        let selected = !d.decommissioned
+            && !held.contains(d.id.as_str())
+            && selector.matches(
+                &d.labels,
+                &[
+                    ("id", Some(d.id.as_str())),
+                    ("arch", d.arch.as_deref()),
+                    ("os", d.os.as_deref()),
+                    ("agent_version", d.agent_version.as_deref()),
+                ],
+            );
+        if !selected && assigned.is_none() {
+            continue;
+        }
+        if selected {
+            obs.selected.push(d.id.clone());
+        }
+        let progress = assigned
+            .and_then(|a| a.command_seq)
+            .and_then(|seq| seen.progress.get(&(d.id.clone(), seq)))
+            .map(|(_, p, detail)| (*p, detail.clone()));
+        let previous = assigned
+            .and_then(|a| a.previous.clone())
+            .or_else(|| d.active_digest.clone());
+        let baseline = previous
+            .and_then(|p| {
+                seen.baseline
+                    .as_ref()
+                    .and_then(|b| b.get(&(d.id.clone(), p)).cloned())
+            })
+            .unwrap_or_default();
+        obs.devices.insert(
+            d.id.clone(),
+            DeviceObs {
+                online: d.online && !d.decommissioned,
+                active: d.active_digest.clone(),
+                progress,
+                candidate: seen.candidate.get(&d.id).cloned().unwrap_or_default(),
+                baseline,
+                shadow: seen.shadow.get(&d.id).cloned().unwrap_or_default(),
+                drift_psi: drift.get(&d.id).copied(),
+            },
+        );
+    }
+    obs
 }
 
 struct Driver {
@@ -305,9 +439,9 @@ impl Driver {
                 let digest = candidate.digest.clone();
                 s.create_rollout(&digest, &by, now, |id| {
                     let st = RolloutState::new(id, plan.clone(), candidate.clone(), now);
-                    let json = serde_json::to_string(&st).unwrap_or_default();
+                    let header = record::header(&st);
                     state = Some(st);
-                    json
+                    header
                 })?;
                 let state = state.ok_or_else(|| RolloutError::Corrupt("no state".into()))?;
                 let ev = Event {
@@ -556,75 +690,14 @@ impl Driver {
         let seen = self.seen.remove(&id).unwrap_or_default();
         let digest = r.candidate.digest.clone();
         let created = r.created_at_ms;
-        let selector = Selector::parse(&r.plan.selector).unwrap_or_default();
         let want_drift = r.plan.gates.max_drift_psi.is_some();
+        let now = self.app.clock.unix_ms();
         let (devices, seen, drift) = self
             .blocking(move |_, s| {
                 let mut seen = seen;
-                if seen.baseline.is_none() {
-                    let mut b: HashMap<(String, String), Health> = HashMap::new();
-                    for row in s.health_between(created.saturating_sub(BASELINE_MS), created)? {
-                        b.entry((row.device, row.model_digest))
-                            .or_default()
-                            .merge(&Health {
-                                inferences: row.inferences,
-                                errors: row.errors,
-                                latency: hist(row.latency_counts),
-                            });
-                    }
-                    seen.baseline = Some(b);
-                }
-                let from = seen.candidate_cursor.read_from_ms(created);
-                for row in s.model_health_since(&digest, from)? {
-                    if seen
-                        .candidate_cursor
-                        .fresh(&row.device, row.seq, row.received_at_ms)
-                    {
-                        seen.candidate
-                            .entry(row.device)
-                            .or_default()
-                            .merge(&Health {
-                                inferences: row.inferences,
-                                errors: row.errors,
-                                latency: hist(row.latency_counts),
-                            });
-                    }
-                }
-                seen.candidate_cursor.prune();
-                let from = seen.shadow_cursor.read_from_ms(created);
-                for row in s.shadow_since(&digest, from)? {
-                    if seen
-                        .shadow_cursor
-                        .fresh(&row.device, row.seq, row.received_at_ms)
-                    {
-                        let e = seen.shadow.entry(row.device).or_default();
-                        e.compared = e.compared.saturating_add(row.compared);
-                        e.agreed = e.agreed.saturating_add(row.agreed);
-                        e.active_latency.merge(&hist(row.active_latency));
-                        e.candidate_latency.merge(&hist(row.candidate_latency));
-                    }
-                }
-                seen.shadow_cursor.prune();
-                let from = seen.progress_cursor.read_from_ms(created);
-                for row in s.progress_since(from)? {
-                    if !seen
-                        .progress_cursor
-                        .fresh(&row.device, row.seq, row.received_at_ms)
-                    {
-                        continue;
-                    }
-                    let Some(phase) = row.phase else { continue };
-                    let e = seen
-                        .progress
-                        .entry((row.device, row.command_seq))
-                        .or_insert((0, phase, None));
-                    if row.seq >= e.0 {
-                        *e = (row.seq, phase, row.detail);
-                    }
-                }
-                seen.progress_cursor.prune();
+                seen.read_new_rows(s, &digest, created)?;
                 let drift = if want_drift {
-                    candidate_drift(s, &digest, created, now_ms())?
+                    candidate_drift(s, &digest, created, now)?
                 } else {
                     HashMap::new()
                 };
@@ -632,53 +705,7 @@ impl Driver {
             })
             .await?;
         let held = held_by_older(&self.rollouts, r.id);
-        let mut obs = Observations::default();
-        for d in devices {
-            let assigned = r.devices.get(&d.id);
-            let selected = !d.decommissioned
-                && !held.contains(d.id.as_str())
-                && selector.matches(
-                    &d.labels,
-                    &[
-                        ("id", Some(d.id.as_str())),
-                        ("arch", d.arch.as_deref()),
-                        ("os", d.os.as_deref()),
-                        ("agent_version", d.agent_version.as_deref()),
-                    ],
-                );
-            if !selected && assigned.is_none() {
-                continue;
-            }
-            if selected {
-                obs.selected.push(d.id.clone());
-            }
-            let progress = assigned
-                .and_then(|a| a.command_seq)
-                .and_then(|seq| seen.progress.get(&(d.id.clone(), seq)))
-                .map(|(_, p, detail)| (*p, detail.clone()));
-            let previous = assigned
-                .and_then(|a| a.previous.clone())
-                .or_else(|| d.active_digest.clone());
-            let baseline = previous
-                .and_then(|p| {
-                    seen.baseline
-                        .as_ref()
-                        .and_then(|b| b.get(&(d.id.clone(), p)).cloned())
-                })
-                .unwrap_or_default();
-            obs.devices.insert(
-                d.id.clone(),
-                DeviceObs {
-                    online: d.online && !d.decommissioned,
-                    active: d.active_digest.clone(),
-                    progress,
-                    candidate: seen.candidate.get(&d.id).cloned().unwrap_or_default(),
-                    baseline,
-                    shadow: seen.shadow.get(&d.id).cloned().unwrap_or_default(),
-                    drift_psi: drift.get(&d.id).copied(),
-                },
-            );
-        }
+        let obs = observations(r, devices, &seen, &drift, &held);
         self.seen.insert(id, seen);
         Ok(obs)
     }
@@ -763,29 +790,21 @@ fn write_of(
     events: Vec<Event>,
     now: u64,
 ) -> RolloutWrite {
-    let mut header = after.clone();
-    header.devices.clear();
     let slots = after
         .devices
         .iter()
         .filter(|(id, slot)| before.devices.get(*id) != Some(*slot))
-        .map(|(id, slot)| (id.clone(), serde_json::to_string(slot).unwrap_or_default()))
+        .map(|(id, slot)| (id.clone(), record::slot(slot)))
         .collect();
     RolloutWrite {
-        header: serde_json::to_string(&header).unwrap_or_default(),
+        header: record::header(after),
         status: after.status.name().to_owned(),
         pending: pending(after),
         now_ms: now,
         slots,
         events: events
             .into_iter()
-            .map(|e| {
-                (
-                    e.at_ms,
-                    e.kind.clone(),
-                    serde_json::to_string(&e).unwrap_or_default(),
-                )
-            })
+            .map(|e| (e.at_ms, e.kind.clone(), record::event(&e)))
             .collect(),
     }
 }
@@ -822,6 +841,7 @@ fn pending_state(s: DevState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollout::engine::Slot;
     use crate::rollout::plan::Plan;
 
     fn rollout(id: u64, status: engine::Status, devices: &[&str]) -> RolloutState {
