@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use super::{ApiError, AppState};
 use crate::drift::Score;
 use crate::store::{JobRow, Store};
-use drover_host::clock::now_ms;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -192,8 +191,9 @@ async fn run(State(st): State<AppState>) -> Result<(StatusCode, Json<RunResponse
         .load_job_spec()
         .map_err(|err| ApiError(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let now = st.app.clock.unix_ms();
     tokio::spawn(async move {
-        let r = e.run_job_reporting(spec, "manual", now_ms(), tx).await;
+        let r = e.run_job_reporting(spec, "manual", now, tx).await;
         if let Err(err) = r {
             tracing::warn!(error = %err, "manual training job failed to run");
         }

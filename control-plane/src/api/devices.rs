@@ -14,7 +14,6 @@ use drover_protocol::DeviceId;
 use super::{blocking, not_found, ApiError, AppState};
 use crate::fleet;
 use crate::store::DeviceRow;
-use drover_host::clock::now_ms;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceView {
@@ -183,7 +182,13 @@ pub(super) async fn enroll(
     Json(req): Json<EnrollRequest>,
 ) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
     let e = blocking(&st, move |sh, s| {
-        Ok(fleet::enroll(sh, s, &req.id, &req.labels, now_ms())?)
+        Ok(fleet::enroll(
+            sh,
+            s,
+            &req.id,
+            &req.labels,
+            sh.clock.unix_ms(),
+        )?)
     })
     .await?;
     Ok((
@@ -205,7 +210,7 @@ pub(super) async fn decommission(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     blocking(&st, move |sh, s| {
-        Ok(fleet::decommission(sh, s, &id, now_ms())?)
+        Ok(fleet::decommission(sh, s, &id, sh.clock.unix_ms())?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -231,7 +236,7 @@ pub(super) async fn deploy(
     let model_ref = req.model.clone();
     let (row, blob, model) = blocking(&st, move |sh, s| {
         let model = fleet::find_model(s, &model_ref)?;
-        let (row, blob) = fleet::deploy(sh, s, &id, &model, mode, now_ms())?;
+        let (row, blob) = fleet::deploy(sh, s, &id, &model, mode, sh.clock.unix_ms())?;
         Ok((row, blob, model))
     })
     .await?;

@@ -13,7 +13,6 @@ use drover_protocol::topics::hex32;
 use super::{blocking, not_found, ApiError, AppState};
 use crate::registry::{self, PublishRequest};
 use crate::store::ModelRow;
-use drover_host::clock::now_ms;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelView {
@@ -112,7 +111,7 @@ pub(super) async fn publish(
             &sh.paths.models_dir(),
             &req,
             &sh.keys.current().signing,
-            now_ms(),
+            sh.clock.unix_ms(),
         )?)
     })
     .await?;

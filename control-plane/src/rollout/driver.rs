@@ -28,7 +28,6 @@ use super::record;
 use crate::app::App;
 use crate::fleet;
 use crate::store::{DeviceRow, RolloutWrite, Store, StoreError};
-use drover_host::clock::now_ms;
 
 /// Rows received up to this long before the last one read are read again (and skipped if
 /// already seen), so a batch committed late is never missed.
@@ -426,7 +425,7 @@ impl Driver {
     async fn start(&mut self, plan: Plan, by: &str) -> Result<RolloutState, RolloutError> {
         plan.validate()?;
         let by = by.to_owned();
-        let now = now_ms();
+        let now = self.app.clock.unix_ms();
         let state = self
             .blocking(move |_, s| {
                 let model = fleet::find_model(s, &plan.model)?;
@@ -475,7 +474,7 @@ impl Driver {
                 .await?
                 .ok_or(RolloutError::NotFound(id))?,
         };
-        let step = engine::operate(&current, op, by, now_ms())?;
+        let step = engine::operate(&current, op, by, self.app.clock.unix_ms())?;
         tracing::info!(rollout = id, ?op, by, "operator request");
         let state = self.commit(&current, step).await?;
         self.rollouts.insert(id, state.clone());
@@ -501,7 +500,7 @@ impl Driver {
             }
         };
         self.republish_unanswered(&current, &obs).await;
-        let step = engine::step(&current, &obs, now_ms());
+        let step = engine::step(&current, &obs, self.app.clock.unix_ms());
         if step.state == current && step.actions.is_empty() && step.events.is_empty() {
             return;
         }
@@ -538,7 +537,7 @@ impl Driver {
         before: &RolloutState,
         step: engine::Step,
     ) -> Result<RolloutState, RolloutError> {
-        let now = now_ms();
+        let now = self.app.clock.unix_ms();
         let before = before.clone();
         let engine::Step {
             state,
@@ -637,7 +636,7 @@ impl Driver {
     }
 
     async fn republish_unanswered(&mut self, r: &RolloutState, obs: &Observations) {
-        let now = now_ms();
+        let now = self.app.clock.unix_ms();
         let due: Vec<(String, u64)> = r
             .devices
             .iter()
