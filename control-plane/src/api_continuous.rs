@@ -59,7 +59,7 @@ impl From<JobRow> for JobView {
             name: j.name,
             trigger: j.trigger,
             executor: j.executor,
-            state: j.state,
+            state: j.state.as_str().to_owned(),
             external_id: j.external_id,
             dir: j.dir,
             created_at_ms: j.created_at_ms,
@@ -68,7 +68,7 @@ impl From<JobRow> for JobView {
             detail: j.detail,
             dataset_hash: j.dataset_hash,
             parent_model: j.parent_model,
-            outcome: j.outcome,
+            outcome: j.outcome.map(|o| o.as_str().to_owned()),
             candidate_model: j.candidate_model,
             metrics: json(j.metrics),
             rollout_plan: json(j.rollout_plan),
@@ -100,7 +100,8 @@ async fn read<T: Send + 'static>(
 }
 
 async fn status(State(st): State<AppState>) -> Result<Json<Vec<Score>>, ApiError> {
-    Ok(Json(read(&st, |s| Ok(s.drift_status()?)).await?))
+    let rows = read(&st, |s| Ok(s.drift_status()?)).await?;
+    Ok(Json(rows.into_iter().map(Score::from).collect()))
 }
 
 async fn history(
@@ -108,12 +109,11 @@ async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Vec<Score>>, ApiError> {
     let limit = q.limit.unwrap_or(1000).min(100_000);
-    Ok(Json(
-        read(&st, move |s| {
-            Ok(s.drift_history(q.scope.as_deref(), q.since_ms, limit)?)
-        })
-        .await?,
-    ))
+    let rows = read(&st, move |s| {
+        Ok(s.drift_history(q.scope.as_deref(), q.since_ms, limit)?)
+    })
+    .await?;
+    Ok(Json(rows.into_iter().map(Score::from).collect()))
 }
 
 async fn jobs(State(st): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {

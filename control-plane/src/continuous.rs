@@ -30,7 +30,7 @@ use crate::jobs::{
     JobError, JobPaths, JobSpec, Outcome, Row,
 };
 use crate::registry::{self, PublishRequest, RegistryError};
-use crate::store::{JobRow, ModelRow, Store, StoreError};
+use crate::store::{JobOutcome, JobRow, JobState, ModelRow, Store, StoreError};
 
 /// Log lines a failed job is reported with.
 pub const LOG_TAIL_LINES: usize = 20;
@@ -516,7 +516,11 @@ impl Engine {
         let keep_ms = self.policy.drift.retention_hours.saturating_mul(3_600_000);
         let scores = self
             .with_store(move |s| {
-                let sketches = s.drift_sketches(window.0, window.1)?;
+                let sketches: Vec<drift::SketchRow> = s
+                    .drift_sketches(window.0, window.1)?
+                    .into_iter()
+                    .map(Into::into)
+                    .collect();
                 let mut baselines = BTreeMap::new();
                 for d in sketches.iter().map(|k| k.model_digest) {
                     if baselines.contains_key(&d) {
@@ -533,7 +537,7 @@ impl Engine {
                     }
                 }
                 let scores = drift::score_window(&baselines, &sketches, &group_by, window, &t);
-                s.insert_drift_scores(&scores)?;
+                s.insert_drift_scores(&scores.iter().map(Into::into).collect::<Vec<_>>())?;
                 s.prune_drift_scores(to_ms.saturating_sub(keep_ms))?;
                 Ok(scores)
             })
@@ -547,7 +551,10 @@ impl Engine {
         let w = self.policy.drift.window_secs * 1000;
         let model = self.policy.model.clone();
         self.with_store(move |s| {
-            if !s.jobs_in_state(&["queued", "running"])?.is_empty() {
+            if !s
+                .jobs_in_state(&[JobState::Queued, JobState::Running])?
+                .is_empty()
+            {
                 return Ok(None);
             }
             let recent = s.jobs(100)?;
@@ -574,16 +581,16 @@ impl Engine {
                     .map(|m| drover_protocol::topics::hex32(&m.digest))
                     .collect();
                 let mut by_scope: BTreeMap<&str, BTreeMap<u64, Level>> = BTreeMap::new();
-                for (scope, digest, end, level) in &levels {
-                    if !digests.contains(digest) {
+                for w in &levels {
+                    if !digests.contains(&w.model_digest) {
                         continue;
                     }
                     let l = by_scope
-                        .entry(scope)
+                        .entry(&w.scope)
                         .or_default()
-                        .entry(*end)
+                        .entry(w.window_end_ms)
                         .or_insert(Level::Ok);
-                    *l = (*l).max(*level);
+                    *l = (*l).max(w.level.into());
                 }
                 // Of the scopes in sustained drift, name a label group first (it says
                 // where), then the fleet, then a single device.
@@ -713,7 +720,7 @@ impl Engine {
             trigger: trigger.to_owned(),
             executor: spec.executor.as_str().to_owned(),
             spec: spec_text,
-            state: "queued".into(),
+            state: JobState::Queued,
             created_at_ms: now_ms,
             ..Default::default()
         };
@@ -754,7 +761,7 @@ impl Engine {
         let data = match built {
             Ok(d) => d,
             Err(e) => {
-                row.state = "failed".into();
+                row.state = JobState::Failed;
                 row.detail = Some(format!("dataset: {e}"));
                 row.finished_at_ms = Some(drover_host::clock::now_ms());
                 return self.save(row).await;
@@ -768,7 +775,7 @@ impl Engine {
                 "fleet samples left out of the dataset"
             );
         }
-        row.state = "running".into();
+        row.state = JobState::Running;
         let cancel = Arc::new(Notify::new());
         self.cancels
             .lock()
@@ -809,7 +816,7 @@ impl Engine {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
-                row.state = "failed".into();
+                row.state = JobState::Failed;
                 row.detail = Some(e.to_string());
                 row.finished_at_ms = Some(drover_host::clock::now_ms());
                 return self.save(row).await;
@@ -861,7 +868,7 @@ impl Engine {
         self: &Arc<Self>,
     ) -> Result<Vec<tokio::task::JoinHandle<Result<JobRow>>>> {
         let open = self
-            .with_store(|s| Ok(s.jobs_in_state(&["queued", "running"])?))
+            .with_store(|s| Ok(s.jobs_in_state(&[JobState::Queued, JobState::Running])?))
             .await?;
         let mut handles = Vec::new();
         for mut row in open {
@@ -869,7 +876,7 @@ impl Engine {
                 .then(|| row.external_id.clone())
                 .flatten();
             if slurm_id.is_none() {
-                row.state = "failed".into();
+                row.state = JobState::Failed;
                 row.detail = Some(
                     "the control plane restarted while this job ran locally; nothing was published"
                         .into(),
@@ -898,7 +905,7 @@ impl Engine {
                 let outcome = match this.follow_slurm(&row, &paths, timeout, &cancel).await {
                     Ok(o) => o,
                     Err(e) => {
-                        row.state = "failed".into();
+                        row.state = JobState::Failed;
                         row.detail = Some(e.to_string());
                         return this.save(row).await;
                     }
@@ -928,7 +935,7 @@ impl Engine {
         features: Vec<String>,
     ) -> Result<JobRow> {
         row.finished_at_ms = Some(drover_host::clock::now_ms());
-        row.state = outcome.state().to_owned();
+        row.state = outcome.state();
         if let Outcome::Failed { exit_code } = outcome {
             row.exit_code = exit_code;
         }
@@ -942,7 +949,7 @@ impl Engine {
         let (candidate, trainer_metrics) = match jobs::check_outputs(paths) {
             Ok(x) => x,
             Err(e) => {
-                row.state = "failed".into();
+                row.state = JobState::Failed;
                 row.detail = Some(e);
                 return self.save(row).await;
             }
@@ -956,7 +963,7 @@ impl Engine {
             // Whatever broke in the gate, the job ends refused with the reason, not stuck.
             Err(e) => {
                 let mut row = before;
-                row.outcome = Some("refused".into());
+                row.outcome = Some(JobOutcome::Refused);
                 row.detail = Some(format!("evaluation failed: {e}"));
                 self.save(row).await
             }
@@ -1004,7 +1011,7 @@ impl Engine {
         let cand_m = match scored.0 {
             Ok(m) => m,
             Err(e) => {
-                row.outcome = Some("refused".into());
+                row.outcome = Some(JobOutcome::Refused);
                 row.detail = Some(format!("candidate cannot be evaluated: {e}"));
                 return self.save(row).await;
             }
@@ -1020,7 +1027,7 @@ impl Engine {
         );
         if let Err(reason) = decide(&gate, &cand_m, champ_m.as_ref()) {
             tracing::info!(job = row.id, %reason, "candidate refused");
-            row.outcome = Some("refused".into());
+            row.outcome = Some(JobOutcome::Refused);
             row.detail = Some(reason);
             return self.save(row).await;
         }
@@ -1072,7 +1079,7 @@ impl Engine {
         .map_err(|e| ContinuousError::Task(e.to_string()))?;
         match accepted {
             Ok(a) => {
-                row.outcome = Some("accepted".into());
+                row.outcome = Some(JobOutcome::Accepted);
                 row.candidate_model = Some(format!("{}@{}", a.model.name, a.model.version));
                 row.rollout_plan = a
                     .rollout_plan
@@ -1115,7 +1122,7 @@ impl Engine {
                 }
             }
             Err(e) => {
-                row.outcome = Some("refused".into());
+                row.outcome = Some(JobOutcome::Refused);
                 row.detail = Some(format!("registry refused the candidate: {e}"));
             }
         }

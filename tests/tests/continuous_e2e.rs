@@ -18,7 +18,7 @@ use drover_control_plane::config::ServeConfig;
 use drover_control_plane::continuous::Engine;
 use drover_control_plane::drift::Level;
 use drover_control_plane::serve;
-use drover_control_plane::store::Store;
+use drover_control_plane::store::{JobOutcome, JobState, Store};
 use drover_host::clock::now_ms;
 use drover_tests::training::{features_csv, job_spec, labeled_csv, policy, toml_args, world, Rng};
 use drover_tests::{cli_enroll, drover_cli, wait_until, workspace_bin};
@@ -310,8 +310,8 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
 
     // The job trains on base + fleet data; the gate accepts; the candidate is registered.
     let job = job.unwrap().await.unwrap().unwrap();
-    assert_eq!(job.state, "succeeded", "{:?}", job.detail);
-    assert_eq!(job.outcome.as_deref(), Some("accepted"), "{:?}", job.detail);
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.detail);
+    assert_eq!(job.outcome, Some(JobOutcome::Accepted), "{:?}", job.detail);
     assert_eq!(job.candidate_model.as_deref(), Some("shift@1.0.1"));
     assert_eq!(job.parent_model.as_deref(), Some("shift@1.0.0"));
     let metrics: Value = serde_json::from_str(job.metrics.as_deref().unwrap()).unwrap();
@@ -476,8 +476,8 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
         .run_job(worse.load_job_spec().unwrap(), "manual", now_ms())
         .await
         .unwrap();
-    assert_eq!(refused.state, "succeeded");
-    assert_eq!(refused.outcome.as_deref(), Some("refused"));
+    assert_eq!(refused.state, JobState::Succeeded);
+    assert_eq!(refused.outcome, Some(JobOutcome::Refused));
     assert_eq!(refused.parent_model.as_deref(), Some("shift@1.0.1"));
     let reason = refused.detail.unwrap_or_default();
     assert!(reason.contains("worse than the champion's"), "{reason}");

@@ -741,6 +741,7 @@ fn candidate_drift(
         .drift_sketches(from_ms, to_ms.saturating_add(1))?
         .into_iter()
         .filter(|k| k.model_digest == digest)
+        .map(crate::drift::SketchRow::from)
         .collect();
     let baselines = BTreeMap::from([(digest, baseline)]);
     let scores = crate::drift::score_window(
