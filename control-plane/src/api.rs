@@ -5,7 +5,7 @@
 //! types are converted at this edge, never serialized as they are.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -23,13 +23,13 @@ use crate::fleet::{self, FleetError};
 use crate::mqtt::MqttLink;
 use crate::registry::{self, PublishRequest, RegistryError};
 use crate::serve::Shared;
-use crate::store::{DeviceRow, ModelRow, Store, StoreError};
+use crate::store::{Db, DeviceRow, ModelRow, Store, StoreError};
 use drover_host::clock::now_ms;
 
 #[derive(Clone)]
 pub struct AppState {
     pub shared: Arc<Shared>,
-    pub store: Arc<Mutex<Store>>,
+    pub store: Db,
     pub mqtt: Arc<MqttLink>,
     pub rollouts: crate::rollout::driver::RolloutHandle,
     /// The continuous-training engine, when a policy is configured.
@@ -270,13 +270,7 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&Shared, &mut Store) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let shared = Arc::clone(&st.shared);
-    let store = Arc::clone(&st.store);
-    tokio::task::spawn_blocking(move || {
-        let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-        f(&shared, &mut s)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    st.store.run(move |s| f(&shared, s)).await?
 }
 
 async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {

@@ -93,10 +93,7 @@ async fn read<T: Send + 'static>(
     st: &AppState,
     f: impl FnOnce(&mut Store) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let store = Arc::clone(&st.store);
-    tokio::task::spawn_blocking(move || f(&mut store.lock().unwrap_or_else(|p| p.into_inner())))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    st.store.run(f).await?
 }
 
 async fn status(State(st): State<AppState>) -> Result<Json<Vec<Score>>, ApiError> {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_protocol::envelope::encode_chunk;
@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::mqtt::MqttLink;
 use crate::serve::Shared;
-use crate::store::Store;
+use crate::store::Db;
 use drover_host::clock::now_ms;
 
 /// Pure core: which chunks are due for publishing at `now`. Clock passed in.
@@ -76,7 +76,7 @@ type ModelFile = (Arc<Vec<u8>>, u32);
 
 /// Model files by manifest digest, read once.
 struct Files {
-    store: Arc<Mutex<Store>>,
+    store: Db,
     models_dir: PathBuf,
     cache: HashMap<Digest, Option<ModelFile>>,
 }
@@ -86,21 +86,17 @@ impl Files {
         if let Some(v) = self.cache.get(&digest) {
             return v.clone();
         }
-        let store = Arc::clone(&self.store);
         let dir = self.models_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let row = store
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .model_by_digest(&digest)
-                .ok()
-                .flatten()?;
-            let bytes = std::fs::read(dir.join(hex32(&row.sha256))).ok()?;
-            Some((Arc::new(bytes), row.chunk_size))
-        })
-        .await
-        .ok()
-        .flatten();
+        let loaded = self
+            .store
+            .run(move |s| {
+                let row = s.model_by_digest(&digest).ok().flatten()?;
+                let bytes = std::fs::read(dir.join(hex32(&row.sha256))).ok()?;
+                Some((Arc::new(bytes), row.chunk_size))
+            })
+            .await
+            .ok()
+            .flatten();
         if self.cache.len() > 64 {
             self.cache.clear();
         }
@@ -114,7 +110,7 @@ pub async fn run(
     mut rx: mpsc::UnboundedReceiver<ChunkRequest>,
     shared: Arc<Shared>,
     mqtt: Arc<MqttLink>,
-    store: Arc<Mutex<Store>>,
+    store: Db,
     window_ms: u64,
 ) {
     let mut co = Coalescer::new(window_ms);

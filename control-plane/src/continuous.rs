@@ -30,7 +30,7 @@ use crate::jobs::{
     JobError, JobPaths, JobSpec, Outcome, Row,
 };
 use crate::registry::{self, PublishRequest, RegistryError};
-use crate::store::{JobOutcome, JobRow, JobState, ModelRow, Store, StoreError};
+use crate::store::{Db, JobOutcome, JobRow, JobState, ModelRow, Store, StoreError};
 
 /// Log lines a failed job is reported with.
 pub const LOG_TAIL_LINES: usize = 20;
@@ -415,7 +415,7 @@ fn fixed_key(key: &SecretKey) -> SigningKeySource {
 
 /// Runs one policy: drift scoring, triggers, jobs, the gate.
 pub struct Engine {
-    store: Arc<Mutex<Store>>,
+    store: Db,
     data_dir: PathBuf,
     /// The key accepted candidates are signed with, read at signing time (a running
     /// server swaps in a rotated key without restarting the engine).
@@ -446,13 +446,9 @@ pub fn rollout_plan(
     Ok(plan)
 }
 
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    store.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Engine {
     pub fn new(
-        store: Arc<Mutex<Store>>,
+        store: Db,
         data_dir: PathBuf,
         signing: &SecretKey,
         policy: Policy,
@@ -480,7 +476,7 @@ impl Engine {
 
     /// Loads a policy file and builds its engine.
     pub fn from_policy_file(
-        store: Arc<Mutex<Store>>,
+        store: Db,
         data_dir: PathBuf,
         signing: &SecretKey,
         path: &Path,
@@ -502,10 +498,7 @@ impl Engine {
         &self,
         f: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || f(&mut lock(&store)))
-            .await
-            .map_err(|e| ContinuousError::Task(e.to_string()))?
+        self.store.run(f).await?
     }
 
     /// Scores the window `[from, to)` for every scope and stores the scores.
@@ -1061,22 +1054,22 @@ impl Engine {
         let baseline_csv = strip_label_column(&train_csv, features.len());
         let signing = (self.signing)();
         let policy = self.policy.clone();
-        let store = Arc::clone(&self.store);
-        let accepted = tokio::task::spawn_blocking(move || {
-            on_candidate_accepted(
-                &mut lock(&store),
-                &models_dir,
-                &signing,
-                &policy,
-                champion.as_ref(),
-                candidate,
-                baseline_csv,
-                lineage,
-                drover_host::clock::now_ms(),
-            )
-        })
-        .await
-        .map_err(|e| ContinuousError::Task(e.to_string()))?;
+        let accepted = self
+            .store
+            .run(move |s| {
+                on_candidate_accepted(
+                    s,
+                    &models_dir,
+                    &signing,
+                    &policy,
+                    champion.as_ref(),
+                    candidate,
+                    baseline_csv,
+                    lineage,
+                    drover_host::clock::now_ms(),
+                )
+            })
+            .await?;
         match accepted {
             Ok(a) => {
                 row.outcome = Some(JobOutcome::Accepted);

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use drover_protocol::envelope::{encode_keyring, seal_downlink, DownlinkFrame};
@@ -26,7 +26,7 @@ use crate::ingest::{self, Event};
 use crate::keys::{self, Keys};
 use crate::metrics::Metrics;
 use crate::mqtt::MqttLink;
-use crate::store::Store;
+use crate::store::{Db, Store};
 use drover_host::ct_eq;
 
 pub const DB_FILE: &str = "drover.db";
@@ -463,7 +463,7 @@ pub async fn run(
         raw.ingest.batch_max,
     )
     .map_err(ServeError::Thread)?;
-    let api_store = Arc::new(Mutex::new(api_store));
+    let api_store = Db::new(api_store);
     let dispatcher = tokio::spawn(dispatch(
         events_rx,
         Arc::clone(&shared),
@@ -475,7 +475,7 @@ pub async fn run(
         chunk_rx,
         Arc::clone(&shared),
         Arc::clone(&mqtt),
-        Arc::clone(&api_store),
+        api_store.clone(),
         raw.chunk_window_ms,
     ));
     if !mqtt.ready(Duration::from_secs(10)).await {
@@ -510,7 +510,7 @@ pub async fn run(
     );
     let (rollouts, rollout_task) = crate::rollout::driver::spawn(
         Arc::clone(&shared),
-        Arc::clone(&api_store),
+        api_store.clone(),
         Arc::clone(&mqtt),
         Duration::from_millis(raw.rollout_tick_ms),
         Duration::from_millis(raw.rollout_republish_ms),
@@ -520,7 +520,7 @@ pub async fn run(
     let weak_rollouts = rollouts.downgrade();
     let app = crate::api::router(crate::api::AppState {
         shared: Arc::clone(&shared),
-        store: Arc::clone(&api_store),
+        store: api_store.clone(),
         mqtt: Arc::clone(&mqtt),
         rollouts,
         continuous,
@@ -537,20 +537,16 @@ pub async fn run(
         }
     });
     let retention_ms = raw.telemetry_retention_hours.saturating_mul(3_600_000);
-    let maint_store = Arc::clone(&api_store);
+    let maint_store = api_store.clone();
     let maint_shared = Arc::clone(&shared);
     let maintenance = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
         let mut crl_ticks = 0u64;
         loop {
             tick.tick().await;
-            let s = Arc::clone(&maint_store);
-            let r = tokio::task::spawn_blocking(move || {
-                s.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .prune_telemetry(now_ms().saturating_sub(retention_ms))
-            })
-            .await;
+            let r = maint_store
+                .run(move |s| s.prune_telemetry(now_ms().saturating_sub(retention_ms)))
+                .await;
             if let Ok(Ok(n)) = r {
                 if n > 0 {
                     tracing::info!(rows = n, "pruned raw telemetry past retention");
@@ -613,7 +609,7 @@ pub async fn run(
 /// with the reason (the operator asked for it to run).
 async fn start_continuous(
     cfg: &crate::config::ContinuousConfig,
-    store: &Arc<Mutex<Store>>,
+    store: &Db,
     shared: &Arc<Shared>,
     rollouts: crate::rollout::driver::WeakRolloutHandle,
 ) -> Result<
@@ -628,7 +624,7 @@ async fn start_continuous(
         return Ok((None, None));
     }
     let mut engine = Engine::from_policy_file(
-        Arc::clone(store),
+        store.clone(),
         shared.data_dir.clone(),
         &shared.keys().signing,
         Path::new(&cfg.policy),

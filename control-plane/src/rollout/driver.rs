@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_protocol::messages::{
@@ -27,7 +27,7 @@ use super::plan::{Plan, Selector};
 use crate::fleet;
 use crate::mqtt::MqttLink;
 use crate::serve::Shared;
-use crate::store::{RolloutWrite, Store, StoreError};
+use crate::store::{Db, RolloutWrite, Store, StoreError};
 use drover_host::clock::now_ms;
 
 /// Rows received up to this long before the last one read are read again (and skipped if
@@ -202,7 +202,7 @@ fn hist(counts: Vec<u64>) -> LatencyHistogram {
 
 struct Driver {
     shared: Arc<Shared>,
-    store: Arc<Mutex<Store>>,
+    store: Db,
     mqtt: Arc<MqttLink>,
     rollouts: BTreeMap<u64, RolloutState>,
     seen: HashMap<u64, Seen>,
@@ -218,7 +218,7 @@ struct Driver {
 /// Starts the driver task; it stops when every handle is dropped.
 pub fn spawn(
     shared: Arc<Shared>,
-    store: Arc<Mutex<Store>>,
+    store: Db,
     mqtt: Arc<MqttLink>,
     interval: Duration,
     republish: Duration,
@@ -243,13 +243,7 @@ impl Driver {
         f: impl FnOnce(&Shared, &mut Store) -> Result<T, RolloutError> + Send + 'static,
     ) -> Result<T, RolloutError> {
         let shared = Arc::clone(&self.shared);
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || {
-            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-            f(&shared, &mut s)
-        })
-        .await
-        .map_err(|e| RolloutError::Corrupt(format!("store task failed: {e}")))?
+        self.store.run(move |s| f(&shared, s)).await?
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>, interval: Duration) {
