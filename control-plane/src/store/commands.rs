@@ -144,7 +144,7 @@ pub(super) mod tests {
     use super::*;
 
     /// A deploy command for `device` with sequence `seq`.
-    pub(in crate::store) fn deploy(device: &str, seq: u64) -> CommandRow {
+    pub(crate) fn deploy(device: &str, seq: u64) -> CommandRow {
         CommandRow {
             device: device.into(),
             seq,

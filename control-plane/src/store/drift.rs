@@ -1,6 +1,6 @@
 //! Drift: the sketches devices report (written by `ingest.rs` as JSON, read back here with
 //! their device's labels) and the history of drift scores. The rows are the store's own;
-//! the drift statistics convert at their edge (`crate::drift_record`).
+//! the drift statistics convert at their own edge (the control plane's `drift_record` module).
 
 use std::collections::BTreeMap;
 

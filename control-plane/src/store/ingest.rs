@@ -411,12 +411,7 @@ pub(super) mod tests {
 
     use super::*;
 
-    pub(in crate::store) fn frame(
-        dev: &str,
-        seq: u64,
-        received_at_ms: u64,
-        msg: Uplink,
-    ) -> Inbound {
+    pub(crate) fn frame(dev: &str, seq: u64, received_at_ms: u64, msg: Uplink) -> Inbound {
         Inbound {
             frame: UplinkFrame {
                 device: DeviceId::new(dev).unwrap(),
@@ -428,7 +423,7 @@ pub(super) mod tests {
         }
     }
 
-    pub(in crate::store) fn telemetry(model: Option<ModelRef>, seq: u64) -> Uplink {
+    pub(crate) fn telemetry(model: Option<ModelRef>, seq: u64) -> Uplink {
         let mut latency = LatencyHistogram::new();
         latency.counts[3] = 10;
         Uplink::Telemetry(TelemetryBatch {
@@ -445,7 +440,7 @@ pub(super) mod tests {
         })
     }
 
-    pub(in crate::store) fn enrolled(devices: &[&str]) -> (tempfile::TempDir, Store) {
+    pub(crate) fn enrolled(devices: &[&str]) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("d.db")).unwrap();
         for (n, d) in devices.iter().enumerate() {
@@ -456,7 +451,7 @@ pub(super) mod tests {
         (dir, s)
     }
 
-    pub(in crate::store) fn model_ref(digest: u8) -> ModelRef {
+    pub(crate) fn model_ref(digest: u8) -> ModelRef {
         ModelRef {
             name: "cls".into(),
             version: format!("1.0.{digest}"),

@@ -45,11 +45,6 @@ impl JobState {
     pub fn parse(s: &str) -> Result<JobState> {
         parse_one(&Self::ALL, Self::as_str, "state", s)
     }
-
-    /// Queued or running: the job is not over.
-    pub fn is_open(self) -> bool {
-        matches!(self, JobState::Queued | JobState::Running)
-    }
 }
 
 impl fmt::Display for JobState {

@@ -112,7 +112,7 @@ pub(super) mod tests {
     use super::*;
 
     /// A model row whose fields all differ, so a swapped column shows.
-    pub(in crate::store) fn model(name: &str, version: &str, digest: u8) -> ModelRow {
+    pub(crate) fn model(name: &str, version: &str, digest: u8) -> ModelRow {
         ModelRow {
             digest: [digest; 32],
             name: name.into(),
