@@ -7,13 +7,12 @@
 //!     [--rows R]
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use drover_control_plane::continuous::{evaluate, Engine};
 use drover_control_plane::jobs::Row;
 use drover_control_plane::registry::{self, PublishRequest};
-use drover_control_plane::store::{Inbound, Store};
+use drover_control_plane::store::{Db, Inbound, Store};
 use drover_control_plane::trainer::{self, TrainParams};
 use drover_protocol::envelope::UplinkFrame;
 use drover_protocol::messages::{DriftReport, FeatureSketch, ModelRef, Uplink};
@@ -120,9 +119,8 @@ fn main() -> anyhow::Result<()> {
         policy_dir.join("policy.toml"),
         "version = 1\nmodel = \"bench\"\njob = \"job.toml\"\n[drift]\ngroup_by = [\"site\"]\n",
     )?;
-    let store = Arc::new(Mutex::new(store));
     let engine = Engine::from_policy_file(
-        Arc::clone(&store),
+        Db::new(store),
         data.clone(),
         &keys.signing,
         &policy_dir.join("policy.toml"),

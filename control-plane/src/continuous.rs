@@ -30,7 +30,7 @@ use crate::jobs::{
     JobError, JobPaths, JobSpec, Outcome, Row,
 };
 use crate::registry::{self, PublishRequest, RegistryError};
-use crate::store::{JobRow, ModelRow, Store, StoreError};
+use crate::store::{Db, JobOutcome, JobRow, JobState, ModelRow, Store, StoreError};
 
 /// Log lines a failed job is reported with.
 pub const LOG_TAIL_LINES: usize = 20;
@@ -415,7 +415,7 @@ fn fixed_key(key: &SecretKey) -> SigningKeySource {
 
 /// Runs one policy: drift scoring, triggers, jobs, the gate.
 pub struct Engine {
-    store: Arc<Mutex<Store>>,
+    store: Db,
     data_dir: PathBuf,
     /// The key accepted candidates are signed with, read at signing time (a running
     /// server swaps in a rotated key without restarting the engine).
@@ -446,13 +446,9 @@ pub fn rollout_plan(
     Ok(plan)
 }
 
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    store.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Engine {
     pub fn new(
-        store: Arc<Mutex<Store>>,
+        store: Db,
         data_dir: PathBuf,
         signing: &SecretKey,
         policy: Policy,
@@ -480,7 +476,7 @@ impl Engine {
 
     /// Loads a policy file and builds its engine.
     pub fn from_policy_file(
-        store: Arc<Mutex<Store>>,
+        store: Db,
         data_dir: PathBuf,
         signing: &SecretKey,
         path: &Path,
@@ -502,10 +498,7 @@ impl Engine {
         &self,
         f: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || f(&mut lock(&store)))
-            .await
-            .map_err(|e| ContinuousError::Task(e.to_string()))?
+        self.store.run(f).await?
     }
 
     /// Scores the window `[from, to)` for every scope and stores the scores.
@@ -516,7 +509,11 @@ impl Engine {
         let keep_ms = self.policy.drift.retention_hours.saturating_mul(3_600_000);
         let scores = self
             .with_store(move |s| {
-                let sketches = s.drift_sketches(window.0, window.1)?;
+                let sketches: Vec<drift::SketchRow> = s
+                    .drift_sketches(window.0, window.1)?
+                    .into_iter()
+                    .map(Into::into)
+                    .collect();
                 let mut baselines = BTreeMap::new();
                 for d in sketches.iter().map(|k| k.model_digest) {
                     if baselines.contains_key(&d) {
@@ -533,7 +530,7 @@ impl Engine {
                     }
                 }
                 let scores = drift::score_window(&baselines, &sketches, &group_by, window, &t);
-                s.insert_drift_scores(&scores)?;
+                s.insert_drift_scores(&scores.iter().map(Into::into).collect::<Vec<_>>())?;
                 s.prune_drift_scores(to_ms.saturating_sub(keep_ms))?;
                 Ok(scores)
             })
@@ -547,7 +544,10 @@ impl Engine {
         let w = self.policy.drift.window_secs * 1000;
         let model = self.policy.model.clone();
         self.with_store(move |s| {
-            if !s.jobs_in_state(&["queued", "running"])?.is_empty() {
+            if !s
+                .jobs_in_state(&[JobState::Queued, JobState::Running])?
+                .is_empty()
+            {
                 return Ok(None);
             }
             let recent = s.jobs(100)?;
@@ -574,16 +574,16 @@ impl Engine {
                     .map(|m| drover_protocol::topics::hex32(&m.digest))
                     .collect();
                 let mut by_scope: BTreeMap<&str, BTreeMap<u64, Level>> = BTreeMap::new();
-                for (scope, digest, end, level) in &levels {
-                    if !digests.contains(digest) {
+                for w in &levels {
+                    if !digests.contains(&w.model_digest) {
                         continue;
                     }
                     let l = by_scope
-                        .entry(scope)
+                        .entry(&w.scope)
                         .or_default()
-                        .entry(*end)
+                        .entry(w.window_end_ms)
                         .or_insert(Level::Ok);
-                    *l = (*l).max(*level);
+                    *l = (*l).max(w.level.into());
                 }
                 // Of the scopes in sustained drift, name a label group first (it says
                 // where), then the fleet, then a single device.
@@ -713,7 +713,7 @@ impl Engine {
             trigger: trigger.to_owned(),
             executor: spec.executor.as_str().to_owned(),
             spec: spec_text,
-            state: "queued".into(),
+            state: JobState::Queued,
             created_at_ms: now_ms,
             ..Default::default()
         };
@@ -754,7 +754,7 @@ impl Engine {
         let data = match built {
             Ok(d) => d,
             Err(e) => {
-                row.state = "failed".into();
+                row.state = JobState::Failed;
                 row.detail = Some(format!("dataset: {e}"));
                 row.finished_at_ms = Some(drover_host::clock::now_ms());
                 return self.save(row).await;
@@ -768,7 +768,7 @@ impl Engine {
                 "fleet samples left out of the dataset"
             );
         }
-        row.state = "running".into();
+        row.state = JobState::Running;
         let cancel = Arc::new(Notify::new());
         self.cancels
             .lock()
@@ -809,7 +809,7 @@ impl Engine {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
-                row.state = "failed".into();
+                row.state = JobState::Failed;
                 row.detail = Some(e.to_string());
                 row.finished_at_ms = Some(drover_host::clock::now_ms());
                 return self.save(row).await;
@@ -861,7 +861,7 @@ impl Engine {
         self: &Arc<Self>,
     ) -> Result<Vec<tokio::task::JoinHandle<Result<JobRow>>>> {
         let open = self
-            .with_store(|s| Ok(s.jobs_in_state(&["queued", "running"])?))
+            .with_store(|s| Ok(s.jobs_in_state(&[JobState::Queued, JobState::Running])?))
             .await?;
         let mut handles = Vec::new();
         for mut row in open {
@@ -869,7 +869,7 @@ impl Engine {
                 .then(|| row.external_id.clone())
                 .flatten();
             if slurm_id.is_none() {
-                row.state = "failed".into();
+                row.state = JobState::Failed;
                 row.detail = Some(
                     "the control plane restarted while this job ran locally; nothing was published"
                         .into(),
@@ -898,7 +898,7 @@ impl Engine {
                 let outcome = match this.follow_slurm(&row, &paths, timeout, &cancel).await {
                     Ok(o) => o,
                     Err(e) => {
-                        row.state = "failed".into();
+                        row.state = JobState::Failed;
                         row.detail = Some(e.to_string());
                         return this.save(row).await;
                     }
@@ -928,7 +928,7 @@ impl Engine {
         features: Vec<String>,
     ) -> Result<JobRow> {
         row.finished_at_ms = Some(drover_host::clock::now_ms());
-        row.state = outcome.state().to_owned();
+        row.state = outcome.state();
         if let Outcome::Failed { exit_code } = outcome {
             row.exit_code = exit_code;
         }
@@ -942,7 +942,7 @@ impl Engine {
         let (candidate, trainer_metrics) = match jobs::check_outputs(paths) {
             Ok(x) => x,
             Err(e) => {
-                row.state = "failed".into();
+                row.state = JobState::Failed;
                 row.detail = Some(e);
                 return self.save(row).await;
             }
@@ -956,7 +956,7 @@ impl Engine {
             // Whatever broke in the gate, the job ends refused with the reason, not stuck.
             Err(e) => {
                 let mut row = before;
-                row.outcome = Some("refused".into());
+                row.outcome = Some(JobOutcome::Refused);
                 row.detail = Some(format!("evaluation failed: {e}"));
                 self.save(row).await
             }
@@ -1004,7 +1004,7 @@ impl Engine {
         let cand_m = match scored.0 {
             Ok(m) => m,
             Err(e) => {
-                row.outcome = Some("refused".into());
+                row.outcome = Some(JobOutcome::Refused);
                 row.detail = Some(format!("candidate cannot be evaluated: {e}"));
                 return self.save(row).await;
             }
@@ -1020,7 +1020,7 @@ impl Engine {
         );
         if let Err(reason) = decide(&gate, &cand_m, champ_m.as_ref()) {
             tracing::info!(job = row.id, %reason, "candidate refused");
-            row.outcome = Some("refused".into());
+            row.outcome = Some(JobOutcome::Refused);
             row.detail = Some(reason);
             return self.save(row).await;
         }
@@ -1054,25 +1054,25 @@ impl Engine {
         let baseline_csv = strip_label_column(&train_csv, features.len());
         let signing = (self.signing)();
         let policy = self.policy.clone();
-        let store = Arc::clone(&self.store);
-        let accepted = tokio::task::spawn_blocking(move || {
-            on_candidate_accepted(
-                &mut lock(&store),
-                &models_dir,
-                &signing,
-                &policy,
-                champion.as_ref(),
-                candidate,
-                baseline_csv,
-                lineage,
-                drover_host::clock::now_ms(),
-            )
-        })
-        .await
-        .map_err(|e| ContinuousError::Task(e.to_string()))?;
+        let accepted = self
+            .store
+            .run(move |s| {
+                on_candidate_accepted(
+                    s,
+                    &models_dir,
+                    &signing,
+                    &policy,
+                    champion.as_ref(),
+                    candidate,
+                    baseline_csv,
+                    lineage,
+                    drover_host::clock::now_ms(),
+                )
+            })
+            .await?;
         match accepted {
             Ok(a) => {
-                row.outcome = Some("accepted".into());
+                row.outcome = Some(JobOutcome::Accepted);
                 row.candidate_model = Some(format!("{}@{}", a.model.name, a.model.version));
                 row.rollout_plan = a
                     .rollout_plan
@@ -1115,7 +1115,7 @@ impl Engine {
                 }
             }
             Err(e) => {
-                row.outcome = Some("refused".into());
+                row.outcome = Some(JobOutcome::Refused);
                 row.detail = Some(format!("registry refused the candidate: {e}"));
             }
         }
@@ -1174,7 +1174,7 @@ fn strip_label_column(csv: &str, features: usize) -> String {
 /// load stops the server with the reason (the operator asked for it to run).
 pub async fn start(
     app: &crate::app::App,
-    store: &Arc<Mutex<Store>>,
+    store: &crate::store::Db,
     rollouts: crate::rollout::driver::WeakRolloutHandle,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(Option<Arc<Engine>>, Option<tokio::task::JoinHandle<()>>)> {
@@ -1182,7 +1182,7 @@ pub async fn start(
         return Ok((None, None));
     };
     let mut engine = Engine::from_policy_file(
-        Arc::clone(store),
+        store.clone(),
         app.paths.data_dir().to_owned(),
         &app.keys.current().signing,
         &cfg.policy,

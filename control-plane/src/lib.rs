@@ -13,13 +13,15 @@
 //! - [`registry`]: model validation (tract), baseline, test vectors, signing.
 //! - [`fleet`]: enroll, decommission, signed deploy commands.
 //! - [`rollout`]: staged rollouts: plans, the pure engine, the driver that applies it.
-//! - [`store`]: SQLite; the only module that knows SQL.
+//! - [`store`]: SQLite, one file per aggregate; the only module that knows SQL. [`store::Db`]
+//!   is the services' handle on it.
 //! - [`keys`]: root/signing key files and the root-signed keyring.
 //! - [`pki`]: the fleet CA (rcgen): device and broker certificates, the CRL.
 //! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
 //! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
 //!   embedded default can train with nothing installed but Rust.
-//! - [`drift`]: PSI and chi-square drift scores per device, label group and fleet.
+//! - [`drift`]: PSI and chi-square drift scores per device, label group and fleet;
+//!   [`drift_record`] converts them to and from the store's drift rows.
 //! - [`jobs`]: training job specs, datasets and executors (local process, Slurm).
 //! - [`continuous`]: policy, triggers, the evaluation gate and registration of candidates.
 
@@ -32,6 +34,7 @@ pub mod config;
 pub mod continuous;
 pub mod dispatch;
 pub mod drift;
+pub mod drift_record;
 pub mod fleet;
 pub mod ingest;
 pub mod jobs;

@@ -1,20 +1,19 @@
 //! Periodic upkeep: raw telemetry past retention is pruned (hourly rollups stay), and
 //! the CRL is re-issued about daily so its nextUpdate stays a year ahead.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::app::App;
-use crate::store::Store;
+use crate::store::Db;
 
 const EVERY: Duration = Duration::from_secs(600);
 /// CRL re-issue: every 144th round (about daily).
 const CRL_EVERY_ROUNDS: u64 = 144;
 
 /// Runs until `stop` turns true (or its sender is gone), finishing the round in progress.
-pub async fn run(app: App, store: Arc<Mutex<Store>>, mut stop: watch::Receiver<bool>) {
+pub async fn run(app: App, store: Db, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(EVERY);
     let mut rounds = 0u64;
     loop {
@@ -33,17 +32,11 @@ pub async fn run(app: App, store: Arc<Mutex<Store>>, mut stop: watch::Receiver<b
     }
 }
 
-async fn prune(app: &App, store: &Arc<Mutex<Store>>) {
+async fn prune(app: &App, store: &Db) {
     let retention_ms =
         u64::try_from(app.settings.telemetry_retention.as_millis()).unwrap_or(u64::MAX);
     let cutoff = app.clock.unix_ms().saturating_sub(retention_ms);
-    let s = Arc::clone(store);
-    let r = tokio::task::spawn_blocking(move || {
-        s.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .prune_telemetry(cutoff)
-    })
-    .await;
+    let r = store.run(move |s| s.prune_telemetry(cutoff)).await;
     match r {
         Ok(Ok(n)) if n > 0 => tracing::info!(rows = n, "pruned raw telemetry past retention"),
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune telemetry"),

@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::RngCore as _;
@@ -27,7 +27,7 @@ use crate::keys;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttLink;
 use crate::rollout::driver::{RolloutHandle, WeakRolloutHandle};
-use crate::store::Store;
+use crate::store::{Db, Store};
 use drover_host::clock::{self, SharedClock};
 
 #[derive(Debug, thiserror::Error)]
@@ -187,7 +187,7 @@ pub async fn run_with_clock(
         agent_broker_url: broker.prepared.agent_broker_url.clone().into(),
     };
 
-    let api_store = Arc::new(Mutex::new(api_store));
+    let api_store = Db::new(api_store);
     let pipeline = start_pipeline(&app, ingest_store, inbound_rx, &api_store)?;
     if !mqtt.ready(Duration::from_secs(10)).await {
         tracing::warn!("uplink subscriptions not acknowledged yet; continuing, sessions retry");
@@ -201,8 +201,7 @@ pub async fn run_with_clock(
     }
 
     let (stop_loops, loops_stopped) = watch::channel(false);
-    let (rollouts, rollout_task) =
-        crate::rollout::driver::spawn(app.clone(), Arc::clone(&api_store));
+    let (rollouts, rollout_task) = crate::rollout::driver::spawn(app.clone(), api_store.clone());
     let weak_rollouts = rollouts.downgrade();
     let (continuous, continuous_task) = crate::continuous::start(
         &app,
@@ -214,7 +213,7 @@ pub async fn run_with_clock(
     let (http_addr, http) = start_http(&app, &api_store, rollouts, continuous).await?;
     let maintenance = tokio::spawn(crate::maintenance::run(
         app.clone(),
-        Arc::clone(&api_store),
+        api_store.clone(),
         loops_stopped,
     ));
 
@@ -357,7 +356,7 @@ fn start_pipeline(
     app: &App,
     ingest_store: Store,
     inbound: mpsc::Receiver<crate::mqtt::RawUplink>,
-    api_store: &Arc<Mutex<Store>>,
+    api_store: &Db,
 ) -> Result<Pipeline, ServeError> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (chunk_tx, chunk_rx) = mpsc::unbounded_channel();
@@ -376,11 +375,7 @@ fn start_pipeline(
         chunk_tx,
         app.settings.ingest.ack_interval,
     ));
-    let chunks = tokio::spawn(crate::chunks::run(
-        chunk_rx,
-        app.clone(),
-        Arc::clone(api_store),
-    ));
+    let chunks = tokio::spawn(crate::chunks::run(chunk_rx, app.clone(), api_store.clone()));
     Ok(Pipeline {
         ingest,
         dispatcher,
@@ -391,7 +386,7 @@ fn start_pipeline(
 /// Binds the HTTP listener, records its address for CLIs run with `--data-dir`, serves.
 async fn start_http(
     app: &App,
-    store: &Arc<Mutex<Store>>,
+    store: &Db,
     rollouts: RolloutHandle,
     continuous: Option<Arc<crate::continuous::Engine>>,
 ) -> Result<(SocketAddr, (oneshot::Sender<()>, JoinHandle<()>)), ServeError> {
@@ -410,7 +405,7 @@ async fn start_http(
     );
     let router = crate::api::router(crate::api::AppState {
         app: app.clone(),
-        store: Arc::clone(store),
+        store: store.clone(),
         rollouts,
         continuous,
     });

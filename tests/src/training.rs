@@ -3,12 +3,12 @@
 //! fleet samples fed through the store's real ingest path, and policy/job files.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use drover_control_plane::continuous::Engine;
 use drover_control_plane::keys::{self, Keys};
 use drover_control_plane::registry::{self, PublishRequest};
-use drover_control_plane::store::{Inbound, ModelRow, Store};
+use drover_control_plane::store::{Db, Inbound, ModelRow, Store};
 use drover_control_plane::trainer::{self, TrainParams};
 use drover_protocol::envelope::UplinkFrame;
 use drover_protocol::messages::{Label, LabelBatch, ModelRef, Sample, SampleBatch, Uplink};
@@ -70,7 +70,7 @@ pub fn features_csv(rows: &[(Vec<f32>, u32)]) -> String {
 pub struct Rig {
     pub dir: PathBuf,
     pub keys: Keys,
-    pub store: Arc<Mutex<Store>>,
+    pub store: Db,
     next_seq: std::sync::atomic::AtomicU64,
 }
 
@@ -83,13 +83,13 @@ impl Rig {
         Ok(Self {
             dir: data,
             keys,
-            store: Arc::new(Mutex::new(store)),
+            store: Db::new(store),
             next_seq: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+        self.store.lock_blocking()
     }
 
     /// Trains the built-in model on `rows` and publishes it with a baseline from them.
@@ -207,7 +207,7 @@ impl Rig {
         std::fs::write(dir.join("job.toml"), job)?;
         std::fs::write(dir.join("policy.toml"), policy)?;
         let mut e = Engine::from_policy_file(
-            Arc::clone(&self.store),
+            self.store.clone(),
             self.dir.clone(),
             &self.keys.signing,
             &dir.join("policy.toml"),

@@ -11,14 +11,14 @@
 //! serve` ticks), so each drift window is the span of one phase of traffic, not a wall-clock
 //! interval the test would have to sleep through.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::continuous::Engine;
 use drover_control_plane::drift::Level;
 use drover_control_plane::serve;
-use drover_control_plane::store::Store;
+use drover_control_plane::store::{Db, JobOutcome, JobState, Store};
 use drover_host::clock::now_ms;
 use drover_tests::training::{features_csv, job_spec, labeled_csv, policy, toml_args, world, Rng};
 use drover_tests::{cli_enroll, drover_cli, wait_until, workspace_bin};
@@ -70,12 +70,12 @@ async fn traffic(http: &reqwest::Client, addr: &str, rows: &[(Vec<f32>, u32)]) -
 /// Waits until both devices have reported a telemetry window that closed after `after`:
 /// the window holding the phase's last inference and label (its drift sketch, samples and
 /// labels are sent before that telemetry) is then in.
-async fn ingested(store: &Arc<Mutex<Store>>, after: u64) {
+async fn ingested(store: &Db, after: u64) {
     wait_until(
         "both devices' windows after the traffic stored",
         WAIT,
         || async {
-            let s = store.lock().unwrap();
+            let s = store.lock_blocking();
             let done = |d: &str| {
                 s.telemetry(d, 5)
                     .ok()
@@ -181,9 +181,8 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
 
     // The engine on the server's store and keys, with the policy: site groups, two
     // consecutive alert windows trigger the built-in trainer on base + fleet data.
-    let store = Arc::new(Mutex::new(
-        Store::open(&data_dir.join(drover_control_plane::app::paths::DB_FILE)).unwrap(),
-    ));
+    let store =
+        Db::new(Store::open(&data_dir.join(drover_control_plane::app::paths::DB_FILE)).unwrap());
     let keys = drover_control_plane::keys::load(&data_dir).unwrap();
     let drover = workspace_bin("drover").unwrap();
     let train = toml_args(&[
@@ -208,7 +207,7 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     )
     .unwrap();
     let mut engine = Engine::from_policy_file(
-        Arc::clone(&store),
+        store.clone(),
         data_dir.clone(),
         &keys.signing,
         &pdir.join("policy.toml"),
@@ -310,8 +309,8 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
 
     // The job trains on base + fleet data; the gate accepts; the candidate is registered.
     let job = job.unwrap().await.unwrap().unwrap();
-    assert_eq!(job.state, "succeeded", "{:?}", job.detail);
-    assert_eq!(job.outcome.as_deref(), Some("accepted"), "{:?}", job.detail);
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.detail);
+    assert_eq!(job.outcome, Some(JobOutcome::Accepted), "{:?}", job.detail);
     assert_eq!(job.candidate_model.as_deref(), Some("shift@1.0.1"));
     assert_eq!(job.parent_model.as_deref(), Some("shift@1.0.0"));
     let metrics: Value = serde_json::from_str(job.metrics.as_deref().unwrap()).unwrap();
@@ -464,7 +463,7 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     .unwrap();
     let worse = Arc::new(
         Engine::from_policy_file(
-            Arc::clone(&store),
+            store.clone(),
             data_dir.clone(),
             &keys.signing,
             &bdir.join("policy.toml"),
@@ -476,14 +475,13 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
         .run_job(worse.load_job_spec().unwrap(), "manual", now_ms())
         .await
         .unwrap();
-    assert_eq!(refused.state, "succeeded");
-    assert_eq!(refused.outcome.as_deref(), Some("refused"));
+    assert_eq!(refused.state, JobState::Succeeded);
+    assert_eq!(refused.outcome, Some(JobOutcome::Refused));
     assert_eq!(refused.parent_model.as_deref(), Some("shift@1.0.1"));
     let reason = refused.detail.unwrap_or_default();
     assert!(reason.contains("worse than the champion's"), "{reason}");
     let versions: Vec<String> = store
-        .lock()
-        .unwrap()
+        .lock_blocking()
         .models()
         .unwrap()
         .into_iter()

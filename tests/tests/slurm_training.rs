@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use drover_control_plane::store::{JobOutcome, JobState};
 use drover_tests::slurm::{installed, SlurmCluster};
 use drover_tests::training::{job_spec, labeled_csv, policy, toml_args, world, Rig, Rng};
 use drover_tests::{peers_required, wait_until, workspace_bin};
@@ -86,8 +87,8 @@ async fn training_job_runs_through_real_slurm_and_survives_a_control_plane_resta
         .external_id
         .as_deref()
         .is_some_and(|id| id.parse::<u64>().is_ok()));
-    assert_eq!(job.state, "succeeded", "{:?}", job.detail);
-    assert_eq!(job.outcome.as_deref(), Some("accepted"), "{:?}", job.detail);
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.detail);
+    assert_eq!(job.outcome, Some(JobOutcome::Accepted), "{:?}", job.detail);
     assert_eq!(rig.versions(MODEL), ["1.0.0", "1.0.1"]);
     let log = std::fs::read_to_string(Path::new(&job.dir).join("job.log")).unwrap();
     assert!(
@@ -167,7 +168,7 @@ async fn training_job_runs_through_real_slurm_and_survives_a_control_plane_resta
     }
     let job = &finished[0];
     assert_eq!(job.id, id);
-    assert_eq!(job.state, "succeeded", "{:?}", job.detail);
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.detail);
     // The second candidate's champion is 1.0.1; whatever the gate says, it says why.
     assert!(job.outcome.is_some() && job.detail.is_some(), "{job:?}");
     drop(cluster);

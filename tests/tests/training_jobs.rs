@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use drover_control_plane::store::{JobOutcome, JobState};
 use drover_tests::training::{job_spec, policy, toml_args, world, Rig, Rng};
 use drover_tests::{peers_required, wait_until, workspace_bin};
 
@@ -55,7 +56,7 @@ async fn failing_job_is_reported_with_its_log_tail_and_publishes_nothing() {
         .run_job(spec, "manual", drover_host::clock::now_ms())
         .await
         .unwrap();
-    assert_eq!(job.state, "failed");
+    assert_eq!(job.state, JobState::Failed);
     assert_eq!(job.exit_code, Some(3));
     let detail = job.detail.unwrap_or_default();
     assert!(
@@ -93,7 +94,7 @@ async fn job_past_its_timeout_is_killed_with_its_children_and_publishes_nothing(
         .run_job(spec, "manual", drover_host::clock::now_ms())
         .await
         .unwrap();
-    assert_eq!(job.state, "timed-out");
+    assert_eq!(job.state, JobState::TimedOut);
     let detail = job.detail.unwrap_or_default();
     assert!(
         detail.contains("job timed-out") && detail.contains("started"),
@@ -133,7 +134,7 @@ async fn cancelled_job_stops_and_publishes_nothing() {
     .unwrap();
     let job = run.await.unwrap().unwrap();
     assert_eq!(job.id, id);
-    assert_eq!(job.state, "cancelled");
+    assert_eq!(job.state, JobState::Cancelled);
     no_new_version(&rig);
 }
 
@@ -164,8 +165,8 @@ async fn builtin_trainer_job_beats_the_champion_and_is_registered_with_lineage()
         .run_job(spec, "manual", drover_host::clock::now_ms())
         .await
         .unwrap();
-    assert_eq!(job.state, "succeeded", "{:?}", job.detail);
-    assert_eq!(job.outcome.as_deref(), Some("accepted"), "{:?}", job.detail);
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.detail);
+    assert_eq!(job.outcome, Some(JobOutcome::Accepted), "{:?}", job.detail);
     assert_eq!(job.candidate_model.as_deref(), Some("shift@1.0.1"));
     assert_eq!(rig.versions(MODEL), ["1.0.0", "1.0.1"]);
     let plan: serde_json::Value =
@@ -232,8 +233,8 @@ async fn sklearn_example_trainer_runs_through_the_local_executor() {
         .run_job(spec, "manual", drover_host::clock::now_ms())
         .await
         .unwrap();
-    assert_eq!(job.state, "succeeded", "{:?}", job.detail);
-    assert_eq!(job.outcome.as_deref(), Some("accepted"), "{:?}", job.detail);
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.detail);
+    assert_eq!(job.outcome, Some(JobOutcome::Accepted), "{:?}", job.detail);
     let metrics: serde_json::Value = serde_json::from_str(job.metrics.as_deref().unwrap()).unwrap();
     assert_eq!(metrics["trainer"]["trainer"], "sklearn-logistic-regression");
     assert!(
@@ -264,7 +265,7 @@ async fn local_job_left_running_by_a_restart_is_marked_failed_and_publishes_noth
             trigger: "manual".into(),
             executor: "local".into(),
             spec: String::new(),
-            state: "running".into(),
+            state: JobState::Running,
             external_id: Some("4242".into()),
             created_at_ms: 1,
             ..Default::default()
@@ -276,7 +277,7 @@ async fn local_job_left_running_by_a_restart_is_marked_failed_and_publishes_noth
     let handles = e.reattach().await.unwrap();
     assert!(handles.is_empty(), "nothing to follow for a local job");
     let row = rig.lock().job(id).unwrap().unwrap();
-    assert_eq!(row.state, "failed");
+    assert_eq!(row.state, JobState::Failed);
     assert!(row.detail.unwrap_or_default().contains("restarted"));
     no_new_version(&rig);
 }
@@ -303,7 +304,7 @@ async fn job_whose_dataset_cannot_be_built_fails_with_the_reason_and_runs_nothin
         )
         .await
         .unwrap();
-    assert_eq!(job.state, "failed");
+    assert_eq!(job.state, JobState::Failed);
     let detail = job.detail.unwrap_or_default();
     assert!(
         detail.contains("cannot read base dataset") && detail.contains("no-such-base.csv"),

@@ -58,7 +58,7 @@ impl From<JobRow> for JobView {
             name: j.name,
             trigger: j.trigger,
             executor: j.executor,
-            state: j.state,
+            state: j.state.as_str().to_owned(),
             external_id: j.external_id,
             dir: j.dir,
             created_at_ms: j.created_at_ms,
@@ -67,7 +67,7 @@ impl From<JobRow> for JobView {
             detail: j.detail,
             dataset_hash: j.dataset_hash,
             parent_model: j.parent_model,
-            outcome: j.outcome,
+            outcome: j.outcome.map(|o| o.as_str().to_owned()),
             candidate_model: j.candidate_model,
             metrics: json(j.metrics),
             rollout_plan: json(j.rollout_plan),
@@ -132,15 +132,17 @@ async fn read<T: Send + 'static>(
     st: &AppState,
     f: impl FnOnce(&mut Store) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let store = Arc::clone(&st.store);
-    tokio::task::spawn_blocking(move || f(&mut store.lock().unwrap_or_else(|p| p.into_inner())))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    st.store.run(f).await?
 }
 
 async fn status(State(st): State<AppState>) -> Result<Json<Vec<ScoreView>>, ApiError> {
-    let scores = read(&st, |s| Ok(s.drift_status()?)).await?;
-    Ok(Json(scores.into_iter().map(ScoreView::from).collect()))
+    let rows = read(&st, |s| Ok(s.drift_status()?)).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(Score::from)
+            .map(ScoreView::from)
+            .collect(),
+    ))
 }
 
 async fn history(
@@ -148,11 +150,16 @@ async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Vec<ScoreView>>, ApiError> {
     let limit = q.limit.unwrap_or(1000).min(100_000);
-    let scores = read(&st, move |s| {
+    let rows = read(&st, move |s| {
         Ok(s.drift_history(q.scope.as_deref(), q.since_ms, limit)?)
     })
     .await?;
-    Ok(Json(scores.into_iter().map(ScoreView::from).collect()))
+    Ok(Json(
+        rows.into_iter()
+            .map(Score::from)
+            .map(ScoreView::from)
+            .collect(),
+    ))
 }
 
 async fn jobs(State(st): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {

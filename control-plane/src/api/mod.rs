@@ -28,7 +28,7 @@ pub use self::rollouts::{
     WaveView,
 };
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::app::App;
 
@@ -41,12 +41,12 @@ use axum::{Json, Router};
 
 use crate::fleet::FleetError;
 use crate::registry::RegistryError;
-use crate::store::{Store, StoreError};
+use crate::store::{Db, Store, StoreError};
 
 #[derive(Clone)]
 pub struct AppState {
     pub app: App,
-    pub store: Arc<Mutex<Store>>,
+    pub store: Db,
     pub rollouts: crate::rollout::driver::RolloutHandle,
     /// The continuous-training engine, when a policy is configured.
     pub continuous: Option<Arc<crate::continuous::Engine>>,
@@ -112,13 +112,7 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&App, &mut Store) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let app = st.app.clone();
-    let store = Arc::clone(&st.store);
-    tokio::task::spawn_blocking(move || {
-        let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-        f(&app, &mut s)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    st.store.run(move |s| f(&app, s)).await?
 }
 
 async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {

@@ -9,7 +9,7 @@ pub mod coalescer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use drover_protocol::envelope::encode_chunk;
@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 pub use self::coalescer::Coalescer;
 
 use crate::app::App;
-use crate::store::Store;
+use crate::store::Db;
 
 /// Most chunks a single request may name (bounds the work one frame can cause).
 const MAX_INDICES_PER_REQUEST: usize = 65_536;
@@ -31,7 +31,7 @@ type ModelFile = (Arc<Vec<u8>>, u32);
 
 /// Model files by manifest digest, read once.
 struct Files {
-    store: Arc<Mutex<Store>>,
+    store: Db,
     models_dir: PathBuf,
     cache: HashMap<Digest, Option<ModelFile>>,
 }
@@ -41,21 +41,17 @@ impl Files {
         if let Some(v) = self.cache.get(&digest) {
             return v.clone();
         }
-        let store = Arc::clone(&self.store);
         let dir = self.models_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            let row = store
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .model_by_digest(&digest)
-                .ok()
-                .flatten()?;
-            let bytes = std::fs::read(dir.join(hex32(&row.sha256))).ok()?;
-            Some((Arc::new(bytes), row.chunk_size))
-        })
-        .await
-        .ok()
-        .flatten();
+        let loaded = self
+            .store
+            .run(move |s| {
+                let row = s.model_by_digest(&digest).ok().flatten()?;
+                let bytes = std::fs::read(dir.join(hex32(&row.sha256))).ok()?;
+                Some((Arc::new(bytes), row.chunk_size))
+            })
+            .await
+            .ok()
+            .flatten();
         if self.cache.len() > 64 {
             self.cache.clear();
         }
@@ -65,11 +61,7 @@ impl Files {
 }
 
 /// Serves chunk requests until `rx` closes.
-pub async fn run(
-    mut rx: mpsc::UnboundedReceiver<ChunkRequest>,
-    app: App,
-    store: Arc<Mutex<Store>>,
-) {
+pub async fn run(mut rx: mpsc::UnboundedReceiver<ChunkRequest>, app: App, store: Db) {
     let now_ms = || app.clock.unix_ms();
     let mut co = Coalescer::new(app.settings.chunk_window.as_millis() as u64);
     let mut files = Files {

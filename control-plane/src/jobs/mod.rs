@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::store::JobState;
+
 pub use dataset::{Dataset, DatasetError, Row};
 
 /// Where a job runs.
@@ -228,12 +230,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn state(&self) -> &'static str {
+    /// The job state this ending is recorded as.
+    pub fn state(&self) -> JobState {
         match self {
-            Outcome::Succeeded => "succeeded",
-            Outcome::Failed { .. } => "failed",
-            Outcome::TimedOut => "timed-out",
-            Outcome::Cancelled => "cancelled",
+            Outcome::Succeeded => JobState::Succeeded,
+            Outcome::Failed { .. } => JobState::Failed,
+            Outcome::TimedOut => JobState::TimedOut,
+            Outcome::Cancelled => JobState::Cancelled,
         }
     }
 }

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_protocol::messages::{
@@ -27,7 +26,7 @@ use super::plan::{Plan, Selector};
 use super::record;
 use crate::app::App;
 use crate::fleet;
-use crate::store::{DeviceRow, RolloutWrite, Store, StoreError};
+use crate::store::{Db, DeviceRow, RolloutWrite, Store, StoreError};
 
 /// Rows received up to this long before the last one read are read again (and skipped if
 /// already seen), so a batch committed late is never missed.
@@ -334,7 +333,7 @@ fn observations(
 
 struct Driver {
     app: App,
-    store: Arc<Mutex<Store>>,
+    store: Db,
     rollouts: BTreeMap<u64, RolloutState>,
     seen: HashMap<u64, Seen>,
     /// (device, seq) → when it was last published.
@@ -347,7 +346,7 @@ struct Driver {
 }
 
 /// Starts the driver task; it stops when every handle is dropped.
-pub fn spawn(app: App, store: Arc<Mutex<Store>>) -> (RolloutHandle, tokio::task::JoinHandle<()>) {
+pub fn spawn(app: App, store: Db) -> (RolloutHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(64);
     let interval = app.settings.rollout_tick;
     let republish = app.settings.rollout_republish;
@@ -369,13 +368,7 @@ impl Driver {
         f: impl FnOnce(&App, &mut Store) -> Result<T, RolloutError> + Send + 'static,
     ) -> Result<T, RolloutError> {
         let app = self.app.clone();
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || {
-            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
-            f(&app, &mut s)
-        })
-        .await
-        .map_err(|e| RolloutError::Corrupt(format!("store task failed: {e}")))?
+        self.store.run(move |s| f(&app, s)).await?
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>, interval: Duration) {
@@ -754,6 +747,7 @@ fn candidate_drift(
         .drift_sketches(from_ms, to_ms.saturating_add(1))?
         .into_iter()
         .filter(|k| k.model_digest == digest)
+        .map(crate::drift::SketchRow::from)
         .collect();
     let baselines = BTreeMap::from([(digest, baseline)]);
     let scores = crate::drift::score_window(
