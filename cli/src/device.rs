@@ -81,7 +81,8 @@ pub enum DeviceCommand {
     },
 }
 
-fn show(d: &DeviceView) {
+/// The human form of `device show`.
+fn print_device(d: &DeviceView) {
     println!("{}", d.id);
     println!("  online         {}", d.online);
     if d.decommissioned {
@@ -125,130 +126,174 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             cert_dir,
             server,
         } => {
-            let labels: BTreeMap<String, String> = labels.into_iter().collect();
-            let r: EnrollResponse = Client::new(&server)?
-                .post(
-                    "/v1/devices",
-                    &EnrollRequest {
-                        id: id.clone(),
-                        labels: labels.clone(),
-                    },
-                )
-                .await?;
-            let dir = match out.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            let dir = std::path::absolute(&dir).unwrap_or(dir);
-            let mut cfg = crate::agent_files::write_agent_files(
-                r,
-                &dir,
-                cert_dir.as_deref(),
-                agent_data_dir,
+            enroll(
+                id,
                 labels,
-            )?;
-            if let Some(url) = broker_url {
-                cfg.broker_url = url;
-            }
-            let text = cfg.to_toml().context("cannot render the agent config")?;
-            drover_host::fs::write_private(&out, text.as_bytes())?;
-            println!(
-                "enrolled {id}; agent config written to {} (TLS certificate and key beside it, 0600)",
-                out.display()
-            );
-            Ok(())
+                broker_url,
+                agent_data_dir,
+                out,
+                cert_dir,
+                server,
+            )
+            .await
         }
         DeviceCommand::List {
             labels,
             online,
             server,
             output,
-        } => {
-            let mut q = Vec::new();
-            if !labels.is_empty() {
-                let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                q.push(format!("label={}", l.join(",")));
-            }
-            if online {
-                q.push("online=true".into());
-            }
-            let path = if q.is_empty() {
-                "/v1/devices".to_string()
-            } else {
-                format!("/v1/devices?{}", q.join("&"))
-            };
-            let v: Vec<DeviceView> = Client::new(&server)?.get(&path).await?;
-            if output == Output::Json {
-                return print_json(&v);
-            }
-            println!(
-                "{:<24} {:<7} {:<8} {:<24} LABELS",
-                "ID", "ONLINE", "ARCH", "ACTIVE MODEL"
-            );
-            for d in &v {
-                let labels: Vec<String> =
-                    d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
-                    "{:<24} {:<7} {:<8} {:<24} {}",
-                    d.id,
-                    if d.decommissioned {
-                        "revoked"
-                    } else if d.online {
-                        "yes"
-                    } else {
-                        "no"
-                    },
-                    d.arch.as_deref().unwrap_or("-"),
-                    d.active_model.as_deref().unwrap_or("-"),
-                    labels.join(",")
-                );
-            }
-            Ok(())
-        }
-        DeviceCommand::Show { id, server, output } => {
-            let v: DeviceView = Client::new(&server)?
-                .get(&format!("/v1/devices/{id}"))
-                .await?;
-            if output == Output::Json {
-                return print_json(&v);
-            }
-            show(&v);
-            Ok(())
-        }
+        } => list(labels, online, server, output).await,
+        DeviceCommand::Show { id, server, output } => show(id, server, output).await,
         DeviceCommand::Deploy {
             id,
             model,
             shadow,
             server,
             output,
-        } => {
-            let r: DeployResponse = Client::new(&server)?
-                .post(
-                    &format!("/v1/devices/{id}/deploy"),
-                    &DeployRequest {
-                        model,
-                        mode: Some(if shadow { "shadow" } else { "activate" }.into()),
-                    },
-                )
-                .await?;
-            if output == Output::Json {
-                return print_json(&r);
-            }
-            println!(
-                "command {} sent to {}: deploy {} (expires {})",
-                r.seq,
-                r.device,
-                r.model,
-                fmt_ms(r.expires_at_ms)
-            );
-            Ok(())
-        }
-        DeviceCommand::Decommission { id, server } => {
-            let _: serde_json::Value = Client::new(&server)?
-                .post(&format!("/v1/devices/{id}/decommission"), &())
-                .await?;
-            println!("{id} decommissioned");
-            Ok(())
-        }
+        } => deploy(id, model, shadow, server, output).await,
+        DeviceCommand::Decommission { id, server } => decommission(id, server).await,
     }
+}
+
+/// `device enroll`: the identity from the server, the agent's config and TLS files on disk.
+async fn enroll(
+    id: String,
+    labels: Vec<(String, String)>,
+    broker_url: Option<String>,
+    agent_data_dir: PathBuf,
+    out: PathBuf,
+    cert_dir: Option<PathBuf>,
+    server: ServerArgs,
+) -> anyhow::Result<()> {
+    let labels: BTreeMap<String, String> = labels.into_iter().collect();
+    let r: EnrollResponse = Client::new(&server)?
+        .post(
+            "/v1/devices",
+            &EnrollRequest {
+                id: id.clone(),
+                labels: labels.clone(),
+            },
+        )
+        .await?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
+    let mut cfg = crate::agent_files::write_agent_files(
+        r,
+        &dir,
+        cert_dir.as_deref(),
+        agent_data_dir,
+        labels,
+    )?;
+    if let Some(url) = broker_url {
+        cfg.broker_url = url;
+    }
+    let text = cfg.to_toml().context("cannot render the agent config")?;
+    drover_host::fs::write_private(&out, text.as_bytes())?;
+    println!(
+        "enrolled {id}; agent config written to {} (TLS certificate and key beside it, 0600)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// `device list`, filtered by labels and online state on the server.
+async fn list(
+    labels: Vec<(String, String)>,
+    online: bool,
+    server: ServerArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut q = Vec::new();
+    if !labels.is_empty() {
+        let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        q.push(format!("label={}", l.join(",")));
+    }
+    if online {
+        q.push("online=true".into());
+    }
+    let path = if q.is_empty() {
+        "/v1/devices".to_string()
+    } else {
+        format!("/v1/devices?{}", q.join("&"))
+    };
+    let v: Vec<DeviceView> = Client::new(&server)?.get(&path).await?;
+    if output == Output::Json {
+        return print_json(&v);
+    }
+    println!(
+        "{:<24} {:<7} {:<8} {:<24} LABELS",
+        "ID", "ONLINE", "ARCH", "ACTIVE MODEL"
+    );
+    for d in &v {
+        let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<24} {:<7} {:<8} {:<24} {}",
+            d.id,
+            if d.decommissioned {
+                "revoked"
+            } else if d.online {
+                "yes"
+            } else {
+                "no"
+            },
+            d.arch.as_deref().unwrap_or("-"),
+            d.active_model.as_deref().unwrap_or("-"),
+            labels.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `device show`.
+async fn show(id: String, server: ServerArgs, output: Output) -> anyhow::Result<()> {
+    let v: DeviceView = Client::new(&server)?
+        .get(&format!("/v1/devices/{id}"))
+        .await?;
+    if output == Output::Json {
+        return print_json(&v);
+    }
+    print_device(&v);
+    Ok(())
+}
+
+/// `device deploy`: the server signs and sends the command.
+async fn deploy(
+    id: String,
+    model: String,
+    shadow: bool,
+    server: ServerArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let r: DeployResponse = Client::new(&server)?
+        .post(
+            &format!("/v1/devices/{id}/deploy"),
+            &DeployRequest {
+                model,
+                mode: Some(if shadow { "shadow" } else { "activate" }.into()),
+            },
+        )
+        .await?;
+    if output == Output::Json {
+        return print_json(&r);
+    }
+    println!(
+        "command {} sent to {}: deploy {} (expires {})",
+        r.seq,
+        r.device,
+        r.model,
+        fmt_ms(r.expires_at_ms)
+    );
+    Ok(())
+}
+
+/// `device decommission`.
+async fn decommission(id: String, server: ServerArgs) -> anyhow::Result<()> {
+    let _: serde_json::Value = Client::new(&server)?
+        .post(&format!("/v1/devices/{id}/decommission"), &())
+        .await?;
+    println!("{id} decommissioned");
+    Ok(())
 }

@@ -75,42 +75,70 @@ fn check_cert(path: &Path, what: &str, now: u64, out: &mut Vec<Finding>) {
     }
 }
 
-/// Every check, as a pure-ish function of the files (the clock passed in).
+/// Every check, as a pure-ish function of the files (the clock passed in). Findings come in
+/// a fixed order: server config, key directory, API token, certificates and CRL, keyring,
+/// agent configs.
 pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut data_dir = args.data_dir.clone();
     if let Some(path) = &args.config {
-        match ServeConfig::load(Some(path), &HashMap::new(), &Default::default()) {
-            Ok(cfg) => {
-                data_dir = cfg.data_dir.clone();
-                if cfg.allow_plaintext {
-                    out.push(Finding {
-                        path: path.display().to_string(),
-                        problem: "allow_plaintext = true: the embedded broker accepts devices \
-                                  without TLS or certificates"
-                            .into(),
-                    });
-                }
-                if let BrokerMode::External(u) = &cfg.broker {
-                    if !u.tls {
-                        out.push(Finding {
-                            path: path.display().to_string(),
-                            problem: "broker_url is plaintext mqtt://; use mqtts://".into(),
-                        });
-                    }
-                    if u.password.is_some() {
-                        check_private(path, "config holding a broker password", &mut out);
-                    }
-                }
-            }
-            Err(e) => out.push(Finding {
-                path: path.display().to_string(),
-                problem: format!("config does not load: {e}"),
-            }),
+        if let Some(dir) = check_serve_config(path, &mut out) {
+            data_dir = dir;
         }
     }
     let keys = data_dir.join("keys");
-    if let Some(m) = mode(&keys) {
+    check_key_files(&keys, &mut out);
+    check_private(
+        &data_dir.join(drover_control_plane::app::paths::TOKEN_FILE),
+        "API token",
+        &mut out,
+    );
+    check_pki(&keys, now, &mut out);
+    check_keyring(&data_dir, &keys, now, &mut out);
+    for path in &args.agent_configs {
+        check_agent_config(path, now, &mut out);
+    }
+    out
+}
+
+/// The `drover serve` config: plaintext transports, a broker password in a readable file.
+/// Returns the data dir it names, if it loads.
+fn check_serve_config(path: &Path, out: &mut Vec<Finding>) -> Option<PathBuf> {
+    let cfg = match ServeConfig::load(Some(path), &HashMap::new(), &Default::default()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            out.push(Finding {
+                path: path.display().to_string(),
+                problem: format!("config does not load: {e}"),
+            });
+            return None;
+        }
+    };
+    if cfg.allow_plaintext {
+        out.push(Finding {
+            path: path.display().to_string(),
+            problem: "allow_plaintext = true: the embedded broker accepts devices \
+                      without TLS or certificates"
+                .into(),
+        });
+    }
+    if let BrokerMode::External(u) = &cfg.broker {
+        if !u.tls {
+            out.push(Finding {
+                path: path.display().to_string(),
+                problem: "broker_url is plaintext mqtt://; use mqtts://".into(),
+            });
+        }
+        if u.password.is_some() {
+            check_private(path, "config holding a broker password", out);
+        }
+    }
+    Some(cfg.data_dir.clone())
+}
+
+/// The key directory is private, and so is every key file in it.
+fn check_key_files(keys: &Path, out: &mut Vec<Finding>) {
+    if let Some(m) = mode(keys) {
         if m & 0o077 != 0 {
             out.push(Finding {
                 path: keys.display().to_string(),
@@ -121,21 +149,20 @@ pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
             });
         }
     }
-    if let Ok(entries) = std::fs::read_dir(&keys) {
+    if let Ok(entries) = std::fs::read_dir(keys) {
         let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         files.sort();
         for f in files.iter().filter(|f| f.is_file()) {
             let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.ends_with(".key") || name == drover_control_plane::keys::KEYRING_FILE {
-                check_private(f, "key file", &mut out);
+                check_private(f, "key file", out);
             }
         }
     }
-    check_private(
-        &data_dir.join(drover_control_plane::app::paths::TOKEN_FILE),
-        "API token",
-        &mut out,
-    );
+}
+
+/// The fleet's certificates and the CRL are readable and not about to run out.
+fn check_pki(keys: &Path, now: u64, out: &mut Vec<Finding>) {
     for (file, what) in [
         (
             drover_control_plane::pki::CA_CERT_FILE,
@@ -150,7 +177,7 @@ pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
             "control plane certificate",
         ),
     ] {
-        check_cert(&keys.join(file), what, now, &mut out);
+        check_cert(&keys.join(file), what, now, out);
     }
     let crl = keys.join(drover_control_plane::pki::CRL_FILE);
     if let Ok(pem) = std::fs::read(&crl) {
@@ -169,63 +196,69 @@ pub fn examine(args: &DoctorArgs, now: u64) -> Vec<Finding> {
             }),
         }
     }
-    if keys.join(drover_control_plane::keys::ROOT_FILE).exists() {
-        match drover_control_plane::keys::load(&data_dir) {
-            Ok(k) if k.keyring.expires_at_ms <= now.saturating_add(WARN_DAYS * DAY_MS) => {
-                out.push(Finding {
-                    path: keys
-                        .join(drover_control_plane::keys::KEYRING_FILE)
-                        .display()
-                        .to_string(),
-                    problem: format!(
-                        "keyring expires {}; run `drover keys rotate`",
-                        super::fmt_ms(k.keyring.expires_at_ms)
-                    ),
-                })
-            }
-            Ok(_) => {}
-            Err(e) => out.push(Finding {
-                path: keys.display().to_string(),
-                problem: e.to_string(),
-            }),
-        }
+}
+
+/// The signed keyring (when the data dir has keys) loads and is not about to expire.
+fn check_keyring(data_dir: &Path, keys: &Path, now: u64, out: &mut Vec<Finding>) {
+    if !keys.join(drover_control_plane::keys::ROOT_FILE).exists() {
+        return;
     }
-    for path in &args.agent_configs {
-        check_private(path, "agent config (holds the device key)", &mut out);
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => {
+    match drover_control_plane::keys::load(data_dir) {
+        Ok(k) if k.keyring.expires_at_ms <= now.saturating_add(WARN_DAYS * DAY_MS) => {
+            out.push(Finding {
+                path: keys
+                    .join(drover_control_plane::keys::KEYRING_FILE)
+                    .display()
+                    .to_string(),
+                problem: format!(
+                    "keyring expires {}; run `drover keys rotate`",
+                    super::fmt_ms(k.keyring.expires_at_ms)
+                ),
+            })
+        }
+        Ok(_) => {}
+        Err(e) => out.push(Finding {
+            path: keys.display().to_string(),
+            problem: e.to_string(),
+        }),
+    }
+}
+
+/// One agent config: private, TLS to the broker, its TLS key private and certificate valid.
+fn check_agent_config(path: &Path, now: u64, out: &mut Vec<Finding>) {
+    check_private(path, "agent config (holds the device key)", out);
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            out.push(Finding {
+                path: path.display().to_string(),
+                problem: format!("cannot read: {e}"),
+            });
+            return;
+        }
+    };
+    match drover_agent::config::AgentConfig::from_toml(&text) {
+        Ok(cfg) => {
+            if cfg.broker_url.starts_with("mqtt://") {
                 out.push(Finding {
                     path: path.display().to_string(),
-                    problem: format!("cannot read: {e}"),
+                    problem: "agent connects over plaintext mqtt://".into(),
                 });
-                continue;
             }
-        };
-        match drover_agent::config::AgentConfig::from_toml(&text) {
-            Ok(cfg) => {
-                if cfg.broker_url.starts_with("mqtt://") {
-                    out.push(Finding {
-                        path: path.display().to_string(),
-                        problem: "agent connects over plaintext mqtt://".into(),
-                    });
+            if let Some(tls) = &cfg.tls {
+                if let Some(k) = &tls.client_key_file {
+                    check_private(k, "agent TLS key", out);
                 }
-                if let Some(tls) = &cfg.tls {
-                    if let Some(k) = &tls.client_key_file {
-                        check_private(k, "agent TLS key", &mut out);
-                    }
-                    if let Some(c) = &tls.client_cert_file {
-                        check_cert(c, "agent client certificate", now, &mut out);
-                    }
+                if let Some(c) = &tls.client_cert_file {
+                    check_cert(c, "agent client certificate", now, out);
                 }
             }
-            Err(e) => out.push(Finding {
-                path: path.display().to_string(),
-                problem: format!("agent config does not load: {e}"),
-            }),
         }
+        Err(e) => out.push(Finding {
+            path: path.display().to_string(),
+            problem: format!("agent config does not load: {e}"),
+        }),
     }
-    out
 }
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<()> {

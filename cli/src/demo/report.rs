@@ -99,8 +99,21 @@ impl Report {
             .and_then(|a| a.accuracy)
     }
 
+    /// The report for people: one section per part of the story.
     pub fn markdown(&self) -> String {
         let mut r = String::new();
+        self.intro_md(&mut r);
+        self.accuracy_md(&mut r);
+        self.models_md(&mut r);
+        self.drift_md(&mut r);
+        self.rollouts_md(&mut r);
+        self.telemetry_md(&mut r);
+        self.timeline_md(&mut r);
+        r
+    }
+
+    /// Title and the fleet the story ran on.
+    fn intro_md(&self, r: &mut String) {
         let _ = writeln!(r, "# Drover demo report\n");
         let sites: Vec<String> = self
             .sites
@@ -117,6 +130,10 @@ impl Report {
             sites.join(", "),
             self.shifted_site
         );
+    }
+
+    /// Accuracy of live predictions, per phase, site and pump kind.
+    fn accuracy_md(&self, r: &mut String) {
         let _ = writeln!(r, "## Accuracy of live predictions\n");
         let _ = writeln!(r, "| phase | site | pumps | model | requests | accuracy |");
         let _ = writeln!(r, "| --- | --- | --- | --- | --- | --- |");
@@ -132,6 +149,10 @@ impl Report {
                 pct(a.accuracy)
             );
         }
+    }
+
+    /// The models the jobs trained, with their gate metrics.
+    fn models_md(&self, r: &mut String) {
         let _ = writeln!(
             r,
             "\n## Models (trained by the local executor, gated, signed)\n"
@@ -156,6 +177,10 @@ impl Report {
                 m.key_id
             );
         }
+    }
+
+    /// Drift windows per site, and which sites and devices alerted against the first model.
+    fn drift_md(&self, r: &mut String) {
         let _ = writeln!(
             r,
             "\n## Drift (largest PSI over the features, per window and site)\n"
@@ -200,6 +225,10 @@ impl Report {
             alerting.join(", "),
             self.retraining_trigger.as_deref().unwrap_or("none")
         );
+    }
+
+    /// Rollouts with their waves and shadow agreement.
+    fn rollouts_md(&self, r: &mut String) {
         let _ = writeln!(r, "\n## Rollouts\n");
         let _ = writeln!(
             r,
@@ -224,6 +253,10 @@ impl Report {
                 o.secs
             );
         }
+    }
+
+    /// What the agents answered and what landed in SQLite.
+    fn telemetry_md(&self, r: &mut String) {
         let t = &self.telemetry;
         let _ = writeln!(r, "\n## Telemetry\n");
         let _ = writeln!(r, "| what | count |\n| --- | --- |");
@@ -239,11 +272,14 @@ impl Report {
             t.inferences_stored
         );
         let _ = writeln!(r, "| telemetry windows stored | {} |", t.telemetry_windows);
+    }
+
+    /// How long each step took.
+    fn timeline_md(&self, r: &mut String) {
         let _ = writeln!(r, "\n## Timeline\n\n| step | duration |\n| --- | --- |");
         for (what, s) in &self.timeline {
             let _ = writeln!(r, "| {what} | {s:.1} s |");
         }
         let _ = writeln!(r, "| total | {:.1} s |", self.total_secs);
-        r
     }
 }

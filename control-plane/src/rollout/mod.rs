@@ -2,15 +2,20 @@
 //!
 //! - [`plan`]: the operator's plan (TOML or flags): model, selector, cumulative waves, bake
 //!   times, concurrency, deadline, gates, shadow phase; device buckets.
-//! - [`engine`]: `step(state, observations, now) -> (state, actions, events)`, no I/O.
+//! - [`engine`]: `step(state, observations, now) -> (state, actions, events)`, no I/O; its
+//!   private helpers: `waves` (assignment, dispatch), `slots` (device reports, deploy and
+//!   promote), `gates` (gate evaluation).
 //! - [`record`]: the stored form (JSON in SQLite), apart from the engine's types.
 //! - [`driver`]: reads observations from the store, runs the engine on a timer, persists
 //!   state + commands in one transaction, publishes the commands.
 
 pub mod driver;
 pub mod engine;
+mod gates;
 pub mod plan;
 pub mod record;
+mod slots;
+mod waves;
 
 #[cfg(test)]
 mod engine_tests;

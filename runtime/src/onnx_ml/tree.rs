@@ -14,8 +14,9 @@
 //! Aggregation, base values, post-transforms and the binary-classifier special cases follow
 //! onnxruntime's `tree_ensemble_aggregator.h`, which is what exported models are checked
 //! against.
-
-use std::collections::HashMap;
+//!
+//! Layout: this file holds the flat representation, the walk and aggregation and the two
+//! operators; `tree/parse.rs` reads and checks the attributes and lays the trees out.
 
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
@@ -23,6 +24,8 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::linear::{classifier_facts, classifier_rules, int_labels};
 use super::{as_f32, logistic, ml_op, probit, rows_cols, tensor_f32, tensor_i64, PostTransform};
+
+mod parse;
 
 pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("TreeEnsembleClassifier", tree_classifier);
@@ -121,229 +124,7 @@ struct Ensemble {
     aggregate: Aggregate,
 }
 
-/// The leaf arrays: `class_*` for classifiers, `target_*` for regressors.
-struct Leaves {
-    tree: Vec<i64>,
-    node: Vec<i64>,
-    output: Vec<i64>,
-    weight: Vec<f32>,
-}
-
-fn attr_len<T>(node: &NodeProto, name: &str, v: &[T], n: usize) -> TractResult<()> {
-    ensure!(
-        v.len() == n,
-        "{}: {name} has {} entries, expected {n}",
-        node.op_type,
-        v.len()
-    );
-    Ok(())
-}
-
-fn refuse_tensor_forms(node: &NodeProto) -> TractResult<()> {
-    if let Some(a) = node
-        .attribute
-        .iter()
-        .find(|a| a.name.ends_with("_as_tensor"))
-    {
-        bail!(
-            "{}: {} (double-precision trees) is not supported",
-            node.op_type,
-            a.name
-        );
-    }
-    Ok(())
-}
-
 impl Ensemble {
-    fn parse(
-        node: &NodeProto,
-        prefix: &str,
-        outputs: usize,
-        aggregate: Aggregate,
-    ) -> TractResult<Ensemble> {
-        refuse_tensor_forms(node)?;
-        let op = &node.op_type;
-        let tree_ids: Vec<i64> = node.get_attr_vec("nodes_treeids")?;
-        let n = tree_ids.len();
-        ensure!(n > 0, "{op}: no nodes");
-        let node_ids: Vec<i64> = node.get_attr_vec("nodes_nodeids")?;
-        let features: Vec<i64> = node.get_attr_vec("nodes_featureids")?;
-        let values: Vec<f32> = node.get_attr_vec("nodes_values")?;
-        let trues: Vec<i64> = node.get_attr_vec("nodes_truenodeids")?;
-        let falses: Vec<i64> = node.get_attr_vec("nodes_falsenodeids")?;
-        let modes: Vec<Option<Mode>> = node
-            .get_attr_tvec::<&str>("nodes_modes")?
-            .iter()
-            .map(|s| Mode::parse(s))
-            .collect::<TractResult<_>>()?;
-        let missing: Vec<i64> = node
-            .get_attr_opt_vec("nodes_missing_value_tracks_true")?
-            .unwrap_or_else(|| vec![0; n]);
-        for (name, len) in [
-            ("nodes_nodeids", node_ids.len()),
-            ("nodes_featureids", features.len()),
-            ("nodes_values", values.len()),
-            ("nodes_truenodeids", trues.len()),
-            ("nodes_falsenodeids", falses.len()),
-            ("nodes_modes", modes.len()),
-            ("nodes_missing_value_tracks_true", missing.len()),
-        ] {
-            ensure!(len == n, "{op}: {name} has {len} entries, expected {n}");
-        }
-        let leaves = Leaves {
-            tree: node.get_attr_vec(&format!("{prefix}_treeids"))?,
-            node: node.get_attr_vec(&format!("{prefix}_nodeids"))?,
-            output: node.get_attr_vec(&format!("{prefix}_ids"))?,
-            weight: node.get_attr_vec(&format!("{prefix}_weights"))?,
-        };
-        let m = leaves.tree.len();
-        attr_len(node, &format!("{prefix}_nodeids"), &leaves.node, m)?;
-        attr_len(node, &format!("{prefix}_ids"), &leaves.output, m)?;
-        attr_len(node, &format!("{prefix}_weights"), &leaves.weight, m)?;
-        for o in &leaves.output {
-            ensure!(
-                usize::try_from(*o).is_ok_and(|o| o < outputs),
-                "{op}: leaf output {o} out of range for {outputs} outputs"
-            );
-        }
-
-        let index: HashMap<(i64, i64), usize> = tree_ids
-            .iter()
-            .zip(&node_ids)
-            .enumerate()
-            .map(|(i, (t, n))| ((*t, *n), i))
-            .collect();
-        ensure!(index.len() == n, "{op}: duplicate (tree, node) ids");
-        let mut leaf_entries: HashMap<(i64, i64), Vec<(u32, f32)>> = HashMap::new();
-        for i in 0..m {
-            leaf_entries
-                .entry((leaves.tree[i], leaves.node[i]))
-                .or_default()
-                .push((leaves.output[i] as u32, leaves.weight[i]));
-        }
-        let distinct: std::collections::BTreeSet<i64> = leaves.output.iter().copied().collect();
-        let single = if distinct.len() == 1 {
-            distinct.first().map(|o| *o as u32)
-        } else {
-            None
-        };
-
-        // Roots: per tree, the node no other node of that tree points to.
-        let mut children = std::collections::HashSet::new();
-        for i in 0..n {
-            if modes[i].is_some() {
-                children.insert((tree_ids[i], trues[i]));
-                children.insert((tree_ids[i], falses[i]));
-            }
-        }
-        let mut tree_order: Vec<i64> = tree_ids.clone();
-        tree_order.sort_unstable();
-        tree_order.dedup();
-        let mut roots_by_tree: HashMap<i64, usize> = HashMap::new();
-        for i in 0..n {
-            if !children.contains(&(tree_ids[i], node_ids[i])) {
-                ensure!(
-                    roots_by_tree.insert(tree_ids[i], i).is_none(),
-                    "{op}: tree {} has more than one root",
-                    tree_ids[i]
-                );
-            }
-        }
-
-        let mut e = Ensemble {
-            nodes: Vec::with_capacity(n),
-            roots: Vec::with_capacity(tree_order.len()),
-            entries: Vec::with_capacity(m),
-            single,
-            uniform: None,
-            outputs,
-            features: 0,
-            aggregate,
-        };
-        let mut uniform: Option<Option<Mode>> = None;
-        let mut max_feature = 0usize;
-        for t in tree_order {
-            let root = *roots_by_tree
-                .get(&t)
-                .with_context(|| format!("{op}: tree {t} has no root (a cycle)"))?;
-            e.roots.push(e.nodes.len() as u32);
-            // Depth-first, true child first; `stack` holds (original index, slot to patch).
-            let mut stack: Vec<(usize, Option<usize>)> = vec![(root, None)];
-            let mut visited = 0usize;
-            while let Some((i, patch)) = stack.pop() {
-                visited += 1;
-                ensure!(visited <= n, "{op}: tree {t} is not a tree (a cycle)");
-                let here = e.nodes.len();
-                ensure!(here < u32::MAX as usize / 2, "{op}: too many nodes");
-                if let Some(p) = patch {
-                    e.nodes[p].next = here as u32;
-                }
-                match modes[i] {
-                    Some(mode) => {
-                        let f = usize::try_from(features[i])
-                            .ok()
-                            .filter(|f| *f <= FEATURE_MASK as usize)
-                            .with_context(|| format!("{op}: bad feature id {}", features[i]))?;
-                        max_feature = max_feature.max(f + 1);
-                        uniform = match uniform {
-                            None => Some(Some(mode)),
-                            Some(Some(u)) if u == mode => Some(Some(u)),
-                            _ => Some(None),
-                        };
-                        let mut bits = f as u32 | ((mode as u32) << MODE_SHIFT);
-                        if missing[i] != 0 {
-                            bits |= MISSING_TRUE;
-                        }
-                        e.nodes.push(Node {
-                            feature: bits,
-                            value: values[i],
-                            next: 0,
-                        });
-                        let child = |id: i64| {
-                            index
-                                .get(&(t, id))
-                                .copied()
-                                .with_context(|| format!("{op}: tree {t} has no node {id}"))
-                        };
-                        // Pushed in reverse: the true child is laid out right after us.
-                        stack.push((child(falses[i])?, Some(here)));
-                        stack.push((child(trues[i])?, None));
-                    }
-                    None => {
-                        let entries = leaf_entries
-                            .get(&(t, node_ids[i]))
-                            .map(Vec::as_slice)
-                            .unwrap_or(&[]);
-                        let node = if e.single.is_some() {
-                            Node {
-                                feature: LEAF,
-                                value: entries.iter().map(|(_, w)| w).sum(),
-                                next: entries.len() as u32,
-                            }
-                        } else {
-                            let start = e.entries.len() as u32;
-                            e.entries.extend_from_slice(entries);
-                            Node {
-                                feature: LEAF,
-                                value: f32::from_bits(entries.len() as u32),
-                                next: start,
-                            }
-                        };
-                        e.nodes.push(node);
-                    }
-                }
-            }
-            let in_tree = tree_ids.iter().filter(|id| **id == t).count();
-            ensure!(
-                visited == in_tree,
-                "{op}: tree {t} is not a tree ({visited} of its {in_tree} nodes reachable once from its root)"
-            );
-        }
-        e.uniform = uniform.flatten();
-        e.features = max_feature;
-        Ok(e)
-    }
-
     /// The leaf a row reaches in the tree rooted at `root`.
     #[inline(always)]
     fn walk<const UNIFORM: bool>(&self, mode: Mode, root: u32, row: &[f32]) -> &Node {
