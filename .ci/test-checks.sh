@@ -408,6 +408,12 @@ expect "sql-only-in-store: rusqlite in api.rs" fail 'control-plane/src/api.rs:[0
 expect "sql-only-in-store: a rusqlite path in code" fail 'control-plane/src/fleet.rs:[0-9]+: sql-only-in-store' layers \
   "append control-plane/src/fleet.rs 'pub fn open() { let _ = rusqlite::Connection::open_in_memory(); }'"
 
+# store-imports-no-domain
+expect "store-imports-no-domain: the store imports drift" fail 'control-plane/src/store/devices.rs:[0-9]+: store-imports-no-domain' layers \
+  "append control-plane/src/store/devices.rs 'use crate::drift::Score;'"
+expect "store-imports-no-domain: store-internal paths are fine" pass '' layers \
+  "append control-plane/src/store/devices.rs 'use crate::store::Db as _Db;'"
+
 # clock-only-in-host
 expect "clock-only-in-host: SystemTime::now in the agent" fail 'agent/src/x.rs:[0-9]+: clock-only-in-host' layers \
   "append agent/src/x.rs 'pub fn t() { let _ = std::time::SystemTime::now(); }'"
