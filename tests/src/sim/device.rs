@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drover_agent::core::{probation_passed, CHUNK_BATCH, CHUNK_RETRY};
+use drover_agent::machine::{probation_passed, CHUNK_BATCH, CHUNK_RETRY_MS};
 use drover_host::clock::now_ms;
 use drover_protocol::envelope::{self, UplinkFrame};
 use drover_protocol::manifest::{Dim, Manifest};
@@ -946,7 +946,7 @@ impl Device {
         }
         let retry = match &self.job {
             Some(j) => match j.last_request {
-                Some(t) => now.duration_since(t) >= CHUNK_RETRY,
+                Some(t) => now.duration_since(t) >= Duration::from_millis(CHUNK_RETRY_MS),
                 None => now.duration_since(j.subscribed_at) >= Duration::from_secs(1),
             },
             None => false,
