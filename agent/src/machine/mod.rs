@@ -21,8 +21,9 @@
 //!   written, and every downlink frame's MAC in [`Machine::decode`].
 //!
 //! Layout: this file holds inputs, effects, uplink sealing, the session, keyrings and
-//! commands; [`deploy`](self) the download → install → activate → probation → rollback
-//! and promote path; `record` the durable record's plain types.
+//! commands; `deploy.rs` the download → install → activate → probation → rollback and
+//! promote path; `record.rs` the durable record's plain types (`crate::state` owns its
+//! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition.
 //!
 //! Architecture invariant: no tokio, no MQTT client, no file system, no clock, no tract.
 //! Time comes in as `now_ms`; anything slow or fallible outside is an effect.
