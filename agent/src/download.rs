@@ -1,6 +1,7 @@
-//! Resumable, verified chunked download into the model store.
+//! Resumable chunked download into the model store.
 //!
-//! Each chunk is checked against the signed manifest's hash and written at its offset in
+//! Each chunk, checked against the signed manifest's hash by the deployment machine
+//! before it gets here, is written at its offset in
 //! `downloads/<manifest digest>.part`; after the data is fsynced, a bitmap of verified
 //! chunks is persisted atomically, so a restart never re-fetches a verified chunk. The whole
 //! file is then hashed while streaming (never held in memory) and renamed into
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use drover_protocol::manifest::Manifest;
 use drover_protocol::topics::hex32;
-use drover_protocol::trust::{verify_chunk, verify_file, Digest, TrustError};
+use drover_protocol::trust::{verify_file, Digest, TrustError};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
@@ -105,34 +106,27 @@ impl Download {
         })
     }
 
-    pub fn missing(&self) -> Vec<u32> {
-        self.bitmap
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b == 0)
-            .map(|(i, _)| i as u32)
-            .collect()
+    /// The model this download is for (its signed manifest's digest).
+    pub fn digest(&self) -> Digest {
+        self.digest
     }
 
-    pub fn done(&self) -> u32 {
-        self.bitmap.iter().filter(|b| **b == 1).count() as u32
+    /// One flag per chunk: verified and durably written.
+    pub fn have(&self) -> Vec<bool> {
+        self.bitmap.iter().map(|b| *b == 1).collect()
     }
 
-    pub fn total(&self) -> u32 {
-        self.manifest.chunk_count()
-    }
-
-    pub fn is_complete(&self) -> bool {
-        self.bitmap.iter().all(|b| *b == 1)
-    }
-
-    /// Verifies and stores one chunk. Returns `false` for a chunk already held.
-    pub fn accept(&mut self, index: u32, data: &[u8]) -> Result<bool, DownloadError> {
-        verify_chunk(&self.manifest, index, data)?;
-        if self.bitmap.get(index as usize) == Some(&1) {
-            return Ok(false);
-        }
+    /// Stores one chunk the caller verified against the manifest
+    /// (`crate::machine` checks every chunk before asking for it to be written): data
+    /// first, fsynced, then the bitmap that records it.
+    pub fn write(&mut self, index: u32, data: &[u8]) -> Result<(), DownloadError> {
         let part = part_path(&self.data_dir, &self.digest);
+        if index as usize >= self.bitmap.len() {
+            return Err(DownloadError::Trust(TrustError::ChunkIndex {
+                index,
+                count: self.manifest.chunk_count(),
+            }));
+        }
         crash::point("download.before_chunk_write");
         let offset = u64::from(index) * u64::from(self.manifest.chunk_size);
         self.file.seek(SeekFrom::Start(offset)).map_err(io(&part))?;
@@ -145,7 +139,7 @@ impl Download {
         let bp = bitmap_path(&self.data_dir, &self.digest);
         write_atomic(&bp, &self.bitmap).map_err(io(&bp))?;
         crash::point("download.after_bitmap_write");
-        Ok(true)
+        Ok(())
     }
 
     /// Hashes the assembled file (streaming), checks it against the manifest and moves it
@@ -221,25 +215,39 @@ mod tests {
     }
 
     #[test]
-    fn resumes_with_verified_chunks_and_refuses_bad_ones() {
+    fn resumes_with_written_chunks_and_refuses_a_wrong_file() {
         let dir = tempfile::tempdir().unwrap();
         let bytes: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         let m = manifest(&bytes);
         let mut d = Download::open(dir.path(), [1; 32], &m).unwrap();
-        assert_eq!(d.missing(), vec![0, 1, 2]);
-        assert!(d.accept(1, &bytes[1024..2048]).unwrap());
+        assert_eq!(d.have(), vec![false, false, false]);
+        d.write(1, &bytes[1024..2048]).unwrap();
         assert!(matches!(
-            d.accept(0, &bytes[1024..2048]),
-            Err(DownloadError::Trust(TrustError::ChunkHash { index: 0 }))
+            d.write(3, &bytes[..10]),
+            Err(DownloadError::Trust(TrustError::ChunkIndex {
+                index: 3,
+                ..
+            }))
         ));
         drop(d);
         let mut d = Download::open(dir.path(), [1; 32], &m).unwrap();
-        assert_eq!(d.missing(), vec![0, 2]);
+        assert_eq!(d.have(), vec![false, true, false]);
         assert_eq!(verified_chunks(dir.path(), &[1; 32]), vec![1]);
-        d.accept(0, &bytes[..1024]).unwrap();
-        d.accept(2, &bytes[2048..]).unwrap();
+        d.write(0, &bytes[..1024]).unwrap();
+        d.write(2, &bytes[2048..]).unwrap();
         let blob = d.finish().unwrap();
         assert_eq!(fs::read(blob).unwrap(), bytes);
         assert!(blob_is_valid(dir.path(), &m));
+
+        // A file that fails as a whole is refused and its partial state forgotten.
+        let mut d = Download::open(dir.path(), [2; 32], &m).unwrap();
+        d.write(0, &bytes[1024..2048]).unwrap();
+        d.write(1, &bytes[1024..2048]).unwrap();
+        d.write(2, &bytes[2048..]).unwrap();
+        assert!(matches!(
+            d.finish(),
+            Err(DownloadError::Trust(TrustError::FileHash { .. }))
+        ));
+        assert!(verified_chunks(dir.path(), &[2; 32]).is_empty());
     }
 }

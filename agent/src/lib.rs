@@ -8,10 +8,13 @@
 //!   monitoring counters.
 //! - [`api`]: the local KServe v2 inference API (axum, loopback).
 //! - [`mqtt`]: the only module touching rumqttc; its poll loop runs alone in a task.
-//! - [`core`]: one thread owning durable state, trust store, spool and the deployment
-//!   state machine.
+//! - [`machine`]: the deployment state machine, free of I/O (`handle(input, now_ms)`
+//!   returns effects): commands, downloads, install, activation, probation, rollback,
+//!   promote, uplink sealing. The fleet simulator drives the same machine.
+//! - [`core`]: one thread that drives the machine and executes its effects against the
+//!   disk, tract, the served models and MQTT; boot, spool replay and telemetry windows.
 //! - [`state`], [`download`], [`spool`]: the crash-safe on-disk store (writes through
-//!   `drover_host::fs`).
+//!   `drover_host::fs`); `state` owns the on-disk form of the machine's record.
 //! - [`telemetry`]: system facts. Crash points for the SIGKILL tests: `drover_host::crash`.
 //!
 //! Architecture invariant: inference never waits on the core thread or the MQTT session;
@@ -21,6 +24,7 @@ pub mod api;
 pub mod config;
 pub mod core;
 pub mod download;
+pub mod machine;
 pub mod mqtt;
 pub mod serving;
 pub mod spool;

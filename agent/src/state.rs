@@ -1,18 +1,22 @@
-//! The agent's durable state: replay floor, uplink sequence reservation, keyring, settings
-//! and the model slots. One small JSON file, rewritten atomically on every change.
+//! The agent's durable state on disk: `state.json`, one small JSON file rewritten
+//! atomically (temp file, fsync, rename, directory fsync) on every change.
 //!
-//! The on-disk record types are private to this module: the rest of the agent works with
-//! plain structs, so a field added here is a file-format decision made in one place.
+//! The deployment machine works with the plain record of [`crate::machine::State`]; the
+//! serde types below are private to this module, so the file format is decided here and
+//! nowhere else. Field names, order and defaults are the format: never rename or remove
+//! one; a new field needs `#[serde(default)]`.
 
 use std::path::{Path, PathBuf};
 
 use drover_protocol::manifest::Manifest;
-use drover_protocol::messages::{AgentSettings, DeployMode, ModelRef};
+use drover_protocol::messages::{DeployMode, ModelRef};
 use drover_protocol::trust::{Digest, SignedBlob};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use drover_host::fs::write_atomic;
+
+pub use crate::machine::{Pending, Settings, Slot, SlotState, State};
 
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -30,81 +34,6 @@ pub enum StateError {
     Corrupt { path: PathBuf, message: String },
 }
 
-/// Where a model is in its life on this device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SlotState {
-    Staged,
-    Verified,
-    SelfTested,
-    Active,
-    Healthy,
-    RolledBack,
-}
-
-/// A model installed in the store (its file is `blobs/<sha256>.onnx`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Slot {
-    pub model: ModelRef,
-    pub manifest: Manifest,
-    pub state: SlotState,
-    /// Boots with this model active before it reached `Healthy` (a model that keeps
-    /// crashing the agent during probation is rolled back).
-    #[serde(default)]
-    pub unhealthy_boots: u32,
-    /// The command (seq, digest) that activated it, reported when it becomes healthy.
-    #[serde(default)]
-    pub activated_by: Option<(u64, Digest)>,
-}
-
-/// A deployment accepted (its command's seq persisted) but not finished.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Pending {
-    pub command_seq: u64,
-    pub command_digest: Digest,
-    pub manifest_blob: SignedBlob,
-    pub manifest: Manifest,
-    pub model: ModelRef,
-    pub mode: DeployMode,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Settings {
-    pub telemetry_interval_ms: u64,
-    pub sample_rate_ppm: u32,
-}
-
-impl From<&AgentSettings> for Settings {
-    fn from(s: &AgentSettings) -> Self {
-        Self {
-            telemetry_interval_ms: s.telemetry_interval_ms,
-            sample_rate_ppm: s.sample_rate_ppm,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct State {
-    /// Highest command sequence accepted (the replay floor).
-    pub last_command_seq: u64,
-    /// Digest of that command, to recognise the broker redelivering it (not a replay
-    /// attack: the same signed bytes we already accepted).
-    #[serde(default)]
-    pub last_command_digest: Option<Digest>,
-    /// Uplink sequence numbers up to this are reserved; a restart continues above it.
-    pub uplink_seq_reserved: u64,
-    /// Local API request ids up to this are reserved; a restart continues above it, so a
-    /// label sent for a request id never meets a sample from another run.
-    #[serde(default)]
-    pub request_ids_reserved: u64,
-    pub keyring: Option<SignedBlob>,
-    pub settings: Option<Settings>,
-    /// Slot A/B: the model serving traffic and the one to roll back to.
-    pub active: Option<Slot>,
-    pub previous: Option<Slot>,
-    pub shadow: Option<Slot>,
-    pub pending: Option<Pending>,
-}
-
 impl State {
     pub fn path(data_dir: &Path) -> PathBuf {
         data_dir.join("state.json")
@@ -114,10 +43,12 @@ impl State {
     pub fn load(data_dir: &Path) -> Result<State, StateError> {
         let path = Self::path(data_dir);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                path,
-                message: e.to_string(),
-            }),
+            Ok(bytes) => serde_json::from_slice::<Record>(&bytes)
+                .map(State::from)
+                .map_err(|e| StateError::Corrupt {
+                    path,
+                    message: e.to_string(),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
             Err(source) => Err(StateError::Read { path, source }),
         }
@@ -126,10 +57,201 @@ impl State {
     /// Persists durably (temp file, fsync, rename, fsync dir).
     pub fn save(&self, data_dir: &Path) -> Result<(), StateError> {
         let path = Self::path(data_dir);
-        let bytes = serde_json::to_vec(self).map_err(|e| StateError::Corrupt {
+        let bytes = serde_json::to_vec(&Record::from(self)).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             message: e.to_string(),
         })?;
         write_atomic(&path, &bytes).map_err(|source| StateError::Write { path, source })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+enum SlotStateRecord {
+    Staged,
+    Verified,
+    SelfTested,
+    Active,
+    Healthy,
+    RolledBack,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SlotRecord {
+    model: ModelRef,
+    manifest: Manifest,
+    state: SlotStateRecord,
+    #[serde(default)]
+    unhealthy_boots: u32,
+    #[serde(default)]
+    activated_by: Option<(u64, Digest)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PendingRecord {
+    command_seq: u64,
+    command_digest: Digest,
+    manifest_blob: SignedBlob,
+    manifest: Manifest,
+    model: ModelRef,
+    mode: DeployMode,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SettingsRecord {
+    telemetry_interval_ms: u64,
+    sample_rate_ppm: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    last_command_seq: u64,
+    #[serde(default)]
+    last_command_digest: Option<Digest>,
+    uplink_seq_reserved: u64,
+    #[serde(default)]
+    request_ids_reserved: u64,
+    keyring: Option<SignedBlob>,
+    settings: Option<SettingsRecord>,
+    active: Option<SlotRecord>,
+    previous: Option<SlotRecord>,
+    shadow: Option<SlotRecord>,
+    pending: Option<PendingRecord>,
+}
+
+impl From<SlotStateRecord> for SlotState {
+    fn from(s: SlotStateRecord) -> Self {
+        match s {
+            SlotStateRecord::Staged => SlotState::Staged,
+            SlotStateRecord::Verified => SlotState::Verified,
+            SlotStateRecord::SelfTested => SlotState::SelfTested,
+            SlotStateRecord::Active => SlotState::Active,
+            SlotStateRecord::Healthy => SlotState::Healthy,
+            SlotStateRecord::RolledBack => SlotState::RolledBack,
+        }
+    }
+}
+
+impl From<SlotState> for SlotStateRecord {
+    fn from(s: SlotState) -> Self {
+        match s {
+            SlotState::Staged => SlotStateRecord::Staged,
+            SlotState::Verified => SlotStateRecord::Verified,
+            SlotState::SelfTested => SlotStateRecord::SelfTested,
+            SlotState::Active => SlotStateRecord::Active,
+            SlotState::Healthy => SlotStateRecord::Healthy,
+            SlotState::RolledBack => SlotStateRecord::RolledBack,
+        }
+    }
+}
+
+impl From<SlotRecord> for Slot {
+    fn from(r: SlotRecord) -> Self {
+        Slot {
+            model: r.model,
+            manifest: r.manifest,
+            state: r.state.into(),
+            unhealthy_boots: r.unhealthy_boots,
+            activated_by: r.activated_by,
+        }
+    }
+}
+
+impl From<&Slot> for SlotRecord {
+    fn from(s: &Slot) -> Self {
+        SlotRecord {
+            model: s.model.clone(),
+            manifest: s.manifest.clone(),
+            state: s.state.into(),
+            unhealthy_boots: s.unhealthy_boots,
+            activated_by: s.activated_by,
+        }
+    }
+}
+
+impl From<PendingRecord> for Pending {
+    fn from(r: PendingRecord) -> Self {
+        Pending {
+            command_seq: r.command_seq,
+            command_digest: r.command_digest,
+            manifest_blob: r.manifest_blob,
+            manifest: r.manifest,
+            model: r.model,
+            mode: r.mode,
+        }
+    }
+}
+
+impl From<&Pending> for PendingRecord {
+    fn from(p: &Pending) -> Self {
+        PendingRecord {
+            command_seq: p.command_seq,
+            command_digest: p.command_digest,
+            manifest_blob: p.manifest_blob.clone(),
+            manifest: p.manifest.clone(),
+            model: p.model.clone(),
+            mode: p.mode,
+        }
+    }
+}
+
+impl From<Record> for State {
+    fn from(r: Record) -> Self {
+        State {
+            last_command_seq: r.last_command_seq,
+            last_command_digest: r.last_command_digest,
+            uplink_seq_reserved: r.uplink_seq_reserved,
+            request_ids_reserved: r.request_ids_reserved,
+            keyring: r.keyring,
+            settings: r.settings.map(|s| Settings {
+                telemetry_interval_ms: s.telemetry_interval_ms,
+                sample_rate_ppm: s.sample_rate_ppm,
+            }),
+            active: r.active.map(Slot::from),
+            previous: r.previous.map(Slot::from),
+            shadow: r.shadow.map(Slot::from),
+            pending: r.pending.map(Pending::from),
+        }
+    }
+}
+
+impl From<&State> for Record {
+    fn from(s: &State) -> Self {
+        Record {
+            last_command_seq: s.last_command_seq,
+            last_command_digest: s.last_command_digest,
+            uplink_seq_reserved: s.uplink_seq_reserved,
+            request_ids_reserved: s.request_ids_reserved,
+            keyring: s.keyring.clone(),
+            settings: s.settings.as_ref().map(|s| SettingsRecord {
+                telemetry_interval_ms: s.telemetry_interval_ms,
+                sample_rate_ppm: s.sample_rate_ppm,
+            }),
+            active: s.active.as_ref().map(SlotRecord::from),
+            previous: s.previous.as_ref().map(SlotRecord::from),
+            shadow: s.shadow.as_ref().map(SlotRecord::from),
+            pending: s.pending.as_ref().map(PendingRecord::from),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_format_is_unchanged_and_old_files_load() {
+        let dir = tempfile::tempdir().unwrap();
+        // Written before `last_command_digest` and `request_ids_reserved` existed.
+        let old = r#"{"last_command_seq":3,"uplink_seq_reserved":1000,"keyring":null,"settings":{"telemetry_interval_ms":500,"sample_rate_ppm":10},"active":null,"previous":null,"shadow":null,"pending":null}"#;
+        std::fs::write(State::path(dir.path()), old).unwrap();
+        let s = State::load(dir.path()).unwrap();
+        assert_eq!(s.last_command_seq, 3);
+        assert_eq!(s.request_ids_reserved, 0);
+        s.save(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(State::path(dir.path())).unwrap(),
+            r#"{"last_command_seq":3,"last_command_digest":null,"uplink_seq_reserved":1000,"request_ids_reserved":0,"keyring":null,"settings":{"telemetry_interval_ms":500,"sample_rate_ppm":10},"active":null,"previous":null,"shadow":null,"pending":null}"#
+        );
+        assert_eq!(State::load(dir.path()).unwrap(), s);
     }
 }

@@ -147,6 +147,43 @@ async fn run(a: Args) -> anyhow::Result<()> {
         matches!(a.output.as_str(), "text" | "json"),
         "--output is text or json"
     );
+    let api = api(&a)?;
+    let cfg = sim_config(&a);
+    let text = a.output == "text";
+    let t0 = Instant::now();
+    let ids = sim::enroll(&api, &cfg, a.enroll_parallel).await?;
+    let enroll_s = t0.elapsed().as_secs_f64();
+    if text {
+        println!("enrolled {} devices in {enroll_s:.1} s", ids.len());
+    }
+    let t1 = Instant::now();
+    let fleet = Fleet::start(cfg, ids, Duration::from_secs(600)).await?;
+    let connect_s = t1.elapsed().as_secs_f64();
+    if text {
+        println!("connected {} devices in {connect_s:.1} s", a.devices);
+    }
+    let rollout = match a.rollout_bytes {
+        Some(bytes) => roll_out(&api, &a, bytes, text).await?,
+        None => serde_json::Value::Null,
+    };
+    tokio::time::sleep(a.duration).await;
+    let mut summary = summary(&fleet, a.devices);
+    summary["enroll_s"] = json!(enroll_s);
+    summary["connect_s"] = json!(connect_s);
+    if text {
+        for (k, v) in summary.as_object().into_iter().flatten() {
+            println!("{k}: {v}");
+        }
+    } else {
+        summary["rollout"] = rollout;
+        println!("{summary}");
+    }
+    fleet.stop().await;
+    Ok(())
+}
+
+/// The control plane's API, from the flags or its data dir.
+fn api(a: &Args) -> anyhow::Result<Api> {
     let server = match &a.server {
         Some(s) => s.clone(),
         None => read_trimmed(&a.data_dir, drover_control_plane::app::paths::URL_FILE)?,
@@ -155,8 +192,11 @@ async fn run(a: Args) -> anyhow::Result<()> {
         Some(t) => t.clone(),
         None => read_trimmed(&a.data_dir, drover_control_plane::app::paths::TOKEN_FILE)?,
     };
-    let api = Api::new(server, token);
-    let cfg = SimConfig {
+    Ok(Api::new(server, token))
+}
+
+fn sim_config(a: &Args) -> SimConfig {
+    SimConfig {
         devices: a.devices,
         prefix: a.prefix.clone(),
         groups: if a.groups.is_empty() {
@@ -176,52 +216,48 @@ async fn run(a: Args) -> anyhow::Result<()> {
         tract_devices: a.tract_devices,
         connect_batch: a.connect_batch,
         seed: a.seed,
-    };
-    let text = a.output == "text";
-    let t0 = Instant::now();
-    let ids = sim::enroll(&api, &cfg, a.enroll_parallel).await?;
-    let enroll_s = t0.elapsed().as_secs_f64();
-    if text {
-        println!("enrolled {} devices in {enroll_s:.1} s", ids.len());
     }
-    let t1 = Instant::now();
-    let fleet = Fleet::start(cfg, ids, Duration::from_secs(600)).await?;
-    let connect_s = t1.elapsed().as_secs_f64();
+}
+
+/// Publishes a generated model of about `bytes` and follows its rollout to the end.
+async fn roll_out(
+    api: &Api,
+    a: &Args,
+    bytes: usize,
+    text: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let (name, version) = a
+        .rollout_model
+        .split_once('@')
+        .context("--rollout-model is NAME@X.Y.Z")?;
+    let onnx = sim::onnx_model_of_size(bytes, a.seed);
+    scenario::publish_model(api, name, version, &onnx, None).await?;
+    let plan = scenario::plan(&a.rollout_model, &a.waves, a.bake, a.min_inferences);
+    let id = scenario::start_rollout(api, &plan).await?;
+    let run = scenario::follow(api, id, Duration::from_secs(3600)).await?;
     if text {
-        println!("connected {} devices in {connect_s:.1} s", a.devices);
-    }
-    let mut rollout = serde_json::Value::Null;
-    if let Some(bytes) = a.rollout_bytes {
-        let (name, version) = a
-            .rollout_model
-            .split_once('@')
-            .context("--rollout-model is NAME@X.Y.Z")?;
-        let onnx = sim::onnx_model_of_size(bytes, a.seed);
-        scenario::publish_model(&api, name, version, &onnx, None).await?;
-        let plan = scenario::plan(&a.rollout_model, &a.waves, a.bake, a.min_inferences);
-        let id = scenario::start_rollout(&api, &plan).await?;
-        let run = scenario::follow(&api, id, Duration::from_secs(3600)).await?;
-        if text {
-            println!(
-                "rollout {id} of {} ({} bytes): {} in {:.1} s",
-                a.rollout_model,
-                onnx.len(),
-                run.status,
-                run.total.as_secs_f64()
-            );
-            for (w, target, d) in &run.waves {
-                println!("  wave {w}: {target} devices, {:.1} s", d.as_secs_f64());
-            }
+        println!(
+            "rollout {id} of {} ({} bytes): {} in {:.1} s",
+            a.rollout_model,
+            onnx.len(),
+            run.status,
+            run.total.as_secs_f64()
+        );
+        for (w, target, d) in &run.waves {
+            println!("  wave {w}: {target} devices, {:.1} s", d.as_secs_f64());
         }
-        rollout = json!({
-            "id": id,
-            "model_bytes": onnx.len(),
-            "status": run.status,
-            "total_s": run.total.as_secs_f64(),
-            "waves": run.waves.iter().map(|(w, t, d)| json!({"wave": w, "target": t, "seconds": d.as_secs_f64()})).collect::<Vec<_>>(),
-        });
     }
-    tokio::time::sleep(a.duration).await;
+    Ok(json!({
+        "id": id,
+        "model_bytes": onnx.len(),
+        "status": run.status,
+        "total_s": run.total.as_secs_f64(),
+        "waves": run.waves.iter().map(|(w, t, d)| json!({"wave": w, "target": t, "seconds": d.as_secs_f64()})).collect::<Vec<_>>(),
+    }))
+}
+
+/// What the fleet did, from its counters.
+fn summary(fleet: &Fleet, devices: usize) -> serde_json::Value {
     let s = &fleet.shared.stats;
     let mut c2a = fleet
         .shared
@@ -229,11 +265,8 @@ async fn run(a: Args) -> anyhow::Result<()> {
         .lock()
         .map(|v| v.clone())
         .unwrap_or_default();
-    let summary = json!({
-        "devices": a.devices,
-        "enroll_s": enroll_s,
-        "connect_s": connect_s,
-        "rollout": rollout,
+    json!({
+        "devices": devices,
         "command_to_active_ms": {"p50": sim::quantile(&mut c2a, 0.5), "p99": sim::quantile(&mut c2a, 0.99), "n": c2a.len()},
         "telemetry_sent": Stats::get(&s.telemetry_sent),
         "durable_sent": Stats::get(&s.durable_sent),
@@ -253,16 +286,5 @@ async fn run(a: Args) -> anyhow::Result<()> {
         "inferences": s.inferences.load(Relaxed),
         "tract_inferences": Stats::get(&s.tract_inferences),
         "chunk_cache_bytes": fleet.shared.chunks.bytes(),
-    });
-    if text {
-        for (k, v) in summary.as_object().into_iter().flatten() {
-            if k != "rollout" {
-                println!("{k}: {v}");
-            }
-        }
-    } else {
-        println!("{summary}");
-    }
-    fleet.stop().await;
-    Ok(())
+    })
 }

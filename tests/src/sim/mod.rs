@@ -2,13 +2,14 @@
 //!
 //! Each virtual device is enrolled through the control plane's HTTP API, holds its own
 //! MQTT session (rumqttc, `clean_session = false`, its own credentials and last will),
-//! its own device key and pinned root key, and speaks only `drover-protocol` frames:
-//! keyrings, commands and manifests are verified with [`drover_protocol::TrustStore`],
-//! every model chunk with [`drover_protocol::trust::verify_chunk`], uplink frames are
-//! sealed with [`drover_protocol::envelope`], sequence floors are kept, and durable frames
-//! (telemetry, progress, shadow, drift) stay in an in-memory spool until the control plane
-//! acknowledges them, as the agent's disk spool does. The chunk batch, retry and probation
-//! rules are the agent's own (`drover_agent::core`).
+//! its own device key and pinned root key, and runs the agent's own deployment machine
+//! (`drover_agent::machine`): keyrings, commands and manifests verified with
+//! [`drover_protocol::TrustStore`], every model chunk checked against its manifest,
+//! uplink frames sealed with [`drover_protocol::envelope`], sequence floors kept, the
+//! chunk batch, retry and probation rules, and durable frames (telemetry, progress,
+//! shadow, drift) kept in an in-memory spool until the control plane acknowledges them,
+//! as the agent's disk spool does. A change to the agent's deployment logic is a change
+//! to every simulated device.
 //!
 //! What is modelled instead of run: inference (latency distribution, error rate per label
 //! group, drift, a "bad model" that raises errors and latency) and the on-disk store:
@@ -18,13 +19,16 @@
 //! self-tests against the manifest's test vectors and serves every modelled inference with
 //! a real one.
 //!
-//! Layout: [`device`] is one virtual device's task; [`model`] the shared chunk cache, the
-//! inference model and a generator for ONNX models of a given size; this file holds the
+//! Layout: [`device`] is one virtual device's task (its session, and the machine's effects
+//! executed against memory); `traffic` the modelled requests and telemetry windows;
+//! [`model`] the shared chunk cache, the inference model and a generator for ONNX models
+//! of a given size; [`scenario`] the publish/rollout steps; this file holds the
 //! configuration, enrollment and the fleet handle.
 
 pub mod device;
 pub mod model;
 pub mod scenario;
+mod traffic;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};

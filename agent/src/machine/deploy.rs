@@ -1,0 +1,597 @@
+//! The deployment path of the [`Machine`]: a verified deploy command becomes a pending
+//! deployment (persisted with the command's sequence number), then
+//! open → download (chunks asked for [`CHUNK_BATCH`] at a time, re-asked after
+//! [`CHUNK_RETRY_MS`], each verified before it is written) → finish (whole-file hash) →
+//! load and self-test → activate (probation, then healthy or rolled back) or shadow;
+//! rollback and promote commands.
+
+use std::collections::BTreeSet;
+
+use drover_protocol::messages::{ChunkData, ChunkRequest, DeployMode, ModelRef, Phase, Uplink};
+use drover_protocol::topics;
+use drover_protocol::trust::{verify_chunk, Digest, SignedBlob};
+
+use super::{CommandId, Effect, Event, Machine, Pending, Slot, SlotState, Stored};
+
+/// Chunks asked for in one request (bounded so one request cannot flood the broker).
+pub const CHUNK_BATCH: usize = 64;
+/// How long to wait for requested chunks before asking again.
+pub const CHUNK_RETRY_MS: u64 = 2_000;
+
+/// Error rate above which a model on probation is rolled back.
+pub const PROBATION_MAX_ERROR_RATE: f64 = 0.10;
+
+/// The probation verdict on the requests a newly activated model served since activation:
+/// it fails only when they show, with 95 % confidence, an error rate above
+/// [`PROBATION_MAX_ERROR_RATE`], i.e. when the lower bound of the Wilson score interval of
+/// `errors / (errors + ok)` exceeds it. A plain ratio judges a handful of requests by
+/// chance: one error among the first five requests is 20 %, so a good model failing
+/// 0.4 % of requests was rolled back on a device that happened to serve few requests
+/// during probation (and, as a first install, had nothing to roll back to). With the
+/// bound, 1 error in 2 requests passes, 2 in 3 or 5 in 5 fail, and with many requests
+/// the verdict approaches the plain ratio.
+pub fn probation_passed(errors: u64, ok: u64) -> bool {
+    if errors == 0 {
+        return true;
+    }
+    let n = errors.saturating_add(ok) as f64;
+    let p = errors as f64 / n;
+    // z for a one-sided 97.5 % / two-sided 95 % interval.
+    let z2 = 1.96f64 * 1.96;
+    let centre = p + z2 / (2.0 * n);
+    let spread = (z2 * (p * (1.0 - p) / n + z2 / (4.0 * n * n))).sqrt();
+    let lower = (centre - spread) / (1.0 + z2 / n);
+    lower <= PROBATION_MAX_ERROR_RATE
+}
+
+/// The deployment in flight.
+pub(super) struct Job {
+    pub(super) pending: Pending,
+    pub(super) stage: Stage,
+}
+
+pub(super) enum Stage {
+    /// Asked the store what it holds ([`Effect::OpenDownload`]).
+    Opening,
+    Downloading(Download),
+    /// Asked the store to check and keep the whole file ([`Effect::FinishDownload`]).
+    Finishing,
+    /// Asked for the model to be loaded and self-tested ([`Effect::Load`]).
+    SelfTesting,
+}
+
+pub(super) struct Download {
+    /// One flag per chunk: verified and durably written.
+    have: Vec<bool>,
+    done: u32,
+    requested: BTreeSet<u32>,
+    last_request_ms: Option<u64>,
+    last_reported: u32,
+}
+
+/// A rollback waiting for the previous model to load ([`Effect::Load`]).
+pub(super) struct Restore {
+    cmd: CommandId,
+    phase: Phase,
+    detail: Option<String>,
+    prev: Slot,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Probation {
+    pub(super) until_ms: u64,
+    /// The command that activated the model, reported when the verdict is in.
+    pub(super) cmd: Option<CommandId>,
+}
+
+/// Why a deploy command installs nothing (reported with its phase).
+pub(super) struct Refusal {
+    pub(super) model: Option<ModelRef>,
+    pub(super) phase: Phase,
+    pub(super) detail: String,
+}
+
+/// Where the model that becomes active comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    Loaded,
+    Shadow,
+}
+
+fn command_of(p: &Pending) -> CommandId {
+    (p.command_seq, p.command_digest)
+}
+
+impl Machine {
+    /// Verifies a deploy's manifest; the result becomes the pending deployment.
+    pub(super) fn prepare_deploy(
+        &self,
+        cmd: CommandId,
+        blob: &SignedBlob,
+        mode: DeployMode,
+    ) -> Result<Pending, Refusal> {
+        let manifest = self
+            .trust
+            .verify_manifest(blob, self.now)
+            .map_err(|e| Refusal {
+                model: None,
+                phase: Phase::Refused,
+                detail: e.to_string(),
+            })?;
+        let model = ModelRef {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            digest: blob.digest(),
+        };
+        if mode == DeployMode::Activate
+            && self.state.active.as_ref().map(|a| &a.model) == Some(&model)
+        {
+            return Err(Refusal {
+                model: Some(model),
+                phase: Phase::Healthy,
+                detail: "already active".into(),
+            });
+        }
+        Ok(Pending {
+            command_seq: cmd.0,
+            command_digest: cmd.1,
+            manifest_blob: blob.clone(),
+            manifest,
+            model,
+            mode,
+        })
+    }
+
+    /// A newer deploy replaces the one in flight (already overwritten on disk).
+    pub(super) fn start_deploy(&mut self, pending: Pending) {
+        if let Some(old) = self.job.take() {
+            self.drop_download(&old.pending);
+            let detail = format!("superseded by command {}", pending.command_seq);
+            let p = old.pending;
+            self.progress(
+                command_of(&p),
+                Some(p.model),
+                Phase::Failed,
+                (0, 0),
+                Some(detail),
+            );
+        }
+        self.crash_point("deploy.after_pending_persist");
+        self.resume(pending);
+    }
+
+    /// Starts or resumes a pending deployment from whatever the store holds.
+    pub(super) fn resume(&mut self, pending: Pending) {
+        self.emit(Effect::OpenDownload {
+            manifest_digest: pending.model.digest,
+            manifest: pending.manifest.clone(),
+        });
+        self.job = Some(Job {
+            pending,
+            stage: Stage::Opening,
+        });
+    }
+
+    fn drop_download(&mut self, p: &Pending) {
+        let manifest_digest = p.model.digest;
+        self.emit(Effect::Unsubscribe(topics::model_chunks(&manifest_digest)));
+        self.emit(Effect::CloseDownload { manifest_digest });
+    }
+
+    /// The job in flight if it is for this model and at this stage.
+    fn job_at(&mut self, digest: Digest, stage: fn(&Stage) -> bool) -> Option<&mut Job> {
+        self.job
+            .as_mut()
+            .filter(|j| j.pending.model.digest == digest && stage(&j.stage))
+    }
+
+    pub(super) fn on_opened(&mut self, digest: Digest, stored: Stored) {
+        let connected = self.connected;
+        let Some(job) = self.job_at(digest, |s| matches!(s, Stage::Opening)) else {
+            return;
+        };
+        let have = match stored {
+            Stored::Blob => return self.verified(),
+            Stored::Chunks(have) => have,
+        };
+        let total = job.pending.manifest.chunk_count();
+        let have = if have.len() == total as usize {
+            have
+        } else {
+            vec![false; total as usize]
+        };
+        let done = have.iter().filter(|h| **h).count() as u32;
+        job.stage = Stage::Downloading(Download {
+            have,
+            done,
+            requested: BTreeSet::new(),
+            last_request_ms: None,
+            last_reported: done,
+        });
+        let (cmd, model) = (command_of(&job.pending), job.pending.model.clone());
+        self.progress(cmd, Some(model), Phase::Downloading, (done, total), None);
+        if done == total {
+            self.finish();
+        } else if connected {
+            self.emit(Effect::Subscribe(topics::model_chunks(&digest)));
+        }
+    }
+
+    /// The store could not open, or the whole file failed its check.
+    pub(super) fn on_store_failed(&mut self, digest: Digest, error: String) {
+        let at = |s: &Stage| matches!(s, Stage::Opening | Stage::Finishing);
+        if self.job_at(digest, at).is_some() {
+            self.fail_job(error);
+        }
+    }
+
+    /// Ends the job in flight as failed.
+    fn fail_job(&mut self, detail: String) {
+        let Some(job) = self.job.take() else { return };
+        let p = job.pending;
+        self.drop_download(&p);
+        self.state.pending = None;
+        self.persist();
+        self.event(Event::InstallFailed {
+            command_seq: p.command_seq,
+        });
+        self.progress(
+            command_of(&p),
+            Some(p.model),
+            Phase::Failed,
+            (0, 0),
+            Some(detail),
+        );
+    }
+
+    /// After a (re)connect the chunk topic is subscribed again and chunks re-asked.
+    pub(super) fn resubscribe_chunks(&mut self) {
+        let Some(job) = &mut self.job else { return };
+        if let Stage::Downloading(d) = &mut job.stage {
+            d.last_request_ms = None;
+            let topic = topics::model_chunks(&job.pending.model.digest);
+            self.emit(Effect::Subscribe(topic));
+        }
+    }
+
+    pub(super) fn chunk_retry_due(&self) -> bool {
+        match self.job.as_ref().map(|j| &j.stage) {
+            Some(Stage::Downloading(d)) => d
+                .last_request_ms
+                .is_none_or(|t| self.now.saturating_sub(t) >= CHUNK_RETRY_MS),
+            _ => false,
+        }
+    }
+
+    pub(super) fn request_chunks(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let now = self.now;
+        let Some(job) = &mut self.job else { return };
+        let Stage::Downloading(d) = &mut job.stage else {
+            return;
+        };
+        let missing: Vec<u32> = (0..d.have.len() as u32)
+            .filter(|i| !d.have[*i as usize])
+            .take(CHUNK_BATCH)
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        d.requested = missing.iter().copied().collect();
+        d.last_request_ms = Some(now);
+        let req = Uplink::ChunkRequest(ChunkRequest {
+            manifest_digest: job.pending.model.digest,
+            indices: missing,
+        });
+        self.send(req, false);
+    }
+
+    /// A chunk off the shared topic: every device downloading the model receives every
+    /// chunk any of them asked for, so most are for other devices or already held.
+    pub(super) fn on_chunk(&mut self, c: ChunkData) {
+        let Some(job) = self.job_at(c.manifest_digest, |s| matches!(s, Stage::Downloading(_)))
+        else {
+            return;
+        };
+        let Stage::Downloading(d) = &job.stage else {
+            return;
+        };
+        if d.have.get(c.index as usize) == Some(&true) {
+            // Held already: nothing is written, so its hash need not be checked again.
+            return self.after_chunk(c.index);
+        }
+        if let Err(e) = verify_chunk(&job.pending.manifest, c.index, &c.data) {
+            // A bad chunk is dropped and asked for again; it never reaches the store.
+            return self.event(Event::ChunkRefused {
+                index: c.index,
+                reason: e.to_string(),
+            });
+        }
+        self.emit(Effect::WriteChunk {
+            manifest_digest: c.manifest_digest,
+            index: c.index,
+            data: c.data,
+        });
+    }
+
+    pub(super) fn on_chunk_written(&mut self, digest: Digest, index: u32) {
+        let Some(job) = self.job_at(digest, |s| matches!(s, Stage::Downloading(_))) else {
+            return;
+        };
+        if let Stage::Downloading(d) = &mut job.stage {
+            if let Some(h) = d.have.get_mut(index as usize) {
+                if !*h {
+                    *h = true;
+                    d.done += 1;
+                }
+            }
+        }
+        self.after_chunk(index);
+    }
+
+    /// Progress every quarter, install when complete, the next batch when this one is in.
+    fn after_chunk(&mut self, index: u32) {
+        let Some(job) = &mut self.job else { return };
+        let Stage::Downloading(d) = &mut job.stage else {
+            return;
+        };
+        d.requested.remove(&index);
+        let (done, total) = (d.done, d.have.len() as u32);
+        let report = done == total || done >= d.last_reported + (total / 4).max(1);
+        let batch_done = d.requested.is_empty();
+        if report {
+            d.last_reported = done;
+            let (cmd, model) = (command_of(&job.pending), job.pending.model.clone());
+            self.progress(cmd, Some(model), Phase::Downloading, (done, total), None);
+        }
+        if done == total {
+            self.finish();
+        } else if batch_done {
+            self.request_chunks();
+        }
+    }
+
+    /// Every chunk is in: the store checks the whole file.
+    fn finish(&mut self) {
+        let Some(job) = &mut self.job else { return };
+        job.stage = Stage::Finishing;
+        let manifest_digest = job.pending.model.digest;
+        self.emit(Effect::FinishDownload { manifest_digest });
+    }
+
+    pub(super) fn on_blob_ready(&mut self, digest: Digest) {
+        if self
+            .job_at(digest, |s| matches!(s, Stage::Finishing))
+            .is_some()
+        {
+            self.verified();
+        }
+    }
+
+    /// The verified file is in the store: load and self-test it.
+    fn verified(&mut self) {
+        let Some(job) = &mut self.job else { return };
+        job.stage = Stage::SelfTesting;
+        let p = &job.pending;
+        let (cmd, model, manifest) = (command_of(p), p.model.clone(), p.manifest.clone());
+        let total = manifest.chunk_count();
+        self.emit(Effect::Unsubscribe(topics::model_chunks(&model.digest)));
+        self.crash_point("deploy.after_verify");
+        self.progress(
+            cmd,
+            Some(model.clone()),
+            Phase::Verified,
+            (total, total),
+            None,
+        );
+        self.emit(Effect::Load {
+            model,
+            manifest,
+            self_test: true,
+        });
+    }
+
+    pub(super) fn on_loaded(&mut self, digest: Digest) {
+        if self
+            .job_at(digest, |s| matches!(s, Stage::SelfTesting))
+            .is_some()
+        {
+            if let Some(job) = self.job.take() {
+                self.installed(job.pending);
+            }
+        } else if self.restore.as_ref().map(|r| r.prev.model.digest) == Some(digest) {
+            if let Some(r) = self.restore.take() {
+                self.restored(r);
+            }
+        }
+    }
+
+    pub(super) fn on_load_failed(&mut self, digest: Digest, error: String) {
+        if self
+            .job_at(digest, |s| matches!(s, Stage::SelfTesting))
+            .is_some()
+        {
+            self.fail_job(format!("self-test failed: {error}"));
+        } else if self.restore.as_ref().map(|r| r.prev.model.digest) == Some(digest) {
+            if let Some(r) = self.restore.take() {
+                self.progress(r.cmd, None, Phase::Failed, (0, 0), Some(error));
+            }
+        }
+    }
+
+    /// Self-tested: activate, or run in shadow.
+    fn installed(&mut self, p: Pending) {
+        let cmd = command_of(&p);
+        let total = p.manifest.chunk_count();
+        self.crash_point("deploy.after_selftest");
+        self.progress(
+            cmd,
+            Some(p.model.clone()),
+            Phase::SelfTested,
+            (total, total),
+            None,
+        );
+        let mut slot = Slot {
+            model: p.model,
+            manifest: p.manifest,
+            state: SlotState::SelfTested,
+            unhealthy_boots: 0,
+            activated_by: Some(cmd),
+        };
+        match p.mode {
+            DeployMode::Activate => {
+                slot.state = SlotState::Active;
+                self.activate(slot, Source::Loaded, Some(cmd));
+            }
+            DeployMode::Shadow => {
+                let model = slot.model.clone();
+                self.state.shadow = Some(slot);
+                self.state.pending = None;
+                self.persist();
+                self.emit(Effect::ShadowLoaded);
+                self.progress(cmd, Some(model), Phase::Shadowing, (total, total), None);
+            }
+        }
+        self.event(Event::Installed {
+            command_seq: cmd.0,
+            mode: p.mode,
+        });
+    }
+
+    fn activate(&mut self, slot: Slot, from: Source, cmd: Option<CommandId>) {
+        let model = slot.model.clone();
+        self.crash_point("activate.before_state_persist");
+        // The outgoing model becomes the rollback target only if it had proved healthy.
+        if let Some(old) = self.state.active.take() {
+            if old.state == SlotState::Healthy {
+                self.state.previous = Some(old);
+            }
+        }
+        self.state.active = Some(slot);
+        self.state.pending = None;
+        self.persist();
+        self.crash_point("activate.after_state_persist");
+        self.emit(match from {
+            Source::Loaded => Effect::ServeLoaded,
+            Source::Shadow => Effect::PromoteShadow,
+        });
+        self.crash_point("activate.after_swap");
+        if let Some(cmd) = cmd {
+            self.progress(cmd, Some(model), Phase::Active, (0, 0), None);
+        }
+        self.probation = Some(Probation {
+            until_ms: self.now.saturating_add(self.cfg.probation_ms),
+            cmd,
+        });
+    }
+
+    pub(super) fn end_probation(&mut self, cmd: Option<CommandId>, errors: u64, ok: u64) {
+        let Some(model) = self.state.active.as_ref().map(|a| a.model.clone()) else {
+            return;
+        };
+        if probation_passed(errors, ok) {
+            self.crash_point("healthy.before_persist");
+            if let Some(a) = &mut self.state.active {
+                a.state = SlotState::Healthy;
+                a.unhealthy_boots = 0;
+            }
+            self.persist();
+            self.crash_point("healthy.after_persist");
+            if let Some(cmd) = cmd {
+                self.progress(cmd, Some(model), Phase::Healthy, (0, 0), None);
+                // Reported (spooled): forget the command so a restart does not report again.
+                if let Some(a) = &mut self.state.active {
+                    a.activated_by = None;
+                }
+                self.persist();
+            }
+        } else {
+            self.event(Event::ProbationFailed { errors, ok });
+            let detail = format!(
+                "{errors} errors in {} requests during probation",
+                errors + ok
+            );
+            let cmd = cmd.unwrap_or((0, [0; 32]));
+            self.roll_back_to_previous(cmd, Phase::RolledBack, Some(detail));
+        }
+    }
+
+    /// Loads the previous slot; [`Machine::restored`] swaps it in once loaded.
+    fn roll_back_to_previous(&mut self, cmd: CommandId, phase: Phase, detail: Option<String>) {
+        let Some(prev) = self.state.previous.clone() else {
+            let detail = Some("no previous model to roll back to".into());
+            return self.progress(cmd, None, Phase::Failed, (0, 0), detail);
+        };
+        self.emit(Effect::Load {
+            model: prev.model.clone(),
+            manifest: prev.manifest.clone(),
+            self_test: false,
+        });
+        self.restore = Some(Restore {
+            cmd,
+            phase,
+            detail,
+            prev,
+        });
+    }
+
+    fn restored(&mut self, r: Restore) {
+        let mut bad = self.state.active.take();
+        if let Some(b) = &mut bad {
+            b.state = SlotState::RolledBack;
+        }
+        let model = r.prev.model.clone();
+        self.state.active = Some(r.prev);
+        self.state.previous = bad;
+        self.probation = None;
+        self.persist();
+        self.emit(Effect::ServeLoaded);
+        self.progress(r.cmd, Some(model), r.phase, (0, 0), r.detail);
+    }
+
+    /// Drops the deployment in flight: a later command (a rollback) overrides it, so the
+    /// deploy it belonged to must not activate afterwards.
+    fn cancel_job(&mut self, by_seq: u64) {
+        let Some(old) = self.job.take() else { return };
+        let p = old.pending;
+        self.drop_download(&p);
+        self.state.pending = None;
+        self.persist();
+        let detail = Some(format!("superseded by command {by_seq}"));
+        self.progress(command_of(&p), Some(p.model), Phase::Failed, (0, 0), detail);
+    }
+
+    pub(super) fn rollback(&mut self, cmd: CommandId, to: Option<ModelRef>) {
+        self.cancel_job(cmd.0);
+        // A rollback ends the rollout: a candidate still in shadow goes too.
+        if self.state.shadow.take().is_some() {
+            self.emit(Effect::DropShadow);
+            self.persist();
+        }
+        if let Some(to) = to {
+            // Already where the command wants it (e.g. the candidate never activated, or
+            // the agent rolled it back itself): nothing to do.
+            if self.state.active.as_ref().map(|a| &a.model) == Some(&to) {
+                self.probation = None;
+                return self.progress(cmd, Some(to), Phase::Done, (0, 0), None);
+            }
+            if self.state.previous.as_ref().map(|p| &p.model) != Some(&to) {
+                let detail = Some("requested model is not the previous slot".into());
+                return self.progress(cmd, Some(to), Phase::Failed, (0, 0), detail);
+            }
+        }
+        self.roll_back_to_previous(cmd, Phase::Done, None);
+    }
+
+    pub(super) fn promote(&mut self, cmd: CommandId) {
+        let Some(mut slot) = self.state.shadow.take() else {
+            let detail = Some("no shadow model to promote".into());
+            return self.progress(cmd, None, Phase::Failed, (0, 0), detail);
+        };
+        slot.state = SlotState::Active;
+        slot.activated_by = Some(cmd);
+        self.activate(slot, Source::Shadow, Some(cmd));
+    }
+}

@@ -1,0 +1,753 @@
+//! The agent's deployment state machine, free of I/O: [`Machine::handle`] takes one
+//! [`Input`] and the time, and returns the [`Effect`]s a driver executes (rumqttc's
+//! `MqttState` is the model). Two drivers run it: [`crate::core`] against disk, tract and
+//! MQTT, and the fleet simulator's virtual devices (`drover-tests`, `sim::device`) against
+//! an in-memory store and modelled inference, so the simulator measures this agent and
+//! not a copy of it.
+//!
+//! Deployment: Received → Downloading → Verified → SelfTested → Active → Healthy, or
+//! Failed / RolledBack / Refused; every step is persisted before it is reported.
+//!
+//! Contract with a driver:
+//! - Effects run in order. An effect that asks the store or the runtime something
+//!   ([`Effect::is_ask`]: open a download, write a chunk, finish a download, load a model)
+//!   is always the last of its batch, and its result ([`Input::Opened`], ...) is handed
+//!   back before any other input.
+//! - [`Effect::Persist`] carries the record as it must be on disk at that point of the
+//!   I/O order; [`Effect::CrashPoint`] names a point of that order where the agent's
+//!   SIGKILL tests stop the process. A driver without a disk ignores both.
+//! - Trust is checked here, on bytes (`drover-protocol` is pure): keyrings, commands and
+//!   manifests against the [`TrustStore`], every chunk against its manifest before it is
+//!   written, and every downlink frame's MAC in [`Machine::decode`].
+//!
+//! Layout: this file holds inputs, effects, uplink sealing, the session, keyrings and
+//! commands; `deploy.rs` the download → install → activate → probation → rollback and
+//! promote path; `record.rs` the durable record's plain types (`crate::state` owns its
+//! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition.
+//!
+//! Architecture invariant: no tokio, no MQTT client, no file system, no clock, no tract.
+//! Time comes in as `now_ms`; anything slow or fallible outside is an effect.
+
+mod deploy;
+mod record;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_deploy;
+
+use std::collections::BTreeMap;
+
+use drover_protocol::envelope::{self, DecodeError, UplinkFrame};
+use drover_protocol::manifest::Manifest;
+use drover_protocol::messages::{
+    Action, ChunkData, Command, DeployMode, Downlink, Hello, KeyringRefused, ModelRef, Phase,
+    Presence, Progress, Status, Uplink,
+};
+use drover_protocol::topics::{self, ParsedTopic};
+use drover_protocol::trust::{Digest, SignedBlob, TrustError, TrustStore};
+use drover_protocol::{DeviceId, DeviceKey, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+pub use deploy::{probation_passed, CHUNK_BATCH, CHUNK_RETRY_MS, PROBATION_MAX_ERROR_RATE};
+pub use record::{Pending, Settings, Slot, SlotState, State};
+
+/// Uplink sequence numbers reserved per state write.
+const SEQ_BLOCK: u64 = 1000;
+/// Local API request ids reserved ahead (kept at least half ahead at every tick).
+pub const REQUEST_ID_BLOCK: u64 = 1 << 20;
+/// At most one KeyringRefused report per this interval.
+const KEYRING_REFUSAL_INTERVAL_MS: u64 = 60_000;
+/// Bounds of the telemetry window a Configure command may set (signed, but off the
+/// network: a driver adds it to its clock).
+const TELEMETRY_INTERVAL_MS: (u64, u64) = (100, 86_400_000);
+
+/// A command's (sequence, digest): what every progress report names.
+pub type CommandId = (u64, Digest);
+
+/// Who this device is and how it behaves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub device_id: DeviceId,
+    pub device_key: DeviceKey,
+    /// Reported in `Hello`.
+    pub labels: BTreeMap<String, String>,
+    /// Target arch and OS reported in `Hello` (the driver's `std::env::consts`).
+    pub arch: String,
+    pub os: String,
+    /// How long a newly activated model serves before its probation verdict.
+    pub probation_ms: u64,
+}
+
+/// What happens to the machine.
+#[derive(Debug)]
+pub enum Input {
+    /// The first input after [`Machine::new`]: seals the last will and takes up what the
+    /// previous run left (a probation, an unreported verdict, a pending deployment).
+    Start,
+    Connected,
+    Disconnected,
+    /// A downlink message whose frame MAC checked out ([`Machine::decode`]).
+    Downlink(Downlink),
+    /// A keyring off the retained topic, not verified yet.
+    Keyring(SignedBlob),
+    /// A chunk off a model's shared topic, not verified yet.
+    Chunk(ChunkData),
+    /// Time passed; what the served traffic showed meanwhile.
+    Tick(Observed),
+    /// A durable message the driver produced (telemetry, drift, samples, labels, shadow
+    /// reports): sealed with the next sequence number and spooled.
+    Report(Box<Uplink>),
+    /// The driver is shutting down: say offline while the session is up.
+    Stop,
+    /// Result of [`Effect::OpenDownload`].
+    Opened {
+        manifest_digest: Digest,
+        stored: Stored,
+    },
+    OpenFailed {
+        manifest_digest: Digest,
+        error: String,
+    },
+    /// Result of [`Effect::WriteChunk`]: the chunk is durably stored.
+    ChunkWritten {
+        manifest_digest: Digest,
+        index: u32,
+    },
+    ChunkWriteFailed {
+        manifest_digest: Digest,
+        index: u32,
+        error: String,
+    },
+    /// Result of [`Effect::FinishDownload`]: the whole file matched and is in the store.
+    BlobReady {
+        manifest_digest: Digest,
+    },
+    BlobFailed {
+        manifest_digest: Digest,
+        error: String,
+    },
+    /// Result of [`Effect::Load`] (`model` is the manifest digest, as in `ModelRef`).
+    Loaded {
+        model: Digest,
+    },
+    LoadFailed {
+        model: Digest,
+        error: String,
+    },
+}
+
+/// What the store already holds of a model ([`Input::Opened`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// The verified file: nothing to download.
+    Blob,
+    /// Which chunks are verified and durably written (one flag per chunk).
+    Chunks(Vec<bool>),
+}
+
+/// What the served traffic showed, handed in with every tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Failed and successful requests of the active model since it was activated.
+    pub probation_errors: u64,
+    pub probation_ok: u64,
+    /// Highest local API request id handed out (0 where there is no API).
+    pub last_request_id: u64,
+}
+
+/// A sealed uplink frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    pub seq: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// Spool it (kept and re-sent until the control plane acknowledges it).
+    pub durable: bool,
+    /// Publish it now (the session is up).
+    pub publish: bool,
+}
+
+/// What the driver does, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Write this record durably before the next effect.
+    Persist(Box<State>),
+    /// A named point of the I/O order (`drover_host::crash::point`).
+    CrashPoint(&'static str),
+    Uplink(Sealed),
+    /// The frame the broker publishes for us if the session dies.
+    SetWill {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    Subscribe(String),
+    Unsubscribe(String),
+    /// Re-send the spooled records below `before`, oldest first (the control plane
+    /// de-duplicates by sequence number).
+    Replay {
+        before: u64,
+    },
+    /// The control plane stored these inclusive uplink ranges: drop them from the spool.
+    SpoolAck(Vec<(u64, u64)>),
+    /// New settings from a Configure command (sample rate, telemetry window).
+    ApplySettings(Settings),
+    /// Ask what the store holds of this model; answer [`Input::Opened`] or
+    /// [`Input::OpenFailed`].
+    OpenDownload {
+        manifest_digest: Digest,
+        manifest: Manifest,
+    },
+    /// Ask to store a verified chunk; answer [`Input::ChunkWritten`] or
+    /// [`Input::ChunkWriteFailed`].
+    WriteChunk {
+        manifest_digest: Digest,
+        index: u32,
+        data: Vec<u8>,
+    },
+    /// Ask to check the assembled file against the manifest and keep it; answer
+    /// [`Input::BlobReady`] or [`Input::BlobFailed`].
+    FinishDownload {
+        manifest_digest: Digest,
+    },
+    /// The download was abandoned: release what the driver holds for it.
+    CloseDownload {
+        manifest_digest: Digest,
+    },
+    /// Ask to load a model from the store (checking its file against the manifest) and,
+    /// with `self_test`, to run the manifest's test vectors; answer [`Input::Loaded`] or
+    /// [`Input::LoadFailed`]. The driver holds the loaded model for the next effect.
+    Load {
+        model: ModelRef,
+        manifest: Manifest,
+        self_test: bool,
+    },
+    /// Serve the model just loaded (in-flight requests finish on the old one).
+    ServeLoaded,
+    /// Run the model just loaded in shadow beside the active one.
+    ShadowLoaded,
+    /// The shadow model becomes the active one.
+    PromoteShadow,
+    DropShadow,
+    /// Something worth a log line or a counter.
+    Event(Event),
+}
+
+impl Effect {
+    /// Whether the machine waits for this effect's result before anything else.
+    pub fn is_ask(&self) -> bool {
+        matches!(
+            self,
+            Effect::OpenDownload { .. }
+                | Effect::WriteChunk { .. }
+                | Effect::FinishDownload { .. }
+                | Effect::Load { .. }
+        )
+    }
+}
+
+/// What drivers log (the agent) or count (the simulator).
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    HelloAcked {
+        protocol_version: u16,
+        stored_up_to: u64,
+    },
+    KeyringAccepted {
+        version: u64,
+    },
+    KeyringRefused(TrustError),
+    /// The broker redelivered the last accepted command (not a replay attack).
+    CommandRedelivered {
+        seq: u64,
+    },
+    CommandRefused(TrustError),
+    Progress {
+        command_seq: u64,
+        phase: Phase,
+        detail: Option<String>,
+    },
+    /// A chunk failed its check or could not be written; it is asked for again.
+    ChunkRefused {
+        index: u32,
+        reason: String,
+    },
+    /// A deployment ended before serving: its file or its self-test failed.
+    InstallFailed {
+        command_seq: u64,
+    },
+    /// A model passed its self-test and now serves (activate) or shadows.
+    Installed {
+        command_seq: u64,
+        mode: DeployMode,
+    },
+    ProbationFailed {
+        errors: u64,
+        ok: u64,
+    },
+}
+
+/// A frame on one of this device's topics that failed its checks.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameRefused {
+    #[error("downlink frame refused: {0}")]
+    Downlink(DecodeError),
+    #[error("keyring frame refused: {0}")]
+    Keyring(DecodeError),
+    #[error("chunk frame refused: {0}")]
+    Chunk(DecodeError),
+    #[error("chunk names another model than its topic")]
+    ChunkTopic,
+}
+
+/// An incoming MQTT message, decoded ([`Machine::decode`]).
+#[derive(Debug)]
+pub enum Decoded {
+    Input(Input),
+    Refused(FrameRefused),
+    /// Not a topic this device listens to.
+    Ignored,
+}
+
+/// The machine. See the module doc.
+pub struct Machine {
+    cfg: Config,
+    state: State,
+    trust: TrustStore,
+    connected: bool,
+    next_seq: u64,
+    started_ms: u64,
+    last_keyring_refusal_ms: Option<u64>,
+    job: Option<deploy::Job>,
+    restore: Option<deploy::Restore>,
+    probation: Option<deploy::Probation>,
+    /// The time of the input being handled.
+    now: u64,
+    /// The effects of the input being handled.
+    out: Vec<Effect>,
+}
+
+impl Machine {
+    /// `state` and `trust` as loaded at boot (the persisted keyring already offered to
+    /// `trust`); uplink sequence numbers continue at `next_seq`. Hand it [`Input::Start`]
+    /// first.
+    pub fn new(
+        cfg: Config,
+        state: State,
+        trust: TrustStore,
+        next_seq: u64,
+        now_ms: u64,
+    ) -> Machine {
+        Machine {
+            cfg,
+            state,
+            trust,
+            connected: false,
+            next_seq,
+            started_ms: now_ms,
+            last_keyring_refusal_ms: None,
+            job: None,
+            restore: None,
+            probation: None,
+            now: now_ms,
+            out: Vec::new(),
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn trust(&self) -> &TrustStore {
+        &self.trust
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The sequence number the next uplink frame gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The telemetry window: the settings' if a Configure command set one, else
+    /// `default_ms`; clamped, since settings come off the network.
+    pub fn telemetry_interval_ms(&self, default_ms: u64) -> u64 {
+        let (lo, hi) = TELEMETRY_INTERVAL_MS;
+        self.state
+            .settings
+            .as_ref()
+            .map(|s| s.telemetry_interval_ms)
+            .unwrap_or(default_ms)
+            .clamp(lo, hi)
+    }
+
+    /// Handles one input; returns what to do, in order.
+    pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Effect> {
+        self.now = now_ms;
+        match input {
+            Input::Start => self.start(),
+            Input::Connected => self.on_connected(),
+            Input::Disconnected => {
+                self.connected = false;
+                self.refresh_will();
+            }
+            Input::Downlink(msg) => self.on_downlink(msg),
+            Input::Keyring(blob) => self.on_keyring(blob),
+            Input::Chunk(c) => self.on_chunk(c),
+            Input::Tick(seen) => self.tick(seen),
+            Input::Report(msg) => self.send(*msg, true),
+            Input::Stop => {
+                if self.connected {
+                    let st = Uplink::Status(self.status(Presence::Offline));
+                    self.send(st, false);
+                }
+            }
+            Input::Opened {
+                manifest_digest,
+                stored,
+            } => self.on_opened(manifest_digest, stored),
+            Input::OpenFailed {
+                manifest_digest,
+                error,
+            }
+            | Input::BlobFailed {
+                manifest_digest,
+                error,
+            } => self.on_store_failed(manifest_digest, error),
+            Input::ChunkWritten {
+                manifest_digest,
+                index,
+            } => self.on_chunk_written(manifest_digest, index),
+            Input::ChunkWriteFailed { index, error, .. } => {
+                // Not marked held: it is asked for again.
+                self.event(Event::ChunkRefused {
+                    index,
+                    reason: error,
+                });
+            }
+            Input::BlobReady { manifest_digest } => self.on_blob_ready(manifest_digest),
+            Input::Loaded { model } => self.on_loaded(model),
+            Input::LoadFailed { model, error } => self.on_load_failed(model, error),
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// Decodes an MQTT message: checks the downlink frame's MAC and device, decodes
+    /// keyring and chunk frames (their signatures and hashes are checked when handled).
+    pub fn decode(&self, topic: &str, payload: &[u8]) -> Decoded {
+        match topics::parse(topic) {
+            Ok(ParsedTopic::Downlink { device }) if device == self.cfg.device_id => {
+                match envelope::open_downlink(payload, &self.cfg.device_id, &self.cfg.device_key) {
+                    Ok(frame) => Decoded::Input(Input::Downlink(frame.msg)),
+                    Err(e) => Decoded::Refused(FrameRefused::Downlink(e)),
+                }
+            }
+            Ok(ParsedTopic::Keyring) => match envelope::decode_keyring(payload) {
+                Ok(blob) => Decoded::Input(Input::Keyring(blob)),
+                Err(e) => Decoded::Refused(FrameRefused::Keyring(e)),
+            },
+            Ok(ParsedTopic::ModelChunks { manifest_digest }) => {
+                match envelope::decode_chunk(payload) {
+                    Ok(c) if c.manifest_digest == manifest_digest => {
+                        Decoded::Input(Input::Chunk(c))
+                    }
+                    Ok(_) => Decoded::Refused(FrameRefused::ChunkTopic),
+                    Err(e) => Decoded::Refused(FrameRefused::Chunk(e)),
+                }
+            }
+            _ => Decoded::Ignored,
+        }
+    }
+
+    fn emit(&mut self, e: Effect) {
+        self.out.push(e);
+    }
+
+    fn event(&mut self, e: Event) {
+        self.out.push(Effect::Event(e));
+    }
+
+    fn persist(&mut self) {
+        self.out.push(Effect::Persist(Box::new(self.state.clone())));
+    }
+
+    fn crash_point(&mut self, name: &'static str) {
+        self.out.push(Effect::CrashPoint(name));
+    }
+
+    /// Whether the last effect so far waits for a result (nothing may follow it).
+    fn asked(&self) -> bool {
+        self.out.last().is_some_and(Effect::is_ask)
+    }
+
+    fn alloc_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if seq > self.state.uplink_seq_reserved {
+            self.state.uplink_seq_reserved = seq + SEQ_BLOCK;
+            self.persist();
+        }
+        seq
+    }
+
+    fn seal(&mut self, msg: Uplink) -> (u64, String, Vec<u8>) {
+        let seq = self.alloc_seq();
+        let topic = topics::uplink(&self.cfg.device_id, msg.kind());
+        let frame = UplinkFrame {
+            device: self.cfg.device_id.clone(),
+            seq,
+            sent_at_ms: self.now,
+            msg,
+        };
+        let payload = envelope::seal_uplink(&self.cfg.device_key, &frame);
+        (seq, topic, payload)
+    }
+
+    /// Sends an uplink message. `durable` ones go through the spool first and are re-sent
+    /// until acknowledged; the others (hello, status, chunk requests) are only useful now.
+    fn send(&mut self, msg: Uplink, durable: bool) {
+        let (seq, topic, payload) = self.seal(msg);
+        let publish = self.connected;
+        self.emit(Effect::Uplink(Sealed {
+            seq,
+            topic,
+            payload,
+            durable,
+            publish,
+        }));
+    }
+
+    fn progress(
+        &mut self,
+        cmd: CommandId,
+        model: Option<ModelRef>,
+        phase: Phase,
+        (done, total): (u32, u32),
+        detail: Option<String>,
+    ) {
+        self.event(Event::Progress {
+            command_seq: cmd.0,
+            phase,
+            detail: detail.clone(),
+        });
+        self.send(
+            Uplink::Progress(Progress {
+                command_seq: cmd.0,
+                command_digest: cmd.1,
+                model,
+                phase,
+                chunks_done: done,
+                chunks_total: total,
+                detail,
+            }),
+            true,
+        );
+    }
+
+    fn refresh_will(&mut self) {
+        let status = Uplink::Status(self.status(Presence::Offline));
+        let (_, topic, payload) = self.seal(status);
+        self.emit(Effect::SetWill { topic, payload });
+    }
+
+    fn status(&self, presence: Presence) -> Status {
+        Status {
+            presence,
+            active: self.state.active.as_ref().map(|s| s.model.clone()),
+            staged: self.state.pending.as_ref().map(|p| p.model.clone()),
+            shadow: self.state.shadow.as_ref().map(|s| s.model.clone()),
+            uptime_s: self.now.saturating_sub(self.started_ms) / 1000,
+        }
+    }
+
+    fn start(&mut self) {
+        self.refresh_will();
+        if let Some(a) = &self.state.active {
+            if a.state == SlotState::Active {
+                self.probation = Some(deploy::Probation {
+                    until_ms: self.now.saturating_add(self.cfg.probation_ms),
+                    cmd: a.activated_by,
+                });
+            }
+        }
+        // Healthy persisted but the report may have died with the process: report again.
+        if let Some(a) = &self.state.active {
+            if let (SlotState::Healthy, Some(cmd)) = (a.state, a.activated_by) {
+                let model = a.model.clone();
+                self.progress(cmd, Some(model), Phase::Healthy, (0, 0), None);
+                if let Some(a) = &mut self.state.active {
+                    a.activated_by = None;
+                }
+                self.persist();
+            }
+        }
+        if let Some(p) = self.state.pending.clone() {
+            self.resume(p);
+        }
+    }
+
+    fn on_connected(&mut self) {
+        self.connected = true;
+        self.emit(Effect::Subscribe(topics::downlink(&self.cfg.device_id)));
+        self.emit(Effect::Subscribe(topics::keyring()));
+        let hello = Uplink::Hello(Hello {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            protocol_min: MIN_PROTOCOL_VERSION,
+            protocol_max: PROTOCOL_VERSION,
+            arch: self.cfg.arch.clone(),
+            os: self.cfg.os.clone(),
+            labels: self.cfg.labels.clone(),
+            active: self.state.active.as_ref().map(|s| s.model.clone()),
+            staged: self.state.pending.as_ref().map(|p| p.model.clone()),
+            last_command_seq: self.state.last_command_seq,
+            keyring_version: self.trust.keyring().map(|k| k.version).unwrap_or(0),
+        });
+        self.send(hello, false);
+        let st = Uplink::Status(self.status(Presence::Online));
+        self.send(st, false);
+        // Everything not yet acknowledged goes again, oldest first; records spooled from
+        // now on are sent live.
+        let before = self.next_seq;
+        self.emit(Effect::Replay { before });
+        self.resubscribe_chunks();
+    }
+
+    fn on_downlink(&mut self, msg: Downlink) {
+        match msg {
+            Downlink::HelloAck(ack) => {
+                // `stored_up_to` is the highest sequence stored, not a gap-free watermark:
+                // a frame below it may have been lost with a control-plane crash, and the
+                // spool is then its only copy. Records leave the spool only on exact
+                // `UplinkAck` ranges; replays of stored ones are de-duplicated and re-acked.
+                self.event(Event::HelloAcked {
+                    protocol_version: ack.protocol_version,
+                    stored_up_to: ack.stored_up_to,
+                });
+            }
+            Downlink::UplinkAck(ack) => self.emit(Effect::SpoolAck(ack.ranges)),
+            Downlink::Keyring(blob) => self.on_keyring(blob),
+            Downlink::Command(blob) => self.on_command(blob),
+        }
+    }
+
+    fn on_keyring(&mut self, blob: SignedBlob) {
+        let current = self.trust.keyring().map(|k| k.version);
+        match self.trust.accept_keyring(&blob, self.now) {
+            Ok(k) => {
+                let version = k.version;
+                if Some(version) != current {
+                    self.event(Event::KeyringAccepted { version });
+                    self.state.keyring = Some(blob);
+                    self.persist();
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                self.event(Event::KeyringRefused(e));
+                // Reports are rate-limited: whoever can publish bogus keyrings must not be
+                // able to fill the spool (and the disk's write budget) with refusals.
+                if self
+                    .last_keyring_refusal_ms
+                    .is_some_and(|t| self.now.saturating_sub(t) < KEYRING_REFUSAL_INTERVAL_MS)
+                {
+                    return;
+                }
+                self.last_keyring_refusal_ms = Some(self.now);
+                let offered_version =
+                    drover_protocol::trust::claimed_keyring_version(&blob).unwrap_or(0);
+                self.send(
+                    Uplink::KeyringRefused(KeyringRefused {
+                        offered_version,
+                        reason,
+                    }),
+                    true,
+                );
+            }
+        }
+    }
+
+    fn on_command(&mut self, blob: SignedBlob) {
+        let digest = blob.digest();
+        let verified = self.trust.verify_command(
+            &blob,
+            &self.cfg.device_id,
+            self.state.last_command_seq,
+            self.now,
+        );
+        let cmd = match verified {
+            Ok(c) => c,
+            Err(TrustError::Replayed { seq, .. })
+                if self.state.last_command_digest == Some(digest) =>
+            {
+                self.event(Event::CommandRedelivered { seq });
+                return;
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                self.event(Event::CommandRefused(e));
+                self.progress((0, digest), None, Phase::Refused, (0, 0), Some(detail));
+                return;
+            }
+        };
+        // Persist the replay floor before acting, so a replay after a crash is refused. A
+        // deployment is persisted in the same write, so a crash cannot lose it.
+        let id = (cmd.seq, digest);
+        self.state.last_command_seq = cmd.seq;
+        self.state.last_command_digest = Some(digest);
+        let deploy = match &cmd.action {
+            Action::Deploy { manifest, mode } => Some(self.prepare_deploy(id, manifest, *mode)),
+            _ => None,
+        };
+        if let Some(Ok(p)) = &deploy {
+            self.state.pending = Some(p.clone());
+        }
+        self.persist();
+        self.crash_point("command.after_seq_persist");
+        self.progress(id, None, Phase::Received, (0, 0), None);
+        match deploy {
+            Some(Ok(p)) => self.start_deploy(p),
+            Some(Err(r)) => self.progress(id, r.model, r.phase, (0, 0), Some(r.detail)),
+            None => self.execute(cmd, id),
+        }
+    }
+
+    fn execute(&mut self, cmd: Command, id: CommandId) {
+        match cmd.action {
+            Action::Deploy { .. } => {}
+            Action::Rollback { to } => self.rollback(id, to),
+            Action::Promote => self.promote(id),
+            Action::Configure(s) => {
+                let settings = Settings::from(&s);
+                self.state.settings = Some(settings.clone());
+                self.emit(Effect::ApplySettings(settings));
+                self.persist();
+                self.progress(id, None, Phase::Done, (0, 0), None);
+            }
+        }
+    }
+
+    fn tick(&mut self, seen: Observed) {
+        if let Some(p) = self.probation {
+            if self.now >= p.until_ms {
+                self.probation = None;
+                self.end_probation(p.cmd, seen.probation_errors, seen.probation_ok);
+                if self.asked() {
+                    // The rollback waits for the previous model; the rest is next tick's.
+                    return;
+                }
+            }
+        }
+        if self.chunk_retry_due() {
+            self.request_chunks();
+        }
+        let last_id = seen.last_request_id;
+        if last_id.saturating_add(REQUEST_ID_BLOCK / 2) > self.state.request_ids_reserved {
+            self.state.request_ids_reserved = last_id.saturating_add(REQUEST_ID_BLOCK);
+            self.persist();
+        }
+    }
+}
