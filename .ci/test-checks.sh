@@ -88,7 +88,7 @@ put host/src/clock.rs <<'EOF'
 //! The one place the wall clock is read.
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub fn now_ms() -> u64 {
+pub fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -148,10 +148,10 @@ fn runs_under_a_test_runtime() {
 }
 EOF
 put agent/src/x.rs <<'EOF'
-use drover_host::clock::now_ms;
+use drover_host::clock::wall_ms;
 
 pub fn stamp() -> u64 {
-    now_ms()
+    wall_ms()
 }
 EOF
 
