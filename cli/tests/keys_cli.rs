@@ -105,3 +105,74 @@ fn keys_init_rotate_show_keep_secrets_private_and_sign_rotations_with_the_root()
         Err(drover_control_plane::keys::KeyError::InsecurePermissions { mode: 0o644, .. })
     ));
 }
+
+/// Runs `drover keys ...` and returns (success, stderr), asserting it did not panic.
+fn keys_cmd(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = drover(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !stderr.contains("panicked") && out.status.code() != Some(101),
+        "{args:?} panicked: {stderr}"
+    );
+    (out.status.success(), stderr)
+}
+
+#[test]
+fn validity_and_grace_days_outside_their_range_are_refused_without_panicking() {
+    let max = drover_control_plane::keys::MAX_KEYRING_VALID_DAYS;
+    let over = (max + 1).to_string();
+    let u64_max = u64::MAX.to_string();
+    for bad in ["0", over.as_str(), u64_max.as_str()] {
+        let dir = tempfile::tempdir().unwrap();
+        let (ok, err) = keys_cmd(dir.path(), &["keys", "init", "--valid-days", bad]);
+        assert!(!ok, "--valid-days {bad} accepted");
+        assert!(
+            err.contains(&format!("--valid-days {bad} is out of range"))
+                && err.contains(&format!("1..={max}")),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join("keys").exists(),
+            "--valid-days {bad} wrote keys"
+        );
+    }
+    for good in ["1", max.to_string().as_str()] {
+        let dir = tempfile::tempdir().unwrap();
+        let (ok, err) = keys_cmd(dir.path(), &["keys", "init", "--valid-days", good]);
+        assert!(ok, "--valid-days {good}: {err}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    assert!(keys_cmd(dir.path(), &["keys", "init"]).0);
+    let grace_max = drover_control_plane::keys::MAX_GRACE_DAYS.to_string();
+    for (flag, bad) in [
+        ("--valid-days", "0"),
+        ("--valid-days", u64_max.as_str()),
+        ("--grace-days", u64_max.as_str()),
+    ] {
+        let (ok, err) = keys_cmd(dir.path(), &["keys", "rotate", flag, bad]);
+        assert!(!ok, "rotate {flag} {bad} accepted");
+        assert!(
+            err.contains(&format!("{flag} {bad} is out of range")),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        show(dir.path()).version,
+        1,
+        "a refused rotation changed the keyring"
+    );
+    let (ok, err) = keys_cmd(
+        dir.path(),
+        &[
+            "keys",
+            "rotate",
+            "--valid-days",
+            &max.to_string(),
+            "--grace-days",
+            &grace_max,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(show(dir.path()).version, 2);
+}

@@ -20,6 +20,11 @@ const DAY_MS: u64 = 86_400_000;
 pub const DEFAULT_KEYRING_VALID_DAYS: u64 = 365;
 /// How long a rotated-out key's signatures stay valid, so in-flight commands still land.
 pub const DEFAULT_GRACE_DAYS: u64 = 7;
+/// Longest keyring validity `keys init`/`keys rotate` accept (about ten years): beyond it
+/// the expiry date stops being a date an operator can act on.
+pub const MAX_KEYRING_VALID_DAYS: u64 = 3650;
+/// Longest grace period `keys rotate` accepts for the retiring keys.
+pub const MAX_GRACE_DAYS: u64 = 365;
 /// Tolerated device clock skew for a new key's `not_before_ms`.
 const SKEW_MS: u64 = 10 * 60 * 1000;
 
@@ -39,6 +44,13 @@ pub enum KeyError {
     BadKeyring { path: PathBuf, reason: String },
     #[error("keyring {0} has no active signing key; run `drover keys rotate`")]
     NoActiveKey(PathBuf),
+    #[error("{flag} {days} is out of range: it must be within {min}..={max} days")]
+    DaysOutOfRange {
+        flag: &'static str,
+        days: u64,
+        min: u64,
+        max: u64,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -133,8 +145,24 @@ fn read_keyring(dir: &Path, root: &SecretKey) -> Result<(SignedBlob, Keyring), K
     Ok((blob, ring))
 }
 
+/// Refuses a day count outside `min..=max` before any file is touched: 0 valid days makes a
+/// keyring devices refuse at once, and a huge count overflows every date it reaches.
+fn check_days(flag: &'static str, days: u64, min: u64, max: u64) -> Result<(), KeyError> {
+    if (min..=max).contains(&days) {
+        Ok(())
+    } else {
+        Err(KeyError::DaysOutOfRange {
+            flag,
+            days,
+            min,
+            max,
+        })
+    }
+}
+
 /// `drover keys init`: a root key, a first signing key (models + commands) and keyring v1.
 pub fn init(data_dir: &Path, now_ms: u64, valid_days: u64) -> Result<Keys, KeyError> {
+    check_days("--valid-days", valid_days, 1, MAX_KEYRING_VALID_DAYS)?;
     let dir = data_dir.join("keys");
     if dir.join(ROOT_FILE).exists() {
         return Err(KeyError::AlreadyInitialized(dir));
@@ -177,6 +205,8 @@ pub fn rotate(
     grace_days: u64,
     valid_days: u64,
 ) -> Result<Keys, KeyError> {
+    check_days("--valid-days", valid_days, 1, MAX_KEYRING_VALID_DAYS)?;
+    check_days("--grace-days", grace_days, 0, MAX_GRACE_DAYS)?;
     let dir = data_dir.join("keys");
     let root_path = dir.join(ROOT_FILE);
     if !root_path.exists() {
