@@ -166,6 +166,8 @@ async fn enroll(
     server: ServerArgs,
 ) -> anyhow::Result<()> {
     let labels: BTreeMap<String, String> = labels.into_iter().collect();
+    // Refused here with the same limits the server applies, before anything is sent.
+    drover_control_plane::fleet::check_labels(&labels)?;
     let r: EnrollResponse = Client::new(&server)?
         .post(
             "/v1/devices",

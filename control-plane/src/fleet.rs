@@ -25,6 +25,62 @@ pub enum FleetError {
     ReservedId(String),
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Labels(#[from] LabelError),
+}
+
+/// Most labels one device may carry. Labels are listed with every device
+/// (`GET /v1/devices`) and matched by every rollout selector, so they stay small.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key, in bytes.
+pub const MAX_LABEL_KEY_LEN: usize = 64;
+/// Longest label value, in bytes.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+
+/// A label set refused at enrollment (by the API, and by the CLI before it sends).
+#[derive(Debug, thiserror::Error)]
+pub enum LabelError {
+    #[error("{count} labels given; a device carries at most {MAX_LABELS}")]
+    TooMany { count: usize },
+    #[error("label key {key:?} is {len} bytes; keys are 1 to {MAX_LABEL_KEY_LEN} bytes")]
+    KeyLength { key: String, len: usize },
+    #[error(
+        "label {key:?} has a {len}-byte value; values are at most {MAX_LABEL_VALUE_LEN} bytes"
+    )]
+    ValueLength { key: String, len: usize },
+}
+
+/// The first 32 characters of `s`, for an error message about an oversized label.
+fn shown(s: &str) -> String {
+    match s.char_indices().nth(32) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
+/// Checks a device's labels against [`MAX_LABELS`], [`MAX_LABEL_KEY_LEN`] and
+/// [`MAX_LABEL_VALUE_LEN`].
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), LabelError> {
+    if labels.len() > MAX_LABELS {
+        return Err(LabelError::TooMany {
+            count: labels.len(),
+        });
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN {
+            return Err(LabelError::KeyLength {
+                key: shown(k),
+                len: k.len(),
+            });
+        }
+        if v.len() > MAX_LABEL_VALUE_LEN {
+            return Err(LabelError::ValueLength {
+                key: shown(k),
+                len: v.len(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The identity `device enroll` hands out: the frame/MQTT key and a client certificate
@@ -46,11 +102,15 @@ pub fn enroll(
     if id == crate::pki::CONTROL_PLANE_IDENTITY {
         return Err(FleetError::ReservedId(id.to_owned()));
     }
+    check_labels(labels)?;
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
     let device_key = DeviceKey(key);
-    store.enroll_device(&device_id, &device_key, labels, now_ms)?;
-    let cert = app.ca.issue_device(id, now_ms)?;
+    // The certificate is issued inside the insert's transaction: if issuing fails, the
+    // row is rolled back and the id stays free for another attempt.
+    let cert = store.enroll_device_with(&device_id, &device_key, labels, now_ms, || {
+        app.ca.issue_device(id, now_ms)
+    })??;
     app.devices.set(
         device_id.clone(),
         DeviceEntry {

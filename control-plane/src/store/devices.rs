@@ -68,6 +68,21 @@ impl Store {
         labels: &BTreeMap<String, String>,
         now_ms: u64,
     ) -> Result<()> {
+        self.enroll_device_with(id, key, labels, now_ms, || Ok::<_, StoreError>(()))?
+    }
+
+    /// Enrolls a device and runs `finish` (the fallible work that completes enrollment, such
+    /// as issuing its certificate) inside the same transaction: the row is committed only if
+    /// `finish` returns `Ok`, so a failed enrollment leaves nothing behind and the id can be
+    /// enrolled again. `finish` does not run when the id is already enrolled.
+    pub fn enroll_device_with<T, E>(
+        &mut self,
+        id: &DeviceId,
+        key: &DeviceKey,
+        labels: &BTreeMap<String, String>,
+        now_ms: u64,
+        finish: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> Result<std::result::Result<T, E>> {
         let labels_json = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
         let tx = self.write_tx()?;
         let exists: Option<i64> = tx
@@ -82,8 +97,13 @@ impl Store {
             "INSERT INTO devices (id, device_key, labels, enrolled_at_ms) VALUES (?1, ?2, ?3, ?4)",
             params![id.as_str(), &key.0[..], labels_json, i(now_ms)],
         )?;
+        let done = match finish() {
+            Ok(v) => v,
+            // Dropping the transaction rolls the insert back.
+            Err(e) => return Ok(Err(e)),
+        };
         tx.commit()?;
-        Ok(())
+        Ok(Ok(done))
     }
 
     /// Marks a device decommissioned; returns false when it is not enrolled.
