@@ -74,6 +74,10 @@ pub struct Metrics {
     pub devices_online: AtomicU64,
     pub devices_enrolled: AtomicU64,
     pub broker_auth_refused: AtomicU64,
+    // Chunk requests refused, by reason (a request granted in part counts once).
+    pub chunk_refused_not_commanded: AtomicU64,
+    pub chunk_refused_unknown_model: AtomicU64,
+    pub chunk_refused_rate_limited: AtomicU64,
 }
 
 impl Metrics {
@@ -167,6 +171,21 @@ impl Metrics {
             "# HELP drover_devices_enrolled Devices enrolled and not decommissioned.\n# TYPE drover_devices_enrolled gauge\ndrover_devices_enrolled {}",
             self.devices_enrolled.load(Relaxed)
         );
+        let _ = writeln!(
+            s,
+            "# HELP drover_chunk_requests_refused_total Chunk requests refused (in whole or in part), by reason.\n# TYPE drover_chunk_requests_refused_total counter"
+        );
+        for (reason, v) in [
+            ("not_commanded", &self.chunk_refused_not_commanded),
+            ("unknown_model", &self.chunk_refused_unknown_model),
+            ("rate_limited", &self.chunk_refused_rate_limited),
+        ] {
+            let _ = writeln!(
+                s,
+                "drover_chunk_requests_refused_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
         s
     }
 }
