@@ -40,6 +40,7 @@ PURE_CORES = [
     "control-plane/src/rollout/plan.rs",
     "control-plane/src/drift.rs|control-plane/src/drift/",
     "control-plane/src/chunks/coalescer.rs",
+    "control-plane/src/chunks/budget.rs",
     "agent/src/machine.rs|agent/src/machine/",
 ]
 

@@ -3,29 +3,72 @@
 //!
 //! Inference runs off the async workers (`block_in_place` or the blocking pool); the request holds its model's `Arc` to the
 //! end, which is what makes hot swap lossless.
+//!
+//! Memory per request is bounded: the body limit is sized from the served model's inputs
+//! when their shapes are fixed (else [`MAX_BODY`]) and checked on `Content-Length` before
+//! a byte is read; the bodies being handled at once share [`MAX_IN_FLIGHT_BYTES`] (a
+//! request past it gets 503 at once, so small requests keep being served); and `data` is
+//! decoded straight into typed vectors ([`decode`]), never into a JSON tree.
 
+mod decode;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
+use axum::http::header::{CONTENT_LENGTH, RETRY_AFTER};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_protocol::manifest::{DType, Dim, TensorData, TensorSpec, TensorValue};
 use drover_protocol::messages::Label;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use self::decode::InferRequest;
 use crate::serving::{InferError, Serving};
 use drover_host::clock::now_ms;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
+/// Request bytes all inference requests may hold at once: one of the largest and room
+/// for small ones beside it. Decoding adds at most about twice the body (4-byte values
+/// from at least 2 bytes of text each).
+pub const MAX_IN_FLIGHT_BYTES: usize = MAX_BODY + 16 * 1024 * 1024;
+
+/// Text one JSON number may take in a request sized from fixed input shapes
+/// (`-1.2345678901234567e-308, ` is 26).
+const MAX_JSON_BYTES_PER_VALUE: usize = 32;
+
+/// Room for names, shapes, datatypes and parameters in a request sized from its inputs.
+const REQUEST_OVERHEAD: usize = 64 * 1024;
+
+/// How long a request body may take to arrive (its bytes are reserved meanwhile).
+const BODY_DEADLINE: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct ApiState {
     pub serving: Arc<Serving>,
+}
+
+/// Requests refused to bound memory, by reason.
+#[derive(Default)]
+struct Refused {
+    too_large: AtomicU64,
+    busy: AtomicU64,
+}
+
+/// The handlers' state: the caller's and the API's own limits.
+#[derive(Clone)]
+struct Shared {
+    serving: Arc<Serving>,
+    in_flight: Arc<Semaphore>,
+    refused: Arc<Refused>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -48,7 +91,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2/models/{name}/feedback", post(feedback))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(state)
+        .with_state(Shared {
+            serving: state.serving,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES)),
+            refused: Arc::new(Refused::default()),
+        })
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -59,7 +106,7 @@ async fn live() -> Json<Value> {
     Json(json!({ "live": true }))
 }
 
-async fn ready(State(s): State<ApiState>) -> Response {
+async fn ready(State(s): State<Shared>) -> Response {
     if s.serving.active().is_some() {
         Json(json!({ "ready": true })).into_response()
     } else {
@@ -103,7 +150,7 @@ fn spec_json(s: &TensorSpec) -> Value {
     json!({ "name": s.name, "datatype": datatype(s.dtype), "shape": shape })
 }
 
-async fn model_metadata(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+async fn model_metadata(State(s): State<Shared>, Path(name): Path<String>) -> Response {
     match s.serving.active() {
         Some(m) if m.model_ref.name == name => Json(json!({
             "name": m.model_ref.name,
@@ -121,13 +168,13 @@ async fn model_metadata(State(s): State<ApiState>, Path(name): Path<String>) -> 
 }
 
 async fn model_metadata_v(
-    st: State<ApiState>,
+    st: State<Shared>,
     Path((name, _version)): Path<(String, String)>,
 ) -> Response {
     model_metadata(st, Path(name)).await
 }
 
-async fn model_ready(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+async fn model_ready(State(s): State<Shared>, Path(name): Path<String>) -> Response {
     match s.serving.active() {
         Some(m) if m.model_ref.name == name => {
             Json(json!({ "name": name, "ready": true })).into_response()
@@ -140,112 +187,177 @@ async fn model_ready(State(s): State<ApiState>, Path(name): Path<String>) -> Res
 }
 
 async fn model_ready_v(
-    st: State<ApiState>,
+    st: State<Shared>,
     Path((name, _version)): Path<(String, String)>,
 ) -> Response {
     model_ready(st, Path(name)).await
 }
 
-#[derive(Deserialize)]
-struct InferRequest {
-    #[serde(default)]
-    id: Option<String>,
-    inputs: Vec<InferInput>,
-    #[serde(default)]
-    outputs: Option<Vec<RequestedOutput>>,
+/// The request body a model's inputs can need, at most: with every dimension fixed, the
+/// values they hold at [`MAX_JSON_BYTES_PER_VALUE`] each plus [`REQUEST_OVERHEAD`];
+/// otherwise (a batch dimension) [`MAX_BODY`]. Also returns that value count, if known.
+fn body_limit(inputs: &[TensorSpec]) -> (usize, Option<u64>) {
+    let values = inputs.iter().try_fold(0u64, |acc, spec| {
+        let n = spec.shape.iter().try_fold(1u64, |n, d| match d {
+            Dim::Fixed(v) => n.checked_mul(*v),
+            Dim::Symbolic(_) => None,
+        })?;
+        acc.checked_add(n)
+    });
+    let limit = values
+        .and_then(|v| usize::try_from(v).ok())
+        .and_then(|v| v.checked_mul(MAX_JSON_BYTES_PER_VALUE))
+        .and_then(|b| b.checked_add(REQUEST_OVERHEAD))
+        .map_or(MAX_BODY, |b| b.min(MAX_BODY));
+    (limit, values)
 }
 
-#[derive(Deserialize)]
-struct InferInput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    data: Value,
+#[derive(Serialize)]
+struct InferResponse<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    id: String,
+    parameters: ResponseParameters,
+    outputs: Vec<OutputJson<'a>>,
 }
 
-#[derive(Deserialize)]
-struct RequestedOutput {
-    name: String,
+#[derive(Serialize)]
+struct ResponseParameters {
+    drover_request_id: u64,
 }
 
-/// Flattens (possibly nested) JSON arrays of numbers, row-major.
-fn flatten(v: &Value, out: &mut Vec<f64>, depth: usize) -> Result<(), String> {
-    if depth > 32 {
-        return Err("data is nested too deeply".into());
-    }
-    match v {
-        Value::Array(items) => {
-            for i in items {
-                flatten(i, out, depth + 1)?;
-            }
-            Ok(())
-        }
-        Value::Number(n) => {
-            out.push(n.as_f64().ok_or("data holds a number out of range")?);
-            Ok(())
-        }
-        Value::Bool(b) => {
-            out.push(if *b { 1.0 } else { 0.0 });
-            Ok(())
-        }
-        other => Err(format!("data holds a non-numeric value {other}")),
-    }
+/// An output tensor, serialized from the runtime's vector (no intermediate JSON tree).
+#[derive(Serialize)]
+struct OutputJson<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [u64],
+    data: OutputData<'a>,
 }
 
-fn to_tensor(i: InferInput) -> Result<TensorValue, String> {
-    let shape = i
-        .shape
-        .iter()
-        .map(|d| {
-            u64::try_from(*d).map_err(|_| format!("input {:?}: negative dimension {d}", i.name))
-        })
-        .collect::<Result<Vec<u64>, String>>()?;
-    let mut flat = Vec::new();
-    flatten(&i.data, &mut flat, 0).map_err(|e| format!("input {:?}: {e}", i.name))?;
-    let data = match i.datatype.as_str() {
-        "FP32" | "FP64" | "FP16" => TensorData::F32(flat.into_iter().map(|x| x as f32).collect()),
-        "INT64" | "INT32" | "INT16" | "INT8" | "UINT8" | "UINT16" | "UINT32" | "UINT64"
-        | "BOOL" => {
-            if flat.iter().any(|x| x.fract() != 0.0) {
-                return Err(format!(
-                    "input {:?}: {} data must be integers",
-                    i.name, i.datatype
-                ));
-            }
-            TensorData::I64(flat.into_iter().map(|x| x as i64).collect())
-        }
-        other => {
-            return Err(format!(
-                "input {:?}: unsupported datatype {other:?}",
-                i.name
-            ))
-        }
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutputData<'a> {
+    F32(&'a [f32]),
+    I64(&'a [i64]),
+}
+
+fn output_json(t: &TensorValue) -> OutputJson<'_> {
+    let (datatype, data) = match &t.data {
+        TensorData::F32(v) => ("FP32", OutputData::F32(v)),
+        TensorData::I64(v) => ("INT64", OutputData::I64(v)),
     };
-    Ok(TensorValue {
-        name: i.name,
-        shape,
+    OutputJson {
+        name: &t.name,
+        datatype,
+        shape: &t.shape,
         data,
-    })
-}
-
-fn output_json(t: &TensorValue) -> Value {
-    let (dt, data) = match &t.data {
-        TensorData::F32(v) => ("FP32", json!(v)),
-        TensorData::I64(v) => ("INT64", json!(v)),
-    };
-    json!({ "name": t.name, "datatype": dt, "shape": t.shape, "data": data })
+    }
 }
 
 async fn infer_v(
-    st: State<ApiState>,
+    st: State<Shared>,
     Path((name, _version)): Path<(String, String)>,
-    body: Bytes,
+    req: Request,
 ) -> Response {
-    infer(st, Path(name), body).await
+    infer(st, Path(name), req).await
 }
 
-async fn infer(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> Response {
-    let req: InferRequest = match serde_json::from_slice(&body) {
+/// Reads an inference request's body within the model's limit and the agent's in-flight
+/// budget; the permit is held until the response is built.
+async fn read_body(
+    s: &Shared,
+    name: &str,
+    inputs: &[TensorSpec],
+    req: Request,
+) -> Result<(Bytes, OwnedSemaphorePermit), Response> {
+    let (limit, values) = body_limit(inputs);
+    let claimed = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = |len: String| {
+        s.refused.too_large.fetch_add(1, Relaxed);
+        let why = match values {
+            Some(v) => format!("its inputs' fixed shapes hold {v} values"),
+            None => "the agent's largest request".into(),
+        };
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {len} bytes exceeds the limit of {limit} bytes for model {name:?} ({why}); send fewer rows per request"),
+        )
+    };
+    if let Some(len) = claimed.filter(|l| *l > limit as u64) {
+        return Err(too_large(len.to_string()));
+    }
+    // Without a length, the whole limit is reserved.
+    let reserve = claimed.map_or(limit, |l| l as usize).max(1);
+    let permit = u32::try_from(reserve)
+        .ok()
+        .and_then(|n| s.in_flight.clone().try_acquire_many_owned(n).ok());
+    let Some(permit) = permit else {
+        s.refused.busy.fetch_add(1, Relaxed);
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the agent is busy: inference requests in flight already hold close to its {MAX_IN_FLIGHT_BYTES}-byte budget and this one needs {reserve}; retry shortly or send smaller requests"),
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        return Err(r);
+    };
+    match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(req.into_body(), limit)).await {
+        Ok(Ok(body)) => Ok((body, permit)),
+        Ok(Err(e)) if is_length_limit(&e) => Err(too_large(format!("more than {limit}"))),
+        Ok(Err(e)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the request body: {e}"),
+        )),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_DEADLINE.as_secs()
+            ),
+        )),
+    }
+}
+
+/// Whether reading a body failed on its length limit (a body sent without a length).
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        if err.to_string().contains("length limit exceeded") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+async fn infer(State(s): State<Shared>, Path(name): Path<String>, req: Request) -> Response {
+    // The model is checked before the body is read: its inputs size the body's limit.
+    let model = match s.serving.active() {
+        Some(m) if m.model_ref.name == name => m,
+        Some(_) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                InferError::UnknownModel(name).to_string(),
+            )
+        }
+        None => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                InferError::NoModel.to_string(),
+            )
+        }
+    };
+    let (body, _permit) = match read_body(&s, &name, model.model.inputs(), req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    drop(model);
+    let req: InferRequest<'_> = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             return error(
@@ -259,12 +371,13 @@ async fn infer(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes)
     let inputs = match req
         .inputs
         .into_iter()
-        .map(to_tensor)
+        .map(decode::to_tensor)
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(i) => i,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    drop(body);
     let serving = s.serving.clone();
     let n = name.clone();
     // On a multi-thread runtime, run in place: tokio hands this worker's other tasks to a
@@ -296,26 +409,27 @@ async fn infer(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes)
             )
         }
     };
-    let outputs: Vec<Value> = served
+    let outputs: Vec<OutputJson<'_>> = served
         .outputs
         .iter()
         .filter(|o| wanted.as_ref().is_none_or(|w| w.contains(&o.name)))
         .map(output_json)
         .collect();
-    Json(json!({
-        "model_name": served.model.model_ref.name,
-        "model_version": served.model.model_ref.version,
-        "id": client_id.unwrap_or_else(|| served.request_id.to_string()),
-        "parameters": { "drover_request_id": served.request_id },
-        "outputs": outputs,
-    }))
+    Json(InferResponse {
+        model_name: &served.model.model_ref.name,
+        model_version: &served.model.model_ref.version,
+        id: client_id.unwrap_or_else(|| served.request_id.to_string()),
+        parameters: ResponseParameters {
+            drover_request_id: served.request_id,
+        },
+        outputs,
+    })
     .into_response()
 }
 
 /// Prometheus text exposition of the agent's cumulative counters.
-async fn metrics(State(s): State<ApiState>) -> Response {
+async fn metrics(State(s): State<Shared>) -> Response {
     use std::fmt::Write as _;
-    use std::sync::atomic::Ordering::Relaxed;
     let t = &s.serving.totals;
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
@@ -354,6 +468,24 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         "Active model swaps.",
         t.swaps.load(Relaxed),
     );
+    metric(
+        "drover_agent_requests_too_large_total",
+        "counter",
+        "Inference requests refused for a body over the limit (413).",
+        s.refused.too_large.load(Relaxed),
+    );
+    metric(
+        "drover_agent_requests_busy_total",
+        "counter",
+        "Inference requests refused because requests in flight held the byte budget (503).",
+        s.refused.busy.load(Relaxed),
+    );
+    metric(
+        "drover_agent_request_bytes_in_flight",
+        "gauge",
+        "Request body bytes reserved by inference requests being handled.",
+        (MAX_IN_FLIGHT_BYTES - s.in_flight.available_permits()) as u64,
+    );
     let loaded = s.serving.active();
     metric(
         "drover_agent_model_loaded",
@@ -384,7 +516,7 @@ struct FeedbackRequest {
     label: f64,
 }
 
-async fn feedback(State(s): State<ApiState>, Path(name): Path<String>, body: Bytes) -> Response {
+async fn feedback(State(s): State<Shared>, Path(name): Path<String>, body: Bytes) -> Response {
     let req: FeedbackRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed feedback: {e}")),
@@ -415,4 +547,33 @@ async fn feedback(State(s): State<ApiState>, Path(name): Path<String>, body: Byt
         value: req.label,
     });
     Json(json!({ "accepted": true, "id": id })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(shape: Vec<Dim>) -> TensorSpec {
+        TensorSpec {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape,
+        }
+    }
+
+    #[test]
+    fn the_body_limit_follows_fixed_input_shapes_and_falls_back_to_the_largest_body() {
+        let fixed = [
+            spec(vec![Dim::Fixed(1), Dim::Fixed(4)]),
+            spec(vec![Dim::Fixed(2)]),
+        ];
+        assert_eq!(
+            body_limit(&fixed),
+            (6 * MAX_JSON_BYTES_PER_VALUE + REQUEST_OVERHEAD, Some(6))
+        );
+        let batch = [spec(vec![Dim::Symbolic("N".into()), Dim::Fixed(16)])];
+        assert_eq!(body_limit(&batch), (MAX_BODY, None));
+        let huge = [spec(vec![Dim::Fixed(1 << 40)])];
+        assert_eq!(body_limit(&huge), (MAX_BODY, Some(1 << 40)));
+    }
 }

@@ -20,8 +20,10 @@ pub enum BrokerCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// mosquitto: TLS listener requiring client certificates from the fleet CA, the
-    /// certificate's CN as username, the CRL of decommissioned devices, pattern ACLs.
+    /// mosquitto: a device listener requiring client certificates from the fleet CA, the
+    /// certificate's CN as username and as client id, the CRL of decommissioned devices,
+    /// pattern ACLs; and a control-plane listener that also wants the control plane's
+    /// password.
     Mosquitto(MosquittoArgs),
 }
 
@@ -35,11 +37,18 @@ pub struct MosquittoArgs {
     /// Host names or IP addresses devices use to reach the broker (repeatable).
     #[arg(long = "host", required = true)]
     pub hosts: Vec<String>,
+    /// Port of the device listener.
     #[arg(long, default_value_t = 8883)]
     pub port: u16,
-    /// Address the listener binds.
+    /// Address the device listener binds.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind: String,
+    /// Port of the control plane's listener (default: the device port + 1).
+    #[arg(long)]
+    pub control_plane_port: Option<u16>,
+    /// Address the control plane's listener binds (default: as the device listener).
+    #[arg(long)]
+    pub control_plane_bind: Option<String>,
     /// CRL the broker reads (default: the one `drover serve` rewrites on every
     /// decommission, `<data-dir>/keys/crl.pem`; send mosquitto SIGHUP to reload it).
     #[arg(long)]
@@ -54,16 +63,13 @@ pub struct MosquittoArgs {
     pub user: Option<String>,
 }
 
-/// mosquitto's ACL file: the control plane by its certificate identity, devices by
-/// pattern on `%u` (their certificate CN, which they cannot choose; never `%c`).
+/// The ACL of the device listener: devices by pattern on `%u` (their certificate CN,
+/// which they cannot choose; the client id is the same name there, but `%u` says so).
 pub fn mosquitto_acl() -> String {
     use drover_protocol::topics;
     let (publish, subscribe) = topics::device_acl("%u");
-    let mut acl = format!(
-        "# Written by `drover broker config mosquitto`.\n\
-         user {CONTROL_PLANE_IDENTITY}\ntopic readwrite {}\n\n",
-        topics::all_filter()
-    );
+    let mut acl =
+        "# Written by `drover broker config mosquitto`: the device listener.\n".to_string();
     for t in publish {
         acl.push_str(&format!("pattern write {t}\n"));
     }
@@ -72,6 +78,48 @@ pub fn mosquitto_acl() -> String {
     }
     acl
 }
+
+/// The ACL of the control plane's listener: the control plane, nobody else.
+pub fn control_plane_acl() -> String {
+    format!(
+        "# Written by `drover broker config mosquitto`: the control plane's listener.\n\
+         user {CONTROL_PLANE_IDENTITY}\ntopic readwrite {}\n",
+        drover_protocol::topics::all_filter()
+    )
+}
+
+/// A mosquitto password file line, `$6$` format (SHA-512 over password and salt, both
+/// base64), which mosquitto 2.0 reads; written here so the config needs no
+/// `mosquitto_passwd` on the machine that writes it.
+pub fn mosquitto_password_line(user: &str, password: &str, salt: &[u8; 12]) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha512::new();
+    h.update(password.as_bytes());
+    h.update(salt);
+    format!("{user}:$6${}${}\n", base64(salt), base64(&h.finalize()))
+}
+
+/// Standard base64 with padding (what mosquitto's password file uses).
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= c.len() {
+                out.push(char::from(A[(n >> shift) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// File holding the control plane's `--broker-url` (with its password), 0600.
+pub const CONTROL_PLANE_URL_FILE: &str = "control-plane.url";
 
 /// Writes the configuration; returns the path of `mosquitto.conf`.
 pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
@@ -84,6 +132,37 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
     write_private(&out.join("server.pem"), server.cert_pem.as_bytes())?;
     write_private(&out.join("server.key"), server.key_pem.as_bytes())?;
     write_private(&out.join("acl"), mosquitto_acl().as_bytes())?;
+    write_private(
+        &out.join("acl.control-plane"),
+        control_plane_acl().as_bytes(),
+    )?;
+    let cp_port = match args.control_plane_port {
+        Some(p) => p,
+        None => args.port.checked_add(1).context(
+            "--port 65535 leaves no port for the control plane: give --control-plane-port",
+        )?,
+    };
+    let cp_bind = args.control_plane_bind.as_deref().unwrap_or(&args.bind);
+    let secret = {
+        use rand::RngCore as _;
+        let mut b = [0u8; 32];
+        let mut salt = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut b);
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        let secret = hex::encode(b);
+        let line = mosquitto_password_line(CONTROL_PLANE_IDENTITY, &secret, &salt);
+        write_private(&out.join("passwd.control-plane"), line.as_bytes())?;
+        secret
+    };
+    let cp_host = args
+        .hosts
+        .first()
+        .map(String::as_str)
+        .unwrap_or("localhost");
+    write_private(
+        &out.join(CONTROL_PLANE_URL_FILE),
+        format!("mqtts://{CONTROL_PLANE_IDENTITY}:{secret}@{cp_host}:{cp_port}\n").as_bytes(),
+    )?;
     let crl = match &args.crl_file {
         Some(p) => p.clone(),
         None => {
@@ -99,30 +178,47 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
         ),
         None => "persistence false\n".into(),
     };
-    let conf = format!(
-        "# Written by `drover broker config mosquitto`: mutual TLS with the Drover fleet CA.\n\
-         # Devices authenticate by certificate (CN = device id = MQTT username); the ACL\n\
-         # confines each to its own topics. Reload after a decommission: kill -HUP <pid>.\n\
-         {user}\
-         per_listener_settings false\n\
-         allow_anonymous false\n\
-         listener {port} {bind}\n\
-         cafile {out}/ca.pem\n\
+    // Two listeners, because the client id is a session: queued commands and the live
+    // connection. On the device listener it is forced to the certificate CN
+    // (`use_username_as_clientid` after `use_identity_as_username`), so a device can
+    // neither take over another's session nor hold more than one. The control plane runs
+    // several sessions under one identity, so it gets its own listener where client ids
+    // are free, closed to devices by a password only the control plane holds.
+    let tls = format!(
+        "cafile {out}/ca.pem\n\
          certfile {out}/server.pem\n\
          keyfile {out}/server.key\n\
          require_certificate true\n\
-         use_identity_as_username true\n\
          crlfile {crl}\n\
          tls_version tlsv1.2\n\
-         acl_file {out}/acl\n\
+         allow_anonymous false\n",
+        out = out.display(),
+        crl = crl.display(),
+    );
+    let conf = format!(
+        "# Written by `drover broker config mosquitto`: mutual TLS with the Drover fleet CA.\n\
+         # Devices authenticate by certificate (CN = device id = MQTT username = client id);\n\
+         # the ACL confines each to its own topics. Reload after a decommission: kill -HUP <pid>.\n\
+         {user}\
+         per_listener_settings true\n\
          {persistence}\
          max_inflight_messages 1000\n\
          max_queued_messages 100000\n\
-         message_size_limit 8388608\n",
+         message_size_limit 8388608\n\
+         \n# Devices.\n\
+         listener {port} {bind}\n\
+         {tls}\
+         use_identity_as_username true\n\
+         use_username_as_clientid true\n\
+         acl_file {out}/acl\n\
+         \n# The control plane: certificate and password (see control-plane.url).\n\
+         listener {cp_port} {cp_bind}\n\
+         {tls}\
+         password_file {out}/passwd.control-plane\n\
+         acl_file {out}/acl.control-plane\n",
         port = args.port,
         bind = args.bind,
         out = out.display(),
-        crl = crl.display(),
         user = args
             .user
             .as_ref()
@@ -157,12 +253,60 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
                 "CRL: {} (rewritten by `drover serve` on every decommission; SIGHUP mosquitto to reload)",
                 args.data_dir.join("keys").join(CRL_FILE).display()
             );
+            let dir = std::path::absolute(&args.out).unwrap_or_else(|_| args.out.clone());
             println!(
-                "control plane: drover serve --broker-url mqtts://{}:{} (identity {CONTROL_PLANE_IDENTITY} from the fleet CA)",
+                "control plane: drover serve --broker-url \"$(cat {})\" with advertised_broker_url = \"mqtts://{}:{}\" in its config file, so devices get the device listener (identity {CONTROL_PLANE_IDENTITY} from the fleet CA, plus the password in that file)",
+                dir.join(CONTROL_PLANE_URL_FILE).display(),
                 args.hosts.first().map(String::as_str).unwrap_or("localhost"),
                 args.port
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_rfc_4648_vectors() {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), enc);
+        }
+    }
+
+    #[test]
+    fn the_device_listener_forces_the_client_id_to_the_certificate_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let args = MosquittoArgs {
+            data_dir: tmp.path().join("data"),
+            out: tmp.path().join("out"),
+            hosts: vec!["broker.example".into()],
+            port: 8883,
+            bind: "0.0.0.0".into(),
+            control_plane_port: None,
+            control_plane_bind: None,
+            crl_file: None,
+            persistence_dir: None,
+            user: None,
+        };
+        let conf = std::fs::read_to_string(write_mosquitto(&args).unwrap()).unwrap();
+        let (_, devices) = conf.split_once("listener 8883 0.0.0.0").unwrap();
+        let (devices, cp) = devices.split_once("listener 8884 0.0.0.0").unwrap();
+        assert!(devices.contains("use_identity_as_username true\nuse_username_as_clientid true"));
+        assert!(!devices.contains("password_file"));
+        assert!(cp.contains("password_file") && !cp.contains("use_identity_as_username"));
+        let url = std::fs::read_to_string(args.out.join(CONTROL_PLANE_URL_FILE)).unwrap();
+        assert!(url.starts_with("mqtts://drover-control-plane:"), "{url}");
+        assert!(url.trim_end().ends_with("@broker.example:8884"), "{url}");
     }
 }

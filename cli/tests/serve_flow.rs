@@ -189,6 +189,14 @@ async fn device_lifecycle_from_enroll_to_deploy_chunks_and_last_will() {
         let (id, key) = FakeDevice::from_enrollment(&e);
         let d = FakeDevice::connect(server.mqtt_addr(), id, key).await;
         d.subscribe(topics::model_chunks(&digest)).await;
+        // Chunks are served only for a model the device was commanded to fetch.
+        let (status, r) = api
+            .post(
+                &format!("/v1/devices/dl-{i:02}/deploy"),
+                &serde_json::json!({"model": "dense@1.0.0"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{r}");
         fleet.push(d);
     }
     // A round trip through the broker orders each device's subscription before its request.

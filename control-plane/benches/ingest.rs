@@ -104,7 +104,7 @@ fn client_tls(pem: &[String; 3]) -> rumqttc::Transport {
 
 async fn connect(broker: std::net::SocketAddr, e: Enrolled, tls: bool) -> Device {
     let (id, key, pem) = e;
-    let mut o = MqttOptions::new(format!("b-{id}"), broker.ip().to_string(), broker.port());
+    let mut o = MqttOptions::new(id.to_string(), broker.ip().to_string(), broker.port());
     if tls {
         o.set_transport(client_tls(&pem));
     }
@@ -212,7 +212,10 @@ async fn run(a: Args) {
         a.devices,
         a.messages
     );
-    let ids = enroll(&server, a.devices).await;
+    // One more identity for the raw subscriber: the broker binds a client id to its
+    // device login, so it cannot share a measured device's.
+    let mut ids = enroll(&server, a.devices + 1).await;
+    let raw_sub = ids.pop().expect("enrolled");
     let mut devices = Vec::with_capacity(a.devices);
     let t_conn = Instant::now();
     for chunk in ids.chunks(200) {
@@ -249,9 +252,9 @@ async fn run(a: Args) {
         (0.0, 0.0)
     } else {
         {
-            let (id, key, _) = ids[0].clone();
+            let (id, key, _) = raw_sub.clone();
             let mut o = MqttOptions::new(
-                "bench-raw-sub",
+                id.to_string(),
                 server.mqtt_addr().ip().to_string(),
                 server.mqtt_addr().port(),
             );

@@ -24,7 +24,7 @@ async fn flush_acks(app: &App, acks: &mut HashMap<DeviceId, Vec<u64>>) {
 pub async fn run(
     mut events: mpsc::UnboundedReceiver<Event>,
     app: App,
-    chunk_tx: mpsc::UnboundedSender<ChunkRequest>,
+    chunk_tx: mpsc::UnboundedSender<(DeviceId, ChunkRequest)>,
     ack_interval: Duration,
 ) {
     let mut acks: HashMap<DeviceId, Vec<u64>> = HashMap::new();
@@ -42,8 +42,8 @@ pub async fn run(
                         acks.entry(d).or_default().extend(s);
                     }
                 }
-                Some(Event::Chunks(c)) => {
-                    let _ = chunk_tx.send(c);
+                Some(Event::Chunks { device, request }) => {
+                    let _ = chunk_tx.send((device, request));
                 }
                 Some(Event::Hello { device, negotiated, stored_up_to, pending_command, .. }) => {
                     let Ok(protocol_version) = negotiated else { continue };

@@ -41,7 +41,12 @@ pub enum Event {
         keyring_version: u64,
         pending_command: Option<SignedBlob>,
     },
-    Chunks(ChunkRequest),
+    /// A device's chunk request; the device is named so the chunk server can check what
+    /// it was commanded to fetch and charge its budget.
+    Chunks {
+        device: DeviceId,
+        request: ChunkRequest,
+    },
 }
 
 const LOG_INTERVAL_MS: u64 = 60_000;
@@ -209,7 +214,10 @@ impl Ingest {
                 }
                 Uplink::ChunkRequest(c) => {
                     m.chunk_requests.fetch_add(1, Relaxed);
-                    let _ = self.events.send(Event::Chunks(c.clone()));
+                    let _ = self.events.send(Event::Chunks {
+                        device: dev.clone(),
+                        request: c.clone(),
+                    });
                 }
                 Uplink::KeyringRefused(k) => {
                     tracing::warn!(device_id = %dev, offered = k.offered_version, reason = %k.reason, "device refused the keyring");

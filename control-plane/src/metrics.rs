@@ -1,7 +1,10 @@
 //! Prometheus counters, lock-free (atomics), rendered as text on `/metrics`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use drover_protocol::DecodeError;
 
@@ -58,6 +61,55 @@ impl Refusal {
     }
 }
 
+/// Why the embedded broker's TLS front refused a connection, or closed one it had let in.
+/// The label values are stable (dashboards use them). An ordinary disconnect is none of
+/// these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BrokerRefusal {
+    /// TLS handshake failed: no, foreign, expired or revoked client certificate.
+    Tls,
+    /// Username not the certificate's CN, wrong password, or device not active.
+    Login,
+    /// MQTT client id not the certificate's CN (session takeover).
+    ClientId,
+    /// Too many connects of one identity.
+    ConnectRate,
+    /// A PUBLISH, last will or SUBSCRIBE outside the device's own topics.
+    Acl,
+    /// Not MQTT: no CONNECT in time, malformed or oversized packets.
+    Protocol,
+}
+
+impl BrokerRefusal {
+    pub const ALL: [BrokerRefusal; 6] = [
+        BrokerRefusal::Tls,
+        BrokerRefusal::Login,
+        BrokerRefusal::ClientId,
+        BrokerRefusal::ConnectRate,
+        BrokerRefusal::Acl,
+        BrokerRefusal::Protocol,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerRefusal::Tls => "tls",
+            BrokerRefusal::Login => "login",
+            BrokerRefusal::ClientId => "client_id",
+            BrokerRefusal::ConnectRate => "connect_rate",
+            BrokerRefusal::Acl => "acl",
+            BrokerRefusal::Protocol => "protocol",
+        }
+    }
+
+    /// Refusals of who a client is (also counted in `broker_auth_refused`).
+    pub fn is_auth(self) -> bool {
+        matches!(
+            self,
+            BrokerRefusal::Tls | BrokerRefusal::Login | BrokerRefusal::ClientId
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub uplink_received: AtomicU64,
@@ -73,7 +125,21 @@ pub struct Metrics {
     pub commands_issued: AtomicU64,
     pub devices_online: AtomicU64,
     pub devices_enrolled: AtomicU64,
+    /// Logins refused (TLS front and rumqttd's hook); never an ordinary disconnect.
     pub broker_auth_refused: AtomicU64,
+    // Chunk requests refused, by reason (a request granted in part counts once).
+    pub chunk_refused_not_commanded: AtomicU64,
+    pub chunk_refused_unknown_model: AtomicU64,
+    pub chunk_refused_rate_limited: AtomicU64,
+    broker_refused: [AtomicU64; 6],
+    /// Packets the TLS front held back because their identity exceeded its message rate.
+    pub broker_throttled_messages: AtomicU64,
+    /// Packets held back for the byte rate.
+    pub broker_throttled_bytes: AtomicU64,
+    /// Sessions closed because the same identity connected again.
+    pub broker_sessions_replaced: AtomicU64,
+    /// Refused logins of the embedded broker's hook, logged once per username and interval.
+    pub login_log: RateLog,
 }
 
 impl Metrics {
@@ -83,6 +149,17 @@ impl Metrics {
 
     pub fn refused(&self, r: Refusal) -> u64 {
         self.refused[r as usize].load(Relaxed)
+    }
+
+    pub fn broker_refuse(&self, r: BrokerRefusal) {
+        self.broker_refused[r as usize].fetch_add(1, Relaxed);
+        if r.is_auth() {
+            self.broker_auth_refused.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn broker_refused(&self, r: BrokerRefusal) -> u64 {
+        self.broker_refused[r as usize].load(Relaxed)
     }
 
     pub fn render(&self) -> String {
@@ -142,21 +219,38 @@ impl Metrics {
         );
         counter(
             "drover_broker_auth_refused_total",
-            "MQTT connections refused by the embedded broker.",
+            "MQTT logins refused by the embedded broker (certificate, login, client id).",
             self.broker_auth_refused.load(Relaxed),
         );
-        let _ = writeln!(
-            s,
-            "# HELP drover_uplink_refused_total Uplink frames dropped, by reason.\n# TYPE drover_uplink_refused_total counter"
+        counter(
+            "drover_broker_throttled_messages_total",
+            "Packets the TLS front held back: their device exceeded its message rate.",
+            self.broker_throttled_messages.load(Relaxed),
         );
-        for r in Refusal::ALL {
-            let _ = writeln!(
-                s,
-                "drover_uplink_refused_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.refused(r)
-            );
-        }
+        counter(
+            "drover_broker_throttled_bytes_total",
+            "Packets the TLS front held back: their device exceeded its byte rate.",
+            self.broker_throttled_bytes.load(Relaxed),
+        );
+        counter(
+            "drover_broker_sessions_replaced_total",
+            "Sessions closed because the same device connected again.",
+            self.broker_sessions_replaced.load(Relaxed),
+        );
+        labelled(
+            &mut s,
+            "drover_broker_refused_total",
+            "Connections the TLS front refused or closed, by reason.",
+            BrokerRefusal::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.broker_refused(*r))),
+        );
+        labelled(
+            &mut s,
+            "drover_uplink_refused_total",
+            "Uplink frames dropped, by reason.",
+            Refusal::ALL.iter().map(|r| (r.as_str(), self.refused(*r))),
+        );
         let _ = writeln!(
             s,
             "# HELP drover_devices_online Devices currently online.\n# TYPE drover_devices_online gauge\ndrover_devices_online {}",
@@ -167,6 +261,87 @@ impl Metrics {
             "# HELP drover_devices_enrolled Devices enrolled and not decommissioned.\n# TYPE drover_devices_enrolled gauge\ndrover_devices_enrolled {}",
             self.devices_enrolled.load(Relaxed)
         );
+        labelled(
+            &mut s,
+            "drover_chunk_requests_refused_total",
+            "Chunk requests refused (in whole or in part), by reason.",
+            [
+                ("not_commanded", &self.chunk_refused_not_commanded),
+                ("unknown_model", &self.chunk_refused_unknown_model),
+                ("rate_limited", &self.chunk_refused_rate_limited),
+            ]
+            .into_iter()
+            .map(|(reason, v)| (reason, v.load(Relaxed))),
+        );
         s
+    }
+}
+
+/// A counter family with one `reason` label.
+fn labelled<'a>(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, v) in values {
+        let _ = writeln!(s, "{name}{{reason=\"{reason}\"}} {v}");
+    }
+}
+
+/// One warn line per identity (or peer address) and reason per minute; the lines in
+/// between are counted and reported in the next one.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Entries of the rate-limited log before it forgets them all (peer addresses of
+/// unauthenticated refusals are not bounded by the fleet).
+const LOG_KEYS: usize = 4096;
+
+/// One line per key per [`LOG_INTERVAL`]; returns how many were suppressed before it
+/// when a line is due, `None` when this one is to be counted and not written.
+#[derive(Debug, Default)]
+pub struct RateLog {
+    last: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl RateLog {
+    pub fn due(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.len() >= LOG_KEYS && !last.contains_key(key) {
+            last.clear();
+        }
+        match last.get_mut(key) {
+            Some((at, suppressed)) if now.saturating_duration_since(*at) < LOG_INTERVAL => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let n = *suppressed;
+                *at = now;
+                *suppressed = 0;
+                Some(n)
+            }
+            None => {
+                last.insert(key.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_log_writes_one_line_per_key_and_interval_and_counts_the_rest() {
+        let log = RateLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.due("gw-1", t0), Some(0));
+        assert_eq!(log.due("gw-1", t0 + Duration::from_secs(1)), None);
+        assert_eq!(log.due("gw-1", t0 + Duration::from_secs(2)), None);
+        assert_eq!(log.due("gw-2", t0), Some(0));
+        assert_eq!(log.due("gw-1", t0 + LOG_INTERVAL), Some(2));
     }
 }

@@ -159,12 +159,15 @@ async fn run(a: Args) -> anyhow::Result<()> {
             .unwrap_or_default()
             .trim()
     );
+    // One more identity for the raw subscriber: the broker binds a client id to its
+    // device login, so it cannot share a measured device's.
     let cfg = SimConfig {
-        devices: a.devices,
+        devices: a.devices + 1,
         prefix: "ingest".into(),
         ..SimConfig::default()
     };
-    let ids: Vec<Identity> = sim::enroll(&api, &cfg, 32).await?;
+    let mut ids: Vec<Identity> = sim::enroll(&api, &cfg, 32).await?;
+    let raw_sub = ids.pop().context("no identity enrolled")?;
     if let Some(m) = &mosq {
         let t = Instant::now();
         m.add_users_bulk(
@@ -222,9 +225,13 @@ async fn run(a: Args) -> anyhow::Result<()> {
     {
         let (user, pass) = match &mosq {
             Some(_) => (CONTROL_PLANE_USER.to_string(), cp_pass.to_string()),
-            None => (clients[0].0.to_string(), clients[0].1.mqtt_password()),
+            None => (raw_sub.id.to_string(), raw_sub.key.mqtt_password()),
         };
-        let mut o = MqttOptions::new("bench-raw-sub", host.clone(), port);
+        let client_id = match &mosq {
+            Some(_) => "bench-raw-sub".to_string(),
+            None => raw_sub.id.to_string(),
+        };
+        let mut o = MqttOptions::new(client_id, host.clone(), port);
         o.set_credentials(user, pass).set_inflight(1000);
         let (client, mut el) = AsyncClient::new(o, 1024);
         let raw_filter = format!("{}/bench/raw", topics::uplink_filter_all());

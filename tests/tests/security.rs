@@ -167,10 +167,7 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
         "the private broker port took a device password"
     );
 
-    // The real identity works; a real agent runs over it.
-    let (_c, mut el) = connect(port, "gw-a-probe", Some(&a), Some(("gw-a", &pass_a)))
-        .await
-        .unwrap();
+    // A real agent runs over mutual TLS.
     let agent_b = drover_agent::run(cfg_b, std::future::pending())
         .await
         .unwrap();
@@ -182,14 +179,13 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
     })
     .await
     .unwrap();
-    assert_eq!(server.open_tls_sessions("gw-a"), 1);
 
     // The embedded broker's ACL: gw-a may not subscribe to gw-b's commands nor publish
     // as gw-b (the front closes the connection: MQTT 3.1.1 has no per-publish refusal);
     // its own downlink and the keyring are fine.
     let gw_a = DeviceId::new("gw-a").unwrap();
     let gw_b = DeviceId::new("gw-b").unwrap();
-    let (c, el_sub) = connect(port, "gw-a-acl-1", Some(&a), Some(("gw-a", &pass_a)))
+    let (c, el_sub) = connect(port, "gw-a", Some(&a), Some(("gw-a", &pass_a)))
         .await
         .unwrap();
     c.subscribe(topics::downlink(&gw_b), QoS::AtLeastOnce)
@@ -200,7 +196,7 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
         "closed",
         "gw-a subscribed to gw-b's commands"
     );
-    let (c, el_pub) = connect(port, "gw-a-acl-2", Some(&a), Some(("gw-a", &pass_a)))
+    let (c, el_pub) = connect(port, "gw-a", Some(&a), Some(("gw-a", &pass_a)))
         .await
         .unwrap();
     c.publish(
@@ -216,7 +212,7 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
         "closed",
         "gw-a published as gw-b"
     );
-    let (c, el_own) = connect(port, "gw-a-acl-3", Some(&a), Some(("gw-a", &pass_a)))
+    let (c, el_own) = connect(port, "gw-a", Some(&a), Some(("gw-a", &pass_a)))
         .await
         .unwrap();
     c.subscribe(topics::downlink(&gw_a), QoS::AtLeastOnce)
@@ -227,6 +223,17 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
         "ack",
         "gw-a's own subscription"
     );
+
+    // The real identity works (its client id is its device id); each connect above
+    // replaced the one before, so this is gw-a's only session.
+    let (_c, mut el) = connect(port, "gw-a", Some(&a), Some(("gw-a", &pass_a)))
+        .await
+        .unwrap();
+    wait_until("gw-a holds one session", WAIT, || async {
+        (server.open_tls_sessions("gw-a") == 1).then_some(())
+    })
+    .await
+    .unwrap();
 
     // Decommission cuts the open session at once and refuses the next connect.
     drover_cli(&[&["device", "decommission", "gw-a"][..], &srv].concat()).unwrap();
@@ -244,11 +251,9 @@ async fn embedded_broker_requires_mutual_tls_bound_to_the_device_and_cuts_revoke
         .await
         .is_err());
     // B is unaffected.
-    assert!(
-        connect(port, "gw-b-probe", Some(&b), Some(("gw-b", &pass_b)))
-            .await
-            .is_ok()
-    );
+    assert!(connect(port, "gw-b", Some(&b), Some(("gw-b", &pass_b)))
+        .await
+        .is_ok());
     server.shutdown().await;
     drop(agent_b);
 }
@@ -430,8 +435,8 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
     let dir = tmp.path();
     let data = dir.join("server");
     let mq = dir.join("mosquitto");
-    let port = free_port();
-    let port_s = port.to_string();
+    let (port, cp_port) = (free_port(), free_port());
+    let (port_s, cp_port_s) = (port.to_string(), cp_port.to_string());
     drover_cli(&[
         "broker",
         "config",
@@ -446,6 +451,8 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
         "localhost",
         "--port",
         &port_s,
+        "--control-plane-port",
+        &cp_port_s,
         "--bind",
         "127.0.0.1",
         "--persistence-dir",
@@ -456,10 +463,19 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
     ])
     .unwrap();
     let broker = Mosquitto::start_with_config(&mq, &mq.join("mosquitto.conf"), port).unwrap();
+    // The control plane's own listener: certificate plus the password in this URL.
+    let cp_url = std::fs::read_to_string(mq.join(drover_cli::broker::CONTROL_PLANE_URL_FILE))
+        .unwrap()
+        .trim()
+        .to_string();
+    let cp_login = drover_control_plane::config::parse_broker_url(&cp_url).unwrap();
+    let cp_user = cp_login.username.clone().unwrap();
+    let cp_pass = cp_login.password.clone().unwrap();
     let config = ServeConfig {
         data_dir: data.clone(),
         http_listen: "127.0.0.1:0".into(),
-        broker_url: format!("mqtts://127.0.0.1:{port}"),
+        broker_url: cp_url.clone(),
+        advertised_broker_url: format!("mqtts://127.0.0.1:{port}"),
         ..Default::default()
     };
     let server = serve::run(config.validate().unwrap(), std::future::pending())
@@ -470,6 +486,10 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
     let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
     let cfg_a = cli_enroll(&srv, dir, "gw-a", &[], "127.0.0.1:0").unwrap();
     let cfg_b = cli_enroll(&srv, dir, "gw-b", &[], "127.0.0.1:0").unwrap();
+    // The ACL probe's identity: a device with no agent (the client id is the
+    // certificate's CN on mosquitto too, so probing as gw-a would replace its agent).
+    let cfg_c = cli_enroll(&srv, dir, "gw-c", &[], "127.0.0.1:0").unwrap();
+    let c_identity = enrolled_identity(&cfg_c);
     assert!(
         cfg_a.broker_url.starts_with("mqtts://"),
         "{}",
@@ -518,9 +538,9 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
         .await
         .is_err());
 
-    // ACL: with gw-a's certificate (username = CN, whatever the client claims), nothing
-    // published as gw-b reaches the control plane's identity, and gw-b's commands never
-    // reach gw-a. Per-connection order makes the "own" message the fence.
+    // ACL: with gw-c's certificate (username = client id = CN, whatever the client
+    // claims), nothing published as gw-b reaches the control plane's identity, and gw-b's
+    // commands never reach gw-c. Per-connection order makes the "own" message the fence.
     let cp = {
         let keys = data.join("keys");
         Identity {
@@ -529,20 +549,25 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
             key: keys.join("control-plane.key"),
         }
     };
-    let (obs, mut obs_el) = connect(port, "acl-observer", Some(&cp), None)
+    let (obs, mut obs_el) = connect(
+        cp_port,
+        "acl-observer",
+        Some(&cp),
+        Some((&cp_user, &cp_pass)),
+    )
+    .await
+    .unwrap();
+    let (rogue, mut rogue_el) = connect(port, "gw-b", Some(&c_identity), Some(("gw-b", "claimed")))
         .await
         .unwrap();
-    let (rogue, mut rogue_el) = connect(port, "gw-a-rogue", Some(&a), Some(("gw-b", "claimed")))
-        .await
-        .unwrap();
-    let gw_a = DeviceId::new("gw-a").unwrap();
+    let gw_c = DeviceId::new("gw-c").unwrap();
     let gw_b = DeviceId::new("gw-b").unwrap();
     rogue
         .subscribe(topics::downlink(&gw_b), QoS::AtLeastOnce)
         .await
         .unwrap();
     rogue
-        .subscribe(topics::downlink(&gw_a), QoS::AtLeastOnce)
+        .subscribe(topics::downlink(&gw_c), QoS::AtLeastOnce)
         .await
         .unwrap();
     // Both SUBACKs. mosquitto 2.0 grants a denied MQTT 3.1.1 subscription in its SUBACK
@@ -561,7 +586,7 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
             break;
         }
     }
-    let own_down = topics::downlink(&gw_a);
+    let own_down = topics::downlink(&gw_c);
     let rogue_task = tokio::spawn(async move {
         let mut got = Vec::new();
         loop {
@@ -588,7 +613,7 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
         .unwrap();
     rogue
         .publish(
-            topics::uplink(&gw_a, UplinkKind::Labels),
+            topics::uplink(&gw_c, UplinkKind::Labels),
             QoS::AtLeastOnce,
             false,
             b"own".to_vec(),
@@ -601,7 +626,7 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
             if let Ok(Event::Incoming(Packet::Publish(p))) = obs_el.poll().await {
                 if p.topic.ends_with("/up/labels") {
                     seen.push(p.topic.clone());
-                    if p.topic == topics::uplink(&gw_a, UplinkKind::Labels) {
+                    if p.topic == topics::uplink(&gw_c, UplinkKind::Labels) {
                         return;
                     }
                 }
@@ -610,7 +635,7 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
     })
     .await
     .unwrap();
-    assert_eq!(seen, vec![topics::uplink(&gw_a, UplinkKind::Labels)]);
+    assert_eq!(seen, vec![topics::uplink(&gw_c, UplinkKind::Labels)]);
     obs.publish(
         topics::downlink(&gw_b),
         QoS::AtLeastOnce,
@@ -620,10 +645,10 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
     .await
     .unwrap();
     obs.publish(
-        topics::downlink(&gw_a),
+        topics::downlink(&gw_c),
         QoS::AtLeastOnce,
         false,
-        b"for a".to_vec(),
+        b"for c".to_vec(),
     )
     .await
     .unwrap();
@@ -632,7 +657,7 @@ async fn mosquitto_from_broker_config_enforces_certificate_identity_acl_and_crl(
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(got, vec![topics::downlink(&gw_a)]);
+    assert_eq!(got, vec![topics::downlink(&gw_c)]);
     obs_pump.abort();
 
     // Revocation: decommission rewrites the CRL; mosquitto reloads it and refuses gw-b.

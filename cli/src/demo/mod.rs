@@ -111,10 +111,13 @@ percent = 100
 bake = "0s"
 [rollout.shadow]
 duration = "4s"
-min_compared = 20
+min_compared = 30
 # The candidate must disagree with the champion where the champion is wrong: this
-# gate catches a broken candidate (say, one constant answer), not a better one.
-min_agreement = 0.3
+# gate catches a broken candidate, not a better one. Under drift the champion is right
+# about 58 % of the time and agreement runs near 0.55; 0.2 over at least 30 inputs keeps
+# a chance refusal below 1 in 10,000 runs (0.3 over 20 refused a good candidate once
+# on a loaded CI machine: 8 of 28 agreed).
+min_agreement = 0.2
 max_latency_ratio = 5.0
 waves = 1
 "#

@@ -99,16 +99,23 @@ impl Devices {
         v
     }
 
-    /// Broker authentication: the control plane's own login, or username = device id and
-    /// password = that device's derived MQTT password. Decommissioned: refused. Behind the
-    /// TLS front, a device login must carry the front's token instead (the front checked
-    /// certificate, username and password before issuing it).
-    pub fn broker_login_ok(&self, user: &str, pass: &str) -> bool {
+    /// Broker authentication: the control plane's own login, or username = device id =
+    /// MQTT client id and password = that device's derived MQTT password. Decommissioned:
+    /// refused. The client id names the broker session (queued commands, the live
+    /// connection), so a device may only use its own: another device's would take that
+    /// session over. Behind the TLS front, a device login must carry the front's token
+    /// instead (the front checked certificate, username, client id and password before
+    /// issuing it).
+    pub fn broker_login_ok(&self, client_id: &str, user: &str, pass: &str) -> bool {
         let logins = &self.inner.logins;
         if let Some((u, p)) = &logins.control_plane {
             if user == u {
                 return ct_eq(pass.as_bytes(), p.as_bytes());
             }
+        }
+        if client_id != user {
+            self.refused(user, "client id is not the device id");
+            return false;
         }
         let ok = match &logins.front_key {
             Some(_) => {
@@ -117,10 +124,19 @@ impl Devices {
             None => self.password_ok(user, pass),
         };
         if !ok {
-            self.inner.metrics.broker_auth_refused.fetch_add(1, Relaxed);
-            tracing::warn!(device_id = user, "broker refused a login");
+            self.refused(user, "wrong password, or not an enrolled, active device");
         }
         ok
+    }
+
+    /// Counts a refused login; logs it once per username and interval.
+    fn refused(&self, user: &str, why: &'static str) {
+        let m = &self.inner.metrics;
+        m.broker_auth_refused.fetch_add(1, Relaxed);
+        let user: String = user.chars().take(100).collect();
+        if let Some(suppressed) = m.login_log.due(&user, std::time::Instant::now()) {
+            tracing::warn!(device_id = %user, why, suppressed, "broker refused a login");
+        }
     }
 
     fn is_active(&self, user: &str) -> bool {
@@ -174,15 +190,15 @@ mod tests {
     fn broker_logins_follow_enrollment_and_decommission() {
         let d = devices(false);
         let pw = |k: u8| DeviceKey([k; 32]).mqtt_password();
-        assert!(d.broker_login_ok("cp", "cp-secret"));
-        assert!(!d.broker_login_ok("cp", "wrong"));
-        assert!(d.broker_login_ok("gw-1", &pw(1)));
+        assert!(d.broker_login_ok("drover-cp-1", "cp", "cp-secret"));
+        assert!(!d.broker_login_ok("drover-cp-1", "cp", "wrong"));
+        assert!(d.broker_login_ok("gw-1", "gw-1", &pw(1)));
         assert!(
-            !d.broker_login_ok("gw-1", &pw(2)),
+            !d.broker_login_ok("gw-1", "gw-1", &pw(2)),
             "another device's password"
         );
-        assert!(!d.broker_login_ok("gw-2", &pw(2)), "decommissioned");
-        assert!(!d.broker_login_ok("gw-9", &pw(1)), "unknown");
+        assert!(!d.broker_login_ok("gw-2", "gw-2", &pw(2)), "decommissioned");
+        assert!(!d.broker_login_ok("gw-9", "gw-9", &pw(1)), "unknown");
         assert_eq!(d.decommissioned(), vec!["gw-2".to_string()]);
         assert_eq!(d.inner.metrics.devices_enrolled.load(Relaxed), 1);
     }
@@ -192,14 +208,29 @@ mod tests {
         let d = devices(true);
         let pw = DeviceKey([1; 32]).mqtt_password();
         assert!(
-            !d.broker_login_ok("gw-1", &pw),
+            !d.broker_login_ok("gw-1", "gw-1", &pw),
             "the device password skips the front"
         );
-        assert!(d.broker_login_ok("gw-1", &d.front_token("gw-1")));
-        assert!(!d.broker_login_ok("gw-1", &d.front_token("gw-3")));
+        assert!(d.broker_login_ok("gw-1", "gw-1", &d.front_token("gw-1")));
+        assert!(!d.broker_login_ok("gw-1", "gw-1", &d.front_token("gw-3")));
         assert!(
-            !d.broker_login_ok("gw-2", &d.front_token("gw-2")),
+            !d.broker_login_ok("gw-2", "gw-2", &d.front_token("gw-2")),
             "decommissioned"
         );
+        assert!(
+            !d.broker_login_ok("gw-3", "gw-1", &d.front_token("gw-1")),
+            "another client id behind the front"
+        );
+    }
+
+    #[test]
+    fn a_device_login_with_another_devices_client_id_is_refused() {
+        let d = devices(false);
+        let pw = DeviceKey([1; 32]).mqtt_password();
+        // gw-1's own credentials cannot open (take over) gw-3's session.
+        assert!(!d.broker_login_ok("gw-3", "gw-1", &pw));
+        assert!(!d.broker_login_ok("", "gw-1", &pw));
+        assert!(d.broker_login_ok("gw-1", "gw-1", &pw));
+        assert_eq!(d.inner.metrics.broker_auth_refused.load(Relaxed), 2);
     }
 }

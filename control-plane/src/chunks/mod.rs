@@ -2,13 +2,23 @@
 //! publish on the model's shared chunk topic, so egress grows with model size, not with
 //! the number of downloading devices.
 //!
-//! [`coalescer`] is the pure core (which chunks are due, clock passed in); this module is
-//! its async shell: it reads model files and publishes through the outbox.
+//! A request is served only for a model the requesting device was commanded to fetch (an
+//! unexpired deploy command naming that manifest, issued to that device), and only within
+//! the device's byte budget ([`DEVICE_BUDGET_BYTES`] per [`DEVICE_BUDGET_WINDOW_MS`]):
+//! every publish reaches every device downloading the model, so one device must not be
+//! able to multiply a model's egress. Refusals are counted by reason in the metrics and
+//! logged at most once per device and reason per minute.
+//!
+//! [`coalescer`] and [`budget`] are the pure cores (clock passed in); this module is their
+//! async shell: it asks the store what a device was commanded, reads model files and
+//! publishes through the outbox.
 
+pub mod budget;
 pub mod coalescer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +26,10 @@ use drover_protocol::envelope::encode_chunk;
 use drover_protocol::messages::{ChunkData, ChunkRequest};
 use drover_protocol::topics::hex32;
 use drover_protocol::trust::Digest;
+use drover_protocol::DeviceId;
 use tokio::sync::mpsc;
 
+pub use self::budget::DeviceBudget;
 pub use self::coalescer::Coalescer;
 
 use crate::app::App;
@@ -25,6 +37,22 @@ use crate::store::Db;
 
 /// Most chunks a single request may name (bounds the work one frame can cause).
 const MAX_INDICES_PER_REQUEST: usize = 65_536;
+
+/// Chunk bytes one device may have published per window: two of the agent's request
+/// batches of the largest chunks (64 × 512 KiB), about 6 MB/s sustained per device.
+pub const DEVICE_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEVICE_BUDGET_WINDOW_MS: u64 = 10_000;
+
+/// How long a "not commanded" answer is remembered before the store is asked again:
+/// shorter than the agent's chunk retry (2 s), so a device commanded just after being
+/// refused is served on its next retry.
+const REFUSAL_MEMORY_MS: u64 = 1_000;
+
+/// Refusal logs: at most one per device and reason per minute.
+const LOG_INTERVAL_MS: u64 = 60_000;
+
+/// Authorizations remembered before the cache is cleared (bounds its memory).
+const MAX_REMEMBERED: usize = 100_000;
 
 /// A model file and its chunk size.
 type ModelFile = (Arc<Vec<u8>>, u32);
@@ -60,39 +88,139 @@ impl Files {
     }
 }
 
-/// Serves chunk requests until `rx` closes.
-pub async fn run(mut rx: mpsc::UnboundedReceiver<ChunkRequest>, app: App, store: Db) {
-    let now_ms = || app.clock.unix_ms();
-    let mut co = Coalescer::new(app.settings.chunk_window.as_millis() as u64);
-    let mut files = Files {
-        store,
-        models_dir: app.paths.models_dir(),
-        cache: HashMap::new(),
-    };
-    loop {
-        let sleep_for = co
-            .next_deadline()
-            .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
-        let req = match sleep_for {
-            Some(d) => tokio::select! {
-                r = rx.recv() => r.map(Some),
-                _ = tokio::time::sleep(d) => Some(None),
-            },
-            None => rx.recv().await.map(Some),
-        };
-        match req {
-            None => return,
-            Some(Some(r)) => {
-                let now = now_ms();
-                for &ix in r.indices.iter().take(MAX_INDICES_PER_REQUEST) {
-                    co.request(r.manifest_digest, ix, now);
-                }
-            }
-            Some(None) => {}
+/// Why a chunk request was refused (the metric's `reason` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Refused {
+    NotCommanded,
+    UnknownModel,
+    RateLimited,
+}
+
+impl Refused {
+    fn as_str(self) -> &'static str {
+        match self {
+            Refused::NotCommanded => "not_commanded",
+            Refused::UnknownModel => "unknown_model",
+            Refused::RateLimited => "rate_limited",
         }
-        for (digest, index) in co.due(now_ms()) {
-            let Some((bytes, chunk_size)) = files.get(digest).await else {
-                tracing::debug!(model = %hex32(&digest), "chunk request for an unknown model");
+    }
+
+    fn counter(self, app: &App) -> &AtomicU64 {
+        let m = &app.metrics;
+        match self {
+            Refused::NotCommanded => &m.chunk_refused_not_commanded,
+            Refused::UnknownModel => &m.chunk_refused_unknown_model,
+            Refused::RateLimited => &m.chunk_refused_rate_limited,
+        }
+    }
+}
+
+/// Whether a device may fetch a model, remembered until `until_ms`.
+#[derive(Clone, Copy, Debug)]
+struct Authorization {
+    allowed: bool,
+    until_ms: u64,
+}
+
+struct Server {
+    app: App,
+    files: Files,
+    co: Coalescer,
+    budget: DeviceBudget,
+    authorized: HashMap<(DeviceId, Digest), Authorization>,
+    last_logged: HashMap<(DeviceId, Refused), u64>,
+}
+
+impl Server {
+    fn refuse(&mut self, device: &DeviceId, why: Refused, digest: &Digest, now: u64) {
+        why.counter(&self.app).fetch_add(1, Relaxed);
+        let key = (device.clone(), why);
+        let due = self
+            .last_logged
+            .get(&key)
+            .is_none_or(|t| now.saturating_sub(*t) >= LOG_INTERVAL_MS);
+        if due {
+            if self.last_logged.len() > MAX_REMEMBERED {
+                self.last_logged.clear();
+            }
+            self.last_logged.insert(key, now);
+            tracing::warn!(device_id = %device, model = %hex32(digest), reason = why.as_str(), "chunk request refused");
+        }
+    }
+
+    /// Whether `device` holds an unexpired deploy command for `digest` (asks the store
+    /// at most once per [`REFUSAL_MEMORY_MS`] for a refused pair).
+    async fn commanded(&mut self, device: &DeviceId, digest: Digest, now: u64) -> bool {
+        let key = (device.clone(), digest);
+        if let Some(a) = self.authorized.get(&key).filter(|a| now < a.until_ms) {
+            return a.allowed;
+        }
+        let dev = device.to_string();
+        let expiry = self
+            .files
+            .store
+            .run(move |s| s.deploy_expiry(&dev, &digest, now))
+            .await;
+        let a = match expiry {
+            Ok(Ok(Some(until_ms))) => Authorization {
+                allowed: true,
+                until_ms,
+            },
+            Ok(Ok(None)) => Authorization {
+                allowed: false,
+                until_ms: now.saturating_add(REFUSAL_MEMORY_MS),
+            },
+            Ok(Err(e)) => {
+                tracing::warn!(device_id = %device, error = %e, "cannot read the device's commands; chunk request refused");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(device_id = %device, error = %e, "cannot read the device's commands; chunk request refused");
+                return false;
+            }
+        };
+        if self.authorized.len() >= MAX_REMEMBERED {
+            self.authorized.clear();
+        }
+        self.authorized.insert(key, a);
+        a.allowed
+    }
+
+    /// Checks a request and queues the chunks it is granted.
+    async fn admit(&mut self, device: DeviceId, r: ChunkRequest, now: u64) {
+        let digest = r.manifest_digest;
+        if r.indices.is_empty() {
+            return;
+        }
+        if !self.commanded(&device, digest, now).await {
+            return self.refuse(&device, Refused::NotCommanded, &digest, now);
+        }
+        let Some((bytes, chunk_size)) = self.files.get(digest).await else {
+            return self.refuse(&device, Refused::UnknownModel, &digest, now);
+        };
+        let count = bytes.len().div_ceil(chunk_size.max(1) as usize);
+        let mut wanted: Vec<u32> = r
+            .indices
+            .into_iter()
+            .take(MAX_INDICES_PER_REQUEST)
+            .filter(|&ix| (ix as usize) < count)
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let granted = self
+            .budget
+            .grant(&device, wanted.len(), u64::from(chunk_size), now);
+        if granted < wanted.len() {
+            self.refuse(&device, Refused::RateLimited, &digest, now);
+        }
+        for &ix in &wanted[..granted] {
+            self.co.request(digest, ix, now);
+        }
+    }
+
+    async fn publish_due(&mut self, now: u64) {
+        for (digest, index) in self.co.due(now) {
+            let Some((bytes, chunk_size)) = self.files.get(digest).await else {
                 continue;
             };
             let start = (index as usize).saturating_mul(chunk_size as usize);
@@ -105,9 +233,46 @@ pub async fn run(mut rx: mpsc::UnboundedReceiver<ChunkRequest>, app: App, store:
                 index,
                 data: bytes[start..end].to_vec(),
             });
-            if let Err(e) = app.outbox.publish_chunk(&digest, frame).await {
+            if let Err(e) = self.app.outbox.publish_chunk(&digest, frame).await {
                 tracing::warn!(error = %e, "chunk publish failed");
             }
         }
+    }
+}
+
+/// Serves chunk requests, each with the device that sent it, until `rx` closes.
+pub async fn run(mut rx: mpsc::UnboundedReceiver<(DeviceId, ChunkRequest)>, app: App, store: Db) {
+    let clock = app.clock.clone();
+    let now_ms = || clock.unix_ms();
+    let mut server = Server {
+        co: Coalescer::new(app.settings.chunk_window.as_millis() as u64),
+        budget: DeviceBudget::new(DEVICE_BUDGET_BYTES, DEVICE_BUDGET_WINDOW_MS),
+        files: Files {
+            store,
+            models_dir: app.paths.models_dir(),
+            cache: HashMap::new(),
+        },
+        app,
+        authorized: HashMap::new(),
+        last_logged: HashMap::new(),
+    };
+    loop {
+        let sleep_for = server
+            .co
+            .next_deadline()
+            .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+        let req = match sleep_for {
+            Some(d) => tokio::select! {
+                r = rx.recv() => r.map(Some),
+                _ = tokio::time::sleep(d) => Some(None),
+            },
+            None => rx.recv().await.map(Some),
+        };
+        match req {
+            None => return,
+            Some(Some((device, r))) => server.admit(device, r, now_ms()).await,
+            Some(None) => {}
+        }
+        server.publish_due(now_ms()).await;
     }
 }

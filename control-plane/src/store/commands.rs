@@ -126,6 +126,23 @@ impl Store {
             .optional()?)
     }
 
+    /// Until when `device` may fetch the model whose manifest digest is `digest`: the
+    /// latest expiry among the deploy commands naming it that were issued to the device
+    /// and are unexpired at `now_ms`; `None` when there is none.
+    pub fn deploy_expiry(
+        &self,
+        device: &str,
+        digest: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<Option<u64>> {
+        let latest: Option<i64> = self.conn.query_row(
+            "SELECT max(expires_at_ms) FROM commands WHERE device = ?1 AND kind = 'deploy' AND model_digest = ?2 AND expires_at_ms > ?3",
+            params![device, hex32(digest), i(now_ms)],
+            |r| r.get(0),
+        )?;
+        Ok(latest.map(u))
+    }
+
     pub fn commands(&self, device: &str) -> Result<Vec<CommandRow>> {
         let mut st = self
             .conn
@@ -188,6 +205,55 @@ pub(super) mod tests {
             s.enroll_device(&dev, &DeviceKey([1; 32]), &BTreeMap::new(), 1),
             Err(StoreError::DeviceExists(_))
         ));
+    }
+
+    #[test]
+    fn deploy_expiry_names_only_unexpired_deploys_of_that_model_to_that_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("d.db")).unwrap();
+        for d in ["gw-1", "gw-2"] {
+            s.enroll_device(
+                &DeviceId::new(d).unwrap(),
+                &DeviceKey([1; 32]),
+                &BTreeMap::new(),
+                1,
+            )
+            .unwrap();
+        }
+        let with = |seq, kind: &str, digest: [u8; 32], expires_at_ms| CommandRow {
+            kind: kind.into(),
+            model_digest: Some(digest),
+            expires_at_ms,
+            ..deploy("gw-1", seq)
+        };
+        assert_eq!(s.deploy_expiry("gw-1", &[7; 32], 0).unwrap(), None);
+        for row in [
+            with(1, "deploy", [7; 32], 100),
+            with(2, "deploy", [7; 32], 300),
+            with(3, "rollback", [8; 32], 900),
+            with(4, "deploy", [9; 32], 50),
+        ] {
+            s.issue_command("gw-1", |_| Ok::<_, ()>(row))
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(s.deploy_expiry("gw-1", &[7; 32], 10).unwrap(), Some(300));
+        assert_eq!(
+            s.deploy_expiry("gw-1", &[7; 32], 300).unwrap(),
+            None,
+            "expired"
+        );
+        assert_eq!(
+            s.deploy_expiry("gw-1", &[8; 32], 10).unwrap(),
+            None,
+            "not a deploy"
+        );
+        assert_eq!(s.deploy_expiry("gw-1", &[9; 32], 60).unwrap(), None);
+        assert_eq!(
+            s.deploy_expiry("gw-2", &[7; 32], 10).unwrap(),
+            None,
+            "another device"
+        );
     }
 
     #[test]

@@ -206,7 +206,8 @@ impl FakeDevice {
         id: DeviceId,
         key: DeviceKey,
     ) -> Result<Self, String> {
-        let mut o = MqttOptions::new(format!("dev-{id}"), broker.ip().to_string(), broker.port());
+        // The client id is the device id: the broker refuses any other for a device login.
+        let mut o = MqttOptions::new(id.to_string(), broker.ip().to_string(), broker.port());
         o.set_credentials(id.to_string(), key.mqtt_password())
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(8 << 20, 8 << 20);

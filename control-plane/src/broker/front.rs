@@ -1,0 +1,648 @@
+//! The mutual-TLS front of the embedded broker (issue 9; limits, issue 24).
+//!
+//! rumqttd's own TLS support verifies a client certificate but cannot bind it to the MQTT
+//! username (its auth hook sees client id, username and password only), has no CRL, and
+//! handshakes inline in its accept loop (one silent client stalls every accept). So the
+//! embedded broker listens on a private loopback port, and this front terminates mutual
+//! TLS on the public address instead, one task per connection:
+//!
+//! 1. TLS handshake (rustls, ring) verifying the client certificate against the fleet CA
+//!    (expired, foreign-CA or missing certificates are refused here);
+//! 2. the first MQTT packet must be CONNECT within the connect rate of that identity,
+//!    whose username **and client id** equal the certificate's CN (a client id is a
+//!    session: another device's would take over its queued commands and kick it off),
+//!    and that device must not be decommissioned;
+//! 3. the password must be the one derived from that device's key: a device must hold
+//!    both its certificate and its key;
+//! 4. the CONNECT goes on to rumqttd with the password replaced by a per-process token
+//!    (`Devices::front_token`); rumqttd's auth hook accepts device logins only with that
+//!    token, so connecting to its private loopback port directly gets a device nowhere;
+//! 5. the session becomes its identity's only live one: an older session of the same
+//!    identity is closed (`limits::Sessions`), so one identity holds one connection's
+//!    files, however often it connects;
+//! 6. every packet is checked against the ACL and paced by the identity's message and
+//!    byte rates.
+//!
+//! A refused CONNECT gets a CONNACK saying why. Refusals are counted by reason
+//! (`drover_broker_refused_total`) and logged once per identity and reason per interval;
+//! an ordinary disconnect (EOF, reset, a client that gives up) is neither.
+//! `Sessions::kick` cuts a device's open connections at once (decommission).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use drover_protocol::topics::{self, ParsedTopic};
+use drover_protocol::DeviceId;
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet as MqttPacket};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::limits::Limit;
+use super::{BrokerAuth, MAX_PAYLOAD};
+use crate::metrics::BrokerRefusal;
+
+/// How long a client may take to finish the TLS handshake and send CONNECT.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A CONNECT is small; anything larger before it is not a client we want.
+const MAX_CONNECT: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFrontError {
+    #[error("cannot read {path}: {detail}")]
+    File {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The rustls server config: the broker's certificate, client certificates required and
+/// verified against the fleet CA.
+pub fn server_tls_config(
+    ca_pem: &str,
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsFrontError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let file = |path: &std::path::Path| {
+        crate::keys::read_private(path).map_err(|e| TlsFrontError::File {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| TlsFrontError::Tls(format!("fleet CA: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| TlsFrontError::Tls(format!("fleet CA: {e}")))?;
+    }
+    let certs = CertificateDer::pem_slice_iter(&file(cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsFrontError::Tls(format!("{}: {e}", cert_file.display())))?;
+    let key = PrivateKeyDer::from_pem_slice(&file(key_file)?)
+        .map_err(|e| TlsFrontError::Tls(format!("{}: {e}", key_file.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .build()
+    .map_err(|e| TlsFrontError::Tls(e.to_string()))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsFrontError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsFrontError::Tls(e.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
+/// Listens for mutual-TLS clients on `listen` and relays them to rumqttd at `backend`.
+pub fn start_tls_front(
+    listener: TcpListener,
+    backend: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    auth: BrokerAuth,
+) -> Result<SocketAddr, TlsFrontError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|source| TlsFrontError::Listen {
+            addr: backend,
+            source,
+        })?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|source| TlsFrontError::Listen { addr, source })?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS front: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                if let Err(refused) = relay(stream, acceptor, backend, &auth).await {
+                    report(&auth, peer, refused);
+                }
+            });
+        }
+    });
+    tracing::info!(%addr, "embedded MQTT broker listening (mutual TLS)");
+    Ok(addr)
+}
+
+/// Why the front closed a connection that did not end ordinarily.
+#[derive(Debug)]
+struct Refused {
+    /// `None`: a failure on our side (rumqttd unreachable), logged but not counted.
+    reason: Option<BrokerRefusal>,
+    identity: Option<String>,
+    detail: String,
+}
+
+fn refused(reason: BrokerRefusal, identity: &str, detail: impl Into<String>) -> Refused {
+    Refused {
+        reason: Some(reason),
+        identity: Some(identity.to_owned()),
+        detail: detail.into(),
+    }
+}
+
+fn unidentified(reason: BrokerRefusal, detail: impl Into<String>) -> Refused {
+    Refused {
+        reason: Some(reason),
+        identity: None,
+        detail: detail.into(),
+    }
+}
+
+/// Counts a refusal and logs it, once per identity (or peer address) and reason per
+/// interval.
+fn report(auth: &BrokerAuth, peer: SocketAddr, r: Refused) {
+    if let Some(reason) = r.reason {
+        auth.metrics.broker_refuse(reason);
+    }
+    let who = r.identity.clone().unwrap_or_else(|| peer.ip().to_string());
+    let reason = r.reason.map_or("server", BrokerRefusal::as_str);
+    if let Some(suppressed) = auth
+        .sessions
+        .log
+        .due(&format!("{who} {reason}"), Instant::now())
+    {
+        tracing::warn!(
+            %peer,
+            device_id = r.identity.as_deref().unwrap_or(""),
+            reason,
+            suppressed,
+            detail = %r.detail,
+            "TLS front refused a connection"
+        );
+    }
+}
+
+type Tls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// An I/O error that is a peer going away, not a refusal.
+fn ordinary(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+    )
+}
+
+async fn relay(
+    stream: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    backend: SocketAddr,
+    auth: &BrokerAuth,
+) -> Result<(), Refused> {
+    let _ = stream.set_nodelay(true);
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Err(_) => {
+            return Err(unidentified(
+                BrokerRefusal::Protocol,
+                "TLS handshake timed out",
+            ))
+        }
+        Ok(Err(e)) if ordinary(&e) => return Ok(()),
+        Ok(Err(e)) => {
+            return Err(unidentified(
+                BrokerRefusal::Tls,
+                format!("TLS handshake: {e}"),
+            ))
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let identity = {
+        let (_, conn) = tls.get_ref();
+        conn.peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| crate::pki::common_name(c))
+            .ok_or_else(|| {
+                unidentified(BrokerRefusal::Tls, "client certificate has no common name")
+            })?
+    };
+    let mut buf = BytesMut::with_capacity(512);
+    let Some(connect) = read_connect(&mut tls, &mut buf, &identity).await? else {
+        return Ok(());
+    };
+    let (connect, device) = match admit(auth, &identity, connect) {
+        Ok(c) => c,
+        Err((code, r)) => {
+            refuse_connect(&mut tls, code).await;
+            return Err(r);
+        }
+    };
+    // The CONNECT frame is replaced; anything the client pipelined after it is kept.
+    let frame_len = rumqttc::mqttbytes::check(buf.iter(), MAX_CONNECT)
+        .map_err(|e| refused(BrokerRefusal::Protocol, &identity, format!("{e}")))?
+        .frame_length();
+    let rest = buf.split_off(frame_len);
+    let mut out = BytesMut::with_capacity(frame_len + 64);
+    MqttPacket::Connect(connect)
+        .write(&mut out, MAX_CONNECT * 2)
+        .map_err(|e| refused(BrokerRefusal::Protocol, &identity, format!("{e}")))?;
+    let server = |e: std::io::Error| Refused {
+        reason: None,
+        identity: Some(identity.clone()),
+        detail: format!("embedded broker: {e}"),
+    };
+    // Replace the older session before rumqttd hears of this one: rumqttd 0.20 reuses
+    // the connection slot of a session it replaces, and a late disconnect of the old link
+    // then closes the new one. So the old session hands its link back first (`retire`),
+    // and this one connects once it is alone.
+    let mut session = auth.sessions.register(&identity);
+    let live = session.alone(RETIRE_TIMEOUT).await;
+    // A decommission between the password check and `register` found no session to
+    // kick; it changed the device's standing first, so this check sees it.
+    if !live || auth.devices.key(&device).is_none() {
+        auth.sessions.leave(&identity);
+        return Ok(());
+    }
+    let upstream = async {
+        let mut up = tokio::net::TcpStream::connect(backend).await?;
+        let _ = up.set_nodelay(true);
+        up.write_all(&out).await?;
+        Ok::<_, std::io::Error>(up)
+    };
+    let upstream = match upstream.await {
+        Ok(u) => u,
+        Err(e) => {
+            auth.sessions.leave(&identity);
+            return Err(server(e));
+        }
+    };
+    let (mut tls_rx, mut tls_tx) = tokio::io::split(tls);
+    let (mut up_rx, mut up_tx) = upstream.into_split();
+    let mut superseded = false;
+    let result = tokio::select! {
+        r = filter_client(&mut tls_rx, &mut up_tx, &device, auth, rest) => r,
+        _ = tokio::io::copy(&mut up_rx, &mut tls_tx) => Ok(()),
+        _ = session.superseded() => {
+            superseded = true;
+            Ok(())
+        }
+    };
+    if superseded {
+        retire(&mut up_rx, &mut up_tx).await;
+        if auth.devices.key(&device).is_none() {
+            tracing::info!(device_id = %identity, "open session closed: device decommissioned");
+        } else {
+            auth.metrics.broker_sessions_replaced.fetch_add(1, Relaxed);
+            if let Some(suppressed) = auth
+                .sessions
+                .log
+                .due(&format!("{identity} replaced"), Instant::now())
+            {
+                tracing::info!(device_id = %identity, suppressed, "session replaced by a newer one of the same device");
+            }
+        }
+    }
+    auth.sessions.leave(&identity);
+    result
+}
+
+/// How long a replaced session may take to hand its rumqttd link back.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes a replaced session's link to rumqttd and waits until rumqttd closes its side:
+/// it queues the link's disconnect for its router before closing the socket, so a
+/// newer session's CONNECT, sent after this, is handled after that disconnect.
+async fn retire(
+    up_rx: &mut (impl tokio::io::AsyncRead + Unpin),
+    up_tx: &mut (impl tokio::io::AsyncWrite + Unpin),
+) {
+    let _ = up_tx.shutdown().await;
+    let _ = tokio::time::timeout(RETIRE_TIMEOUT, async {
+        let mut sink = [0u8; 4096];
+        while matches!(up_rx.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Reads the first packet, which must be a CONNECT. `None`: the client went away first.
+async fn read_connect(
+    tls: &mut Tls,
+    buf: &mut BytesMut,
+    identity: &str,
+) -> Result<Option<rumqttc::mqttbytes::v4::Connect>, Refused> {
+    let protocol = |detail: String| refused(BrokerRefusal::Protocol, identity, detail);
+    let read = async {
+        loop {
+            let mut probe = buf.clone();
+            match MqttPacket::read(&mut probe, MAX_CONNECT) {
+                Ok(p) => return Ok(Some(p)),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => return Err(protocol(format!("bad first packet: {e}"))),
+            }
+            if buf.len() > MAX_CONNECT {
+                return Err(protocol("first packet too large".into()));
+            }
+            match tls.read_buf(buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) if ordinary(&e) => return Ok(None),
+                Err(e) => return Err(protocol(format!("reading CONNECT: {e}"))),
+            }
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await {
+        Err(_) => Err(protocol("no CONNECT in time".into())),
+        Ok(Ok(Some(MqttPacket::Connect(c)))) => Ok(Some(c)),
+        Ok(Ok(Some(_))) => Err(protocol("first packet is not CONNECT".into())),
+        Ok(r) => r.map(|_| None),
+    }
+}
+
+type Refusal = (ConnectReturnCode, Refused);
+
+/// The login rules of the front; returns the CONNECT to pass on (password replaced by
+/// the front's token) or the CONNACK code and refusal.
+fn admit(
+    auth: &BrokerAuth,
+    identity: &str,
+    mut connect: rumqttc::mqttbytes::v4::Connect,
+) -> Result<(rumqttc::mqttbytes::v4::Connect, DeviceId), Refusal> {
+    use ConnectReturnCode::*;
+    if !auth.sessions.may_connect(identity, Instant::now()) {
+        return Err((
+            ServiceUnavailable,
+            refused(
+                BrokerRefusal::ConnectRate,
+                identity,
+                format!(
+                    "more than {} connects in a burst or {}/s",
+                    super::limits::CONNECT_BURST,
+                    super::limits::CONNECTS_PER_SEC
+                ),
+            ),
+        ));
+    }
+    let login_refused = |detail: String| {
+        (
+            BadUserNamePassword,
+            refused(BrokerRefusal::Login, identity, detail),
+        )
+    };
+    let Some(login) = connect.login.as_mut() else {
+        return Err(login_refused(format!(
+            "certificate {identity:?} sent no username"
+        )));
+    };
+    if login.username != identity {
+        return Err(login_refused(format!(
+            "certificate {identity:?} may not log in as {:?}",
+            clip(&login.username)
+        )));
+    }
+    if connect.client_id != identity {
+        return Err((
+            BadClientId,
+            refused(
+                BrokerRefusal::ClientId,
+                identity,
+                format!(
+                    "certificate {identity:?} may not use client id {:?}: the client id must be the device id",
+                    clip(&connect.client_id)
+                ),
+            ),
+        ));
+    }
+    if !auth.devices.password_ok(identity, &login.password) {
+        return Err(login_refused(format!(
+            "{identity} is not an enrolled, active device, or its password is wrong"
+        )));
+    }
+    login.password = auth.devices.front_token(identity);
+    let device = DeviceId::new(identity)
+        .map_err(|e| login_refused(format!("certificate CN is not a device id: {e}")))?;
+    if let Some(will) = &connect.last_will {
+        if !may_publish(&device, &will.topic) {
+            return Err((
+                NotAuthorized,
+                refused(
+                    BrokerRefusal::Acl,
+                    identity,
+                    format!("may not set a last will on {:?}", clip(&will.topic)),
+                ),
+            ));
+        }
+    }
+    Ok((connect, device))
+}
+
+/// Answers a refused CONNECT with a CONNACK naming the reason, then closes.
+async fn refuse_connect(tls: &mut Tls, code: ConnectReturnCode) {
+    let mut b = BytesMut::with_capacity(4);
+    if MqttPacket::ConnAck(ConnAck::new(code, false))
+        .write(&mut b, 16)
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let _ = tls.write_all(&b).await;
+            let _ = tls.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// The ACL of the embedded broker (rumqttd has none): a device publishes only on its own
+/// uplink topics (last will included).
+fn may_publish(device: &DeviceId, topic: &str) -> bool {
+    matches!(topics::parse(topic), Ok(ParsedTopic::Uplink { device: d, .. }) if d == *device)
+}
+
+/// A device subscribes only to its own downlink, the keyring and model chunk topics (by
+/// digest: no wildcards).
+fn may_subscribe(device: &DeviceId, filter: &str) -> bool {
+    match topics::parse(filter) {
+        Ok(ParsedTopic::Downlink { device: d }) => d == *device,
+        Ok(ParsedTopic::Keyring) | Ok(ParsedTopic::ModelChunks { .. }) => true,
+        _ => false,
+    }
+}
+
+/// Relays the client's packets to rumqttd, one whole packet at a time, checking each
+/// PUBLISH and SUBSCRIBE against the ACL and pacing them by the identity's rates. MQTT
+/// 3.1.1 cannot refuse a publish, so an ACL violation closes the connection, and a
+/// device over its rate is held back (TCP pushes back on it), not dropped.
+async fn filter_client(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    device: &DeviceId,
+    auth: &BrokerAuth,
+    mut buf: BytesMut,
+) -> Result<(), Refused> {
+    let identity = device.as_str();
+    let acl = |detail: String| refused(BrokerRefusal::Acl, identity, detail);
+    let protocol = |detail: String| refused(BrokerRefusal::Protocol, identity, detail);
+    let mut out = BytesMut::new();
+    loop {
+        loop {
+            let header = match rumqttc::mqttbytes::check(buf.iter(), MAX_PAYLOAD) {
+                Ok(h) => h,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(e) => return Err(protocol(format!("bad packet: {e}"))),
+            };
+            let frame = buf.split_to(header.frame_length());
+            let kind = frame.first().map(|b| b >> 4);
+            match kind {
+                Some(3) => {
+                    let topic = publish_topic(&frame)
+                        .ok_or_else(|| protocol("malformed PUBLISH".into()))?;
+                    if !may_publish(device, topic) {
+                        return Err(acl(format!("may not publish to {:?}", clip(topic))));
+                    }
+                }
+                Some(8) => {
+                    let mut probe = frame.clone();
+                    let Ok(MqttPacket::Subscribe(sub)) = MqttPacket::read(&mut probe, MAX_CONNECT)
+                    else {
+                        return Err(protocol("malformed SUBSCRIBE".into()));
+                    };
+                    if let Some(f) = sub.filters.iter().find(|f| !may_subscribe(device, &f.path)) {
+                        return Err(acl(format!("may not subscribe to {:?}", clip(&f.path))));
+                    }
+                }
+                Some(1) => return Err(protocol("a second CONNECT".into())),
+                _ => {}
+            }
+            // PUBLISH, SUBSCRIBE and UNSUBSCRIBE are messages; acks and pings cost bytes.
+            let message = matches!(kind, Some(3 | 8 | 10));
+            if let Some((wait, limit)) =
+                auth.sessions
+                    .charge(identity, message, frame.len(), Instant::now())
+            {
+                if !out.is_empty() && to.write_all(&out).await.is_err() {
+                    return Ok(());
+                }
+                out.clear();
+                throttled(auth, identity, limit, wait);
+                tokio::time::sleep(wait).await;
+            }
+            out.extend_from_slice(&frame);
+        }
+        if !out.is_empty() {
+            // rumqttd closing its side (it replaced the session, or stopped) is an end,
+            // not a refusal.
+            if to.write_all(&out).await.is_err() {
+                return Ok(());
+            }
+            out.clear();
+        }
+        match from.read_buf(&mut buf).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if ordinary(&e) => return Ok(()),
+            Err(e) => return Err(protocol(format!("reading from client: {e}"))),
+        }
+    }
+}
+
+/// Counts a held-back packet and logs it once per identity and interval.
+fn throttled(auth: &BrokerAuth, identity: &str, limit: Limit, wait: Duration) {
+    let (counter, what) = match limit {
+        Limit::Messages => (&auth.metrics.broker_throttled_messages, "messages"),
+        Limit::Bytes => (&auth.metrics.broker_throttled_bytes, "bytes"),
+    };
+    counter.fetch_add(1, Relaxed);
+    if let Some(suppressed) = auth
+        .sessions
+        .log
+        .due(&format!("{identity} throttled {what}"), Instant::now())
+    {
+        tracing::warn!(
+            device_id = identity,
+            limit = what,
+            wait_ms = wait.as_millis() as u64,
+            suppressed,
+            "device over its rate: packets held back"
+        );
+    }
+}
+
+/// Client-chosen text in a log line: bounded (debug-formatting escapes the rest).
+fn clip(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+/// The topic of a whole PUBLISH frame, without copying its payload.
+fn publish_topic(frame: &[u8]) -> Option<&str> {
+    // Fixed header: 1 byte, then the remaining length in 1-4 bytes (high bit = more).
+    let len_bytes = frame.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
+    let at = 1 + len_bytes;
+    let n = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]) as usize;
+    std::str::from_utf8(frame.get(at + 2..at + 2 + n)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish_frame(topic: &str, payload_len: usize) -> BytesMut {
+        let mut b = BytesMut::new();
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(
+            topic,
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            vec![7u8; payload_len],
+        );
+        p.pkid = 1;
+        MqttPacket::Publish(p).write(&mut b, 1 << 24).unwrap();
+        b
+    }
+
+    #[test]
+    fn publish_topic_is_read_whatever_the_length_encoding() {
+        // 1-, 2- and 3-byte remaining lengths.
+        for len in [10, 300, 70_000] {
+            let f = publish_frame("drover/v1/dev/gw-1/up/telemetry", len);
+            assert_eq!(publish_topic(&f), Some("drover/v1/dev/gw-1/up/telemetry"));
+        }
+        assert_eq!(publish_topic(&[0x30]), None);
+        assert_eq!(publish_topic(&[0x30, 0x05, 0x00, 0x09, b'a']), None);
+    }
+
+    #[test]
+    fn acl_allows_own_topics_only_and_no_wildcards() {
+        let a = DeviceId::new("gw-a").unwrap();
+        let b = DeviceId::new("gw-b").unwrap();
+        assert!(may_publish(
+            &a,
+            &topics::uplink(&a, topics::UplinkKind::Labels)
+        ));
+        assert!(!may_publish(
+            &a,
+            &topics::uplink(&b, topics::UplinkKind::Labels)
+        ));
+        assert!(!may_publish(&a, &topics::downlink(&a)));
+        assert!(!may_publish(&a, &topics::keyring()));
+        assert!(may_subscribe(&a, &topics::downlink(&a)));
+        assert!(may_subscribe(&a, &topics::keyring()));
+        assert!(may_subscribe(&a, &topics::model_chunks(&[3; 32])));
+        assert!(!may_subscribe(&a, &topics::downlink(&b)));
+        for wild in [
+            "#",
+            "drover/#",
+            "drover/v1/dev/+/down",
+            "drover/v1/model/+/chunks",
+        ] {
+            assert!(!may_subscribe(&a, wild), "{wild}");
+        }
+    }
+}

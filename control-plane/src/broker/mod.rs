@@ -1,0 +1,283 @@
+//! The embedded MQTT broker (rumqttd), with per-device authentication from the store.
+//!
+//! rumqttd runs on its own threads and cannot be stopped; it lives until the process
+//! exits. A restarted in-process server therefore starts a second broker on a new port.
+//!
+//! `front.rs` is the mutual-TLS front devices connect to; `limits.rs` its per-identity
+//! session and rate limits.
+
+mod front;
+mod limits;
+
+pub use front::{server_tls_config, start_tls_front, TlsFrontError};
+pub use limits::{
+    Sessions, BYTES_PER_SEC, BYTE_BURST, CONNECTS_PER_SEC, CONNECT_BURST, MESSAGES_PER_SEC,
+    MESSAGE_BURST,
+};
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+use crate::app::Devices;
+use crate::metrics::Metrics;
+
+/// What the broker's login hook and the TLS front consult: the device cache, the open
+/// sessions (cut on decommission) and the refusal counters.
+#[derive(Clone, Debug)]
+pub struct BrokerAuth {
+    pub devices: Devices,
+    pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Largest MQTT payload the broker accepts: a full chunk or command frame fits, and an
+/// oversized uplink still reaches ingest, which counts it (`too_large`) and drops it.
+pub const MAX_PAYLOAD: usize = drover_protocol::envelope::MAX_DOWNLINK_LEN + 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot find a free port on {addr}: {source}")]
+    Port {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the broker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("embedded broker did not start listening on {0}")]
+    NotListening(SocketAddr),
+}
+
+/// Port 0 means "pick one": bind it to learn a free port, release it, give it to rumqttd
+/// (which cannot report the port it bound).
+pub fn concrete(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = TcpListener::bind(addr).map_err(|source| BrokerError::Port { addr, source })?;
+    l.local_addr()
+        .map_err(|source| BrokerError::Port { addr, source })
+}
+
+/// Starts the broker; returns the address it listens on once it accepts connections.
+pub fn start(listen: SocketAddr, devices: Devices) -> Result<SocketAddr, BrokerError> {
+    let addr = concrete(listen)?;
+    let mut connections = ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: MAX_PAYLOAD,
+        max_inflight_count: 1024,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+        let ok = devices.broker_login_ok(&client_id, &user, &pass);
+        async move { ok }
+    });
+    let server = ServerSettings {
+        name: "drover-v4".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 50_010,
+            max_outgoing_packet_count: 1024,
+            max_segment_size: 64 * 1024 * 1024,
+            max_segment_count: 4,
+            ..Default::default()
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..Default::default()
+    };
+    let mut broker = Broker::new(config);
+    std::thread::Builder::new()
+        .name("drover-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    // Readiness: the broker binds on its own thread; wait until it accepts.
+    for _ in 0..500 {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            tracing::info!(%addr, "embedded MQTT broker listening");
+            return Ok(addr);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(BrokerError::NotListening(addr))
+}
+
+// ---- setup: which broker, on which addresses, with which logins ---------------------
+
+use std::net::ToSocketAddrs as _;
+
+use rand::RngCore as _;
+
+use crate::app::BrokerLogins;
+use crate::config::{BrokerMode, BrokerUrl, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    TlsFront(#[from] TlsFrontError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+}
+
+/// The broker decided on, before anything listens.
+pub struct Prepared {
+    /// Where the control plane's own sessions connect, with its login.
+    pub control_plane_url: BrokerUrl,
+    /// Where rumqttd listens (embedded only): the private loopback port behind the TLS
+    /// front, or the public address in plaintext mode.
+    pub embedded: Option<SocketAddr>,
+    /// The public mutual-TLS listener and its server config (embedded, not plaintext).
+    pub tls_front: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    /// The address devices connect to (for an external broker, as resolved now).
+    pub public_addr: SocketAddr,
+    pub logins: BrokerLogins,
+    /// Written into enrolled agents' configs.
+    pub agent_broker_url: String,
+}
+
+fn random_secret() -> String {
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    drover_protocol::topics::hex32(&b)
+}
+
+/// Decides addresses, logins and the broker's TLS identity from the settings.
+pub fn prepare(
+    settings: &Settings,
+    ca: &crate::pki::FleetCa,
+    now_ms: u64,
+) -> Result<Prepared, SetupError> {
+    let advertised = settings.advertised_broker_url.clone();
+    match &settings.broker {
+        BrokerMode::Embedded { listen } if !settings.allow_plaintext => {
+            prepare_tls_front(*listen, advertised, ca, now_ms)
+        }
+        BrokerMode::Embedded { listen } => {
+            tracing::warn!(
+                "allow_plaintext: the embedded broker accepts plaintext MQTT without client \
+                 certificates; for development only"
+            );
+            let listen = concrete(*listen)?;
+            let login = ("drover-control-plane".to_string(), random_secret());
+            Ok(Prepared {
+                control_plane_url: loopback_login(listen, &login),
+                embedded: Some(listen),
+                tls_front: None,
+                public_addr: listen,
+                logins: BrokerLogins {
+                    control_plane: Some(login),
+                    front_key: None,
+                },
+                agent_broker_url: advertised.unwrap_or_else(|| format!("mqtt://{listen}")),
+            })
+        }
+        BrokerMode::External(u) => {
+            let scheme = if u.tls { "mqtts" } else { "mqtt" };
+            let public_addr = (u.host.as_str(), u.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], u.port)));
+            Ok(Prepared {
+                control_plane_url: u.clone(),
+                embedded: None,
+                tls_front: None,
+                public_addr,
+                logins: BrokerLogins::default(),
+                agent_broker_url: advertised
+                    .unwrap_or_else(|| format!("{scheme}://{}:{}", u.host, u.port)),
+            })
+        }
+    }
+}
+
+fn loopback_login(addr: SocketAddr, login: &(String, String)) -> BrokerUrl {
+    BrokerUrl {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        tls: false,
+        username: Some(login.0.clone()),
+        password: Some(login.1.clone()),
+    }
+}
+
+/// rumqttd on a private loopback port; the mutual-TLS front on `listen`, with a broker
+/// certificate for every name devices may use to reach it.
+fn prepare_tls_front(
+    listen: SocketAddr,
+    advertised: Option<String>,
+    ca: &crate::pki::FleetCa,
+    now_ms: u64,
+) -> Result<Prepared, SetupError> {
+    let backend = concrete(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let port_err = |source| BrokerError::Port {
+        addr: listen,
+        source,
+    };
+    let front = TcpListener::bind(listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(port_err)?;
+    let public = front.local_addr().map_err(port_err)?;
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !public.ip().is_unspecified() {
+        hosts.push(public.ip().to_string());
+    }
+    if let Some(u) = advertised
+        .as_deref()
+        .and_then(|a| crate::config::parse_broker_url(a).ok())
+    {
+        hosts.push(u.host);
+    }
+    hosts.dedup();
+    let (cert, key) = ca.broker_identity(&hosts, now_ms)?;
+    let tls = server_tls_config(ca.ca_pem(), &cert, &key)?;
+    let mut k = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut k);
+    let login = ("drover-control-plane".to_string(), random_secret());
+    Ok(Prepared {
+        control_plane_url: loopback_login(backend, &login),
+        embedded: Some(backend),
+        tls_front: Some((front, tls)),
+        public_addr: public,
+        logins: BrokerLogins {
+            control_plane: Some(login),
+            front_key: Some(drover_protocol::DeviceKey(k)),
+        },
+        agent_broker_url: advertised.unwrap_or_else(|| format!("mqtts://{public}")),
+    })
+}
+
+/// Starts the embedded broker (and its TLS front) when `prepared` asks for one. Returns
+/// the public address and, behind a front, rumqttd's private address.
+pub fn launch(
+    prepared: &mut Prepared,
+    auth: BrokerAuth,
+) -> Result<(SocketAddr, Option<SocketAddr>), SetupError> {
+    let Some(embedded) = prepared.embedded else {
+        return Ok((prepared.public_addr, None));
+    };
+    start(embedded, auth.devices.clone())?;
+    match prepared.tls_front.take() {
+        Some((front, tls)) => {
+            let public = start_tls_front(front, embedded, tls, auth)?;
+            Ok((public, Some(embedded)))
+        }
+        None => Ok((embedded, None)),
+    }
+}
