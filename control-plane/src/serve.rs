@@ -37,6 +37,22 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "data directory {data_dir} is in use by another drover serve ({holder}{url}); \
+         stop it first, or give this one its own --data-dir"
+    )]
+    DataDirInUse {
+        data_dir: PathBuf,
+        /// What the lock file says about its holder (`pid N`).
+        holder: String,
+        /// `, API at http://…` when the holder's URL file names one.
+        url: String,
+    },
+    #[error("cannot lock data directory {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Keys(#[from] keys::KeyError),
     #[error(transparent)]
@@ -148,6 +164,7 @@ pub async fn run_with_clock(
     }
     let paths = Paths::new(settings.data_dir.clone());
     prepare_data_dir(&paths)?;
+    let lock = lock_data_dir(&paths)?;
     let now = clock.unix_ms();
     let keys = KeyStore::new(
         keys::load_or_init(paths.data_dir(), now)?,
@@ -227,6 +244,7 @@ pub async fn run_with_clock(
         rollouts: rollout_task,
         mqtt,
         pipeline,
+        lock,
     };
     let main = tokio::spawn(async move {
         tokio::select! {
@@ -299,6 +317,53 @@ fn prepare_data_dir(paths: &Paths) -> Result<(), ServeError> {
         std::fs::create_dir_all(&d).map_err(|source| ServeError::DataDir { path: d, source })?;
     }
     Ok(())
+}
+
+/// One server per data directory, held for the process's life: `flock` on
+/// `<data>/serve.lock`. The lock belongs to the open file, so it ends with the server's
+/// shutdown or with its process (a crash leaves no stale lock), and two servers started in
+/// one process on the same directory exclude each other too.
+fn lock_data_dir(paths: &Paths) -> Result<std::fs::File, ServeError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = paths.lock_file();
+    let lock_err = |source| ServeError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(lock_err)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "pid unknown".to_owned(),
+                h => h.to_owned(),
+            };
+            let url = std::fs::read_to_string(paths.url_file())
+                .map(|u| format!(", API at {}", u.trim()))
+                .unwrap_or_default();
+            return Err(ServeError::DataDirInUse {
+                data_dir: paths.data_dir().to_owned(),
+                holder,
+                url,
+            });
+        }
+        Err(e) => return Err(lock_err(e.into())),
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "pid {}", std::process::id()))
+        .map_err(lock_err)?;
+    Ok(file)
 }
 
 fn read_or_create_token(paths: &Paths) -> Result<String, keys::KeyError> {
@@ -432,6 +497,8 @@ struct Tasks {
     rollouts: JoinHandle<()>,
     mqtt: Arc<MqttLink>,
     pipeline: Pipeline,
+    /// The data directory's lock, released once everything else has stopped.
+    lock: std::fs::File,
 }
 
 impl Tasks {
@@ -455,6 +522,7 @@ impl Tasks {
         let _ = p.dispatcher.await;
         let _ = p.chunks.await;
         self.mqtt.shutdown().await;
+        drop(self.lock);
         tracing::info!("stopped");
     }
 }

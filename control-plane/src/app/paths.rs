@@ -8,6 +8,9 @@ pub const DB_FILE: &str = "drover.db";
 pub const TOKEN_FILE: &str = "api-token";
 /// The bound HTTP address, for CLIs run with `--data-dir`.
 pub const URL_FILE: &str = "api-url";
+/// Held with an OS file lock by the one `drover serve` using this data directory; holds
+/// its pid.
+pub const LOCK_FILE: &str = "serve.lock";
 pub const MODELS_DIR: &str = "models";
 pub const KEYS_DIR: &str = "keys";
 
@@ -45,5 +48,9 @@ impl Paths {
 
     pub fn url_file(&self) -> PathBuf {
         self.data_dir.join(URL_FILE)
+    }
+
+    pub fn lock_file(&self) -> PathBuf {
+        self.data_dir.join(LOCK_FILE)
     }
 }
