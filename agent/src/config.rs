@@ -33,6 +33,11 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Loopback address of the local inference API (`127.0.0.1:0` picks a port).
     pub api_addr: String,
+    /// Accept a plaintext `mqtt://` broker_url while a `[tls]` section is configured (the
+    /// TLS files are then unused). Off: such a config is refused rather than silently
+    /// dropping TLS, as the control plane's `allow_plaintext` guards its broker.
+    #[serde(default)]
+    pub allow_plaintext: bool,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,6 +57,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("broker_url", &self.broker_url)
             .field("data_dir", &self.data_dir)
             .field("api_addr", &self.api_addr)
+            .field("allow_plaintext", &self.allow_plaintext)
             .field("labels", &self.labels)
             .field("tls", &self.tls)
             .field("telemetry", &self.telemetry)
@@ -100,6 +106,7 @@ impl Default for AgentConfig {
             broker_url: "mqtt://127.0.0.1:1883".into(),
             data_dir: PathBuf::from("/var/lib/drover-agent"),
             api_addr: "127.0.0.1:8480".into(),
+            allow_plaintext: false,
             labels: BTreeMap::new(),
             tls: None,
             telemetry: TelemetryConfig::default(),
@@ -163,6 +170,43 @@ impl AgentConfig {
         env: &BTreeMap<String, String>,
         overrides: &[(String, String)],
     ) -> Result<ValidConfig, ConfigError> {
+        Self::layered(file, env, overrides)?.validate()
+    }
+
+    /// What `drover-agent check-config` reports: [`AgentConfig::load`]'s validation plus
+    /// the files the config names, checked on disk: TLS files that are absent or whose key
+    /// is readable by others, and a config file readable by others while it holds the
+    /// device key. Every problem at once, each saying what to do.
+    pub fn check(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        overrides: &[(String, String)],
+    ) -> Result<ValidConfig, ConfigError> {
+        let cfg = Self::layered(file, env, overrides)?;
+        let mut errors = match cfg.validate() {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(errors)) => errors,
+            Err(e) => return Err(e),
+        };
+        if let Some(path) = file {
+            errors.extend(config_file_problem(path));
+        }
+        if let Some(tls) = &cfg.tls {
+            errors.extend(tls_file_problems(tls));
+        }
+        if errors.is_empty() {
+            cfg.validate()
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// Defaults < `file` < `env` < `overrides`, not yet validated.
+    fn layered(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        overrides: &[(String, String)],
+    ) -> Result<AgentConfig, ConfigError> {
         let mut table = toml::Table::try_from(AgentConfig::default())
             .map_err(|e| ConfigError::Serialize(e.to_string()))?;
         if let Some(path) = file {
@@ -193,14 +237,12 @@ impl AgentConfig {
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
         }
-        let cfg: AgentConfig =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: file.map(Path::to_owned).unwrap_or_default(),
-                    message: e.to_string(),
-                })?;
-        cfg.validate()
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: file.map(Path::to_owned).unwrap_or_default(),
+                message: e.to_string(),
+            })
     }
 
     /// Checks every field; reports all problems at once.
@@ -233,6 +275,15 @@ impl AgentConfig {
             if b.tls && self.tls.is_none() {
                 errors
                     .push("tls: an mqtts:// broker_url needs a [tls] section with ca_file".into());
+            }
+            if !b.tls && self.tls.is_some() && !self.allow_plaintext {
+                errors.push(format!(
+                    "broker_url: {:?} is plaintext MQTT while a [tls] section is configured, so \
+                     the agent would connect without TLS and leave ca_file and the client \
+                     certificate unused; use mqtts://, or set allow_plaintext = true \
+                     (--set allow_plaintext=true) if plaintext is really meant",
+                    self.broker_url
+                ));
             }
         }
         if let Some(tls) = &self.tls {
@@ -314,6 +365,72 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerAddr, String> {
     })
 }
 
+/// The config file holds the device key and group or others may read it.
+fn config_file_problem(path: &Path) -> Option<String> {
+    let holds_key = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+        .and_then(|t| Some(!t.get("device_key")?.as_str()?.is_empty()))
+        .unwrap_or(false);
+    match drover_host::fs::check_private(path) {
+        Err(drover_host::fs::FsError::InsecurePermissions { mode, .. }) if holds_key => {
+            Some(format!(
+                "config file {} holds the device key and is readable by group or others \
+                 (mode {mode:o}); run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// TLS files named in `[tls]` that are absent or unreadable, and a client key others may
+/// read.
+fn tls_file_problems(tls: &TlsConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let files = [
+        (
+            "tls.ca_file",
+            Some(&tls.ca_file),
+            "the fleet CA certificate",
+        ),
+        (
+            "tls.client_cert_file",
+            tls.client_cert_file.as_ref(),
+            "the device certificate from `drover device enroll`",
+        ),
+        (
+            "tls.client_key_file",
+            tls.client_key_file.as_ref(),
+            "the device key from `drover device enroll`",
+        ),
+    ];
+    for (key, path, what) in files {
+        let Some(path) = path else { continue };
+        let p = path.display();
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => out.push(format!(
+                "{key}: {p} does not exist; copy {what} there or correct the path"
+            )),
+            Err(e) => out.push(format!("{key}: cannot read {p}: {e}")),
+            Ok(m) if !m.is_file() => out.push(format!("{key}: {p} is not a file")),
+            Ok(_) if key == "tls.client_key_file" => {
+                if let Err(drover_host::fs::FsError::InsecurePermissions { mode, .. }) =
+                    drover_host::fs::check_private(path)
+                {
+                    out.push(format!(
+                        "{key}: {p} is readable by group or others (mode {mode:o}); \
+                         run `chmod 600 {p}`"
+                    ));
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    out
+}
+
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
@@ -335,6 +452,7 @@ fn env_key_path(rest: &str) -> Option<Vec<&'static str>> {
         &["broker_url"],
         &["data_dir"],
         &["api_addr"],
+        &["allow_plaintext"],
         &["tls", "ca_file"],
         &["tls", "client_cert_file"],
         &["tls", "client_key_file"],
@@ -375,7 +493,10 @@ fn set_path(table: &mut toml::Table, path: &[&str], value: &str) {
         {
             toml::Value::Integer(n)
         }
-        _ => toml::Value::String(value.to_owned()),
+        _ => match (*last, value.parse::<bool>()) {
+            ("allow_plaintext", Ok(b)) => toml::Value::Boolean(b),
+            _ => toml::Value::String(value.to_owned()),
+        },
     };
     t.insert((*last).to_owned(), v);
 }
@@ -521,6 +642,30 @@ sample_rate_ppm = 10000
             AgentConfig::from_toml(&text).unwrap(),
             AgentConfig::default()
         );
+    }
+
+    #[test]
+    fn plaintext_broker_url_with_tls_configured_is_refused_unless_allowed() {
+        let mut cfg = good();
+        cfg.broker_url = "mqtt://broker.example:1883".into();
+        cfg.tls = Some(TlsConfig {
+            ca_file: "/etc/drover/ca.pem".into(),
+            client_cert_file: None,
+            client_key_file: None,
+        });
+        let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
+            panic!("plaintext with [tls] must not validate");
+        };
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("broker_url: \"mqtt://broker.example:1883\" is plaintext MQTT while a [tls] section is configured"), "{errs:?}");
+        // Allowed explicitly (as a flag would set it), or no TLS material at all: accepted.
+        let mut table = toml::Table::try_from(&cfg).unwrap();
+        set_path(&mut table, &["allow_plaintext"], "true");
+        let allowed: AgentConfig = toml::Value::Table(table).try_into().unwrap();
+        assert!(allowed.allow_plaintext);
+        assert!(!allowed.validate().unwrap().broker.tls);
+        cfg.tls = None;
+        assert!(cfg.validate().is_ok());
     }
 
     #[test]

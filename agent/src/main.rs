@@ -46,7 +46,9 @@ enum Cmd {
     PrintDefaultConfig,
     /// Run the agent (the default).
     Run,
-    /// Load and validate the config, print it (secrets redacted) and exit.
+    /// Load and validate the config and check the files it names (TLS files present, keys
+    /// and a config holding the device key private); print it (secrets redacted) and exit,
+    /// non-zero with every problem listed.
     CheckConfig,
 }
 
@@ -118,11 +120,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     if let Some(b) = &cli.broker_url {
         overrides.push(("broker_url".into(), b.clone()));
     }
-    let cfg = AgentConfig::load(Some(&cli.config), &env, &overrides)?;
     if let Some(Cmd::CheckConfig) = cli.cmd {
+        let cfg = AgentConfig::check(Some(&cli.config), &env, &overrides)?;
         println!("{:#?}", cfg.raw);
         return Ok(());
     }
+    let cfg = AgentConfig::load(Some(&cli.config), &env, &overrides)?;
     let tuning = drover_agent::Tuning {
         probation: std::time::Duration::from_millis(cli.probation_ms),
     };
