@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use self::decode::InferRequest;
+#[doc(hidden)]
+pub use self::decode::{decode_request, Decoded};
 use crate::serving::{InferError, Serving};
 use drover_host::clock::now_ms;
 
@@ -357,24 +358,12 @@ async fn infer(State(s): State<Shared>, Path(name): Path<String>, req: Request) 
         Err(r) => return r,
     };
     drop(model);
-    let req: InferRequest<'_> = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("malformed inference request: {e}"),
-            )
-        }
-    };
-    let client_id = req.id.clone();
-    let wanted: Option<Vec<String>> = req.outputs.map(|o| o.into_iter().map(|o| o.name).collect());
-    let inputs = match req
-        .inputs
-        .into_iter()
-        .map(decode::to_tensor)
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(i) => i,
+    let Decoded {
+        id: client_id,
+        outputs: wanted,
+        inputs,
+    } = match decode_request(&body) {
+        Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     drop(body);

@@ -14,17 +14,17 @@ use serde_json::value::RawValue;
 const MAX_DEPTH: usize = 32;
 
 #[derive(Deserialize)]
-pub struct InferRequest<'a> {
+struct InferRequest<'a> {
     #[serde(default)]
-    pub id: Option<String>,
+    id: Option<String>,
     #[serde(borrow)]
-    pub inputs: Vec<InferInput<'a>>,
+    inputs: Vec<InferInput<'a>>,
     #[serde(default)]
-    pub outputs: Option<Vec<RequestedOutput>>,
+    outputs: Option<Vec<RequestedOutput>>,
 }
 
 #[derive(Deserialize)]
-pub struct InferInput<'a> {
+struct InferInput<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
@@ -33,8 +33,35 @@ pub struct InferInput<'a> {
 }
 
 #[derive(Deserialize)]
-pub struct RequestedOutput {
-    pub name: String,
+struct RequestedOutput {
+    name: String,
+}
+
+/// A request body decoded: what inference needs of it.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The client's request id, echoed in the response.
+    pub id: Option<String>,
+    /// The outputs asked for by name; `None`: all of them.
+    pub outputs: Option<Vec<String>>,
+    pub inputs: Vec<TensorValue>,
+}
+
+/// Decodes a whole request body; the error is the 400 response's message. Also the
+/// entry of the `agent/fuzz` target `infer_request`.
+pub fn decode_request(body: &[u8]) -> Result<Decoded, String> {
+    let req: InferRequest<'_> =
+        serde_json::from_slice(body).map_err(|e| format!("malformed inference request: {e}"))?;
+    let inputs = req
+        .inputs
+        .into_iter()
+        .map(to_tensor)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Decoded {
+        id: req.id,
+        outputs: req.outputs.map(|o| o.into_iter().map(|o| o.name).collect()),
+        inputs,
+    })
 }
 
 /// Where the values go: the vector the datatype names, and how many it may hold.
@@ -159,7 +186,7 @@ impl<'de> Visitor<'de> for Level<'_, '_> {
 
 /// Converts one request input into a tensor, reading its data into the vector its
 /// datatype names: at most as many values as its shape names.
-pub fn to_tensor(i: InferInput<'_>) -> Result<TensorValue, String> {
+fn to_tensor(i: InferInput<'_>) -> Result<TensorValue, String> {
     let shape = i
         .shape
         .iter()

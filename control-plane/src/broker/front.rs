@@ -249,15 +249,8 @@ async fn relay(
             return Err(r);
         }
     };
-    // The CONNECT frame is replaced; anything the client pipelined after it is kept.
-    let frame_len = rumqttc::mqttbytes::check(buf.iter(), MAX_CONNECT)
-        .map_err(|e| refused(BrokerRefusal::Protocol, &identity, format!("{e}")))?
-        .frame_length();
-    let rest = buf.split_off(frame_len);
-    let mut out = BytesMut::with_capacity(frame_len + 64);
-    MqttPacket::Connect(connect)
-        .write(&mut out, MAX_CONNECT * 2)
-        .map_err(|e| refused(BrokerRefusal::Protocol, &identity, format!("{e}")))?;
+    let (out, rest) = replace_connect(buf, connect)
+        .map_err(|e| refused(BrokerRefusal::Protocol, &identity, e))?;
     let server = |e: std::io::Error| Refused {
         reason: None,
         identity: Some(identity.clone()),
@@ -345,14 +338,8 @@ async fn read_connect(
     let protocol = |detail: String| refused(BrokerRefusal::Protocol, identity, detail);
     let read = async {
         loop {
-            let mut probe = buf.clone();
-            match MqttPacket::read(&mut probe, MAX_CONNECT) {
-                Ok(p) => return Ok(Some(p)),
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(e) => return Err(protocol(format!("bad first packet: {e}"))),
-            }
-            if buf.len() > MAX_CONNECT {
-                return Err(protocol("first packet too large".into()));
+            if let Some(p) = first_packet(buf).map_err(protocol)? {
+                return Ok(Some(p));
             }
             match tls.read_buf(buf).await {
                 Ok(0) => return Ok(None),
@@ -368,6 +355,37 @@ async fn read_connect(
         Ok(Ok(Some(_))) => Err(protocol("first packet is not CONNECT".into())),
         Ok(r) => r.map(|_| None),
     }
+}
+
+/// The first packet once `buf` holds it whole (`None`: not yet); refused when malformed
+/// or larger than a CONNECT may be.
+fn first_packet(buf: &BytesMut) -> Result<Option<MqttPacket>, String> {
+    let mut probe = buf.clone();
+    match MqttPacket::read(&mut probe, MAX_CONNECT) {
+        Ok(p) => Ok(Some(p)),
+        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) if buf.len() > MAX_CONNECT => {
+            Err("first packet too large".into())
+        }
+        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(format!("bad first packet: {e}")),
+    }
+}
+
+/// The CONNECT frame at the front of `buf` replaced by `connect` re-encoded; anything
+/// the client pipelined after it is kept. Returns (new CONNECT frame, the rest).
+fn replace_connect(
+    mut buf: BytesMut,
+    connect: rumqttc::mqttbytes::v4::Connect,
+) -> Result<(BytesMut, BytesMut), String> {
+    let frame_len = rumqttc::mqttbytes::check(buf.iter(), MAX_CONNECT)
+        .map_err(|e| e.to_string())?
+        .frame_length();
+    let rest = buf.split_off(frame_len);
+    let mut out = BytesMut::with_capacity(frame_len + 64);
+    MqttPacket::Connect(connect)
+        .write(&mut out, MAX_CONNECT * 2)
+        .map_err(|e| e.to_string())?;
+    Ok((out, rest))
 }
 
 type Refusal = (ConnectReturnCode, Refused);
@@ -490,41 +508,10 @@ async fn filter_client(
     mut buf: BytesMut,
 ) -> Result<(), Refused> {
     let identity = device.as_str();
-    let acl = |detail: String| refused(BrokerRefusal::Acl, identity, detail);
     let protocol = |detail: String| refused(BrokerRefusal::Protocol, identity, detail);
     let mut out = BytesMut::new();
     loop {
-        loop {
-            let header = match rumqttc::mqttbytes::check(buf.iter(), MAX_PAYLOAD) {
-                Ok(h) => h,
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                Err(e) => return Err(protocol(format!("bad packet: {e}"))),
-            };
-            let frame = buf.split_to(header.frame_length());
-            let kind = frame.first().map(|b| b >> 4);
-            match kind {
-                Some(3) => {
-                    let topic = publish_topic(&frame)
-                        .ok_or_else(|| protocol("malformed PUBLISH".into()))?;
-                    if !may_publish(device, topic) {
-                        return Err(acl(format!("may not publish to {:?}", clip(topic))));
-                    }
-                }
-                Some(8) => {
-                    let mut probe = frame.clone();
-                    let Ok(MqttPacket::Subscribe(sub)) = MqttPacket::read(&mut probe, MAX_CONNECT)
-                    else {
-                        return Err(protocol("malformed SUBSCRIBE".into()));
-                    };
-                    if let Some(f) = sub.filters.iter().find(|f| !may_subscribe(device, &f.path)) {
-                        return Err(acl(format!("may not subscribe to {:?}", clip(&f.path))));
-                    }
-                }
-                Some(1) => return Err(protocol("a second CONNECT".into())),
-                _ => {}
-            }
-            // PUBLISH, SUBSCRIBE and UNSUBSCRIBE are messages; acks and pings cost bytes.
-            let message = matches!(kind, Some(3 | 8 | 10));
+        while let Some((frame, message)) = next_packet(&mut buf, device)? {
             if let Some((wait, limit)) =
                 auth.sessions
                     .charge(identity, message, frame.len(), Instant::now())
@@ -551,6 +538,92 @@ async fn filter_client(
             Ok(_) => {}
             Err(e) if ordinary(&e) => return Ok(()),
             Err(e) => return Err(protocol(format!("reading from client: {e}"))),
+        }
+    }
+}
+
+/// Splits the next whole packet off `buf` (`None`: not yet whole) and checks it: a
+/// PUBLISH or SUBSCRIBE against the ACL, no second CONNECT. Returns the frame and whether
+/// it is a message (PUBLISH, SUBSCRIBE, UNSUBSCRIBE) rather than an ack or a ping.
+fn next_packet(buf: &mut BytesMut, device: &DeviceId) -> Result<Option<(BytesMut, bool)>, Refused> {
+    let identity = device.as_str();
+    let acl = |detail: String| refused(BrokerRefusal::Acl, identity, detail);
+    let protocol = |detail: String| refused(BrokerRefusal::Protocol, identity, detail);
+    let header = match rumqttc::mqttbytes::check(buf.iter(), MAX_PAYLOAD) {
+        Ok(h) => h,
+        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(e) => return Err(protocol(format!("bad packet: {e}"))),
+    };
+    let frame = buf.split_to(header.frame_length());
+    let kind = frame.first().map(|b| b >> 4);
+    match kind {
+        Some(3) => {
+            let topic =
+                publish_topic(&frame).ok_or_else(|| protocol("malformed PUBLISH".into()))?;
+            if !may_publish(device, topic) {
+                return Err(acl(format!("may not publish to {:?}", clip(topic))));
+            }
+        }
+        Some(8) => {
+            let mut probe = frame.clone();
+            let Ok(MqttPacket::Subscribe(sub)) = MqttPacket::read(&mut probe, MAX_CONNECT) else {
+                return Err(protocol("malformed SUBSCRIBE".into()));
+            };
+            if let Some(f) = sub.filters.iter().find(|f| !may_subscribe(device, &f.path)) {
+                return Err(acl(format!("may not subscribe to {:?}", clip(&f.path))));
+            }
+        }
+        Some(1) => return Err(protocol("a second CONNECT".into())),
+        _ => {}
+    }
+    // PUBLISH, SUBSCRIBE and UNSUBSCRIBE are messages; acks and pings cost bytes.
+    Ok(Some((frame, matches!(kind, Some(3 | 8 | 10)))))
+}
+
+/// Fuzzing entry (`control-plane/fuzz`, target `mqtt_front`): the bytes a device sends
+/// after the TLS handshake, through the front's packet reading as `relay` runs it, minus
+/// TLS, sockets, logins and rates: the first-packet reader (fed `data` in pieces of a
+/// size taken from its first byte, as reads arrive), the CONNECT re-encoding with the
+/// last-will ACL, then the packet splitter with its ACL checks. Nothing may panic, and
+/// the splitter must consume exactly the bytes it accepts.
+#[doc(hidden)]
+pub fn fuzz_device_bytes(data: &[u8]) {
+    let Some((&step, data)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step).max(1);
+    let device = DeviceId::new("gw-fuzz").expect("a valid device id");
+    let mut pieces = data.chunks(step);
+    let mut buf = BytesMut::new();
+    let connect = loop {
+        match first_packet(&buf) {
+            Ok(Some(MqttPacket::Connect(c))) => break c,
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) => match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => return,
+            },
+        }
+    };
+    if let Some(will) = &connect.last_will {
+        let _ = may_publish(&device, &will.topic);
+    }
+    let Ok((out, mut buf)) = replace_connect(buf, connect) else {
+        return;
+    };
+    assert!(matches!(
+        first_packet(&out),
+        Ok(Some(MqttPacket::Connect(_)))
+    ));
+    loop {
+        let before = buf.len();
+        match next_packet(&mut buf, &device) {
+            Ok(Some((frame, _))) => assert_eq!(frame.len() + buf.len(), before),
+            Ok(None) => match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => return,
+            },
+            Err(_) => return,
         }
     }
 }
@@ -616,6 +689,56 @@ mod tests {
         }
         assert_eq!(publish_topic(&[0x30]), None);
         assert_eq!(publish_topic(&[0x30, 0x05, 0x00, 0x09, b'a']), None);
+    }
+
+    fn connect_frame(client_id: &str) -> BytesMut {
+        let mut c = rumqttc::mqttbytes::v4::Connect::new(client_id);
+        c.set_login(client_id, "pw");
+        let mut b = BytesMut::new();
+        MqttPacket::Connect(c).write(&mut b, MAX_CONNECT).unwrap();
+        b
+    }
+
+    #[test]
+    fn the_packet_splitter_passes_own_topics_whole_and_refuses_the_rest() {
+        let gw = DeviceId::new("gw-fuzz").unwrap();
+        let own = topics::uplink(&gw, topics::UplinkKind::Labels);
+        let mut buf = publish_frame(&own, 300);
+        let whole = buf.len();
+        buf.extend_from_slice(&publish_frame("drover/v1/dev/gw-b/up/labels", 3));
+        // A split packet waits for its end.
+        let mut head = BytesMut::from(&buf[..whole - 1]);
+        assert!(matches!(next_packet(&mut head, &gw), Ok(None)));
+        let (frame, message) = next_packet(&mut buf, &gw).unwrap().unwrap();
+        assert_eq!((frame.len(), message), (whole, true));
+        let err = next_packet(&mut buf, &gw).unwrap_err();
+        assert!(err.detail.contains("may not publish"), "{err:?}");
+        let mut second = connect_frame("gw-fuzz");
+        let err = next_packet(&mut second, &gw).unwrap_err();
+        assert!(err.detail.contains("a second CONNECT"), "{err:?}");
+    }
+
+    #[test]
+    fn the_first_packet_must_be_a_whole_connect_within_its_cap() {
+        let c = connect_frame("gw-fuzz");
+        assert!(matches!(first_packet(&c.clone().split_to(5)), Ok(None)));
+        assert!(matches!(first_packet(&c), Ok(Some(MqttPacket::Connect(_)))));
+        // A claimed length beyond the cap is refused once the cap is passed.
+        let mut big = BytesMut::from(&[0x10, 0xff, 0xff, 0x03][..]);
+        big.extend_from_slice(&vec![0; MAX_CONNECT + 1]);
+        assert!(first_packet(&big).is_err());
+        assert!(first_packet(&BytesMut::from(&[0xf0, 0x00][..])).is_err());
+        // The fuzz entry runs a session (CONNECT, then an own PUBLISH) in pieces.
+        let mut session = vec![7u8];
+        session.extend_from_slice(&c);
+        let gw = DeviceId::new("gw-fuzz").unwrap();
+        session.extend_from_slice(&publish_frame(
+            &topics::uplink(&gw, topics::UplinkKind::Labels),
+            40,
+        ));
+        fuzz_device_bytes(&session);
+        fuzz_device_bytes(&[]);
+        fuzz_device_bytes(&[0]);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 mod front;
 mod limits;
 
+#[doc(hidden)]
+pub use front::fuzz_device_bytes;
 pub use front::{server_tls_config, start_tls_front, TlsFrontError};
 pub use limits::{
     Sessions, BYTES_PER_SEC, BYTE_BURST, CONNECTS_PER_SEC, CONNECT_BURST, MESSAGES_PER_SEC,
