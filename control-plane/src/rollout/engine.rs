@@ -553,6 +553,17 @@ fn run(
         return;
     }
 
+    if wave_adds_nothing(s) {
+        let target = s.plan.waves[s.wave].cumulative(s.selected as usize);
+        let detail = format!(
+            "wave {} adds no devices ({target} of {} selected were already assigned); passed at once",
+            s.wave + 1,
+            s.selected
+        );
+        events.push(event(now_ms, "wave-empty", detail));
+        advance(s, all_gates, now_ms, events);
+        return;
+    }
     match s.stage {
         Stage::Shadow => shadow_stage(s, obs, shadow_gates, now_ms, actions, events),
         Stage::Install => install_stage(s, obs, now_ms, events),
@@ -680,6 +691,20 @@ fn bake_stage(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: 
     if since < bake || !data_ok {
         return;
     }
+    advance(s, gates, now_ms, events);
+}
+
+/// A wave that assigned no device of its own: small fleets, where rounding up makes
+/// several cumulative percentages the same device count. Waiting on it (for a shadowing
+/// device, say) would hang the rollout, so it passes at once. A rollout with no device
+/// at all is not "past" anything and holds instead.
+fn wave_adds_nothing(s: &RolloutState) -> bool {
+    !s.devices.is_empty() && !s.devices.values().any(|d| d.wave == s.wave)
+}
+
+/// The current wave is done: start the next one, or complete after the last.
+fn advance(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: &mut Vec<Event>) {
+    let wave = s.wave;
     if wave + 1 >= s.plan.waves.len() {
         s.status = Status::Completed;
         events.push(Event {

@@ -8,11 +8,11 @@ use drover_protocol::messages::{LatencyHistogram, Phase};
 use super::engine::*;
 use super::plan::*;
 
-const OLD: &str = "old-digest";
-const NEW: &str = "new-digest";
-const S: u64 = 1000;
+pub(super) const OLD: &str = "old-digest";
+pub(super) const NEW: &str = "new-digest";
+pub(super) const S: u64 = 1000;
 
-fn plan(waves: &[(f64, u64)]) -> Plan {
+pub(super) fn plan(waves: &[(f64, u64)]) -> Plan {
     Plan {
         model: "m@2.0.0".into(),
         selector: String::new(),
@@ -35,7 +35,7 @@ fn plan(waves: &[(f64, u64)]) -> Plan {
     }
 }
 
-fn candidate() -> Candidate {
+pub(super) fn candidate() -> Candidate {
     Candidate {
         name: "m".into(),
         version: "2.0.0".into(),
@@ -43,7 +43,7 @@ fn candidate() -> Candidate {
     }
 }
 
-fn hist(us: u64, n: u64) -> LatencyHistogram {
+pub(super) fn hist(us: u64, n: u64) -> LatencyHistogram {
     let mut h = LatencyHistogram::new();
     for _ in 0..n {
         h.record(us);
@@ -52,12 +52,12 @@ fn hist(us: u64, n: u64) -> LatencyHistogram {
 }
 
 /// A fleet of `n` online devices running the old model.
-struct Fleet {
-    obs: Observations,
+pub(super) struct Fleet {
+    pub(super) obs: Observations,
 }
 
 impl Fleet {
-    fn new(n: usize) -> Self {
+    pub(super) fn new(n: usize) -> Self {
         let mut obs = Observations::default();
         for i in 0..n {
             let id = format!("dev-{i:03}");
@@ -79,12 +79,12 @@ impl Fleet {
         Fleet { obs }
     }
 
-    fn dev(&mut self, id: &str) -> &mut DeviceObs {
+    pub(super) fn dev(&mut self, id: &str) -> &mut DeviceObs {
         self.obs.devices.get_mut(id).unwrap()
     }
 
     /// Every device commanded in `s` reports `phase` (and, if healthy, serves well).
-    fn report_all(&mut self, s: &RolloutState, from: DevState, phase: Phase) {
+    pub(super) fn report_all(&mut self, s: &RolloutState, from: DevState, phase: Phase) {
         for (id, slot) in &s.devices {
             if slot.state == from {
                 let o = self.dev(id);
@@ -102,16 +102,16 @@ impl Fleet {
     }
 }
 
-fn ids_in(actions: &[Action]) -> Vec<String> {
+pub(super) fn ids_in(actions: &[Action]) -> Vec<String> {
     actions.iter().map(|a| a.device().to_owned()).collect()
 }
 
-fn count(s: &RolloutState, st: DevState) -> usize {
+pub(super) fn count(s: &RolloutState, st: DevState) -> usize {
     s.devices.values().filter(|d| d.state == st).count()
 }
 
 /// The driver fills in each command's sequence; tests do the same.
-fn issue(mut step: Step) -> Step {
+pub(super) fn issue(mut step: Step) -> Step {
     for (n, a) in step.actions.iter().enumerate() {
         if let Some(slot) = step.state.devices.get_mut(a.device()) {
             slot.command_seq = Some(100 + n as u64);

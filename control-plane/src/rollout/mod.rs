@@ -18,6 +18,8 @@ mod slots;
 mod waves;
 
 #[cfg(test)]
+mod engine_pilot_tests;
+#[cfg(test)]
 mod engine_tests;
 
 pub use engine::{Candidate, DevState, Event, GateValue, Op, RolloutState, Stage, Status, Verdict};
