@@ -11,7 +11,7 @@ use super::{fmt_ms, Output};
 use drover_control_plane::api::VerdictView as Verdict;
 use drover_control_plane::api::{RolloutReport, RolloutView};
 use drover_control_plane::rollout::plan::{Gates, ShadowPhase, Wave};
-use drover_control_plane::rollout::{OnFailure, Plan};
+use drover_control_plane::rollout::{OnFailure, OnNoData, Plan};
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
@@ -105,6 +105,10 @@ pub struct StartArgs {
     pub max_drift_psi: Option<f64>,
     #[arg(long)]
     pub min_inferences: Option<u64>,
+    /// What a gate without a verdict (too little data) does once a stage's time is over:
+    /// `hold` the stage (the default) or `pass`.
+    #[arg(long, value_parser = parse_on_no_data)]
+    pub on_no_data: Option<OnNoData>,
     /// Run a shadow phase of this length on each wave before activation.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub shadow: Option<Duration>,
@@ -121,6 +125,14 @@ pub struct StartArgs {
     pub server: ServerArgs,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
+}
+
+fn parse_on_no_data(s: &str) -> Result<OnNoData, String> {
+    match s {
+        "hold" => Ok(OnNoData::Hold),
+        "pass" => Ok(OnNoData::Pass),
+        _ => Err(format!("{s:?} must be hold or pass")),
+    }
 }
 
 fn parse_on_failure(s: &str) -> Result<OnFailure, String> {
@@ -209,6 +221,10 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
     if let Some(v) = a.min_inferences {
         g.min_inferences = v;
     }
+    if let Some(v) = a.on_no_data {
+        g.on_no_data = Some(v);
+        g.require_data = None;
+    }
     if a.shadow.is_some() || a.min_agreement.is_some() || a.max_shadow_latency_ratio.is_some() {
         let s = plan.shadow.get_or_insert_with(ShadowPhase::default);
         if let Some(r) = a.max_shadow_latency_ratio {
@@ -237,7 +253,7 @@ fn verdict(v: Verdict) -> &'static str {
     match v {
         Verdict::Pass => "pass",
         Verdict::Fail => "FAIL",
-        Verdict::NoData => "no data",
+        Verdict::NoData => "no verdict",
     }
 }
 
@@ -248,6 +264,9 @@ fn print_status(r: &RolloutView) {
     );
     if let Some(reason) = &r.reason {
         println!("  reason: {reason}");
+    }
+    if let Some(w) = &r.waiting {
+        println!("  waiting: {w}");
     }
     println!(
         "  wave {}/{} stage {} since {}; started {}",
@@ -269,18 +288,21 @@ fn print_status(r: &RolloutView) {
     }
     if !r.gates.is_empty() {
         println!(
-            "  {:<26} {:>10}  {:<10} {:<8} BASIS",
+            "  {:<26} {:>10}  {:<10} {:<10} BASIS",
             "GATE", "VALUE", "LIMIT", "VERDICT"
         );
         for g in &r.gates {
             println!(
-                "  {:<26} {:>10}  {:<10} {:<8} {}",
+                "  {:<26} {:>10}  {:<10} {:<10} {}",
                 g.gate,
                 g.value.map_or("-".into(), |v| format!("{v:.4}")),
                 g.threshold,
                 verdict(g.verdict),
                 g.basis
             );
+            if let Some(why) = &g.reason {
+                println!("  {:<26} {:>10}  {:<10} {:<10} ({why})", "", "", "", "");
+            }
         }
     }
     let failed: Vec<_> = r

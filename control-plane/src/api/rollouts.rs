@@ -10,13 +10,14 @@ use serde::{Deserialize, Serialize};
 use super::{blocking, not_found, ApiError, AppState};
 use crate::rollout::{Event, GateValue, Verdict};
 
-/// A gate's verdict.
+/// A gate's verdict: `pass`, `fail` or `no-data` (no verdict yet; the gate's `reason`
+/// says what is missing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VerdictView {
     Pass,
     Fail,
-    /// Not enough data for a verdict yet.
+    /// No verdict: not enough data yet.
     NoData,
 }
 
@@ -40,6 +41,9 @@ pub struct GateView {
     pub verdict: VerdictView,
     /// What the value was computed over ("48 inferences on 3 devices").
     pub basis: String,
+    /// Why there is no verdict ("needs 100 inferences, has 48").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl From<&GateValue> for GateView {
@@ -50,6 +54,7 @@ impl From<&GateValue> for GateView {
             threshold: g.threshold.clone(),
             verdict: g.verdict.into(),
             basis: g.basis.clone(),
+            reason: g.reason.clone(),
         }
     }
 }
@@ -91,6 +96,12 @@ pub struct RolloutView {
     pub waves: Vec<WaveView>,
     pub stage: String,
     pub stage_since_ms: u64,
+    /// When the current stage's time (shadow duration or bake) is over; it may still
+    /// wait for devices or, under `on_no_data = "hold"`, for gates without a verdict.
+    pub stage_ends_ms: Option<u64>,
+    /// Why the stage, its time over, still waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub selected: u64,
@@ -202,6 +213,8 @@ impl RolloutView {
             waves,
             stage: format!("{:?}", s.stage).to_lowercase(),
             stage_since_ms: s.stage_since_ms,
+            stage_ends_ms: stage_ends_ms(s),
+            waiting: s.waiting.clone(),
             created_at_ms: s.created_at_ms,
             updated_at_ms: s.updated_at_ms,
             selected: s.selected,
@@ -211,6 +224,21 @@ impl RolloutView {
             device_slots,
         }
     }
+}
+
+/// When the running stage's own time is over (`None` while installing or once stopped).
+fn stage_ends_ms(s: &crate::rollout::RolloutState) -> Option<u64> {
+    use crate::rollout::{Stage, Status};
+    if s.status != Status::Running {
+        return None;
+    }
+    let d = match s.stage {
+        Stage::Shadow => s.plan.shadow.as_ref()?.duration,
+        Stage::Bake => s.plan.waves.get(s.wave)?.bake,
+        Stage::Install => return None,
+    };
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Some(s.stage_since_ms.saturating_add(ms))
 }
 
 impl From<crate::rollout::driver::RolloutError> for ApiError {

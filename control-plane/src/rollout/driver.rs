@@ -189,8 +189,8 @@ struct Seen {
     progress_cursor: Cursor,
 }
 
-fn hist(counts: Vec<u64>) -> LatencyHistogram {
-    LatencyHistogram { counts, sum_us: 0 }
+fn hist(counts: Vec<u64>, sum_us: u64) -> LatencyHistogram {
+    LatencyHistogram { counts, sum_us }
 }
 
 impl Seen {
@@ -205,7 +205,7 @@ impl Seen {
                     .merge(&Health {
                         inferences: row.inferences,
                         errors: row.errors,
-                        latency: hist(row.latency_counts),
+                        latency: hist(row.latency_counts, row.latency_sum_us),
                     });
             }
             self.baseline = Some(b);
@@ -222,7 +222,7 @@ impl Seen {
                     .merge(&Health {
                         inferences: row.inferences,
                         errors: row.errors,
-                        latency: hist(row.latency_counts),
+                        latency: hist(row.latency_counts, row.latency_sum_us),
                     });
             }
         }
@@ -241,8 +241,8 @@ impl Seen {
                 let e = self.shadow.entry(row.device).or_default();
                 e.compared = e.compared.saturating_add(row.compared);
                 e.agreed = e.agreed.saturating_add(row.agreed);
-                e.active_latency.merge(&hist(row.active_latency));
-                e.candidate_latency.merge(&hist(row.candidate_latency));
+                e.active_latency.merge(&hist(row.active_latency, 0));
+                e.candidate_latency.merge(&hist(row.candidate_latency, 0));
             }
         }
         self.shadow_cursor.prune();
@@ -503,6 +503,7 @@ impl Driver {
             && step.state.devices == current.devices
             && step.state.status == current.status
             && step.state.gates == current.gates
+            && step.state.waiting == current.waiting
             && step.state.stage == current.stage
             && step.state.wave == current.wave;
         if unchanged {

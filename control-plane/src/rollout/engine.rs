@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 
 use drover_protocol::messages::{LatencyHistogram, Phase};
 
-use super::gates::failure_reason;
 pub use super::gates::{evaluate, evaluate_shadow, P99_MIN_SAMPLES};
+use super::gates::{failure_reason, hold_reason, passed_how};
 use super::plan::{OnFailure, Plan};
 use super::slots::{promote, update_slot};
 use super::waves::{assign, dispatch};
@@ -158,6 +158,8 @@ pub struct RolloutState {
     pub gates: Vec<GateValue>,
     /// Devices the selector picked at the last step.
     pub selected: u64,
+    /// Why the current stage, its time over, still waits (gates without a verdict).
+    pub waiting: Option<String>,
 }
 
 impl RolloutState {
@@ -176,6 +178,7 @@ impl RolloutState {
             devices: BTreeMap::new(),
             gates: Vec::new(),
             selected: 0,
+            waiting: None,
         }
     }
 }
@@ -273,11 +276,12 @@ impl Action {
     }
 }
 
+/// A gate's verdict: three-valued, so a gate short of data is never read as passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
     Fail,
-    /// Not enough data for a verdict yet.
+    /// No verdict yet: too little data (the gate's `reason` says what is missing).
     NoData,
 }
 
@@ -291,6 +295,8 @@ pub struct GateValue {
     pub verdict: Verdict,
     /// What the value was computed over ("48 inferences on 3 devices").
     pub basis: String,
+    /// Why there is no verdict ("needs 100 inferences, has 48"); `None` with a verdict.
+    pub reason: Option<String>,
 }
 
 /// Something worth a line in the rollout's report.
@@ -624,31 +630,43 @@ fn shadow_stage(
         .filter(|d| d.wave == wave && d.state == DevState::Shadowing)
         .count();
     let min = u64::try_from(shadow.duration.as_millis()).unwrap_or(u64::MAX);
-    let data_ok =
-        !s.plan.gates.require_data || shadow_gates.iter().all(|g| g.verdict == Verdict::Pass);
-    if !waiting && shadowing > 0 && since >= min && data_ok {
-        let ids: Vec<String> = s
-            .devices
-            .iter()
-            .filter(|(_, d)| d.wave == wave && d.state == DevState::Shadowing)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &ids {
-            promote(s, id, now_ms, actions);
-        }
-        events.push(Event {
-            at_ms: now_ms,
-            kind: "promoted".into(),
-            detail: format!(
-                "wave {}: shadow gates passed; promoting {} devices",
-                wave + 1,
-                ids.len()
-            ),
-            gates: shadow_gates,
-        });
-        s.stage = Stage::Install;
-        s.stage_since_ms = now_ms;
+    if waiting || shadowing == 0 || since < min {
+        return;
     }
+    // Never promote on fewer than `min_compared` comparisons, whatever `on_no_data` says.
+    let agreement = shadow_gates.iter().find(|g| g.gate == "shadow_agreement");
+    if let Some(g) = agreement.filter(|g| g.verdict != Verdict::Pass) {
+        let why = g.reason.as_deref().unwrap_or("no verdict");
+        hold(s, format!("shadow_agreement: {why}"), now_ms, events);
+        return;
+    }
+    if let Some(why) = hold_reason(s.plan.gates.no_data_policy(), &shadow_gates) {
+        hold(s, why, now_ms, events);
+        return;
+    }
+    let ids: Vec<String> = s
+        .devices
+        .iter()
+        .filter(|(_, d)| d.wave == wave && d.state == DevState::Shadowing)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in &ids {
+        promote(s, id, now_ms, actions);
+    }
+    events.push(Event {
+        at_ms: now_ms,
+        kind: "promoted".into(),
+        detail: format!(
+            "wave {}: shadow phase over, {}; promoting {} devices",
+            wave + 1,
+            passed_how(&shadow_gates),
+            ids.len()
+        ),
+        gates: shadow_gates,
+    });
+    s.stage = Stage::Install;
+    s.stage_since_ms = now_ms;
+    s.waiting = None;
 }
 
 /// The wave installs: once nothing up to it is queued, shadowing or in flight on an online
@@ -687,11 +705,29 @@ fn bake_stage(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: 
     let wave = s.wave;
     let since = now_ms.saturating_sub(s.stage_since_ms);
     let bake = u64::try_from(s.plan.waves[wave].bake.as_millis()).unwrap_or(u64::MAX);
-    let data_ok = !s.plan.gates.require_data || gates.iter().all(|g| g.verdict == Verdict::Pass);
-    if since < bake || !data_ok {
+    if since < bake {
+        return;
+    }
+    if let Some(why) = hold_reason(s.plan.gates.no_data_policy(), &gates) {
+        hold(s, why, now_ms, events);
         return;
     }
     advance(s, gates, now_ms, events);
+}
+
+/// The stage's time is over but it must wait: say why once (a `holding` event), and keep
+/// the reason, with its current counts, for `status` and `watch`.
+fn hold(s: &mut RolloutState, why: String, now_ms: u64, events: &mut Vec<Event>) {
+    if s.waiting.is_none() {
+        let detail = format!("wave {} holds: {why}", s.wave + 1);
+        events.push(Event {
+            at_ms: now_ms,
+            kind: "holding".into(),
+            detail,
+            gates: s.gates.clone(),
+        });
+    }
+    s.waiting = Some(why);
 }
 
 /// A wave that assigned no device of its own: small fleets, where rounding up makes
@@ -705,14 +741,16 @@ fn wave_adds_nothing(s: &RolloutState) -> bool {
 /// The current wave is done: start the next one, or complete after the last.
 fn advance(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: &mut Vec<Event>) {
     let wave = s.wave;
+    s.waiting = None;
     if wave + 1 >= s.plan.waves.len() {
         s.status = Status::Completed;
         events.push(Event {
             at_ms: now_ms,
             kind: "completed".into(),
             detail: format!(
-                "all {} waves passed; {} devices run {}@{}",
+                "all {} waves passed ({}); {} devices run {}@{}",
                 s.plan.waves.len(),
+                passed_how(&gates),
                 s.devices
                     .values()
                     .filter(|d| d.state.runs_candidate())
@@ -730,8 +768,9 @@ fn advance(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: &mu
             at_ms: now_ms,
             kind: "advanced".into(),
             detail: format!(
-                "wave {} passed every gate; starting wave {}",
+                "wave {} passed ({}); starting wave {}",
                 wave + 1,
+                passed_how(&gates),
                 wave + 2
             ),
             gates,

@@ -153,3 +153,163 @@ fn a_rollout_with_no_device_holds_rather_than_passing_its_waves() {
     assert_eq!((st.state.status, st.state.wave), (Status::Running, 0));
     assert!(st.events.is_empty(), "{:?}", st.events);
 }
+
+/// Ten devices installed and baked, serving nothing yet.
+fn installed_without_traffic(p: Plan) -> (Obedient, RolloutState) {
+    let mut dev = Obedient::new(10);
+    dev.served = 0;
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &dev.fleet.obs, 0));
+    dev.answer(&s1.actions);
+    let s2 = step(&s1.state, &dev.fleet.obs, S).state;
+    assert_eq!(s2.stage, Stage::Bake);
+    (dev, s2)
+}
+
+fn one_wave(bake_s: u64) -> Plan {
+    let mut p = example_plan();
+    p.shadow = None;
+    p.waves = vec![Wave {
+        percent: Some(100.0),
+        count: None,
+        bake: std::time::Duration::from_secs(bake_s),
+    }];
+    p
+}
+
+#[test]
+fn a_gate_without_a_verdict_holds_the_bake_and_says_why_once() {
+    let (mut dev, s) = installed_without_traffic(one_wave(60));
+    let held = step(&s, &dev.fleet.obs, 100 * S);
+    assert_eq!(
+        held.state.status,
+        Status::Running,
+        "no verdict is not a pass"
+    );
+    let g = held
+        .state
+        .gates
+        .iter()
+        .find(|g| g.gate == "error_rate")
+        .unwrap();
+    assert_eq!(g.verdict, Verdict::NoData);
+    assert_eq!(
+        g.reason.as_deref(),
+        Some("needs 100 inferences on the candidate, has 0")
+    );
+    let why = held.state.waiting.clone().unwrap();
+    assert!(
+        why.starts_with("no verdict yet: error_rate: needs 100"),
+        "{why}"
+    );
+    assert!(
+        why.contains("p99_latency_ratio: needs 100 latencies"),
+        "{why}"
+    );
+    let holding: Vec<&Event> = held.events.iter().filter(|e| e.kind == "holding").collect();
+    assert_eq!(holding.len(), 1);
+    assert!(holding[0]
+        .detail
+        .starts_with("wave 1 holds: no verdict yet"));
+    // Still no data: still holding, and the event is not repeated.
+    let again = step(&held.state, &dev.fleet.obs, 200 * S);
+    assert_eq!(again.state.status, Status::Running);
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    // Traffic arrives: every gate has a verdict, the rollout completes.
+    dev.served = 200;
+    let ids: Vec<String> = again.state.devices.keys().cloned().collect();
+    for id in &ids {
+        dev.answer(&[Action::Promote { device: id.clone() }]);
+    }
+    let done = step(&again.state, &dev.fleet.obs, 300 * S);
+    assert_eq!(done.state.status, Status::Completed);
+    assert_eq!(done.state.waiting, None);
+    let e = done.events.iter().find(|e| e.kind == "completed").unwrap();
+    assert!(e.detail.contains("every gate passed"), "{}", e.detail);
+}
+
+#[test]
+fn on_no_data_pass_ends_the_stage_and_names_the_gates_that_had_no_verdict() {
+    let mut p = one_wave(60);
+    p.gates.on_no_data = Some(OnNoData::Pass);
+    let (dev, s) = installed_without_traffic(p);
+    let done = step(&s, &dev.fleet.obs, 100 * S);
+    assert_eq!(done.state.status, Status::Completed);
+    let e = done.events.iter().find(|e| e.kind == "completed").unwrap();
+    assert!(
+        e.detail
+            .contains("without a verdict (on_no_data = \"pass\"): error_rate: needs 100"),
+        "{}",
+        e.detail
+    );
+}
+
+#[test]
+fn the_shadow_stage_never_promotes_below_min_compared_even_when_no_data_passes() {
+    let mut p = example_plan(); // min_compared = 500
+    p.gates.on_no_data = Some(OnNoData::Pass);
+    let mut dev = Obedient::new(1);
+    dev.compared = 0;
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let (s, events) = drive(s0, &mut dev, 0, 60);
+    assert_eq!(
+        (s.status.clone(), s.wave, s.stage),
+        (Status::Running, 0, Stage::Shadow)
+    );
+    assert!(
+        !events.iter().any(|e| e.kind == "promoted"),
+        "promoted on zero comparisons: {events:?}"
+    );
+    assert_eq!(
+        s.waiting.as_deref(),
+        Some("shadow_agreement: needs 500 compared inputs, has 0")
+    );
+    let g = &s
+        .gates
+        .iter()
+        .find(|g| g.gate == "shadow_agreement")
+        .unwrap();
+    assert_eq!((g.verdict, g.value), (Verdict::NoData, None));
+    // 499 is still short; 500 promotes.
+    for (n, promotes) in [(499, false), (500, true)] {
+        let o = dev.fleet.dev("dev-000");
+        o.shadow.compared = n;
+        o.shadow.agreed = n;
+        let st = step(&s, &dev.fleet.obs, 61 * 60 * S);
+        assert_eq!(st.state.stage == Stage::Install, promotes, "{n} compared");
+    }
+}
+
+#[test]
+fn a_ten_percent_slower_model_across_a_bucket_edge_passes_a_1_5_latency_gate() {
+    // 180–199 µs before, 201–220 µs after: the 100–200 and 200–350 buckets, whose upper
+    // edges made the ratio 1.75.
+    let spread = |from: u64, n: u64| {
+        let mut h = drover_protocol::messages::LatencyHistogram::new();
+        for i in 0..n {
+            h.record(from + i % 20);
+        }
+        h
+    };
+    let mut dev = Obedient::new(3);
+    let s0 = RolloutState::new(1, one_wave(60), candidate(), 0);
+    let s1 = issue(step(&s0, &dev.fleet.obs, 0));
+    dev.answer(&s1.actions);
+    for id in s1.state.devices.keys() {
+        let o = dev.fleet.dev(id);
+        o.baseline.latency = spread(180, 500);
+        o.candidate.latency = spread(201, 500);
+    }
+    let s2 = step(&s1.state, &dev.fleet.obs, S);
+    let g = s2
+        .state
+        .gates
+        .iter()
+        .find(|g| g.gate == "p99_latency_ratio")
+        .unwrap();
+    assert_eq!(g.verdict, Verdict::Pass, "{g:?}");
+    assert!(g.value.unwrap() < 1.15, "{g:?}");
+    // The basis shows the real quantiles.
+    assert!(g.basis.starts_with("candidate p50 2"), "{}", g.basis);
+    assert!(g.basis.contains("previous model p50 1"), "{}", g.basis);
+}

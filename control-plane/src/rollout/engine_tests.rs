@@ -364,11 +364,12 @@ fn shadow_phase_promotes_on_agreement_and_pauses_on_disagreement() {
             .all(|a| matches!(a, Action::Deploy { shadow: true, .. })));
         f.report_all(&s1.state, DevState::Deploying, Phase::Shadowing);
         for id in s1.state.devices.keys() {
+            // 2 × 60 compared: the shadow p99 gate needs 100 for a verdict.
             f.dev(id).shadow = ShadowObs {
-                compared: 40,
-                agreed: if agree { 39 } else { 20 },
-                active_latency: hist(100, 40),
-                candidate_latency: hist(150, 40),
+                compared: 60,
+                agreed: if agree { 58 } else { 30 },
+                active_latency: hist(100, 60),
+                candidate_latency: hist(150, 60),
             };
         }
         let s2 = step(&s1.state, &f.obs, 10 * S);
@@ -438,10 +439,10 @@ fn a_lost_progress_report_is_recovered_from_the_reported_active_model() {
 }
 
 #[test]
-fn require_data_holds_the_wave_until_gates_have_data() {
+fn a_stored_require_data_true_holds_the_wave_until_gates_have_data() {
     let mut f = Fleet::new(10);
     let mut p = plan(&[(100.0, 10)]);
-    p.gates.require_data = true;
+    p.gates.require_data = Some(true);
     let s0 = RolloutState::new(1, p, candidate(), 0);
     let s1 = issue(step(&s0, &f.obs, 0)).state;
     f.report_all(&s1, DevState::Deploying, Phase::Healthy);

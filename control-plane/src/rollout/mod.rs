@@ -23,4 +23,4 @@ mod engine_pilot_tests;
 mod engine_tests;
 
 pub use engine::{Candidate, DevState, Event, GateValue, Op, RolloutState, Stage, Status, Verdict};
-pub use plan::{OnFailure, Plan, PlanError, Selector};
+pub use plan::{OnFailure, OnNoData, Plan, PlanError, Selector};

@@ -76,9 +76,37 @@ pub struct Gates {
     pub max_drift_psi: Option<f64>,
     /// Inferences needed before the error and latency gates give a verdict.
     pub min_inferences: u64,
-    /// When true, a gate still short of data holds the wave; when false, it passes at the
-    /// end of the bake time and the report says "no data".
-    pub require_data: bool,
+    /// What a gate without a verdict (too little data) does once a stage's time is over:
+    /// `hold` the stage (the default) or let it `pass`, said so in the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_no_data: Option<OnNoData>,
+    /// Replaced by `on_no_data`; `false` is `on_no_data = "pass"`, `true` is `"hold"`.
+    /// Still read because rollouts stored before it carry `require_data = false`, and
+    /// those keep the behaviour they started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_data: Option<bool>,
+}
+
+/// What a gate without a verdict does at the end of a stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoData {
+    /// The stage waits until every gate has a verdict.
+    #[default]
+    Hold,
+    /// The stage ends anyway; the event names the gates that had no verdict.
+    Pass,
+}
+
+impl Gates {
+    /// `on_no_data`, or what the older `require_data` meant, or `hold`.
+    pub fn no_data_policy(&self) -> OnNoData {
+        match (self.on_no_data, self.require_data) {
+            (Some(p), _) => p,
+            (None, Some(false)) => OnNoData::Pass,
+            (None, _) => OnNoData::Hold,
+        }
+    }
 }
 
 impl Default for Gates {
@@ -88,8 +116,9 @@ impl Default for Gates {
             max_error_rate: Some(0.02),
             max_p99_latency_ratio: Some(2.0),
             max_drift_psi: None,
-            min_inferences: 20,
-            require_data: false,
+            min_inferences: 100,
+            on_no_data: None,
+            require_data: None,
         }
     }
 }
@@ -241,7 +270,18 @@ impl Plan {
                 }
             }
         }
+        if g.on_no_data.is_some() && g.require_data.is_some() {
+            errs.push(
+                "gates.require_data is replaced by gates.on_no_data: keep only on_no_data".into(),
+            );
+        }
         if let Some(s) = &self.shadow {
+            if s.min_compared == 0 {
+                errs.push(
+                    "shadow.min_compared = 0 would promote on no comparison: give at least 1"
+                        .into(),
+                );
+            }
             if !(0.0..=1.0).contains(&s.min_agreement) {
                 errs.push(format!(
                     "shadow.min_agreement = {} must be between 0 and 1",
@@ -388,7 +428,7 @@ bake = "1h"
 [gates]
 max_error_rate = 0.01
 min_inferences = 5
-require_data = true
+on_no_data = "pass"
 [shadow]
 duration = "30s"
 min_compared = 10
@@ -406,6 +446,30 @@ min_agreement = 0.9
             "unset gates keep their defaults"
         );
         assert_eq!(p.shadow.as_ref().unwrap().min_agreement, 0.9);
+        assert_eq!(p.gates.no_data_policy(), OnNoData::Pass);
+    }
+
+    #[test]
+    fn gates_without_data_hold_unless_the_plan_says_pass() {
+        let base = "model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n";
+        let policy = |gates: &str| {
+            Plan::from_toml(&format!("{base}[gates]\n{gates}"))
+                .map(|p| p.gates.no_data_policy())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(policy(""), Ok(OnNoData::Hold), "the safe default");
+        assert_eq!(policy("on_no_data = \"pass\""), Ok(OnNoData::Pass));
+        // Rollouts stored before on_no_data carry require_data and keep their behaviour.
+        assert_eq!(policy("require_data = false"), Ok(OnNoData::Pass));
+        assert_eq!(policy("require_data = true"), Ok(OnNoData::Hold));
+        let both = policy("require_data = false\non_no_data = \"hold\"").unwrap_err();
+        assert!(both.contains("keep only on_no_data"), "{both}");
+        let bad = policy("on_no_data = \"skip\"").unwrap_err();
+        assert!(bad.contains("hold") && bad.contains("pass"), "{bad}");
+        let shadow = Plan::from_toml(&format!("{base}[shadow]\nmin_compared = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(shadow.contains("shadow.min_compared"), "{shadow}");
     }
 
     #[test]
