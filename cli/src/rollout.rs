@@ -1,4 +1,4 @@
-//! `drover rollout start|status|watch|pause|resume|abort|list|report`.
+//! `drover rollout start|plan|status|watch|pause|resume|abort|list|report`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,14 +9,18 @@ use clap::{Args, Subcommand};
 use super::client::{print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
 use drover_control_plane::api::VerdictView as Verdict;
-use drover_control_plane::api::{RolloutReport, RolloutView};
+use drover_control_plane::api::{PreviewView, RolloutReport, RolloutView};
 use drover_control_plane::rollout::plan::{Gates, ShadowPhase, Wave};
 use drover_control_plane::rollout::{OnFailure, OnNoData, Plan};
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Start a staged rollout from a plan file and/or flags (flags override the file).
+    /// Shows the devices it would take and asks for confirmation on a terminal.
     Start(Box<StartArgs>),
+    /// Preview a plan against the fleet as it is now (matched devices, devices per wave,
+    /// devices another rollout holds); starts nothing. Same as `start --dry-run`.
+    Plan(Box<StartArgs>),
     /// Show one rollout (waves, gates against thresholds, devices), or list them.
     Status {
         id: Option<u64>,
@@ -78,7 +82,7 @@ pub struct StartArgs {
     /// NAME@X.Y.Z of a published model.
     #[arg(long)]
     pub model: Option<String>,
-    /// Device selector, e.g. `site=plant-a,arch=aarch64`.
+    /// Device selector, e.g. `site=plant-a,arch=aarch64`; `all` for the whole fleet.
     #[arg(long)]
     pub selector: Option<String>,
     /// Cumulative waves in percent, e.g. `1,10,50,100`.
@@ -121,6 +125,12 @@ pub struct StartArgs {
     /// Who is starting it, for the rollout's report (default: $USER).
     #[arg(long, env = "USER", default_value = "operator")]
     pub by: String,
+    /// Show what the plan would take and start nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Start without asking (scripts; required when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, value_enum, default_value_t)]
@@ -326,23 +336,9 @@ fn is_final(r: &RolloutView) -> bool {
 
 pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
     match cmd {
-        RolloutCommand::Start(a) => {
-            let plan = build_plan(&a)?;
-            let path = format!("/v1/rollouts?by={}", url_word(&a.by));
-            let r: RolloutView = Client::new(&a.server)?.post(&path, &plan).await?;
-            if a.output == Output::Json {
-                return print_json(&r);
-            }
-            println!(
-                "rollout {} started: {} to {:?}, {} waves; follow it with `drover rollout watch {}`",
-                r.id,
-                r.model,
-                r.selector,
-                r.waves.len(),
-                r.id
-            );
-            Ok(())
-        }
+        RolloutCommand::Start(a) if a.dry_run => preview(&a).await,
+        RolloutCommand::Plan(a) => preview(&a).await,
+        RolloutCommand::Start(a) => start(&a).await,
         RolloutCommand::Status { id, server, output } => {
             let client = Client::new(&server)?;
             match id {
@@ -421,6 +417,95 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The plan's preview from the server, printed (text or JSON).
+async fn preview(a: &StartArgs) -> anyhow::Result<()> {
+    let plan = build_plan(a)?;
+    let p: PreviewView = Client::new(&a.server)?
+        .post("/v1/rollouts/preview", &plan)
+        .await?;
+    if a.output == Output::Json {
+        return print_json(&p);
+    }
+    print_preview(&plan, &p);
+    Ok(())
+}
+
+fn print_preview(plan: &Plan, p: &PreviewView) {
+    println!(
+        "{} to {} of {} devices matching {:?}",
+        plan.model,
+        p.targets.len(),
+        p.matched,
+        p.selector
+    );
+    for w in &p.waves {
+        let note = if w.adds == 0 {
+            "  (adds none: passes at once)"
+        } else {
+            ""
+        };
+        println!(
+            "  wave {}: +{} -> {} devices, bake {}{note}",
+            w.wave, w.adds, w.cumulative, w.bake
+        );
+    }
+    for h in &p.held {
+        println!("  held by rollout {}: {}", h.rollout, h.device);
+    }
+}
+
+/// Asks on the terminal; anything but y/yes declines.
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::Write as _;
+    print!("{question} [y/N] ");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(matches!(line.trim().to_lowercase().as_str(), "y" | "yes"))
+}
+
+async fn start(a: &StartArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let plan = build_plan(a)?;
+    if !a.yes && !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "stdin is not a terminal, so the rollout cannot be confirmed: pass --yes to start it \
+             (or --dry-run to see what it would take)"
+        );
+    }
+    let client = Client::new(&a.server)?;
+    if !a.yes {
+        let p: PreviewView = client.post("/v1/rollouts/preview", &plan).await?;
+        print_preview(&plan, &p);
+        if p.targets.is_empty() {
+            anyhow::bail!("the plan targets no device; nothing started");
+        }
+        let q = format!(
+            "Start rolling out {} to {} devices?",
+            plan.model,
+            p.targets.len()
+        );
+        if !confirm(&q)? {
+            anyhow::bail!("not started");
+        }
+    }
+    let path = format!("/v1/rollouts?by={}", url_word(&a.by));
+    let r: RolloutView = client.post(&path, &plan).await?;
+    if a.output == Output::Json {
+        return print_json(&r);
+    }
+    println!(
+        "rollout {} started: {} to {} devices matching {:?}, {} waves; follow it with `drover rollout watch {}`",
+        r.id,
+        r.model,
+        r.selected,
+        r.selector,
+        r.waves.len(),
+        r.id
+    );
+    Ok(())
 }
 
 async fn operate(a: IdArgs, op: &str) -> anyhow::Result<()> {

@@ -633,7 +633,7 @@ async fn a_policys_first_model_is_registered_but_not_rolled_out_by_itself() {
         "--out",
         "{out}",
     ]);
-    let rules = "[rollout]\n[rollout.gates]\non_no_data = \"pass\"\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
+    let rules = "[rollout]\nselector = \"all\"\n[rollout.gates]\non_no_data = \"pass\"\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
     std::fs::write(dir.join("policy.toml"), policy(MODEL, rules)).unwrap();
     std::fs::write(
         dir.join("job.toml"),

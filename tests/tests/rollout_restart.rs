@@ -283,6 +283,8 @@ async fn commands_committed_before_a_crash_reach_devices_that_stay_connected() {
             // Written before gates without a verdict held a stage; keeps that behaviour.
             "--on-no-data",
             "pass",
+            "--selector",
+            "all",
             "--model",
             "dense@1.0.0",
             "--waves",

@@ -249,6 +249,7 @@ impl From<crate::rollout::driver::RolloutError> for ApiError {
             E::Fleet(f) => f.into(),
             E::Store(s) => s.into(),
             E::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            E::NoTargets(_) => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
             E::Refused(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
             E::Corrupt(_) | E::Record(_) | E::Stopped => {
                 ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -278,7 +279,45 @@ pub(super) async fn start_rollout(
     Query(by): Query<ByQuery>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
-    let plan: crate::rollout::Plan = serde_json::from_slice(&body).map_err(|e| {
+    let plan = plan_of(&body)?;
+    let s = st.rollouts.start(plan, &actor(&by)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RolloutView::from_state(&s, false)),
+    ))
+}
+
+/// What a plan would target now: `POST /v1/rollouts/preview` with the plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreviewView {
+    pub selector: String,
+    /// Devices the selector matches.
+    pub matched: u64,
+    /// Matched devices the rollout would take, in wave order.
+    pub targets: Vec<String>,
+    /// Matched devices another open rollout holds (left out until it ends).
+    pub held: Vec<HeldView>,
+    pub waves: Vec<WavePreviewView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldView {
+    pub device: String,
+    pub rollout: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WavePreviewView {
+    pub wave: usize,
+    /// Devices after this wave (cumulative).
+    pub cumulative: u64,
+    /// Devices this wave adds; 0 means it passes at once.
+    pub adds: u64,
+    pub bake: String,
+}
+
+fn plan_of(body: &[u8]) -> Result<crate::rollout::Plan, ApiError> {
+    let plan: crate::rollout::Plan = serde_json::from_slice(body).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid rollout plan: {e}"),
@@ -286,11 +325,40 @@ pub(super) async fn start_rollout(
     })?;
     plan.validate()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let s = st.rollouts.start(plan, &actor(&by)).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(RolloutView::from_state(&s, false)),
-    ))
+    Ok(plan)
+}
+
+pub(super) async fn preview_rollout(
+    State(st): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Json<PreviewView>, ApiError> {
+    let plan = plan_of(&body)?;
+    let p = st.rollouts.preview(plan.clone()).await?;
+    Ok(Json(PreviewView {
+        selector: plan.selector.clone(),
+        matched: p.matched as u64,
+        targets: p.targets.clone(),
+        held: p
+            .held
+            .iter()
+            .map(|(device, rollout)| HeldView {
+                device: device.clone(),
+                rollout: *rollout,
+            })
+            .collect(),
+        waves: p
+            .waves
+            .iter()
+            .zip(&plan.waves)
+            .enumerate()
+            .map(|(i, (w, pw))| WavePreviewView {
+                wave: i + 1,
+                cumulative: w.cumulative as u64,
+                adds: w.adds as u64,
+                bake: humantime::format_duration(pw.bake).to_string(),
+            })
+            .collect(),
+    }))
 }
 
 pub(super) async fn list_rollouts(

@@ -6,6 +6,8 @@
 //!   private helpers: `waves` (assignment, dispatch), `slots` (device reports, deploy and
 //!   promote), `gates` (gate evaluation).
 //! - [`record`]: the stored form (JSON in SQLite), apart from the engine's types.
+//! - [`targets`]: the selector over the store's device rows, devices held by open
+//!   rollouts, a plan's preview against the fleet, the candidate's drift per device.
 //! - [`driver`]: reads observations from the store, runs the engine on a timer, persists
 //!   state + commands in one transaction, publishes the commands.
 
@@ -15,6 +17,7 @@ mod gates;
 pub mod plan;
 pub mod record;
 mod slots;
+pub mod targets;
 mod waves;
 
 #[cfg(test)]
@@ -24,3 +27,4 @@ mod engine_tests;
 
 pub use engine::{Candidate, DevState, Event, GateValue, Op, RolloutState, Stage, Status, Verdict};
 pub use plan::{OnFailure, OnNoData, Plan, PlanError, Selector};
+pub use waves::{Preview, WavePreview};

@@ -166,7 +166,9 @@ impl Default for ShadowPhase {
 pub struct Plan {
     /// `NAME@X.Y.Z` of a published model.
     pub model: String,
-    /// Device selector, e.g. `site=plant-a,arch=aarch64` (empty: every device).
+    /// Device selector, e.g. `site=plant-a,arch=aarch64`, or `all` for the whole fleet.
+    /// A new rollout needs one; an empty selector (the whole fleet by omission) is only
+    /// read back from rollouts stored before this rule.
     #[serde(default)]
     pub selector: String,
     pub waves: Vec<Wave>,
@@ -212,7 +214,12 @@ impl Plan {
         if crate::fleet::parse_model_ref(&self.model).is_err() {
             errs.push(format!("model {:?} must look like NAME@X.Y.Z", self.model));
         }
-        if let Err(e) = Selector::parse(&self.selector) {
+        if self.selector.trim().is_empty() {
+            errs.push(
+                "selector is empty: name the devices (e.g. site=plant-a), or give `all` to target the whole fleet"
+                    .into(),
+            );
+        } else if let Err(e) = Selector::parse(&self.selector) {
             errs.push(e);
         }
         if self.waves.is_empty() {
@@ -305,6 +312,9 @@ impl Plan {
     }
 }
 
+/// The selector for the whole fleet, which must be asked for by name.
+pub const ALL: &str = "all";
+
 /// One condition of a selector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Condition {
@@ -316,14 +326,23 @@ struct Condition {
 
 /// Which devices a rollout targets: comma-separated `key=value`, `key!=value` or
 /// `key=v1|v2` conditions over device labels and the attributes `id`, `arch`, `os` and
-/// `agent_version` (a label of the same name wins). All conditions must hold.
+/// `agent_version` (a label of the same name wins). All conditions must hold. `all`
+/// (alone) selects every device, as did the empty selector of older plans.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selector(Vec<Condition>);
 
 impl Selector {
     pub fn parse(s: &str) -> Result<Selector, String> {
+        if s.trim() == ALL {
+            return Ok(Selector(Vec::new()));
+        }
         let mut out = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part == ALL {
+                return Err(format!(
+                    "selector {s:?}: `all` stands alone (the whole fleet); drop it or the other conditions"
+                ));
+            }
             let (key, negate, vals) = if let Some((k, v)) = part.split_once("!=") {
                 (k, true, v)
             } else if let Some((k, v)) = part.split_once('=') {
@@ -451,7 +470,7 @@ min_agreement = 0.9
 
     #[test]
     fn gates_without_data_hold_unless_the_plan_says_pass() {
-        let base = "model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n";
+        let base = "model = \"m@1.0.0\"\nselector = \"all\"\n[[waves]]\npercent = 100\n";
         let policy = |gates: &str| {
             Plan::from_toml(&format!("{base}[gates]\n{gates}"))
                 .map(|p| p.gates.no_data_policy())
@@ -524,6 +543,20 @@ max_error_rate = 2.0
         let test = labels(&[("site", "plant-a"), ("tier", "test")]);
         assert!(!s.matches(&test, &[("arch", Some("aarch64"))]));
         assert!(Selector::parse("").unwrap().matches(&l, &[]));
+        assert!(Selector::parse("all").unwrap().matches(&l, &[]));
         assert!(Selector::parse("site=").is_err());
+        let e = Selector::parse("all,site=a").unwrap_err();
+        assert!(e.contains("stands alone"), "{e}");
+    }
+
+    #[test]
+    fn the_whole_fleet_needs_selector_all() {
+        let e = Plan::from_toml("model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give `all` to target the whole fleet"), "{e}");
+        let p =
+            Plan::from_toml("model = \"m@1.0.0\"\nselector = \"all\"\n[[waves]]\npercent = 100\n");
+        assert!(p.is_ok(), "{p:?}");
     }
 }

@@ -327,7 +327,9 @@ mod tests {
     use super::*;
 
     fn state() -> RolloutState {
-        let plan = Plan::from_toml("model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n").unwrap();
+        let plan =
+            Plan::from_toml("model = \"m@1.0.0\"\nselector = \"all\"\n[[waves]]\npercent = 100\n")
+                .unwrap();
         let mut s = RolloutState::new(
             7,
             plan,

@@ -47,6 +47,7 @@ pub fn plan(model: &str, percents: &[f64], bake: Duration, min_inferences: u64) 
         .collect();
     json!({
         "model": model,
+        "selector": "all",
         "waves": waves,
         "max_concurrent": 0,
         "device_deadline": "10m",
