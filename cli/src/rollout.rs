@@ -44,8 +44,11 @@ pub enum RolloutCommand {
     Pause(IdArgs),
     /// Continue a paused rollout.
     Resume(IdArgs),
-    /// Stop and send every device that took the model back to its previous one.
+    /// Stop and send every device that took the model back to its previous one; the
+    /// rollout ends `aborted` (a gate's rollback ends `rolled-back`).
     Abort(IdArgs),
+    /// Queue the rollout's failed devices again; each gets a fresh deploy command.
+    Retry(IdArgs),
     /// List rollouts, newest first.
     List {
         #[command(flatten)]
@@ -331,7 +334,10 @@ fn print_status(r: &RolloutView) {
 }
 
 fn is_final(r: &RolloutView) -> bool {
-    matches!(r.status.as_str(), "completed" | "paused" | "rolled-back")
+    matches!(
+        r.status.as_str(),
+        "completed" | "paused" | "rolled-back" | "aborted"
+    )
 }
 
 pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
@@ -392,6 +398,7 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
         RolloutCommand::Pause(a) => operate(a, "pause").await,
         RolloutCommand::Resume(a) => operate(a, "resume").await,
         RolloutCommand::Abort(a) => operate(a, "abort").await,
+        RolloutCommand::Retry(a) => operate(a, "retry").await,
         RolloutCommand::Report { id, server, output } => {
             let r: RolloutReport = Client::new(&server)?
                 .get(&format!("/v1/rollouts/{id}/report"))

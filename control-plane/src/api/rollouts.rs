@@ -148,7 +148,9 @@ impl RolloutView {
         let reason = match &s.status {
             Status::Paused { reason }
             | Status::RollingBack { reason }
-            | Status::RolledBack { reason } => Some(reason.clone()),
+            | Status::RolledBack { reason }
+            | Status::Aborting { reason }
+            | Status::Aborted { reason } => Some(reason.clone()),
             _ => None,
         };
         let mut devices: BTreeMap<String, u64> = BTreeMap::new();
@@ -412,10 +414,11 @@ pub(super) async fn operate_rollout(
         "pause" => Op::Pause,
         "resume" => Op::Resume,
         "abort" => Op::Abort,
+        "retry" => Op::Retry,
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("no rollout operation {other:?}: use pause, resume or abort"),
+                format!("no rollout operation {other:?}: use pause, resume, abort or retry"),
             ))
         }
     };

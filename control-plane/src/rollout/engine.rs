@@ -44,10 +44,24 @@ pub struct Candidate {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     Running,
-    Paused { reason: String },
+    Paused {
+        reason: String,
+    },
     Completed,
-    RollingBack { reason: String },
-    RolledBack { reason: String },
+    RollingBack {
+        reason: String,
+    },
+    RolledBack {
+        reason: String,
+    },
+    /// An operator aborted it: devices are sent back as for a rollback, but the outcome
+    /// is the operator's call, not a gate's, and is reported apart.
+    Aborting {
+        reason: String,
+    },
+    Aborted {
+        reason: String,
+    },
 }
 
 impl Status {
@@ -58,12 +72,14 @@ impl Status {
             Status::Completed => "completed",
             Status::RollingBack { .. } => "rolling-back",
             Status::RolledBack { .. } => "rolled-back",
+            Status::Aborting { .. } => "aborting",
+            Status::Aborted { .. } => "aborted",
         }
     }
 
     /// Still needs the driver's attention (late devices, rollbacks in flight).
     pub fn is_active(&self) -> bool {
-        !matches!(self, Status::RolledBack { .. })
+        !matches!(self, Status::RolledBack { .. } | Status::Aborted { .. })
     }
 }
 
@@ -323,6 +339,8 @@ pub enum Op {
     Pause,
     Resume,
     Abort,
+    /// Queue the failed devices again (they get a fresh deploy command).
+    Retry,
 }
 
 /// Why an operator request was refused.
@@ -366,10 +384,53 @@ pub fn operate(state: &RolloutState, op: Op, who: &str, now_ms: u64) -> Result<S
                 &mut events,
                 Vec::new(),
             );
+            s.status = Status::Aborting { reason };
+        }
+        (Op::Retry, Status::Running | Status::Paused { .. } | Status::Completed) => {
+            let failed: Vec<String> = s
+                .devices
+                .iter()
+                .filter(|(_, d)| d.state == DevState::Failed)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if failed.is_empty() {
+                return Err(OpRefused {
+                    id: state.id,
+                    status: "without failed devices",
+                    op: "retry",
+                });
+            }
+            for id in &failed {
+                if let Some(slot) = s.devices.get_mut(id) {
+                    slot.state = DevState::Queued;
+                    slot.commanded_at_ms = None;
+                    slot.command_seq = None;
+                    slot.detail = Some("retried".into());
+                }
+            }
+            // A completed rollout runs again for them; its waves are all passed, so it
+            // completes again once they are commanded.
+            if s.status == Status::Completed {
+                s.status = Status::Running;
+            }
+            let when = if matches!(s.status, Status::Paused { .. }) {
+                "on resume"
+            } else {
+                "now"
+            };
+            events.push(event(
+                now_ms,
+                "retry",
+                format!(
+                    "{who} retried {} failed devices; they are commanded {when}",
+                    failed.len()
+                ),
+            ));
         }
         (Op::Pause, _) => return Err(refuse("pause")),
         (Op::Resume, _) => return Err(refuse("resume")),
         (Op::Abort, _) => return Err(refuse("abort")),
+        (Op::Retry, _) => return Err(refuse("retry")),
     }
     s.updated_at_ms = now_ms;
     Ok(Step {
@@ -417,10 +478,10 @@ pub fn step(state: &RolloutState, obs: &Observations, now_ms: u64) -> Step {
         Status::Running => run(&mut s, obs, now_ms, &mut actions, &mut events),
         Status::Completed => {}
         Status::Paused { .. } => {}
-        Status::RollingBack { reason } => {
+        Status::RollingBack { reason } | Status::Aborting { reason } => {
             finish_rollback(&mut s, obs, &reason, now_ms, &mut events)
         }
-        Status::RolledBack { .. } => {}
+        Status::RolledBack { .. } | Status::Aborted { .. } => {}
     }
     if matches!(s.status, Status::Running | Status::Completed) {
         promote_late(&mut s, now_ms, &mut actions);
@@ -448,19 +509,21 @@ fn finish_rollback(
         .filter(|(id, d)| d.state == DevState::RollingBack && obs.online(id))
         .count();
     if pending == 0 {
-        s.status = Status::RolledBack {
-            reason: reason.to_owned(),
-        };
+        let reason = reason.to_owned();
+        let aborted = matches!(s.status, Status::Aborting { .. });
         let done = s
             .devices
             .values()
             .filter(|d| d.state == DevState::RolledBack)
             .count();
-        events.push(event(
-            now_ms,
-            "rolled-back",
-            format!("{done} devices back on their previous model ({reason})"),
-        ));
+        let detail = format!("{done} devices back on their previous model ({reason})");
+        if aborted {
+            s.status = Status::Aborted { reason };
+            events.push(event(now_ms, "aborted", detail));
+        } else {
+            s.status = Status::RolledBack { reason };
+            events.push(event(now_ms, "rolled-back", detail));
+        }
     }
 }
 

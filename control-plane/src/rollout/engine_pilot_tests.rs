@@ -313,3 +313,69 @@ fn a_ten_percent_slower_model_across_a_bucket_edge_passes_a_1_5_latency_gate() {
     assert!(g.basis.starts_with("candidate p50 2"), "{}", g.basis);
     assert!(g.basis.contains("previous model p50 1"), "{}", g.basis);
 }
+
+#[test]
+fn an_operator_abort_ends_aborted_not_rolled_back() {
+    let mut dev = Obedient::new(4);
+    let s0 = RolloutState::new(1, one_wave(600), candidate(), 0);
+    let (s, _) = drive(s0, &mut dev, 0, 3);
+    assert_eq!(count(&s, DevState::Healthy), 4);
+    let ab = issue(operate(&s, Op::Abort, "carol", 200 * S).unwrap());
+    assert_eq!(ab.state.status.name(), "aborting");
+    assert_eq!(ab.actions.len(), 4, "every device is sent back");
+    dev.answer(&ab.actions);
+    let done = step(&ab.state, &dev.fleet.obs, 201 * S);
+    assert_eq!(
+        done.state.status,
+        Status::Aborted {
+            reason: "aborted by carol".into()
+        }
+    );
+    assert_eq!(done.state.status.name(), "aborted");
+    assert!(!done.state.status.is_active());
+    let e = done.events.iter().find(|e| e.kind == "aborted").unwrap();
+    assert!(e.detail.starts_with("4 devices back"), "{}", e.detail);
+    // A gate's rollback still ends rolled back (see engine_tests), never "aborted".
+    assert!(!done.events.iter().any(|e| e.kind == "rolled-back"));
+}
+
+#[test]
+fn retry_queues_failed_devices_again_and_they_are_commanded() {
+    let mut dev = Obedient::new(10);
+    let mut p = one_wave(0);
+    p.gates.min_install_success = Some(0.5);
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &dev.fleet.obs, 0));
+    dev.answer(&s1.actions);
+    let bad = s1.state.devices.keys().next().unwrap().clone();
+    dev.fleet.dev(&bad).progress = Some((Phase::Failed, Some("disk full".into())));
+    dev.fleet.dev(&bad).active = Some(OLD.into());
+    let s2 = step(&s1.state, &dev.fleet.obs, S).state;
+    let s3 = step(&s2, &dev.fleet.obs, 2 * S).state;
+    assert_eq!(s3.status, Status::Completed, "{:?}", s3.gates);
+    assert_eq!(s3.devices[&bad].state, DevState::Failed);
+    // Retry after completion: the failed device is queued and commanded again.
+    let r = operate(&s3, Op::Retry, "dave", 3 * S).unwrap();
+    assert_eq!(r.state.devices[&bad].state, DevState::Queued);
+    assert!(r.events[0]
+        .detail
+        .starts_with("dave retried 1 failed devices"));
+    let s4 = issue(step(&r.state, &dev.fleet.obs, 4 * S));
+    assert_eq!(
+        s4.actions,
+        vec![Action::Deploy {
+            device: bad.clone(),
+            shadow: false
+        }]
+    );
+    dev.answer(&s4.actions);
+    let s5 = step(&s4.state, &dev.fleet.obs, 5 * S).state;
+    assert_eq!(s5.devices[&bad].state, DevState::Healthy);
+    assert_eq!(s5.status, Status::Completed);
+    // Nothing left to retry: refused, saying why.
+    let e = operate(&s5, Op::Retry, "dave", 6 * S).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "rollout 1 is without failed devices: cannot retry"
+    );
+}

@@ -477,13 +477,11 @@ fn operators_pause_resume_and_abort_with_checks() {
     let resumed = operate(&paused.state, Op::Resume, "alice", 3 * S).unwrap();
     assert_eq!(resumed.state.status, Status::Running);
     let aborted = operate(&resumed.state, Op::Abort, "bob", 4 * S).unwrap();
-    assert!(
-        matches!(&aborted.state.status, Status::RollingBack { reason } if reason.contains("bob"))
-    );
+    assert!(matches!(&aborted.state.status, Status::Aborting { reason } if reason.contains("bob")));
     assert_eq!(aborted.actions.len(), 10);
     assert!(operate(&aborted.state, Op::Resume, "bob", 5 * S).is_err());
     let e = operate(&aborted.state, Op::Abort, "bob", 5 * S).unwrap_err();
-    assert!(e.to_string().contains("rolling-back"), "{e}");
+    assert!(e.to_string().contains("aborting"), "{e}");
 }
 
 #[test]

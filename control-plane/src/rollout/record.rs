@@ -38,6 +38,8 @@ enum StatusRecord {
     Completed,
     RollingBack { reason: String },
     RolledBack { reason: String },
+    Aborting { reason: String },
+    Aborted { reason: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -190,6 +192,8 @@ pub fn load(
             StatusRecord::Completed => Status::Completed,
             StatusRecord::RollingBack { reason } => Status::RollingBack { reason },
             StatusRecord::RolledBack { reason } => Status::RolledBack { reason },
+            StatusRecord::Aborting { reason } => Status::Aborting { reason },
+            StatusRecord::Aborted { reason } => Status::Aborted { reason },
         },
         wave: h.wave,
         stage: match h.stage {
@@ -253,6 +257,8 @@ fn status_record(s: &Status) -> StatusRecord {
         Status::Completed => StatusRecord::Completed,
         Status::RollingBack { reason } => StatusRecord::RollingBack { reason },
         Status::RolledBack { reason } => StatusRecord::RolledBack { reason },
+        Status::Aborting { reason } => StatusRecord::Aborting { reason },
+        Status::Aborted { reason } => StatusRecord::Aborted { reason },
     }
 }
 
@@ -408,6 +414,19 @@ mod tests {
             serde_json::json!({"state": "paused", "reason": "error rate"})
         );
         assert_eq!(h["stage"], "install");
+        let mut aborted = s.clone();
+        aborted.status = Status::Aborted {
+            reason: "aborted by op".into(),
+        };
+        let a: serde_json::Value = serde_json::from_str(&header(&aborted)).unwrap();
+        assert_eq!(
+            a["status"],
+            serde_json::json!({"state": "aborted", "reason": "aborted by op"})
+        );
+        assert_eq!(
+            load_header(&header(&aborted)).unwrap().status,
+            aborted.status
+        );
         assert_eq!(h["gates"][0]["verdict"], "fail");
         assert!(h["gates"][0].get("reason").is_none());
         assert_eq!(h["gates"][1]["verdict"], "no-data");

@@ -45,7 +45,10 @@ pub fn holders<'a>(open: impl IntoIterator<Item = &'a RolloutState>) -> BTreeMap
     for r in open {
         if matches!(
             r.status,
-            Status::Running | Status::Paused { .. } | Status::RollingBack { .. }
+            Status::Running
+                | Status::Paused { .. }
+                | Status::RollingBack { .. }
+                | Status::Aborting { .. }
         ) {
             for id in r.devices.keys() {
                 out.entry(id.clone()).or_insert(r.id);
