@@ -128,6 +128,9 @@ pub struct StartArgs {
     /// Who is starting it, for the rollout's report (default: $USER).
     #[arg(long, env = "USER", default_value = "operator")]
     pub by: String,
+    /// Devices enrolled into the selector while the rollout runs join the current wave.
+    #[arg(long)]
+    pub late_joiners: bool,
     /// Show what the plan would take and start nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -185,6 +188,7 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
             on_failure: OnFailure::Pause,
             gates: Gates::default(),
             shadow: None,
+            late_joiners: false,
         },
     };
     if let Some(m) = &a.model {
@@ -211,6 +215,9 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
     }
     if let Some(n) = a.max_concurrent {
         plan.max_concurrent = n;
+    }
+    if a.late_joiners {
+        plan.late_joiners = true;
     }
     if let Some(d) = a.deadline {
         plan.device_deadline = d;

@@ -351,6 +351,7 @@ fn observations(
                 baseline,
                 shadow: seen.shadow.get(&d.id).cloned().unwrap_or_default(),
                 drift_psi: drift.get(&d.id).copied(),
+                joined_at_ms: d.enrolled_at_ms,
             },
         );
     }

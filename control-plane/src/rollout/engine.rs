@@ -248,6 +248,8 @@ pub struct DeviceObs {
     pub shadow: ShadowObs,
     /// Largest per-feature PSI of the candidate's live inputs against its baseline.
     pub drift_psi: Option<f64>,
+    /// When the device came to match the fleet (its enrollment), for late joiners.
+    pub joined_at_ms: u64,
 }
 
 /// The fleet as the engine sees it: the devices the selector picks now, plus every device

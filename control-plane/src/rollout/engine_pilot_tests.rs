@@ -379,3 +379,53 @@ fn retry_queues_failed_devices_again_and_they_are_commanded() {
         "rollout 1 is without failed devices: cannot retry"
     );
 }
+
+#[test]
+fn late_joiners_join_the_current_wave_when_the_plan_takes_them() {
+    for take in [true, false] {
+        let mut dev = Obedient::new(10);
+        let mut p = example_plan();
+        p.shadow = None;
+        p.late_joiners = take;
+        let s0 = RolloutState::new(1, p, candidate(), 1_000 * S);
+        let s1 = issue(step(&s0, &dev.fleet.obs, 1_000 * S));
+        assert_eq!(s1.state.devices.len(), 1, "the canary");
+        // A device enrolled after the start, ranked past wave 1's (and 2's) size.
+        let top = dev
+            .fleet
+            .obs
+            .selected
+            .iter()
+            .map(|d| bucket(d))
+            .max()
+            .unwrap();
+        let late = (0..1000)
+            .map(|i| format!("late-{i}"))
+            .find(|id| bucket(id) > top)
+            .unwrap();
+        let mut o = dev.fleet.dev("dev-000").clone();
+        o.progress = None;
+        o.active = Some(OLD.into());
+        o.joined_at_ms = 1_500 * S;
+        dev.fleet.obs.devices.insert(late.clone(), o);
+        dev.fleet.obs.selected.push(late.clone());
+        let s2 = issue(step(&s1.state, &dev.fleet.obs, 1_600 * S));
+        let joined = s2.state.devices.get(&late);
+        if take {
+            assert_eq!(
+                joined.map(|d| (d.wave, d.state)),
+                Some((0, DevState::Deploying))
+            );
+            assert!(
+                s2.events.iter().any(|e| e.kind == "late-joiners"),
+                "{:?}",
+                s2.events
+            );
+        } else {
+            assert!(
+                joined.is_none(),
+                "waits for the wave that reaches its bucket"
+            );
+        }
+    }
+}

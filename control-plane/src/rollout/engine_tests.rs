@@ -32,6 +32,7 @@ pub(super) fn plan(waves: &[(f64, u64)]) -> Plan {
             ..Gates::default()
         },
         shadow: None,
+        late_joiners: false,
     }
 }
 

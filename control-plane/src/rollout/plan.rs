@@ -185,6 +185,11 @@ pub struct Plan {
     pub gates: Gates,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowPhase>,
+    /// Devices that come to match the selector while the rollout runs (enrolled after it
+    /// started) join at the current wave at once, instead of waiting for the wave whose
+    /// cumulative size reaches their bucket.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late_joiners: bool,
 }
 
 fn default_concurrency() -> u32 {

@@ -33,7 +33,33 @@ pub(super) fn assign(
     s.selected = ranked.len() as u64;
     let want = s.plan.waves[s.wave].cumulative(ranked.len());
     let mut newly = 0;
-    for id in ranked.iter().take(want) {
+    // Late joiners (if the plan takes them) go in at the current wave, whatever their rank.
+    let created = s.created_at_ms;
+    let late = |id: &str| {
+        s.plan.late_joiners
+            && obs
+                .devices
+                .get(id)
+                .is_some_and(|o| o.joined_at_ms > created)
+    };
+    let late: Vec<&str> = ranked
+        .iter()
+        .skip(want)
+        .copied()
+        .filter(|id| !s.devices.contains_key(*id) && late(id))
+        .collect();
+    if !late.is_empty() {
+        events.push(event(
+            now_ms,
+            "late-joiners",
+            format!(
+                "wave {}: {} devices that joined the selector after the start assigned",
+                s.wave + 1,
+                late.len()
+            ),
+        ));
+    }
+    for id in ranked.iter().take(want).chain(late.iter()) {
         if !s.devices.contains_key(*id) {
             let o = obs.devices.get(*id);
             s.devices.insert(
