@@ -29,12 +29,17 @@ pub enum RolloutCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Follow a rollout live until it completes, pauses or rolls back.
+    /// Follow a rollout live until it completes, pauses, rolls back or is aborted. Exits
+    /// 0 completed, 10 paused, 11 rolled back, 12 aborted; an unreachable server (a
+    /// restart) is polled again until --give-up-after.
     Watch {
         id: u64,
         /// Refresh interval.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: Duration,
+        /// How long to keep polling a server that does not answer (it may be restarting).
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        give_up_after: Duration,
         #[command(flatten)]
         server: ServerArgs,
         #[arg(long, value_enum, default_value_t)]
@@ -269,7 +274,7 @@ fn url_word(s: &str) -> String {
         .collect()
 }
 
-fn verdict(v: Verdict) -> &'static str {
+pub(crate) fn verdict(v: Verdict) -> &'static str {
     match v {
         Verdict::Pass => "pass",
         Verdict::Fail => "FAIL",
@@ -277,7 +282,7 @@ fn verdict(v: Verdict) -> &'static str {
     }
 }
 
-fn print_status(r: &RolloutView) {
+pub(crate) fn print_status(r: &RolloutView) {
     println!(
         "rollout {}  {}  {}  (selector {:?}, {} devices selected)",
         r.id, r.model, r.status, r.selector, r.selected
@@ -296,15 +301,28 @@ fn print_status(r: &RolloutView) {
         fmt_ms(r.stage_since_ms),
         fmt_ms(r.created_at_ms)
     );
+    if let Some(left) = super::rollout_watch::time_left(r) {
+        println!("  stage time left: {left}");
+    }
+    // Per-wave figures: the devices each wave adds, then where they are.
     println!(
-        "  {:<5} {:>7} {:>9} {:>8} {:>7} {:>10}  BAKE",
-        "WAVE", "TARGET", "ASSIGNED", "HEALTHY", "FAILED", "IN FLIGHT"
+        "  {:<5} {:>8} {:>11} {:>9} {:>8} {:>7} {:>10}  BAKE",
+        "WAVE", "DEVICES", "CUMULATIVE", "ASSIGNED", "HEALTHY", "FAILED", "IN FLIGHT"
     );
+    let mut before = 0;
     for w in &r.waves {
         println!(
-            "  {:<5} {:>7} {:>9} {:>8} {:>7} {:>10}  {}",
-            w.wave, w.target, w.assigned, w.healthy, w.failed, w.in_flight, w.bake
+            "  {:<5} {:>8} {:>11} {:>9} {:>8} {:>7} {:>10}  {}",
+            w.wave,
+            w.target.saturating_sub(before),
+            w.target,
+            w.assigned,
+            w.healthy,
+            w.failed,
+            w.in_flight,
+            w.bake
         );
+        before = before.max(w.target);
     }
     if !r.gates.is_empty() {
         println!(
@@ -340,7 +358,7 @@ fn print_status(r: &RolloutView) {
     }
 }
 
-fn is_final(r: &RolloutView) -> bool {
+pub(crate) fn is_final(r: &RolloutView) -> bool {
     matches!(
         r.status.as_str(),
         "completed" | "paused" | "rolled-back" | "aborted"
@@ -399,9 +417,10 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
         RolloutCommand::Watch {
             id,
             interval,
+            give_up_after,
             server,
             output,
-        } => watch(id, interval, &server, output).await,
+        } => super::rollout_watch::watch(id, interval, give_up_after, &server, output).await,
         RolloutCommand::Pause(a) => operate(a, "pause").await,
         RolloutCommand::Resume(a) => operate(a, "resume").await,
         RolloutCommand::Abort(a) => operate(a, "abort").await,
@@ -534,75 +553,4 @@ async fn operate(a: IdArgs, op: &str) -> anyhow::Result<()> {
     }
     println!("rollout {} is now {}", r.id, r.status);
     Ok(())
-}
-
-async fn watch(
-    id: u64,
-    interval: Duration,
-    server: &ServerArgs,
-    output: Output,
-) -> anyhow::Result<()> {
-    let client = Client::new(server)?;
-    let multi = indicatif::MultiProgress::new();
-    let style = indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
-    let status_line = multi.add(indicatif::ProgressBar::new_spinner());
-    loop {
-        let r: RolloutView = client.get(&format!("/v1/rollouts/{id}")).await?;
-        if output == Output::Json {
-            // One JSON object per line, so scripts can follow along.
-            println!("{}", serde_json::to_string(&r)?);
-        } else {
-            while bars.len() < r.waves.len() {
-                let b = multi.add(indicatif::ProgressBar::new(0));
-                b.set_style(style.clone());
-                b.set_prefix(format!("wave {}", bars.len() + 1));
-                bars.push(b);
-            }
-            for (b, w) in bars.iter().zip(&r.waves) {
-                b.set_length(w.target.max(1));
-                b.set_position(w.healthy.min(w.target.max(1)));
-                b.set_message(format!(
-                    "healthy, {} failed, {} in flight, bake {}",
-                    w.failed, w.in_flight, w.bake
-                ));
-            }
-            let gates: Vec<String> = r
-                .gates
-                .iter()
-                .map(|g| {
-                    format!(
-                        "{} {} {} [{}]",
-                        g.gate,
-                        g.value.map_or("-".into(), |v| format!("{v:.3}")),
-                        g.threshold,
-                        verdict(g.verdict)
-                    )
-                })
-                .collect();
-            status_line.set_message(format!(
-                "rollout {} {} wave {}/{} {} | {}",
-                r.id,
-                r.status,
-                r.wave,
-                r.waves.len(),
-                r.stage,
-                gates.join(" | ")
-            ));
-            status_line.tick();
-        }
-        if is_final(&r) {
-            for b in &bars {
-                b.finish();
-            }
-            status_line.finish();
-            if output == Output::Text {
-                print_status(&r);
-            }
-            return Ok(());
-        }
-        tokio::time::sleep(interval).await;
-    }
 }
