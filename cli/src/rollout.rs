@@ -133,6 +133,10 @@ pub struct StartArgs {
     /// Who is starting it, for the rollout's report (default: $USER).
     #[arg(long, env = "USER", default_value = "operator")]
     pub by: String,
+    /// Apply window, repeatable, e.g. `--window "Sat 02:00-05:00 Europe/Berlin"`: devices
+    /// download any time and switch to the model only inside a window.
+    #[arg(long = "window")]
+    pub windows: Vec<String>,
     /// Devices enrolled into the selector while the rollout runs join the current wave.
     #[arg(long)]
     pub late_joiners: bool,
@@ -194,6 +198,7 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
             gates: Gates::default(),
             shadow: None,
             late_joiners: false,
+            windows: Vec::new(),
         },
     };
     if let Some(m) = &a.model {
@@ -223,6 +228,9 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
     }
     if a.late_joiners {
         plan.late_joiners = true;
+    }
+    if !a.windows.is_empty() {
+        plan.windows = a.windows.clone();
     }
     if let Some(d) = a.deadline {
         plan.device_deadline = d;

@@ -31,6 +31,7 @@ use super::gates::{failure_reason, hold_reason, passed_how};
 use super::plan::{OnFailure, Plan};
 use super::slots::{promote, update_slot};
 use super::waves::{assign, dispatch};
+use super::windows;
 
 /// The model being rolled out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -532,6 +533,9 @@ fn finish_rollback(
 /// Devices that finished a shadow phase their wave has moved past (late arrivals) are
 /// promoted; the caller skips this once the rollout was stopped.
 fn promote_late(s: &mut RolloutState, now_ms: u64, actions: &mut Vec<Action>) {
+    if !windows::open(&s.plan.windows, now_ms) {
+        return;
+    }
     let wave_done = |slot: &Slot| slot.wave < s.wave || s.stage != Stage::Shadow;
     let late: Vec<String> = s
         .devices
@@ -709,6 +713,10 @@ fn shadow_stage(
         hold(s, why, now_ms, events);
         return;
     }
+    if !windows::open(&s.plan.windows, now_ms) {
+        hold(s, outside_windows(&s.plan.windows), now_ms, events);
+        return;
+    }
     let ids: Vec<String> = s
         .devices
         .iter()
@@ -749,9 +757,13 @@ fn install_stage(s: &mut RolloutState, obs: &Observations, now_ms: u64, events: 
         .values()
         .filter(|d| d.state.runs_candidate())
         .count();
+    if waiting && !windows::open(&s.plan.windows, now_ms) {
+        hold(s, outside_windows(&s.plan.windows), now_ms, events);
+    }
     if !waiting && healthy > 0 {
         s.stage = Stage::Bake;
         s.stage_since_ms = now_ms;
+        s.waiting = None;
         events.push(event(
             now_ms,
             "baking",
@@ -778,6 +790,13 @@ fn bake_stage(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: 
         return;
     }
     advance(s, gates, now_ms, events);
+}
+
+fn outside_windows(w: &[String]) -> String {
+    format!(
+        "outside the apply windows ({}): devices have the model and switch inside one",
+        w.join(", ")
+    )
 }
 
 /// The stage's time is over but it must wait: say why once (a `holding` event), and keep

@@ -429,3 +429,67 @@ fn late_joiners_join_the_current_wave_when_the_plan_takes_them() {
         }
     }
 }
+
+#[test]
+fn apply_windows_let_devices_download_any_time_but_activate_only_inside_one() {
+    let at = |civil: &str| {
+        let dt: jiff::civil::DateTime = civil.parse().unwrap();
+        let tz = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
+        dt.to_zoned(tz).unwrap().timestamp().as_millisecond() as u64
+    };
+    let mut dev = Obedient::new(3);
+    dev.fleet.dev("dev-002").active = None; // nothing to shadow beside
+    let mut p = one_wave(60);
+    p.windows = vec!["Sat 02:00-05:00 Europe/Berlin".into()];
+    // Friday noon: outside the window.
+    let fri = at("2026-12-04T12:00");
+    let s0 = RolloutState::new(1, p, candidate(), fri);
+    let s1 = issue(step(&s0, &dev.fleet.obs, fri));
+    assert_eq!(
+        s1.actions,
+        vec![
+            Action::Deploy {
+                device: "dev-000".into(),
+                shadow: true
+            },
+            Action::Deploy {
+                device: "dev-001".into(),
+                shadow: true
+            },
+        ],
+        "downloads start at once, as shadows; dev-002 waits queued"
+    );
+    dev.answer(&s1.actions);
+    // All Friday night: installed in shadow, nobody switches.
+    let mut s = s1.state;
+    for h in 13..26 {
+        let now = fri + (h - 12) * 3_600 * S;
+        let st = issue(step(&s, &dev.fleet.obs, now));
+        assert!(st.actions.is_empty(), "hour {h}: {:?}", st.actions);
+        s = st.state;
+    }
+    assert_eq!(count(&s, DevState::Shadowing), 2);
+    assert_eq!(count(&s, DevState::Queued), 1);
+    assert!(s
+        .waiting
+        .as_deref()
+        .unwrap()
+        .starts_with("outside the apply windows"));
+    // Saturday 02:00 Berlin: the shadows are promoted, the queued device activates.
+    let sat = at("2026-12-05T02:00");
+    let st = issue(step(&s, &dev.fleet.obs, sat));
+    let mut got: Vec<String> = st.actions.iter().map(|a| format!("{a:?}")).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            "Deploy { device: \"dev-002\", shadow: false }",
+            "Promote { device: \"dev-000\" }",
+            "Promote { device: \"dev-001\" }",
+        ]
+    );
+    dev.answer(&st.actions);
+    let (done, _) = drive(st.state, &mut dev, sat / (60 * S) + 1, 10);
+    assert_eq!(done.status, Status::Completed, "{:?}", done.waiting);
+    assert_eq!(count(&done, DevState::Healthy), 3);
+}

@@ -33,6 +33,7 @@ pub(super) fn plan(waves: &[(f64, u64)]) -> Plan {
         },
         shadow: None,
         late_joiners: false,
+        windows: Vec::new(),
     }
 }
 

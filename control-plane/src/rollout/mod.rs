@@ -5,6 +5,7 @@
 //! - [`engine`]: `step(state, observations, now) -> (state, actions, events)`, no I/O; its
 //!   private helpers: `waves` (assignment, dispatch), `slots` (device reports, deploy and
 //!   promote), `gates` (gate evaluation).
+//! - [`windows`]: apply windows (days, hours, IANA zone), checked with the time passed in.
 //! - [`record`]: the stored form (JSON in SQLite), apart from the engine's types.
 //! - [`targets`]: the selector over the store's device rows, devices held by open
 //!   rollouts, a plan's preview against the fleet, the candidate's drift per device.
@@ -19,6 +20,7 @@ pub mod record;
 mod slots;
 pub mod targets;
 mod waves;
+pub mod windows;
 
 #[cfg(test)]
 mod engine_pilot_tests;

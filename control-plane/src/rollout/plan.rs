@@ -190,6 +190,10 @@ pub struct Plan {
     /// cumulative size reaches their bucket.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub late_joiners: bool,
+    /// Apply windows (`"Sat 02:00-05:00 Europe/Berlin"`): devices download any time but
+    /// switch to the candidate only inside one. Empty: any time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<String>,
 }
 
 fn default_concurrency() -> u32 {
@@ -304,6 +308,11 @@ impl Plan {
                 if !(r.is_finite() && r > 0.0) {
                     errs.push(format!("shadow.max_latency_ratio = {r} must be positive"));
                 }
+            }
+        }
+        for w in &self.windows {
+            if let Err(e) = super::windows::Window::parse(w) {
+                errs.push(e);
             }
         }
         if self.device_deadline.is_zero() {

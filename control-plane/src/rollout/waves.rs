@@ -108,10 +108,13 @@ pub(super) fn dispatch(
         .filter(|(id, d)| d.state == DevState::Deploying && obs.online(id))
         .count();
     let mut free = limit.saturating_sub(busy);
+    // Outside the apply windows a device with no model to shadow beside waits queued:
+    // its only way in is activating, which waits for a window.
+    let closed = !super::windows::open(&s.plan.windows, now_ms);
     let queued: Vec<String> = s
         .devices
         .iter()
-        .filter(|(_, d)| d.state == DevState::Queued)
+        .filter(|(_, d)| d.state == DevState::Queued && !(closed && d.previous.is_none()))
         .map(|(id, _)| id.clone())
         .collect();
     for id in queued {
