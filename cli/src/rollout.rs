@@ -445,13 +445,19 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
             for e in &r.events {
                 println!("  {}  {:<14} {}", fmt_ms(e.at_ms), e.kind, e.detail);
                 for g in &e.gates {
+                    // Which gates decided, and on what: verdict, basis, and why not.
                     println!(
-                        "  {:>21} {:<24} {:>10} {:<10} {}",
+                        "  {:>21} {:<24} {:>10} {:<10} {:<10} {}{}",
                         "",
                         g.gate,
                         g.value.map_or("-".into(), |v| format!("{v:.4}")),
                         g.threshold,
-                        verdict(g.verdict)
+                        verdict(g.verdict),
+                        g.basis,
+                        g.reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
                     );
                 }
             }
