@@ -10,6 +10,7 @@ pub mod drift;
 pub mod keys;
 pub mod model;
 pub mod rollout;
+pub mod rollout_watch;
 pub mod serve;
 pub mod train;
 

@@ -233,6 +233,16 @@ pub(super) async fn deploy(
     };
     let device =
         DeviceId::new(id.clone()).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    // A direct deploy would fight the rollout's own commands for this device.
+    if let Some(r) = st.rollouts.holder(&id).await? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "device {id} is in rollout {r}, which still runs, is paused or rolls back: \
+                 wait for it (`drover rollout status {r}`) or abort it (`drover rollout abort {r}`)"
+            ),
+        ));
+    }
     let model_ref = req.model.clone();
     let (row, blob, model) = blocking(&st, move |sh, s| {
         let model = fleet::find_model(s, &model_ref)?;

@@ -24,8 +24,8 @@ pub use self::devices::{
 pub use self::keys::{keyring_view, KeyView, KeyringView};
 pub use self::models::{ModelView, PublishBody};
 pub use self::rollouts::{
-    ByQuery, EventView, GateView, RolloutDeviceView, RolloutReport, RolloutView, VerdictView,
-    WaveView,
+    ByQuery, EventView, GateView, HeldView, PreviewView, RolloutDeviceView, RolloutReport,
+    RolloutView, VerdictView, WavePreviewView, WaveView,
 };
 
 use std::sync::Arc;
@@ -150,6 +150,7 @@ pub fn router(st: AppState) -> Router {
             "/v1/rollouts",
             get(rollouts::list_rollouts).post(rollouts::start_rollout),
         )
+        .route("/v1/rollouts/preview", post(rollouts::preview_rollout))
         .route("/v1/rollouts/{id}", get(rollouts::show_rollout))
         .route("/v1/rollouts/{id}/report", get(rollouts::rollout_report))
         .route("/v1/rollouts/{id}/{op}", post(rollouts::operate_rollout))
