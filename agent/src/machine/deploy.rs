@@ -142,20 +142,18 @@ impl Machine {
         })
     }
 
-    /// A newer deploy replaces the one in flight (already overwritten on disk).
+    /// Ends the deployment in flight because a newer command about the model arrived;
+    /// the record on disk no longer names it (the command's write replaced `pending`).
+    pub(super) fn supersede_job(&mut self, by_seq: u64) {
+        let Some(old) = self.job.take() else { return };
+        let p = old.pending;
+        self.drop_download(&p);
+        let detail = Some(format!("superseded by command {by_seq}"));
+        self.progress(command_of(&p), Some(p.model), Phase::Failed, (0, 0), detail);
+    }
+
+    /// Starts a verified deploy (already persisted as pending; any older job is gone).
     pub(super) fn start_deploy(&mut self, pending: Pending) {
-        if let Some(old) = self.job.take() {
-            self.drop_download(&old.pending);
-            let detail = format!("superseded by command {}", pending.command_seq);
-            let p = old.pending;
-            self.progress(
-                command_of(&p),
-                Some(p.model),
-                Phase::Failed,
-                (0, 0),
-                Some(detail),
-            );
-        }
         self.crash_point("deploy.after_pending_persist");
         self.resume(pending);
     }
@@ -551,24 +549,12 @@ impl Machine {
         self.progress(r.cmd, Some(model), r.phase, (0, 0), r.detail);
     }
 
-    /// Drops the deployment in flight: a later command (a rollback) overrides it, so the
-    /// deploy it belonged to must not activate afterwards.
-    fn cancel_job(&mut self, by_seq: u64) {
-        let Some(old) = self.job.take() else { return };
-        let p = old.pending;
-        self.drop_download(&p);
-        self.state.pending = None;
-        self.persist();
-        let detail = Some(format!("superseded by command {by_seq}"));
-        self.progress(command_of(&p), Some(p.model), Phase::Failed, (0, 0), detail);
-    }
-
     pub(super) fn rollback(&mut self, cmd: CommandId, to: Option<ModelRef>) {
-        self.cancel_job(cmd.0);
-        // A rollback ends the rollout: a candidate still in shadow goes too.
+        // A rollback ends the rollout: a candidate still in shadow goes too (on disk
+        // first, so a failed write leaves it running as the record says).
         if self.state.shadow.take().is_some() {
-            self.emit(Effect::DropShadow);
             self.persist();
+            self.emit(Effect::DropShadow);
         }
         if let Some(to) = to {
             // Already where the command wants it (e.g. the candidate never activated, or

@@ -23,7 +23,9 @@
 //! Layout: this file holds inputs, effects, uplink sealing, the session, keyrings and
 //! commands; `deploy.rs` the download → install → activate → probation → rollback and
 //! promote path; `record.rs` the durable record's plain types (`crate::state` owns its
-//! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition.
+//! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition;
+//! `tests_race.rs` the redeploy race: unit tests and a property test over interleavings
+//! of commands, chunks, kills and restarts.
 //!
 //! Architecture invariant: no tokio, no MQTT client, no file system, no clock, no tract.
 //! Time comes in as `now_ms`; anything slow or fallible outside is an effect.
@@ -34,6 +36,8 @@ mod record;
 mod tests;
 #[cfg(test)]
 mod tests_deploy;
+#[cfg(test)]
+mod tests_race;
 
 use std::collections::BTreeMap;
 
@@ -702,12 +706,23 @@ impl Machine {
             Action::Deploy { manifest, mode } => Some(self.prepare_deploy(id, manifest, *mode)),
             _ => None,
         };
-        if let Some(Ok(p)) = &deploy {
-            self.state.pending = Some(p.clone());
+        // A command about the model (deploy, rollback, promote) overrides whatever
+        // deployment was pending, whatever its target, in the same write as the floor: an
+        // older deployment can never resume and activate over a newer command, not even
+        // after a restart. Settings leave the deployment alone.
+        let about_model = !matches!(cmd.action, Action::Configure(_));
+        if about_model {
+            self.state.pending = match &deploy {
+                Some(Ok(p)) => Some(p.clone()),
+                _ => None,
+            };
         }
         self.persist();
         self.crash_point("command.after_seq_persist");
         self.progress(id, None, Phase::Received, (0, 0), None);
+        if about_model {
+            self.supersede_job(cmd.seq);
+        }
         match deploy {
             Some(Ok(p)) => self.start_deploy(p),
             Some(Err(r)) => self.progress(id, r.model, r.phase, (0, 0), Some(r.detail)),
