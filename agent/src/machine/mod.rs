@@ -25,7 +25,8 @@
 //! promote path; `record.rs` the durable record's plain types (`crate::state` owns its
 //! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition;
 //! `tests_race.rs` the redeploy race: unit tests and a property test over interleavings
-//! of commands, chunks, kills and restarts.
+//! of commands, chunks, kills and restarts; `tests_faults.rs` a model the server cannot
+//! serve.
 //!
 //! Architecture invariant: no tokio, no MQTT client, no file system, no clock, no tract.
 //! Time comes in as `now_ms`; anything slow or fallible outside is an effect.
@@ -36,6 +37,8 @@ mod record;
 mod tests;
 #[cfg(test)]
 mod tests_deploy;
+#[cfg(test)]
+mod tests_faults;
 #[cfg(test)]
 mod tests_race;
 
@@ -51,7 +54,10 @@ use drover_protocol::topics::{self, ParsedTopic};
 use drover_protocol::trust::{Digest, SignedBlob, TrustError, TrustStore};
 use drover_protocol::{DeviceId, DeviceKey, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-pub use deploy::{probation_passed, CHUNK_BATCH, CHUNK_RETRY_MS, PROBATION_MAX_ERROR_RATE};
+pub use deploy::{
+    probation_passed, CHUNK_BATCH, CHUNK_RETRY_MS, MAX_CHUNK_ATTEMPTS, MAX_SILENT_REQUESTS,
+    PROBATION_MAX_ERROR_RATE,
+};
 pub use record::{Pending, Settings, Slot, SlotState, State};
 
 /// Uplink sequence numbers reserved per state write.
@@ -426,12 +432,13 @@ impl Machine {
                 manifest_digest,
                 index,
             } => self.on_chunk_written(manifest_digest, index),
-            Input::ChunkWriteFailed { index, error, .. } => {
-                // Not marked held: it is asked for again.
-                self.event(Event::ChunkRefused {
-                    index,
-                    reason: error,
-                });
+            Input::ChunkWriteFailed {
+                manifest_digest,
+                index,
+                error,
+            } => {
+                // Not marked held: it is asked for again (a bounded number of times).
+                self.chunk_failed(manifest_digest, index, error);
             }
             Input::BlobReady { manifest_digest } => self.on_blob_ready(manifest_digest),
             Input::Loaded { model } => self.on_loaded(model),
@@ -757,7 +764,7 @@ impl Machine {
             }
         }
         if self.chunk_retry_due() {
-            self.request_chunks();
+            self.retry_chunks();
         }
         let last_id = seen.last_request_id;
         if last_id.saturating_add(REQUEST_ID_BLOCK / 2) > self.state.request_ids_reserved {
