@@ -53,11 +53,13 @@ pub fn probation_passed(errors: u64, ok: u64) -> bool {
 }
 
 /// The deployment in flight.
+#[derive(Clone)]
 pub(super) struct Job {
     pub(super) pending: Pending,
     pub(super) stage: Stage,
 }
 
+#[derive(Clone)]
 pub(super) enum Stage {
     /// Asked the store what it holds ([`Effect::OpenDownload`]).
     Opening,
@@ -68,6 +70,7 @@ pub(super) enum Stage {
     SelfTesting,
 }
 
+#[derive(Clone)]
 pub(super) struct Download {
     /// One flag per chunk: verified and durably written.
     have: Vec<bool>,

@@ -16,6 +16,10 @@
 //! - [`Effect::Persist`] carries the record as it must be on disk at that point of the
 //!   I/O order; [`Effect::CrashPoint`] names a point of that order where the agent's
 //!   SIGKILL tests stop the process. A driver without a disk ignores both.
+//! - [`Effect::PersistCommand`] is the write that accepts a command (its replay floor and
+//!   what it replaces). If it fails, the driver drops the rest of the batch and hands
+//!   back [`Input::PersistFailed`]: the machine forgets the command (it is not acted on)
+//!   and reports the failure; the control plane sends it again later.
 //! - Trust is checked here, on bytes (`drover-protocol` is pure): keyrings, commands and
 //!   manifests against the [`TrustStore`], every chunk against its manifest before it is
 //!   written, and every downlink frame's MAC in [`Machine::decode`].
@@ -25,8 +29,8 @@
 //! promote path; `record.rs` the durable record's plain types (`crate::state` owns its
 //! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition;
 //! `tests_race.rs` the redeploy race: unit tests and a property test over interleavings
-//! of commands, chunks, kills and restarts; `tests_faults.rs` a model the server cannot
-//! serve.
+//! of commands, chunks, kills and restarts; `tests_faults.rs` a full disk and a model the
+//! server cannot serve.
 //!
 //! Architecture invariant: no tokio, no MQTT client, no file system, no clock, no tract.
 //! Time comes in as `now_ms`; anything slow or fallible outside is an effect.
@@ -72,6 +76,14 @@ const TELEMETRY_INTERVAL_MS: (u64, u64) = (100, 86_400_000);
 
 /// A command's (sequence, digest): what every progress report names.
 pub type CommandId = (u64, Digest);
+
+/// The machine as it was before a command was accepted ([`Input::PersistFailed`]).
+struct Undo {
+    cmd: CommandId,
+    state: State,
+    job: Option<deploy::Job>,
+    probation: Option<deploy::Probation>,
+}
 
 /// Who this device is and how it behaves.
 #[derive(Clone, Debug)]
@@ -143,6 +155,10 @@ pub enum Input {
         model: Digest,
         error: String,
     },
+    /// Result of a failed [`Effect::PersistCommand`] (the rest of its batch was dropped).
+    PersistFailed {
+        error: String,
+    },
 }
 
 /// What the store already holds of a model ([`Input::Opened`]).
@@ -181,6 +197,9 @@ pub struct Sealed {
 pub enum Effect {
     /// Write this record durably before the next effect.
     Persist(Box<State>),
+    /// Write this record durably before the next effect; if that fails, drop the rest of
+    /// the batch and answer [`Input::PersistFailed`] (the write that accepts a command).
+    PersistCommand(Box<State>),
     /// A named point of the I/O order (`drover_host::crash::point`).
     CrashPoint(&'static str),
     Uplink(Sealed),
@@ -293,6 +312,11 @@ pub enum Event {
         errors: u64,
         ok: u64,
     },
+    /// A command was not acted on because its acceptance could not be persisted.
+    CommandNotPersisted {
+        seq: u64,
+        error: String,
+    },
 }
 
 /// A frame on one of this device's topics that failed its checks.
@@ -329,6 +353,8 @@ pub struct Machine {
     job: Option<deploy::Job>,
     restore: Option<deploy::Restore>,
     probation: Option<deploy::Probation>,
+    /// What a command being accepted changed, restored if its write fails.
+    undo: Option<Undo>,
     /// The time of the input being handled.
     now: u64,
     /// The effects of the input being handled.
@@ -357,6 +383,7 @@ impl Machine {
             job: None,
             restore: None,
             probation: None,
+            undo: None,
             now: now_ms,
             out: Vec::new(),
         }
@@ -398,7 +425,10 @@ impl Machine {
     /// Handles one input; returns what to do, in order.
     pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Effect> {
         self.now = now_ms;
+        // The command accepted by the last batch is durable unless this says otherwise.
+        let undo = self.undo.take();
         match input {
+            Input::PersistFailed { error } => self.command_not_persisted(undo, error),
             Input::Start => self.start(),
             Input::Connected => self.on_connected(),
             Input::Disconnected => {
@@ -707,6 +737,12 @@ impl Machine {
         // Persist the replay floor before acting, so a replay after a crash is refused. A
         // deployment is persisted in the same write, so a crash cannot lose it.
         let id = (cmd.seq, digest);
+        let undo = Undo {
+            cmd: id,
+            state: self.state.clone(),
+            job: self.job.clone(),
+            probation: self.probation,
+        };
         self.state.last_command_seq = cmd.seq;
         self.state.last_command_digest = Some(digest);
         let deploy = match &cmd.action {
@@ -724,7 +760,9 @@ impl Machine {
                 _ => None,
             };
         }
-        self.persist();
+        self.out
+            .push(Effect::PersistCommand(Box::new(self.state.clone())));
+        self.undo = Some(undo);
         self.crash_point("command.after_seq_persist");
         self.progress(id, None, Phase::Received, (0, 0), None);
         if about_model {
@@ -735,6 +773,24 @@ impl Machine {
             Some(Err(r)) => self.progress(id, r.model, r.phase, (0, 0), Some(r.detail)),
             None => self.execute(cmd, id),
         }
+    }
+
+    /// The write accepting a command failed (a full disk): the machine returns to where
+    /// it was, so nothing acts on a command a restart would not know, and says why.
+    fn command_not_persisted(&mut self, undo: Option<Undo>, error: String) {
+        let Some(u) = undo else { return };
+        // Keep the uplink reservation: sequence numbers handed out stay used.
+        let reserved = self.state.uplink_seq_reserved;
+        self.state = u.state;
+        self.state.uplink_seq_reserved = self.state.uplink_seq_reserved.max(reserved);
+        self.job = u.job;
+        self.probation = u.probation;
+        self.event(Event::CommandNotPersisted {
+            seq: u.cmd.0,
+            error: error.clone(),
+        });
+        let detail = format!("not acted on: cannot persist agent state: {error}");
+        self.progress(u.cmd, None, Phase::Failed, (0, 0), Some(detail));
     }
 
     fn execute(&mut self, cmd: Command, id: CommandId) {

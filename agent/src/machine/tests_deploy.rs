@@ -75,7 +75,7 @@ fn a_deploy_is_persisted_as_pending_then_asks_the_store_what_it_holds() {
         ]
     );
     let first = match &e[0] {
-        Effect::Persist(s) => s,
+        Effect::PersistCommand(s) => s,
         other => panic!("{other:?}"),
     };
     assert_eq!(

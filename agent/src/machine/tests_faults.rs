@@ -1,5 +1,6 @@
-//! Unit tests of the deployment path's failures (issue 24): a model the server cannot
-//! serve correctly fails after a bounded number of attempts, with the reason (fault 7).
+//! Unit tests of the deployment path's failures (issue 24): a command whose acceptance
+//! cannot be persisted is not acted on (fault 4); a model the server cannot serve
+//! correctly fails after a bounded number of attempts, with the reason (fault 7).
 
 use super::tests::*;
 use super::*;
@@ -29,6 +30,47 @@ fn failed_detail(e: &[Effect]) -> Option<String> {
         .into_iter()
         .find(|p| p.1 == Phase::Failed)
         .and_then(|p| p.2)
+}
+
+#[test]
+fn a_command_whose_acceptance_cannot_be_persisted_is_not_acted_on() {
+    let mut r = rig();
+    let v1 = TestModel::new(&r.signer, "1.0.0", 3000);
+    let v2 = TestModel::new(&r.signer, "2.0.0", 3000);
+    downloading(&mut r, 1, &v1);
+    let before = r.m.state().clone();
+    // The driver runs the batch up to the failed write, then answers.
+    let e = r.send_command(deploy_cmd(&r, 2, &v2));
+    assert!(matches!(e[0], Effect::PersistCommand(_)), "{:?}", names(&e));
+    let e = r.handle(Input::PersistFailed {
+        error: "No space left on device".into(),
+    });
+    assert_eq!(
+        progress(&e),
+        [(
+            2,
+            Phase::Failed,
+            Some("not acted on: cannot persist agent state: No space left on device".into())
+        )]
+    );
+    assert!(events(&e).contains(&&Event::CommandNotPersisted {
+        seq: 2,
+        error: "No space left on device".into()
+    }));
+    // Nothing changed: the floor, the pending deployment and the job in flight are v1's.
+    assert_eq!(r.m.state().last_command_seq, before.last_command_seq);
+    assert_eq!(r.m.state().pending, before.pending);
+    assert!(!names(&e).contains(&"close".to_owned()));
+    let e = r.handle(Input::Chunk(v1.chunk(0)));
+    assert!(matches!(e[..], [Effect::WriteChunk { index: 0, .. }]));
+    // Sent again once the disk has room, the command is accepted (not a replay).
+    let e = r.send_command(deploy_cmd(&r, 2, &v2));
+    assert_eq!(phases(&e)[..2], [Phase::Received, Phase::Failed]);
+    assert_eq!(r.m.state().last_command_seq, 2);
+    // A failure reported after an input that accepted no command changes nothing.
+    r.tick(0, 0);
+    let e = r.handle(Input::PersistFailed { error: "x".into() });
+    assert!(e.is_empty());
 }
 
 #[test]

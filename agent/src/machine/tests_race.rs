@@ -71,7 +71,7 @@ fn redeploying_the_active_model_cancels_the_download_in_flight() {
     );
     // The command's own write forgets the older deployment.
     let first = match &e[0] {
-        Effect::Persist(s) => s,
+        Effect::PersistCommand(s) => s,
         other => panic!("{other:?}"),
     };
     assert_eq!((first.last_command_seq, first.pending.clone()), (3, None));
@@ -270,7 +270,7 @@ impl World {
 
     fn execute(&mut self, effect: Effect) -> Option<Input> {
         match effect {
-            Effect::Persist(s) => {
+            Effect::Persist(s) | Effect::PersistCommand(s) => {
                 self.check_pending(&s);
                 self.disk = *s;
             }
