@@ -6,8 +6,9 @@
 //! - a SIGKILL and a restart on the full disk keep serving the active model;
 //! - no temp file is left behind, and once there is room the command goes through.
 //!
-//! Mounting needs root (or CAP_SYS_ADMIN): without it the test says why and passes,
-//! unless `DROVER_REQUIRE_PEERS=1`.
+//! Mounting needs root (or CAP_SYS_ADMIN). Without it the test runs itself again inside
+//! a user and mount namespace (`unshare -rm`); where that is impossible too it says why
+//! and passes, unless `DROVER_REQUIRE_PEERS=1`.
 
 mod common;
 
@@ -24,6 +25,31 @@ use drover_protocol::messages::{Phase, Uplink};
 use drover_protocol::trust::sha256;
 
 const DEVICE: &str = "gw-diskfull";
+const TEST: &str =
+    "a_full_disk_refuses_what_cannot_fit_acts_on_nothing_unpersisted_and_keeps_serving";
+/// Set in the copy of this test that runs inside `unshare -rm`.
+const IN_NAMESPACE: &str = "DROVER_DISK_FULL_IN_NAMESPACE";
+
+/// Runs this test again inside a user and mount namespace, where an unprivileged user
+/// may mount a tmpfs. `Ok(())` when it ran and passed; `Err` when it could not run.
+fn rerun_in_namespace() -> Result<(), String> {
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        return Err("no tmpfs inside the namespace either".into());
+    }
+    let status = Command::new("unshare")
+        .args(["-rm", "--"])
+        .arg(std::env::current_exe().map_err(|e| e.to_string())?)
+        .args(["--exact", TEST, "--nocapture"])
+        .env(IN_NAMESPACE, "1")
+        .status()
+        .map_err(|e| format!("cannot run unshare: {e}"))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        // The test harness's exit code for a failed test.
+        Some(101) => panic!("the test failed inside `unshare -rm`"),
+        _ => Err(format!("`unshare -rm` is not available: {status}")),
+    }
+}
 
 /// A tmpfs mounted for the test's life.
 struct Tmpfs(PathBuf);
@@ -163,11 +189,17 @@ async fn a_full_disk_refuses_what_cannot_fit_acts_on_nothing_unpersisted_and_kee
     std::fs::create_dir_all(&data).unwrap();
     let _tmpfs = match Tmpfs::mount(&data, "2m") {
         Ok(t) => t,
-        Err(e) if std::env::var("DROVER_REQUIRE_PEERS").as_deref() != Ok("1") => {
+        Err(e) => {
+            let e = match rerun_in_namespace() {
+                Ok(()) => return,
+                Err(why) => format!("{e}; {why}"),
+            };
+            if std::env::var("DROVER_REQUIRE_PEERS").as_deref() == Ok("1") {
+                panic!("cannot mount a tmpfs (DROVER_REQUIRE_PEERS=1): {e}");
+            }
             eprintln!("skipped: cannot mount a tmpfs for the agent's data dir: {e}");
             return;
         }
-        Err(e) => panic!("cannot mount a tmpfs (DROVER_REQUIRE_PEERS=1): {e}"),
     };
     let port = start_broker();
     let keys = Arc::new(Keys::new());
