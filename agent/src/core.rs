@@ -497,9 +497,10 @@ impl Core {
             }
             held
         };
-        if store::check_fits(&self.data_dir, manifest, &held).is_err() {
+        let budget = self.cfg.raw.store.max_bytes;
+        if store::check_fits(&self.data_dir, manifest, &held, budget).is_err() {
             collect_garbage(&self.data_dir, &self.kept, &self.serving);
-            if let Err(error) = store::check_fits(&self.data_dir, manifest, &held) {
+            if let Err(error) = store::check_fits(&self.data_dir, manifest, &held, budget) {
                 return Input::OpenFailed {
                     manifest_digest,
                     error,

@@ -101,10 +101,16 @@ fn partial_kept(name: &str, kept: &BTreeSet<String>) -> bool {
     stem.is_some_and(|h| kept.contains(h))
 }
 
-/// Refuses a download that would not fit: the bytes still to write (the model's size
-/// less its chunks already held) plus [`DISK_RESERVE_BYTES`] against the free space,
-/// with both figures in the message.
-pub fn check_fits(data_dir: &Path, manifest: &Manifest, held: &[bool]) -> Result<(), String> {
+/// Refuses a download that would not fit, with the figures: the bytes still to write (the
+/// model's size less its chunks already held) against the store's budget `max_bytes`
+/// (0: none) given what `blobs/` and `downloads/` hold, then, plus
+/// [`DISK_RESERVE_BYTES`], against the free space.
+pub fn check_fits(
+    data_dir: &Path,
+    manifest: &Manifest,
+    held: &[bool],
+    max_bytes: u64,
+) -> Result<(), String> {
     let held_bytes: u64 = held
         .iter()
         .enumerate()
@@ -112,6 +118,15 @@ pub fn check_fits(data_dir: &Path, manifest: &Manifest, held: &[bool]) -> Result
         .map(|(i, _)| chunk_len(manifest, i as u64))
         .sum();
     let needed = manifest.size.saturating_sub(held_bytes);
+    if max_bytes > 0 {
+        let used = dir_bytes(&data_dir.join("blobs")) + dir_bytes(&data_dir.join("downloads"));
+        if used.saturating_add(needed) > max_bytes {
+            return Err(format!(
+                "over the model store's disk budget: the model needs {needed} more bytes, \
+                 the store holds {used} of {max_bytes} bytes (store.max_bytes)"
+            ));
+        }
+    }
     let free = match free_space(data_dir) {
         Ok(f) => f,
         Err(e) => {
@@ -128,6 +143,18 @@ pub fn check_fits(data_dir: &Path, manifest: &Manifest, held: &[bool]) -> Result
         ));
     }
     Ok(())
+}
+
+/// Bytes the files directly in `dir` take (0 when it does not exist).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 fn chunk_len(m: &Manifest, index: u64) -> u64 {
@@ -245,9 +272,24 @@ mod tests {
     fn a_download_that_cannot_fit_is_refused_with_the_figures() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = manifest(1);
-        assert_eq!(check_fits(dir.path(), &m, &[false; 3]), Ok(()));
+        assert_eq!(check_fits(dir.path(), &m, &[false; 3], 0), Ok(()));
+        // The budget counts what the store already holds.
+        touch(dir.path(), "blobs", "old.onnx");
+        fs::write(dir.path().join("blobs/old.onnx"), vec![0; 1_047_000]).unwrap();
+        assert_eq!(
+            check_fits(dir.path(), &m, &[false; 3], 1 << 20),
+            Err(
+                "over the model store's disk budget: the model needs 3000 more bytes, \
+             the store holds 1047000 of 1048576 bytes (store.max_bytes)"
+                    .into()
+            )
+        );
+        assert_eq!(
+            check_fits(dir.path(), &m, &[true, true, false], 1 << 20),
+            Ok(())
+        );
         m.size = u64::MAX / 2;
-        let e = check_fits(dir.path(), &m, &[true, false, false]).unwrap_err();
+        let e = check_fits(dir.path(), &m, &[true, false, false], 0).unwrap_err();
         let needed = u64::MAX / 2 - 1024;
         assert!(
             e.starts_with(&format!(
