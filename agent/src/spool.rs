@@ -67,7 +67,10 @@ pub fn evictions(index: &BTreeMap<u64, u64>, bytes: u64, incoming: u64, max: u64
 impl Spool {
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        remove_temp_files(dir).map_err(io(dir))?;
+        // Best effort: leftovers must not stop the agent from starting.
+        if let Err(e) = remove_temp_files(dir) {
+            tracing::warn!(error = %e, "cannot remove temp files from the spool");
+        }
         let block = fs::metadata(dir).map_err(io(dir))?.blksize().max(512);
         let mut index = BTreeMap::new();
         let mut bytes = 0;
@@ -117,7 +120,10 @@ impl Spool {
                 total_dropped = self.dropped,
                 "uplink spool full: oldest records dropped"
             );
-            self.save_dropped()?;
+            // Best effort: the frame below is still written (or counted) either way.
+            if let Err(e) = self.save_dropped() {
+                tracing::warn!(error = %e, "cannot persist the spool's drop count");
+            }
         }
         let p = self.path(seq);
         if let Err(e) = write_atomic(&p, frame) {
