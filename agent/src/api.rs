@@ -469,6 +469,30 @@ async fn metrics(State(s): State<Shared>) -> Response {
         t.swaps.load(Relaxed),
     );
     metric(
+        "drover_agent_spool_dropped_total",
+        "counter",
+        "Uplink records the spool dropped: evicted when full or not writable (cumulative).",
+        t.spool_dropped.load(Relaxed),
+    );
+    metric(
+        "drover_agent_state_write_failures_total",
+        "counter",
+        "Failed writes of the agent's state file (commands are not acted on meanwhile).",
+        t.state_write_failures.load(Relaxed),
+    );
+    metric(
+        "drover_agent_disk_full",
+        "gauge",
+        "1 while the last state write failed (a full disk), else 0.",
+        t.disk_full.load(Relaxed),
+    );
+    metric(
+        "drover_agent_store_collected_bytes_total",
+        "counter",
+        "Bytes of superseded model files and partial downloads collected.",
+        t.store_collected_bytes.load(Relaxed),
+    );
+    metric(
         "drover_agent_requests_too_large_total",
         "counter",
         "Inference requests refused for a body over the limit (413).",

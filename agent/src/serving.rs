@@ -87,6 +87,14 @@ pub struct Totals {
     pub client_errors: AtomicU64,
     pub latency_us_sum: AtomicU64,
     pub swaps: AtomicU64,
+    /// Uplink records the spool dropped (full, or a write failed); cumulative.
+    pub spool_dropped: AtomicU64,
+    /// Failed writes of the agent's state file.
+    pub state_write_failures: AtomicU64,
+    /// 1 while the last state write failed (a full disk), else 0.
+    pub disk_full: AtomicU64,
+    /// Bytes the model store's collection removed.
+    pub store_collected_bytes: AtomicU64,
 }
 
 pub struct Serving {

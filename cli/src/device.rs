@@ -112,6 +112,9 @@ fn print_device(d: &DeviceView) {
         "  last phase     {}",
         d.last_phase.as_deref().unwrap_or("-")
     );
+    if let Some(detail) = &d.last_detail {
+        println!("  last detail    {detail}");
+    }
     println!("  enrolled       {}", fmt_ms(d.enrolled_at_ms));
 }
 

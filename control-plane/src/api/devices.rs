@@ -30,6 +30,9 @@ pub struct DeviceView {
     pub last_phase: Option<String>,
     pub enrolled_at_ms: u64,
     pub last_command_seq: u64,
+    /// The detail of the latest progress report, e.g. why a deploy failed.
+    #[serde(default)]
+    pub last_detail: Option<String>,
 }
 
 impl From<DeviceRow> for DeviceView {
@@ -48,6 +51,7 @@ impl From<DeviceRow> for DeviceView {
             last_phase: d.last_phase,
             enrolled_at_ms: d.enrolled_at_ms,
             last_command_seq: d.reported_command_seq,
+            last_detail: d.last_detail,
         }
     }
 }

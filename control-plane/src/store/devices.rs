@@ -27,6 +27,8 @@ pub struct DeviceRow {
     pub max_uplink_seq: u64,
     /// Manifest digest (hex) of the active model.
     pub active_digest: Option<String>,
+    /// The detail of the device's latest progress report (why a deploy failed).
+    pub last_detail: Option<String>,
 }
 
 /// What ingest needs to authenticate a device.
@@ -37,7 +39,7 @@ pub struct DeviceAuth {
     pub decommissioned: bool,
 }
 
-const DEVICE_COLS: &str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq, active_digest";
+const DEVICE_COLS: &str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq, active_digest, (SELECT p.detail FROM progress p WHERE p.device = devices.id ORDER BY p.seq DESC LIMIT 1)";
 
 fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
     let labels: String = r.get(1)?;
@@ -57,6 +59,7 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
         reported_command_seq: u64_at(r, 12)?,
         max_uplink_seq: u64_at(r, 13)?,
         active_digest: r.get(14)?,
+        last_detail: r.get(15)?,
     })
 }
 

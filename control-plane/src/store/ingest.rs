@@ -593,7 +593,6 @@ pub(super) mod tests {
         assert_eq!(s.progress_since(0).unwrap().len(), 2);
         assert_eq!(s.labels_since(0).unwrap(), 1);
         assert_eq!(s.drift_sketches(0, 2000).unwrap().len(), 1);
-
         // A last will takes the device offline.
         let bye = Uplink::Status(Status {
             presence: Presence::Offline,
@@ -604,5 +603,33 @@ pub(super) mod tests {
         });
         s.apply_batch(&[frame("gw-1", 7, 20, bye)]).unwrap();
         assert!(!s.device("gw-1").unwrap().unwrap().online);
+    }
+
+    #[test]
+    fn the_reason_a_device_gave_up_a_deploy_is_its_last_detail() {
+        let (_dir, mut s) = enrolled(&["gw-1"]);
+        assert_eq!(s.device("gw-1").unwrap().unwrap().last_detail, None);
+        let report = |phase, detail: Option<&str>| {
+            Uplink::Progress(Progress {
+                command_seq: 11,
+                command_digest: [9; 32],
+                phase,
+                model: Some(model_ref(4)),
+                chunks_done: 0,
+                chunks_total: 4,
+                detail: detail.map(str::to_owned),
+            })
+        };
+        let why = "failed after 5 attempts: chunk 2: chunk 2 hash mismatch";
+        s.apply_batch(&[
+            frame("gw-1", 1, 10, report(Phase::Downloading, None)),
+            frame("gw-1", 2, 11, report(Phase::Failed, Some(why))),
+        ])
+        .unwrap();
+        let d = s.device("gw-1").unwrap().unwrap();
+        assert_eq!(
+            (d.last_phase.as_deref(), d.last_detail.as_deref()),
+            (Some("failed"), Some(why))
+        );
     }
 }
