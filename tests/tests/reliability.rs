@@ -15,10 +15,14 @@
 //! - `agent_kills`: 20 agent SIGKILLs during deploys with reverts;
 //! - `serve_kills`: 10 control-plane SIGKILLs during ingest (integrity, sent = stored).
 
+#[path = "reliability/agent_kills.rs"]
+mod agent_kills;
 #[path = "reliability/common.rs"]
 mod common;
 #[path = "reliability/http.rs"]
 mod http;
+#[path = "reliability/serve_kills.rs"]
+mod serve_kills;
 #[path = "reliability/slow.rs"]
 mod slow;
 #[path = "reliability/uplink.rs"]

@@ -1,0 +1,165 @@
+//! 20 agent SIGKILLs during deploys with reverts: a real `drover-agent` process, an
+//! operator deploying dense 1.0.0, 2.0.0, back to 1.0.0 and so on through the `drover`
+//! CLI, sometimes again while the agent is down (the revert that issue 24's fault 3 lost),
+//! the agent SIGKILLed at a random moment of each deploy and restarted. At the end the
+//! device runs the model of the newest command (the control plane's desired one), the
+//! control plane sees it healthy, and the agent serves it: nothing wedged.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use drover_control_plane::config::ServeConfig;
+use drover_control_plane::serve;
+use drover_tests::{cli_devices, cli_enroll, drover_cli, free_port, wait_until};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::common::WAIT;
+
+const KILLS: usize = 20;
+const DEVICE: &str = "kill-a";
+
+fn spawn_agent(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(drover_tests::workspace_bin("drover-agent").unwrap())
+        .arg("--config")
+        .arg(config)
+        .args(["--probation-ms", "300"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap()
+}
+
+fn deploy(srv: &[&str], version: &str) {
+    let m = format!("dense@{version}");
+    drover_cli(
+        &[
+            &["device", "deploy", DEVICE, "--model", m.as_str()][..],
+            srv,
+        ]
+        .concat(),
+    )
+    .unwrap();
+}
+
+fn device(srv: &[&str]) -> serde_json::Value {
+    cli_devices(srv)
+        .into_iter()
+        .find(|d| d["id"] == DEVICE)
+        .unwrap_or_default()
+}
+
+/// The `model_version` the agent's KServe v2 API answers with.
+async fn served_version(http: &reqwest::Client, api: &str) -> Option<String> {
+    let body = json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.25f32; 16]}]});
+    let r = http
+        .post(format!("http://{api}/v2/models/dense/infer"))
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    Some(v["model_version"].as_str()?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = ServeConfig {
+        data_dir: dir.join("server"),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    let server = serve::run(config.validate().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let url = format!("http://{}", server.http_addr());
+    let token = server.api_token().to_string();
+    let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
+    let api_addr = format!("127.0.0.1:{}", free_port());
+    cli_enroll(&srv, dir, DEVICE, &[], &api_addr).unwrap();
+    let agent_config: PathBuf = dir.join(format!("{DEVICE}.toml"));
+    let log = dir.join("agent.log");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures");
+    for (file, version) in [("dense_v1.onnx", "1.0.0"), ("dense_v2.onnx", "2.0.0")] {
+        let f = fixtures.join(file);
+        let args = [
+            "model",
+            "publish",
+            f.to_str().unwrap(),
+            "--name",
+            "dense",
+            "--version",
+            version,
+        ];
+        drover_cli(&[&args[..], &srv].concat()).unwrap();
+    }
+    let mut agent = spawn_agent(&agent_config, &log);
+    wait_until("the agent online", WAIT, || async {
+        (device(&srv)["online"] == true).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let seed = drover_host::clock::now_ms();
+    eprintln!("agent kills: seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let versions = ["1.0.0", "2.0.0"];
+    let mut newest = "";
+    let mut reverts_while_down = 0;
+    for i in 0..KILLS {
+        newest = versions[i % 2];
+        deploy(&srv, newest);
+        // Anywhere in command, download, verify, self-test, activate or probation.
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await;
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        if rng.gen_bool(0.4) {
+            // The operator reverts while the agent is down.
+            newest = versions[(i + 1) % 2];
+            deploy(&srv, newest);
+            reverts_while_down += 1;
+        }
+        agent = spawn_agent(&agent_config, &log);
+    }
+
+    let want = format!("dense@{newest}");
+    let settled = wait_until(&format!("the device healthy on {want}"), WAIT, || async {
+        let d = device(&srv);
+        (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
+    })
+    .await;
+    let d = device(&srv);
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        settled.is_ok(),
+        "{KILLS} kills ({reverts_while_down} reverts while down): the device is {d} instead of \
+         healthy on {want}; agent log tail: {}",
+        &log_text[log_text.len().saturating_sub(3000)..]
+    );
+    let http = reqwest::Client::new();
+    let served = wait_until("the agent serving", WAIT, || {
+        served_version(&http, &api_addr)
+    })
+    .await;
+    assert_eq!(
+        served.ok().as_deref(),
+        Some(newest),
+        "the agent serves another model"
+    );
+    eprintln!(
+        "agent kills: {KILLS} kills, {reverts_while_down} reverts while down, ends on {want}"
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    server.shutdown().await;
+}
