@@ -19,6 +19,8 @@
 mod agent_kills;
 #[path = "reliability/common.rs"]
 mod common;
+#[path = "reliability/downlink.rs"]
+mod downlink;
 #[path = "reliability/http.rs"]
 mod http;
 #[path = "reliability/serve_kills.rs"]
