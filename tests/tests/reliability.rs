@@ -11,7 +11,8 @@
 //! - `slow`: hundreds of silent and byte-dripping TLS connections while a device works;
 //! - `http`: HTTP abuse on the control-plane API;
 //! - `downlink`: poison downlinks published to a device's topic;
-//! - `mosquitto`: the session storm and client-id takeover on mosquitto;
+//! - `mosquitto`: one identity's connect storm on mosquitto from the generated config (the
+//!   client-id takeover there is `broker_abuse.rs`'s, the certificate matrix `security.rs`'s);
 //! - `agent_kills`: 20 agent SIGKILLs during deploys with reverts;
 //! - `serve_kills`: 10 control-plane SIGKILLs during ingest (integrity, sent = stored).
 
@@ -23,6 +24,8 @@ mod common;
 mod downlink;
 #[path = "reliability/http.rs"]
 mod http;
+#[path = "reliability/mosquitto.rs"]
+mod mosquitto;
 #[path = "reliability/serve_kills.rs"]
 mod serve_kills;
 #[path = "reliability/slow.rs"]
