@@ -1,7 +1,9 @@
 //! 20 agent SIGKILLs during deploys with reverts: a real `drover-agent` process, an
 //! operator deploying dense 1.0.0, 2.0.0, back to 1.0.0 and so on through the `drover`
 //! CLI, sometimes again while the agent is down (the revert that issue 24's fault 3 lost),
-//! the agent SIGKILLed at a random moment of each deploy and restarted. At the end the
+//! the agent SIGKILLed at a random moment of each deploy and restarted; the last round is
+//! always fault 3's exact scenario (kill during the download of the other model, re-deploy
+//! of the still-active one while the agent is down). At the end the
 //! device runs the model of the newest command (the control plane's desired one), the
 //! control plane sees it healthy, and the agent serves it: nothing wedged.
 
@@ -54,6 +56,17 @@ fn device(srv: &[&str]) -> serde_json::Value {
         .into_iter()
         .find(|d| d["id"] == DEVICE)
         .unwrap_or_default()
+}
+
+/// Waits (generously) for the device to settle on `version` before the final round; a
+/// device that does not get there fails the final assertion anyway, with the details.
+async fn healthy_on_newest(srv: &[&str], version: &str) {
+    let want = format!("dense@{version}");
+    let _ = wait_until("the device settled", WAIT, || async {
+        let d = device(srv);
+        (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
+    })
+    .await;
 }
 
 /// The `model_version` the agent's KServe v2 API answers with.
@@ -131,6 +144,26 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
         }
         agent = spawn_agent(&agent_config, &log);
     }
+
+    // The last round is always fault 3's: the other model is commanded, the agent is
+    // killed early in its download, the operator re-deploys the model that is still
+    // active, and the agent comes back. The download in flight must not win.
+    healthy_on_newest(&srv, newest).await;
+    let (active, other) = (
+        newest,
+        if newest == versions[0] {
+            versions[1]
+        } else {
+            versions[0]
+        },
+    );
+    deploy(&srv, other);
+    tokio::time::sleep(Duration::from_millis(rng.gen_range(20..300))).await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    deploy(&srv, active);
+    newest = active;
+    agent = spawn_agent(&agent_config, &log);
 
     let want = format!("dense@{newest}");
     let settled = wait_until(&format!("the device healthy on {want}"), WAIT, || async {
