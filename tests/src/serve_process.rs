@@ -150,6 +150,49 @@ impl Drop for ServeProcess {
     }
 }
 
+/// Starts `drover serve` as [`ServeProcess::start_with`] does, retrying for up to 20 s
+/// while a killed predecessor's ports are still being released.
+pub fn start_retrying(
+    bin: &Path,
+    data_dir: &Path,
+    listen: &Listen,
+) -> anyhow::Result<ServeProcess> {
+    let mut last = None;
+    for _ in 0..100 {
+        match ServeProcess::start_with(bin, data_dir, listen, "") {
+            Ok(p) => return Ok(p),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("drover serve did not start")))
+}
+
+/// What a stopped server's database says about the telemetry of devices whose id starts
+/// with `device_prefix`: `PRAGMA integrity_check`, rows, and distinct (device, window)
+/// pairs (rows above it are duplicates).
+pub fn inspect_telemetry(
+    data_dir: &Path,
+    device_prefix: &str,
+) -> anyhow::Result<(String, u64, u64)> {
+    let db = rusqlite::Connection::open(data_dir.join(drover_control_plane::app::paths::DB_FILE))?;
+    let check: String = db.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    let mine = "substr(device, 1, length(?1)) = ?1";
+    let rows: u64 = db.query_row(
+        &format!("SELECT count(*) FROM telemetry WHERE {mine}"),
+        [device_prefix],
+        |r| r.get(0),
+    )?;
+    let distinct: u64 = db.query_row(
+        &format!(
+            "SELECT count(*) FROM (SELECT DISTINCT device, window_start_ms FROM telemetry WHERE {mine})"
+        ),
+        [device_prefix],
+        |r| r.get(0),
+    )?;
+    Ok((check, rows, distinct))
+}
+
 /// Peak and current resident set size of a process, in bytes (`VmHWM`, `VmRSS`).
 pub fn rss(pid: u32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

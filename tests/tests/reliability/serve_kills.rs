@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use drover_tests::serve_process::{Listen, ServeProcess};
+use drover_tests::serve_process::{inspect_telemetry, start_retrying, Listen, ServeProcess};
 use drover_tests::sim::{self, Fleet, SimConfig, Stats};
 use rand::{Rng, SeedableRng};
 
@@ -16,39 +16,8 @@ use crate::common::WAIT;
 const KILLS: usize = 10;
 const DEVICES: usize = 40;
 
-/// Starts `drover serve` on the fixed ports, retrying while the old process's ports are
-/// still being released.
-pub fn restart(bin: &std::path::Path, data: &std::path::Path, listen: &Listen) -> ServeProcess {
-    let mut last = None;
-    for _ in 0..100 {
-        match ServeProcess::start_with(bin, data, listen, "") {
-            Ok(p) => return p,
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("drover serve did not come back: {last:?}");
-}
-
-/// (`PRAGMA integrity_check`, telemetry rows, distinct (device, window) pairs) of a
-/// stopped server's database.
-pub fn inspect_db(data: &std::path::Path) -> (String, u64, u64) {
-    let db =
-        rusqlite::Connection::open(data.join(drover_control_plane::app::paths::DB_FILE)).unwrap();
-    let check: String = db
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    let rows: u64 = db
-        .query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))
-        .unwrap();
-    let distinct: u64 = db
-        .query_row(
-            "SELECT count(*) FROM (SELECT DISTINCT device, window_start_ms FROM telemetry)",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    (check, rows, distinct)
+fn restart(bin: &std::path::Path, data: &std::path::Path, listen: &Listen) -> ServeProcess {
+    start_retrying(bin, data, listen).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +73,7 @@ async fn ten_control_plane_sigkills_during_ingest_lose_and_duplicate_no_telemetr
     fleet.stop().await;
     // The last kill, too, lands on a server that has been ingesting.
     server.kill().unwrap();
-    let (check, rows, distinct) = inspect_db(&data);
+    let (check, rows, distinct) = inspect_telemetry(&data, "ingest-").unwrap();
     eprintln!(
         "serve kills: {KILLS} kills, sent at each kill {sent_at_kill:?}, {sent} sent, {rows} \
          stored, {distinct} distinct windows, {connects} connects, {unacked} durable frames \
