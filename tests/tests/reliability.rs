@@ -10,6 +10,7 @@
 //! - `uplink`: payload abuse against a live `drover serve` process through its TLS front;
 //! - `slow`: hundreds of silent and byte-dripping TLS connections while a device works;
 //! - `http`: HTTP abuse on the control-plane API;
+//! - `kserve`: KServe v2 abuse on a running agent's local API;
 //! - `downlink`: poison downlinks published to a device's topic;
 //! - `mosquitto`: one identity's connect storm on mosquitto from the generated config (the
 //!   client-id takeover there is `broker_abuse.rs`'s, the certificate matrix `security.rs`'s);
@@ -24,6 +25,8 @@ mod common;
 mod downlink;
 #[path = "reliability/http.rs"]
 mod http;
+#[path = "reliability/kserve.rs"]
+mod kserve;
 #[path = "reliability/mosquitto.rs"]
 mod mosquitto;
 #[path = "reliability/serve_kills.rs"]

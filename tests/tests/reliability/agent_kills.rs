@@ -7,79 +7,28 @@
 //! device runs the model of the newest command (the control plane's desired one), the
 //! control plane sees it healthy, and the agent serves it: nothing wedged.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::serve;
-use drover_tests::{cli_devices, cli_enroll, drover_cli, free_port, wait_until};
+use drover_tests::{cli_enroll, free_port, wait_until};
 use rand::{Rng, SeedableRng};
-use serde_json::json;
 
-use crate::common::WAIT;
+use crate::common::*;
 
 const KILLS: usize = 20;
 const DEVICE: &str = "kill-a";
-
-fn spawn_agent(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(drover_tests::workspace_bin("drover-agent").unwrap())
-        .arg("--config")
-        .arg(config)
-        .args(["--probation-ms", "300"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap()
-}
-
-fn deploy(srv: &[&str], version: &str) {
-    let m = format!("dense@{version}");
-    drover_cli(
-        &[
-            &["device", "deploy", DEVICE, "--model", m.as_str()][..],
-            srv,
-        ]
-        .concat(),
-    )
-    .unwrap();
-}
-
-fn device(srv: &[&str]) -> serde_json::Value {
-    cli_devices(srv)
-        .into_iter()
-        .find(|d| d["id"] == DEVICE)
-        .unwrap_or_default()
-}
 
 /// Waits (generously) for the device to settle on `version` before the final round; a
 /// device that does not get there fails the final assertion anyway, with the details.
 async fn healthy_on_newest(srv: &[&str], version: &str) {
     let want = format!("dense@{version}");
     let _ = wait_until("the device settled", WAIT, || async {
-        let d = device(srv);
+        let d = device_view(srv, DEVICE);
         (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
     })
     .await;
-}
-
-/// The `model_version` the agent's KServe v2 API answers with.
-async fn served_version(http: &reqwest::Client, api: &str) -> Option<String> {
-    let body = json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.25f32; 16]}]});
-    let r = http
-        .post(format!("http://{api}/v2/models/dense/infer"))
-        .json(&body)
-        .send()
-        .await
-        .ok()?;
-    let v: serde_json::Value = r.json().await.ok()?;
-    Some(v["model_version"].as_str()?.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,23 +51,10 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
     cli_enroll(&srv, dir, DEVICE, &[], &api_addr).unwrap();
     let agent_config: PathBuf = dir.join(format!("{DEVICE}.toml"));
     let log = dir.join("agent.log");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures");
-    for (file, version) in [("dense_v1.onnx", "1.0.0"), ("dense_v2.onnx", "2.0.0")] {
-        let f = fixtures.join(file);
-        let args = [
-            "model",
-            "publish",
-            f.to_str().unwrap(),
-            "--name",
-            "dense",
-            "--version",
-            version,
-        ];
-        drover_cli(&[&args[..], &srv].concat()).unwrap();
-    }
+    publish_dense(&srv);
     let mut agent = spawn_agent(&agent_config, &log);
     wait_until("the agent online", WAIT, || async {
-        (device(&srv)["online"] == true).then_some(())
+        (device_view(&srv, DEVICE)["online"] == true).then_some(())
     })
     .await
     .unwrap();
@@ -131,7 +67,7 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
     let mut reverts_while_down = 0;
     for i in 0..KILLS {
         newest = versions[i % 2];
-        deploy(&srv, newest);
+        deploy_dense(&srv, DEVICE, newest);
         // Anywhere in command, download, verify, self-test, activate or probation.
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await;
         agent.kill().unwrap();
@@ -139,7 +75,7 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
         if rng.gen_bool(0.4) {
             // The operator reverts while the agent is down.
             newest = versions[(i + 1) % 2];
-            deploy(&srv, newest);
+            deploy_dense(&srv, DEVICE, newest);
             reverts_while_down += 1;
         }
         agent = spawn_agent(&agent_config, &log);
@@ -157,21 +93,21 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
             versions[0]
         },
     );
-    deploy(&srv, other);
+    deploy_dense(&srv, DEVICE, other);
     tokio::time::sleep(Duration::from_millis(rng.gen_range(20..300))).await;
     agent.kill().unwrap();
     agent.wait().unwrap();
-    deploy(&srv, active);
+    deploy_dense(&srv, DEVICE, active);
     newest = active;
     agent = spawn_agent(&agent_config, &log);
 
     let want = format!("dense@{newest}");
     let settled = wait_until(&format!("the device healthy on {want}"), WAIT, || async {
-        let d = device(&srv);
+        let d = device_view(&srv, DEVICE);
         (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
     })
     .await;
-    let d = device(&srv);
+    let d = device_view(&srv, DEVICE);
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         settled.is_ok(),
@@ -179,11 +115,7 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
          healthy on {want}; agent log tail: {}",
         &log_text[log_text.len().saturating_sub(3000)..]
     );
-    let http = reqwest::Client::new();
-    let served = wait_until("the agent serving", WAIT, || {
-        served_version(&http, &api_addr)
-    })
-    .await;
+    let served = wait_until("the agent serving", WAIT, || served_version(&api_addr)).await;
     assert_eq!(
         served.ok().as_deref(),
         Some(newest),

@@ -153,3 +153,81 @@ pub async fn healthy(api: &Api) -> bool {
         .await
         .is_ok_and(|r| r.status().is_success())
 }
+
+/// A real `drover-agent` process on `config`, short probation, its log appended to `log`.
+pub fn spawn_agent(config: &Path, log: &Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    std::process::Command::new(drover_tests::workspace_bin("drover-agent").unwrap())
+        .arg("--config")
+        .arg(config)
+        .args(["--probation-ms", "300"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log))
+        .spawn()
+        .unwrap()
+}
+
+/// Publishes the dense fixtures as dense 1.0.0 and 2.0.0 through the CLI.
+pub fn publish_dense(srv: &[&str]) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures");
+    for (file, version) in [("dense_v1.onnx", "1.0.0"), ("dense_v2.onnx", "2.0.0")] {
+        let f = fixtures.join(file);
+        let args = [
+            "model",
+            "publish",
+            f.to_str().unwrap(),
+            "--name",
+            "dense",
+            "--version",
+            version,
+        ];
+        drover_tests::drover_cli(&[&args[..], srv].concat()).unwrap();
+    }
+}
+
+/// `drover device deploy ID --model dense@VERSION`.
+pub fn deploy_dense(srv: &[&str], id: &str, version: &str) {
+    let m = format!("dense@{version}");
+    let args = ["device", "deploy", id, "--model", m.as_str()];
+    drover_tests::drover_cli(&[&args[..], srv].concat()).unwrap();
+}
+
+/// The control plane's view of device `id` (null when absent).
+pub fn device_view(srv: &[&str], id: &str) -> serde_json::Value {
+    drover_tests::cli_devices(srv)
+        .into_iter()
+        .find(|d| d["id"] == id)
+        .unwrap_or_default()
+}
+
+/// Waits until the control plane sees `id` healthy on dense@`version`.
+pub async fn healthy_on(srv: &[&str], id: &str, version: &str) -> anyhow::Result<()> {
+    let want = format!("dense@{version}");
+    drover_tests::wait_until(&format!("{id} healthy on {want}"), WAIT, || async {
+        let d = device_view(srv, id);
+        (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
+    })
+    .await
+}
+
+/// A valid KServe v2 request for the dense fixtures.
+pub fn dense_request() -> serde_json::Value {
+    serde_json::json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.25f32; 16]}]})
+}
+
+/// The `model_version` the agent's KServe v2 API answers a valid request with.
+pub async fn served_version(api: &str) -> Option<String> {
+    let r = reqwest::Client::new()
+        .post(format!("http://{api}/v2/models/dense/infer"))
+        .json(&dense_request())
+        .send()
+        .await
+        .ok()?;
+    let v: serde_json::Value = r.json().await.ok()?;
+    Some(v["model_version"].as_str()?.to_owned())
+}

@@ -5,9 +5,6 @@
 //! so), stays connected (mosquitto saw no new connection from it), keeps serving its
 //! model, and still carries out the next genuine deploy.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::serve;
 use drover_protocol::envelope::{seal_downlink, DownlinkFrame, MAX_DOWNLINK_LEN};
@@ -16,54 +13,12 @@ use drover_protocol::topics::{self, parse_hex32};
 use drover_protocol::trust::{SecretKey, SigKind};
 use drover_protocol::{DeviceId, DeviceKey};
 use drover_tests::mosquitto::{self, Mosquitto, CONTROL_PLANE_USER};
-use drover_tests::{cli_devices, cli_enroll, drover_cli, free_port, peers_required, wait_until};
+use drover_tests::{cli_enroll, free_port, peers_required, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::json;
 
-use crate::common::WAIT;
+use crate::common::*;
 
 const DEVICE: &str = "poison-a";
-
-fn device(srv: &[&str]) -> serde_json::Value {
-    cli_devices(srv)
-        .into_iter()
-        .find(|d| d["id"] == DEVICE)
-        .unwrap_or_default()
-}
-
-fn deploy(srv: &[&str], version: &str) {
-    let m = format!("dense@{version}");
-    drover_cli(
-        &[
-            &["device", "deploy", DEVICE, "--model", m.as_str()][..],
-            srv,
-        ]
-        .concat(),
-    )
-    .unwrap();
-}
-
-async fn healthy_on(srv: &[&str], version: &str) {
-    let want = format!("dense@{version}");
-    wait_until(&format!("{DEVICE} healthy on {want}"), WAIT, || async {
-        let d = device(srv);
-        (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
-    })
-    .await
-    .unwrap();
-}
-
-async fn served_version(api: &str) -> Option<String> {
-    let body = json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.25f32; 16]}]});
-    let r = reqwest::Client::new()
-        .post(format!("http://{api}/v2/models/dense/infer"))
-        .json(&body)
-        .send()
-        .await
-        .ok()?;
-    let v: serde_json::Value = r.json().await.ok()?;
-    Some(v["model_version"].as_str()?.to_owned())
-}
 
 /// Connections mosquitto logged for the device's client id.
 fn connections(broker: &Mosquitto) -> usize {
@@ -72,18 +27,6 @@ fn connections(broker: &Mosquitto) -> usize {
         .lines()
         .filter(|l| l.contains("New client connected") && l.contains(&format!(" as {DEVICE} ")))
         .count()
-}
-
-fn spawn_agent(config: &Path, log: &Path) -> Child {
-    Command::new(drover_tests::workspace_bin("drover-agent").unwrap())
-        .arg("--config")
-        .arg(config)
-        .args(["--probation-ms", "300"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
-        .spawn()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,20 +66,7 @@ async fn poison_downlinks_are_refused_and_the_agent_stays_connected_and_serving(
     broker
         .add_users(&[(DEVICE.into(), key.mqtt_password())])
         .unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/fixtures");
-    for (file, version) in [("dense_v1.onnx", "1.0.0"), ("dense_v2.onnx", "2.0.0")] {
-        let f = fixtures.join(file);
-        let args = [
-            "model",
-            "publish",
-            f.to_str().unwrap(),
-            "--name",
-            "dense",
-            "--version",
-            version,
-        ];
-        drover_cli(&[&args[..], &srv].concat()).unwrap();
-    }
+    publish_dense(&srv);
 
     // The control plane's identity, watching the device's downlink to capture a genuine
     // command for the replay.
@@ -158,8 +88,8 @@ async fn poison_downlinks_are_refused_and_the_agent_stays_connected_and_serving(
 
     let log = dir.join("agent.log");
     let mut agent = spawn_agent(&dir.join(format!("{DEVICE}.toml")), &log);
-    deploy(&srv, "1.0.0");
-    healthy_on(&srv, "1.0.0").await;
+    deploy_dense(&srv, DEVICE, "1.0.0");
+    healthy_on(&srv, DEVICE, "1.0.0").await.unwrap();
     let genuine = tokio::time::timeout(WAIT, async {
         loop {
             let f = captured.recv().await.unwrap();
@@ -210,8 +140,10 @@ async fn poison_downlinks_are_refused_and_the_agent_stays_connected_and_serving(
     }
     // A fence: the next genuine command, published after the poison on the same
     // connection, is handled after it. The agent carries it out.
-    deploy(&srv, "2.0.0");
-    healthy_on(&srv, "2.0.0").await;
+    deploy_dense(&srv, DEVICE, "2.0.0");
+    let text = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+    let settled = healthy_on(&srv, DEVICE, "2.0.0").await;
+    assert!(settled.is_ok(), "{settled:?}; agent log: {}", text());
 
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let refusals = text.matches("refused").count();
@@ -228,7 +160,7 @@ async fn poison_downlinks_are_refused_and_the_agent_stays_connected_and_serving(
         connects_before,
         "the agent reconnected during the poison: {text}"
     );
-    assert_eq!(device(&srv)["online"], true);
+    assert_eq!(device_view(&srv, DEVICE)["online"], true);
     let served = wait_until("the agent serving", WAIT, || served_version(&api_addr)).await;
     assert_eq!(served.ok().as_deref(), Some("2.0.0"));
     pump.abort();
