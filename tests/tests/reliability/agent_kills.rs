@@ -101,10 +101,17 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
     newest = active;
     agent = spawn_agent(&agent_config, &log);
 
+    // Settled: healthy on the newest command with nothing staged. A restarted agent
+    // reports its healthy boot model at once; a download of an older command still in
+    // flight would activate afterwards (fault 3), so the state is checked again after
+    // the agent has had ample time for that (a settle, not a time bound), below.
     let want = format!("dense@{newest}");
     let settled = wait_until(&format!("the device healthy on {want}"), WAIT, || async {
         let d = device_view(&srv, DEVICE);
-        (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
+        (d["active_model"] == want.as_str()
+            && d["last_phase"] == "healthy"
+            && d["staged_model"].is_null())
+        .then_some(())
     })
     .await;
     let d = device_view(&srv, DEVICE);
@@ -115,11 +122,14 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
          healthy on {want}; agent log tail: {}",
         &log_text[log_text.len().saturating_sub(3000)..]
     );
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let served = wait_until("the agent serving", WAIT, || served_version(&api_addr)).await;
+    let d = device_view(&srv, DEVICE);
     assert_eq!(
-        served.ok().as_deref(),
-        Some(newest),
-        "the agent serves another model"
+        (served.ok().as_deref(), d["active_model"].as_str()),
+        (Some(newest), Some(want.as_str())),
+        "after the last command ({want}) the agent serves another model (issue 24 fault 3: \
+         an older command's download activated over the newer re-deploy); device {d}"
     );
     eprintln!(
         "agent kills: {KILLS} kills, {reverts_while_down} reverts while down, ends on {want}"

@@ -1,8 +1,9 @@
 //! KServe v2 abuse on a running `drover-agent` process's local API, beyond the malformed
 //! requests of `agent/tests/api.rs` and the memory limits of `agent/tests/api_limits.rs`:
 //! shapes claiming billions of values, deeply nested JSON, hundreds of malformed requests
-//! at once, and 50 connections dripping their headers. Each request gets its 4xx (never a
-//! 5xx or a dropped connection), and the agent keeps serving good requests.
+//! at once, and 50 connections dripping their headers. Each request gets its 4xx (or, at
+//! volume, the in-flight budget's 503; never another 5xx or a dropped connection), and the
+//! agent keeps serving good requests.
 
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::serve;
@@ -95,13 +96,18 @@ async fn kserve_abuse_on_a_running_agent_gets_client_errors_and_good_requests_ar
             tasks.push(tokio::spawn(async move { (f.await, want) }));
         }
     }
-    let mut wrong = Vec::new();
+    // At volume a body may also meet the agent's shared in-flight byte budget: 503
+    // (busy) is that budget's own clear refusal. Anything else is wrong.
+    let (mut wrong, mut busy) = (Vec::new(), 0);
     for t in tasks {
         let (got, want) = t.await.unwrap();
-        if got != Ok(want) {
-            wrong.push(got);
+        match got {
+            Ok(503) => busy += 1,
+            g if g == Ok(want) => {}
+            g => wrong.push(g),
         }
     }
+    eprintln!("kserve abuse: 300 at once, {busy} answered 503 (in-flight budget)");
     assert!(
         wrong.is_empty(),
         "{} answers differ: {:?}",
