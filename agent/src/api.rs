@@ -51,7 +51,7 @@ pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// Request bytes all inference requests may hold at once: one of the largest and room
 /// for small ones beside it. Decoding adds at most about twice the body (4-byte values
-/// from at least 2 bytes of text each).
+/// from at least 2 bytes of text each; binary INT32 widened to 8 bytes).
 pub const MAX_IN_FLIGHT_BYTES: usize = MAX_BODY + 16 * 1024 * 1024;
 
 /// Text one JSON number may take in a request sized from fixed input shapes

@@ -441,4 +441,80 @@ mod tests {
         let e = decode(r#"{"inputs":[{"name":"x","shape":[4294967296,4294967296,16],"datatype":"FP32","data":[1]}]}"#).unwrap_err();
         assert!(e.contains("too large"), "{e}");
     }
+
+    fn binary(json: &str, bytes: &[u8]) -> Result<Decoded, String> {
+        let req: InferRequest<'_> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        decode_input(req.inputs.into_iter().next().unwrap(), Some(bytes))
+    }
+
+    fn input(datatype: &str, shape: &str, size: usize) -> String {
+        format!(
+            r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"{datatype}","parameters":{{"binary_data_size":{size}}}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn binary_data_decodes_little_endian_into_the_datatype_vector_nan_and_inf_included() {
+        let v = [1.5f32, f32::NAN, f32::NEG_INFINITY];
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let Ok(Decoded::Tensor(t)) = binary(&input("FP32", "[3]", 12), &bytes) else {
+            panic!("not a tensor")
+        };
+        let TensorData::F32(got) = t.data else {
+            panic!("not F32")
+        };
+        assert_eq!(
+            (got[0], got[1].is_nan(), got[2]),
+            (1.5, true, f32::NEG_INFINITY)
+        );
+        let bytes: Vec<u8> = [-2.25f64, 1e300]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let Ok(Decoded::Tensor(t)) = binary(&input("FP64", "[2]", 16), &bytes) else {
+            panic!("not a tensor")
+        };
+        assert_eq!(t.data, TensorData::F32(vec![-2.25, f32::INFINITY]));
+        let bytes: Vec<u8> = [-7i32, 9].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let Ok(Decoded::Tensor(t)) = binary(&input("INT32", "[1,2]", 8), &bytes) else {
+            panic!("not a tensor")
+        };
+        assert_eq!(
+            (t.shape, t.data),
+            (vec![1, 2], TensorData::I64(vec![-7, 9]))
+        );
+    }
+
+    #[test]
+    fn binary_sizes_shapes_and_bytes_elements_are_checked() {
+        let e = binary(&input("FP32", "[3]", 8), &[0; 8]).err().unwrap();
+        assert!(
+            e.contains("binary_data_size is 8 bytes but shape [3] of FP32 needs 12"),
+            "{e}"
+        );
+        let e = binary(&input("BOOL", "[2]", 2), &[1, 0]).err().unwrap();
+        assert!(e.contains("binary BOOL data is not taken"), "{e}");
+        let two = [1, 0, 0, 0, b'a', 0, 0, 0, 0];
+        let Ok(Decoded::Bytes { elements, .. }) = binary(&input("BYTES", "[2]", 9), &two) else {
+            panic!("not bytes")
+        };
+        assert_eq!(elements, 2);
+        let e = binary(&input("BYTES", "[3]", 9), &two).err().unwrap();
+        assert!(e.contains("holds 2 elements but shape [3] names 3"), "{e}");
+        let e = binary(&input("BYTES", "[1]", 2), &[1, 0]).err().unwrap();
+        assert!(e.contains("cut off in its 4-byte length prefix"), "{e}");
+        let e =
+            decode(r#"{"inputs":[{"name":"x","shape":[2],"datatype":"BYTES","data":["a","b"]}]}"#)
+                .unwrap_err();
+        assert_eq!(e, "2 strings");
+        let e =
+            decode(r#"{"inputs":[{"name":"x","shape":[2],"datatype":"BYTES","data":["a",1]}]}"#)
+                .unwrap_err();
+        assert!(e.contains("BYTES data must be strings"), "{e}");
+        let e = decode(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#).unwrap_err();
+        assert!(
+            e.contains("neither data nor parameters.binary_data_size"),
+            "{e}"
+        );
+    }
 }
