@@ -1,4 +1,4 @@
-//! `drover device enroll|list|show|deploy|decommission`.
+//! `drover device enroll|list|show|deploy|label|decommission`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use clap::Subcommand;
 use super::client::{parse_kv, print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
 use drover_control_plane::api::{
-    DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse,
+    DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse, LabelRequest,
 };
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +73,24 @@ pub enum DeviceCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Set or remove a device's labels (audited). A device that comes to match a running
+    /// rollout's selector joins it at the current wave when the plan takes late joiners.
+    Label {
+        id: String,
+        /// Labels to set, `key=value`.
+        #[arg(value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Label key to remove (repeatable).
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+        /// Who is asking, for the device's audit log (default: $USER).
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Revoke a device at once: the broker and ingest refuse it from now on.
     Decommission {
         id: String,
@@ -90,6 +108,17 @@ fn print_device(d: &DeviceView) {
     }
     let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("  labels         {}", labels.join(","));
+    if !d.agent_labels.is_empty() {
+        let agent: Vec<String> = d
+            .agent_labels
+            .iter()
+            .map(|(k, v)| format!("agent.{k}={v}"))
+            .collect();
+        println!(
+            "  agent labels   {} (not used by selectors)",
+            agent.join(",")
+        );
+    }
     println!(
         "  agent          {} ({} {})",
         d.agent_version.as_deref().unwrap_or("-"),
@@ -151,6 +180,14 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             server,
             output,
         } => deploy(id, model, shadow, server, output).await,
+        DeviceCommand::Label {
+            id,
+            labels,
+            remove,
+            by,
+            server,
+            output,
+        } => label(id, labels, remove, by, server, output).await,
         DeviceCommand::Decommission { id, server } => decommission(id, server).await,
     }
 }
@@ -286,6 +323,37 @@ async fn deploy(
         r.model,
         fmt_ms(r.expires_at_ms)
     );
+    Ok(())
+}
+
+/// `device label`: checked here against the server's bounds before sending.
+async fn label(
+    id: String,
+    labels: Vec<(String, String)>,
+    remove: Vec<String>,
+    by: String,
+    server: ServerArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    if labels.is_empty() && remove.is_empty() {
+        anyhow::bail!("nothing to change: give labels `key=value` to set or `--remove KEY`");
+    }
+    let set: BTreeMap<String, String> = labels.into_iter().collect();
+    drover_control_plane::fleet::check_labels(&set)?;
+    let v: DeviceView = Client::new(&server)?
+        .post(
+            &format!(
+                "/v1/devices/{id}/labels?by={}",
+                super::rollout::url_word(&by)
+            ),
+            &LabelRequest { set, remove },
+        )
+        .await?;
+    if output == Output::Json {
+        return print_json(&v);
+    }
+    let labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("{id} labels: {}", labels.join(","));
     Ok(())
 }
 

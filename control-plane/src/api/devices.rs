@@ -30,6 +30,12 @@ pub struct DeviceView {
     pub last_phase: Option<String>,
     pub enrolled_at_ms: u64,
     pub last_command_seq: u64,
+    /// Labels the agent declares: shown, never used by selectors (docs/FLEET.md).
+    #[serde(default)]
+    pub agent_labels: BTreeMap<String, String>,
+    /// When an operator last changed the labels.
+    #[serde(default)]
+    pub labels_changed_at_ms: Option<u64>,
 }
 
 impl From<DeviceRow> for DeviceView {
@@ -48,6 +54,8 @@ impl From<DeviceRow> for DeviceView {
             last_phase: d.last_phase,
             enrolled_at_ms: d.enrolled_at_ms,
             last_command_seq: d.reported_command_seq,
+            agent_labels: d.agent_labels,
+            labels_changed_at_ms: d.labels_changed_at_ms,
         }
     }
 }
@@ -88,6 +96,22 @@ impl std::fmt::Debug for EnrollResponse {
     }
 }
 
+/// `POST /v1/devices/{id}/labels?by=NAME`: labels to set and keys to remove.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRequest {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Who asked (`?by=alice`), for the device's audit log.
+#[derive(Debug, Deserialize)]
+pub struct ByQuery {
+    pub by: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeployRequest {
     /// `NAME@X.Y.Z`.
@@ -125,6 +149,15 @@ pub struct CommandView {
     pub model_digest: Option<String>,
     pub issued_at_ms: u64,
     pub expires_at_ms: u64,
+}
+
+/// One line of a device's audit log (`GET /v1/devices/{id}/events`, newest first).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceEventView {
+    pub at_ms: u64,
+    pub kind: String,
+    pub by: String,
+    pub detail: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +249,29 @@ pub(super) async fn decommission(
     Ok(StatusCode::NO_CONTENT)
 }
 
+pub(super) async fn label(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(by): Query<ByQuery>,
+    Json(req): Json<LabelRequest>,
+) -> Result<Json<DeviceView>, ApiError> {
+    if req.set.is_empty() && req.remove.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "nothing to change: give labels to set (`set`: {\"k\": \"v\"}) or keys to remove (`remove`)"
+                .into(),
+        ));
+    }
+    let by = fleet::actor(by.by.as_deref());
+    let d = blocking(&st, move |sh, s| {
+        fleet::relabel(s, &id, &req.set, &req.remove, &by, sh.clock.unix_ms())?;
+        s.device(&id)?
+            .ok_or_else(|| not_found(&format!("device {id}")))
+    })
+    .await?;
+    Ok(Json(d.into()))
+}
+
 pub(super) async fn deploy(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -300,6 +356,31 @@ pub(super) async fn commands(
                 model_digest: c.model_digest.as_ref().map(hex32),
                 issued_at_ms: c.issued_at_ms,
                 expires_at_ms: c.expires_at_ms,
+            })
+            .collect(),
+    ))
+}
+
+pub(super) async fn events(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> Result<Json<Vec<DeviceEventView>>, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let rows = blocking(&st, move |_, s| {
+        if s.device(&id)?.is_none() {
+            return Err(not_found(&format!("device {id}")));
+        }
+        Ok(s.device_events(&id, limit)?)
+    })
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|e| DeviceEventView {
+                at_ms: e.at_ms,
+                kind: e.kind,
+                by: e.by,
+                detail: e.detail,
             })
             .collect(),
     ))
