@@ -68,6 +68,14 @@ pub enum DeviceCommand {
         /// Run the model in shadow beside the active one instead of activating it.
         #[arg(long)]
         shadow: bool,
+        /// Follow the device's progress (downloading, verified, active, healthy) and exit
+        /// by outcome: 0 healthy, 20 failed/refused/rolled back, 21 expired unanswered,
+        /// 22 --timeout passed.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (default: when the command expires).
+        #[arg(long, value_name = "SECS", requires = "wait")]
+        timeout: Option<u64>,
         #[command(flatten)]
         server: ServerArgs,
         #[arg(long, value_enum, default_value_t)]
@@ -177,9 +185,14 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             id,
             model,
             shadow,
+            wait,
+            timeout,
             server,
             output,
-        } => deploy(id, model, shadow, server, output).await,
+        } => {
+            let wait = wait.then(|| timeout.map(std::time::Duration::from_secs));
+            deploy(id, model, shadow, wait, server, output).await
+        }
         DeviceCommand::Label {
             id,
             labels,
@@ -301,10 +314,12 @@ async fn deploy(
     id: String,
     model: String,
     shadow: bool,
+    wait: Option<Option<std::time::Duration>>,
     server: ServerArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let r: DeployResponse = Client::new(&server)?
+    let client = Client::new(&server)?;
+    let r: DeployResponse = client
         .post(
             &format!("/v1/devices/{id}/deploy"),
             &DeployRequest {
@@ -313,7 +328,8 @@ async fn deploy(
             },
         )
         .await?;
-    if output == Output::Json {
+    // With --wait the phases follow as lines, so the reply is printed as text too.
+    if output == Output::Json && wait.is_none() {
         return print_json(&r);
     }
     println!(
@@ -323,7 +339,10 @@ async fn deploy(
         r.model,
         fmt_ms(r.expires_at_ms)
     );
-    Ok(())
+    match wait {
+        Some(timeout) => super::device_wait::wait(&client, &r, shadow, timeout).await,
+        None => Ok(()),
+    }
 }
 
 /// `device label`: checked here against the server's bounds before sending.

@@ -13,7 +13,7 @@ use drover_protocol::DeviceId;
 
 use super::{blocking, not_found, ApiError, AppState};
 use crate::fleet;
-use crate::store::DeviceRow;
+use crate::store::{phase_text, DeviceRow};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceView {
@@ -158,6 +158,25 @@ pub struct DeviceEventView {
     pub kind: String,
     pub by: String,
     pub detail: String,
+}
+
+/// A progress report (`GET /v1/devices/{id}/progress?command=SEQ`), oldest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressView {
+    pub seq: u64,
+    pub received_at_ms: u64,
+    pub command_seq: u64,
+    /// `received`, `downloading`, `verified`, `self-tested`, `active`, `healthy`,
+    /// `shadowing`, `failed`, `rolled-back`, `refused`, `done`; `unknown` from a newer agent.
+    pub phase: String,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ProgressQuery {
+    /// Only the reports about this command.
+    pub command: Option<u64>,
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +400,32 @@ pub(super) async fn events(
                 kind: e.kind,
                 by: e.by,
                 detail: e.detail,
+            })
+            .collect(),
+    ))
+}
+
+pub(super) async fn progress(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ProgressQuery>,
+) -> Result<Json<Vec<ProgressView>>, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let rows = blocking(&st, move |_, s| {
+        if s.device(&id)?.is_none() {
+            return Err(not_found(&format!("device {id}")));
+        }
+        Ok(s.device_progress(&id, q.command, limit)?)
+    })
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|p| ProgressView {
+                seq: p.seq,
+                received_at_ms: p.received_at_ms,
+                command_seq: p.command_seq,
+                phase: p.phase.map_or("unknown", phase_text).to_owned(),
+                detail: p.detail,
             })
             .collect(),
     ))

@@ -19,7 +19,8 @@ mod rollouts;
 pub use self::continuous::{JobView, RunResponse, ScoreView};
 pub use self::devices::{
     CommandView, DeployRequest, DeployResponse, DeviceEventView, DeviceQuery, DeviceView,
-    EnrollRequest, EnrollResponse, LabelRequest, LimitQuery, TelemetryView,
+    EnrollRequest, EnrollResponse, LabelRequest, LimitQuery, ProgressQuery, ProgressView,
+    TelemetryView,
 };
 pub use self::keys::{keyring_view, KeyView, KeyringView};
 pub use self::models::{ModelView, PublishBody};
@@ -143,6 +144,7 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/devices/{id}/deploy", post(devices::deploy))
         .route("/v1/devices/{id}/labels", post(devices::label))
         .route("/v1/devices/{id}/events", get(devices::events))
+        .route("/v1/devices/{id}/progress", get(devices::progress))
         .route("/v1/devices/{id}/telemetry", get(devices::telemetry))
         .route("/v1/devices/{id}/commands", get(devices::commands))
         .route("/v1/models", get(models::list_models).post(models::publish))

@@ -64,7 +64,7 @@ struct Key<'a> {
 }
 
 /// Progress phases as stored (`progress.phase`, `devices.last_phase`).
-pub(super) fn phase_text(p: Phase) -> &'static str {
+pub fn phase_text(p: Phase) -> &'static str {
     match p {
         Phase::Received => "received",
         Phase::Downloading => "downloading",

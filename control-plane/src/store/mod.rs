@@ -45,7 +45,7 @@ mod rollouts;
 pub use commands::CommandRow;
 pub use devices::{DeviceAuth, DeviceEventRow, DeviceRow};
 pub use drift::{DriftLevel, DriftScoreRow, DriftSketchRow, DriftWindowLevel};
-pub use ingest::{BatchOutcome, Inbound};
+pub use ingest::{phase_text, BatchOutcome, Inbound};
 pub use jobs::{JobOutcome, JobRow, JobState, LabeledSample};
 pub use models::ModelRow;
 pub use observations::{HealthRow, ProgressRow, ShadowRow, TelemetryRow};
