@@ -1,4 +1,4 @@
-//! `drover device enroll|list|show|deploy|label|decommission`.
+//! `drover device enroll|list|show|deploy|label|telemetry|history|decommission`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -99,9 +99,35 @@ pub enum DeviceCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// A device's recent telemetry windows, newest first.
+    Telemetry {
+        id: String,
+        /// At most this many windows.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// What happened to a device, oldest first: commands, the progress it reported and
+    /// operator changes (labels, decommissioning) with who made them.
+    History {
+        id: String,
+        /// At most this many lines (the newest).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Revoke a device at once: the broker and ingest refuse it from now on.
     Decommission {
         id: String,
+        /// Who is asking, for the device's audit log (default: $USER).
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -201,7 +227,19 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             server,
             output,
         } => label(id, labels, remove, by, server, output).await,
-        DeviceCommand::Decommission { id, server } => decommission(id, server).await,
+        DeviceCommand::Telemetry {
+            id,
+            limit,
+            server,
+            output,
+        } => super::device_history::telemetry(&Client::new(&server)?, &id, limit, output).await,
+        DeviceCommand::History {
+            id,
+            limit,
+            server,
+            output,
+        } => super::device_history::history(&Client::new(&server)?, &id, limit, output).await,
+        DeviceCommand::Decommission { id, by, server } => decommission(id, by, server).await,
     }
 }
 
@@ -377,9 +415,10 @@ async fn label(
 }
 
 /// `device decommission`.
-async fn decommission(id: String, server: ServerArgs) -> anyhow::Result<()> {
+async fn decommission(id: String, by: String, server: ServerArgs) -> anyhow::Result<()> {
+    let by = super::rollout::url_word(&by);
     let _: serde_json::Value = Client::new(&server)?
-        .post(&format!("/v1/devices/{id}/decommission"), &())
+        .post(&format!("/v1/devices/{id}/decommission?by={by}"), &())
         .await?;
     println!("{id} decommissioned");
     Ok(())

@@ -177,11 +177,26 @@ pub fn enroll(
 /// Revokes a device at once: the embedded broker refuses its logins and cuts its open
 /// session, ingest refuses its frames, and the CRL for external brokers lists its
 /// certificate (`<data>/keys/crl.pem`; mosquitto reads it on SIGHUP).
-pub fn decommission(app: &App, store: &mut Store, id: &str, now_ms: u64) -> Result<(), FleetError> {
+pub fn decommission(
+    app: &App,
+    store: &mut Store,
+    id: &str,
+    by: &str,
+    now_ms: u64,
+) -> Result<(), FleetError> {
     let device_id = DeviceId::new(id)?;
     if !store.decommission_device(id)? {
         return Err(StoreError::UnknownDevice(id.to_owned()).into());
     }
+    store.record_device_event(
+        id,
+        &DeviceEventRow {
+            at_ms: now_ms,
+            kind: "decommissioned".into(),
+            by: by.to_owned(),
+            detail: "decommissioned: key and certificate revoked".into(),
+        },
+    )?;
     let key = app.devices.key(&device_id);
     if let Some(key) = key {
         app.devices.set(

@@ -78,6 +78,18 @@ async fn labels_are_set_removed_bounded_and_audited() {
         )
         .await;
     assert_eq!(status, 400, "{e}");
+
+    // Decommissioning is audited too.
+    let (status, e) = api
+        .post("/v1/devices/gw-1/decommission?by=bob", &json!({}))
+        .await;
+    assert!(status < 300, "{e}");
+    let events = api.get("/v1/devices/gw-1/events").await;
+    assert_eq!(
+        (&events[0]["kind"], &events[0]["by"]),
+        (&json!("decommissioned"), &json!("bob")),
+        "{events}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

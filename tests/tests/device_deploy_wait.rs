@@ -1,7 +1,8 @@
 //! `drover device deploy --wait`, by running the binary against a real control plane and a
 //! real agent (issue 18): the phases of a deploy as the device reports them, exit 0 when
 //! healthy (or already active), and an offline device said to be queued until its command
-//! expires (exit 22 at `--timeout`).
+//! expires (exit 22 at `--timeout`); then `device label`, `device history` (commands,
+//! reported phases, audited changes in one timeline) and `device telemetry`.
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -31,7 +32,7 @@ fn text(o: &Output) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploy_wait_follows_the_phases_and_exits_by_outcome() {
+async fn deploy_wait_follows_phases_to_an_exit_code_and_history_tells_the_story() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let config = ServeConfig {
@@ -124,6 +125,45 @@ async fn deploy_wait_follows_the_phases_and_exits_by_outcome() {
     let out = text(&o);
     assert_ne!(o.status.code(), Some(0), "{out}");
     assert!(out.contains("must look like NAME@X.Y.Z"), "{out}");
+
+    // `device label` through the binary, then the device's history and telemetry.
+    let o = drover(
+        &api,
+        &[
+            "device", "label", "gw-1", "site=b", "--remove", "nothing", "--by", "alice",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = drover(&api, &["device", "label", "gw-1", "agent.site=b"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(text(&o).contains("are the agent's own"), "{}", text(&o));
+    let o = drover(&api, &["device", "history", "gw-1"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    for line in [
+        "enrolled",
+        "command 1 deploy",
+        "command 1 healthy",
+        "command 2 healthy: already active",
+        "labels {site=a} -> {site=b} (by alice)",
+    ] {
+        assert!(out.contains(line), "{line} missing: {out}");
+    }
+    assert!(
+        out.find("command 1 deploy") < out.find("command 1 downloading"),
+        "{out}"
+    );
+    wait_until("a telemetry window from gw-1", WAIT, || async {
+        let o = drover(&api, &["device", "telemetry", "gw-1", "--output", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        (!v.as_array()?.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    let o = drover(&api, &["device", "telemetry", "gw-1"]);
+    assert!(text(&o).contains("INFERENCES"), "{}", text(&o));
+    let o = drover(&api, &["device", "history", "gw-404"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 
     gw.stop().await.unwrap();
 }

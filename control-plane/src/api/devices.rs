@@ -260,9 +260,11 @@ pub(super) async fn enroll(
 pub(super) async fn decommission(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    Query(by): Query<ByQuery>,
 ) -> Result<StatusCode, ApiError> {
+    let by = fleet::actor(by.by.as_deref());
     blocking(&st, move |sh, s| {
-        Ok(fleet::decommission(sh, s, &id, sh.clock.unix_ms())?)
+        Ok(fleet::decommission(sh, s, &id, &by, sh.clock.unix_ms())?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
