@@ -5,6 +5,8 @@ pub mod broker;
 pub mod client;
 pub mod demo;
 pub mod device;
+pub mod device_history;
+pub mod device_wait;
 pub mod doctor;
 pub mod drift;
 pub mod keys;

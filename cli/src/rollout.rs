@@ -275,7 +275,7 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
 }
 
 /// Keeps an operator name query-safe (letters, digits, `.-_@`).
-fn url_word(s: &str) -> String {
+pub(crate) fn url_word(s: &str) -> String {
     s.chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@'))
         .take(64)

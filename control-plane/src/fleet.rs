@@ -9,7 +9,7 @@ use drover_protocol::{DeviceId, DeviceKey};
 use rand::RngCore as _;
 
 use crate::app::{App, DeviceEntry};
-use crate::store::{CommandRow, ModelRow, Store, StoreError};
+use crate::store::{CommandRow, DeviceEventRow, ModelRow, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -25,6 +25,113 @@ pub enum FleetError {
     ReservedId(String),
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
+    #[error("{0}")]
+    BadLabels(String),
+}
+
+/// At most this many operator labels per device.
+pub const MAX_LABELS: usize = 32;
+/// A label key is 1 to this many bytes.
+pub const MAX_LABEL_KEY_BYTES: usize = 64;
+/// A label value is 1 to this many bytes.
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Keys under this prefix name the labels an agent declares; an operator cannot set them
+/// (see docs/FLEET.md: agent labels are shown, never selected on).
+pub const AGENT_LABEL_PREFIX: &str = "agent.";
+
+/// Checks a device's operator labels against the bounds and the selector grammar
+/// (`key=value|value,key!=value`), naming every offending label at once.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), FleetError> {
+    let mut errs = Vec::new();
+    if labels.len() > MAX_LABELS {
+        errs.push(format!(
+            "{} labels, at most {MAX_LABELS} are allowed: remove some with --remove KEY",
+            labels.len()
+        ));
+    }
+    let bad = |c: char| c.is_control() || c.is_whitespace() || ",|=!".contains(c);
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY_BYTES || k.chars().any(bad) {
+            errs.push(format!(
+                "label key {k:?} must be 1-{MAX_LABEL_KEY_BYTES} bytes without spaces or any of , | = !"
+            ));
+        } else if k.starts_with(AGENT_LABEL_PREFIX) {
+            errs.push(format!(
+                "label key {k:?}: keys starting with {AGENT_LABEL_PREFIX:?} are the agent's own; \
+                 to select on one, set it under another key"
+            ));
+        }
+        if v.is_empty() || v.len() > MAX_LABEL_VALUE_BYTES || v.chars().any(bad) {
+            errs.push(format!(
+                "label {k}: value {v:?} must be 1-{MAX_LABEL_VALUE_BYTES} bytes without spaces or any of , | = !"
+            ));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(FleetError::BadLabels(errs.join("; ")))
+    }
+}
+
+/// Who asked, as recorded in a device's audit log: the operator's word (the API has one
+/// bearer token), 1-64 printable characters, else `api`.
+pub fn actor(by: Option<&str>) -> String {
+    match by.map(str::trim) {
+        Some(b) if !b.is_empty() && b.len() <= 64 && !b.chars().any(char::is_control) => {
+            b.to_owned()
+        }
+        _ => "api".to_owned(),
+    }
+}
+
+/// Sets and removes operator labels on a device, audited. A device that comes to match
+/// a running rollout's selector this way joins it late when the plan takes late joiners
+/// (`labels_changed_at_ms`). Returns the labels as they now are.
+pub fn relabel(
+    store: &mut Store,
+    id: &str,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+    by: &str,
+    now_ms: u64,
+) -> Result<BTreeMap<String, String>, FleetError> {
+    let device = store
+        .device(id)?
+        .ok_or_else(|| StoreError::UnknownDevice(id.to_owned()))?;
+    if let Some(k) = remove.iter().find(|k| set.contains_key(*k)) {
+        return Err(FleetError::BadLabels(format!(
+            "label {k:?} is both set and removed: give it once"
+        )));
+    }
+    let mut labels = device.labels.clone();
+    for k in remove {
+        labels.remove(k);
+    }
+    labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    check_labels(&labels)?;
+    if labels == device.labels {
+        return Ok(labels);
+    }
+    let show = |l: &BTreeMap<String, String>| {
+        l.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let event = DeviceEventRow {
+        at_ms: now_ms,
+        kind: "labels".into(),
+        by: by.to_owned(),
+        detail: format!(
+            "labels {{{}}} -> {{{}}}",
+            show(&device.labels),
+            show(&labels)
+        ),
+    };
+    store.set_device_labels(id, &labels, now_ms, &event)?;
+    tracing::info!(device_id = id, by, "device relabelled");
+    Ok(labels)
 }
 
 /// The identity `device enroll` hands out: the frame/MQTT key and a client certificate
@@ -46,6 +153,7 @@ pub fn enroll(
     if id == crate::pki::CONTROL_PLANE_IDENTITY {
         return Err(FleetError::ReservedId(id.to_owned()));
     }
+    check_labels(labels)?;
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
     let device_key = DeviceKey(key);
@@ -69,11 +177,26 @@ pub fn enroll(
 /// Revokes a device at once: the embedded broker refuses its logins and cuts its open
 /// session, ingest refuses its frames, and the CRL for external brokers lists its
 /// certificate (`<data>/keys/crl.pem`; mosquitto reads it on SIGHUP).
-pub fn decommission(app: &App, store: &mut Store, id: &str, now_ms: u64) -> Result<(), FleetError> {
+pub fn decommission(
+    app: &App,
+    store: &mut Store,
+    id: &str,
+    by: &str,
+    now_ms: u64,
+) -> Result<(), FleetError> {
     let device_id = DeviceId::new(id)?;
     if !store.decommission_device(id)? {
         return Err(StoreError::UnknownDevice(id.to_owned()).into());
     }
+    store.record_device_event(
+        id,
+        &DeviceEventRow {
+            at_ms: now_ms,
+            kind: "decommissioned".into(),
+            by: by.to_owned(),
+            detail: "decommissioned: key and certificate revoked".into(),
+        },
+    )?;
     let key = app.devices.key(&device_id);
     if let Some(key) = key {
         app.devices.set(

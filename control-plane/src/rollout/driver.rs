@@ -351,7 +351,8 @@ fn observations(
                 baseline,
                 shadow: seen.shadow.get(&d.id).cloned().unwrap_or_default(),
                 drift_psi: drift.get(&d.id).copied(),
-                joined_at_ms: d.enrolled_at_ms,
+                // Enrolled, or relabelled by an operator, after the start: a late joiner.
+                joined_at_ms: d.enrolled_at_ms.max(d.labels_changed_at_ms.unwrap_or(0)),
             },
         );
     }

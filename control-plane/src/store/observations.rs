@@ -186,6 +186,34 @@ impl Store {
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
+
+    /// A device's progress reports, newest `limit` in arrival order; only those for
+    /// command `command_seq` when given.
+    pub fn device_progress(
+        &self,
+        device: &str,
+        command_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<ProgressRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT device, seq, received_at_ms, command_seq, phase, detail FROM progress
+             WHERE device = ?1 AND (?2 IS NULL OR command_seq = ?2) ORDER BY seq DESC LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![device, command_seq.map(i), limit], |r| {
+            let phase: String = r.get(4)?;
+            Ok(ProgressRow {
+                device: r.get(0)?,
+                seq: u64_at(r, 1)?,
+                received_at_ms: u64_at(r, 2)?,
+                command_seq: u64_at(r, 3)?,
+                phase: parse_phase(&phase),
+                detail: r.get(5)?,
+            })
+        })?;
+        let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
