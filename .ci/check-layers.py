@@ -38,6 +38,7 @@ PURE_CORES = [
     "control-plane/src/rollout/waves.rs",
     "control-plane/src/rollout/slots.rs",
     "control-plane/src/rollout/plan.rs",
+    "control-plane/src/rollout/windows.rs",
     "control-plane/src/drift.rs|control-plane/src/drift/",
     "control-plane/src/chunks/coalescer.rs",
     "control-plane/src/chunks/budget.rs",

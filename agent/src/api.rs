@@ -1,5 +1,12 @@
 //! Local inference API: the Open Inference Protocol (KServe v2) REST dialect over HTTP on
-//! loopback, so tritonclient and KServe clients work unchanged, plus a feedback endpoint.
+//! loopback, so tritonclient and KServe clients work unchanged (with their defaults: the
+//! binary tensor data extension both ways), plus a feedback endpoint.
+//!
+//! Layout: this file holds the router, the inference handler and the request limits;
+//! [`decode`] reads inputs (JSON or binary) into tensors, [`binary`] the binary
+//! extension's request framing, [`outputs`] the response (JSON or binary), [`models`]
+//! name/version lookup, metadata, readiness and the repository index. Every error status
+//! carries `{"error": "..."}`.
 //!
 //! Inference runs off the async workers (`block_in_place` or the blocking pool); the request holds its model's `Arc` to the
 //! end, which is what makes hot swap lossless.
@@ -10,7 +17,10 @@
 //! request past it gets 503 at once, so small requests keep being served); and `data` is
 //! decoded straight into typed vectors ([`decode`]), never into a JSON tree.
 
+mod binary;
 mod decode;
+mod models;
+mod outputs;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -18,20 +28,22 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
-use axum::http::header::{CONTENT_LENGTH, RETRY_AFTER};
+use axum::http::header::{CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER};
+use axum::http::HeaderValue;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use drover_protocol::manifest::{DType, Dim, TensorData, TensorSpec, TensorValue};
+use drover_protocol::manifest::{DType, Dim, TensorSpec, TensorValue};
 use drover_protocol::messages::Label;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-#[doc(hidden)]
-pub use self::decode::{decode_request, Decoded};
-use crate::serving::{InferError, Serving};
+use self::decode::{Decoded, InferRequest, RequestedOutput};
+use self::models::Found;
+use self::outputs::{datatype, Wanted};
+use crate::serving::{InferError, Loaded, Serving};
 use drover_host::clock::now_ms;
 
 /// Largest request body accepted.
@@ -39,7 +51,7 @@ pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// Request bytes all inference requests may hold at once: one of the largest and room
 /// for small ones beside it. Decoding adds at most about twice the body (4-byte values
-/// from at least 2 bytes of text each).
+/// from at least 2 bytes of text each; binary INT32 widened to 8 bytes).
 pub const MAX_IN_FLIGHT_BYTES: usize = MAX_BODY + 16 * 1024 * 1024;
 
 /// Text one JSON number may take in a request sized from fixed input shapes
@@ -77,20 +89,28 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
-        .route("/v2/models/{name}", get(model_metadata))
-        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}", get(models::model_metadata))
+        .route("/v2/models/{name}/ready", get(models::model_ready))
         .route(
             "/v2/models/{name}/versions/{version}",
-            get(model_metadata_v),
+            get(models::model_metadata_v),
         )
         .route(
             "/v2/models/{name}/versions/{version}/ready",
-            get(model_ready_v),
+            get(models::model_ready_v),
         )
+        .route("/v2/repository/index", post(models::repository_index))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         .route("/v2/models/{name}/feedback", post(feedback))
         .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(Shared {
             serving: state.serving,
@@ -123,75 +143,8 @@ async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "drover-agent",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": ["binary_tensor_data"],
     }))
-}
-
-fn datatype(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "FP32",
-        DType::F64 => "FP64",
-        DType::I32 => "INT32",
-        DType::I64 => "INT64",
-        DType::U8 => "UINT8",
-        DType::Bool => "BOOL",
-        DType::String => "BYTES",
-    }
-}
-
-fn spec_json(s: &TensorSpec) -> Value {
-    let shape: Vec<i64> = s
-        .shape
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(v) => *v as i64,
-            Dim::Symbolic(_) => -1,
-        })
-        .collect();
-    json!({ "name": s.name, "datatype": datatype(s.dtype), "shape": shape })
-}
-
-async fn model_metadata(State(s): State<Shared>, Path(name): Path<String>) -> Response {
-    match s.serving.active() {
-        Some(m) if m.model_ref.name == name => Json(json!({
-            "name": m.model_ref.name,
-            "versions": [m.model_ref.version],
-            "platform": "onnx_tract",
-            "inputs": m.model.inputs().iter().map(spec_json).collect::<Vec<_>>(),
-            "outputs": m.model.outputs().iter().map(spec_json).collect::<Vec<_>>(),
-        }))
-        .into_response(),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            format!("model {name:?} is not served here"),
-        ),
-    }
-}
-
-async fn model_metadata_v(
-    st: State<Shared>,
-    Path((name, _version)): Path<(String, String)>,
-) -> Response {
-    model_metadata(st, Path(name)).await
-}
-
-async fn model_ready(State(s): State<Shared>, Path(name): Path<String>) -> Response {
-    match s.serving.active() {
-        Some(m) if m.model_ref.name == name => {
-            Json(json!({ "name": name, "ready": true })).into_response()
-        }
-        _ => error(
-            StatusCode::NOT_FOUND,
-            format!("model {name:?} is not served here"),
-        ),
-    }
-}
-
-async fn model_ready_v(
-    st: State<Shared>,
-    Path((name, _version)): Path<(String, String)>,
-) -> Response {
-    model_ready(st, Path(name)).await
 }
 
 /// The request body a model's inputs can need, at most: with every dimension fixed, the
@@ -211,57 +164,6 @@ fn body_limit(inputs: &[TensorSpec]) -> (usize, Option<u64>) {
         .and_then(|b| b.checked_add(REQUEST_OVERHEAD))
         .map_or(MAX_BODY, |b| b.min(MAX_BODY));
     (limit, values)
-}
-
-#[derive(Serialize)]
-struct InferResponse<'a> {
-    model_name: &'a str,
-    model_version: &'a str,
-    id: String,
-    parameters: ResponseParameters,
-    outputs: Vec<OutputJson<'a>>,
-}
-
-#[derive(Serialize)]
-struct ResponseParameters {
-    drover_request_id: u64,
-}
-
-/// An output tensor, serialized from the runtime's vector (no intermediate JSON tree).
-#[derive(Serialize)]
-struct OutputJson<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: &'a [u64],
-    data: OutputData<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum OutputData<'a> {
-    F32(&'a [f32]),
-    I64(&'a [i64]),
-}
-
-fn output_json(t: &TensorValue) -> OutputJson<'_> {
-    let (datatype, data) = match &t.data {
-        TensorData::F32(v) => ("FP32", OutputData::F32(v)),
-        TensorData::I64(v) => ("INT64", OutputData::I64(v)),
-    };
-    OutputJson {
-        name: &t.name,
-        datatype,
-        shape: &t.shape,
-        data,
-    }
-}
-
-async fn infer_v(
-    st: State<Shared>,
-    Path((name, _version)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    infer(st, Path(name), req).await
 }
 
 /// Reads an inference request's body within the model's limit and the agent's in-flight
@@ -336,37 +238,191 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
-async fn infer(State(s): State<Shared>, Path(name): Path<String>, req: Request) -> Response {
-    // The model is checked before the body is read: its inputs size the body's limit.
-    let model = match s.serving.active() {
-        Some(m) if m.model_ref.name == name => m,
-        Some(_) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                InferError::UnknownModel(name).to_string(),
-            )
+async fn infer(st: State<Shared>, Path(name): Path<String>, req: Request) -> Response {
+    run_infer(st, name, None, req).await
+}
+
+async fn infer_v(
+    st: State<Shared>,
+    Path((name, version)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    run_infer(st, name, Some(version), req).await
+}
+
+/// An inference request read and checked against its model, ready to run.
+struct Parsed {
+    id: Option<String>,
+    inputs: Vec<TensorValue>,
+    /// Requested outputs and whether each goes binary; `None`: every output.
+    wanted: Option<Vec<(String, bool)>>,
+    binary_by_default: bool,
+}
+
+/// The outputs a request asks for, each binary or not; an output the model lacks, or an
+/// extension the agent does not implement, is refused.
+fn check_outputs(
+    requested: Vec<RequestedOutput>,
+    binary_by_default: bool,
+    model: &Loaded,
+) -> Result<Vec<(String, bool)>, String> {
+    let specs = model.model.outputs();
+    requested
+        .into_iter()
+        .map(|o| {
+            if o.parameters.classification.is_some() {
+                return Err(format!(
+                    "output {:?}: the classification extension is not supported; request the raw output",
+                    o.name
+                ));
+            }
+            if o.parameters.shared_memory_region.is_some() {
+                return Err(format!(
+                    "output {:?}: shared memory is not supported here",
+                    o.name
+                ));
+            }
+            if !specs.iter().any(|s| s.name == o.name) {
+                let have: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+                return Err(format!(
+                    "model {:?} has no output {:?} (its outputs: {})",
+                    model.model_ref.name,
+                    o.name,
+                    have.join(", ")
+                ));
+            }
+            let binary = o.parameters.binary_data.unwrap_or(binary_by_default);
+            Ok((o.name, binary))
+        })
+        .collect()
+}
+
+/// Why a BYTES input cannot be served, naming the model's matching input.
+fn bytes_refusal(name: &str, elements: usize, specs: &[TensorSpec]) -> String {
+    match specs.iter().find(|s| s.name == name) {
+        Some(s) if s.dtype == DType::String => format!(
+            "input {name:?}: {elements} BYTES elements read, but the runtime cannot feed string tensors to a model yet"
+        ),
+        Some(s) => format!(
+            "input {name:?} is BYTES but the model's input {name:?} is {}",
+            datatype(s.dtype)
+        ),
+        None => format!("input {name:?} is BYTES but the model has no string input named so"),
+    }
+}
+
+/// The model-independent part of [`parse`], for the fuzz target (`agent/fuzz`): the
+/// body split at `header_length` (the `Inference-Header-Content-Length` value, if any),
+/// the borrowed JSON parse, each input's binary slice and its typed decode.
+#[doc(hidden)]
+pub fn decode_request(
+    body: &[u8],
+    header_length: Option<&str>,
+) -> Result<Vec<drover_protocol::manifest::TensorValue>, String> {
+    let header = header_length
+        .map(HeaderValue::from_str)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let (json, binary) = binary::split(body, header.as_ref())?;
+    let req: InferRequest<'_> =
+        serde_json::from_slice(json).map_err(|e| format!("malformed inference request: {e}"))?;
+    let slices = binary::input_slices(&req.inputs, binary, header.is_some())?;
+    let mut out = Vec::with_capacity(req.inputs.len());
+    for (i, bytes) in req.inputs.into_iter().zip(slices) {
+        if let Decoded::Tensor(t) = decode::decode_input(i, bytes)? {
+            out.push(t);
         }
-        None => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                InferError::NoModel.to_string(),
-            )
+    }
+    Ok(out)
+}
+
+/// Splits the body (binary extension), parses the JSON header, checks the requested
+/// outputs and decodes every input into its tensor.
+fn parse(
+    body: &[u8],
+    header_length: Option<&HeaderValue>,
+    model: &Loaded,
+) -> Result<Parsed, String> {
+    let (json, binary) = binary::split(body, header_length)?;
+    let req: InferRequest<'_> =
+        serde_json::from_slice(json).map_err(|e| format!("malformed inference request: {e}"))?;
+    let binary_by_default = req.parameters.binary_data_output;
+    let wanted = req
+        .outputs
+        .map(|o| check_outputs(o, binary_by_default, model))
+        .transpose()?;
+    let slices = binary::input_slices(&req.inputs, binary, header_length.is_some())?;
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for (i, bytes) in req.inputs.into_iter().zip(slices) {
+        match decode::decode_input(i, bytes)? {
+            Decoded::Tensor(t) => inputs.push(t),
+            Decoded::Bytes { name, elements } => {
+                return Err(bytes_refusal(&name, elements, model.model.inputs()))
+            }
         }
+    }
+    Ok(Parsed {
+        id: req.id,
+        inputs,
+        wanted,
+        binary_by_default,
+    })
+}
+
+fn infer_error(e: InferError) -> Response {
+    let status = match &e {
+        InferError::UnknownModel(_) | InferError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
+        e if e.is_client_error() => StatusCode::BAD_REQUEST,
+        InferError::NoModel => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
+    error(status, e.to_string())
+}
+
+async fn run_infer(
+    State(s): State<Shared>,
+    name: String,
+    version: Option<String>,
+    req: Request,
+) -> Response {
+    // The model is checked before the body is read: its inputs size the body's limit.
+    if s.serving.active().is_none() {
+        return infer_error(InferError::NoModel);
+    }
+    let model = match models::find(&s.serving, &name, version.as_deref()) {
+        Ok(Found::Ready(m)) => m,
+        Ok(Found::NotReady(_, why)) => return error(StatusCode::SERVICE_UNAVAILABLE, why),
+        Err(msg) => return error(StatusCode::NOT_FOUND, msg),
+    };
+    if let Some(enc) = req
+        .headers()
+        .get(CONTENT_ENCODING)
+        .filter(|e| e.as_bytes() != b"identity")
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Content-Encoding {:?} is not supported; send the body uncompressed",
+                String::from_utf8_lossy(enc.as_bytes())
+            ),
+        );
+    }
+    let header_length = req.headers().get(binary::HEADER_LENGTH).cloned();
     let (body, _permit) = match read_body(&s, &name, model.model.inputs(), req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    drop(model);
-    let Decoded {
-        id: client_id,
-        outputs: wanted,
-        inputs,
-    } = match decode_request(&body) {
-        Ok(d) => d,
+    let parsed = match parse(&body, header_length.as_ref(), &model) {
+        Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    drop(body);
+    drop((body, model));
+    let Parsed {
+        id,
+        inputs,
+        wanted,
+        binary_by_default,
+    } = parsed;
     let serving = s.serving.clone();
     let n = name.clone();
     // On a multi-thread runtime, run in place: tokio hands this worker's other tasks to a
@@ -376,21 +432,17 @@ async fn infer(State(s): State<Shared>, Path(name): Path<String>, req: Request) 
         == tokio::runtime::RuntimeFlavor::MultiThread;
     let served = if multi {
         Ok(tokio::task::block_in_place(|| {
-            serving.infer(&n, &inputs, now_ms())
+            serving.infer(&n, version.as_deref(), &inputs, now_ms())
         }))
     } else {
-        tokio::task::spawn_blocking(move || serving.infer(&n, &inputs, now_ms())).await
+        tokio::task::spawn_blocking(move || {
+            serving.infer(&n, version.as_deref(), &inputs, now_ms())
+        })
+        .await
     };
     let served = match served {
         Ok(Ok(r)) => r,
-        Ok(Err(e @ InferError::UnknownModel(_))) => {
-            return error(StatusCode::NOT_FOUND, e.to_string())
-        }
-        Ok(Err(e)) if e.is_client_error() => return error(StatusCode::BAD_REQUEST, e.to_string()),
-        Ok(Err(e @ InferError::NoModel)) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Ok(Err(e)) => return infer_error(e),
         Err(e) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -398,22 +450,34 @@ async fn infer(State(s): State<Shared>, Path(name): Path<String>, req: Request) 
             )
         }
     };
-    let outputs: Vec<OutputJson<'_>> = served
-        .outputs
-        .iter()
-        .filter(|o| wanted.as_ref().is_none_or(|w| w.contains(&o.name)))
-        .map(output_json)
-        .collect();
-    Json(InferResponse {
-        model_name: &served.model.model_ref.name,
-        model_version: &served.model.model_ref.version,
-        id: client_id.unwrap_or_else(|| served.request_id.to_string()),
-        parameters: ResponseParameters {
-            drover_request_id: served.request_id,
-        },
-        outputs,
-    })
-    .into_response()
+    let wanted: Vec<Wanted<'_>> = match &wanted {
+        Some(w) => w
+            .iter()
+            .map(|(name, binary)| Wanted {
+                name,
+                binary: *binary,
+            })
+            .collect(),
+        None => served
+            .outputs
+            .iter()
+            .map(|o| Wanted {
+                name: &o.name,
+                binary: binary_by_default,
+            })
+            .collect(),
+    };
+    let m = &served.model;
+    outputs::respond(
+        &m.model_ref.name,
+        &m.model_ref.version,
+        id.unwrap_or_else(|| served.request_id.to_string()),
+        served.request_id,
+        m.model.outputs(),
+        &served.outputs,
+        &wanted,
+    )
+    .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))
 }
 
 /// Prometheus text exposition of the agent's cumulative counters.
@@ -456,6 +520,30 @@ async fn metrics(State(s): State<Shared>) -> Response {
         "counter",
         "Active model swaps.",
         t.swaps.load(Relaxed),
+    );
+    metric(
+        "drover_agent_spool_dropped_total",
+        "counter",
+        "Uplink records the spool dropped: evicted when full or not writable (cumulative).",
+        t.spool_dropped.load(Relaxed),
+    );
+    metric(
+        "drover_agent_state_write_failures_total",
+        "counter",
+        "Failed writes of the agent's state file (commands are not acted on meanwhile).",
+        t.state_write_failures.load(Relaxed),
+    );
+    metric(
+        "drover_agent_disk_full",
+        "gauge",
+        "1 while the last state write failed (a full disk), else 0.",
+        t.disk_full.load(Relaxed),
+    );
+    metric(
+        "drover_agent_store_collected_bytes_total",
+        "counter",
+        "Bytes of superseded model files and partial downloads collected.",
+        t.store_collected_bytes.load(Relaxed),
     );
     metric(
         "drover_agent_requests_too_large_total",

@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 // Hand-written so the device key can never reach a log line.
@@ -61,6 +63,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("labels", &self.labels)
             .field("tls", &self.tls)
             .field("telemetry", &self.telemetry)
+            .field("store", &self.store)
             .finish()
     }
 }
@@ -82,6 +85,15 @@ pub struct TelemetryConfig {
     pub spool_max_bytes: u64,
     /// Fraction of live inputs kept as samples, in parts per million.
     pub sample_rate_ppm: u32,
+}
+
+/// The model store (`blobs/`, `downloads/`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Disk budget of the model store in bytes: a deploy that would take the store's
+    /// files above it is refused before downloading. 0: no budget (free space only).
+    pub max_bytes: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -110,6 +122,7 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             tls: None,
             telemetry: TelemetryConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -318,6 +331,9 @@ impl AgentConfig {
         if t.sample_rate_ppm > 1_000_000 {
             errors.push("telemetry.sample_rate_ppm: must be at most 1000000".into());
         }
+        if self.store.max_bytes != 0 && self.store.max_bytes < 1 << 20 {
+            errors.push("store.max_bytes: must be 0 (no budget) or at least 1048576".into());
+        }
         match (device_id, device_key, root, broker, api_addr) {
             (Some(device_id), Some(key), Some(root), Some(broker), Some(api_addr))
                 if errors.is_empty() =>
@@ -459,6 +475,7 @@ fn env_key_path(rest: &str) -> Option<Vec<&'static str>> {
         &["telemetry", "interval_ms"],
         &["telemetry", "spool_max_bytes"],
         &["telemetry", "sample_rate_ppm"],
+        &["store", "max_bytes"],
     ];
     let want = rest.to_ascii_lowercase();
     KEYS.iter()
@@ -488,7 +505,7 @@ fn set_path(table: &mut toml::Table, path: &[&str], value: &str) {
         Ok(n)
             if matches!(
                 *last,
-                "version" | "interval_ms" | "spool_max_bytes" | "sample_rate_ppm"
+                "version" | "interval_ms" | "spool_max_bytes" | "sample_rate_ppm" | "max_bytes"
             ) =>
         {
             toml::Value::Integer(n)
@@ -561,6 +578,7 @@ sample_rate_ppm = 10000
             device_key: "zz".into(),
             broker_url: "http://x".into(),
             api_addr: "nope".into(),
+            store: StoreConfig { max_bytes: 1000 },
             ..AgentConfig::default()
         };
         let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
@@ -573,6 +591,7 @@ sample_rate_ppm = 10000
             "root_public_key",
             "broker_url",
             "api_addr",
+            "store.max_bytes",
         ] {
             assert!(
                 errs.iter().any(|e| e.starts_with(needle)),
@@ -592,6 +611,7 @@ sample_rate_ppm = 10000
         let env: BTreeMap<String, String> = [
             ("DROVER_AGENT_TELEMETRY_INTERVAL_MS", "700"),
             ("DROVER_AGENT_API_ADDR", "127.0.0.1:2"),
+            ("DROVER_AGENT_STORE_MAX_BYTES", "2000000"),
             ("UNRELATED", "x"),
         ]
         .into_iter()
@@ -600,6 +620,7 @@ sample_rate_ppm = 10000
         let flags = vec![("api_addr".to_owned(), "127.0.0.1:3".to_owned())];
         let v = AgentConfig::load(Some(&path), &env, &flags).unwrap();
         assert_eq!(v.raw.telemetry.interval_ms, 700);
+        assert_eq!(v.raw.store.max_bytes, 2_000_000);
         assert_eq!(v.api_addr.port(), 3);
         // Default kept for what nobody set.
         assert_eq!(v.raw.telemetry.sample_rate_ppm, 10_000);

@@ -35,6 +35,7 @@ use crate::machine::{
 use crate::mqtt::{Inbound, Outbound, WillSlot};
 use crate::serving::{Loaded, Serving};
 use crate::spool::Spool;
+use crate::store::{self, Kept};
 use crate::telemetry::SysProbe;
 
 /// Replayed spool records in flight (sent, not yet acknowledged) after a reconnect.
@@ -110,7 +111,11 @@ pub fn boot(cfg: &ValidConfig, serving: &Serving) -> Result<Booted, BootError> {
         path: data_dir.clone(),
         source,
     })?;
+    // Temp files of writes a kill interrupted, and what the record no longer names: on a
+    // full disk this is what makes room again.
+    let _ = drover_host::fs::remove_temp_files(&data_dir);
     let mut state = State::load(&data_dir)?;
+    collect_garbage(&data_dir, &Kept::of(&state), serving);
     let mut trust = TrustStore::new(cfg.root_public_key).map_err(BootError::Root)?;
     if let Some(k) = &state.keyring {
         if let Err(e) = trust.accept_keyring(k, now_ms()) {
@@ -164,13 +169,37 @@ pub fn boot(cfg: &ValidConfig, serving: &Serving) -> Result<Booted, BootError> {
     // This run's request ids continue above every id an earlier run could have used.
     serving.continue_request_ids_after(state.request_ids_reserved);
     state.request_ids_reserved = state.request_ids_reserved.saturating_add(REQUEST_ID_BLOCK);
-    state.save(&data_dir)?;
+    if let Err(e) = state.save(&data_dir) {
+        // A full disk: keep serving the model loaded above rather than exit; commands
+        // are refused until a write succeeds (`Input::PersistFailed`).
+        tracing::error!(error = %e, "cannot persist agent state at boot; serving on");
+        serving
+            .totals
+            .state_write_failures
+            .fetch_add(1, Ordering::Relaxed);
+        serving.totals.disk_full.store(1, Ordering::Relaxed);
+    }
     let spool = Spool::open(&data_dir.join("spool"), cfg.raw.telemetry.spool_max_bytes)?;
     Ok(Booted {
         state,
         trust,
         spool,
     })
+}
+
+/// Deletes what the persisted record `kept` describes no longer needs; logged, never fatal.
+fn collect_garbage(data_dir: &Path, kept: &Kept, serving: &Serving) {
+    match store::collect(data_dir, kept) {
+        Ok(c) if c.files > 0 => {
+            serving
+                .totals
+                .store_collected_bytes
+                .fetch_add(c.bytes, Ordering::Relaxed);
+            tracing::info!(files = c.files, bytes = c.bytes, "model store collected");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "model store collection failed"),
+    }
 }
 
 pub struct Core {
@@ -186,6 +215,8 @@ pub struct Core {
     download: Option<Download>,
     /// The model an `Effect::Load` brought up, until an effect serves it.
     loaded: Option<Arc<Loaded>>,
+    /// What the record on disk keeps in the model store (collected when it changes).
+    kept: Kept,
     telemetry_due: Instant,
     window_start_ms: u64,
     sys: SysProbe,
@@ -216,6 +247,12 @@ impl Core {
             probation_ms: tuning.probation.as_millis() as u64,
         };
         let now = now_ms();
+        let kept = Kept::of(&booted.state);
+        let dropped = booted.spool.dropped();
+        serving
+            .totals
+            .spool_dropped
+            .store(dropped, Ordering::Relaxed);
         let machine = Machine::new(machine_cfg, booted.state, booted.trust, next_seq, now);
         let data_dir = cfg.raw.data_dir.clone();
         let mut core = Core {
@@ -229,6 +266,7 @@ impl Core {
             replay: None,
             download: None,
             loaded: None,
+            kept,
             telemetry_due: Instant::now(),
             window_start_ms: now,
             sys: SysProbe::new(),
@@ -298,17 +336,46 @@ impl Core {
         let effects = self.machine.handle(input, now_ms());
         for effect in effects {
             if let Some(result) = self.execute(effect) {
+                // A command whose acceptance is not on disk is not acted on: the rest of
+                // its batch is dropped (the machine's contract).
+                let void = matches!(result, Input::PersistFailed { .. });
                 self.feed(result);
+                if void {
+                    break;
+                }
             }
         }
+    }
+
+    /// Writes the record; on success collects what it no longer keeps.
+    fn persist(&mut self, state: &State) -> Result<(), crate::state::StateError> {
+        let totals = &self.serving.totals;
+        if let Err(e) = state.save(&self.data_dir) {
+            tracing::error!(error = %e, "cannot persist agent state");
+            totals.state_write_failures.fetch_add(1, Ordering::Relaxed);
+            totals.disk_full.store(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        totals.disk_full.store(0, Ordering::Relaxed);
+        let kept = Kept::of(state);
+        if kept != self.kept {
+            self.kept = kept;
+            collect_garbage(&self.data_dir, &self.kept, &self.serving);
+        }
+        Ok(())
     }
 
     /// Executes one effect; returns the result of those that ask something.
     fn execute(&mut self, effect: Effect) -> Option<Input> {
         match effect {
             Effect::Persist(state) => {
-                if let Err(e) = state.save(&self.data_dir) {
-                    tracing::error!(error = %e, "cannot persist agent state");
+                let _ = self.persist(&state);
+            }
+            Effect::PersistCommand(state) => {
+                if let Err(e) = self.persist(&state) {
+                    return Some(Input::PersistFailed {
+                        error: e.to_string(),
+                    });
                 }
             }
             Effect::CrashPoint(name) => crash::point(name),
@@ -395,8 +462,12 @@ impl Core {
     fn send(&mut self, s: Sealed) {
         if s.durable {
             if let Err(e) = self.spool.push(s.seq, &s.payload) {
+                // Counted as a drop by the spool; sent live below if the session is up.
                 tracing::error!(error = %e, seq = s.seq, "cannot spool uplink record");
             }
+            let dropped = self.spool.dropped();
+            let totals = &self.serving.totals;
+            totals.spool_dropped.store(dropped, Ordering::Relaxed);
         }
         if s.publish {
             let _ = self.out.send(Outbound::Publish {
@@ -413,6 +484,28 @@ impl Core {
                 manifest_digest,
                 stored: Stored::Blob,
             };
+        }
+        // Refused before a byte is written when it cannot fit, with the figures; what the
+        // record no longer keeps is collected first.
+        let held: Vec<bool> = {
+            let n = manifest.chunk_count() as usize;
+            let mut held = vec![false; n];
+            for i in download::verified_chunks(&self.data_dir, &manifest_digest) {
+                if let Some(h) = held.get_mut(i as usize) {
+                    *h = true;
+                }
+            }
+            held
+        };
+        let budget = self.cfg.raw.store.max_bytes;
+        if store::check_fits(&self.data_dir, manifest, &held, budget).is_err() {
+            collect_garbage(&self.data_dir, &self.kept, &self.serving);
+            if let Err(error) = store::check_fits(&self.data_dir, manifest, &held, budget) {
+                return Input::OpenFailed {
+                    manifest_digest,
+                    error,
+                };
+            }
         }
         match Download::open(&self.data_dir, manifest_digest, manifest) {
             Ok(d) => {
@@ -611,6 +704,11 @@ fn log_event(e: Event) {
             "redelivery of the last accepted command ignored"
         ),
         Event::CommandRefused(e) => tracing::warn!(error = %e, "command refused"),
+        Event::CommandNotPersisted { seq, error } => tracing::error!(
+            command_seq = seq,
+            error = %error,
+            "command not acted on: its acceptance could not be persisted"
+        ),
         Event::Progress {
             command_seq,
             phase,

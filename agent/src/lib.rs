@@ -15,6 +15,8 @@
 //!   disk, tract, the served models and MQTT; boot, spool replay and telemetry windows.
 //! - [`state`], [`download`], [`spool`]: the crash-safe on-disk store (writes through
 //!   `drover_host::fs`); `state` owns the on-disk form of the machine's record.
+//! - [`store`]: the model store's collection (keeps what the record names) and the
+//!   free-space check before a download.
 //! - [`telemetry`]: system facts. Crash points for the SIGKILL tests: `drover_host::crash`.
 //!
 //! Architecture invariant: inference never waits on the core thread or the MQTT session;
@@ -29,6 +31,7 @@ pub mod mqtt;
 pub mod serving;
 pub mod spool;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 
 use std::future::Future;

@@ -16,6 +16,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::ValidConfig;
 
+/// The largest MQTT packet the session reads: above what any broker Drover configures
+/// delivers (`drover broker config mosquitto` writes `message_size_limit` 8 MiB, the
+/// embedded broker passes 4 MiB + 64 KiB), so an oversized downlink is read and refused by
+/// the envelope's own bound (`MAX_DOWNLINK_LEN`). A smaller limit here kills the
+/// connection instead, and the broker redelivers the unacknowledged message on every
+/// reconnect: the device never gets another command (issue 24's poison downlink test).
+const MAX_INCOMING_PACKET: usize = 8 * 1024 * 1024 + 64 * 1024;
+
 #[derive(Debug, Error)]
 pub enum MqttError {
     #[error("cannot read {what} {path}: {source}")]
@@ -157,7 +165,7 @@ pub fn start(
         .set_keep_alive(Duration::from_secs(15))
         .set_credentials(id, cfg.device_key.mqtt_password())
         .set_max_packet_size(
-            drover_protocol::envelope::MAX_DOWNLINK_LEN + 1024,
+            MAX_INCOMING_PACKET,
             drover_protocol::envelope::MAX_UPLINK_LEN + 1024,
         )
         .set_inflight(64)

@@ -29,6 +29,12 @@ pub enum InferError {
     NoModel,
     #[error("model {0:?} is not served here")]
     UnknownModel(String),
+    #[error("model {name:?} version {version:?} is not served here (serving version {serving:?})")]
+    UnknownVersion {
+        name: String,
+        version: String,
+        serving: String,
+    },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
 }
@@ -38,7 +44,7 @@ impl InferError {
     pub fn is_client_error(&self) -> bool {
         match self {
             InferError::NoModel => false,
-            InferError::UnknownModel(_) => true,
+            InferError::UnknownModel(_) | InferError::UnknownVersion { .. } => true,
             InferError::Runtime(e) => matches!(
                 e,
                 RuntimeError::InputCount { .. }
@@ -87,6 +93,14 @@ pub struct Totals {
     pub client_errors: AtomicU64,
     pub latency_us_sum: AtomicU64,
     pub swaps: AtomicU64,
+    /// Uplink records the spool dropped (full, or a write failed); cumulative.
+    pub spool_dropped: AtomicU64,
+    /// Failed writes of the agent's state file.
+    pub state_write_failures: AtomicU64,
+    /// 1 while the last state write failed (a full disk), else 0.
+    pub disk_full: AtomicU64,
+    /// Bytes the model store's collection removed.
+    pub store_collected_bytes: AtomicU64,
 }
 
 pub struct Serving {
@@ -348,16 +362,25 @@ impl Serving {
         self.next_id.load(Ordering::Relaxed).saturating_sub(1)
     }
 
-    /// Runs one inference on the active model (blocking: call from a blocking thread).
+    /// Runs one inference on the active model, which must be `version` when one is asked
+    /// for (blocking: call from a blocking thread).
     pub fn infer(
         &self,
         name: &str,
+        version: Option<&str>,
         inputs: &[TensorValue],
         now_ms: u64,
     ) -> Result<Served, InferError> {
         let model = self.active().ok_or(InferError::NoModel)?;
         if model.model_ref.name != name {
             return Err(InferError::UnknownModel(name.to_owned()));
+        }
+        if let Some(v) = version.filter(|v| *v != model.model_ref.version) {
+            return Err(InferError::UnknownVersion {
+                name: name.to_owned(),
+                version: v.to_owned(),
+                serving: model.model_ref.version.clone(),
+            });
         }
         let request_id = self.alloc_request_id();
         let started = Instant::now();

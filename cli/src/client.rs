@@ -34,12 +34,32 @@ pub enum CliError {
     Conflict { message: String },
     #[error("server refused the request ({status}): {message}")]
     Refused { status: u16, message: String },
+    /// `rollout watch` saw the rollout end other than completed.
+    #[error("rollout {id} ended {status}: {reason}")]
+    RolloutEnded {
+        id: u64,
+        status: String,
+        reason: String,
+        code: u8,
+    },
+    /// `device deploy --wait` saw the deploy end other than healthy.
+    #[error("deploy command {seq} to {device} {outcome}: {detail}")]
+    DeployEnded {
+        device: String,
+        seq: u64,
+        outcome: String,
+        detail: String,
+        code: u8,
+    },
 }
 
 impl CliError {
-    /// 3 not found, 4 already exists, 5 server unreachable, 6 other refusal.
+    /// 3 not found, 4 already exists, 5 server unreachable, 6 other refusal; a watched
+    /// rollout's end: 10 paused, 11 rolled back, 12 aborted; a waited-for deploy: 20 failed,
+    /// refused or rolled back, 21 expired unanswered, 22 `--timeout` passed.
     pub fn exit_code(&self) -> u8 {
         match self {
+            CliError::RolloutEnded { code, .. } | CliError::DeployEnded { code, .. } => *code,
             CliError::NotFound { .. } => 3,
             CliError::Conflict { .. } => 4,
             CliError::Unreachable { .. } => 5,

@@ -1,4 +1,4 @@
-//! `drover device enroll|list|show|deploy|decommission`.
+//! `drover device enroll|list|show|deploy|label|telemetry|history|decommission`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use clap::Subcommand;
 use super::client::{parse_kv, print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
 use drover_control_plane::api::{
-    DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse,
+    DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse, LabelRequest,
 };
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +68,55 @@ pub enum DeviceCommand {
         /// Run the model in shadow beside the active one instead of activating it.
         #[arg(long)]
         shadow: bool,
+        /// Follow the device's progress (downloading, verified, active, healthy) and exit
+        /// by outcome: 0 healthy, 20 failed/refused/rolled back, 21 expired unanswered,
+        /// 22 --timeout passed.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (default: when the command expires).
+        #[arg(long, value_name = "SECS", requires = "wait")]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Set or remove a device's labels (audited). A device that comes to match a running
+    /// rollout's selector joins it at the current wave when the plan takes late joiners.
+    Label {
+        id: String,
+        /// Labels to set, `key=value`.
+        #[arg(value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Label key to remove (repeatable).
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+        /// Who is asking, for the device's audit log (default: $USER).
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// A device's recent telemetry windows, newest first.
+    Telemetry {
+        id: String,
+        /// At most this many windows.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// What happened to a device, oldest first: commands, the progress it reported and
+    /// operator changes (labels, decommissioning) with who made them.
+    History {
+        id: String,
+        /// At most this many lines (the newest).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
         #[command(flatten)]
         server: ServerArgs,
         #[arg(long, value_enum, default_value_t)]
@@ -76,6 +125,9 @@ pub enum DeviceCommand {
     /// Revoke a device at once: the broker and ingest refuse it from now on.
     Decommission {
         id: String,
+        /// Who is asking, for the device's audit log (default: $USER).
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -90,6 +142,17 @@ fn print_device(d: &DeviceView) {
     }
     let labels: Vec<String> = d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("  labels         {}", labels.join(","));
+    if !d.agent_labels.is_empty() {
+        let agent: Vec<String> = d
+            .agent_labels
+            .iter()
+            .map(|(k, v)| format!("agent.{k}={v}"))
+            .collect();
+        println!(
+            "  agent labels   {} (not used by selectors)",
+            agent.join(",")
+        );
+    }
     println!(
         "  agent          {} ({} {})",
         d.agent_version.as_deref().unwrap_or("-"),
@@ -112,6 +175,9 @@ fn print_device(d: &DeviceView) {
         "  last phase     {}",
         d.last_phase.as_deref().unwrap_or("-")
     );
+    if let Some(detail) = &d.last_detail {
+        println!("  last detail    {detail}");
+    }
     println!("  enrolled       {}", fmt_ms(d.enrolled_at_ms));
 }
 
@@ -148,10 +214,35 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             id,
             model,
             shadow,
+            wait,
+            timeout,
             server,
             output,
-        } => deploy(id, model, shadow, server, output).await,
-        DeviceCommand::Decommission { id, server } => decommission(id, server).await,
+        } => {
+            let wait = wait.then(|| timeout.map(std::time::Duration::from_secs));
+            deploy(id, model, shadow, wait, server, output).await
+        }
+        DeviceCommand::Label {
+            id,
+            labels,
+            remove,
+            by,
+            server,
+            output,
+        } => label(id, labels, remove, by, server, output).await,
+        DeviceCommand::Telemetry {
+            id,
+            limit,
+            server,
+            output,
+        } => super::device_history::telemetry(&Client::new(&server)?, &id, limit, output).await,
+        DeviceCommand::History {
+            id,
+            limit,
+            server,
+            output,
+        } => super::device_history::history(&Client::new(&server)?, &id, limit, output).await,
+        DeviceCommand::Decommission { id, by, server } => decommission(id, by, server).await,
     }
 }
 
@@ -266,10 +357,12 @@ async fn deploy(
     id: String,
     model: String,
     shadow: bool,
+    wait: Option<Option<std::time::Duration>>,
     server: ServerArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let r: DeployResponse = Client::new(&server)?
+    let client = Client::new(&server)?;
+    let r: DeployResponse = client
         .post(
             &format!("/v1/devices/{id}/deploy"),
             &DeployRequest {
@@ -278,7 +371,8 @@ async fn deploy(
             },
         )
         .await?;
-    if output == Output::Json {
+    // With --wait the phases follow as lines, so the reply is printed as text too.
+    if output == Output::Json && wait.is_none() {
         return print_json(&r);
     }
     println!(
@@ -288,13 +382,48 @@ async fn deploy(
         r.model,
         fmt_ms(r.expires_at_ms)
     );
+    match wait {
+        Some(timeout) => super::device_wait::wait(&client, &r, shadow, timeout).await,
+        None => Ok(()),
+    }
+}
+
+/// `device label`: checked here against the server's bounds before sending.
+async fn label(
+    id: String,
+    labels: Vec<(String, String)>,
+    remove: Vec<String>,
+    by: String,
+    server: ServerArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    if labels.is_empty() && remove.is_empty() {
+        anyhow::bail!("nothing to change: give labels `key=value` to set or `--remove KEY`");
+    }
+    let set: BTreeMap<String, String> = labels.into_iter().collect();
+    drover_control_plane::fleet::check_labels(&set)?;
+    let v: DeviceView = Client::new(&server)?
+        .post(
+            &format!(
+                "/v1/devices/{id}/labels?by={}",
+                super::rollout::url_word(&by)
+            ),
+            &LabelRequest { set, remove },
+        )
+        .await?;
+    if output == Output::Json {
+        return print_json(&v);
+    }
+    let labels: Vec<String> = v.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("{id} labels: {}", labels.join(","));
     Ok(())
 }
 
 /// `device decommission`.
-async fn decommission(id: String, server: ServerArgs) -> anyhow::Result<()> {
+async fn decommission(id: String, by: String, server: ServerArgs) -> anyhow::Result<()> {
+    let by = super::rollout::url_word(&by);
     let _: serde_json::Value = Client::new(&server)?
-        .post(&format!("/v1/devices/{id}/decommission"), &())
+        .post(&format!("/v1/devices/{id}/decommission?by={by}"), &())
         .await?;
     println!("{id} decommissioned");
     Ok(())

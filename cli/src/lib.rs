@@ -5,11 +5,14 @@ pub mod broker;
 pub mod client;
 pub mod demo;
 pub mod device;
+pub mod device_history;
+pub mod device_wait;
 pub mod doctor;
 pub mod drift;
 pub mod keys;
 pub mod model;
 pub mod rollout;
+pub mod rollout_watch;
 pub mod serve;
 pub mod train;
 

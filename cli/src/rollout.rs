@@ -1,4 +1,4 @@
-//! `drover rollout start|status|watch|pause|resume|abort|list|report`.
+//! `drover rollout start|plan|status|watch|pause|resume|abort|list|report`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,14 +9,18 @@ use clap::{Args, Subcommand};
 use super::client::{print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
 use drover_control_plane::api::VerdictView as Verdict;
-use drover_control_plane::api::{RolloutReport, RolloutView};
+use drover_control_plane::api::{PreviewView, RolloutReport, RolloutView};
 use drover_control_plane::rollout::plan::{Gates, ShadowPhase, Wave};
-use drover_control_plane::rollout::{OnFailure, Plan};
+use drover_control_plane::rollout::{OnFailure, OnNoData, Plan};
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Start a staged rollout from a plan file and/or flags (flags override the file).
+    /// Shows the devices it would take and asks for confirmation on a terminal.
     Start(Box<StartArgs>),
+    /// Preview a plan against the fleet as it is now (matched devices, devices per wave,
+    /// devices another rollout holds); starts nothing. Same as `start --dry-run`.
+    Plan(Box<StartArgs>),
     /// Show one rollout (waves, gates against thresholds, devices), or list them.
     Status {
         id: Option<u64>,
@@ -25,12 +29,17 @@ pub enum RolloutCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Follow a rollout live until it completes, pauses or rolls back.
+    /// Follow a rollout live until it completes, pauses, rolls back or is aborted. Exits
+    /// 0 completed, 10 paused, 11 rolled back, 12 aborted; an unreachable server (a
+    /// restart) is polled again until --give-up-after.
     Watch {
         id: u64,
         /// Refresh interval.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: Duration,
+        /// How long to keep polling a server that does not answer (it may be restarting).
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        give_up_after: Duration,
         #[command(flatten)]
         server: ServerArgs,
         #[arg(long, value_enum, default_value_t)]
@@ -40,8 +49,11 @@ pub enum RolloutCommand {
     Pause(IdArgs),
     /// Continue a paused rollout.
     Resume(IdArgs),
-    /// Stop and send every device that took the model back to its previous one.
+    /// Stop and send every device that took the model back to its previous one; the
+    /// rollout ends `aborted` (a gate's rollback ends `rolled-back`).
     Abort(IdArgs),
+    /// Queue the rollout's failed devices again; each gets a fresh deploy command.
+    Retry(IdArgs),
     /// List rollouts, newest first.
     List {
         #[command(flatten)]
@@ -78,7 +90,7 @@ pub struct StartArgs {
     /// NAME@X.Y.Z of a published model.
     #[arg(long)]
     pub model: Option<String>,
-    /// Device selector, e.g. `site=plant-a,arch=aarch64`.
+    /// Device selector, e.g. `site=plant-a,arch=aarch64`; `all` for the whole fleet.
     #[arg(long)]
     pub selector: Option<String>,
     /// Cumulative waves in percent, e.g. `1,10,50,100`.
@@ -105,6 +117,10 @@ pub struct StartArgs {
     pub max_drift_psi: Option<f64>,
     #[arg(long)]
     pub min_inferences: Option<u64>,
+    /// What a gate without a verdict (too little data) does once a stage's time is over:
+    /// `hold` the stage (the default) or `pass`.
+    #[arg(long, value_parser = parse_on_no_data)]
+    pub on_no_data: Option<OnNoData>,
     /// Run a shadow phase of this length on each wave before activation.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub shadow: Option<Duration>,
@@ -117,10 +133,31 @@ pub struct StartArgs {
     /// Who is starting it, for the rollout's report (default: $USER).
     #[arg(long, env = "USER", default_value = "operator")]
     pub by: String,
+    /// Apply window, repeatable, e.g. `--window "Sat 02:00-05:00 Europe/Berlin"`: devices
+    /// download any time and switch to the model only inside a window.
+    #[arg(long = "window")]
+    pub windows: Vec<String>,
+    /// Devices enrolled into the selector while the rollout runs join the current wave.
+    #[arg(long)]
+    pub late_joiners: bool,
+    /// Show what the plan would take and start nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Start without asking (scripts; required when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     #[command(flatten)]
     pub server: ServerArgs,
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
+}
+
+fn parse_on_no_data(s: &str) -> Result<OnNoData, String> {
+    match s {
+        "hold" => Ok(OnNoData::Hold),
+        "pass" => Ok(OnNoData::Pass),
+        _ => Err(format!("{s:?} must be hold or pass")),
+    }
 }
 
 fn parse_on_failure(s: &str) -> Result<OnFailure, String> {
@@ -160,6 +197,8 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
             on_failure: OnFailure::Pause,
             gates: Gates::default(),
             shadow: None,
+            late_joiners: false,
+            windows: Vec::new(),
         },
     };
     if let Some(m) = &a.model {
@@ -187,6 +226,12 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
     if let Some(n) = a.max_concurrent {
         plan.max_concurrent = n;
     }
+    if a.late_joiners {
+        plan.late_joiners = true;
+    }
+    if !a.windows.is_empty() {
+        plan.windows = a.windows.clone();
+    }
     if let Some(d) = a.deadline {
         plan.device_deadline = d;
     }
@@ -209,6 +254,10 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
     if let Some(v) = a.min_inferences {
         g.min_inferences = v;
     }
+    if let Some(v) = a.on_no_data {
+        g.on_no_data = Some(v);
+        g.require_data = None;
+    }
     if a.shadow.is_some() || a.min_agreement.is_some() || a.max_shadow_latency_ratio.is_some() {
         let s = plan.shadow.get_or_insert_with(ShadowPhase::default);
         if let Some(r) = a.max_shadow_latency_ratio {
@@ -226,28 +275,31 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
 }
 
 /// Keeps an operator name query-safe (letters, digits, `.-_@`).
-fn url_word(s: &str) -> String {
+pub(crate) fn url_word(s: &str) -> String {
     s.chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@'))
         .take(64)
         .collect()
 }
 
-fn verdict(v: Verdict) -> &'static str {
+pub(crate) fn verdict(v: Verdict) -> &'static str {
     match v {
         Verdict::Pass => "pass",
         Verdict::Fail => "FAIL",
-        Verdict::NoData => "no data",
+        Verdict::NoData => "no verdict",
     }
 }
 
-fn print_status(r: &RolloutView) {
+pub(crate) fn print_status(r: &RolloutView) {
     println!(
         "rollout {}  {}  {}  (selector {:?}, {} devices selected)",
         r.id, r.model, r.status, r.selector, r.selected
     );
     if let Some(reason) = &r.reason {
         println!("  reason: {reason}");
+    }
+    if let Some(w) = &r.waiting {
+        println!("  waiting: {w}");
     }
     println!(
         "  wave {}/{} stage {} since {}; started {}",
@@ -257,30 +309,46 @@ fn print_status(r: &RolloutView) {
         fmt_ms(r.stage_since_ms),
         fmt_ms(r.created_at_ms)
     );
+    if let Some(left) = super::rollout_watch::time_left(r) {
+        println!("  stage time left: {left}");
+    }
+    // Per-wave figures: the devices each wave adds, then where they are.
     println!(
-        "  {:<5} {:>7} {:>9} {:>8} {:>7} {:>10}  BAKE",
-        "WAVE", "TARGET", "ASSIGNED", "HEALTHY", "FAILED", "IN FLIGHT"
+        "  {:<5} {:>8} {:>11} {:>9} {:>8} {:>7} {:>10}  BAKE",
+        "WAVE", "DEVICES", "CUMULATIVE", "ASSIGNED", "HEALTHY", "FAILED", "IN FLIGHT"
     );
+    let mut before = 0;
     for w in &r.waves {
         println!(
-            "  {:<5} {:>7} {:>9} {:>8} {:>7} {:>10}  {}",
-            w.wave, w.target, w.assigned, w.healthy, w.failed, w.in_flight, w.bake
+            "  {:<5} {:>8} {:>11} {:>9} {:>8} {:>7} {:>10}  {}",
+            w.wave,
+            w.target.saturating_sub(before),
+            w.target,
+            w.assigned,
+            w.healthy,
+            w.failed,
+            w.in_flight,
+            w.bake
         );
+        before = before.max(w.target);
     }
     if !r.gates.is_empty() {
         println!(
-            "  {:<26} {:>10}  {:<10} {:<8} BASIS",
+            "  {:<26} {:>10}  {:<10} {:<10} BASIS",
             "GATE", "VALUE", "LIMIT", "VERDICT"
         );
         for g in &r.gates {
             println!(
-                "  {:<26} {:>10}  {:<10} {:<8} {}",
+                "  {:<26} {:>10}  {:<10} {:<10} {}",
                 g.gate,
                 g.value.map_or("-".into(), |v| format!("{v:.4}")),
                 g.threshold,
                 verdict(g.verdict),
                 g.basis
             );
+            if let Some(why) = &g.reason {
+                println!("  {:<26} {:>10}  {:<10} {:<10} ({why})", "", "", "", "");
+            }
         }
     }
     let failed: Vec<_> = r
@@ -298,29 +366,18 @@ fn print_status(r: &RolloutView) {
     }
 }
 
-fn is_final(r: &RolloutView) -> bool {
-    matches!(r.status.as_str(), "completed" | "paused" | "rolled-back")
+pub(crate) fn is_final(r: &RolloutView) -> bool {
+    matches!(
+        r.status.as_str(),
+        "completed" | "paused" | "rolled-back" | "aborted"
+    )
 }
 
 pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
     match cmd {
-        RolloutCommand::Start(a) => {
-            let plan = build_plan(&a)?;
-            let path = format!("/v1/rollouts?by={}", url_word(&a.by));
-            let r: RolloutView = Client::new(&a.server)?.post(&path, &plan).await?;
-            if a.output == Output::Json {
-                return print_json(&r);
-            }
-            println!(
-                "rollout {} started: {} to {:?}, {} waves; follow it with `drover rollout watch {}`",
-                r.id,
-                r.model,
-                r.selector,
-                r.waves.len(),
-                r.id
-            );
-            Ok(())
-        }
+        RolloutCommand::Start(a) if a.dry_run => preview(&a).await,
+        RolloutCommand::Plan(a) => preview(&a).await,
+        RolloutCommand::Start(a) => start(&a).await,
         RolloutCommand::Status { id, server, output } => {
             let client = Client::new(&server)?;
             match id {
@@ -368,12 +425,14 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
         RolloutCommand::Watch {
             id,
             interval,
+            give_up_after,
             server,
             output,
-        } => watch(id, interval, &server, output).await,
+        } => super::rollout_watch::watch(id, interval, give_up_after, &server, output).await,
         RolloutCommand::Pause(a) => operate(a, "pause").await,
         RolloutCommand::Resume(a) => operate(a, "resume").await,
         RolloutCommand::Abort(a) => operate(a, "abort").await,
+        RolloutCommand::Retry(a) => operate(a, "retry").await,
         RolloutCommand::Report { id, server, output } => {
             let r: RolloutReport = Client::new(&server)?
                 .get(&format!("/v1/rollouts/{id}/report"))
@@ -386,19 +445,114 @@ pub async fn run(cmd: RolloutCommand) -> anyhow::Result<()> {
             for e in &r.events {
                 println!("  {}  {:<14} {}", fmt_ms(e.at_ms), e.kind, e.detail);
                 for g in &e.gates {
+                    // Which gates decided, and on what: verdict, basis, and why not.
                     println!(
-                        "  {:>21} {:<24} {:>10} {:<10} {}",
+                        "  {:>21} {:<24} {:>10} {:<10} {:<10} {}{}",
                         "",
                         g.gate,
                         g.value.map_or("-".into(), |v| format!("{v:.4}")),
                         g.threshold,
-                        verdict(g.verdict)
+                        verdict(g.verdict),
+                        g.basis,
+                        g.reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
                     );
                 }
             }
             Ok(())
         }
     }
+}
+
+/// The plan's preview from the server, printed (text or JSON).
+async fn preview(a: &StartArgs) -> anyhow::Result<()> {
+    let plan = build_plan(a)?;
+    let p: PreviewView = Client::new(&a.server)?
+        .post("/v1/rollouts/preview", &plan)
+        .await?;
+    if a.output == Output::Json {
+        return print_json(&p);
+    }
+    print_preview(&plan, &p);
+    Ok(())
+}
+
+fn print_preview(plan: &Plan, p: &PreviewView) {
+    println!(
+        "{} to {} of {} devices matching {:?}",
+        plan.model,
+        p.targets.len(),
+        p.matched,
+        p.selector
+    );
+    for w in &p.waves {
+        let note = if w.adds == 0 {
+            "  (adds none: passes at once)"
+        } else {
+            ""
+        };
+        println!(
+            "  wave {}: +{} -> {} devices, bake {}{note}",
+            w.wave, w.adds, w.cumulative, w.bake
+        );
+    }
+    for h in &p.held {
+        println!("  held by rollout {}: {}", h.rollout, h.device);
+    }
+}
+
+/// Asks on the terminal; anything but y/yes declines.
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::Write as _;
+    print!("{question} [y/N] ");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(matches!(line.trim().to_lowercase().as_str(), "y" | "yes"))
+}
+
+async fn start(a: &StartArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let plan = build_plan(a)?;
+    if !a.yes && !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "stdin is not a terminal, so the rollout cannot be confirmed: pass --yes to start it \
+             (or --dry-run to see what it would take)"
+        );
+    }
+    let client = Client::new(&a.server)?;
+    if !a.yes {
+        let p: PreviewView = client.post("/v1/rollouts/preview", &plan).await?;
+        print_preview(&plan, &p);
+        if p.targets.is_empty() {
+            anyhow::bail!("the plan targets no device; nothing started");
+        }
+        let q = format!(
+            "Start rolling out {} to {} devices?",
+            plan.model,
+            p.targets.len()
+        );
+        if !confirm(&q)? {
+            anyhow::bail!("not started");
+        }
+    }
+    let path = format!("/v1/rollouts?by={}", url_word(&a.by));
+    let r: RolloutView = client.post(&path, &plan).await?;
+    if a.output == Output::Json {
+        return print_json(&r);
+    }
+    println!(
+        "rollout {} started: {} to {} devices matching {:?}, {} waves; follow it with `drover rollout watch {}`",
+        r.id,
+        r.model,
+        r.selected,
+        r.selector,
+        r.waves.len(),
+        r.id
+    );
+    Ok(())
 }
 
 async fn operate(a: IdArgs, op: &str) -> anyhow::Result<()> {
@@ -413,75 +567,4 @@ async fn operate(a: IdArgs, op: &str) -> anyhow::Result<()> {
     }
     println!("rollout {} is now {}", r.id, r.status);
     Ok(())
-}
-
-async fn watch(
-    id: u64,
-    interval: Duration,
-    server: &ServerArgs,
-    output: Output,
-) -> anyhow::Result<()> {
-    let client = Client::new(server)?;
-    let multi = indicatif::MultiProgress::new();
-    let style = indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
-    let status_line = multi.add(indicatif::ProgressBar::new_spinner());
-    loop {
-        let r: RolloutView = client.get(&format!("/v1/rollouts/{id}")).await?;
-        if output == Output::Json {
-            // One JSON object per line, so scripts can follow along.
-            println!("{}", serde_json::to_string(&r)?);
-        } else {
-            while bars.len() < r.waves.len() {
-                let b = multi.add(indicatif::ProgressBar::new(0));
-                b.set_style(style.clone());
-                b.set_prefix(format!("wave {}", bars.len() + 1));
-                bars.push(b);
-            }
-            for (b, w) in bars.iter().zip(&r.waves) {
-                b.set_length(w.target.max(1));
-                b.set_position(w.healthy.min(w.target.max(1)));
-                b.set_message(format!(
-                    "healthy, {} failed, {} in flight, bake {}",
-                    w.failed, w.in_flight, w.bake
-                ));
-            }
-            let gates: Vec<String> = r
-                .gates
-                .iter()
-                .map(|g| {
-                    format!(
-                        "{} {} {} [{}]",
-                        g.gate,
-                        g.value.map_or("-".into(), |v| format!("{v:.3}")),
-                        g.threshold,
-                        verdict(g.verdict)
-                    )
-                })
-                .collect();
-            status_line.set_message(format!(
-                "rollout {} {} wave {}/{} {} | {}",
-                r.id,
-                r.status,
-                r.wave,
-                r.waves.len(),
-                r.stage,
-                gates.join(" | ")
-            ));
-            status_line.tick();
-        }
-        if is_final(&r) {
-            for b in &bars {
-                b.finish();
-            }
-            status_line.finish();
-            if output == Output::Text {
-                print_status(&r);
-            }
-            return Ok(());
-        }
-        tokio::time::sleep(interval).await;
-    }
 }

@@ -9,7 +9,7 @@ use drover_protocol::{DeviceId, DeviceKey};
 use rand::RngCore as _;
 
 use crate::app::{App, DeviceEntry};
-use crate::store::{CommandRow, ModelRow, Store, StoreError};
+use crate::store::{CommandRow, DeviceEventRow, ModelRow, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -25,32 +25,21 @@ pub enum FleetError {
     ReservedId(String),
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
-    #[error(transparent)]
-    Labels(#[from] LabelError),
+    #[error("{0}")]
+    BadLabels(String),
 }
 
-/// Most labels one device may carry. Labels are listed with every device
-/// (`GET /v1/devices`) and matched by every rollout selector, so they stay small.
+/// At most this many operator labels per device.
 pub const MAX_LABELS: usize = 32;
-/// Longest label key, in bytes.
-pub const MAX_LABEL_KEY_LEN: usize = 64;
-/// Longest label value, in bytes.
-pub const MAX_LABEL_VALUE_LEN: usize = 256;
+/// A label key is 1 to this many bytes.
+pub const MAX_LABEL_KEY_BYTES: usize = 64;
+/// A label value is 1 to this many bytes.
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Keys under this prefix name the labels an agent declares; an operator cannot set them
+/// (see docs/FLEET.md: agent labels are shown, never selected on).
+pub const AGENT_LABEL_PREFIX: &str = "agent.";
 
-/// A label set refused at enrollment (by the API, and by the CLI before it sends).
-#[derive(Debug, thiserror::Error)]
-pub enum LabelError {
-    #[error("{count} labels given; a device carries at most {MAX_LABELS}")]
-    TooMany { count: usize },
-    #[error("label key {key:?} is {len} bytes; keys are 1 to {MAX_LABEL_KEY_LEN} bytes")]
-    KeyLength { key: String, len: usize },
-    #[error(
-        "label {key:?} has a {len}-byte value; values are at most {MAX_LABEL_VALUE_LEN} bytes"
-    )]
-    ValueLength { key: String, len: usize },
-}
-
-/// The first 32 characters of `s`, for an error message about an oversized label.
+/// The first 32 characters of `s`, for an error message about a label.
 fn shown(s: &str) -> String {
     match s.char_indices().nth(32) {
         Some((at, _)) => format!("{}…", &s[..at]),
@@ -58,29 +47,101 @@ fn shown(s: &str) -> String {
     }
 }
 
-/// Checks a device's labels against [`MAX_LABELS`], [`MAX_LABEL_KEY_LEN`] and
-/// [`MAX_LABEL_VALUE_LEN`].
-pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), LabelError> {
+/// Checks a device's operator labels against the bounds and the selector grammar
+/// (`key=value|value,key!=value`), naming every offending label at once.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), FleetError> {
+    let mut errs = Vec::new();
     if labels.len() > MAX_LABELS {
-        return Err(LabelError::TooMany {
-            count: labels.len(),
-        });
+        errs.push(format!(
+            "{} labels, at most {MAX_LABELS} are allowed: remove some with --remove KEY",
+            labels.len()
+        ));
     }
-    for (k, v) in labels {
-        if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN {
-            return Err(LabelError::KeyLength {
-                key: shown(k),
-                len: k.len(),
-            });
+    let bad = |c: char| c.is_control() || c.is_whitespace() || ",|=!".contains(c);
+    for (key, value) in labels {
+        // Shown cut short: a label may be refused for being megabytes long.
+        let (k, v) = (shown(key), shown(value));
+        if key.is_empty() || key.len() > MAX_LABEL_KEY_BYTES || key.chars().any(bad) {
+            errs.push(format!(
+                "label key {k:?} must be 1-{MAX_LABEL_KEY_BYTES} bytes without spaces or any of , | = !"
+            ));
+        } else if key.starts_with(AGENT_LABEL_PREFIX) {
+            errs.push(format!(
+                "label key {k:?}: keys starting with {AGENT_LABEL_PREFIX:?} are the agent's own; \
+                 to select on one, set it under another key"
+            ));
         }
-        if v.len() > MAX_LABEL_VALUE_LEN {
-            return Err(LabelError::ValueLength {
-                key: shown(k),
-                len: v.len(),
-            });
+        if value.is_empty() || value.len() > MAX_LABEL_VALUE_BYTES || value.chars().any(bad) {
+            errs.push(format!(
+                "label {k}: value {v:?} must be 1-{MAX_LABEL_VALUE_BYTES} bytes without spaces or any of , | = !"
+            ));
         }
     }
-    Ok(())
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(FleetError::BadLabels(errs.join("; ")))
+    }
+}
+
+/// Who asked, as recorded in a device's audit log: the operator's word (the API has one
+/// bearer token), 1-64 printable characters, else `api`.
+pub fn actor(by: Option<&str>) -> String {
+    match by.map(str::trim) {
+        Some(b) if !b.is_empty() && b.len() <= 64 && !b.chars().any(char::is_control) => {
+            b.to_owned()
+        }
+        _ => "api".to_owned(),
+    }
+}
+
+/// Sets and removes operator labels on a device, audited. A device that comes to match
+/// a running rollout's selector this way joins it late when the plan takes late joiners
+/// (`labels_changed_at_ms`). Returns the labels as they now are.
+pub fn relabel(
+    store: &mut Store,
+    id: &str,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+    by: &str,
+    now_ms: u64,
+) -> Result<BTreeMap<String, String>, FleetError> {
+    let device = store
+        .device(id)?
+        .ok_or_else(|| StoreError::UnknownDevice(id.to_owned()))?;
+    if let Some(k) = remove.iter().find(|k| set.contains_key(*k)) {
+        return Err(FleetError::BadLabels(format!(
+            "label {k:?} is both set and removed: give it once"
+        )));
+    }
+    let mut labels = device.labels.clone();
+    for k in remove {
+        labels.remove(k);
+    }
+    labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    check_labels(&labels)?;
+    if labels == device.labels {
+        return Ok(labels);
+    }
+    let show = |l: &BTreeMap<String, String>| {
+        l.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let event = DeviceEventRow {
+        at_ms: now_ms,
+        kind: "labels".into(),
+        by: by.to_owned(),
+        detail: format!(
+            "labels {{{}}} -> {{{}}}",
+            show(&device.labels),
+            show(&labels)
+        ),
+    };
+    store.set_device_labels(id, &labels, now_ms, &event)?;
+    tracing::info!(device_id = id, by, "device relabelled");
+    Ok(labels)
 }
 
 /// The identity `device enroll` hands out: the frame/MQTT key and a client certificate
@@ -106,11 +167,8 @@ pub fn enroll(
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
     let device_key = DeviceKey(key);
-    // The certificate is issued inside the insert's transaction: if issuing fails, the
-    // row is rolled back and the id stays free for another attempt.
-    let cert = store.enroll_device_with(&device_id, &device_key, labels, now_ms, || {
-        app.ca.issue_device(id, now_ms)
-    })??;
+    store.enroll_device(&device_id, &device_key, labels, now_ms)?;
+    let cert = app.ca.issue_device(id, now_ms)?;
     app.devices.set(
         device_id.clone(),
         DeviceEntry {
@@ -129,11 +187,26 @@ pub fn enroll(
 /// Revokes a device at once: the embedded broker refuses its logins and cuts its open
 /// session, ingest refuses its frames, and the CRL for external brokers lists its
 /// certificate (`<data>/keys/crl.pem`; mosquitto reads it on SIGHUP).
-pub fn decommission(app: &App, store: &mut Store, id: &str, now_ms: u64) -> Result<(), FleetError> {
+pub fn decommission(
+    app: &App,
+    store: &mut Store,
+    id: &str,
+    by: &str,
+    now_ms: u64,
+) -> Result<(), FleetError> {
     let device_id = DeviceId::new(id)?;
     if !store.decommission_device(id)? {
         return Err(StoreError::UnknownDevice(id.to_owned()).into());
     }
+    store.record_device_event(
+        id,
+        &DeviceEventRow {
+            at_ms: now_ms,
+            kind: "decommissioned".into(),
+            by: by.to_owned(),
+            detail: "decommissioned: key and certificate revoked".into(),
+        },
+    )?;
     let key = app.devices.key(&device_id);
     if let Some(key) = key {
         app.devices.set(

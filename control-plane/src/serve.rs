@@ -209,6 +209,8 @@ pub async fn run_with_clock(
     if !mqtt.ready(Duration::from_secs(10)).await {
         tracing::warn!("uplink subscriptions not acknowledged yet; continuing, sessions retry");
     }
+    // Devices in only now: whatever they publish on (re)connecting has a subscriber.
+    let _ = broker.open_front.send(true);
     if let Err(e) = app
         .outbox
         .publish_keyring(&app.keys.current().keyring_blob)
@@ -271,6 +273,8 @@ struct Broker {
     sessions: Arc<Sessions>,
     public_addr: SocketAddr,
     backend_addr: Option<SocketAddr>,
+    /// Opens the TLS front to devices (after the uplink subscriptions are in place).
+    open_front: watch::Sender<bool>,
 }
 
 /// Addresses and logins first (the device cache needs the logins), then the cache and
@@ -302,13 +306,15 @@ fn start_broker(
         sessions: Arc::clone(&sessions),
         metrics: Arc::clone(metrics),
     };
-    let (public_addr, backend_addr) = crate::broker::launch(&mut prepared, auth)?;
+    let (open_front, front_opens) = watch::channel(false);
+    let (public_addr, backend_addr) = crate::broker::launch(&mut prepared, auth, front_opens)?;
     Ok(Broker {
         prepared,
         devices,
         sessions,
         public_addr,
         backend_addr,
+        open_front,
     })
 }
 

@@ -5,11 +5,11 @@
 mod common;
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
 
 use common::*;
 use drover_control_plane::chunks::{DEVICE_BUDGET_BYTES, DEVICE_BUDGET_WINDOW_MS};
 use drover_control_plane::serve::{self, ServeHandle};
+use drover_host::clock::{Clock as _, ManualClock, SharedClock};
 use drover_protocol::envelope::decode_chunk;
 use drover_protocol::messages::{ChunkRequest, Downlink, Uplink};
 use drover_protocol::topics::{self, parse_hex32};
@@ -125,7 +125,12 @@ async fn one_device_flooding_chunk_requests_is_held_to_its_byte_budget() {
     let mut cfg = config(dir.path());
     // Every request is published at once: no coalescing hides a repeated request.
     cfg.chunk_window_ms = 1;
-    let server = serve::run(cfg.validate().unwrap(), std::future::pending())
+    // The budget refills with the server's clock. A clock the test moves (1 ms per poll)
+    // keeps the refill during the flood small however slowly a loaded machine runs it, so
+    // the flood always outruns the budget.
+    let clock = ManualClock::new(drover_host::clock::now_ms());
+    let shared: SharedClock = std::sync::Arc::new(clock.clone());
+    let server = serve::run_with_clock(cfg.validate().unwrap(), shared, std::future::pending())
         .await
         .unwrap();
     let api = Api::new(&server);
@@ -146,12 +151,13 @@ async fn one_device_flooding_chunk_requests_is_held_to_its_byte_budget() {
     // otherwise hide the repetition): the next is sent once this one was published or
     // refused.
     let m = server.metrics();
-    let started = Instant::now();
+    let started = clock.unix_ms();
     for _ in 0..100 {
         let published = m.chunk_publishes.load(Relaxed);
         let limited = m.chunk_refused_rate_limited.load(Relaxed);
         flooder.send(request(digest, chunks)).await;
         eventually("the request published or refused", || async {
+            clock.advance(1);
             (m.chunk_publishes.load(Relaxed) >= published + u64::from(chunks)
                 || m.chunk_refused_rate_limited.load(Relaxed) > limited)
                 .then_some(())
@@ -165,7 +171,7 @@ async fn one_device_flooding_chunk_requests_is_held_to_its_byte_budget() {
         (m.chunk_refused_not_commanded.load(Relaxed) == 1).then_some(())
     })
     .await;
-    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let elapsed_ms = clock.unix_ms() - started;
     let publishes = m.chunk_publishes.load(Relaxed);
     // The budget: its capacity plus what refilled while the flood lasted.
     let budget_bytes =
@@ -173,7 +179,7 @@ async fn one_device_flooding_chunk_requests_is_held_to_its_byte_budget() {
     let max_publishes = budget_bytes / u64::from(chunk_size);
     assert!(
         publishes <= max_publishes,
-        "{publishes} chunk publishes for one device in {elapsed_ms} ms; its budget allows {max_publishes}"
+        "{publishes} chunk publishes for one device in {elapsed_ms} ms of its clock; its budget allows {max_publishes}"
     );
     assert!(m.chunk_refused_rate_limited.load(Relaxed) > 0);
     server.shutdown().await;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use drover_control_plane::fleet::{MAX_LABELS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN};
+use drover_control_plane::fleet::{MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES};
 use serde_json::{json, Map, Value};
 
 fn labels(n: usize, key_len: usize, value_len: usize) -> Value {
@@ -31,24 +31,24 @@ async fn enroll_refuses_labels_past_their_limits_and_names_the_limit() {
         ),
         (
             "long-key",
-            labels(1, MAX_LABEL_KEY_LEN + 1, 8),
-            format!("1 to {MAX_LABEL_KEY_LEN} bytes"),
+            labels(1, MAX_LABEL_KEY_BYTES + 1, 8),
+            format!("1-{MAX_LABEL_KEY_BYTES} bytes"),
         ),
         (
             "long-value",
-            labels(1, 8, MAX_LABEL_VALUE_LEN + 1),
-            format!("at most {MAX_LABEL_VALUE_LEN} bytes"),
+            labels(1, 8, MAX_LABEL_VALUE_BYTES + 1),
+            format!("1-{MAX_LABEL_VALUE_BYTES} bytes"),
         ),
         // The shape of the reported fault: one label of several megabytes.
         (
             "huge-value",
             labels(1, 8, 8 << 20),
-            format!("at most {MAX_LABEL_VALUE_LEN} bytes"),
+            format!("1-{MAX_LABEL_VALUE_BYTES} bytes"),
         ),
         (
             "empty-key",
             json!({"": "x"}),
-            format!("1 to {MAX_LABEL_KEY_LEN} bytes"),
+            format!("1-{MAX_LABEL_KEY_BYTES} bytes"),
         ),
     ];
     for (id, l, limit) in refused {
@@ -69,7 +69,7 @@ async fn enroll_refuses_labels_past_their_limits_and_names_the_limit() {
     let (status, body) = api
         .post(
             "/v1/devices",
-            &json!({"id": "at-limits", "labels": labels(MAX_LABELS, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN)}),
+            &json!({"id": "at-limits", "labels": labels(MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES)}),
         )
         .await;
     assert_eq!(status, 201, "{body}");

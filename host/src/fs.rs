@@ -49,8 +49,8 @@ fn write_with_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Res
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
+    let tmp = dir.join(format!(".{name}{TMP_SUFFIX}"));
+    let written = (|| {
         let mut opts = OpenOptions::new();
         opts.write(true).create(true).truncate(true);
         if let Some(m) = mode {
@@ -62,11 +62,50 @@ fn write_with_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Res
             f.set_permissions(fs::Permissions::from_mode(m))?;
         }
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        // A full disk must not also fill up with half-written temp files.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
     crate::crash::point("fs.after_tmp_write");
-    fs::rename(&tmp, path)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     sync_dir(dir)
+}
+
+/// How [`write_atomic`] names its temp file: `.<name>` + this.
+pub const TMP_SUFFIX: &str = ".tmp";
+
+/// Removes the temp files an interrupted [`write_atomic`] left in `dir` (a SIGKILL
+/// between write and rename); returns how many. Call it before anything writes in `dir`.
+pub fn remove_temp_files(dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(TMP_SUFFIX) && entry.file_type()?.is_file() {
+            fs::remove_file(entry.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`
+/// (`statvfs`: available blocks times fragment size).
+pub fn free_space(path: &Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// fsyncs a directory so a rename or unlink in it survives a power cut.
@@ -112,6 +151,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn temp_files_left_by_an_interrupted_write_are_removed_and_free_space_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(".a.frame.tmp"), b"half").unwrap();
+        fs::write(dir.path().join("a.frame"), b"kept").unwrap();
+        fs::write(dir.path().join(".hidden"), b"kept").unwrap();
+        assert_eq!(remove_temp_files(dir.path()).unwrap(), 1);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+        assert_eq!(remove_temp_files(&dir.path().join("absent")).unwrap(), 0);
+        assert!(free_space(dir.path()).unwrap() > 0);
     }
 
     #[test]

@@ -228,6 +228,10 @@ pub fn publish(api: &Api, file: &Path, name: &str, version: &str) -> anyhow::Res
 pub fn rollout_cli(api: &Api, args: &[&str]) -> anyhow::Result<Value> {
     let mut all: Vec<String> = vec!["rollout".into()];
     all.extend(args.iter().map(|s| s.to_string()));
+    if args.first() == Some(&"start") {
+        // Not a terminal: the start cannot ask for confirmation.
+        all.push("--yes".into());
+    }
     all.extend(["--output".into(), "json".into()]);
     all.extend(api.cli_args());
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
@@ -285,7 +289,19 @@ pub async fn roll_out_everywhere(
     let model = format!("{name}@{version}");
     let r = rollout_cli(
         api,
-        &["start", "--model", &model, "--waves", "100", "--bake", "0s"],
+        &[
+            "start",
+            "--model",
+            &model,
+            "--selector",
+            "all",
+            "--on-no-data",
+            "pass",
+            "--waves",
+            "100",
+            "--bake",
+            "0s",
+        ],
     )?;
     let id = r["id"].as_u64().context("rollout id")?;
     crate::wait_until(

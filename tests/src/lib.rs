@@ -63,6 +63,11 @@ pub fn peers_required() -> bool {
 pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     use anyhow::Context as _;
     let exe = std::env::current_exe()?;
+    // A binary of this package (`drover-soak`) sits beside the workspace's binaries.
+    let beside = exe.with_file_name(name);
+    if beside.exists() && exe.parent().and_then(|d| d.file_name()) != Some("deps".as_ref()) {
+        return Ok(beside);
+    }
     // target/<profile>/deps/<test-binary>
     let profile_dir = exe
         .parent()

@@ -199,7 +199,7 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     let rules = "[drift]\nwindow_secs = 3600\ngroup_by = [\"site\"]\n\
                  [triggers]\nsustained_windows = 2\ncooldown_secs = 3600\n\
                  [gate]\nmin_recent_improvement = 0.05\n\
-                 [rollout]\nselector = \"site=b\"\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
+                 [rollout]\nselector = \"site=b\"\n[rollout.gates]\non_no_data = \"pass\"\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
     std::fs::write(pdir.join("policy.toml"), policy(MODEL, rules)).unwrap();
     std::fs::write(
         pdir.join("job.toml"),
@@ -633,7 +633,7 @@ async fn a_policys_first_model_is_registered_but_not_rolled_out_by_itself() {
         "--out",
         "{out}",
     ]);
-    let rules = "[rollout]\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
+    let rules = "[rollout]\nselector = \"all\"\n[rollout.gates]\non_no_data = \"pass\"\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
     std::fs::write(dir.join("policy.toml"), policy(MODEL, rules)).unwrap();
     std::fs::write(
         dir.join("job.toml"),

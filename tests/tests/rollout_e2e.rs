@@ -105,6 +105,9 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         &api,
         &[
             "start",
+            // Written before gates without a verdict held a stage; keeps that behaviour.
+            "--on-no-data",
+            "pass",
             "--model",
             "dense@2.0.0",
             "--selector",
@@ -232,6 +235,9 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         &api,
         &[
             "start",
+            // Written before gates without a verdict held a stage; keeps that behaviour.
+            "--on-no-data",
+            "pass",
             "--model",
             "dense@3.0.0",
             "--selector",
@@ -310,6 +316,9 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         &api,
         &[
             "start",
+            // Written before gates without a verdict held a stage; keeps that behaviour.
+            "--on-no-data",
+            "pass",
             "--model",
             "dense@2.0.0",
             "--selector",
@@ -408,6 +417,9 @@ async fn fifty_agents_good_model_reaches_its_site_bad_model_stops_at_the_canary(
         &api,
         &[
             "start",
+            // Written before gates without a verdict held a stage; keeps that behaviour.
+            "--on-no-data",
+            "pass",
             "--model",
             "dense@5.0.0",
             "--selector",

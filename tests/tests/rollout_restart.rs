@@ -87,6 +87,9 @@ async fn serve_killed_mid_wave_resumes_without_duplicate_commands() {
         &api,
         &[
             "start",
+            // Written before gates without a verdict held a stage; keeps that behaviour.
+            "--on-no-data",
+            "pass",
             "--model",
             "dense@2.0.0",
             "--selector",
@@ -277,6 +280,11 @@ async fn commands_committed_before_a_crash_reach_devices_that_stay_connected() {
         &api,
         &[
             "start",
+            // Written before gates without a verdict held a stage; keeps that behaviour.
+            "--on-no-data",
+            "pass",
+            "--selector",
+            "all",
             "--model",
             "dense@1.0.0",
             "--waves",

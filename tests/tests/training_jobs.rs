@@ -174,7 +174,8 @@ async fn builtin_trainer_job_beats_the_champion_and_is_registered_with_lineage()
     assert_eq!(plan["waves"][1]["percent"], 100);
     // The template is a valid rollout plan for the accepted version.
     let template: toml::Table =
-        toml::from_str("[[waves]]\npercent = 1\n[[waves]]\npercent = 100\n").unwrap();
+        toml::from_str("selector = \"all\"\n[[waves]]\npercent = 1\n[[waves]]\npercent = 100\n")
+            .unwrap();
     let p = drover_control_plane::continuous::rollout_plan(&template, "shift@1.0.1").unwrap();
     assert_eq!(p.model, "shift@1.0.1");
     // Lineage in the signed manifest: parent, job, dataset hash, the gate's metrics.

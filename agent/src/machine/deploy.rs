@@ -5,7 +5,7 @@
 //! load and self-test → activate (probation, then healthy or rolled back) or shadow;
 //! rollback and promote commands.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use drover_protocol::messages::{ChunkData, ChunkRequest, DeployMode, ModelRef, Phase, Uplink};
 use drover_protocol::topics;
@@ -17,6 +17,14 @@ use super::{CommandId, Effect, Event, Machine, Pending, Slot, SlotState, Stored}
 pub const CHUNK_BATCH: usize = 64;
 /// How long to wait for requested chunks before asking again.
 pub const CHUNK_RETRY_MS: u64 = 2_000;
+/// Times one chunk may fail its check (or its write) before the deployment fails: the
+/// control plane serves the same bytes again, so a corrupt or truncated model on the
+/// server would otherwise be "downloading" for ever.
+pub const MAX_CHUNK_ATTEMPTS: u32 = 5;
+/// Requests in a row answered by no chunk at all before the deployment fails (a model
+/// the server cannot serve; a minute at [`CHUNK_RETRY_MS`], so a busy or rate-limiting
+/// server that serves anything at all never trips it).
+pub const MAX_SILENT_REQUESTS: u32 = 30;
 
 /// Error rate above which a model on probation is rolled back.
 pub const PROBATION_MAX_ERROR_RATE: f64 = 0.10;
@@ -45,11 +53,13 @@ pub fn probation_passed(errors: u64, ok: u64) -> bool {
 }
 
 /// The deployment in flight.
+#[derive(Clone)]
 pub(super) struct Job {
     pub(super) pending: Pending,
     pub(super) stage: Stage,
 }
 
+#[derive(Clone)]
 pub(super) enum Stage {
     /// Asked the store what it holds ([`Effect::OpenDownload`]).
     Opening,
@@ -60,6 +70,7 @@ pub(super) enum Stage {
     SelfTesting,
 }
 
+#[derive(Clone)]
 pub(super) struct Download {
     /// One flag per chunk: verified and durably written.
     have: Vec<bool>,
@@ -67,6 +78,10 @@ pub(super) struct Download {
     requested: BTreeSet<u32>,
     last_request_ms: Option<u64>,
     last_reported: u32,
+    /// Failed attempts per chunk (check or write), bounded by the chunk count.
+    failures: BTreeMap<u32, u32>,
+    /// Requests in a row that brought no chunk.
+    silent: u32,
 }
 
 /// A rollback waiting for the previous model to load ([`Effect::Load`]).
@@ -100,6 +115,11 @@ enum Source {
 
 fn command_of(p: &Pending) -> CommandId {
     (p.command_seq, p.command_digest)
+}
+
+/// The detail of a deployment that gave up: what the control plane shows.
+fn attempts_failed(n: u32, reason: &str) -> String {
+    format!("failed after {n} attempts: {reason}")
 }
 
 impl Machine {
@@ -142,20 +162,18 @@ impl Machine {
         })
     }
 
-    /// A newer deploy replaces the one in flight (already overwritten on disk).
+    /// Ends the deployment in flight because a newer command about the model arrived;
+    /// the record on disk no longer names it (the command's write replaced `pending`).
+    pub(super) fn supersede_job(&mut self, by_seq: u64) {
+        let Some(old) = self.job.take() else { return };
+        let p = old.pending;
+        self.drop_download(&p);
+        let detail = Some(format!("superseded by command {by_seq}"));
+        self.progress(command_of(&p), Some(p.model), Phase::Failed, (0, 0), detail);
+    }
+
+    /// Starts a verified deploy (already persisted as pending; any older job is gone).
     pub(super) fn start_deploy(&mut self, pending: Pending) {
-        if let Some(old) = self.job.take() {
-            self.drop_download(&old.pending);
-            let detail = format!("superseded by command {}", pending.command_seq);
-            let p = old.pending;
-            self.progress(
-                command_of(&p),
-                Some(p.model),
-                Phase::Failed,
-                (0, 0),
-                Some(detail),
-            );
-        }
         self.crash_point("deploy.after_pending_persist");
         self.resume(pending);
     }
@@ -207,6 +225,8 @@ impl Machine {
             requested: BTreeSet::new(),
             last_request_ms: None,
             last_reported: done,
+            failures: BTreeMap::new(),
+            silent: 0,
         });
         let (cmd, model) = (command_of(&job.pending), job.pending.model.clone());
         self.progress(cmd, Some(model), Phase::Downloading, (done, total), None);
@@ -263,6 +283,49 @@ impl Machine {
         }
     }
 
+    /// The retry timer ran out: a request that brought no chunk is a failed attempt.
+    pub(super) fn retry_chunks(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let Some(Job {
+            stage: Stage::Downloading(d),
+            ..
+        }) = &mut self.job
+        else {
+            return;
+        };
+        if d.last_request_ms.is_some() {
+            d.silent += 1;
+            if d.silent >= MAX_SILENT_REQUESTS {
+                let missing = d.have.iter().filter(|h| !**h).count();
+                let total = d.have.len();
+                let reason = format!("no chunk served ({missing} of {total} missing)");
+                return self.fail_job(attempts_failed(MAX_SILENT_REQUESTS, &reason));
+            }
+        }
+        self.request_chunks();
+    }
+
+    /// A chunk failed its check or its write: asked for again, up to
+    /// [`MAX_CHUNK_ATTEMPTS`] times, then the deployment fails with the reason.
+    pub(super) fn chunk_failed(&mut self, digest: Digest, index: u32, reason: String) {
+        let Some(job) = self.job_at(digest, |s| matches!(s, Stage::Downloading(_))) else {
+            return self.event(Event::ChunkRefused { index, reason });
+        };
+        let Stage::Downloading(d) = &mut job.stage else {
+            return;
+        };
+        let n = d.failures.entry(index).or_insert(0);
+        *n += 1;
+        let give_up = *n >= MAX_CHUNK_ATTEMPTS;
+        let detail = format!("chunk {index}: {reason}");
+        self.event(Event::ChunkRefused { index, reason });
+        if give_up {
+            self.fail_job(attempts_failed(MAX_CHUNK_ATTEMPTS, &detail));
+        }
+    }
+
     pub(super) fn request_chunks(&mut self) {
         if !self.connected {
             return;
@@ -304,10 +367,7 @@ impl Machine {
         }
         if let Err(e) = verify_chunk(&job.pending.manifest, c.index, &c.data) {
             // A bad chunk is dropped and asked for again; it never reaches the store.
-            return self.event(Event::ChunkRefused {
-                index: c.index,
-                reason: e.to_string(),
-            });
+            return self.chunk_failed(c.manifest_digest, c.index, e.to_string());
         }
         self.emit(Effect::WriteChunk {
             manifest_digest: c.manifest_digest,
@@ -321,6 +381,7 @@ impl Machine {
             return;
         };
         if let Stage::Downloading(d) = &mut job.stage {
+            d.silent = 0;
             if let Some(h) = d.have.get_mut(index as usize) {
                 if !*h {
                     *h = true;
@@ -551,24 +612,12 @@ impl Machine {
         self.progress(r.cmd, Some(model), r.phase, (0, 0), r.detail);
     }
 
-    /// Drops the deployment in flight: a later command (a rollback) overrides it, so the
-    /// deploy it belonged to must not activate afterwards.
-    fn cancel_job(&mut self, by_seq: u64) {
-        let Some(old) = self.job.take() else { return };
-        let p = old.pending;
-        self.drop_download(&p);
-        self.state.pending = None;
-        self.persist();
-        let detail = Some(format!("superseded by command {by_seq}"));
-        self.progress(command_of(&p), Some(p.model), Phase::Failed, (0, 0), detail);
-    }
-
     pub(super) fn rollback(&mut self, cmd: CommandId, to: Option<ModelRef>) {
-        self.cancel_job(cmd.0);
-        // A rollback ends the rollout: a candidate still in shadow goes too.
+        // A rollback ends the rollout: a candidate still in shadow goes too (on disk
+        // first, so a failed write leaves it running as the record says).
         if self.state.shadow.take().is_some() {
-            self.emit(Effect::DropShadow);
             self.persist();
+            self.emit(Effect::DropShadow);
         }
         if let Some(to) = to {
             // Already where the command wants it (e.g. the candidate never activated, or

@@ -16,6 +16,10 @@
 //! - [`Effect::Persist`] carries the record as it must be on disk at that point of the
 //!   I/O order; [`Effect::CrashPoint`] names a point of that order where the agent's
 //!   SIGKILL tests stop the process. A driver without a disk ignores both.
+//! - [`Effect::PersistCommand`] is the write that accepts a command (its replay floor and
+//!   what it replaces). If it fails, the driver drops the rest of the batch and hands
+//!   back [`Input::PersistFailed`]: the machine forgets the command (it is not acted on)
+//!   and reports the failure; the control plane sends it again later.
 //! - Trust is checked here, on bytes (`drover-protocol` is pure): keyrings, commands and
 //!   manifests against the [`TrustStore`], every chunk against its manifest before it is
 //!   written, and every downlink frame's MAC in [`Machine::decode`].
@@ -23,7 +27,10 @@
 //! Layout: this file holds inputs, effects, uplink sealing, the session, keyrings and
 //! commands; `deploy.rs` the download → install → activate → probation → rollback and
 //! promote path; `record.rs` the durable record's plain types (`crate::state` owns its
-//! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition.
+//! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition;
+//! `tests_race.rs` the redeploy race: unit tests and a property test over interleavings
+//! of commands, chunks, kills and restarts; `tests_faults.rs` a full disk and a model the
+//! server cannot serve.
 //!
 //! Architecture invariant: no tokio, no MQTT client, no file system, no clock, no tract.
 //! Time comes in as `now_ms`; anything slow or fallible outside is an effect.
@@ -34,6 +41,10 @@ mod record;
 mod tests;
 #[cfg(test)]
 mod tests_deploy;
+#[cfg(test)]
+mod tests_faults;
+#[cfg(test)]
+mod tests_race;
 
 use std::collections::BTreeMap;
 
@@ -47,7 +58,10 @@ use drover_protocol::topics::{self, ParsedTopic};
 use drover_protocol::trust::{Digest, SignedBlob, TrustError, TrustStore};
 use drover_protocol::{DeviceId, DeviceKey, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-pub use deploy::{probation_passed, CHUNK_BATCH, CHUNK_RETRY_MS, PROBATION_MAX_ERROR_RATE};
+pub use deploy::{
+    probation_passed, CHUNK_BATCH, CHUNK_RETRY_MS, MAX_CHUNK_ATTEMPTS, MAX_SILENT_REQUESTS,
+    PROBATION_MAX_ERROR_RATE,
+};
 pub use record::{Pending, Settings, Slot, SlotState, State};
 
 /// Uplink sequence numbers reserved per state write.
@@ -62,6 +76,14 @@ const TELEMETRY_INTERVAL_MS: (u64, u64) = (100, 86_400_000);
 
 /// A command's (sequence, digest): what every progress report names.
 pub type CommandId = (u64, Digest);
+
+/// The machine as it was before a command was accepted ([`Input::PersistFailed`]).
+struct Undo {
+    cmd: CommandId,
+    state: State,
+    job: Option<deploy::Job>,
+    probation: Option<deploy::Probation>,
+}
 
 /// Who this device is and how it behaves.
 #[derive(Clone, Debug)]
@@ -133,6 +155,10 @@ pub enum Input {
         model: Digest,
         error: String,
     },
+    /// Result of a failed [`Effect::PersistCommand`] (the rest of its batch was dropped).
+    PersistFailed {
+        error: String,
+    },
 }
 
 /// What the store already holds of a model ([`Input::Opened`]).
@@ -171,6 +197,9 @@ pub struct Sealed {
 pub enum Effect {
     /// Write this record durably before the next effect.
     Persist(Box<State>),
+    /// Write this record durably before the next effect; if that fails, drop the rest of
+    /// the batch and answer [`Input::PersistFailed`] (the write that accepts a command).
+    PersistCommand(Box<State>),
     /// A named point of the I/O order (`drover_host::crash::point`).
     CrashPoint(&'static str),
     Uplink(Sealed),
@@ -283,6 +312,11 @@ pub enum Event {
         errors: u64,
         ok: u64,
     },
+    /// A command was not acted on because its acceptance could not be persisted.
+    CommandNotPersisted {
+        seq: u64,
+        error: String,
+    },
 }
 
 /// A frame on one of this device's topics that failed its checks.
@@ -319,6 +353,8 @@ pub struct Machine {
     job: Option<deploy::Job>,
     restore: Option<deploy::Restore>,
     probation: Option<deploy::Probation>,
+    /// What a command being accepted changed, restored if its write fails.
+    undo: Option<Undo>,
     /// The time of the input being handled.
     now: u64,
     /// The effects of the input being handled.
@@ -347,6 +383,7 @@ impl Machine {
             job: None,
             restore: None,
             probation: None,
+            undo: None,
             now: now_ms,
             out: Vec::new(),
         }
@@ -388,7 +425,10 @@ impl Machine {
     /// Handles one input; returns what to do, in order.
     pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Effect> {
         self.now = now_ms;
+        // The command accepted by the last batch is durable unless this says otherwise.
+        let undo = self.undo.take();
         match input {
+            Input::PersistFailed { error } => self.command_not_persisted(undo, error),
             Input::Start => self.start(),
             Input::Connected => self.on_connected(),
             Input::Disconnected => {
@@ -422,12 +462,13 @@ impl Machine {
                 manifest_digest,
                 index,
             } => self.on_chunk_written(manifest_digest, index),
-            Input::ChunkWriteFailed { index, error, .. } => {
-                // Not marked held: it is asked for again.
-                self.event(Event::ChunkRefused {
-                    index,
-                    reason: error,
-                });
+            Input::ChunkWriteFailed {
+                manifest_digest,
+                index,
+                error,
+            } => {
+                // Not marked held: it is asked for again (a bounded number of times).
+                self.chunk_failed(manifest_digest, index, error);
             }
             Input::BlobReady { manifest_digest } => self.on_blob_ready(manifest_digest),
             Input::Loaded { model } => self.on_loaded(model),
@@ -696,23 +737,60 @@ impl Machine {
         // Persist the replay floor before acting, so a replay after a crash is refused. A
         // deployment is persisted in the same write, so a crash cannot lose it.
         let id = (cmd.seq, digest);
+        let undo = Undo {
+            cmd: id,
+            state: self.state.clone(),
+            job: self.job.clone(),
+            probation: self.probation,
+        };
         self.state.last_command_seq = cmd.seq;
         self.state.last_command_digest = Some(digest);
         let deploy = match &cmd.action {
             Action::Deploy { manifest, mode } => Some(self.prepare_deploy(id, manifest, *mode)),
             _ => None,
         };
-        if let Some(Ok(p)) = &deploy {
-            self.state.pending = Some(p.clone());
+        // A command about the model (deploy, rollback, promote) overrides whatever
+        // deployment was pending, whatever its target, in the same write as the floor: an
+        // older deployment can never resume and activate over a newer command, not even
+        // after a restart. Settings leave the deployment alone.
+        let about_model = !matches!(cmd.action, Action::Configure(_));
+        if about_model {
+            self.state.pending = match &deploy {
+                Some(Ok(p)) => Some(p.clone()),
+                _ => None,
+            };
         }
-        self.persist();
+        self.out
+            .push(Effect::PersistCommand(Box::new(self.state.clone())));
+        self.undo = Some(undo);
         self.crash_point("command.after_seq_persist");
         self.progress(id, None, Phase::Received, (0, 0), None);
+        if about_model {
+            self.supersede_job(cmd.seq);
+        }
         match deploy {
             Some(Ok(p)) => self.start_deploy(p),
             Some(Err(r)) => self.progress(id, r.model, r.phase, (0, 0), Some(r.detail)),
             None => self.execute(cmd, id),
         }
+    }
+
+    /// The write accepting a command failed (a full disk): the machine returns to where
+    /// it was, so nothing acts on a command a restart would not know, and says why.
+    fn command_not_persisted(&mut self, undo: Option<Undo>, error: String) {
+        let Some(u) = undo else { return };
+        // Keep the uplink reservation: sequence numbers handed out stay used.
+        let reserved = self.state.uplink_seq_reserved;
+        self.state = u.state;
+        self.state.uplink_seq_reserved = self.state.uplink_seq_reserved.max(reserved);
+        self.job = u.job;
+        self.probation = u.probation;
+        self.event(Event::CommandNotPersisted {
+            seq: u.cmd.0,
+            error: error.clone(),
+        });
+        let detail = format!("not acted on: cannot persist agent state: {error}");
+        self.progress(u.cmd, None, Phase::Failed, (0, 0), Some(detail));
     }
 
     fn execute(&mut self, cmd: Command, id: CommandId) {
@@ -742,7 +820,7 @@ impl Machine {
             }
         }
         if self.chunk_retry_due() {
-            self.request_chunks();
+            self.retry_chunks();
         }
         let last_id = seen.last_request_id;
         if last_id.saturating_add(REQUEST_ID_BLOCK / 2) > self.state.request_ids_reserved {

@@ -213,7 +213,7 @@ pub(super) fn phases(effects: &[Effect]) -> Vec<Phase> {
 /// The last record persisted among `effects`.
 pub(super) fn persisted(effects: &[Effect]) -> Option<&State> {
     effects.iter().rev().find_map(|e| match e {
-        Effect::Persist(s) => Some(&**s),
+        Effect::Persist(s) | Effect::PersistCommand(s) => Some(&**s),
         _ => None,
     })
 }
@@ -223,7 +223,7 @@ pub(super) fn names(effects: &[Effect]) -> Vec<String> {
     effects
         .iter()
         .map(|e| match e {
-            Effect::Persist(_) => "persist".to_owned(),
+            Effect::Persist(_) | Effect::PersistCommand(_) => "persist".to_owned(),
             Effect::CrashPoint(p) => format!("crash {p}"),
             Effect::Uplink(s) => {
                 match envelope::decode_uplink_unauthenticated(&s.payload)
@@ -454,7 +454,7 @@ fn an_accepted_command_is_persisted_before_it_is_reported() {
         ]
     );
     let first = match &e[0] {
-        Effect::Persist(s) => s,
+        Effect::PersistCommand(s) => s,
         other => panic!("{other:?}"),
     };
     assert_eq!(first.last_command_seq, 3);

@@ -75,7 +75,7 @@ fn a_deploy_is_persisted_as_pending_then_asks_the_store_what_it_holds() {
         ]
     );
     let first = match &e[0] {
-        Effect::Persist(s) => s,
+        Effect::PersistCommand(s) => s,
         other => panic!("{other:?}"),
     };
     assert_eq!(
@@ -417,7 +417,7 @@ fn a_rollback_command_restores_the_previous_model_and_ends_a_shadow() {
     let e = commanded(&mut r, 4, Action::Rollback { to: None });
     assert_eq!(
         names(&e)[3..],
-        ["drop shadow", "persist", "load test=false"]
+        ["persist", "drop shadow", "load test=false"]
     );
     let e = r.handle(Input::Loaded { model: v1.digest() });
     assert_eq!(names(&e), ["persist", "serve", "progress Done"]);
@@ -445,14 +445,10 @@ fn a_rollback_cancels_the_download_in_flight_and_names_its_target() {
     );
     assert_eq!(
         names(&e)[3..],
-        [
-            "unsubscribe",
-            "close",
-            "persist",
-            "progress Failed",
-            "progress Done"
-        ]
+        ["unsubscribe", "close", "progress Failed", "progress Done"]
     );
+    // The command's own write already dropped the pending deployment.
+    assert_eq!(persisted(&e).unwrap().pending, None);
     assert_eq!(r.m.state().pending, None);
     assert!(r.handle(Input::Chunk(v2.chunk(0))).is_empty());
     // To a model that is not the previous slot: refused.

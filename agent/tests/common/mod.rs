@@ -157,6 +157,18 @@ impl Published {
 pub fn publish(keys: &Keys, file: &str, name: &str, version: &str, chunk_size: u32) -> Published {
     let bytes = std::fs::read(fixture(&format!("{file}.onnx"))).unwrap();
     let (inputs, outputs) = reference(file);
+    publish_bytes(keys, bytes, name, version, chunk_size, (inputs, outputs))
+}
+
+/// Publishes model `bytes` as `name`/`version` with one self-test vector.
+pub fn publish_bytes(
+    keys: &Keys,
+    bytes: Vec<u8>,
+    name: &str,
+    version: &str,
+    chunk_size: u32,
+    (inputs, outputs): (Vec<TensorValue>, Vec<TensorValue>),
+) -> Published {
     let manifest = Manifest {
         name: name.into(),
         version: version.into(),
@@ -186,6 +198,16 @@ pub fn publish(keys: &Keys, file: &str, name: &str, version: &str, chunk_size: u
 }
 
 pub fn deploy_command(keys: &Keys, device: &str, seq: u64, model: &Published) -> SignedBlob {
+    deploy_command_mode(keys, device, seq, model, DeployMode::Activate)
+}
+
+pub fn deploy_command_mode(
+    keys: &Keys,
+    device: &str,
+    seq: u64,
+    model: &Published,
+    mode: DeployMode,
+) -> SignedBlob {
     keys.signer.sign_command(&Command {
         target: DeviceId::new(device).unwrap(),
         seq,
@@ -194,7 +216,7 @@ pub fn deploy_command(keys: &Keys, device: &str, seq: u64, model: &Published) ->
         rollout_id: Some(1),
         action: Action::Deploy {
             manifest: model.blob.clone(),
-            mode: DeployMode::Activate,
+            mode,
         },
     })
 }

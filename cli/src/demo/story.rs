@@ -239,7 +239,7 @@ impl<'a> Story<'a> {
         step(4, "Rolling it out in gated waves (10 % canary, 50 %, 100 %): signed commands, chunked download, self-test");
         let t = Instant::now();
         let plan = Plan::from_toml(&format!(
-            "model = \"{}\"\n[[waves]]\npercent = 10\nbake = \"2s\"\n[[waves]]\npercent = 50\nbake = \"1s\"\n[[waves]]\npercent = 100\nbake = \"0s\"\n",
+            "model = \"{}\"\nselector = \"all\"\n[[waves]]\npercent = 10\nbake = \"2s\"\n[[waves]]\npercent = 50\nbake = \"1s\"\n[[waves]]\npercent = 100\nbake = \"0s\"\n[gates]\n# No traffic yet in this chapter.\non_no_data = \"pass\"\n",
             first.model
         ))?;
         let r: RolloutView = self

@@ -13,7 +13,7 @@ use drover_protocol::DeviceId;
 
 use super::{blocking, not_found, ApiError, AppState};
 use crate::fleet;
-use crate::store::DeviceRow;
+use crate::store::{phase_text, DeviceRow};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceView {
@@ -30,6 +30,15 @@ pub struct DeviceView {
     pub last_phase: Option<String>,
     pub enrolled_at_ms: u64,
     pub last_command_seq: u64,
+    /// The detail of the latest progress report, e.g. why a deploy failed.
+    #[serde(default)]
+    pub last_detail: Option<String>,
+    /// Labels the agent declares: shown, never used by selectors (docs/FLEET.md).
+    #[serde(default)]
+    pub agent_labels: BTreeMap<String, String>,
+    /// When an operator last changed the labels.
+    #[serde(default)]
+    pub labels_changed_at_ms: Option<u64>,
 }
 
 impl From<DeviceRow> for DeviceView {
@@ -48,6 +57,9 @@ impl From<DeviceRow> for DeviceView {
             last_phase: d.last_phase,
             enrolled_at_ms: d.enrolled_at_ms,
             last_command_seq: d.reported_command_seq,
+            last_detail: d.last_detail,
+            agent_labels: d.agent_labels,
+            labels_changed_at_ms: d.labels_changed_at_ms,
         }
     }
 }
@@ -88,6 +100,22 @@ impl std::fmt::Debug for EnrollResponse {
     }
 }
 
+/// `POST /v1/devices/{id}/labels?by=NAME`: labels to set and keys to remove.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRequest {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Who asked (`?by=alice`), for the device's audit log.
+#[derive(Debug, Deserialize)]
+pub struct ByQuery {
+    pub by: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeployRequest {
     /// `NAME@X.Y.Z`.
@@ -125,6 +153,34 @@ pub struct CommandView {
     pub model_digest: Option<String>,
     pub issued_at_ms: u64,
     pub expires_at_ms: u64,
+}
+
+/// One line of a device's audit log (`GET /v1/devices/{id}/events`, newest first).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceEventView {
+    pub at_ms: u64,
+    pub kind: String,
+    pub by: String,
+    pub detail: String,
+}
+
+/// A progress report (`GET /v1/devices/{id}/progress?command=SEQ`), oldest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressView {
+    pub seq: u64,
+    pub received_at_ms: u64,
+    pub command_seq: u64,
+    /// `received`, `downloading`, `verified`, `self-tested`, `active`, `healthy`,
+    /// `shadowing`, `failed`, `rolled-back`, `refused`, `done`; `unknown` from a newer agent.
+    pub phase: String,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ProgressQuery {
+    /// Only the reports about this command.
+    pub command: Option<u64>,
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,12 +264,37 @@ pub(super) async fn enroll(
 pub(super) async fn decommission(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    Query(by): Query<ByQuery>,
 ) -> Result<StatusCode, ApiError> {
+    let by = fleet::actor(by.by.as_deref());
     blocking(&st, move |sh, s| {
-        Ok(fleet::decommission(sh, s, &id, sh.clock.unix_ms())?)
+        Ok(fleet::decommission(sh, s, &id, &by, sh.clock.unix_ms())?)
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn label(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(by): Query<ByQuery>,
+    Json(req): Json<LabelRequest>,
+) -> Result<Json<DeviceView>, ApiError> {
+    if req.set.is_empty() && req.remove.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "nothing to change: give labels to set (`set`: {\"k\": \"v\"}) or keys to remove (`remove`)"
+                .into(),
+        ));
+    }
+    let by = fleet::actor(by.by.as_deref());
+    let d = blocking(&st, move |sh, s| {
+        fleet::relabel(s, &id, &req.set, &req.remove, &by, sh.clock.unix_ms())?;
+        s.device(&id)?
+            .ok_or_else(|| not_found(&format!("device {id}")))
+    })
+    .await?;
+    Ok(Json(d.into()))
 }
 
 pub(super) async fn deploy(
@@ -233,6 +314,16 @@ pub(super) async fn deploy(
     };
     let device =
         DeviceId::new(id.clone()).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    // A direct deploy would fight the rollout's own commands for this device.
+    if let Some(r) = st.rollouts.holder(&id).await? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "device {id} is in rollout {r}, which still runs, is paused or rolls back: \
+                 wait for it (`drover rollout status {r}`) or abort it (`drover rollout abort {r}`)"
+            ),
+        ));
+    }
     let model_ref = req.model.clone();
     let (row, blob, model) = blocking(&st, move |sh, s| {
         let model = fleet::find_model(s, &model_ref)?;
@@ -290,6 +381,57 @@ pub(super) async fn commands(
                 model_digest: c.model_digest.as_ref().map(hex32),
                 issued_at_ms: c.issued_at_ms,
                 expires_at_ms: c.expires_at_ms,
+            })
+            .collect(),
+    ))
+}
+
+pub(super) async fn events(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> Result<Json<Vec<DeviceEventView>>, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let rows = blocking(&st, move |_, s| {
+        if s.device(&id)?.is_none() {
+            return Err(not_found(&format!("device {id}")));
+        }
+        Ok(s.device_events(&id, limit)?)
+    })
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|e| DeviceEventView {
+                at_ms: e.at_ms,
+                kind: e.kind,
+                by: e.by,
+                detail: e.detail,
+            })
+            .collect(),
+    ))
+}
+
+pub(super) async fn progress(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ProgressQuery>,
+) -> Result<Json<Vec<ProgressView>>, ApiError> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let rows = blocking(&st, move |_, s| {
+        if s.device(&id)?.is_none() {
+            return Err(not_found(&format!("device {id}")));
+        }
+        Ok(s.device_progress(&id, q.command, limit)?)
+    })
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|p| ProgressView {
+                seq: p.seq,
+                received_at_ms: p.received_at_ms,
+                command_seq: p.command_seq,
+                phase: p.phase.map_or("unknown", phase_text).to_owned(),
+                detail: p.detail,
             })
             .collect(),
     ))

@@ -18,14 +18,15 @@ mod rollouts;
 
 pub use self::continuous::{JobView, RunResponse, ScoreView};
 pub use self::devices::{
-    CommandView, DeployRequest, DeployResponse, DeviceQuery, DeviceView, EnrollRequest,
-    EnrollResponse, LimitQuery, TelemetryView,
+    CommandView, DeployRequest, DeployResponse, DeviceEventView, DeviceQuery, DeviceView,
+    EnrollRequest, EnrollResponse, LabelRequest, LimitQuery, ProgressQuery, ProgressView,
+    TelemetryView,
 };
 pub use self::keys::{keyring_view, KeyView, KeyringView};
 pub use self::models::{ModelView, PublishBody};
 pub use self::rollouts::{
-    ByQuery, EventView, GateView, RolloutDeviceView, RolloutReport, RolloutView, VerdictView,
-    WaveView,
+    ByQuery, EventView, GateView, HeldView, PreviewView, RolloutDeviceView, RolloutReport,
+    RolloutView, VerdictView, WavePreviewView, WaveView,
 };
 
 use std::sync::Arc;
@@ -141,6 +142,9 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/devices/{id}", get(devices::show_device))
         .route("/v1/devices/{id}/decommission", post(devices::decommission))
         .route("/v1/devices/{id}/deploy", post(devices::deploy))
+        .route("/v1/devices/{id}/labels", post(devices::label))
+        .route("/v1/devices/{id}/events", get(devices::events))
+        .route("/v1/devices/{id}/progress", get(devices::progress))
         .route("/v1/devices/{id}/telemetry", get(devices::telemetry))
         .route("/v1/devices/{id}/commands", get(devices::commands))
         .route("/v1/models", get(models::list_models).post(models::publish))
@@ -150,6 +154,7 @@ pub fn router(st: AppState) -> Router {
             "/v1/rollouts",
             get(rollouts::list_rollouts).post(rollouts::start_rollout),
         )
+        .route("/v1/rollouts/preview", post(rollouts::preview_rollout))
         .route("/v1/rollouts/{id}", get(rollouts::show_rollout))
         .route("/v1/rollouts/{id}/report", get(rollouts::rollout_report))
         .route("/v1/rollouts/{id}/{op}", post(rollouts::operate_rollout))

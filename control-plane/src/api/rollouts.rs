@@ -10,13 +10,14 @@ use serde::{Deserialize, Serialize};
 use super::{blocking, not_found, ApiError, AppState};
 use crate::rollout::{Event, GateValue, Verdict};
 
-/// A gate's verdict.
+/// A gate's verdict: `pass`, `fail` or `no-data` (no verdict yet; the gate's `reason`
+/// says what is missing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VerdictView {
     Pass,
     Fail,
-    /// Not enough data for a verdict yet.
+    /// No verdict: not enough data yet.
     NoData,
 }
 
@@ -40,6 +41,9 @@ pub struct GateView {
     pub verdict: VerdictView,
     /// What the value was computed over ("48 inferences on 3 devices").
     pub basis: String,
+    /// Why there is no verdict ("needs 100 inferences, has 48").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl From<&GateValue> for GateView {
@@ -50,6 +54,7 @@ impl From<&GateValue> for GateView {
             threshold: g.threshold.clone(),
             verdict: g.verdict.into(),
             basis: g.basis.clone(),
+            reason: g.reason.clone(),
         }
     }
 }
@@ -91,6 +96,12 @@ pub struct RolloutView {
     pub waves: Vec<WaveView>,
     pub stage: String,
     pub stage_since_ms: u64,
+    /// When the current stage's time (shadow duration or bake) is over; it may still
+    /// wait for devices or, under `on_no_data = "hold"`, for gates without a verdict.
+    pub stage_ends_ms: Option<u64>,
+    /// Why the stage, its time over, still waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub selected: u64,
@@ -137,7 +148,9 @@ impl RolloutView {
         let reason = match &s.status {
             Status::Paused { reason }
             | Status::RollingBack { reason }
-            | Status::RolledBack { reason } => Some(reason.clone()),
+            | Status::RolledBack { reason }
+            | Status::Aborting { reason }
+            | Status::Aborted { reason } => Some(reason.clone()),
             _ => None,
         };
         let mut devices: BTreeMap<String, u64> = BTreeMap::new();
@@ -202,6 +215,8 @@ impl RolloutView {
             waves,
             stage: format!("{:?}", s.stage).to_lowercase(),
             stage_since_ms: s.stage_since_ms,
+            stage_ends_ms: stage_ends_ms(s),
+            waiting: s.waiting.clone(),
             created_at_ms: s.created_at_ms,
             updated_at_ms: s.updated_at_ms,
             selected: s.selected,
@@ -213,6 +228,21 @@ impl RolloutView {
     }
 }
 
+/// When the running stage's own time is over (`None` while installing or once stopped).
+fn stage_ends_ms(s: &crate::rollout::RolloutState) -> Option<u64> {
+    use crate::rollout::{Stage, Status};
+    if s.status != Status::Running {
+        return None;
+    }
+    let d = match s.stage {
+        Stage::Shadow => s.plan.shadow.as_ref()?.duration,
+        Stage::Bake => s.plan.waves.get(s.wave)?.bake,
+        Stage::Install => return None,
+    };
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Some(s.stage_since_ms.saturating_add(ms))
+}
+
 impl From<crate::rollout::driver::RolloutError> for ApiError {
     fn from(e: crate::rollout::driver::RolloutError) -> Self {
         use crate::rollout::driver::RolloutError as E;
@@ -221,6 +251,7 @@ impl From<crate::rollout::driver::RolloutError> for ApiError {
             E::Fleet(f) => f.into(),
             E::Store(s) => s.into(),
             E::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            E::NoTargets(_) => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
             E::Refused(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
             E::Corrupt(_) | E::Record(_) | E::Stopped => {
                 ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -250,7 +281,45 @@ pub(super) async fn start_rollout(
     Query(by): Query<ByQuery>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
-    let plan: crate::rollout::Plan = serde_json::from_slice(&body).map_err(|e| {
+    let plan = plan_of(&body)?;
+    let s = st.rollouts.start(plan, &actor(&by)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RolloutView::from_state(&s, false)),
+    ))
+}
+
+/// What a plan would target now: `POST /v1/rollouts/preview` with the plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreviewView {
+    pub selector: String,
+    /// Devices the selector matches.
+    pub matched: u64,
+    /// Matched devices the rollout would take, in wave order.
+    pub targets: Vec<String>,
+    /// Matched devices another open rollout holds (left out until it ends).
+    pub held: Vec<HeldView>,
+    pub waves: Vec<WavePreviewView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldView {
+    pub device: String,
+    pub rollout: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WavePreviewView {
+    pub wave: usize,
+    /// Devices after this wave (cumulative).
+    pub cumulative: u64,
+    /// Devices this wave adds; 0 means it passes at once.
+    pub adds: u64,
+    pub bake: String,
+}
+
+fn plan_of(body: &[u8]) -> Result<crate::rollout::Plan, ApiError> {
+    let plan: crate::rollout::Plan = serde_json::from_slice(body).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid rollout plan: {e}"),
@@ -258,11 +327,40 @@ pub(super) async fn start_rollout(
     })?;
     plan.validate()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let s = st.rollouts.start(plan, &actor(&by)).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(RolloutView::from_state(&s, false)),
-    ))
+    Ok(plan)
+}
+
+pub(super) async fn preview_rollout(
+    State(st): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Json<PreviewView>, ApiError> {
+    let plan = plan_of(&body)?;
+    let p = st.rollouts.preview(plan.clone()).await?;
+    Ok(Json(PreviewView {
+        selector: plan.selector.clone(),
+        matched: p.matched as u64,
+        targets: p.targets.clone(),
+        held: p
+            .held
+            .iter()
+            .map(|(device, rollout)| HeldView {
+                device: device.clone(),
+                rollout: *rollout,
+            })
+            .collect(),
+        waves: p
+            .waves
+            .iter()
+            .zip(&plan.waves)
+            .enumerate()
+            .map(|(i, (w, pw))| WavePreviewView {
+                wave: i + 1,
+                cumulative: w.cumulative as u64,
+                adds: w.adds as u64,
+                bake: humantime::format_duration(pw.bake).to_string(),
+            })
+            .collect(),
+    }))
 }
 
 pub(super) async fn list_rollouts(
@@ -316,10 +414,11 @@ pub(super) async fn operate_rollout(
         "pause" => Op::Pause,
         "resume" => Op::Resume,
         "abort" => Op::Abort,
+        "retry" => Op::Retry,
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("no rollout operation {other:?}: use pause, resume or abort"),
+                format!("no rollout operation {other:?}: use pause, resume, abort or retry"),
             ))
         }
     };

@@ -108,11 +108,16 @@ pub fn server_tls_config(
 }
 
 /// Listens for mutual-TLS clients on `listen` and relays them to rumqttd at `backend`.
+/// The socket is bound at once (its address is known), but devices are accepted only once
+/// `open` turns true: the control plane opens it after its uplink subscriptions are in
+/// place, so a device reconnecting after a restart never publishes into a broker where no
+/// one listens yet (those frames would wait in its spool until its next reconnect).
 pub fn start_tls_front(
     listener: TcpListener,
     backend: SocketAddr,
     config: Arc<rustls::ServerConfig>,
     auth: BrokerAuth,
+    mut open: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SocketAddr, TlsFrontError> {
     let addr = listener
         .local_addr()
@@ -124,6 +129,9 @@ pub fn start_tls_front(
         .map_err(|source| TlsFrontError::Listen { addr, source })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
+        if open.wait_for(|open| *open).await.is_err() {
+            return;
+        }
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,

@@ -266,10 +266,12 @@ fn prepare_tls_front(
 }
 
 /// Starts the embedded broker (and its TLS front) when `prepared` asks for one. Returns
-/// the public address and, behind a front, rumqttd's private address.
+/// the public address and, behind a front, rumqttd's private address. The front accepts
+/// devices once `open` turns true (see [`start_tls_front`]).
 pub fn launch(
     prepared: &mut Prepared,
     auth: BrokerAuth,
+    open: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(SocketAddr, Option<SocketAddr>), SetupError> {
     let Some(embedded) = prepared.embedded else {
         return Ok((prepared.public_addr, None));
@@ -277,7 +279,7 @@ pub fn launch(
     start(embedded, auth.devices.clone())?;
     match prepared.tls_front.take() {
         Some((front, tls)) => {
-            let public = start_tls_front(front, embedded, tls, auth)?;
+            let public = start_tls_front(front, embedded, tls, auth, open)?;
             Ok((public, Some(embedded)))
         }
         None => Ok((embedded, None)),

@@ -24,6 +24,8 @@ use super::engine::{
 };
 use super::plan::{Plan, Selector};
 use super::record;
+use super::targets::{candidate_drift, held_by_older, holders, preview_of, selects};
+use super::waves::Preview;
 use crate::app::App;
 use crate::fleet;
 use crate::store::{Db, DeviceRow, RolloutWrite, Store, StoreError};
@@ -52,6 +54,9 @@ pub enum RolloutError {
     Record(#[from] super::record::RecordError),
     #[error("the rollout driver is not running")]
     Stopped,
+    /// The plan would target no device (none matches, or every match is held).
+    #[error("{0}")]
+    NoTargets(String),
 }
 
 enum Msg {
@@ -65,6 +70,15 @@ enum Msg {
         op: Op,
         by: String,
         reply: oneshot::Sender<Result<RolloutState, RolloutError>>,
+    },
+    Preview {
+        plan: Box<Plan>,
+        reply: oneshot::Sender<Result<Preview, RolloutError>>,
+    },
+    /// Which open rollout holds a device, if any.
+    Holder {
+        device: String,
+        reply: oneshot::Sender<Option<u64>>,
     },
 }
 
@@ -105,6 +119,28 @@ impl RolloutHandle {
             .await
             .map_err(|_| RolloutError::Stopped)?;
         rx.await.map_err(|_| RolloutError::Stopped)?
+    }
+
+    /// What `plan` would target now, without starting it.
+    pub async fn preview(&self, plan: Plan) -> Result<Preview, RolloutError> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::Preview {
+            plan: Box::new(plan),
+            reply,
+        };
+        self.tx.send(msg).await.map_err(|_| RolloutError::Stopped)?;
+        rx.await.map_err(|_| RolloutError::Stopped)?
+    }
+
+    /// The open rollout (running, paused or rolling back) that holds `device`, if any.
+    pub async fn holder(&self, device: &str) -> Result<Option<u64>, RolloutError> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::Holder {
+            device: device.to_owned(),
+            reply,
+        };
+        self.tx.send(msg).await.map_err(|_| RolloutError::Stopped)?;
+        rx.await.map_err(|_| RolloutError::Stopped)
     }
 
     pub async fn operate(&self, id: u64, op: Op, by: &str) -> Result<RolloutState, RolloutError> {
@@ -189,8 +225,8 @@ struct Seen {
     progress_cursor: Cursor,
 }
 
-fn hist(counts: Vec<u64>) -> LatencyHistogram {
-    LatencyHistogram { counts, sum_us: 0 }
+fn hist(counts: Vec<u64>, sum_us: u64) -> LatencyHistogram {
+    LatencyHistogram { counts, sum_us }
 }
 
 impl Seen {
@@ -205,7 +241,7 @@ impl Seen {
                     .merge(&Health {
                         inferences: row.inferences,
                         errors: row.errors,
-                        latency: hist(row.latency_counts),
+                        latency: hist(row.latency_counts, row.latency_sum_us),
                     });
             }
             self.baseline = Some(b);
@@ -222,7 +258,7 @@ impl Seen {
                     .merge(&Health {
                         inferences: row.inferences,
                         errors: row.errors,
-                        latency: hist(row.latency_counts),
+                        latency: hist(row.latency_counts, row.latency_sum_us),
                     });
             }
         }
@@ -241,8 +277,8 @@ impl Seen {
                 let e = self.shadow.entry(row.device).or_default();
                 e.compared = e.compared.saturating_add(row.compared);
                 e.agreed = e.agreed.saturating_add(row.agreed);
-                e.active_latency.merge(&hist(row.active_latency));
-                e.candidate_latency.merge(&hist(row.candidate_latency));
+                e.active_latency.merge(&hist(row.active_latency, 0));
+                e.candidate_latency.merge(&hist(row.candidate_latency, 0));
             }
         }
         self.shadow_cursor.prune();
@@ -278,23 +314,13 @@ fn observations(
     devices: Vec<DeviceRow>,
     seen: &Seen,
     drift: &HashMap<String, f64>,
-    held: &HashSet<&str>,
+    held: &HashSet<String>,
 ) -> Observations {
     let selector = Selector::parse(&r.plan.selector).unwrap_or_default();
     let mut obs = Observations::default();
     for d in devices {
         let assigned = r.devices.get(&d.id);
-        let selected = !d.decommissioned
-            && !held.contains(d.id.as_str())
-            && selector.matches(
-                &d.labels,
-                &[
-                    ("id", Some(d.id.as_str())),
-                    ("arch", d.arch.as_deref()),
-                    ("os", d.os.as_deref()),
-                    ("agent_version", d.agent_version.as_deref()),
-                ],
-            );
+        let selected = !held.contains(&d.id) && selects(&selector, &d);
         if !selected && assigned.is_none() {
             continue;
         }
@@ -325,6 +351,8 @@ fn observations(
                 baseline,
                 shadow: seen.shadow.get(&d.id).cloned().unwrap_or_default(),
                 drift_psi: drift.get(&d.id).copied(),
+                // Enrolled, or relabelled by an operator, after the start: a late joiner.
+                joined_at_ms: d.enrolled_at_ms.max(d.labels_changed_at_ms.unwrap_or(0)),
             },
         );
     }
@@ -409,14 +437,34 @@ impl Driver {
                         let r = self.operate(id, op, &by).await;
                         let _ = reply.send(r);
                     }
+                    Some(Msg::Preview { plan, reply }) => {
+                        let _ = reply.send(self.preview(*plan).await);
+                    }
+                    Some(Msg::Holder { device, reply }) => {
+                        let _ = reply.send(holders(self.rollouts.values()).get(&device).copied());
+                    }
                 },
                 _ = tick.tick() => self.tick_all().await,
             }
         }
     }
 
-    async fn start(&mut self, plan: Plan, by: &str) -> Result<RolloutState, RolloutError> {
+    async fn preview(&self, plan: Plan) -> Result<Preview, RolloutError> {
         plan.validate()?;
+        let devices = self.blocking(|_, s| Ok(s.devices()?)).await?;
+        Ok(preview_of(
+            &plan,
+            &devices,
+            &holders(self.rollouts.values()),
+        ))
+    }
+
+    async fn start(&mut self, plan: Plan, by: &str) -> Result<RolloutState, RolloutError> {
+        // Refuse a rollout that would touch nothing rather than "complete" it.
+        let preview = self.preview(plan.clone()).await?;
+        if let Some(why) = preview.refusal(&plan.selector) {
+            return Err(RolloutError::NoTargets(why));
+        }
         let by = by.to_owned();
         let now = self.app.clock.unix_ms();
         let state = self
@@ -503,6 +551,7 @@ impl Driver {
             && step.state.devices == current.devices
             && step.state.status == current.status
             && step.state.gates == current.gates
+            && step.state.waiting == current.waiting
             && step.state.stage == current.stage
             && step.state.wave == current.wave;
         if unchanged {
@@ -703,71 +752,6 @@ impl Driver {
     }
 }
 
-/// Devices an older rollout still owns (it runs, is paused or rolls back): a newer
-/// rollout leaves them alone until that one ends, so a device never gets commands from
-/// two rollouts that would supersede each other.
-pub fn held_by_older(
-    open: &BTreeMap<u64, RolloutState>,
-    id: u64,
-) -> std::collections::HashSet<&str> {
-    open.range(..id)
-        .filter(|(_, r)| {
-            matches!(
-                r.status,
-                engine::Status::Running
-                    | engine::Status::Paused { .. }
-                    | engine::Status::RollingBack { .. }
-            )
-        })
-        .flat_map(|(_, r)| r.devices.keys().map(String::as_str))
-        .collect()
-}
-
-/// Largest PSI per device of the candidate's live inputs (and predictions) against the
-/// baseline in its signed manifest, over the drift sketches reported since the rollout
-/// started. Empty when the model has no baseline.
-fn candidate_drift(
-    s: &Store,
-    digest_hex: &str,
-    from_ms: u64,
-    to_ms: u64,
-) -> Result<HashMap<String, f64>, RolloutError> {
-    let Some(digest) = parse_hex32(digest_hex) else {
-        return Ok(HashMap::new());
-    };
-    let Some(model) = s.model_by_digest(&digest)? else {
-        return Ok(HashMap::new());
-    };
-    let manifest: drover_protocol::manifest::Manifest = postcard::from_bytes(&model.payload)
-        .map_err(|e| RolloutError::Corrupt(format!("manifest of {}: {e}", model.name)))?;
-    let Some(baseline) = manifest.baseline else {
-        return Ok(HashMap::new());
-    };
-    let sketches: Vec<_> = s
-        .drift_sketches(from_ms, to_ms.saturating_add(1))?
-        .into_iter()
-        .filter(|k| k.model_digest == digest)
-        .map(crate::drift::SketchRow::from)
-        .collect();
-    let baselines = BTreeMap::from([(digest, baseline)]);
-    let scores = crate::drift::score_window(
-        &baselines,
-        &sketches,
-        &[],
-        (from_ms, to_ms),
-        &crate::drift::Thresholds::default(),
-    );
-    let mut out: HashMap<String, f64> = HashMap::new();
-    for sc in scores {
-        let (Some(device), Some(psi)) = (sc.scope.strip_prefix("device:"), sc.psi) else {
-            continue;
-        };
-        let e = out.entry(device.to_owned()).or_insert(psi);
-        *e = e.max(psi);
-    }
-    Ok(out)
-}
-
 /// Devices still in flight.
 fn pending(s: &RolloutState) -> u64 {
     s.devices
@@ -829,61 +813,4 @@ fn pending_state(s: DevState) -> bool {
             | DevState::Active
             | DevState::RollingBack
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rollout::engine::Slot;
-    use crate::rollout::plan::Plan;
-
-    fn rollout(id: u64, status: engine::Status, devices: &[&str]) -> RolloutState {
-        let plan = Plan::from_toml("model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n").unwrap();
-        let mut r = RolloutState::new(
-            id,
-            plan,
-            Candidate {
-                name: "m".into(),
-                version: "1.0.0".into(),
-                digest: "d".into(),
-            },
-            0,
-        );
-        r.status = status;
-        for d in devices {
-            r.devices.insert(
-                (*d).to_owned(),
-                Slot {
-                    wave: 0,
-                    state: DevState::Healthy,
-                    assigned_at_ms: 0,
-                    commanded_at_ms: Some(0),
-                    command_seq: Some(1),
-                    previous: None,
-                    detail: None,
-                },
-            );
-        }
-        r
-    }
-
-    #[test]
-    fn an_older_active_rollout_holds_its_devices() {
-        let mut open = BTreeMap::new();
-        open.insert(1, rollout(1, engine::Status::Running, &["a", "b"]));
-        open.insert(
-            2,
-            rollout(2, engine::Status::Paused { reason: "x".into() }, &["c"]),
-        );
-        open.insert(3, rollout(3, engine::Status::Completed, &["d"]));
-        open.insert(4, rollout(4, engine::Status::Running, &["e"]));
-        let held = held_by_older(&open, 4);
-        let mut v: Vec<&str> = held.into_iter().collect();
-        v.sort_unstable();
-        assert_eq!(v, vec!["a", "b", "c"], "completed rollouts release devices");
-        assert!(
-            held_by_older(&open, 1).is_empty(),
-            "the oldest is never held"
-        );
-    }
 }

@@ -26,11 +26,12 @@ use std::collections::BTreeMap;
 
 use drover_protocol::messages::{LatencyHistogram, Phase};
 
-use super::gates::failure_reason;
 pub use super::gates::{evaluate, evaluate_shadow, P99_MIN_SAMPLES};
+use super::gates::{failure_reason, hold_reason, passed_how};
 use super::plan::{OnFailure, Plan};
 use super::slots::{promote, update_slot};
 use super::waves::{assign, dispatch};
+use super::windows;
 
 /// The model being rolled out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,10 +45,24 @@ pub struct Candidate {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     Running,
-    Paused { reason: String },
+    Paused {
+        reason: String,
+    },
     Completed,
-    RollingBack { reason: String },
-    RolledBack { reason: String },
+    RollingBack {
+        reason: String,
+    },
+    RolledBack {
+        reason: String,
+    },
+    /// An operator aborted it: devices are sent back as for a rollback, but the outcome
+    /// is the operator's call, not a gate's, and is reported apart.
+    Aborting {
+        reason: String,
+    },
+    Aborted {
+        reason: String,
+    },
 }
 
 impl Status {
@@ -58,12 +73,14 @@ impl Status {
             Status::Completed => "completed",
             Status::RollingBack { .. } => "rolling-back",
             Status::RolledBack { .. } => "rolled-back",
+            Status::Aborting { .. } => "aborting",
+            Status::Aborted { .. } => "aborted",
         }
     }
 
     /// Still needs the driver's attention (late devices, rollbacks in flight).
     pub fn is_active(&self) -> bool {
-        !matches!(self, Status::RolledBack { .. })
+        !matches!(self, Status::RolledBack { .. } | Status::Aborted { .. })
     }
 }
 
@@ -158,6 +175,8 @@ pub struct RolloutState {
     pub gates: Vec<GateValue>,
     /// Devices the selector picked at the last step.
     pub selected: u64,
+    /// Why the current stage, its time over, still waits (gates without a verdict).
+    pub waiting: Option<String>,
 }
 
 impl RolloutState {
@@ -176,6 +195,7 @@ impl RolloutState {
             devices: BTreeMap::new(),
             gates: Vec::new(),
             selected: 0,
+            waiting: None,
         }
     }
 }
@@ -229,6 +249,8 @@ pub struct DeviceObs {
     pub shadow: ShadowObs,
     /// Largest per-feature PSI of the candidate's live inputs against its baseline.
     pub drift_psi: Option<f64>,
+    /// When the device came to match the fleet (its enrollment), for late joiners.
+    pub joined_at_ms: u64,
 }
 
 /// The fleet as the engine sees it: the devices the selector picks now, plus every device
@@ -273,11 +295,12 @@ impl Action {
     }
 }
 
+/// A gate's verdict: three-valued, so a gate short of data is never read as passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
     Fail,
-    /// Not enough data for a verdict yet.
+    /// No verdict yet: too little data (the gate's `reason` says what is missing).
     NoData,
 }
 
@@ -291,6 +314,8 @@ pub struct GateValue {
     pub verdict: Verdict,
     /// What the value was computed over ("48 inferences on 3 devices").
     pub basis: String,
+    /// Why there is no verdict ("needs 100 inferences, has 48"); `None` with a verdict.
+    pub reason: Option<String>,
 }
 
 /// Something worth a line in the rollout's report.
@@ -317,6 +342,8 @@ pub enum Op {
     Pause,
     Resume,
     Abort,
+    /// Queue the failed devices again (they get a fresh deploy command).
+    Retry,
 }
 
 /// Why an operator request was refused.
@@ -360,10 +387,53 @@ pub fn operate(state: &RolloutState, op: Op, who: &str, now_ms: u64) -> Result<S
                 &mut events,
                 Vec::new(),
             );
+            s.status = Status::Aborting { reason };
+        }
+        (Op::Retry, Status::Running | Status::Paused { .. } | Status::Completed) => {
+            let failed: Vec<String> = s
+                .devices
+                .iter()
+                .filter(|(_, d)| d.state == DevState::Failed)
+                .map(|(id, _)| id.clone())
+                .collect();
+            if failed.is_empty() {
+                return Err(OpRefused {
+                    id: state.id,
+                    status: "without failed devices",
+                    op: "retry",
+                });
+            }
+            for id in &failed {
+                if let Some(slot) = s.devices.get_mut(id) {
+                    slot.state = DevState::Queued;
+                    slot.commanded_at_ms = None;
+                    slot.command_seq = None;
+                    slot.detail = Some("retried".into());
+                }
+            }
+            // A completed rollout runs again for them; its waves are all passed, so it
+            // completes again once they are commanded.
+            if s.status == Status::Completed {
+                s.status = Status::Running;
+            }
+            let when = if matches!(s.status, Status::Paused { .. }) {
+                "on resume"
+            } else {
+                "now"
+            };
+            events.push(event(
+                now_ms,
+                "retry",
+                format!(
+                    "{who} retried {} failed devices; they are commanded {when}",
+                    failed.len()
+                ),
+            ));
         }
         (Op::Pause, _) => return Err(refuse("pause")),
         (Op::Resume, _) => return Err(refuse("resume")),
         (Op::Abort, _) => return Err(refuse("abort")),
+        (Op::Retry, _) => return Err(refuse("retry")),
     }
     s.updated_at_ms = now_ms;
     Ok(Step {
@@ -411,10 +481,10 @@ pub fn step(state: &RolloutState, obs: &Observations, now_ms: u64) -> Step {
         Status::Running => run(&mut s, obs, now_ms, &mut actions, &mut events),
         Status::Completed => {}
         Status::Paused { .. } => {}
-        Status::RollingBack { reason } => {
+        Status::RollingBack { reason } | Status::Aborting { reason } => {
             finish_rollback(&mut s, obs, &reason, now_ms, &mut events)
         }
-        Status::RolledBack { .. } => {}
+        Status::RolledBack { .. } | Status::Aborted { .. } => {}
     }
     if matches!(s.status, Status::Running | Status::Completed) {
         promote_late(&mut s, now_ms, &mut actions);
@@ -442,25 +512,30 @@ fn finish_rollback(
         .filter(|(id, d)| d.state == DevState::RollingBack && obs.online(id))
         .count();
     if pending == 0 {
-        s.status = Status::RolledBack {
-            reason: reason.to_owned(),
-        };
+        let reason = reason.to_owned();
+        let aborted = matches!(s.status, Status::Aborting { .. });
         let done = s
             .devices
             .values()
             .filter(|d| d.state == DevState::RolledBack)
             .count();
-        events.push(event(
-            now_ms,
-            "rolled-back",
-            format!("{done} devices back on their previous model ({reason})"),
-        ));
+        let detail = format!("{done} devices back on their previous model ({reason})");
+        if aborted {
+            s.status = Status::Aborted { reason };
+            events.push(event(now_ms, "aborted", detail));
+        } else {
+            s.status = Status::RolledBack { reason };
+            events.push(event(now_ms, "rolled-back", detail));
+        }
     }
 }
 
 /// Devices that finished a shadow phase their wave has moved past (late arrivals) are
 /// promoted; the caller skips this once the rollout was stopped.
 fn promote_late(s: &mut RolloutState, now_ms: u64, actions: &mut Vec<Action>) {
+    if !windows::open(&s.plan.windows, now_ms) {
+        return;
+    }
     let wave_done = |slot: &Slot| slot.wave < s.wave || s.stage != Stage::Shadow;
     let late: Vec<String> = s
         .devices
@@ -553,6 +628,17 @@ fn run(
         return;
     }
 
+    if wave_adds_nothing(s) {
+        let target = s.plan.waves[s.wave].cumulative(s.selected as usize);
+        let detail = format!(
+            "wave {} adds no devices ({target} of {} selected were already assigned); passed at once",
+            s.wave + 1,
+            s.selected
+        );
+        events.push(event(now_ms, "wave-empty", detail));
+        advance(s, all_gates, now_ms, events);
+        return;
+    }
     match s.stage {
         Stage::Shadow => shadow_stage(s, obs, shadow_gates, now_ms, actions, events),
         Stage::Install => install_stage(s, obs, now_ms, events),
@@ -613,31 +699,47 @@ fn shadow_stage(
         .filter(|d| d.wave == wave && d.state == DevState::Shadowing)
         .count();
     let min = u64::try_from(shadow.duration.as_millis()).unwrap_or(u64::MAX);
-    let data_ok =
-        !s.plan.gates.require_data || shadow_gates.iter().all(|g| g.verdict == Verdict::Pass);
-    if !waiting && shadowing > 0 && since >= min && data_ok {
-        let ids: Vec<String> = s
-            .devices
-            .iter()
-            .filter(|(_, d)| d.wave == wave && d.state == DevState::Shadowing)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &ids {
-            promote(s, id, now_ms, actions);
-        }
-        events.push(Event {
-            at_ms: now_ms,
-            kind: "promoted".into(),
-            detail: format!(
-                "wave {}: shadow gates passed; promoting {} devices",
-                wave + 1,
-                ids.len()
-            ),
-            gates: shadow_gates,
-        });
-        s.stage = Stage::Install;
-        s.stage_since_ms = now_ms;
+    if waiting || shadowing == 0 || since < min {
+        return;
     }
+    // Never promote on fewer than `min_compared` comparisons, whatever `on_no_data` says.
+    let agreement = shadow_gates.iter().find(|g| g.gate == "shadow_agreement");
+    if let Some(g) = agreement.filter(|g| g.verdict != Verdict::Pass) {
+        let why = g.reason.as_deref().unwrap_or("no verdict");
+        hold(s, format!("shadow_agreement: {why}"), now_ms, events);
+        return;
+    }
+    if let Some(why) = hold_reason(s.plan.gates.no_data_policy(), &shadow_gates) {
+        hold(s, why, now_ms, events);
+        return;
+    }
+    if !windows::open(&s.plan.windows, now_ms) {
+        hold(s, outside_windows(&s.plan.windows), now_ms, events);
+        return;
+    }
+    let ids: Vec<String> = s
+        .devices
+        .iter()
+        .filter(|(_, d)| d.wave == wave && d.state == DevState::Shadowing)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in &ids {
+        promote(s, id, now_ms, actions);
+    }
+    events.push(Event {
+        at_ms: now_ms,
+        kind: "promoted".into(),
+        detail: format!(
+            "wave {}: shadow phase over, {}; promoting {} devices",
+            wave + 1,
+            passed_how(&shadow_gates),
+            ids.len()
+        ),
+        gates: shadow_gates,
+    });
+    s.stage = Stage::Install;
+    s.stage_since_ms = now_ms;
+    s.waiting = None;
 }
 
 /// The wave installs: once nothing up to it is queued, shadowing or in flight on an online
@@ -655,9 +757,13 @@ fn install_stage(s: &mut RolloutState, obs: &Observations, now_ms: u64, events: 
         .values()
         .filter(|d| d.state.runs_candidate())
         .count();
+    if waiting && !windows::open(&s.plan.windows, now_ms) {
+        hold(s, outside_windows(&s.plan.windows), now_ms, events);
+    }
     if !waiting && healthy > 0 {
         s.stage = Stage::Bake;
         s.stage_since_ms = now_ms;
+        s.waiting = None;
         events.push(event(
             now_ms,
             "baking",
@@ -676,18 +782,59 @@ fn bake_stage(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: 
     let wave = s.wave;
     let since = now_ms.saturating_sub(s.stage_since_ms);
     let bake = u64::try_from(s.plan.waves[wave].bake.as_millis()).unwrap_or(u64::MAX);
-    let data_ok = !s.plan.gates.require_data || gates.iter().all(|g| g.verdict == Verdict::Pass);
-    if since < bake || !data_ok {
+    if since < bake {
         return;
     }
+    if let Some(why) = hold_reason(s.plan.gates.no_data_policy(), &gates) {
+        hold(s, why, now_ms, events);
+        return;
+    }
+    advance(s, gates, now_ms, events);
+}
+
+fn outside_windows(w: &[String]) -> String {
+    format!(
+        "outside the apply windows ({}): devices have the model and switch inside one",
+        w.join(", ")
+    )
+}
+
+/// The stage's time is over but it must wait: say why once (a `holding` event), and keep
+/// the reason, with its current counts, for `status` and `watch`.
+fn hold(s: &mut RolloutState, why: String, now_ms: u64, events: &mut Vec<Event>) {
+    if s.waiting.is_none() {
+        let detail = format!("wave {} holds: {why}", s.wave + 1);
+        events.push(Event {
+            at_ms: now_ms,
+            kind: "holding".into(),
+            detail,
+            gates: s.gates.clone(),
+        });
+    }
+    s.waiting = Some(why);
+}
+
+/// A wave that assigned no device of its own: small fleets, where rounding up makes
+/// several cumulative percentages the same device count. Waiting on it (for a shadowing
+/// device, say) would hang the rollout, so it passes at once. A rollout with no device
+/// at all is not "past" anything and holds instead.
+fn wave_adds_nothing(s: &RolloutState) -> bool {
+    !s.devices.is_empty() && !s.devices.values().any(|d| d.wave == s.wave)
+}
+
+/// The current wave is done: start the next one, or complete after the last.
+fn advance(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: &mut Vec<Event>) {
+    let wave = s.wave;
+    s.waiting = None;
     if wave + 1 >= s.plan.waves.len() {
         s.status = Status::Completed;
         events.push(Event {
             at_ms: now_ms,
             kind: "completed".into(),
             detail: format!(
-                "all {} waves passed; {} devices run {}@{}",
+                "all {} waves passed ({}); {} devices run {}@{}",
                 s.plan.waves.len(),
+                passed_how(&gates),
                 s.devices
                     .values()
                     .filter(|d| d.state.runs_candidate())
@@ -705,8 +852,9 @@ fn bake_stage(s: &mut RolloutState, gates: Vec<GateValue>, now_ms: u64, events: 
             at_ms: now_ms,
             kind: "advanced".into(),
             detail: format!(
-                "wave {} passed every gate; starting wave {}",
+                "wave {} passed ({}); starting wave {}",
                 wave + 1,
+                passed_how(&gates),
                 wave + 2
             ),
             gates,

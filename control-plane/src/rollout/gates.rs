@@ -1,10 +1,17 @@
 //! Gate evaluation: the health gates over every device that runs the candidate and the
 //! shadow gates over the current wave's shadowing devices, each a [`GateValue`] with its
-//! verdict and what it was computed over.
+//! three-valued verdict, what it was computed over and, without a verdict, why.
+//!
+//! Latency quantiles come from the agents' fixed-bucket histograms, interpolated inside
+//! the bucket (see [`quantile_us`]) rather than read off a bucket's upper edge, which made
+//! a 190 µs → 210 µs change look like 200 → 350 µs.
 //!
 //! Pure like the rest of the engine: a function of the rollout state and the observations.
 
+use drover_protocol::messages::{LatencyHistogram, LATENCY_BUCKETS_US};
+
 use super::engine::{DevState, GateValue, Health, Observations, RolloutState, ShadowObs, Verdict};
+use super::plan::OnNoData;
 
 /// Why the rollout must stop, if any gate failed: every failed gate with its value and
 /// limit, in evaluation order.
@@ -32,24 +39,49 @@ pub(super) fn failure_reason(wave: usize, gates: &[GateValue]) -> Option<String>
     ))
 }
 
+/// Gates without a verdict, as one line ("error_rate: needs 100 inferences, has 12").
+pub(super) fn without_verdict(gates: &[GateValue]) -> Option<String> {
+    let open: Vec<String> = gates
+        .iter()
+        .filter(|g| g.verdict == Verdict::NoData)
+        .map(|g| format!("{}: {}", g.gate, g.reason.as_deref().unwrap_or("no data")))
+        .collect();
+    (!open.is_empty()).then(|| open.join("; "))
+}
+
+/// Why a stage whose time is over must still wait, under the plan's `on_no_data`.
+pub(super) fn hold_reason(policy: OnNoData, gates: &[GateValue]) -> Option<String> {
+    match policy {
+        OnNoData::Pass => None,
+        OnNoData::Hold => without_verdict(gates).map(|g| format!("no verdict yet: {g}")),
+    }
+}
+
+/// How a stage's gates let it end: "every gate passed", or which gates had no verdict
+/// and passed because the plan says `on_no_data = "pass"`.
+pub(super) fn passed_how(gates: &[GateValue]) -> String {
+    match without_verdict(gates) {
+        None => "every gate passed".into(),
+        Some(open) => format!("gates passed, without a verdict (on_no_data = \"pass\"): {open}"),
+    }
+}
+
+/// A gate comparing `value` to `limit`; `short` says why there is no verdict yet.
 fn ratio_gate(
     gate: &str,
     value: Option<f64>,
     limit: f64,
     at_most: bool,
-    enough: bool,
+    short: Option<String>,
     basis: String,
 ) -> GateValue {
-    let verdict = match value {
-        Some(v) if enough => {
+    let (verdict, reason) = match (value, short) {
+        (_, Some(why)) => (Verdict::NoData, Some(why)),
+        (None, None) => (Verdict::NoData, Some("no value yet".into())),
+        (Some(v), None) => {
             let ok = if at_most { v <= limit } else { v >= limit };
-            if ok {
-                Verdict::Pass
-            } else {
-                Verdict::Fail
-            }
+            (if ok { Verdict::Pass } else { Verdict::Fail }, None)
         }
-        _ => Verdict::NoData,
     };
     GateValue {
         gate: gate.into(),
@@ -57,6 +89,136 @@ fn ratio_gate(
         threshold: format!("{} {limit}", if at_most { "<=" } else { ">=" }),
         verdict,
         basis,
+        reason,
+    }
+}
+
+/// `Some("needs {need} {what}, has {have}")` while `have < need`.
+fn short_of(need: u64, have: u64, what: &str) -> Option<String> {
+    (have < need).then(|| format!("needs {need} {what}, has {have}"))
+}
+
+/// Quantile `q` of a latency histogram in µs, interpolated inside its bucket.
+///
+/// Where inside a bucket the samples sit comes from the histogram's sum: one position
+/// `a` (0 = bucket's lower edge, 1 = upper) is fitted so that the buckets' counts at
+/// their positions add up to the sum, and the samples of a bucket are taken as spread
+/// evenly over the part of it whose mean is that position. A narrow model (every
+/// sample near 210 µs in the 200–350 µs bucket) then gets a p99 near 210 µs, not 350.
+/// Without a sum (`sum_us = 0`) the samples spread over the whole bucket, as in
+/// Prometheus' `histogram_quantile`. The overflow bucket reports its lower edge.
+pub fn quantile_us(h: &LatencyHistogram, q: f64) -> Option<f64> {
+    let total = h.total();
+    if total == 0 {
+        return None;
+    }
+    let edges = |i: usize| {
+        let lo = if i == 0 { 0 } else { LATENCY_BUCKETS_US[i - 1] };
+        (lo as f64, LATENCY_BUCKETS_US[i] as f64)
+    };
+    let finite = LATENCY_BUCKETS_US.len() - 1;
+    let counts = &h.counts[..h.counts.len().min(LATENCY_BUCKETS_US.len())];
+    let (mut at_lo, mut width, mut over) = (0.0, 0.0, 0.0);
+    for (i, &c) in counts.iter().enumerate() {
+        let (lo, hi) = edges(i);
+        if i < finite {
+            at_lo += c as f64 * lo;
+            width += c as f64 * (hi - lo);
+        } else {
+            over += c as f64 * lo;
+        }
+    }
+    let a = if h.sum_us > 0 && width > 0.0 {
+        ((h.sum_us as f64 - over - at_lo) / width).clamp(0.0, 1.0)
+    } else {
+        0.5
+    };
+    // The part of a bucket its samples spread over: [lo + from*w, lo + to*w], mean a.
+    let (from, to) = if a <= 0.5 {
+        (0.0, 2.0 * a)
+    } else {
+        (2.0 * a - 1.0, 1.0)
+    };
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut below = 0.0;
+    for (i, &c) in counts.iter().enumerate() {
+        let c = c as f64;
+        if c > 0.0 && below + c >= rank {
+            let (lo, hi) = edges(i);
+            if i >= finite {
+                return Some(lo);
+            }
+            let frac = ((rank - below) / c).clamp(0.0, 1.0);
+            let w = hi - lo;
+            return Some(lo + w * (from + (to - from) * frac));
+        }
+        below += c;
+    }
+    None
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0} us"))
+}
+
+/// "p50 205 us, p99 219 us over 1000"
+fn quantiles(h: &LatencyHistogram) -> String {
+    format!(
+        "p50 {}, p99 {} over {}",
+        fmt_us(quantile_us(h, 0.5)),
+        fmt_us(quantile_us(h, 0.99)),
+        h.total()
+    )
+}
+
+/// The candidate's p99 over the reference's, when both have one.
+fn p99_ratio(cand: &LatencyHistogram, reference: &LatencyHistogram) -> Option<f64> {
+    match (quantile_us(cand, 0.99), quantile_us(reference, 0.99)) {
+        (Some(c), Some(r)) if r > 0.0 => Some(c / r),
+        _ => None,
+    }
+}
+
+/// The install-success gate: fails as soon as failures exceed what the threshold allows
+/// of all assigned devices; passes once a device finished and none too many failed.
+fn install_gate(s: &RolloutState, obs: &Observations, min: f64) -> GateValue {
+    let installed = s
+        .devices
+        .values()
+        .filter(|d| d.state.runs_candidate())
+        .count();
+    let failed = s
+        .devices
+        .values()
+        .filter(|d| d.state == DevState::Failed)
+        .count();
+    let assigned = s
+        .devices
+        .iter()
+        .filter(|(id, d)| d.state != DevState::Queued || obs.online(id))
+        .count();
+    let finished = installed + failed;
+    let value = (finished > 0).then(|| installed as f64 / finished as f64);
+    let budget = ((1.0 - min) * assigned as f64 + 1e-9).floor() as usize;
+    let (verdict, reason) = if failed > budget {
+        (Verdict::Fail, None)
+    } else if finished > 0 {
+        (Verdict::Pass, None)
+    } else {
+        (
+            Verdict::NoData,
+            Some(format!(
+                "no device finished installing yet ({assigned} assigned)"
+            )),
+        )
+    };
+    GateValue {
+        gate: "install_success".into(),
+        value,
+        threshold: format!(">= {min}"),
+        verdict,
+        basis: format!("{installed} installed, {failed} failed of {assigned} assigned"),
+        reason,
     }
 }
 
@@ -64,42 +226,8 @@ fn ratio_gate(
 pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
     let g = &s.plan.gates;
     let mut out = Vec::new();
-    let online = |id: &str| obs.devices.get(id).is_some_and(|o| o.online);
     if let Some(min) = g.min_install_success {
-        let installed = s
-            .devices
-            .values()
-            .filter(|d| d.state.runs_candidate())
-            .count();
-        let failed = s
-            .devices
-            .values()
-            .filter(|d| d.state == DevState::Failed)
-            .count();
-        let assigned = s
-            .devices
-            .iter()
-            .filter(|(id, d)| d.state != DevState::Queued || online(id))
-            .count();
-        let finished = installed + failed;
-        let value = (finished > 0).then(|| installed as f64 / finished as f64);
-        // Fail as soon as failures exceed what the threshold allows of all assigned devices;
-        // pass once every finished device counts.
-        let budget = ((1.0 - min) * assigned as f64 + 1e-9).floor() as usize;
-        let verdict = if failed > budget {
-            Verdict::Fail
-        } else if finished > 0 {
-            Verdict::Pass
-        } else {
-            Verdict::NoData
-        };
-        out.push(GateValue {
-            gate: "install_success".into(),
-            value,
-            threshold: format!(">= {min}"),
-            verdict,
-            basis: format!("{installed} installed, {failed} failed of {assigned} assigned"),
-        });
+        out.push(install_gate(s, obs, min));
     }
     let mut cand = Health::default();
     let mut base = Health::default();
@@ -125,7 +253,11 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
             value,
             max,
             true,
-            cand.inferences >= g.min_inferences.max(1),
+            short_of(
+                g.min_inferences.max(1),
+                cand.inferences,
+                "inferences on the candidate",
+            ),
             format!(
                 "{} errors in {} inferences on {n} devices",
                 cand.errors, cand.inferences
@@ -133,26 +265,25 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
         ));
     }
     if let Some(max) = g.max_p99_latency_ratio {
-        let c = cand.latency.quantile_upper_us(0.99);
-        let b = base.latency.quantile_upper_us(0.99);
-        let value = match (c, b) {
-            (Some(c), Some(b)) if b > 0 => Some(c as f64 / b as f64),
-            _ => None,
-        };
         let need = g.min_inferences.max(P99_MIN_SAMPLES);
-        let enough = cand.latency.total() >= need && base.latency.total() >= need;
+        let short =
+            short_of(need, cand.latency.total(), "latencies on the candidate").or_else(|| {
+                short_of(
+                    need,
+                    base.latency.total(),
+                    "latencies of the previous model (its telemetry before the rollout)",
+                )
+            });
         out.push(ratio_gate(
             "p99_latency_ratio",
-            value,
+            p99_ratio(&cand.latency, &base.latency),
             max,
             true,
-            enough,
+            short,
             format!(
-                "candidate p99 <= {} us over {}, previous p99 <= {} us over {}",
-                c.map_or("-".into(), |v| v.to_string()),
-                cand.latency.total(),
-                b.map_or("-".into(), |v| v.to_string()),
-                base.latency.total()
+                "candidate {}; previous model {}",
+                quantiles(&cand.latency),
+                quantiles(&base.latency)
             ),
         ));
     }
@@ -162,7 +293,8 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
             psi,
             max,
             true,
-            psi.is_some(),
+            psi.is_none()
+                .then(|| "no drift sketch from the candidate yet".into()),
             format!("largest feature PSI over {n} devices"),
         ));
     }
@@ -173,7 +305,8 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
 /// maximum, and one preempted request (or a cold first run) decides the verdict.
 pub const P99_MIN_SAMPLES: u64 = 100;
 
-/// The shadow gates over the current wave's shadowing devices.
+/// The shadow gates over the current wave's shadowing devices. Agreement has no verdict
+/// below `min_compared` comparisons, and the shadow stage never promotes without one.
 pub fn evaluate_shadow(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
     let Some(p) = &s.plan.shadow else {
         return Vec::new();
@@ -192,38 +325,77 @@ pub fn evaluate_shadow(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
             total.candidate_latency.merge(&o.shadow.candidate_latency);
         }
     }
-    let enough = total.compared >= p.min_compared.max(1);
     let mut out = vec![ratio_gate(
         "shadow_agreement",
         (total.compared > 0).then(|| total.agreed as f64 / total.compared as f64),
         p.min_agreement,
         false,
-        enough,
+        short_of(p.min_compared.max(1), total.compared, "compared inputs"),
         format!(
             "{} of {} compared inputs agreed on {n} devices",
             total.agreed, total.compared
         ),
     )];
     if let Some(max) = p.max_latency_ratio {
-        let enough = total.compared >= p.min_compared.max(P99_MIN_SAMPLES);
-        let c = total.candidate_latency.quantile_upper_us(0.99);
-        let a = total.active_latency.quantile_upper_us(0.99);
-        let value = match (c, a) {
-            (Some(c), Some(a)) if a > 0 => Some(c as f64 / a as f64),
-            _ => None,
-        };
+        let need = p.min_compared.max(P99_MIN_SAMPLES);
         out.push(ratio_gate(
             "shadow_p99_latency_ratio",
-            value,
+            p99_ratio(&total.candidate_latency, &total.active_latency),
             max,
             true,
-            enough,
+            short_of(need, total.compared, "compared inputs"),
             format!(
-                "candidate p99 <= {} us, active p99 <= {} us on the same inputs",
-                c.map_or("-".into(), |v| v.to_string()),
-                a.map_or("-".into(), |v| v.to_string())
+                "candidate {}; active {} on the same inputs",
+                quantiles(&total.candidate_latency),
+                quantiles(&total.active_latency)
             ),
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spread(values: impl Iterator<Item = u64>) -> LatencyHistogram {
+        let mut h = LatencyHistogram::new();
+        for v in values {
+            h.record(v);
+        }
+        h
+    }
+
+    #[test]
+    fn p99_is_interpolated_inside_the_bucket_not_its_upper_edge() {
+        // A ~200 µs model: the previous one ran 180–199 µs (the 100–200 bucket), the
+        // candidate 201–220 µs (the 200–350 bucket). Upper edges said 350/200 = 1.75.
+        let before = spread((0..1000).map(|i| 180 + i % 20));
+        let after = spread((0..1000).map(|i| 201 + i % 20));
+        assert_eq!(before.quantile_upper_us(0.99), Some(200));
+        assert_eq!(after.quantile_upper_us(0.99), Some(350));
+        let b = quantile_us(&before, 0.99).unwrap();
+        let a = quantile_us(&after, 0.99).unwrap();
+        assert!((195.0..=200.0).contains(&b), "previous p99 {b}");
+        assert!((215.0..=222.0).contains(&a), "candidate p99 {a}");
+        assert!(a / b < 1.15, "ratio {}", a / b);
+        // A spread-out distribution lands inside the bucket, in rank order.
+        let wide = spread(1..=1000);
+        let p50 = quantile_us(&wide, 0.5).unwrap();
+        let p99 = quantile_us(&wide, 0.99).unwrap();
+        assert!((450.0..=560.0).contains(&p50), "p50 {p50}");
+        assert!((950.0..=1000.0).contains(&p99), "p99 {p99}");
+        assert!(p50 < p99);
+        // Without a sum: evenly over the bucket, as Prometheus does.
+        let no_sum = LatencyHistogram {
+            sum_us: 0,
+            ..after.clone()
+        };
+        let even = quantile_us(&no_sum, 0.5).unwrap();
+        assert!((200.0..=350.0).contains(&even), "{even}");
+        assert_eq!(quantile_us(&LatencyHistogram::new(), 0.99), None);
+        // The overflow bucket reports its lower edge.
+        let huge = spread(std::iter::repeat_n(10_000_000, 10));
+        assert_eq!(quantile_us(&huge, 0.99), Some(5_000_000.0));
+    }
 }

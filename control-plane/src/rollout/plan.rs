@@ -76,9 +76,37 @@ pub struct Gates {
     pub max_drift_psi: Option<f64>,
     /// Inferences needed before the error and latency gates give a verdict.
     pub min_inferences: u64,
-    /// When true, a gate still short of data holds the wave; when false, it passes at the
-    /// end of the bake time and the report says "no data".
-    pub require_data: bool,
+    /// What a gate without a verdict (too little data) does once a stage's time is over:
+    /// `hold` the stage (the default) or let it `pass`, said so in the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_no_data: Option<OnNoData>,
+    /// Replaced by `on_no_data`; `false` is `on_no_data = "pass"`, `true` is `"hold"`.
+    /// Still read because rollouts stored before it carry `require_data = false`, and
+    /// those keep the behaviour they started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_data: Option<bool>,
+}
+
+/// What a gate without a verdict does at the end of a stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoData {
+    /// The stage waits until every gate has a verdict.
+    #[default]
+    Hold,
+    /// The stage ends anyway; the event names the gates that had no verdict.
+    Pass,
+}
+
+impl Gates {
+    /// `on_no_data`, or what the older `require_data` meant, or `hold`.
+    pub fn no_data_policy(&self) -> OnNoData {
+        match (self.on_no_data, self.require_data) {
+            (Some(p), _) => p,
+            (None, Some(false)) => OnNoData::Pass,
+            (None, _) => OnNoData::Hold,
+        }
+    }
 }
 
 impl Default for Gates {
@@ -88,8 +116,9 @@ impl Default for Gates {
             max_error_rate: Some(0.02),
             max_p99_latency_ratio: Some(2.0),
             max_drift_psi: None,
-            min_inferences: 20,
-            require_data: false,
+            min_inferences: 100,
+            on_no_data: None,
+            require_data: None,
         }
     }
 }
@@ -137,7 +166,9 @@ impl Default for ShadowPhase {
 pub struct Plan {
     /// `NAME@X.Y.Z` of a published model.
     pub model: String,
-    /// Device selector, e.g. `site=plant-a,arch=aarch64` (empty: every device).
+    /// Device selector, e.g. `site=plant-a,arch=aarch64`, or `all` for the whole fleet.
+    /// A new rollout needs one; an empty selector (the whole fleet by omission) is only
+    /// read back from rollouts stored before this rule.
     #[serde(default)]
     pub selector: String,
     pub waves: Vec<Wave>,
@@ -154,6 +185,15 @@ pub struct Plan {
     pub gates: Gates,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowPhase>,
+    /// Devices that come to match the selector while the rollout runs (enrolled after it
+    /// started) join at the current wave at once, instead of waiting for the wave whose
+    /// cumulative size reaches their bucket.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late_joiners: bool,
+    /// Apply windows (`"Sat 02:00-05:00 Europe/Berlin"`): devices download any time but
+    /// switch to the candidate only inside one. Empty: any time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<String>,
 }
 
 fn default_concurrency() -> u32 {
@@ -183,7 +223,12 @@ impl Plan {
         if crate::fleet::parse_model_ref(&self.model).is_err() {
             errs.push(format!("model {:?} must look like NAME@X.Y.Z", self.model));
         }
-        if let Err(e) = Selector::parse(&self.selector) {
+        if self.selector.trim().is_empty() {
+            errs.push(
+                "selector is empty: name the devices (e.g. site=plant-a), or give `all` to target the whole fleet"
+                    .into(),
+            );
+        } else if let Err(e) = Selector::parse(&self.selector) {
             errs.push(e);
         }
         if self.waves.is_empty() {
@@ -241,7 +286,18 @@ impl Plan {
                 }
             }
         }
+        if g.on_no_data.is_some() && g.require_data.is_some() {
+            errs.push(
+                "gates.require_data is replaced by gates.on_no_data: keep only on_no_data".into(),
+            );
+        }
         if let Some(s) = &self.shadow {
+            if s.min_compared == 0 {
+                errs.push(
+                    "shadow.min_compared = 0 would promote on no comparison: give at least 1"
+                        .into(),
+                );
+            }
             if !(0.0..=1.0).contains(&s.min_agreement) {
                 errs.push(format!(
                     "shadow.min_agreement = {} must be between 0 and 1",
@@ -252,6 +308,11 @@ impl Plan {
                 if !(r.is_finite() && r > 0.0) {
                     errs.push(format!("shadow.max_latency_ratio = {r} must be positive"));
                 }
+            }
+        }
+        for w in &self.windows {
+            if let Err(e) = super::windows::Window::parse(w) {
+                errs.push(e);
             }
         }
         if self.device_deadline.is_zero() {
@@ -265,6 +326,9 @@ impl Plan {
     }
 }
 
+/// The selector for the whole fleet, which must be asked for by name.
+pub const ALL: &str = "all";
+
 /// One condition of a selector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Condition {
@@ -276,14 +340,23 @@ struct Condition {
 
 /// Which devices a rollout targets: comma-separated `key=value`, `key!=value` or
 /// `key=v1|v2` conditions over device labels and the attributes `id`, `arch`, `os` and
-/// `agent_version` (a label of the same name wins). All conditions must hold.
+/// `agent_version` (a label of the same name wins). All conditions must hold. `all`
+/// (alone) selects every device, as did the empty selector of older plans.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selector(Vec<Condition>);
 
 impl Selector {
     pub fn parse(s: &str) -> Result<Selector, String> {
+        if s.trim() == ALL {
+            return Ok(Selector(Vec::new()));
+        }
         let mut out = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part == ALL {
+                return Err(format!(
+                    "selector {s:?}: `all` stands alone (the whole fleet); drop it or the other conditions"
+                ));
+            }
             let (key, negate, vals) = if let Some((k, v)) = part.split_once("!=") {
                 (k, true, v)
             } else if let Some((k, v)) = part.split_once('=') {
@@ -388,7 +461,7 @@ bake = "1h"
 [gates]
 max_error_rate = 0.01
 min_inferences = 5
-require_data = true
+on_no_data = "pass"
 [shadow]
 duration = "30s"
 min_compared = 10
@@ -406,6 +479,30 @@ min_agreement = 0.9
             "unset gates keep their defaults"
         );
         assert_eq!(p.shadow.as_ref().unwrap().min_agreement, 0.9);
+        assert_eq!(p.gates.no_data_policy(), OnNoData::Pass);
+    }
+
+    #[test]
+    fn gates_without_data_hold_unless_the_plan_says_pass() {
+        let base = "model = \"m@1.0.0\"\nselector = \"all\"\n[[waves]]\npercent = 100\n";
+        let policy = |gates: &str| {
+            Plan::from_toml(&format!("{base}[gates]\n{gates}"))
+                .map(|p| p.gates.no_data_policy())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(policy(""), Ok(OnNoData::Hold), "the safe default");
+        assert_eq!(policy("on_no_data = \"pass\""), Ok(OnNoData::Pass));
+        // Rollouts stored before on_no_data carry require_data and keep their behaviour.
+        assert_eq!(policy("require_data = false"), Ok(OnNoData::Pass));
+        assert_eq!(policy("require_data = true"), Ok(OnNoData::Hold));
+        let both = policy("require_data = false\non_no_data = \"hold\"").unwrap_err();
+        assert!(both.contains("keep only on_no_data"), "{both}");
+        let bad = policy("on_no_data = \"skip\"").unwrap_err();
+        assert!(bad.contains("hold") && bad.contains("pass"), "{bad}");
+        let shadow = Plan::from_toml(&format!("{base}[shadow]\nmin_compared = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(shadow.contains("shadow.min_compared"), "{shadow}");
     }
 
     #[test]
@@ -460,6 +557,20 @@ max_error_rate = 2.0
         let test = labels(&[("site", "plant-a"), ("tier", "test")]);
         assert!(!s.matches(&test, &[("arch", Some("aarch64"))]));
         assert!(Selector::parse("").unwrap().matches(&l, &[]));
+        assert!(Selector::parse("all").unwrap().matches(&l, &[]));
         assert!(Selector::parse("site=").is_err());
+        let e = Selector::parse("all,site=a").unwrap_err();
+        assert!(e.contains("stands alone"), "{e}");
+    }
+
+    #[test]
+    fn the_whole_fleet_needs_selector_all() {
+        let e = Plan::from_toml("model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give `all` to target the whole fleet"), "{e}");
+        let p =
+            Plan::from_toml("model = \"m@1.0.0\"\nselector = \"all\"\n[[waves]]\npercent = 100\n");
+        assert!(p.is_ok(), "{p:?}");
     }
 }

@@ -38,6 +38,8 @@ enum StatusRecord {
     Completed,
     RollingBack { reason: String },
     RolledBack { reason: String },
+    Aborting { reason: String },
+    Aborted { reason: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,6 +90,9 @@ struct GateRecord {
     threshold: String,
     verdict: VerdictRecord,
     basis: String,
+    /// Added with three-valued gates; older records have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -118,6 +123,9 @@ struct HeaderRecord {
     gates: Vec<GateRecord>,
     #[serde(default)]
     selected: u64,
+    /// Added with holding stages; older rows have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    waiting: Option<String>,
 }
 
 fn to_json(v: &impl Serialize) -> String {
@@ -152,6 +160,7 @@ pub fn header(s: &RolloutState) -> String {
         devices: BTreeMap::new(),
         gates: s.gates.iter().map(gate_record).collect(),
         selected: s.selected,
+        waiting: s.waiting.clone(),
     })
 }
 
@@ -183,6 +192,8 @@ pub fn load(
             StatusRecord::Completed => Status::Completed,
             StatusRecord::RollingBack { reason } => Status::RollingBack { reason },
             StatusRecord::RolledBack { reason } => Status::RolledBack { reason },
+            StatusRecord::Aborting { reason } => Status::Aborting { reason },
+            StatusRecord::Aborted { reason } => Status::Aborted { reason },
         },
         wave: h.wave,
         stage: match h.stage {
@@ -196,6 +207,7 @@ pub fn load(
         devices,
         gates: h.gates.into_iter().map(gate_of).collect(),
         selected: h.selected,
+        waiting: h.waiting,
     })
 }
 
@@ -245,6 +257,8 @@ fn status_record(s: &Status) -> StatusRecord {
         Status::Completed => StatusRecord::Completed,
         Status::RollingBack { reason } => StatusRecord::RollingBack { reason },
         Status::RolledBack { reason } => StatusRecord::RolledBack { reason },
+        Status::Aborting { reason } => StatusRecord::Aborting { reason },
+        Status::Aborted { reason } => StatusRecord::Aborted { reason },
     }
 }
 
@@ -295,6 +309,7 @@ fn gate_record(g: &GateValue) -> GateRecord {
             Verdict::NoData => VerdictRecord::NoData,
         },
         basis: g.basis.clone(),
+        reason: g.reason.clone(),
     }
 }
 
@@ -309,6 +324,7 @@ fn gate_of(r: GateRecord) -> GateValue {
             VerdictRecord::NoData => Verdict::NoData,
         },
         basis: r.basis,
+        reason: r.reason,
     }
 }
 
@@ -317,7 +333,9 @@ mod tests {
     use super::*;
 
     fn state() -> RolloutState {
-        let plan = Plan::from_toml("model = \"m@1.0.0\"\n[[waves]]\npercent = 100\n").unwrap();
+        let plan =
+            Plan::from_toml("model = \"m@1.0.0\"\nselector = \"all\"\n[[waves]]\npercent = 100\n")
+                .unwrap();
         let mut s = RolloutState::new(
             7,
             plan,
@@ -337,6 +355,15 @@ mod tests {
             threshold: "<= 0.02".into(),
             verdict: Verdict::Fail,
             basis: "10 inferences on 1 device".into(),
+            reason: None,
+        });
+        s.gates.push(GateValue {
+            gate: "p99_latency_ratio".into(),
+            value: None,
+            threshold: "<= 2".into(),
+            verdict: Verdict::NoData,
+            basis: "10 of 10 latencies".into(),
+            reason: Some("needs 100 latencies on the candidate, has 10".into()),
         });
         s.devices.insert(
             "gw-1".into(),
@@ -387,7 +414,26 @@ mod tests {
             serde_json::json!({"state": "paused", "reason": "error rate"})
         );
         assert_eq!(h["stage"], "install");
+        let mut aborted = s.clone();
+        aborted.status = Status::Aborted {
+            reason: "aborted by op".into(),
+        };
+        let a: serde_json::Value = serde_json::from_str(&header(&aborted)).unwrap();
+        assert_eq!(
+            a["status"],
+            serde_json::json!({"state": "aborted", "reason": "aborted by op"})
+        );
+        assert_eq!(
+            load_header(&header(&aborted)).unwrap().status,
+            aborted.status
+        );
         assert_eq!(h["gates"][0]["verdict"], "fail");
+        assert!(h["gates"][0].get("reason").is_none());
+        assert_eq!(h["gates"][1]["verdict"], "no-data");
+        assert_eq!(
+            h["gates"][1]["reason"],
+            "needs 100 latencies on the candidate, has 10"
+        );
         assert_eq!(h["candidate"]["digest"], "ab");
         let e = event(&Event {
             at_ms: 5,
@@ -396,6 +442,22 @@ mod tests {
             gates: vec![],
         });
         assert_eq!(e, r#"{"at_ms":5,"kind":"started","detail":"d"}"#);
+    }
+
+    /// A header written before three-valued gates and `on_no_data` (no `reason`, the
+    /// plan's `require_data = false`) still loads, and keeps passing gates without data.
+    #[test]
+    fn a_record_from_before_honest_gates_still_loads() {
+        let old = r#"{"id":3,"plan":{"model":"m@1.0.0","selector":"","waves":[{"percent":100.0,"bake":"1m"}],"max_concurrent":100,"device_deadline":"1h","on_failure":"pause","gates":{"min_install_success":0.95,"max_error_rate":0.02,"max_p99_latency_ratio":2.0,"max_drift_psi":null,"min_inferences":20,"require_data":false}},"candidate":{"name":"m","version":"1.0.0","digest":"ab"},"status":{"state":"running"},"wave":0,"stage":"bake","stage_since_ms":1,"created_at_ms":1,"updated_at_ms":1,"gates":[{"gate":"error_rate","value":null,"threshold":"<= 0.02","verdict":"no-data","basis":"0 errors in 0 inferences on 1 devices"}],"selected":1}"#;
+        let s = load_header(old).unwrap();
+        assert_eq!(s.gates[0].verdict, Verdict::NoData);
+        assert_eq!(s.gates[0].reason, None);
+        assert_eq!(
+            s.plan.gates.no_data_policy(),
+            crate::rollout::OnNoData::Pass,
+            "a stored rollout keeps the behaviour it started with"
+        );
+        assert_eq!(s.waiting, None);
     }
 
     #[test]

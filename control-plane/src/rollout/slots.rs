@@ -83,8 +83,10 @@ pub(super) fn update_slot(
 
 pub(super) fn deploy(s: &mut RolloutState, id: &str, now_ms: u64, actions: &mut Vec<Action>) {
     // Only a wave in its shadow stage installs as a shadow; past it (or on waves the
-    // shadow phase does not cover) devices activate directly.
-    let shadow = s.stage == Stage::Shadow;
+    // shadow phase does not cover) devices activate directly. Outside the plan's apply
+    // windows they install as a shadow too (download and self-test now), and are
+    // promoted inside a window.
+    let shadow = s.stage == Stage::Shadow || !super::windows::open(&s.plan.windows, now_ms);
     if let Some(slot) = s.devices.get_mut(id) {
         slot.state = DevState::Deploying;
         slot.commanded_at_ms = Some(now_ms);

@@ -2,10 +2,13 @@
 //!
 //! [`assign`] ranks the selected devices by bucket (stable across steps and restarts) and
 //! gives a slot to each one up to the current wave's cumulative size; [`dispatch`] commands
-//! queued devices within the plan's concurrency limit.
+//! queued devices within the plan's concurrency limit; [`preview`] shows, before a rollout
+//! starts, which devices its waves would take.
+
+use std::collections::BTreeMap;
 
 use super::engine::{event, Action, DevState, Event, Observations, RolloutState, Slot};
-use super::plan::bucket;
+use super::plan::{bucket, Plan};
 use super::slots::deploy;
 
 /// Devices selected now, in stable bucket order.
@@ -30,7 +33,33 @@ pub(super) fn assign(
     s.selected = ranked.len() as u64;
     let want = s.plan.waves[s.wave].cumulative(ranked.len());
     let mut newly = 0;
-    for id in ranked.iter().take(want) {
+    // Late joiners (if the plan takes them) go in at the current wave, whatever their rank.
+    let created = s.created_at_ms;
+    let late = |id: &str| {
+        s.plan.late_joiners
+            && obs
+                .devices
+                .get(id)
+                .is_some_and(|o| o.joined_at_ms > created)
+    };
+    let late: Vec<&str> = ranked
+        .iter()
+        .skip(want)
+        .copied()
+        .filter(|id| !s.devices.contains_key(*id) && late(id))
+        .collect();
+    if !late.is_empty() {
+        events.push(event(
+            now_ms,
+            "late-joiners",
+            format!(
+                "wave {}: {} devices that joined the selector after the start assigned",
+                s.wave + 1,
+                late.len()
+            ),
+        ));
+    }
+    for id in ranked.iter().take(want).chain(late.iter()) {
         if !s.devices.contains_key(*id) {
             let o = obs.devices.get(*id);
             s.devices.insert(
@@ -79,10 +108,13 @@ pub(super) fn dispatch(
         .filter(|(id, d)| d.state == DevState::Deploying && obs.online(id))
         .count();
     let mut free = limit.saturating_sub(busy);
+    // Outside the apply windows a device with no model to shadow beside waits queued:
+    // its only way in is activating, which waits for a window.
+    let closed = !super::windows::open(&s.plan.windows, now_ms);
     let queued: Vec<String> = s
         .devices
         .iter()
-        .filter(|(_, d)| d.state == DevState::Queued)
+        .filter(|(_, d)| d.state == DevState::Queued && !(closed && d.previous.is_none()))
         .map(|(id, _)| id.clone())
         .collect();
     for id in queued {
@@ -93,5 +125,84 @@ pub(super) fn dispatch(
             free -= 1;
         }
         deploy(s, &id, now_ms, actions);
+    }
+}
+
+/// What a plan would do to the fleet as it is now: the devices it targets and how its
+/// waves split them. Shown before a rollout starts (`--dry-run`, `drover rollout plan`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preview {
+    /// Devices the selector matches (decommissioned ones excluded).
+    pub matched: usize,
+    /// Matched devices another open rollout holds, with its id: left out until it ends.
+    pub held: BTreeMap<String, u64>,
+    /// Matched devices that are not held, in wave order.
+    pub targets: Vec<String>,
+    pub waves: Vec<WavePreview>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WavePreview {
+    /// Cumulative devices after this wave.
+    pub cumulative: usize,
+    /// Devices this wave adds (0: it passes at once).
+    pub adds: usize,
+}
+
+/// Splits `matched` (ids the selector picks) by `holders` (device → the open rollout that
+/// holds it) and ranks the rest into `plan`'s waves, as [`assign`] will.
+pub fn preview(plan: &Plan, matched: &[String], holders: &BTreeMap<String, u64>) -> Preview {
+    let mut held = BTreeMap::new();
+    let mut free = Vec::new();
+    for id in matched {
+        match holders.get(id) {
+            Some(r) => {
+                held.insert(id.clone(), *r);
+            }
+            None => free.push(id.clone()),
+        }
+    }
+    let obs = Observations {
+        selected: free,
+        ..Observations::default()
+    };
+    let targets: Vec<String> = ranked(&obs).into_iter().map(str::to_owned).collect();
+    let mut before = 0;
+    let waves = plan
+        .waves
+        .iter()
+        .map(|w| {
+            let cumulative = w.cumulative(targets.len()).max(before);
+            let adds = cumulative - before;
+            before = cumulative;
+            WavePreview { cumulative, adds }
+        })
+        .collect();
+    Preview {
+        matched: matched.len(),
+        held,
+        targets,
+        waves,
+    }
+}
+
+impl Preview {
+    /// Why a rollout of this plan must not start: it would target no device.
+    pub fn refusal(&self, selector: &str) -> Option<String> {
+        if !self.targets.is_empty() {
+            return None;
+        }
+        Some(if self.matched == 0 {
+            format!(
+                "selector {selector:?} matches no device: check it with `drover device list --label ...`"
+            )
+        } else {
+            let by: std::collections::BTreeSet<u64> = self.held.values().copied().collect();
+            format!(
+                "all {} devices selector {selector:?} matches are held by rollout(s) {}: wait for them to end or abort them",
+                self.matched,
+                by.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            )
+        })
     }
 }

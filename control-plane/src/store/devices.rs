@@ -27,6 +27,21 @@ pub struct DeviceRow {
     pub max_uplink_seq: u64,
     /// Manifest digest (hex) of the active model.
     pub active_digest: Option<String>,
+    /// The detail of the device's latest progress report (why a deploy failed).
+    pub last_detail: Option<String>,
+    /// When an operator last changed the labels (`drover device label`).
+    pub labels_changed_at_ms: Option<u64>,
+    /// Labels the agent declares in its hello: shown, never used by selectors.
+    pub agent_labels: BTreeMap<String, String>,
+}
+
+/// One line of a device's audit log: who did what to it, and when.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceEventRow {
+    pub at_ms: u64,
+    pub kind: String,
+    pub by: String,
+    pub detail: String,
 }
 
 /// What ingest needs to authenticate a device.
@@ -37,7 +52,7 @@ pub struct DeviceAuth {
     pub decommissioned: bool,
 }
 
-const DEVICE_COLS: &str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq, active_digest";
+const DEVICE_COLS: &str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq, active_digest, labels_changed_at_ms, agent_labels, (SELECT p.detail FROM progress p WHERE p.device = devices.id ORDER BY p.seq DESC LIMIT 1)";
 
 fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
     let labels: String = r.get(1)?;
@@ -57,6 +72,12 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
         reported_command_seq: u64_at(r, 12)?,
         max_uplink_seq: u64_at(r, 13)?,
         active_digest: r.get(14)?,
+        labels_changed_at_ms: opt_u64(r.get(15)?),
+        agent_labels: r
+            .get::<_, Option<String>>(16)?
+            .and_then(|l| serde_json::from_str(&l).ok())
+            .unwrap_or_default(),
+        last_detail: r.get(17)?,
     })
 }
 
@@ -113,6 +134,49 @@ impl Store {
             [id],
         )?;
         Ok(n == 1)
+    }
+
+    /// Replaces a device's operator labels and records who did it, in one transaction;
+    /// false when it is not enrolled.
+    pub fn set_device_labels(
+        &mut self,
+        id: &str,
+        labels: &BTreeMap<String, String>,
+        now_ms: u64,
+        event: &DeviceEventRow,
+    ) -> Result<bool> {
+        let labels_json = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+        let tx = self.write_tx()?;
+        let n = tx.execute(
+            "UPDATE devices SET labels = ?2, labels_changed_at_ms = ?3 WHERE id = ?1",
+            params![id, labels_json, i(now_ms)],
+        )?;
+        if n == 1 {
+            insert_event(&tx, id, event)?;
+        }
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    /// Appends a line to a device's audit log.
+    pub fn record_device_event(&mut self, id: &str, event: &DeviceEventRow) -> Result<()> {
+        insert_event(&self.conn, id, event)
+    }
+
+    /// A device's audit log, newest first.
+    pub fn device_events(&self, id: &str, limit: u32) -> Result<Vec<DeviceEventRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT at_ms, kind, by, detail FROM device_events WHERE device = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![id, limit], |r| {
+            Ok(DeviceEventRow {
+                at_ms: u64_at(r, 0)?,
+                kind: r.get(1)?,
+                by: r.get(2)?,
+                detail: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// Every enrolled device's key, for the ingest and broker-auth cache.
@@ -172,6 +236,14 @@ impl Store {
             )
             .optional()?)
     }
+}
+
+fn insert_event(conn: &rusqlite::Connection, id: &str, e: &DeviceEventRow) -> Result<()> {
+    conn.execute(
+        "INSERT INTO device_events (device, at_ms, kind, by, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, i(e.at_ms), e.kind, e.by, e.detail],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

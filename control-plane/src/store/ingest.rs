@@ -64,7 +64,7 @@ struct Key<'a> {
 }
 
 /// Progress phases as stored (`progress.phase`, `devices.last_phase`).
-pub(super) fn phase_text(p: Phase) -> &'static str {
+pub fn phase_text(p: Phase) -> &'static str {
     match p {
         Phase::Received => "received",
         Phase::Downloading => "downloading",
@@ -219,9 +219,12 @@ fn add_to_rollup<'a>(
 fn update_hello(tx: &Connection, dev: &str, h: &Hello) -> Result<bool> {
     let (am, ad) = model_text(&h.active);
     let (sm, sd) = model_text(&h.staged);
+    // The agent's own labels are kept apart from the operator's: shown, never selected
+    // on (docs/FLEET.md). The frame size limit bounds them.
+    let agent_labels = serde_json::to_string(&h.labels).unwrap_or_else(|_| "{}".into());
     tx.execute(
-        "UPDATE devices SET arch=?2, os=?3, agent_version=?4, online=1, active_model=?5, active_digest=?6, staged_model=?7, staged_digest=?8, reported_command_seq=max(reported_command_seq, ?9) WHERE id=?1",
-        params![dev, h.arch, h.os, h.agent_version, am, ad, sm, sd, i(h.last_command_seq)],
+        "UPDATE devices SET arch=?2, os=?3, agent_version=?4, online=1, active_model=?5, active_digest=?6, staged_model=?7, staged_digest=?8, reported_command_seq=max(reported_command_seq, ?9), agent_labels=?10 WHERE id=?1",
+        params![dev, h.arch, h.os, h.agent_version, am, ad, sm, sd, i(h.last_command_seq), agent_labels],
     )?;
     Ok(true)
 }
@@ -486,6 +489,28 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn agent_labels_from_a_hello_are_kept_apart_from_the_operators() {
+        let (_dir, mut s) = enrolled(&["gw-1"]);
+        let hello = Uplink::Hello(Hello {
+            agent_version: "0.1.0".into(),
+            protocol_min: 1,
+            protocol_max: 1,
+            arch: "aarch64".into(),
+            os: "linux".into(),
+            labels: BTreeMap::from([("site".to_owned(), "claimed".to_owned())]),
+            active: None,
+            staged: None,
+            last_command_seq: 0,
+            keyring_version: 1,
+        });
+        s.apply_batch(&[frame("gw-1", 1, 10, hello)]).unwrap();
+        let d = s.device("gw-1").unwrap().unwrap();
+        // Selectors read `labels` only.
+        assert_eq!(d.agent_labels["site"], "claimed");
+        assert_eq!(d.labels["site"], "s0");
+    }
+
+    #[test]
     fn each_uplink_kind_lands_in_its_table_once_and_moves_the_device() {
         let (_dir, mut s) = enrolled(&["gw-1"]);
         let m = model_ref(4);
@@ -593,7 +618,6 @@ pub(super) mod tests {
         assert_eq!(s.progress_since(0).unwrap().len(), 2);
         assert_eq!(s.labels_since(0).unwrap(), 1);
         assert_eq!(s.drift_sketches(0, 2000).unwrap().len(), 1);
-
         // A last will takes the device offline.
         let bye = Uplink::Status(Status {
             presence: Presence::Offline,
@@ -604,5 +628,33 @@ pub(super) mod tests {
         });
         s.apply_batch(&[frame("gw-1", 7, 20, bye)]).unwrap();
         assert!(!s.device("gw-1").unwrap().unwrap().online);
+    }
+
+    #[test]
+    fn the_reason_a_device_gave_up_a_deploy_is_its_last_detail() {
+        let (_dir, mut s) = enrolled(&["gw-1"]);
+        assert_eq!(s.device("gw-1").unwrap().unwrap().last_detail, None);
+        let report = |phase, detail: Option<&str>| {
+            Uplink::Progress(Progress {
+                command_seq: 11,
+                command_digest: [9; 32],
+                phase,
+                model: Some(model_ref(4)),
+                chunks_done: 0,
+                chunks_total: 4,
+                detail: detail.map(str::to_owned),
+            })
+        };
+        let why = "failed after 5 attempts: chunk 2: chunk 2 hash mismatch";
+        s.apply_batch(&[
+            frame("gw-1", 1, 10, report(Phase::Downloading, None)),
+            frame("gw-1", 2, 11, report(Phase::Failed, Some(why))),
+        ])
+        .unwrap();
+        let d = s.device("gw-1").unwrap().unwrap();
+        assert_eq!(
+            (d.last_phase.as_deref(), d.last_detail.as_deref()),
+            (Some("failed"), Some(why))
+        );
     }
 }

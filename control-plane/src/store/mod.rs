@@ -43,9 +43,9 @@ mod observations;
 mod rollouts;
 
 pub use commands::CommandRow;
-pub use devices::{DeviceAuth, DeviceRow};
+pub use devices::{DeviceAuth, DeviceEventRow, DeviceRow};
 pub use drift::{DriftLevel, DriftScoreRow, DriftSketchRow, DriftWindowLevel};
-pub use ingest::{BatchOutcome, Inbound};
+pub use ingest::{phase_text, BatchOutcome, Inbound};
 pub use jobs::{JobOutcome, JobRow, JobState, LabeledSample};
 pub use models::ModelRow;
 pub use observations::{HealthRow, ProgressRow, ShadowRow, TelemetryRow};
@@ -256,6 +256,22 @@ CREATE TABLE training_jobs (
     outcome TEXT, candidate_model TEXT, metrics TEXT,
     rollout_plan TEXT
 );
+"#,
+    // 4: fleet operations (issue 18): relabelling (when a device's labels last changed,
+    // so a relabelled device can join a running rollout late), the labels an agent
+    // declares (shown, never selected on), and the per-device audit log.
+    r#"
+ALTER TABLE devices ADD COLUMN labels_changed_at_ms INTEGER;
+ALTER TABLE devices ADD COLUMN agent_labels TEXT;
+CREATE TABLE device_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    by TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX device_events_by_device ON device_events (device, id);
 "#,
 ];
 

@@ -32,6 +32,8 @@ pub struct HealthRow {
     pub inferences: u64,
     pub errors: u64,
     pub latency_counts: Vec<u64>,
+    /// Sum of the window's latencies, so quantiles can be placed inside a bucket.
+    pub latency_sum_us: u64,
 }
 
 /// One shadow report as stored.
@@ -67,6 +69,7 @@ fn health_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HealthRow> {
         inferences: u64_at(r, 4)?,
         errors: u64_at(r, 5)?,
         latency_counts: unpack_u64s(&r.get::<_, Vec<u8>>(6)?),
+        latency_sum_us: u64_at(r, 7)?,
     })
 }
 
@@ -121,7 +124,7 @@ impl Store {
     /// Telemetry windows of one model received since `since_ms` (for rollout gates).
     pub fn model_health_since(&self, digest: &str, since_ms: u64) -> Result<Vec<HealthRow>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT device, seq, received_at_ms, model_digest, inferences, errors, latency_counts
+            "SELECT device, seq, received_at_ms, model_digest, inferences, errors, latency_counts, latency_sum_us
              FROM telemetry WHERE model_digest = ?1 AND received_at_ms >= ?2",
         )?;
         let rows = st.query_map(params![digest, i(since_ms)], health_row)?;
@@ -131,7 +134,7 @@ impl Store {
     /// Telemetry windows of every model received in `[from_ms, to_ms)` (rollout baselines).
     pub fn health_between(&self, from_ms: u64, to_ms: u64) -> Result<Vec<HealthRow>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT device, seq, received_at_ms, model_digest, inferences, errors, latency_counts
+            "SELECT device, seq, received_at_ms, model_digest, inferences, errors, latency_counts, latency_sum_us
              FROM telemetry WHERE received_at_ms >= ?1 AND received_at_ms < ?2 AND model_digest IS NOT NULL",
         )?;
         let rows = st.query_map(params![i(from_ms), i(to_ms)], health_row)?;
@@ -182,6 +185,34 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// A device's progress reports, newest `limit` in arrival order; only those for
+    /// command `command_seq` when given.
+    pub fn device_progress(
+        &self,
+        device: &str,
+        command_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<ProgressRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT device, seq, received_at_ms, command_seq, phase, detail FROM progress
+             WHERE device = ?1 AND (?2 IS NULL OR command_seq = ?2) ORDER BY seq DESC LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![device, command_seq.map(i), limit], |r| {
+            let phase: String = r.get(4)?;
+            Ok(ProgressRow {
+                device: r.get(0)?,
+                seq: u64_at(r, 1)?,
+                received_at_ms: u64_at(r, 2)?,
+                command_seq: u64_at(r, 3)?,
+                phase: parse_phase(&phase),
+                detail: r.get(5)?,
+            })
+        })?;
+        let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
     }
 }
 

@@ -347,7 +347,7 @@ impl Device {
     fn execute(&mut self, effect: Effect) -> Option<Input> {
         match effect {
             // Every change of the slots is persisted: the fleet's view follows it.
-            Effect::Persist(_) => self.publish_active(),
+            Effect::Persist(_) | Effect::PersistCommand(_) => self.publish_active(),
             Effect::CrashPoint(_) => {}
             Effect::Uplink(sealed) => self.send(sealed),
             Effect::SetWill { topic, payload } => {

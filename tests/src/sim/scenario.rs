@@ -47,11 +47,13 @@ pub fn plan(model: &str, percents: &[f64], bake: Duration, min_inferences: u64) 
         .collect();
     json!({
         "model": model,
+        "selector": "all",
         "waves": waves,
         "max_concurrent": 0,
         "device_deadline": "10m",
         "on_failure": "rollback",
-        "gates": {"min_inferences": min_inferences},
+        // The benchmark times waves; gates short of data pass, as before `on_no_data`.
+        "gates": {"min_inferences": min_inferences, "on_no_data": "pass"},
     })
 }
 

@@ -1,0 +1,167 @@
+//! Which devices a rollout targets, read from the store's device rows: the selector's
+//! matches, the devices other open rollouts hold, a plan's preview against the fleet as
+//! it is, and the candidate's drift per device for the drift gate.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use drover_protocol::topics::parse_hex32;
+
+use super::driver::RolloutError;
+use super::engine::{RolloutState, Status};
+use super::plan::{Plan, Selector};
+use super::waves::{preview, Preview};
+use crate::store::{DeviceRow, Store};
+
+/// Whether the selector picks this device (never a decommissioned one).
+pub fn selects(selector: &Selector, d: &DeviceRow) -> bool {
+    !d.decommissioned
+        && selector.matches(
+            &d.labels,
+            &[
+                ("id", Some(d.id.as_str())),
+                ("arch", d.arch.as_deref()),
+                ("os", d.os.as_deref()),
+                ("agent_version", d.agent_version.as_deref()),
+            ],
+        )
+}
+
+/// `plan` against the fleet as it is now, with the devices open rollouts hold.
+pub fn preview_of(plan: &Plan, devices: &[DeviceRow], holders: &BTreeMap<String, u64>) -> Preview {
+    let selector = Selector::parse(&plan.selector).unwrap_or_default();
+    let matched: Vec<String> = devices
+        .iter()
+        .filter(|d| selects(&selector, d))
+        .map(|d| d.id.clone())
+        .collect();
+    preview(plan, &matched, holders)
+}
+
+/// Open rollouts (running, paused or rolling back) and the devices they hold: a newer
+/// rollout leaves those alone until the older one ends, so a device never gets commands
+/// from two rollouts that would supersede each other. Completed rollouts hold nothing.
+pub fn holders<'a>(open: impl IntoIterator<Item = &'a RolloutState>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for r in open {
+        if matches!(
+            r.status,
+            Status::Running
+                | Status::Paused { .. }
+                | Status::RollingBack { .. }
+                | Status::Aborting { .. }
+        ) {
+            for id in r.devices.keys() {
+                out.entry(id.clone()).or_insert(r.id);
+            }
+        }
+    }
+    out
+}
+
+/// Devices an older open rollout holds (see [`holders`]).
+pub fn held_by_older(open: &BTreeMap<u64, RolloutState>, id: u64) -> HashSet<String> {
+    holders(open.range(..id).map(|(_, r)| r))
+        .into_keys()
+        .collect()
+}
+
+/// Largest PSI per device of the candidate's live inputs (and predictions) against the
+/// baseline in its signed manifest, over the drift sketches reported since the rollout
+/// started. Empty when the model has no baseline.
+pub(super) fn candidate_drift(
+    s: &Store,
+    digest_hex: &str,
+    from_ms: u64,
+    to_ms: u64,
+) -> Result<HashMap<String, f64>, RolloutError> {
+    let Some(digest) = parse_hex32(digest_hex) else {
+        return Ok(HashMap::new());
+    };
+    let Some(model) = s.model_by_digest(&digest)? else {
+        return Ok(HashMap::new());
+    };
+    let manifest: drover_protocol::manifest::Manifest = postcard::from_bytes(&model.payload)
+        .map_err(|e| RolloutError::Corrupt(format!("manifest of {}: {e}", model.name)))?;
+    let Some(baseline) = manifest.baseline else {
+        return Ok(HashMap::new());
+    };
+    let sketches: Vec<_> = s
+        .drift_sketches(from_ms, to_ms.saturating_add(1))?
+        .into_iter()
+        .filter(|k| k.model_digest == digest)
+        .map(crate::drift::SketchRow::from)
+        .collect();
+    let baselines = BTreeMap::from([(digest, baseline)]);
+    let scores = crate::drift::score_window(
+        &baselines,
+        &sketches,
+        &[],
+        (from_ms, to_ms),
+        &crate::drift::Thresholds::default(),
+    );
+    let mut out: HashMap<String, f64> = HashMap::new();
+    for sc in scores {
+        let (Some(device), Some(psi)) = (sc.scope.strip_prefix("device:"), sc.psi) else {
+            continue;
+        };
+        let e = out.entry(device.to_owned()).or_insert(psi);
+        *e = e.max(psi);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::engine::{Candidate, DevState, Slot};
+    use crate::rollout::plan::Plan;
+
+    fn rollout(id: u64, status: Status, devices: &[&str]) -> RolloutState {
+        let plan =
+            Plan::from_toml("model = \"m@1.0.0\"\nselector = \"all\"\n[[waves]]\npercent = 100\n")
+                .unwrap();
+        let mut r = RolloutState::new(
+            id,
+            plan,
+            Candidate {
+                name: "m".into(),
+                version: "1.0.0".into(),
+                digest: "d".into(),
+            },
+            0,
+        );
+        r.status = status;
+        for d in devices {
+            r.devices.insert(
+                (*d).to_owned(),
+                Slot {
+                    wave: 0,
+                    state: DevState::Healthy,
+                    assigned_at_ms: 0,
+                    commanded_at_ms: Some(0),
+                    command_seq: Some(1),
+                    previous: None,
+                    detail: None,
+                },
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn an_older_active_rollout_holds_its_devices() {
+        let mut open = BTreeMap::new();
+        open.insert(1, rollout(1, Status::Running, &["a", "b"]));
+        open.insert(2, rollout(2, Status::Paused { reason: "x".into() }, &["c"]));
+        open.insert(3, rollout(3, Status::Completed, &["d"]));
+        open.insert(4, rollout(4, Status::Running, &["e"]));
+        let held = held_by_older(&open, 4);
+        let mut v: Vec<String> = held.into_iter().collect();
+        v.sort_unstable();
+        assert_eq!(v, vec!["a", "b", "c"], "completed rollouts release devices");
+        assert!(
+            held_by_older(&open, 1).is_empty(),
+            "the oldest is never held"
+        );
+    }
+}
