@@ -167,8 +167,11 @@ pub fn enroll(
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
     let device_key = DeviceKey(key);
-    store.enroll_device(&device_id, &device_key, labels, now_ms)?;
-    let cert = app.ca.issue_device(id, now_ms)?;
+    // The certificate is issued inside the insert's transaction: if issuing fails, the
+    // row is rolled back and the id stays free for another attempt.
+    let cert = store.enroll_device_with(&device_id, &device_key, labels, now_ms, || {
+        app.ca.issue_device(id, now_ms)
+    })??;
     app.devices.set(
         device_id.clone(),
         DeviceEntry {
