@@ -386,11 +386,13 @@ async fn keys_rotate_reaches_running_and_returning_agents_without_a_restart() {
     // A model signed by the new key deploys to the running agent (it took keyring v2).
     publish_model(&srv, "2.0.0");
     deploy(&srv, "gw-a", "2.0.0");
+    // Healthy, not only active: its probation ending reports `healthy`, which would
+    // overwrite the refusal below before a slow poll saw it.
     wait_phase(
         &srv,
         "gw-a",
-        active("2.0.0"),
-        "gw-a runs 2.0.0 (key 2, no restart)",
+        |d| active("2.0.0")(d) && d["last_phase"] == "healthy",
+        "gw-a runs 2.0.0 healthy (key 2, no restart)",
     )
     .await;
 
