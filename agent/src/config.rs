@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    /// Written by `drover device enroll --replace`; absent for a new device.
+    #[serde(default, skip_serializing_if = "ReplacementConfig::is_new_device")]
+    pub replacement: ReplacementConfig,
 }
 
 // Hand-written so the device key can never reach a log line.
@@ -64,6 +67,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("tls", &self.tls)
             .field("telemetry", &self.telemetry)
             .field("store", &self.store)
+            .field("replacement", &self.replacement)
             .finish()
     }
 }
@@ -96,6 +100,25 @@ pub struct StoreConfig {
     pub max_bytes: u64,
 }
 
+/// Where the sequence numbers of the device this one replaces stopped (`drover device
+/// enroll --replace` writes them). Without them the control plane would take the
+/// replacement's first frames for replays of the old device's, and the replacement would
+/// act on commands issued to the hardware it replaces.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplacementConfig {
+    /// The first uplink sequence number this device may use.
+    pub uplink_seq_start: u64,
+    /// Commands up to this sequence number were issued to the replaced device: ignored.
+    pub command_seq_floor: u64,
+}
+
+impl ReplacementConfig {
+    pub fn is_new_device(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
@@ -123,6 +146,7 @@ impl Default for AgentConfig {
             tls: None,
             telemetry: TelemetryConfig::default(),
             store: StoreConfig::default(),
+            replacement: ReplacementConfig::default(),
         }
     }
 }

@@ -233,10 +233,20 @@ impl Core {
         will: WillSlot,
         tuning: Tuning,
     ) -> Core {
+        // A replacement device continues the sequences of the one it replaces (its config's
+        // `[replacement]`): uplinks after the last one stored, commands after the last
+        // one issued to the old hardware.
+        let replacement = &cfg.raw.replacement;
+        let mut booted = booted;
+        booted.state.last_command_seq = booted
+            .state
+            .last_command_seq
+            .max(replacement.command_seq_floor);
         let next_seq = booted
             .state
             .uplink_seq_reserved
             .max(booted.spool.max_seq().unwrap_or(0))
+            .max(replacement.uplink_seq_start.saturating_sub(1))
             + 1;
         let machine_cfg = machine::Config {
             device_id: cfg.device_id.clone(),

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use drover_agent::config::{AgentConfig, TlsConfig};
+use drover_agent::config::{AgentConfig, ReplacementConfig, TlsConfig};
 use drover_control_plane::api::EnrollResponse;
 use drover_host::fs::{write_private, FsError};
 
@@ -52,7 +52,12 @@ pub fn agent_config(
     data_dir: PathBuf,
     labels: BTreeMap<String, String>,
 ) -> AgentConfig {
+    let replacement = ReplacementConfig {
+        uplink_seq_start: resp.uplink_seq_start,
+        command_seq_floor: resp.command_seq_floor,
+    };
     AgentConfig {
+        replacement,
         device_id: resp.device_id,
         device_key: resp.device_key,
         root_public_key: resp.root_public_key,

@@ -15,29 +15,7 @@ use drover_control_plane::api::{
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Issue a device identity and write the agent's config file.
-    Enroll {
-        /// Device id: 1-64 of [A-Za-z0-9._:-].
-        id: String,
-        /// Label `key=value` (repeatable), used by rollout selectors.
-        #[arg(long = "label", value_parser = parse_kv)]
-        labels: Vec<(String, String)>,
-        /// Broker URL the agent connects to (default: the server's).
-        #[arg(long)]
-        broker_url: Option<String>,
-        /// The agent's data directory on the device.
-        #[arg(long, default_value = "/var/lib/drover-agent")]
-        agent_data_dir: PathBuf,
-        /// Where to write the agent config (contains the device secret; mode 0600). The
-        /// TLS files (`ID.ca.pem`, `ID.cert.pem`, `ID.key.pem`, 0600) go beside it.
-        #[arg(long)]
-        out: PathBuf,
-        /// Directory the TLS files will be copied to on the device, as written into the
-        /// config (default: beside `--out`).
-        #[arg(long)]
-        cert_dir: Option<PathBuf>,
-        #[command(flatten)]
-        server: ServerArgs,
-    },
+    Enroll(EnrollArgs),
     /// List devices.
     List {
         /// Only devices with this label `key=value` (repeatable: all must match).
@@ -181,28 +159,43 @@ fn print_device(d: &DeviceView) {
     println!("  enrolled       {}", fmt_ms(d.enrolled_at_ms));
 }
 
+/// `drover device enroll`.
+#[derive(Debug, clap::Args)]
+pub struct EnrollArgs {
+    /// Device id: 1-64 of [A-Za-z0-9._:-].
+    pub id: String,
+    /// Label `key=value` (repeatable), used by rollout selectors.
+    #[arg(long = "label", value_parser = parse_kv)]
+    pub labels: Vec<(String, String)>,
+    /// Broker URL the agent connects to (default: the server's).
+    #[arg(long)]
+    pub broker_url: Option<String>,
+    /// The agent's data directory on the device.
+    #[arg(long, default_value = "/var/lib/drover-agent")]
+    pub agent_data_dir: PathBuf,
+    /// Where to write the agent config (contains the device secret; mode 0600). The
+    /// TLS files (`ID.ca.pem`, `ID.cert.pem`, `ID.key.pem`, 0600) go beside it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Directory the TLS files will be copied to on the device, as written into the
+    /// config (default: beside `--out`).
+    #[arg(long)]
+    pub cert_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Re-enroll a decommissioned id for the hardware that replaces it: a new key and
+    /// certificate, the device's history kept, its labels kept unless --label is given.
+    /// The old certificate stays revoked.
+    #[arg(long)]
+    pub replace: bool,
+    /// Who is asking, for the device's audit log (default: $USER).
+    #[arg(long, env = "USER", default_value = "operator")]
+    pub by: String,
+}
+
 pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
     match cmd {
-        DeviceCommand::Enroll {
-            id,
-            labels,
-            broker_url,
-            agent_data_dir,
-            out,
-            cert_dir,
-            server,
-        } => {
-            enroll(
-                id,
-                labels,
-                broker_url,
-                agent_data_dir,
-                out,
-                cert_dir,
-                server,
-            )
-            .await
-        }
+        DeviceCommand::Enroll(args) => enroll(args).await,
         DeviceCommand::List {
             labels,
             online,
@@ -247,15 +240,18 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
 }
 
 /// `device enroll`: the identity from the server, the agent's config and TLS files on disk.
-async fn enroll(
-    id: String,
-    labels: Vec<(String, String)>,
-    broker_url: Option<String>,
-    agent_data_dir: PathBuf,
-    out: PathBuf,
-    cert_dir: Option<PathBuf>,
-    server: ServerArgs,
-) -> anyhow::Result<()> {
+async fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
+    let EnrollArgs {
+        id,
+        labels,
+        broker_url,
+        agent_data_dir,
+        out,
+        cert_dir,
+        server,
+        replace,
+        by,
+    } = a;
     let labels: BTreeMap<String, String> = labels.into_iter().collect();
     // Refused here with the same limits the server applies, before anything is sent.
     drover_control_plane::fleet::check_labels(&labels)?;
@@ -265,6 +261,8 @@ async fn enroll(
             &EnrollRequest {
                 id: id.clone(),
                 labels: labels.clone(),
+                replace,
+                by: Some(by),
             },
         )
         .await?;
@@ -285,8 +283,13 @@ async fn enroll(
     }
     let text = cfg.to_toml().context("cannot render the agent config")?;
     drover_host::fs::write_private(&out, text.as_bytes())?;
+    let what = if replace {
+        "re-enrolled for its replacement (new key and certificate; the old ones stay revoked)"
+    } else {
+        "enrolled"
+    };
     println!(
-        "enrolled {id}; agent config written to {} (TLS certificate and key beside it, 0600)",
+        "{id} {what}; agent config written to {} (TLS certificate and key beside it, 0600)",
         out.display()
     );
     Ok(())

@@ -9,7 +9,7 @@ use drover_protocol::{DeviceId, DeviceKey};
 use rand::RngCore as _;
 
 use crate::app::{App, DeviceEntry};
-use crate::store::{CommandRow, DeviceEventRow, ModelRow, Store, StoreError};
+use crate::store::{CommandRow, DeviceEventRow, ModelRow, ReplacedSeqs, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -150,6 +150,8 @@ pub struct Enrollment {
     pub device_id: DeviceId,
     pub device_key: DeviceKey,
     pub cert: crate::pki::Issued,
+    /// Set for a replacement: where the replaced device's sequence numbers stopped.
+    pub replaced: Option<ReplacedSeqs>,
 }
 
 pub fn enroll(
@@ -184,6 +186,56 @@ pub fn enroll(
         device_id,
         device_key,
         cert,
+        replaced: None,
+    })
+}
+
+/// Enrolls the replacement of a decommissioned device under its id (`device enroll
+/// --replace`): a new key and certificate, `labels` or the old ones, the device's history
+/// kept. The old certificate is retired (listed in the CRL for good) and the old key is
+/// gone, so the replaced hardware stays locked out. Refused for an active device.
+pub fn replace(
+    app: &App,
+    store: &mut Store,
+    id: &str,
+    labels: Option<&BTreeMap<String, String>>,
+    by: &str,
+    now_ms: u64,
+) -> Result<Enrollment, FleetError> {
+    let device_id = DeviceId::new(id)?;
+    if let Some(l) = labels {
+        check_labels(l)?;
+    }
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    let device_key = DeviceKey(key);
+    let event = DeviceEventRow {
+        at_ms: now_ms,
+        kind: "replaced".into(),
+        by: by.to_owned(),
+        detail: "re-enrolled for a replacement: new key and certificate, the old certificate \
+                 revoked for good"
+            .into(),
+    };
+    let (cert, seqs) =
+        store.replace_device_with(&device_id, &device_key, labels, &event, || {
+            app.ca.retire_device_cert(id)?;
+            app.ca.issue_device(id, now_ms)
+        })??;
+    app.devices.set(
+        device_id.clone(),
+        DeviceEntry {
+            key: device_key.clone(),
+            decommissioned: false,
+        },
+    );
+    app.ca.write_crl(&app.devices.decommissioned(), now_ms)?;
+    tracing::info!(device_id = %device_id, by, "device re-enrolled for a replacement");
+    Ok(Enrollment {
+        device_id,
+        device_key,
+        cert,
+        replaced: Some(seqs),
     })
 }
 

@@ -30,6 +30,8 @@ pub const CP_KEY_FILE: &str = "control-plane.key";
 pub const CP_CERT_FILE: &str = "control-plane.pem";
 pub const CRL_FILE: &str = "crl.pem";
 const ISSUED_DIR: &str = "issued";
+/// Under `issued/`: certificates of replaced devices, revoked for good.
+const RETIRED_DIR: &str = "retired";
 /// The control plane's certificate identity (CN) on an external broker. No device may
 /// be enrolled under this id (it would inherit the control plane's ACL).
 pub const CONTROL_PLANE_IDENTITY: &str = "drover-control-plane";
@@ -268,11 +270,45 @@ impl FleetCa {
         Ok((cert, key))
     }
 
-    /// Rewrites `crl.pem` listing the certificates of `revoked` devices; returns its path.
+    /// Moves a device's certificate to `issued/retired/<id>.<serial>.pem` before its
+    /// replacement gets one: the CRL lists retired certificates for good, so the replaced
+    /// hardware stays locked out of an external broker (it still holds a CA-signed
+    /// certificate with the same CN) after its id is active again.
+    pub fn retire_device_cert(&self, device: &str) -> Result<(), PkiError> {
+        let path = self.dir.join(ISSUED_DIR).join(format!("{device}.pem"));
+        let Ok(pem) = fs::read_to_string(&path) else {
+            return Ok(()); // enrolled before the CA existed: it never had a certificate
+        };
+        let serial = cert_serial(&pem).ok_or_else(|| PkiError::BadFile {
+            path: path.clone(),
+            reason: "no certificate".into(),
+        })?;
+        let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = self.dir.join(ISSUED_DIR).join(RETIRED_DIR);
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        write_private(&dir.join(format!("{device}.{hex}.pem")), pem.as_bytes())?;
+        fs::remove_file(&path).map_err(io(&path))?;
+        Ok(())
+    }
+
+    /// Rewrites `crl.pem` listing the certificates of `revoked` devices and every retired
+    /// certificate; returns its path.
     pub fn write_crl(&self, revoked: &[String], now_ms: u64) -> Result<PathBuf, PkiError> {
+        let issued = self.dir.join(ISSUED_DIR);
+        let mut paths: Vec<PathBuf> = revoked
+            .iter()
+            .map(|device| issued.join(format!("{device}.pem")))
+            .collect();
+        if let Ok(entries) = fs::read_dir(issued.join(RETIRED_DIR)) {
+            let mut retired: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+                .collect();
+            retired.sort();
+            paths.extend(retired);
+        }
         let mut revoked_certs = Vec::new();
-        for device in revoked {
-            let path = self.dir.join(ISSUED_DIR).join(format!("{device}.pem"));
+        for path in paths {
             let Ok(pem) = fs::read_to_string(&path) else {
                 continue; // enrolled before the CA existed: it never had a certificate
             };
@@ -429,5 +465,22 @@ mod tests {
             .map(|r| r.raw_serial().to_vec())
             .collect();
         assert_eq!(serials, vec![dev_x.raw_serial().to_vec()]);
+
+        // Replaced: the old certificate stays revoked while the id is active again with a
+        // new one (not listed).
+        ca.retire_device_cert("gw-01").unwrap();
+        let fresh = ca.issue_device("gw-01", now).unwrap();
+        let fresh_der = first_cert_der(&fresh.cert_pem).unwrap();
+        let (_, fresh_x) = x509_parser::parse_x509_certificate(&fresh_der).unwrap();
+        let crl_pem = fs::read(ca.write_crl(&[], now).unwrap()).unwrap();
+        let crl_der =
+            rustls::pki_types::CertificateRevocationListDer::from_pem_slice(&crl_pem).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_crl(&crl_der).unwrap();
+        let serials: Vec<_> = parsed
+            .iter_revoked_certificates()
+            .map(|r| r.raw_serial().to_vec())
+            .collect();
+        assert_eq!(serials, vec![dev_x.raw_serial().to_vec()]);
+        assert_ne!(fresh_x.raw_serial(), dev_x.raw_serial());
     }
 }

@@ -175,6 +175,7 @@ impl<'a> Story<'a> {
                     &EnrollRequest {
                         id: id.clone(),
                         labels: labels.clone(),
+                        ..Default::default()
                     },
                 )
                 .await?;

@@ -64,11 +64,18 @@ impl From<DeviceRow> for DeviceView {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EnrollRequest {
     pub id: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Re-enroll a decommissioned id for its replacement (history kept; the old labels
+    /// when `labels` is empty). Refused for an active device.
+    #[serde(default)]
+    pub replace: bool,
+    /// Who enrolls (audit; a replacement is recorded in the device's events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -87,6 +94,14 @@ pub struct EnrollResponse {
     /// Secret: the certificate's private key (PEM); goes into a 0600 file only.
     #[serde(default)]
     pub client_key_pem: String,
+    /// A replacement's first uplink sequence: after the replaced device's last stored
+    /// frame, so its frames are not taken for replays. 0 for a new device.
+    #[serde(default)]
+    pub uplink_seq_start: u64,
+    /// A replacement ignores commands up to this sequence: they were issued to the device
+    /// it replaces. 0 for a new device.
+    #[serde(default)]
+    pub command_seq_floor: u64,
 }
 
 impl std::fmt::Debug for EnrollResponse {
@@ -238,15 +253,17 @@ pub(super) async fn enroll(
     Json(req): Json<EnrollRequest>,
 ) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
     let e = blocking(&st, move |sh, s| {
-        Ok(fleet::enroll(
-            sh,
-            s,
-            &req.id,
-            &req.labels,
-            sh.clock.unix_ms(),
-        )?)
+        let now = sh.clock.unix_ms();
+        if req.replace {
+            let labels = (!req.labels.is_empty()).then_some(&req.labels);
+            let by = fleet::actor(req.by.as_deref());
+            Ok(fleet::replace(sh, s, &req.id, labels, &by, now)?)
+        } else {
+            Ok(fleet::enroll(sh, s, &req.id, &req.labels, now)?)
+        }
     })
     .await?;
+    let replaced = e.replaced.unwrap_or_default();
     Ok((
         StatusCode::CREATED,
         Json(EnrollResponse {
@@ -257,6 +274,8 @@ pub(super) async fn enroll(
             ca_pem: st.app.ca.ca_pem().to_owned(),
             client_cert_pem: e.cert.cert_pem,
             client_key_pem: e.cert.key_pem,
+            uplink_seq_start: e.replaced.map_or(0, |_| replaced.max_uplink_seq + 1),
+            command_seq_floor: replaced.max_command_seq,
         }),
     ))
 }

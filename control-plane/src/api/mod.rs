@@ -74,7 +74,10 @@ impl From<axum::extract::rejection::PathRejection> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let code = match &e {
-            StoreError::DeviceExists(_) | StoreError::ModelExists { .. } => StatusCode::CONFLICT,
+            StoreError::DeviceExists(_)
+            | StoreError::DeviceActive(_)
+            | StoreError::DeviceDecommissioned(_)
+            | StoreError::ModelExists { .. } => StatusCode::CONFLICT,
             StoreError::UnknownDevice(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

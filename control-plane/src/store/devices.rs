@@ -45,6 +45,15 @@ pub struct DeviceEventRow {
 }
 
 /// What ingest needs to authenticate a device.
+/// Where a replaced device's sequence numbers stopped (see [`Store::replace_device_with`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplacedSeqs {
+    /// The highest uplink sequence stored from the old device.
+    pub max_uplink_seq: u64,
+    /// The highest command sequence issued to the old device.
+    pub max_command_seq: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct DeviceAuth {
     pub id: DeviceId,
@@ -106,13 +115,17 @@ impl Store {
     ) -> Result<std::result::Result<T, E>> {
         let labels_json = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
         let tx = self.write_tx()?;
-        let exists: Option<i64> = tx
-            .query_row("SELECT 1 FROM devices WHERE id = ?1", [id.as_str()], |r| {
-                r.get(0)
-            })
+        let exists: Option<bool> = tx
+            .query_row(
+                "SELECT decommissioned FROM devices WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
             .optional()?;
-        if exists.is_some() {
-            return Err(StoreError::DeviceExists(id.to_string()));
+        match exists {
+            Some(true) => return Err(StoreError::DeviceDecommissioned(id.to_string())),
+            Some(false) => return Err(StoreError::DeviceExists(id.to_string())),
+            None => {}
         }
         tx.execute(
             "INSERT INTO devices (id, device_key, labels, enrolled_at_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -125,6 +138,66 @@ impl Store {
         };
         tx.commit()?;
         Ok(Ok(done))
+    }
+
+    /// Re-enrolls a decommissioned device's id for its replacement, in one transaction:
+    /// the new key, `labels` (the old ones when `None`), the replacement's event, and
+    /// state that described the old hardware cleared (online, models, phase, agent
+    /// labels). History (telemetry, commands, progress, events) is kept. Returns where
+    /// the old device's sequence numbers stopped, for the replacement's config: without
+    /// them the control plane would take its first frames for replays, and it would act on
+    /// commands issued to the device it replaces. `finish` runs inside the transaction
+    /// (the certificate is issued there), as in [`Store::enroll_device_with`].
+    pub fn replace_device_with<T, E>(
+        &mut self,
+        id: &DeviceId,
+        key: &DeviceKey,
+        labels: Option<&BTreeMap<String, String>>,
+        event: &DeviceEventRow,
+        finish: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> Result<std::result::Result<(T, ReplacedSeqs), E>> {
+        let tx = self.write_tx()?;
+        let row: Option<(bool, i64, String)> = tx
+            .query_row(
+                "SELECT decommissioned, max_uplink_seq, labels FROM devices WHERE id = ?1",
+                [id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((decommissioned, max_uplink, old_labels)) = row else {
+            return Err(StoreError::UnknownDevice(id.to_string()));
+        };
+        if !decommissioned {
+            return Err(StoreError::DeviceActive(id.to_string()));
+        }
+        let max_command: Option<i64> = tx.query_row(
+            "SELECT max(seq) FROM commands WHERE device = ?1",
+            [id.as_str()],
+            |r| r.get(0),
+        )?;
+        let labels_json = match labels {
+            Some(l) => serde_json::to_string(l).unwrap_or_else(|_| "{}".into()),
+            None => old_labels,
+        };
+        tx.execute(
+            "UPDATE devices SET device_key = ?2, labels = ?3, enrolled_at_ms = ?4, decommissioned = 0, \
+             online = 0, active_model = NULL, active_digest = NULL, staged_model = NULL, \
+             staged_digest = NULL, last_phase = NULL, agent_labels = NULL, labels_changed_at_ms = ?4 \
+             WHERE id = ?1",
+            params![id.as_str(), &key.0[..], labels_json, i(event.at_ms)],
+        )?;
+        insert_event(&tx, id.as_str(), event)?;
+        let done = match finish() {
+            Ok(v) => v,
+            // Dropping the transaction rolls the update back.
+            Err(e) => return Ok(Err(e)),
+        };
+        tx.commit()?;
+        let seqs = ReplacedSeqs {
+            max_uplink_seq: u64::try_from(max_uplink).unwrap_or(0),
+            max_command_seq: max_command.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+        };
+        Ok(Ok((done, seqs)))
     }
 
     /// Marks a device decommissioned; returns false when it is not enrolled.
@@ -285,5 +358,69 @@ mod tests {
         assert!(gw2.decommissioned && gw2.key.0 == [2; 32]);
         s.mark_all_offline().unwrap();
         assert!(s.device("gw-2").unwrap().unwrap().decommissioned);
+    }
+
+    #[test]
+    fn only_a_decommissioned_device_is_replaced_and_its_sequences_come_back() {
+        use crate::store::ingest::tests::{frame, telemetry};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("d.db")).unwrap();
+        let labels = BTreeMap::from([("site".to_owned(), "a".to_owned())]);
+        let id = DeviceId::new("gw-1").unwrap();
+        s.enroll_device(&id, &DeviceKey([1; 32]), &labels, 7)
+            .unwrap();
+        s.apply_batch(&[frame("gw-1", 41, 9, telemetry(None, 41))])
+            .unwrap();
+        let event = |at_ms| DeviceEventRow {
+            at_ms,
+            kind: "replaced".into(),
+            by: "ops".into(),
+            detail: "new hardware".into(),
+        };
+        let ok = || Ok::<_, ()>(());
+        let active = s.replace_device_with(&id, &DeviceKey([2; 32]), None, &event(8), ok);
+        assert!(
+            matches!(active, Err(StoreError::DeviceActive(_))),
+            "{active:?}"
+        );
+        let unknown = s.replace_device_with(
+            &DeviceId::new("gw-9").unwrap(),
+            &DeviceKey([2; 32]),
+            None,
+            &event(8),
+            ok,
+        );
+        assert!(matches!(unknown, Err(StoreError::UnknownDevice(_))));
+
+        assert!(s.decommission_device("gw-1").unwrap());
+        let again = s.enroll_device(&id, &DeviceKey([2; 32]), &labels, 8);
+        assert!(matches!(again, Err(StoreError::DeviceDecommissioned(_))));
+        // A failed finish leaves the device decommissioned with its old key.
+        let failed = s
+            .replace_device_with(&id, &DeviceKey([2; 32]), None, &event(9), || {
+                Err::<(), _>("no CA")
+            })
+            .unwrap();
+        assert!(failed.is_err());
+        assert!(s.device("gw-1").unwrap().unwrap().decommissioned);
+
+        let ((), seqs) = s
+            .replace_device_with(&id, &DeviceKey([3; 32]), None, &event(10), ok)
+            .unwrap()
+            .unwrap();
+        assert_eq!(seqs.max_uplink_seq, 41);
+        assert_eq!(seqs.max_command_seq, 0);
+        let d = s.device("gw-1").unwrap().unwrap();
+        assert!(!d.decommissioned && !d.online);
+        assert_eq!((d.labels, d.enrolled_at_ms), (labels, 10));
+        let auth = s.device_auth().unwrap();
+        assert_eq!(auth[0].key.0, [3; 32]);
+        let kinds: Vec<String> = s
+            .device_events("gw-1", 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, ["replaced"]);
     }
 }

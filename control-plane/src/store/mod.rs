@@ -43,7 +43,7 @@ mod observations;
 mod rollouts;
 
 pub use commands::CommandRow;
-pub use devices::{DeviceAuth, DeviceEventRow, DeviceRow};
+pub use devices::{DeviceAuth, DeviceEventRow, DeviceRow, ReplacedSeqs};
 pub use drift::{DriftLevel, DriftScoreRow, DriftSketchRow, DriftWindowLevel};
 pub use ingest::{phase_text, BatchOutcome, Inbound};
 pub use jobs::{JobOutcome, JobRow, JobState, LabeledSample};
@@ -69,6 +69,16 @@ pub enum StoreError {
     DeviceExists(String),
     #[error("device {0} is not enrolled")]
     UnknownDevice(String),
+    #[error(
+        "device {0} is enrolled and active: decommission it first (`drover device decommission {0}`), \
+         then enroll its replacement with --replace"
+    )]
+    DeviceActive(String),
+    #[error(
+        "device {0} was decommissioned; to enroll a replacement under the same id (its history \
+         kept), run `drover device enroll {0} --replace`"
+    )]
+    DeviceDecommissioned(String),
     #[error("model {name}@{version} is already published")]
     ModelExists { name: String, version: String },
     #[error("corrupt row in {table}: {detail}")]

@@ -111,6 +111,7 @@ impl Api {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            ..Default::default()
         };
         let r = self
             .http
