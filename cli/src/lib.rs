@@ -14,6 +14,7 @@ pub mod model;
 pub mod rollout;
 pub mod rollout_watch;
 pub mod serve;
+pub mod token;
 pub mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -56,6 +57,11 @@ pub enum Command {
     /// External broker setup: write a mosquitto configuration (mutual TLS, CRL, ACLs).
     #[command(subcommand)]
     Broker(broker::BrokerCommand),
+    /// Per-user API tokens with roles (viewer, deployer, admin). Admin only.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// The API's audit log: every call that tried to change something, by whom. Admin only.
+    Audit(token::AuditArgs),
     /// Report unsafe settings (key file modes, plaintext broker, expiring certificates);
     /// exits non-zero when it finds any.
     Doctor(doctor::DoctorArgs),

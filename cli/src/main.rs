@@ -48,6 +48,8 @@ fn main() -> ExitCode {
             Command::Rollout(r) => cli::rollout::run(r).await,
             Command::Drift(d) => cli::drift::run(d).await,
             Command::Train(t) => cli::train::run(t).await,
+            Command::Token(t) => cli::token::run(t).await,
+            Command::Audit(a) => cli::token::audit(a).await,
         }
     });
     match result {

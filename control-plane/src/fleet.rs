@@ -84,17 +84,6 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), FleetError>
     }
 }
 
-/// Who asked, as recorded in a device's audit log: the operator's word (the API has one
-/// bearer token), 1-64 printable characters, else `api`.
-pub fn actor(by: Option<&str>) -> String {
-    match by.map(str::trim) {
-        Some(b) if !b.is_empty() && b.len() <= 64 && !b.chars().any(char::is_control) => {
-            b.to_owned()
-        }
-        _ => "api".to_owned(),
-    }
-}
-
 /// Sets and removes operator labels on a device, audited. A device that comes to match
 /// a running rollout's selector this way joins it late when the plan takes late joiners
 /// (`labels_changed_at_ms`). Returns the labels as they now are.

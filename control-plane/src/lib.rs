@@ -17,7 +17,8 @@
 //!   is the services' handle on it.
 //! - [`keys`]: root/signing key files and the root-signed keyring.
 //! - [`pki`]: the fleet CA (rcgen): device and broker certificates, the CRL.
-//! - [`api`]: HTTP API (axum) and its JSON views; [`metrics`]: Prometheus counters.
+//! - [`api`]: HTTP API (axum) and its JSON views; [`access`]: API tokens, roles, the
+//!   audit rule; [`metrics`]: Prometheus counters.
 //! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
 //!   embedded default can train with nothing installed but Rust.
 //! - [`drift`]: PSI and chi-square drift scores per device, label group and fleet;
@@ -25,6 +26,7 @@
 //! - [`jobs`]: training job specs, datasets and executors (local process, Slurm).
 //! - [`continuous`]: policy, triggers, the evaluation gate and registration of candidates.
 
+pub mod access;
 pub mod api;
 
 pub mod app;

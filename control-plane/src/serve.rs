@@ -175,6 +175,7 @@ pub async fn run_with_clock(
     api_store.mark_all_offline()?;
     let ingest_store = Store::open(&paths.db())?;
     let api_token: Arc<str> = read_or_create_token(&paths)?.into();
+    let tokens = load_tokens(&api_store, &api_token)?;
     let metrics = Arc::new(Metrics::default());
 
     let broker = start_broker(&settings, &ca, &api_store, &metrics, now)?;
@@ -201,6 +202,7 @@ pub async fn run_with_clock(
         ca,
         tls_sessions: broker.sessions,
         api_token,
+        tokens,
         agent_broker_url: broker.prepared.agent_broker_url.clone().into(),
     };
 
@@ -370,6 +372,20 @@ fn lock_data_dir(paths: &Paths) -> Result<std::fs::File, ServeError> {
         .and_then(|()| writeln!(file, "pid {}", std::process::id()))
         .map_err(lock_err)?;
     Ok(file)
+}
+
+/// The API's token table: the bootstrap admin and the store's active tokens.
+fn load_tokens(store: &Store, bootstrap: &str) -> Result<crate::access::Tokens, ServeError> {
+    let mut active = Vec::new();
+    for (name, role, hash) in store.active_token_hashes()? {
+        match crate::access::Role::parse(&role) {
+            Some(role) => active.push((name, role, hash)),
+            None => {
+                tracing::warn!(token = %name, role = %role, "API token with an unknown role ignored")
+            }
+        }
+    }
+    Ok(crate::access::Tokens::new(bootstrap, active))
 }
 
 fn read_or_create_token(paths: &Paths) -> Result<String, keys::KeyError> {

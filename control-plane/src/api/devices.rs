@@ -125,12 +125,6 @@ pub struct LabelRequest {
     pub remove: Vec<String>,
 }
 
-/// Who asked (`?by=alice`), for the device's audit log.
-#[derive(Debug, Deserialize)]
-pub struct ByQuery {
-    pub by: Option<String>,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeployRequest {
     /// `NAME@X.Y.Z`.
@@ -250,13 +244,14 @@ pub(super) async fn show_device(
 
 pub(super) async fn enroll(
     State(st): State<AppState>,
+    axum::Extension(identity): axum::Extension<crate::access::Identity>,
     Json(req): Json<EnrollRequest>,
 ) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
     let e = blocking(&st, move |sh, s| {
         let now = sh.clock.unix_ms();
         if req.replace {
             let labels = (!req.labels.is_empty()).then_some(&req.labels);
-            let by = fleet::actor(req.by.as_deref());
+            let by = identity.actor(req.by.as_deref());
             Ok(fleet::replace(sh, s, &req.id, labels, &by, now)?)
         } else {
             Ok(fleet::enroll(sh, s, &req.id, &req.labels, now)?)
@@ -283,9 +278,8 @@ pub(super) async fn enroll(
 pub(super) async fn decommission(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    Query(by): Query<ByQuery>,
+    super::Actor(by): super::Actor,
 ) -> Result<StatusCode, ApiError> {
-    let by = fleet::actor(by.by.as_deref());
     blocking(&st, move |sh, s| {
         Ok(fleet::decommission(sh, s, &id, &by, sh.clock.unix_ms())?)
     })
@@ -296,7 +290,7 @@ pub(super) async fn decommission(
 pub(super) async fn label(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    Query(by): Query<ByQuery>,
+    super::Actor(by): super::Actor,
     Json(req): Json<LabelRequest>,
 ) -> Result<Json<DeviceView>, ApiError> {
     if req.set.is_empty() && req.remove.is_empty() {
@@ -306,7 +300,6 @@ pub(super) async fn label(
                 .into(),
         ));
     }
-    let by = fleet::actor(by.by.as_deref());
     let d = blocking(&st, move |sh, s| {
         fleet::relabel(s, &id, &req.set, &req.remove, &by, sh.clock.unix_ms())?;
         s.device(&id)?

@@ -1,5 +1,7 @@
 //! The HTTP API (axum). Everything but `/healthz` and `/metrics` needs
-//! `Authorization: Bearer <token>` (the token is in `<data>/api-token`).
+//! `Authorization: Bearer <token>`: a per-user token with a role (`drover token create`),
+//! or the bootstrap admin token in `<data>/api-token`. [`access`] checks the role each
+//! route needs and writes the audit log.
 //!
 //! API boundary: the JSON view types here are the CLI's contract; store rows, domain
 //! types (rollout engine, drift) and wire types are converted at this edge, never
@@ -10,12 +12,14 @@
 //! holds its view types and handlers: [`devices`], [`models`], [`keys`], [`rollouts`],
 //! [`continuous`] (drift and training).
 
+mod access;
 mod continuous;
 mod devices;
 mod keys;
 mod models;
 mod rollouts;
 
+pub use self::access::{Actor, AuditView, TokenCreated, TokenRequest, TokenView};
 pub use self::continuous::{JobView, RunResponse, ScoreView};
 pub use self::devices::{
     CommandView, DeployRequest, DeployResponse, DeviceEventView, DeviceQuery, DeviceView,
@@ -33,9 +37,9 @@ use std::sync::Arc;
 
 use crate::app::App;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -77,8 +81,9 @@ impl From<StoreError> for ApiError {
             StoreError::DeviceExists(_)
             | StoreError::DeviceActive(_)
             | StoreError::DeviceDecommissioned(_)
-            | StoreError::ModelExists { .. } => StatusCode::CONFLICT,
-            StoreError::UnknownDevice(_) => StatusCode::NOT_FOUND,
+            | StoreError::ModelExists { .. }
+            | StoreError::TokenExists(_) => StatusCode::CONFLICT,
+            StoreError::UnknownDevice(_) | StoreError::UnknownToken(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -119,23 +124,6 @@ async fn blocking<T: Send + 'static>(
     st.store.run(move |s| f(&app, s)).await?
 }
 
-async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let ok = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| drover_host::ct_eq(t.trim().as_bytes(), st.app.api_token.as_bytes()));
-    if !ok {
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token: pass --token, set DROVER_TOKEN, or use --data-dir of the server".into(),
-        )
-        .into_response();
-    }
-    next.run(req).await
-}
-
 pub fn router(st: AppState) -> Router {
     let v1 = Router::new()
         .route(
@@ -163,7 +151,13 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/rollouts/{id}/{op}", post(rollouts::operate_rollout))
         .merge(continuous::routes())
         .route("/v1/keyring/reload", post(keys::reload_keyring))
-        .layer(middleware::from_fn_with_state(st.clone(), require_token))
+        .merge(access::routes())
+        // A route layer: it runs after routing, so it knows the route's pattern (the
+        // role it needs); unknown paths are 404 without it.
+        .route_layer(middleware::from_fn_with_state(
+            st.clone(),
+            access::authorize,
+        ))
         .layer(DefaultBodyLimit::max(600 * 1024 * 1024));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

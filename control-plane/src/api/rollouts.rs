@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -260,29 +260,20 @@ impl From<crate::rollout::driver::RolloutError> for ApiError {
     }
 }
 
-/// Who asked (`?by=alice`), recorded in the rollout's report. The API has one bearer
-/// token, so this is the operator's word, not an authenticated identity.
+/// `?by=NAME`: who asked, when calling with the shared bootstrap token (see
+/// [`super::Actor`]); ignored for a named token.
 #[derive(Debug, Deserialize)]
 pub struct ByQuery {
     pub by: Option<String>,
 }
 
-fn actor(q: &ByQuery) -> String {
-    match q.by.as_deref().map(str::trim) {
-        Some(b) if !b.is_empty() && b.len() <= 64 && !b.chars().any(char::is_control) => {
-            b.to_owned()
-        }
-        _ => "api".to_owned(),
-    }
-}
-
 pub(super) async fn start_rollout(
     State(st): State<AppState>,
-    Query(by): Query<ByQuery>,
+    super::Actor(by): super::Actor,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let plan = plan_of(&body)?;
-    let s = st.rollouts.start(plan, &actor(&by)).await?;
+    let s = st.rollouts.start(plan, &by).await?;
     Ok((
         StatusCode::CREATED,
         Json(RolloutView::from_state(&s, false)),
@@ -406,7 +397,7 @@ pub(super) async fn rollout_report(
 pub(super) async fn operate_rollout(
     State(st): State<AppState>,
     path: Result<Path<(u64, String)>, axum::extract::rejection::PathRejection>,
-    Query(by): Query<ByQuery>,
+    super::Actor(by): super::Actor,
 ) -> Result<Json<RolloutView>, ApiError> {
     use crate::rollout::Op;
     let Path((id, op)) = path?;
@@ -422,6 +413,6 @@ pub(super) async fn operate_rollout(
             ))
         }
     };
-    let s = st.rollouts.operate(id, op, &actor(&by)).await?;
+    let s = st.rollouts.operate(id, op, &by).await?;
     Ok(Json(RolloutView::from_state(&s, false)))
 }

@@ -50,8 +50,10 @@ pub struct App {
     /// Open mutual-TLS sessions of the embedded broker (cut on decommission).
     pub tls_sessions: Arc<Sessions>,
     pub outbox: Outbox,
-    /// The API bearer token.
+    /// The bootstrap API token (`<data>/api-token`, an admin).
     pub api_token: Arc<str>,
+    /// Every token the API accepts, by hash, with its identity and role.
+    pub tokens: crate::access::Tokens,
     /// The broker URL written into enrolled agents' configs.
     pub agent_broker_url: Arc<str>,
 }

@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
 
+mod access;
 mod commands;
 mod devices;
 mod drift;
@@ -42,6 +43,7 @@ mod models;
 mod observations;
 mod rollouts;
 
+pub use access::{AuditRow, TokenRow};
 pub use commands::CommandRow;
 pub use devices::{DeviceAuth, DeviceEventRow, DeviceRow, ReplacedSeqs};
 pub use drift::{DriftLevel, DriftScoreRow, DriftSketchRow, DriftWindowLevel};
@@ -79,6 +81,10 @@ pub enum StoreError {
          kept), run `drover device enroll {0} --replace`"
     )]
     DeviceDecommissioned(String),
+    #[error("an API token named {0:?} already exists; revoke it or choose another name")]
+    TokenExists(String),
+    #[error("no active API token is named {0:?}; see `drover token list`")]
+    UnknownToken(String),
     #[error("model {name}@{version} is already published")]
     ModelExists { name: String, version: String },
     #[error("corrupt row in {table}: {detail}")]
@@ -282,6 +288,31 @@ CREATE TABLE device_events (
     detail TEXT NOT NULL
 );
 CREATE INDEX device_events_by_device ON device_events (device, id);
+"#,
+    // 5: access (issue 19): per-user API tokens (hashed) with roles, and the API's audit
+    // log, append-only (triggers refuse UPDATE and DELETE).
+    r#"
+CREATE TABLE api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    hash BLOB NOT NULL UNIQUE,
+    created_at_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    revoked_at_ms INTEGER
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 "#,
 ];
 
