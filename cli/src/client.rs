@@ -53,6 +53,22 @@ pub enum CliError {
     },
 }
 
+/// What `drover --help` and the README list (keep in step with [`CliError::exit_code`]).
+pub const EXIT_CODES: &str = "Exit codes:
+  0   success
+  1   any other error (bad argument, file, config)
+  3   not found (device, model, rollout, token)
+  4   already exists / conflict
+  5   server unreachable
+  6   refused by the server (invalid request, 401 bad token, 403 role too low)
+  10  rollout watch: the rollout paused
+  11  rollout watch: the rollout rolled back
+  12  rollout watch: the rollout was aborted
+  20  device deploy --wait: failed, refused or rolled back
+  21  device deploy --wait: the command expired unanswered
+  22  device deploy --wait: --timeout passed
+With --output json, errors are printed on stderr as {\"error\": MESSAGE, \"code\": N}.";
+
 impl CliError {
     /// 3 not found, 4 already exists, 5 server unreachable, 6 other refusal; a watched
     /// rollout's end: 10 paused, 11 rolled back, 12 aborted; a waited-for deploy: 20 failed,
@@ -66,6 +82,27 @@ impl CliError {
             CliError::Refused { .. } => 6,
         }
     }
+}
+
+/// The API base URL from `--server`: `http://` is assumed when no scheme is given
+/// (`localhost:8470`); anything else that is not an `http(s)://host[:port]` URL is refused
+/// with what to write.
+pub fn server_url(given: &str) -> anyhow::Result<String> {
+    let given = given.trim();
+    let url = if given.contains("://") {
+        given.to_owned()
+    } else {
+        format!("http://{given}")
+    };
+    let parsed = reqwest::Url::parse(&url).ok().filter(|u| {
+        matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+    });
+    anyhow::ensure!(
+        parsed.is_some(),
+        "--server {given:?} is not an API URL; write it like http://127.0.0.1:8470 or \
+         https://cp.example.com:8470"
+    );
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 pub struct Client {
@@ -103,7 +140,7 @@ impl Client {
         };
         Ok(Self {
             http: reqwest::Client::new(),
-            base: base.trim_end_matches('/').to_owned(),
+            base: server_url(&base)?,
             token,
         })
     }

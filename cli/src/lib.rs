@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Drover: run, monitor and update ML models on fleets of edge devices.
 #[derive(Debug, Parser)]
-#[command(name = "drover", version, about)]
+#[command(name = "drover", version, about, after_help = client::EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

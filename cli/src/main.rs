@@ -7,6 +7,10 @@ use drover_cli::{self as cli, Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // `drover rollout list | head -1`: a closed pipe ends the process quietly, as for
+    // any Unix tool, instead of a panic in println!.
+    sigpipe::reset();
+    let json_errors = wants_json(std::env::args());
     let cli = Cli::parse();
     // The demo narrates on stdout; its components only log warnings unless asked.
     let default_filter = match cli.command {
@@ -55,15 +59,34 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
             let code = e
                 .downcast_ref::<cli::client::CliError>()
                 .map(|c| c.exit_code())
                 .unwrap_or(1);
+            if json_errors {
+                let message = e
+                    .chain()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(": ");
+                eprintln!("{}", serde_json::json!({ "error": message, "code": code }));
+            } else {
+                eprintln!("error: {e}");
+                for cause in e.chain().skip(1) {
+                    eprintln!("  caused by: {cause}");
+                }
+            }
             ExitCode::from(code)
         }
     }
+}
+
+/// `--output json` (or `--output=json`) anywhere on the command line: errors go out as
+/// JSON too, so a script reading JSON never has to parse a sentence.
+fn wants_json(args: impl Iterator<Item = String>) -> bool {
+    let args: Vec<String> = args.collect();
+    args.iter().any(|a| a == "--output=json")
+        || args
+            .windows(2)
+            .any(|w| w[0] == "--output" && w[1] == "json")
 }

@@ -1,0 +1,86 @@
+//! The habits of a Unix command line (issue 19): a closed pipe ends `drover` quietly,
+//! `--server` without a scheme is understood and a bad one refused with what to write,
+//! errors are JSON under `--output json`, and `--help` lists the exit codes.
+
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::{Command, Stdio};
+
+fn drover() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_drover"));
+    c.env_remove("DROVER_SERVER").env_remove("DROVER_TOKEN");
+    c
+}
+
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    // The reader is gone before drover writes its first line (`drover … | head -0`).
+    let mut child = drover()
+        .arg("print-default-config")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(13),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
+#[test]
+fn a_server_without_a_scheme_is_http_and_a_bad_one_says_what_to_write() {
+    // Nothing listens on port 1: the address was understood, the server is unreachable.
+    let out = drover()
+        .args(["device", "list", "--server", "127.0.0.1:1", "--token", "t"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("http://127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("builder error"), "{stderr}");
+
+    let out = drover()
+        .args(["device", "list", "--server", "ftp://x", "--token", "t"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("http://127.0.0.1:8470"), "{stderr}");
+}
+
+#[test]
+fn errors_are_json_under_output_json() {
+    let out = drover()
+        .args([
+            "device",
+            "list",
+            "--server",
+            "127.0.0.1:1",
+            "--token",
+            "t",
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(v["code"], 5);
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("cannot reach the server"));
+}
+
+#[test]
+fn help_lists_the_exit_codes() {
+    let out = drover().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for line in ["Exit codes:", "5   server unreachable", "12  rollout watch"] {
+        assert!(help.contains(line), "{help}");
+    }
+}
