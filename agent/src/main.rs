@@ -27,6 +27,9 @@ struct Cli {
     /// Override `api_addr`.
     #[arg(long)]
     api_addr: Option<String>,
+    /// Override `metrics_addr` (the Prometheus `/metrics` listener).
+    #[arg(long)]
+    metrics_addr: Option<String>,
     /// Override `broker_url`.
     #[arg(long)]
     broker_url: Option<String>,
@@ -117,6 +120,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     if let Some(a) = &cli.api_addr {
         overrides.push(("api_addr".into(), a.clone()));
     }
+    if let Some(m) = &cli.metrics_addr {
+        overrides.push(("metrics_addr".into(), m.clone()));
+    }
     if let Some(b) = &cli.broker_url {
         overrides.push(("broker_url".into(), b.clone()));
     }
@@ -143,6 +149,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         let agent = drover_agent::run_with(cfg.raw, tuning, shutdown).await?;
         // Tests read the bound address from stdout.
         println!("api_addr={}", agent.api_addr());
+        println!("metrics_addr={}", agent.metrics_addr());
         agent.wait().await?;
         anyhow::Ok(())
     })

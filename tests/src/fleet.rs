@@ -142,6 +142,7 @@ pub async fn enroll(
     // The device's key, certificate and the fleet CA, for mutual TLS (files 0600).
     let mut config = drover_cli::agent_files::write_agent_files(resp, dir, None, data_dir, labels)?;
     config.api_addr = "127.0.0.1:0".into();
+    config.metrics_addr = "127.0.0.1:0".into();
     config.telemetry.interval_ms = 300;
     Ok(Device {
         id: id.to_owned(),
