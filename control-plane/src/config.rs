@@ -49,6 +49,26 @@ pub struct ServeConfig {
     pub rollout_republish_ms: u64,
     /// Drift scoring and continuous training (see `continuous.rs`).
     pub continuous: ContinuousConfig,
+    /// The `/metrics` page.
+    pub metrics: MetricsConfig,
+}
+
+/// The `/metrics` page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Per-device series (online, last seen, model, agent version) are written while the
+    /// fleet has at most this many devices; above it only fleet totals, so a large fleet
+    /// never floods Prometheus. 0: never per device.
+    pub per_device_limit: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            per_device_limit: 1000,
+        }
+    }
 }
 
 /// Drift scoring and continuous training. Off while `policy` is empty.
@@ -122,6 +142,7 @@ impl Default for ServeConfig {
             rollout_tick_ms: 1000,
             rollout_republish_ms: 30_000,
             continuous: ContinuousConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -246,6 +267,8 @@ pub struct Settings {
     pub rollout_republish: Duration,
     /// Drift scoring and continuous training (`None`: no policy configured).
     pub continuous: Option<ContinuousSettings>,
+    /// Fleets up to this size get per-device series on `/metrics` (0: never).
+    pub metrics_per_device_limit: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -301,6 +324,7 @@ impl ServeConfig {
                 slurm_bin_dir: non_empty(&c.slurm_bin_dir),
                 slurm_conf: non_empty(&c.slurm_conf),
             }),
+            metrics_per_device_limit: self.metrics.per_device_limit,
             data_dir: self.data_dir,
         }
     }

@@ -90,7 +90,13 @@ pub fn spawn(
                         Err(_) => break,
                     }
                 }
+                ing.metrics
+                    .ingest_queue_depth
+                    .store(rx.len() as u64, Relaxed);
+                let started = std::time::Instant::now();
                 ing.batch(&mut raw);
+                let took = started.elapsed().as_secs_f64();
+                ing.metrics.ingest_batch.0.observe(took);
             }
             tracing::debug!("ingest thread drained and stopped");
         })

@@ -100,6 +100,11 @@ impl Device {
         self.agent.as_ref().map(|a| a.api_addr())
     }
 
+    /// The agent's Prometheus listener (`metrics_addr`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.agent.as_ref().map(|a| a.metrics_addr())
+    }
+
     pub fn running(&self) -> bool {
         self.agent.is_some()
     }
