@@ -256,10 +256,10 @@ fn drift(o: &mut String, rows: &[DriftScoreRow], per_device_limit: usize) {
     // Device scopes are per-device series: bounded by the same switch.
     let device_scopes = rows
         .iter()
-        .filter(|r| r.scope.starts_with("device"))
+        .filter(|r| r.scope.starts_with("device:"))
         .count();
     let keep =
-        |r: &&DriftScoreRow| !r.scope.starts_with("device") || device_scopes <= per_device_limit;
+        |r: &&DriftScoreRow| !r.scope.starts_with("device:") || device_scopes <= per_device_limit;
     let rows: Vec<&DriftScoreRow> = rows.iter().filter(keep).collect();
     for (name, help, get) in [
         (
@@ -356,6 +356,99 @@ mod tests {
                 .unwrap();
         }
         (dir, s)
+    }
+
+    fn score(
+        scope: &str,
+        feature: &str,
+        psi: f64,
+        level: crate::store::DriftLevel,
+    ) -> DriftScoreRow {
+        DriftScoreRow {
+            scope: scope.into(),
+            model_digest: "ab".repeat(32),
+            window_start_ms: 0,
+            window_end_ms: 100,
+            feature: feature.into(),
+            count: 50,
+            psi: Some(psi),
+            chi2: Some(9.0),
+            p_value: Some(0.001),
+            missing: 0,
+            out_of_range: 0,
+            level,
+        }
+    }
+
+    #[test]
+    fn drift_shows_psi_p_value_and_the_worst_level_per_scope_device_scopes_bounded() {
+        use crate::store::DriftLevel::{Alert, Ok as Fine};
+        let rows = [
+            score("fleet", "temp", 0.05, Fine),
+            score("site=plant-b", "temp", 0.4, Alert),
+            score("site=plant-b", "vib", 0.01, Fine),
+            score("device:gw-1", "temp", 0.3, Alert),
+        ];
+        let mut o = String::new();
+        drift(&mut o, &rows, 10);
+        assert!(
+            o.contains("drover_drift_psi{scope=\"site=plant-b\",feature=\"temp\"} 0.4"),
+            "{o}"
+        );
+        assert!(
+            o.contains("drover_drift_p_value{scope=\"fleet\",feature=\"temp\"} 0.001"),
+            "{o}"
+        );
+        assert!(
+            o.contains("drover_drift_level{scope=\"site=plant-b\"} 2"),
+            "{o}"
+        );
+        assert!(o.contains("drover_drift_level{scope=\"fleet\"} 0"), "{o}");
+        assert!(o.contains("device:gw-1"), "{o}");
+        let mut large = String::new();
+        drift(&mut large, &rows, 0);
+        assert!(!large.contains("device:gw-1"), "{large}");
+        assert!(
+            large.contains("drover_drift_level{scope=\"site=plant-b\"} 2"),
+            "{large}"
+        );
+    }
+
+    #[test]
+    fn training_jobs_are_counted_by_trigger_state_and_outcome_with_durations() {
+        use crate::store::{JobOutcome, JobRow, JobState};
+        let (_d, mut s) = store(&[]);
+        for (trigger, end) in [("drift:site=plant-b", Some(90_000)), ("manual", None)] {
+            let mut j = JobRow {
+                name: "j".into(),
+                trigger: trigger.into(),
+                executor: "local".into(),
+                spec: "name = \"j\"".into(),
+                created_at_ms: 30_000,
+                ..Default::default()
+            };
+            j.id = s.insert_job(&j).unwrap();
+            if let Some(end) = end {
+                j.state = JobState::Succeeded;
+                j.outcome = Some(JobOutcome::Accepted);
+                j.finished_at_ms = Some(end);
+                s.update_job(&j).unwrap();
+            }
+        }
+        let mut o = String::new();
+        training(&mut o, &s).unwrap();
+        let l = "{trigger=\"drift\",state=\"succeeded\",outcome=\"accepted\"} 1";
+        assert!(o.contains(&format!("drover_training_jobs{l}")), "{o}");
+        let l = "{trigger=\"manual\",state=\"queued\",outcome=\"none\"} 1";
+        assert!(o.contains(&format!("drover_training_jobs{l}")), "{o}");
+        assert!(
+            o.contains("drover_training_job_duration_seconds_bucket{le=\"60\"} 1"),
+            "{o}"
+        );
+        assert!(
+            o.contains("drover_training_job_duration_seconds_sum 60"),
+            "{o}"
+        );
     }
 
     #[test]
