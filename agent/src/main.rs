@@ -147,9 +147,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
         };
         let agent = drover_agent::run_with(cfg.raw, tuning, shutdown).await?;
-        // Tests read the bound address from stdout.
-        println!("api_addr={}", agent.api_addr());
-        println!("metrics_addr={}", agent.metrics_addr());
+        // Tests and scripts read the bound addresses from stdout, one line each; a reader
+        // that closed the pipe after the line it wanted must not kill the agent (println!
+        // panics on a broken pipe), so write errors are ignored.
+        {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "api_addr={}", agent.api_addr());
+            let _ = writeln!(out, "metrics_addr={}", agent.metrics_addr());
+            let _ = out.flush();
+        }
         agent.wait().await?;
         anyhow::Ok(())
     })
