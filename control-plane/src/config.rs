@@ -51,6 +51,17 @@ pub struct ServeConfig {
     pub continuous: ContinuousConfig,
     /// The `/metrics` page.
     pub metrics: MetricsConfig,
+    /// The integration stream (docs/INTEGRATIONS.md).
+    pub integration: IntegrationConfig,
+}
+
+/// The integration stream: every stored uplink republished as flat JSON on
+/// `drover/v1/json/<device>/<kind>`, device registrations retained.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegrationConfig {
+    /// Off by default: it doubles the broker's message rate.
+    pub stream: bool,
 }
 
 /// The `/metrics` page.
@@ -143,6 +154,7 @@ impl Default for ServeConfig {
             rollout_republish_ms: 30_000,
             continuous: ContinuousConfig::default(),
             metrics: MetricsConfig::default(),
+            integration: IntegrationConfig::default(),
         }
     }
 }
@@ -269,6 +281,8 @@ pub struct Settings {
     pub continuous: Option<ContinuousSettings>,
     /// Fleets up to this size get per-device series on `/metrics` (0: never).
     pub metrics_per_device_limit: usize,
+    /// Republish uplinks as JSON (`integration.stream`).
+    pub integration_stream: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -325,6 +339,7 @@ impl ServeConfig {
                 slurm_conf: non_empty(&c.slurm_conf),
             }),
             metrics_per_device_limit: self.metrics.per_device_limit,
+            integration_stream: self.integration.stream,
             data_dir: self.data_dir,
         }
     }

@@ -147,6 +147,9 @@ pub struct Metrics {
     pub ingest_batch: IngestBatch,
     /// Uplink frames waiting for the ingest thread.
     pub ingest_queue_depth: AtomicU64,
+    /// Integration stream records published, and those the publisher refused.
+    pub json_published: AtomicU64,
+    pub json_failed: AtomicU64,
     /// HTTP requests by (method, route pattern, status).
     http: Mutex<std::collections::BTreeMap<HttpKey, std::sync::Arc<Histogram>>>,
 }
@@ -196,7 +199,7 @@ impl Metrics {
         h.observe(seconds);
     }
 
-    /// Build info, HTTP and ingest histograms, the ingest queue.
+    /// Build info, HTTP and ingest histograms, the integration stream, the ingest queue.
     fn render_timings(&self, s: &mut String) {
         prom::header(
             s,
@@ -241,6 +244,20 @@ impl Metrics {
             &[],
             &self.ingest_batch.0,
         );
+        for (name, help, v) in [
+            (
+                "drover_integration_published_total",
+                "Integration stream records (JSON) published.",
+                &self.json_published,
+            ),
+            (
+                "drover_integration_failed_total",
+                "Integration stream records the publisher refused (not retried).",
+                &self.json_failed,
+            ),
+        ] {
+            prom::single(s, name, "counter", help, v.load(Relaxed) as f64);
+        }
         prom::single(
             s,
             "drover_ingest_queue_depth",
