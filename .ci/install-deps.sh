@@ -5,6 +5,8 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto mosquitto-clients)
+# Prometheus and promtool: the metrics tests lint both /metrics pages and scrape a running fleet (issue 20).
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if ((${#need_apt[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
@@ -13,6 +15,8 @@ fi
 # packaged service from holding port 1883.
 if command -v systemctl >/dev/null 2>&1; then systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 pkill -x mosquitto 2>/dev/null || true
+# The metrics test starts its own Prometheus on a temp config and loopback port.
+if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
 # The real KServe v2 client the agent's local API is checked against.
 if ! python3 -c 'import tritonclient.http, numpy' >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check 'tritonclient[http]' numpy
@@ -24,6 +28,7 @@ if ! python3 -c 'import onnxruntime, numpy' >/dev/null 2>&1; then
 fi
 echo "peers: onnxruntime $(python3 -c 'import onnxruntime; print(onnxruntime.__version__)')"
 echo "peers: tritonclient $(python3 -c 'import importlib.metadata as m; print(m.version("tritonclient"))')"
+echo "peers: prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}')"
 echo "peers: mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | head -1 | awk '{print $3}')"
 
 # ---- continuous training (issue 7) ----

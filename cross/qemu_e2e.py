@@ -205,7 +205,7 @@ def run(args, agents, tmp, procs):
         cfg = os.path.join(tmp, f"{dev}.toml")
         cli("device", "enroll", dev, "--label", f"arch={target.split('-')[0]}", "--out", cfg)
         argv = (runner or []) + [path, "--config", cfg, "--data-dir", os.path.join(tmp, f"{dev}-data"),
-                                 "--api-addr", "127.0.0.1:0", "--set", "telemetry.interval_ms=300", "run"]
+                                 "--api-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--set", "telemetry.interval_ms=300", "run"]
         p = procs.spawn(dev, argv, tmp, capture_stdout=True)
         sink = open(os.path.join(tmp, f"{dev}.stdout"), "w")
         t0 = time.monotonic()

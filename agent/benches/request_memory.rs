@@ -69,6 +69,7 @@ fn config(dir: &Path) -> AgentConfig {
         broker_url: format!("mqtt://127.0.0.1:{port}"),
         data_dir: dir.to_owned(),
         api_addr: "127.0.0.1:0".into(),
+        metrics_addr: "127.0.0.1:0".into(),
         ..AgentConfig::default()
     }
 }

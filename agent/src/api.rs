@@ -5,8 +5,9 @@
 //! Layout: this file holds the router, the inference handler and the request limits;
 //! [`decode`] reads inputs (JSON or binary) into tensors, [`binary`] the binary
 //! extension's request framing, [`outputs`] the response (JSON or binary), [`models`]
-//! name/version lookup, metadata, readiness and the repository index. Every error status
-//! carries `{"error": "..."}`.
+//! name/version lookup, metadata, readiness and the repository index, [`metrics`] the
+//! Prometheus page, served on a listener of its own (`metrics_addr`) so a scraper never
+//! reaches the inference API. Every error status carries `{"error": "..."}`.
 //!
 //! Inference runs off the async workers (`block_in_place` or the blocking pool); the request holds its model's `Arc` to the
 //! end, which is what makes hot swap lossless.
@@ -19,6 +20,7 @@
 
 mod binary;
 mod decode;
+mod metrics;
 mod models;
 mod outputs;
 
@@ -84,7 +86,17 @@ struct Shared {
     refused: Arc<Refused>,
 }
 
-pub fn router(state: ApiState) -> Router {
+/// The inference API's router and the metrics listener's router, sharing their counters.
+pub fn routers(state: ApiState) -> (Router, Router) {
+    let shared = Shared {
+        serving: state.serving,
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES)),
+        refused: Arc::new(Refused::default()),
+    };
+    (inference_router(shared.clone()), metrics::router(shared))
+}
+
+fn inference_router(shared: Shared) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
@@ -103,7 +115,6 @@ pub fn router(state: ApiState) -> Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         .route("/v2/models/{name}/feedback", post(feedback))
-        .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -112,11 +123,7 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Shared {
-            serving: state.serving,
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES)),
-            refused: Arc::new(Refused::default()),
-        })
+        .with_state(shared)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -478,113 +485,6 @@ async fn run_infer(
         &wanted,
     )
     .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))
-}
-
-/// Prometheus text exposition of the agent's cumulative counters.
-async fn metrics(State(s): State<Shared>) -> Response {
-    use std::fmt::Write as _;
-    let t = &s.serving.totals;
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
-        let _ = write!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        );
-    };
-    metric(
-        "drover_agent_inferences_total",
-        "counter",
-        "Inference requests that reached a model.",
-        t.inferences.load(Relaxed),
-    );
-    metric(
-        "drover_agent_inference_errors_total",
-        "counter",
-        "Inferences that failed in the runtime.",
-        t.errors.load(Relaxed),
-    );
-    metric(
-        "drover_agent_inference_rejected_total",
-        "counter",
-        "Inferences refused for bad inputs.",
-        t.client_errors.load(Relaxed),
-    );
-    metric(
-        "drover_agent_inference_latency_microseconds_sum",
-        "counter",
-        "Total model run time.",
-        t.latency_us_sum.load(Relaxed),
-    );
-    metric(
-        "drover_agent_model_swaps_total",
-        "counter",
-        "Active model swaps.",
-        t.swaps.load(Relaxed),
-    );
-    metric(
-        "drover_agent_spool_dropped_total",
-        "counter",
-        "Uplink records the spool dropped: evicted when full or not writable (cumulative).",
-        t.spool_dropped.load(Relaxed),
-    );
-    metric(
-        "drover_agent_state_write_failures_total",
-        "counter",
-        "Failed writes of the agent's state file (commands are not acted on meanwhile).",
-        t.state_write_failures.load(Relaxed),
-    );
-    metric(
-        "drover_agent_disk_full",
-        "gauge",
-        "1 while the last state write failed (a full disk), else 0.",
-        t.disk_full.load(Relaxed),
-    );
-    metric(
-        "drover_agent_store_collected_bytes_total",
-        "counter",
-        "Bytes of superseded model files and partial downloads collected.",
-        t.store_collected_bytes.load(Relaxed),
-    );
-    metric(
-        "drover_agent_requests_too_large_total",
-        "counter",
-        "Inference requests refused for a body over the limit (413).",
-        s.refused.too_large.load(Relaxed),
-    );
-    metric(
-        "drover_agent_requests_busy_total",
-        "counter",
-        "Inference requests refused because requests in flight held the byte budget (503).",
-        s.refused.busy.load(Relaxed),
-    );
-    metric(
-        "drover_agent_request_bytes_in_flight",
-        "gauge",
-        "Request body bytes reserved by inference requests being handled.",
-        (MAX_IN_FLIGHT_BYTES - s.in_flight.available_permits()) as u64,
-    );
-    let loaded = s.serving.active();
-    metric(
-        "drover_agent_model_loaded",
-        "gauge",
-        "1 when a model is serving.",
-        u64::from(loaded.is_some()),
-    );
-    if let Some(m) = loaded {
-        let _ = write!(
-            out,
-            "# HELP drover_agent_model_info The serving model.\n# TYPE drover_agent_model_info gauge\ndrover_agent_model_info{{name=\"{}\",version=\"{}\"}} 1\n",
-            m.model_ref.name, m.model_ref.version
-        );
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
-        .into_response()
 }
 
 #[derive(Deserialize)]

@@ -33,6 +33,11 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Loopback address of the local inference API (`127.0.0.1:0` picks a port).
     pub api_addr: String,
+    /// Address of the Prometheus `/metrics` listener, apart from the inference API so a
+    /// scraper never reaches it (`127.0.0.1:0` picks a port; a non-loopback address lets
+    /// a Prometheus on the network scrape the device while the API stays on loopback).
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_addr: String,
     /// Accept a plaintext `mqtt://` broker_url while a `[tls]` section is configured (the
     /// TLS files are then unused). Off: such a config is refused rather than silently
     /// dropping TLS, as the control plane's `allow_plaintext` guards its broker.
@@ -62,6 +67,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("broker_url", &self.broker_url)
             .field("data_dir", &self.data_dir)
             .field("api_addr", &self.api_addr)
+            .field("metrics_addr", &self.metrics_addr)
             .field("allow_plaintext", &self.allow_plaintext)
             .field("labels", &self.labels)
             .field("tls", &self.tls)
@@ -129,6 +135,11 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// The metrics listener's default: loopback, next to the API's default port.
+fn default_metrics_addr() -> String {
+    "127.0.0.1:9480".into()
+}
+
 impl Default for AgentConfig {
     /// A hardened default: loopback API, TLS-less only on localhost, empty identity that
     /// validation refuses until `drover device enroll` fills it in.
@@ -141,6 +152,7 @@ impl Default for AgentConfig {
             broker_url: "mqtt://127.0.0.1:1883".into(),
             data_dir: PathBuf::from("/var/lib/drover-agent"),
             api_addr: "127.0.0.1:8480".into(),
+            metrics_addr: default_metrics_addr(),
             allow_plaintext: false,
             labels: BTreeMap::new(),
             tls: None,
@@ -183,6 +195,7 @@ pub struct ValidConfig {
     pub root_public_key: [u8; 32],
     pub broker: BrokerAddr,
     pub api_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
 }
 
 impl AgentConfig {
@@ -338,6 +351,22 @@ impl AgentConfig {
             .parse::<SocketAddr>()
             .map_err(|e| errors.push(format!("api_addr: {e}")))
             .ok();
+        let metrics_addr = self
+            .metrics_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                errors.push(format!(
+                    "metrics_addr: {e} (host:port, e.g. 127.0.0.1:9480)"
+                ))
+            })
+            .ok();
+        if let (Some(a), Some(m)) = (api_addr, metrics_addr) {
+            if a == m && a.port() != 0 {
+                errors.push(format!(
+                    "metrics_addr: {m} is api_addr too; give /metrics a port of its own"
+                ));
+            }
+        }
         for (k, v) in &self.labels {
             if k.is_empty() || k.len() > 64 || v.len() > 256 {
                 errors.push(format!(
@@ -358,19 +387,28 @@ impl AgentConfig {
         if self.store.max_bytes != 0 && self.store.max_bytes < 1 << 20 {
             errors.push("store.max_bytes: must be 0 (no budget) or at least 1048576".into());
         }
-        match (device_id, device_key, root, broker, api_addr) {
-            (Some(device_id), Some(key), Some(root), Some(broker), Some(api_addr))
-                if errors.is_empty() =>
-            {
-                Ok(ValidConfig {
-                    raw: self.clone(),
-                    device_id,
-                    device_key: DeviceKey(key),
-                    root_public_key: root,
-                    broker,
-                    api_addr,
-                })
-            }
+        match (
+            device_id,
+            device_key,
+            root,
+            broker,
+            api_addr.zip(metrics_addr),
+        ) {
+            (
+                Some(device_id),
+                Some(key),
+                Some(root),
+                Some(broker),
+                Some((api_addr, metrics_addr)),
+            ) if errors.is_empty() => Ok(ValidConfig {
+                raw: self.clone(),
+                device_id,
+                device_key: DeviceKey(key),
+                root_public_key: root,
+                broker,
+                api_addr,
+                metrics_addr,
+            }),
             _ => Err(ConfigError::Invalid(errors)),
         }
     }
@@ -492,6 +530,7 @@ fn env_key_path(rest: &str) -> Option<Vec<&'static str>> {
         &["broker_url"],
         &["data_dir"],
         &["api_addr"],
+        &["metrics_addr"],
         &["allow_plaintext"],
         &["tls", "ca_file"],
         &["tls", "client_cert_file"],
@@ -568,6 +607,7 @@ root_public_key = "{}"
 broker_url = "mqtts://broker.example:8883"
 data_dir = "/var/lib/drover-agent"
 api_addr = "127.0.0.1:8480"
+metrics_addr = "127.0.0.1:9480"
 [labels]
 site = "plant-a"
 [tls]
@@ -678,6 +718,32 @@ sample_rate_ppm = 10000
         cfg.device_key = g.device_key;
         cfg.root_public_key = g.root_public_key;
         assert!(cfg.validate().unwrap().broker.tls);
+    }
+
+    #[test]
+    fn metrics_get_a_listener_of_their_own() {
+        let v = good().validate().unwrap();
+        assert_eq!(v.metrics_addr.to_string(), "127.0.0.1:9480");
+        assert_ne!(v.metrics_addr, v.api_addr);
+        let mut cfg = good();
+        cfg.metrics_addr = cfg.api_addr.clone();
+        let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
+            panic!("metrics on the API's own address must not validate");
+        };
+        assert!(
+            errs[0].contains("give /metrics a port of its own"),
+            "{errs:?}"
+        );
+        cfg.metrics_addr = "nowhere".into();
+        let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
+            panic!("a bad metrics_addr must not validate");
+        };
+        assert!(errs[0].starts_with("metrics_addr: "), "{errs:?}");
+        // A config written before the key existed gets the default.
+        let mut table = toml::Table::try_from(good()).unwrap();
+        table.remove("metrics_addr");
+        let old: AgentConfig = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(old.metrics_addr, "127.0.0.1:9480");
     }
 
     #[test]

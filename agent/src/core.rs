@@ -295,6 +295,7 @@ impl Core {
     pub fn run(mut self, rx: Receiver<Inbound>, stop: Arc<AtomicBool>) {
         let span = tracing::info_span!("core", device_id = %self.cfg.device_id);
         let _entered = span.enter();
+        self.spool_gauges();
         loop {
             if stop.load(Ordering::SeqCst) {
                 break;
@@ -315,8 +316,12 @@ impl Core {
 
     fn on_inbound(&mut self, ev: Inbound) {
         match ev {
-            Inbound::Connected => self.feed(Input::Connected),
+            Inbound::Connected => {
+                self.serving.totals.set_connected(true);
+                self.feed(Input::Connected)
+            }
             Inbound::Disconnected(_) => {
+                self.serving.totals.set_connected(false);
                 self.replay = None;
                 self.feed(Input::Disconnected);
             }
@@ -414,6 +419,7 @@ impl Core {
                 if let Err(e) = self.spool.ack(&ranges) {
                     tracing::warn!(error = %e, "spool ack failed");
                 }
+                self.spool_gauges();
                 self.replay_window();
             }
             Effect::ApplySettings(s) => {
@@ -475,9 +481,7 @@ impl Core {
                 // Counted as a drop by the spool; sent live below if the session is up.
                 tracing::error!(error = %e, seq = s.seq, "cannot spool uplink record");
             }
-            let dropped = self.spool.dropped();
-            let totals = &self.serving.totals;
-            totals.spool_dropped.store(dropped, Ordering::Relaxed);
+            self.spool_gauges();
         }
         if s.publish {
             let _ = self.out.send(Outbound::Publish {
@@ -487,7 +491,25 @@ impl Core {
         }
     }
 
+    /// The spool's figures on `/metrics`.
+    fn spool_gauges(&self) {
+        let totals = &self.serving.totals;
+        totals.set_spool(self.spool.dropped(), self.spool.bytes());
+    }
+
+    /// The open download's progress on `/metrics` (0 of 0 when none is open).
+    fn download_gauges(&self) {
+        let have = self.download.as_ref().map(|d| d.have());
+        self.serving.totals.set_download(have.as_deref());
+    }
+
     fn open_download(&mut self, manifest_digest: Digest, manifest: &Manifest) -> Input {
+        let input = self.open_download_inner(manifest_digest, manifest);
+        self.download_gauges();
+        input
+    }
+
+    fn open_download_inner(&mut self, manifest_digest: Digest, manifest: &Manifest) -> Input {
         self.download = None;
         if download::blob_is_valid(&self.data_dir, manifest) {
             return Input::Opened {
@@ -540,6 +562,9 @@ impl Core {
             }
             _ => Err("no download open for this model".to_owned()),
         };
+        if written.is_ok() {
+            self.download_gauges();
+        }
         match written {
             Ok(()) => Input::ChunkWritten {
                 manifest_digest,
@@ -558,6 +583,7 @@ impl Core {
             Some(d) if d.digest() == manifest_digest => d.finish().map_err(|e| e.to_string()),
             _ => Err("no download open for this model".to_owned()),
         };
+        self.download_gauges();
         match finished {
             Ok(_) => Input::BlobReady { manifest_digest },
             Err(error) => Input::BlobFailed {
@@ -570,7 +596,10 @@ impl Core {
     fn load(&mut self, model: &ModelRef, manifest: &Manifest, test: bool) -> Input {
         let loaded = load_model(&self.data_dir, model, manifest).and_then(|l| {
             if test {
-                self_test(&l.model, &manifest.test_vectors).map_err(|e| e.to_string())?;
+                let started = Instant::now();
+                let tested = self_test(&l.model, &manifest.test_vectors);
+                self.serving.totals.self_tested(started.elapsed());
+                tested.map_err(|e| e.to_string())?;
             }
             Ok(l)
         });
@@ -764,6 +793,7 @@ mod tests {
             root_public_key: hex32(&root.public()),
             data_dir: dir.path().to_owned(),
             api_addr: "127.0.0.1:0".into(),
+            metrics_addr: "127.0.0.1:0".into(),
             ..AgentConfig::default()
         }
         .validate()

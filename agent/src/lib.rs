@@ -59,6 +59,13 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "cannot bind the metrics listener on {addr}: {source} (set metrics_addr to a free port)"
+    )]
+    BindMetrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("agent task failed: {0}")]
     Task(String),
 }
@@ -66,17 +73,24 @@ pub enum AgentError {
 /// A running agent.
 pub struct Agent {
     api_addr: SocketAddr,
+    metrics_addr: SocketAddr,
     serving: Arc<Serving>,
     stop: Arc<AtomicBool>,
     shutdown_tx: watch::Sender<bool>,
     core: Option<std::thread::JoinHandle<()>>,
     server: tokio::task::JoinHandle<()>,
+    metrics_server: tokio::task::JoinHandle<()>,
 }
 
 impl Agent {
     /// Where the local inference API listens.
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// Where the Prometheus `/metrics` listener listens.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// The models being served (for in-process tests and benchmarks).
@@ -103,6 +117,9 @@ impl Agent {
                 .map_err(|_| AgentError::Task("core thread panicked".into()))?;
         }
         (&mut self.server)
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))?;
+        (&mut self.metrics_server)
             .await
             .map_err(|e| AgentError::Task(e.to_string()))?;
         Ok(())
@@ -146,24 +163,31 @@ where
         addr: cfg.api_addr,
         source,
     })?;
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|source| AgentError::BindMetrics {
+            addr: cfg.metrics_addr,
+            source,
+        })?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| AgentError::BindMetrics {
+            addr: cfg.metrics_addr,
+            source,
+        })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let stop = Arc::new(AtomicBool::new(false));
 
-    let app = api::router(api::ApiState {
+    let (app, metrics_app) = api::routers(api::ApiState {
         serving: serving.clone(),
     });
-    let mut srx = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        let graceful = async move {
-            let _ = srx.wait_for(|v| *v).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(graceful)
-            .await
-        {
-            tracing::error!(error = %e, "inference API stopped");
-        }
-    });
+    let server = serve_http(listener, app, shutdown_rx.clone(), "inference API");
+    let metrics_server = serve_http(
+        metrics_listener,
+        metrics_app,
+        shutdown_rx.clone(),
+        "metrics listener",
+    );
 
     let (in_tx, in_rx) = std::sync::mpsc::channel();
     let will: mqtt::WillSlot = Arc::new(Mutex::new((String::new(), Vec::new())));
@@ -190,13 +214,35 @@ where
         st.store(true, Ordering::SeqCst);
         let _ = tx.send(true);
     });
-    tracing::info!(device_id = %cfg.device_id, api = %api_addr, "agent started");
+    tracing::info!(device_id = %cfg.device_id, api = %api_addr, metrics = %metrics_addr, "agent started");
     Ok(Agent {
         api_addr,
+        metrics_addr,
+        metrics_server,
         serving,
         stop,
         shutdown_tx,
         core: Some(core),
         server,
+    })
+}
+
+/// Serves `app` on `listener` until the shutdown signal.
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let graceful = async move {
+            let _ = shutdown.wait_for(|v| *v).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(graceful)
+            .await
+        {
+            tracing::error!(error = %e, "{what} stopped");
+        }
     })
 }

@@ -27,6 +27,9 @@ struct Cli {
     /// Override `api_addr`.
     #[arg(long)]
     api_addr: Option<String>,
+    /// Override `metrics_addr` (the Prometheus `/metrics` listener).
+    #[arg(long)]
+    metrics_addr: Option<String>,
     /// Override `broker_url`.
     #[arg(long)]
     broker_url: Option<String>,
@@ -117,6 +120,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     if let Some(a) = &cli.api_addr {
         overrides.push(("api_addr".into(), a.clone()));
     }
+    if let Some(m) = &cli.metrics_addr {
+        overrides.push(("metrics_addr".into(), m.clone()));
+    }
     if let Some(b) = &cli.broker_url {
         overrides.push(("broker_url".into(), b.clone()));
     }
@@ -141,8 +147,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
         };
         let agent = drover_agent::run_with(cfg.raw, tuning, shutdown).await?;
-        // Tests read the bound address from stdout.
-        println!("api_addr={}", agent.api_addr());
+        // Tests and scripts read the bound addresses from stdout, one line each; a reader
+        // that closed the pipe after the line it wanted must not kill the agent (println!
+        // panics on a broken pipe), so write errors are ignored.
+        {
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "api_addr={}", agent.api_addr());
+            let _ = writeln!(out, "metrics_addr={}", agent.metrics_addr());
+            let _ = out.flush();
+        }
         agent.wait().await?;
         anyhow::Ok(())
     })

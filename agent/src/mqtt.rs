@@ -299,6 +299,7 @@ mod tests {
             ..Default::default()
         };
         c.api_addr = "127.0.0.1:0".into();
+        c.metrics_addr = "127.0.0.1:0".into();
         c.validate().unwrap()
     }
 

@@ -6,9 +6,12 @@
 //!
 //! Also accumulates the per-window monitoring counters the telemetry tick drains.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
+
+use drover_host::prom::{Histogram, DURATION_BUCKETS};
 
 use drover_protocol::manifest::{Baseline, FeatureBaseline, Manifest, TensorData, TensorValue};
 use drover_protocol::messages::{FeatureSketch, Label, LatencyHistogram, ModelRef, Sample};
@@ -84,6 +87,9 @@ pub struct ShadowWindow {
     pub candidate_latency: LatencyHistogram,
 }
 
+/// A run-time histogram's labels: model name, version and role (`active`, `shadow`).
+pub type RunKey = (String, String, &'static str);
+
 /// Cumulative counters since start, for the Prometheus endpoint (telemetry windows are
 /// drained; these never are).
 #[derive(Default)]
@@ -91,8 +97,22 @@ pub struct Totals {
     pub inferences: AtomicU64,
     pub errors: AtomicU64,
     pub client_errors: AtomicU64,
-    pub latency_us_sum: AtomicU64,
+    /// Run time per (model, version, role): role is `active` or `shadow`.
+    latency: Mutex<BTreeMap<RunKey, Arc<Histogram>>>,
     pub swaps: AtomicU64,
+    pub shadow_compared: AtomicU64,
+    pub shadow_agreed: AtomicU64,
+    pub shadow_candidate_errors: AtomicU64,
+    /// 1 while the MQTT session is up.
+    pub broker_connected: AtomicU64,
+    /// Bytes the uplink spool holds.
+    pub spool_bytes: AtomicU64,
+    /// The download in progress: chunks verified and chunks in all (0 and 0 when none).
+    pub download_chunks_verified: AtomicU64,
+    pub download_chunks: AtomicU64,
+    pub self_tests: AtomicU64,
+    /// The last self-test's run time, in nanoseconds.
+    pub self_test_ns: AtomicU64,
     /// Uplink records the spool dropped (full, or a write failed); cumulative.
     pub spool_dropped: AtomicU64,
     /// Failed writes of the agent's state file.
@@ -101,6 +121,55 @@ pub struct Totals {
     pub disk_full: AtomicU64,
     /// Bytes the model store's collection removed.
     pub store_collected_bytes: AtomicU64,
+}
+
+impl Totals {
+    /// Records one model run of `seconds`.
+    pub fn observe(&self, m: &ModelRef, role: &'static str, seconds: f64) {
+        let h = {
+            let mut map = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry((m.name.clone(), m.version.clone(), role))
+                .or_insert_with(|| Arc::new(Histogram::new(&DURATION_BUCKETS)))
+                .clone()
+        };
+        h.observe(seconds);
+    }
+
+    /// Every run-time histogram, by (model, version, role).
+    pub fn latency_snapshot(&self) -> Vec<(RunKey, Arc<Histogram>)> {
+        let map = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, h)| (k.clone(), h.clone())).collect()
+    }
+
+    pub fn set_connected(&self, up: bool) {
+        self.broker_connected
+            .store(u64::from(up), Ordering::Relaxed);
+    }
+
+    pub fn set_spool(&self, dropped: u64, bytes: u64) {
+        self.spool_dropped.store(dropped, Ordering::Relaxed);
+        self.spool_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The download in progress, as its verified-chunk map (`None`: no download).
+    pub fn set_download(&self, have: Option<&[bool]>) {
+        let have = have.unwrap_or_default();
+        let verified = have.iter().filter(|h| **h).count() as u64;
+        self.download_chunks_verified
+            .store(verified, Ordering::Relaxed);
+        self.download_chunks
+            .store(have.len() as u64, Ordering::Relaxed);
+    }
+
+    pub fn self_tested(&self, took: std::time::Duration) {
+        self.self_tests.fetch_add(1, Ordering::Relaxed);
+        let ns = took.as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.self_test_ns.store(ns, Ordering::Relaxed);
+    }
+
+    pub fn last_self_test_seconds(&self) -> f64 {
+        self.self_test_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
 }
 
 pub struct Serving {
@@ -385,9 +454,11 @@ impl Serving {
         let request_id = self.alloc_request_id();
         let started = Instant::now();
         let result = model.model.run(inputs);
-        let us = started.elapsed().as_micros() as u64;
+        let took = started.elapsed();
+        let us = took.as_micros() as u64;
         self.totals.inferences.fetch_add(1, Ordering::Relaxed);
-        self.totals.latency_us_sum.fetch_add(us, Ordering::Relaxed);
+        self.totals
+            .observe(&model.model_ref, "active", took.as_secs_f64());
         if let Err(e) = &result {
             if InferError::Runtime(e.clone()).is_client_error() {
                 self.totals.client_errors.fetch_add(1, Ordering::Relaxed);
@@ -399,7 +470,23 @@ impl Serving {
         let shadow_result = shadow.as_ref().map(|s| {
             let t = Instant::now();
             let r = s.model.run(inputs);
-            (r, t.elapsed().as_micros() as u64)
+            let took = t.elapsed();
+            self.totals
+                .observe(&s.model_ref, "shadow", took.as_secs_f64());
+            let totals = &self.totals;
+            totals.shadow_compared.fetch_add(1, Ordering::Relaxed);
+            match &r {
+                Ok(b) if result.as_ref().is_ok_and(|a| agree(a, b)) => {
+                    totals.shadow_agreed.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    totals
+                        .shadow_candidate_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            (r, took.as_micros() as u64)
         });
         let rate = self.sample_rate_ppm.load(Ordering::Relaxed);
         let sampled =

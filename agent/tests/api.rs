@@ -181,9 +181,18 @@ async fn kserve_v2_api_works_with_tritonclient_and_refuses_malformed_requests() 
         let msg = v["error"].as_str().unwrap_or_default();
         assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
     }
-    // Prometheus metrics count what happened above.
+    // Prometheus metrics count what happened above, on their own listener: the inference
+    // API has no /metrics, the metrics listener nothing of the inference API.
+    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .get(format!("{}/v2/models/dense", h.metrics_base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     let text = http
-        .get(format!("{base}/metrics"))
+        .get(format!("{}/metrics", h.metrics_base))
         .send()
         .await
         .unwrap()
@@ -204,6 +213,16 @@ async fn kserve_v2_api_works_with_tritonclient_and_refuses_malformed_requests() 
     assert!(count("drover_agent_inferences_total") >= 2);
     assert!(count("drover_agent_inference_rejected_total") >= 3);
     assert_eq!(count("drover_agent_inference_errors_total"), 0);
+    // Run time in seconds, a histogram per model version: every inference that reached
+    // the model is in its count.
+    let runs = count(
+        "drover_agent_inference_duration_seconds_count{model=\"dense\",version=\"1.0.0\",role=\"active\"}",
+    );
+    assert_eq!(runs, count("drover_agent_inferences_total"));
+    assert!(text.contains("# TYPE drover_agent_inference_duration_seconds histogram"));
+    assert!(!text.contains("microseconds"), "{text}");
+    assert_eq!(count("drover_agent_broker_connected"), 1);
+    assert!(count("drover_agent_self_tests_total") >= 1);
 
     // Nested data (KServe allows it) is accepted.
     let nested: Vec<Vec<f32>> = x.chunks(16).map(<[f32]>::to_vec).collect();

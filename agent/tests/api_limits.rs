@@ -60,6 +60,7 @@ async fn oversized_requests_get_413_and_requests_past_the_in_flight_budget_503_w
     let (inputs, _) = reference("dense_v1");
     let http = reqwest::Client::new();
     let base = h.base.clone();
+    let metrics = h.metrics_base.clone();
     let addr = base.trim_start_matches("http://").to_owned();
     let small = || async {
         http.post(format!("{base}/v2/models/dense/infer"))
@@ -82,13 +83,13 @@ async fn oversized_requests_get_413_and_requests_past_the_in_flight_budget_503_w
     let held = MAX_BODY - 1024 * 1024;
     let slow = send_head(&addr, held, b"{\"inputs\": [").await;
     for _ in 0..3000 {
-        if metric(&http, &base, "drover_agent_request_bytes_in_flight").await >= held as u64 {
+        if metric(&http, &metrics, "drover_agent_request_bytes_in_flight").await >= held as u64 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(
-        metric(&http, &base, "drover_agent_request_bytes_in_flight").await,
+        metric(&http, &metrics, "drover_agent_request_bytes_in_flight").await,
         held as u64
     );
     // A second large request does not fit: 503 at once, with a reason and Retry-After.
@@ -106,24 +107,24 @@ async fn oversized_requests_get_413_and_requests_past_the_in_flight_budget_503_w
         assert_eq!(small().await, 200);
     }
     assert_eq!(
-        metric(&http, &base, "drover_agent_requests_too_large_total").await,
+        metric(&http, &metrics, "drover_agent_requests_too_large_total").await,
         1
     );
     assert_eq!(
-        metric(&http, &base, "drover_agent_requests_busy_total").await,
+        metric(&http, &metrics, "drover_agent_requests_busy_total").await,
         1
     );
 
     // The slow client gives up: its reservation is released.
     drop(slow);
     for _ in 0..3000 {
-        if metric(&http, &base, "drover_agent_request_bytes_in_flight").await == 0 {
+        if metric(&http, &metrics, "drover_agent_request_bytes_in_flight").await == 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(
-        metric(&http, &base, "drover_agent_request_bytes_in_flight").await,
+        metric(&http, &metrics, "drover_agent_request_bytes_in_flight").await,
         0
     );
     assert_eq!(small().await, 200);

@@ -74,7 +74,8 @@ impl Drop for Tmpfs {
     }
 }
 
-fn spawn(config: &Path) -> (Child, String) {
+/// The agent, its inference API's base URL and its metrics listener's.
+fn spawn(config: &Path) -> (Child, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_drover-agent"))
         .arg("--config")
         .arg(config)
@@ -84,16 +85,18 @@ fn spawn(config: &Path) -> (Child, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("api_addr=")
-        .unwrap_or_else(|| panic!("agent did not start: stdout {line:?}"))
-        .to_owned();
-    (child, format!("http://{addr}"))
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut addr = |key: &str| {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim()
+            .strip_prefix(key)
+            .unwrap_or_else(|| panic!("agent did not start: stdout {line:?}"))
+            .to_owned()
+    };
+    let api = addr("api_addr=");
+    let metrics = addr("metrics_addr=");
+    (child, format!("http://{api}"), format!("http://{metrics}"))
 }
 
 /// A model of `size` bytes: never downloaded, so its content does not matter.
@@ -220,7 +223,7 @@ async fn a_full_disk_refuses_what_cannot_fit_acts_on_nothing_unpersisted_and_kee
     // Sent after the hello (and the keyring), as the control plane does.
     let c1 = deploy_command(&keys, DEVICE, 1, &v1);
     cp.behaviour.lock().unwrap().commands.push((1, c1.clone()));
-    let (mut agent, base) = spawn(&config);
+    let (mut agent, base, metrics) = spawn(&config);
     cp.wait_phase(c1.digest(), Phase::Healthy).await;
 
     // 1. Cannot fit: refused before downloading, with the figures.
@@ -290,14 +293,14 @@ async fn a_full_disk_refuses_what_cannot_fit_acts_on_nothing_unpersisted_and_kee
     );
     assert_eq!(State::load(&data).unwrap().last_command_seq, 2);
     assert_eq!(served_version(&http, &base, &body).await, "1.0.0");
-    assert_eq!(metric(&http, &base, "drover_agent_disk_full").await, 1);
-    assert!(metric(&http, &base, "drover_agent_state_write_failures_total").await >= 1);
-    assert!(metric(&http, &base, "drover_agent_spool_dropped_total").await >= 1);
+    assert_eq!(metric(&http, &metrics, "drover_agent_disk_full").await, 1);
+    assert!(metric(&http, &metrics, "drover_agent_state_write_failures_total").await >= 1);
+    assert!(metric(&http, &metrics, "drover_agent_spool_dropped_total").await >= 1);
 
     // 3. SIGKILL and restart on the full disk: it serves the active model.
     agent.kill().unwrap();
     agent.wait().unwrap();
-    let (mut agent, base) = spawn(&config);
+    let (mut agent, base, _) = spawn(&config);
     assert_eq!(served_version(&http, &base, &body).await, "1.0.0");
     assert_eq!(agent.try_wait().unwrap(), None, "the agent exited");
 
@@ -313,7 +316,7 @@ async fn a_full_disk_refuses_what_cannot_fit_acts_on_nothing_unpersisted_and_kee
     agent.kill().unwrap();
     agent.wait().unwrap();
     *cp.seen.lock().unwrap() = Default::default();
-    let (mut agent, base) = spawn(&config);
+    let (mut agent, base, _) = spawn(&config);
     cp.wait_phase(c3.digest(), Phase::Healthy).await;
     assert_eq!(served_version(&http, &base, &body).await, "2.0.0");
     // Only what the record keeps is in the store: v2 (active) and v1 (previous).

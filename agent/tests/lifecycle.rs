@@ -103,6 +103,29 @@ async fn configure_drift_samples_shadow_promote_and_self_test_refusals() {
     assert_eq!(report.candidate.version, "2.0.0");
     assert_eq!(report.active.version, "1.0.0");
     assert_eq!(report.candidate_errors, 0);
+    // The metrics listener counts the comparisons and times the candidate apart; no
+    // download is left open once the shadow is loaded.
+    let text = reqwest::get(format!("{}/metrics", h.metrics_base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("drover_agent_shadow_compared_total") >= 5.0, "{text}");
+    assert_eq!(value("drover_agent_shadow_candidate_errors_total"), 0.0);
+    assert!(
+        value("drover_agent_inference_duration_seconds_count{model=\"dense\",version=\"2.0.0\",role=\"shadow\"}")
+            >= 5.0
+    );
+    assert_eq!(value("drover_agent_download_chunks"), 0.0);
+    assert!(value("drover_agent_self_test_seconds") > 0.0);
 
     // A rollback (an aborted rollout) drops the shadow, on disk too; v1 keeps serving.
     let v1_ref = ModelRef {

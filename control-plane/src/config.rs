@@ -49,6 +49,37 @@ pub struct ServeConfig {
     pub rollout_republish_ms: u64,
     /// Drift scoring and continuous training (see `continuous.rs`).
     pub continuous: ContinuousConfig,
+    /// The `/metrics` page.
+    pub metrics: MetricsConfig,
+    /// The integration stream (docs/INTEGRATIONS.md).
+    pub integration: IntegrationConfig,
+}
+
+/// The integration stream: every stored uplink republished as flat JSON on
+/// `drover/v1/json/<device>/<kind>`, device registrations retained.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegrationConfig {
+    /// Off by default: it doubles the broker's message rate.
+    pub stream: bool,
+}
+
+/// The `/metrics` page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Per-device series (online, last seen, model, agent version) are written while the
+    /// fleet has at most this many devices; above it only fleet totals, so a large fleet
+    /// never floods Prometheus. 0: never per device.
+    pub per_device_limit: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            per_device_limit: 1000,
+        }
+    }
 }
 
 /// Drift scoring and continuous training. Off while `policy` is empty.
@@ -122,6 +153,8 @@ impl Default for ServeConfig {
             rollout_tick_ms: 1000,
             rollout_republish_ms: 30_000,
             continuous: ContinuousConfig::default(),
+            metrics: MetricsConfig::default(),
+            integration: IntegrationConfig::default(),
         }
     }
 }
@@ -246,6 +279,10 @@ pub struct Settings {
     pub rollout_republish: Duration,
     /// Drift scoring and continuous training (`None`: no policy configured).
     pub continuous: Option<ContinuousSettings>,
+    /// Fleets up to this size get per-device series on `/metrics` (0: never).
+    pub metrics_per_device_limit: usize,
+    /// Republish uplinks as JSON (`integration.stream`).
+    pub integration_stream: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -301,6 +338,8 @@ impl ServeConfig {
                 slurm_bin_dir: non_empty(&c.slurm_bin_dir),
                 slurm_conf: non_empty(&c.slurm_conf),
             }),
+            metrics_per_device_limit: self.metrics.per_device_limit,
+            integration_stream: self.integration.stream,
             data_dir: self.data_dir,
         }
     }

@@ -45,6 +45,11 @@ pub async fn run(
                 Some(Event::Chunks { device, request }) => {
                     let _ = chunk_tx.send((device, request));
                 }
+                Some(Event::Json(records)) => {
+                    for (topic, json, retain) in records {
+                        app.outbox.publish_json(topic, json, retain).await;
+                    }
+                }
                 Some(Event::Hello { device, negotiated, stored_up_to, pending_command, .. }) => {
                     let Ok(protocol_version) = negotiated else { continue };
                     reply_to_hello(&app, &device, protocol_version, stored_up_to, pending_command).await;

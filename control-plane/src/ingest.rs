@@ -47,6 +47,8 @@ pub enum Event {
         device: DeviceId,
         request: ChunkRequest,
     },
+    /// Integration stream records to publish (topic, JSON, retained).
+    Json(Vec<(String, Vec<u8>, bool)>),
 }
 
 const LOG_INTERVAL_MS: u64 = 60_000;
@@ -58,6 +60,8 @@ struct Ingest {
     events: mpsc::UnboundedSender<Event>,
     last_logged: HashMap<(String, Refusal), u64>,
     online: HashSet<DeviceId>,
+    /// Republish every stored uplink as JSON (`integration.stream`).
+    json_stream: bool,
 }
 
 /// Spawns the ingest thread; it ends (after storing everything queued) when every
@@ -69,6 +73,7 @@ pub fn spawn(
     mut rx: mpsc::Receiver<RawUplink>,
     events: mpsc::UnboundedSender<Event>,
     batch_max: usize,
+    json_stream: bool,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("drover-ingest".into())
@@ -78,6 +83,7 @@ pub fn spawn(
                 devices,
                 metrics,
                 events,
+                json_stream,
                 last_logged: HashMap::new(),
                 online: HashSet::new(),
             };
@@ -90,7 +96,13 @@ pub fn spawn(
                         Err(_) => break,
                     }
                 }
+                ing.metrics
+                    .ingest_queue_depth
+                    .store(rx.len() as u64, Relaxed);
+                let started = std::time::Instant::now();
                 ing.batch(&mut raw);
+                let took = started.elapsed().as_secs_f64();
+                ing.metrics.ingest_batch.0.observe(took);
             }
             tracing::debug!("ingest thread drained and stopped");
         })
@@ -197,6 +209,9 @@ impl Ingest {
         let _ = self
             .events
             .send(Event::Acks(outcome.stored.into_iter().collect()));
+        if self.json_stream {
+            self.republish(&items);
+        }
         for item in &items {
             let dev = &item.frame.device;
             match &item.frame.msg {
@@ -226,6 +241,33 @@ impl Ingest {
             }
         }
         m.devices_online.store(self.online.len() as u64, Relaxed);
+    }
+
+    /// The integration stream: every stored uplink as flat JSON, and on a hello the
+    /// device's registration (operator labels, model), retained.
+    fn republish(&self, items: &[Inbound]) {
+        use drover_protocol::integration::{registration_json, uplink_json};
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let f = &item.frame;
+            let topic = topics::json_uplink(&f.device, f.msg.kind());
+            let json = uplink_json(&f.device, f.seq, item.received_at_ms, &f.msg);
+            out.push((topic, json, false));
+            if let Uplink::Hello(h) = &f.msg {
+                let labels = match self.store.device(f.device.as_str()) {
+                    Ok(Some(d)) => d.labels,
+                    _ => Default::default(),
+                };
+                let model = h
+                    .active
+                    .as_ref()
+                    .map(|m| format!("{}@{}", m.name, m.version));
+                let reg =
+                    registration_json(&f.device, item.received_at_ms, &labels, model.as_deref());
+                out.push((topics::json_registration(&f.device), reg, true));
+            }
+        }
+        let _ = self.events.send(Event::Json(out));
     }
 
     fn hello(&mut self, dev: &DeviceId, h: &Hello) {

@@ -1,4 +1,6 @@
-//! Prometheus counters, lock-free (atomics), rendered as text on `/metrics`.
+//! Prometheus counters, lock-free (atomics), rendered as text on `/metrics`; HTTP and
+//! ingest durations as histograms in seconds. The fleet's state (rollouts, devices, drift,
+//! training) is read from the store when scraped (`api/metrics.rs`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -6,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use drover_host::prom::{self, Histogram, DURATION_BUCKETS};
 use drover_protocol::DecodeError;
 
 /// Why an uplink frame was dropped. The label values are stable (dashboards use them).
@@ -140,6 +143,28 @@ pub struct Metrics {
     pub broker_sessions_replaced: AtomicU64,
     /// Refused logins of the embedded broker's hook, logged once per username and interval.
     pub login_log: RateLog,
+    /// Time to authenticate and store one ingest batch.
+    pub ingest_batch: IngestBatch,
+    /// Uplink frames waiting for the ingest thread.
+    pub ingest_queue_depth: AtomicU64,
+    /// Integration stream records published, and those the publisher refused.
+    pub json_published: AtomicU64,
+    pub json_failed: AtomicU64,
+    /// HTTP requests by (method, route pattern, status).
+    http: Mutex<std::collections::BTreeMap<HttpKey, std::sync::Arc<Histogram>>>,
+}
+
+/// An HTTP histogram's labels: method, route pattern (`/v1/devices/{id}`), status code.
+type HttpKey = (String, String, u16);
+
+/// The ingest batch histogram (a newtype so `Metrics` keeps deriving `Default`).
+#[derive(Debug)]
+pub struct IngestBatch(pub Histogram);
+
+impl Default for IngestBatch {
+    fn default() -> Self {
+        Self(Histogram::new(&DURATION_BUCKETS))
+    }
 }
 
 impl Metrics {
@@ -162,8 +187,89 @@ impl Metrics {
         self.broker_refused[r as usize].load(Relaxed)
     }
 
+    /// Records one HTTP request; `route` is the matched pattern, never the raw path, so
+    /// ids do not become series.
+    pub fn http_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let h = {
+            let mut map = self.http.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry((method.to_owned(), route.to_owned(), status))
+                .or_insert_with(|| std::sync::Arc::new(Histogram::new(&DURATION_BUCKETS)))
+                .clone()
+        };
+        h.observe(seconds);
+    }
+
+    /// Build info, HTTP and ingest histograms, the integration stream, the ingest queue.
+    fn render_timings(&self, s: &mut String) {
+        prom::header(
+            s,
+            "drover_build_info",
+            "gauge",
+            "The running control plane's version (always 1).",
+        );
+        prom::sample(
+            s,
+            "drover_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1.0,
+        );
+        prom::header(
+            s,
+            "drover_http_request_duration_seconds",
+            "histogram",
+            "HTTP requests by method, route pattern and status code.",
+        );
+        let http: Vec<_> = {
+            let map = self.http.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter().map(|(k, h)| (k.clone(), h.clone())).collect()
+        };
+        for ((method, route, status), h) in http {
+            let code = status.to_string();
+            let l = [
+                ("method", method.as_str()),
+                ("route", &route),
+                ("code", &code),
+            ];
+            prom::histogram(s, "drover_http_request_duration_seconds", &l, &h);
+        }
+        prom::header(
+            s,
+            "drover_ingest_batch_duration_seconds",
+            "histogram",
+            "Time to authenticate and store one ingest batch (one SQLite transaction).",
+        );
+        prom::histogram(
+            s,
+            "drover_ingest_batch_duration_seconds",
+            &[],
+            &self.ingest_batch.0,
+        );
+        for (name, help, v) in [
+            (
+                "drover_integration_published_total",
+                "Integration stream records (JSON) published.",
+                &self.json_published,
+            ),
+            (
+                "drover_integration_failed_total",
+                "Integration stream records the publisher refused (not retried).",
+                &self.json_failed,
+            ),
+        ] {
+            prom::single(s, name, "counter", help, v.load(Relaxed) as f64);
+        }
+        prom::single(
+            s,
+            "drover_ingest_queue_depth",
+            "gauge",
+            "Uplink frames received and waiting for the ingest thread.",
+            self.ingest_queue_depth.load(Relaxed) as f64,
+        );
+    }
+
     pub fn render(&self) -> String {
         let mut s = String::new();
+        self.render_timings(&mut s);
         let mut counter = |name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };

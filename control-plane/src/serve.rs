@@ -454,6 +454,7 @@ fn start_pipeline(
         inbound,
         events_tx,
         app.settings.ingest.batch_max,
+        app.settings.integration_stream,
     )
     .map_err(ServeError::Thread)?;
     let dispatcher = tokio::spawn(crate::dispatch::run(

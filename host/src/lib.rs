@@ -7,6 +7,8 @@
 //!   that reads the wall clock.
 //! - [`crash`]: `--crash-at POINT:N` fault injection for the SIGKILL tests.
 //! - [`ct_eq`]: constant-time comparison of secrets.
+//! - [`prom`]: Prometheus text exposition (histograms in seconds, escaped labels) for the
+//!   agent's and the control plane's `/metrics`.
 //!
 //! Architecture invariant: no async runtime, no network, no SQL; the pure cores above
 //! this crate take time as an argument instead of calling [`clock::now_ms`].
@@ -14,6 +16,7 @@
 pub mod clock;
 pub mod crash;
 pub mod fs;
+pub mod prom;
 
 /// Compares two byte strings in time that depends only on their lengths, for passwords,
 /// tokens and MACs.

@@ -6,12 +6,14 @@
 //! - [`manifest`]: signed model manifests (schema, chunk hashes, baseline, test vectors).
 //! - [`envelope`]: the versioned, length-bounded, authenticated frame format.
 //! - [`trust`]: root key → keyring → signed manifests and commands; per-device MACs.
+//! - [`integration`]: the integration stream's versioned flat JSON (uplinks, registrations).
 //!
 //! Architecture invariant: this crate does no I/O. No tokio, MQTT, SQLite, tract, clock
 //! or environment: time comes in as `now_ms` arguments, keys as bytes. `.ci/run` checks
 //! the dependency tree.
 
 pub mod envelope;
+pub mod integration;
 pub mod manifest;
 pub mod messages;
 pub mod topics;

@@ -136,6 +136,27 @@ pub fn uplink(device: &DeviceId, kind: UplinkKind) -> String {
     format!("{PREFIX}/dev/{device}/up/{}", kind.as_str())
 }
 
+/// Root of the integration stream: flat JSON the control plane republishes for readers
+/// (Node-RED, Telegraf), never read by agents or the control plane.
+pub fn json_root() -> String {
+    format!("{PREFIX}/json")
+}
+
+/// Where the JSON record of a device's uplink of `kind` is republished.
+pub fn json_uplink(device: &DeviceId, kind: UplinkKind) -> String {
+    format!("{PREFIX}/json/{device}/{}", kind.as_str())
+}
+
+/// The device's retained registration (labels, model) in the integration stream.
+pub fn json_registration(device: &DeviceId) -> String {
+    format!("{PREFIX}/json/{device}/registration")
+}
+
+/// Filter for the whole integration stream.
+pub fn json_filter_all() -> String {
+    format!("{PREFIX}/json/#")
+}
+
 /// Filter the control plane subscribes to for every device's uplink.
 pub fn uplink_filter_all() -> String {
     format!("{PREFIX}/dev/+/up/+")

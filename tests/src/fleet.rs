@@ -100,6 +100,11 @@ impl Device {
         self.agent.as_ref().map(|a| a.api_addr())
     }
 
+    /// The agent's Prometheus listener (`metrics_addr`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.agent.as_ref().map(|a| a.metrics_addr())
+    }
+
     pub fn running(&self) -> bool {
         self.agent.is_some()
     }
@@ -142,6 +147,7 @@ pub async fn enroll(
     // The device's key, certificate and the fleet CA, for mutual TLS (files 0600).
     let mut config = drover_cli::agent_files::write_agent_files(resp, dir, None, data_dir, labels)?;
     config.api_addr = "127.0.0.1:0".into();
+    config.metrics_addr = "127.0.0.1:0".into();
     config.telemetry.interval_ms = 300;
     Ok(Device {
         id: id.to_owned(),

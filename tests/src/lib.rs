@@ -138,6 +138,7 @@ pub fn cli_enroll(
     let mut cfg = drover_agent::config::AgentConfig::from_toml(&std::fs::read_to_string(&out)?)?;
     cfg.data_dir = dir.join(format!("{id}-data"));
     cfg.api_addr = api_addr.to_string();
+    cfg.metrics_addr = "127.0.0.1:0".into();
     cfg.telemetry.interval_ms = 300;
     std::fs::write(&out, cfg.to_toml()?)?;
     Ok(cfg)

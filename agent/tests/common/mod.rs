@@ -501,6 +501,7 @@ pub fn agent_config(dir: &Path, device: &str, port: u16, keys: &Keys) -> AgentCo
         broker_url: format!("mqtt://127.0.0.1:{port}"),
         data_dir: dir.to_owned(),
         api_addr: "127.0.0.1:0".into(),
+        metrics_addr: "127.0.0.1:0".into(),
         labels,
         ..AgentConfig::default()
     }
@@ -552,6 +553,8 @@ pub struct Harness {
     pub keys: Arc<Keys>,
     pub agent: Option<drover_agent::Agent>,
     pub base: String,
+    /// The agent's metrics listener (`metrics_addr`).
+    pub metrics_base: String,
     pub dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub next_seq: u64,
@@ -580,12 +583,14 @@ impl Harness {
         .await
         .unwrap();
         let base = format!("http://{}", agent.api_addr());
+        let metrics_base = format!("http://{}", agent.metrics_addr());
         cp.wait_hello(1).await;
         Harness {
             cp,
             keys,
             agent: Some(agent),
             base,
+            metrics_base,
             dir,
             stop: Some(stop_tx),
             next_seq: 1,

@@ -189,6 +189,7 @@ impl<'a> Story<'a> {
                 labels,
             )?;
             cfg.api_addr = "127.0.0.1:0".into();
+            cfg.metrics_addr = "127.0.0.1:0".into();
             cfg.telemetry.interval_ms = 500;
             // Half the readings (with their labels) go back as training samples.
             cfg.telemetry.sample_rate_ppm = 500_000;

@@ -16,6 +16,7 @@ mod access;
 mod continuous;
 mod devices;
 mod keys;
+mod metrics;
 mod models;
 mod rollouts;
 
@@ -161,14 +162,25 @@ pub fn router(st: AppState) -> Router {
         .layer(DefaultBodyLimit::max(600 * 1024 * 1024));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::metrics))
         .merge(v1)
+        .layer(middleware::from_fn_with_state(st.clone(), time_request))
         .with_state(st)
 }
 
-async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.app.metrics.render(),
-    )
+/// Times every request into `drover_http_request_duration_seconds`, by route pattern
+/// (a path no route matched counts as `unmatched`, so a scanner makes no new series).
+async fn time_request(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = req.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let took = started.elapsed().as_secs_f64();
+    let metrics = &st.app.metrics;
+    metrics.http_request(&method, &route, resp.status().as_u16(), took);
+    resp
 }

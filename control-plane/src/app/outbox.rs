@@ -95,6 +95,19 @@ impl Outbox {
             .await
     }
 
+    /// Publishes one integration stream record (QoS 0: readers are not devices; a lost
+    /// record is not resent). Failures are counted, not retried.
+    pub async fn publish_json(&self, topic: String, json: Vec<u8>, retain: bool) {
+        match self
+            .mqtt
+            .publish(topic, json, QoS::AtMostOnce, retain)
+            .await
+        {
+            Ok(()) => self.metrics.json_published.fetch_add(1, Relaxed),
+            Err(_) => self.metrics.json_failed.fetch_add(1, Relaxed),
+        };
+    }
+
     /// Publishes one encoded chunk frame on the model's shared chunk topic.
     pub async fn publish_chunk(&self, model: &Digest, frame: Vec<u8>) -> Result<(), MqttError> {
         let len = frame.len() as u64;

@@ -135,6 +135,7 @@ async fn start_agents(api: &Api, dir: &Path, n: usize) -> anyhow::Result<Vec<Age
         let id = format!("soak-agent-{i:02}");
         let mut d = fleet::enroll(api, dir, &id, &[]).await?;
         d.config.api_addr = "127.0.0.1:0".into();
+        d.config.metrics_addr = "127.0.0.1:0".into();
         let config = dir.join(format!("{id}.toml"));
         std::fs::write(&config, d.config.to_toml()?)?;
         let log = dir.join(format!("{id}.log"));
