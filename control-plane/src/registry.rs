@@ -23,6 +23,8 @@ const MAX_PREDICTION_ROWS: usize = 5_000;
 const MAX_BASELINE_ROWS: usize = 1_000_000;
 const TEST_VECTORS: usize = 3;
 const TOLERANCE: f32 = 1e-4;
+/// The room derived test vectors may take in a manifest.
+const AUTO_VECTOR_BUDGET: usize = drover_protocol::envelope::MAX_MANIFEST_LEN / 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -36,6 +38,19 @@ pub enum RegistryError {
     SelfTest(RuntimeError),
     #[error("baseline CSV: {0}")]
     Baseline(String),
+    #[error(
+        "the signed manifest would be {len} bytes, and a deploy command must carry it within \
+         the {max_frame}-byte downlink limit every device enforces (at most {max} bytes of \
+         manifest); its test vectors take {vectors} bytes and its baseline {baseline}: give \
+         fewer or smaller test vectors (`--test-vectors`) or a baseline with fewer features"
+    )]
+    ManifestTooLarge {
+        len: usize,
+        max: usize,
+        max_frame: usize,
+        vectors: usize,
+        baseline: usize,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot write model file {path}: {source}")]
@@ -270,11 +285,17 @@ pub fn prepare(
                     break;
                 };
                 let outputs = model.run(&inputs).map_err(RegistryError::Runtime)?;
-                vectors.push(TestVector {
+                let v = TestVector {
                     inputs,
                     outputs,
                     tolerance: TOLERANCE,
-                });
+                };
+                // Derived vectors never make the manifest too large to deploy: they stop
+                // at half the room a deploy command has.
+                if wire_len(&vectors) + wire_len(&v) > AUTO_VECTOR_BUDGET {
+                    break;
+                }
+                vectors.push(v);
             }
         }
         None => {}
@@ -295,8 +316,31 @@ pub fn prepare(
         created_at_ms: now_ms,
     };
     m.validate()?;
+    check_manifest_len(&m)?;
     let blob = signing.sign_manifest(&m);
     Ok((m, blob))
+}
+
+/// Refuses a manifest no deploy command could carry (`envelope::MAX_MANIFEST_LEN`), naming
+/// what takes the room.
+pub fn check_manifest_len(m: &Manifest) -> Result<(), RegistryError> {
+    use drover_protocol::envelope::{MAX_DOWNLINK_LEN, MAX_MANIFEST_LEN};
+    let total = wire_len(m);
+    if total <= MAX_MANIFEST_LEN {
+        return Ok(());
+    }
+    Err(RegistryError::ManifestTooLarge {
+        len: total,
+        max: MAX_MANIFEST_LEN,
+        max_frame: MAX_DOWNLINK_LEN,
+        vectors: wire_len(&m.test_vectors),
+        baseline: wire_len(&m.baseline),
+    })
+}
+
+/// The postcard length of a value (what it takes in a signed manifest).
+fn wire_len<T: serde::Serialize>(v: &T) -> usize {
+    postcard::experimental::serialized_size(v).unwrap_or(usize::MAX)
 }
 
 fn spec_json(s: &TensorSpec) -> serde_json::Value {
