@@ -704,6 +704,9 @@ fn log_event(e: Event) {
             "redelivery of the last accepted command ignored"
         ),
         Event::CommandRefused(e) => tracing::warn!(error = %e, "command refused"),
+        Event::DownlinkRefused { len, reason } => {
+            tracing::warn!(error = %reason, len, "downlink refused, acknowledged and reported")
+        }
         Event::CommandNotPersisted { seq, error } => tracing::error!(
             command_seq = seq,
             error = %error,

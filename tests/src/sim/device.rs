@@ -560,7 +560,7 @@ impl Device {
     fn count(&mut self, e: Event) {
         let s = &self.shared.stats;
         match e {
-            Event::CommandRefused(_) => {
+            Event::CommandRefused(_) | Event::DownlinkRefused { .. } => {
                 s.commands_refused.fetch_add(1, Relaxed);
             }
             Event::Progress {
