@@ -24,7 +24,7 @@ use drover_protocol::messages::{
 };
 use drover_protocol::topics;
 use drover_protocol::trust::{Digest, TrustStore};
-use drover_runtime::{self_test, Model};
+use drover_runtime::{self_test, self_test_sampled, Model};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::ValidConfig;
@@ -561,6 +561,8 @@ impl Core {
         let loaded = load_model(&self.data_dir, model, manifest).and_then(|l| {
             if test {
                 self_test(&l.model, &manifest.test_vectors).map_err(|e| e.to_string())?;
+                self_test_sampled(&l.model, &manifest.sampled_vectors)
+                    .map_err(|e| e.to_string())?;
             }
             Ok(l)
         });

@@ -8,8 +8,9 @@
 use std::path::Path;
 
 use drover_protocol::manifest::{
-    self, Baseline, DType, Dim, FeatureBaseline, Lineage, Manifest, ManifestError, TensorData,
-    TensorSpec, TensorValue, TestVector, DEFAULT_CHUNK_SIZE, MAX_MODEL_SIZE,
+    self, Baseline, DType, Dim, FeatureBaseline, Lineage, Manifest, ManifestError, PatternInput,
+    SampledVector, TensorData, TensorSpec, TensorValue, TestVector, DEFAULT_CHUNK_SIZE,
+    MAX_MODEL_SIZE,
 };
 use drover_protocol::trust::{sha256, SecretKey, SignedBlob};
 use drover_runtime::{Model, RuntimeError};
@@ -219,6 +220,31 @@ fn prediction_class(out: &[TensorValue]) -> Option<usize> {
     }
 }
 
+/// Vectors from seeded inputs with sampled outputs, for a model full vectors could not be
+/// made for.
+fn sampled_vectors(model: &Model) -> Result<Vec<SampledVector>, RegistryError> {
+    let mut sampled = Vec::new();
+    for k in 0..TEST_VECTORS as u32 {
+        let inputs = model
+            .inputs()
+            .iter()
+            .map(|spec| PatternInput {
+                name: spec.name.clone(),
+                shape: concrete_shape(spec),
+                dtype: spec.dtype,
+                seed: k,
+            })
+            .collect();
+        match drover_runtime::sampled::sampled_vector(model, inputs)
+            .map_err(RegistryError::Runtime)?
+        {
+            Some(v) => sampled.push(v),
+            None => break,
+        }
+    }
+    Ok(sampled)
+}
+
 /// Validates, derives and signs: everything `publish` does except storing.
 pub fn prepare(
     req: &PublishRequest,
@@ -300,6 +326,14 @@ pub fn prepare(
         }
         None => {}
     }
+    // Whatever the input size, a model gets vectors: when full ones could not be made (an
+    // input over 1 Mi elements, or no room in the manifest), generated inputs with sampled
+    // outputs, a few kilobytes each.
+    let sampled = if req.test_vectors.is_none() && vectors.is_empty() {
+        sampled_vectors(&model)?
+    } else {
+        Vec::new()
+    };
     let chunk_size = req.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
     let m = Manifest {
         name: req.name.clone(),
@@ -314,6 +348,7 @@ pub fn prepare(
         test_vectors: vectors,
         lineage: req.lineage.clone(),
         created_at_ms: now_ms,
+        sampled_vectors: sampled,
     };
     m.validate()?;
     check_manifest_len(&m)?;
@@ -361,6 +396,7 @@ pub fn summary(m: &Manifest) -> serde_json::Value {
         "outputs": m.outputs.iter().map(spec_json).collect::<Vec<_>>(),
         "chunks": m.chunk_hashes.len(),
         "test_vectors": m.test_vectors.len(),
+        "sampled_vectors": m.sampled_vectors.len(),
         "baseline": m.baseline.as_ref().map(|b| serde_json::json!({
             "rows": b.rows,
             "features": b.features.iter().map(|f| match f {

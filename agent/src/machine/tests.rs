@@ -148,6 +148,7 @@ impl TestModel {
             test_vectors: vec![],
             lineage: Lineage::default(),
             created_at_ms: 0,
+            sampled_vectors: vec![],
         };
         let blob = signer.sign_manifest(&manifest);
         TestModel {

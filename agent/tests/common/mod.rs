@@ -187,6 +187,7 @@ pub fn publish_bytes(
         }],
         lineage: Lineage::default(),
         created_at_ms: now_ms(),
+        sampled_vectors: vec![],
     };
     let blob = keys.signer.sign_manifest(&manifest);
     Published {

@@ -512,6 +512,8 @@ impl Device {
                 if self_test {
                     drover_runtime::self_test(&m, &manifest.test_vectors)
                         .map_err(|e| e.to_string())?;
+                    drover_runtime::self_test_sampled(&m, &manifest.sampled_vectors)
+                        .map_err(|e| e.to_string())?;
                 }
                 Ok(m)
             });
