@@ -24,7 +24,7 @@ use drover_protocol::messages::{
 };
 use drover_protocol::topics;
 use drover_protocol::trust::{Digest, TrustStore};
-use drover_runtime::{self_test, Model};
+use drover_runtime::{self_test, self_test_sampled, Model};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::ValidConfig;
@@ -597,7 +597,8 @@ impl Core {
         let loaded = load_model(&self.data_dir, model, manifest).and_then(|l| {
             if test {
                 let started = Instant::now();
-                let tested = self_test(&l.model, &manifest.test_vectors);
+                let tested = self_test(&l.model, &manifest.test_vectors)
+                    .and_then(|()| self_test_sampled(&l.model, &manifest.sampled_vectors));
                 self.serving.totals.self_tested(started.elapsed());
                 tested.map_err(|e| e.to_string())?;
             }
@@ -743,6 +744,9 @@ fn log_event(e: Event) {
             "redelivery of the last accepted command ignored"
         ),
         Event::CommandRefused(e) => tracing::warn!(error = %e, "command refused"),
+        Event::DownlinkRefused { len, reason } => {
+            tracing::warn!(error = %reason, len, "downlink refused, acknowledged and reported")
+        }
         Event::CommandNotPersisted { seq, error } => tracing::error!(
             command_seq = seq,
             error = %error,

@@ -16,13 +16,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::ValidConfig;
 
-/// The largest MQTT packet the session reads: above what any broker Drover configures
-/// delivers (`drover broker config mosquitto` writes `message_size_limit` 8 MiB, the
-/// embedded broker passes 4 MiB + 64 KiB), so an oversized downlink is read and refused by
-/// the envelope's own bound (`MAX_DOWNLINK_LEN`). A smaller limit here kills the
-/// connection instead, and the broker redelivers the unacknowledged message on every
-/// reconnect: the device never gets another command (issue 24's poison downlink test).
-const MAX_INCOMING_PACKET: usize = 8 * 1024 * 1024 + 64 * 1024;
+/// The largest MQTT packet the session reads (`envelope::MAX_MQTT_PACKET`): above what any
+/// broker Drover configures delivers (both take `envelope::MAX_BROKER_PAYLOAD`), so an
+/// oversized downlink is read, refused by the envelope's own bound (`MAX_DOWNLINK_LEN`),
+/// acknowledged and reported. A smaller limit here kills the connection instead, and the
+/// broker redelivers the unacknowledged message on every reconnect: the device never gets
+/// another command (issues 16 and 24).
+const MAX_INCOMING_PACKET: usize = drover_protocol::envelope::MAX_MQTT_PACKET;
 
 #[derive(Debug, Error)]
 pub enum MqttError {

@@ -185,6 +185,7 @@ mod tests {
             test_vectors: vec![],
             lineage: Lineage::default(),
             created_at_ms: 0,
+            sampled_vectors: vec![],
         }
     }
 

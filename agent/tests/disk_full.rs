@@ -115,6 +115,7 @@ fn big_model(keys: &Keys, size: usize) -> Published {
         test_vectors: vec![],
         lineage: Lineage::default(),
         created_at_ms: 0,
+        sampled_vectors: vec![],
     };
     let blob = keys.signer.sign_manifest(&manifest);
     Published {

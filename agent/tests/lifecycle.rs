@@ -176,6 +176,46 @@ async fn configure_drift_samples_shadow_promote_and_self_test_refusals() {
         .starts_with("self-test failed: self-test vector 0"));
     assert_eq!(infer_version(&base, &body).await, "2.0.0");
 
+    // Sampled vectors are checked as well (issue 16): dense_v2's, signed into dense_v1's
+    // manifest beside its correct full vector, fail the self-test.
+    let mut wrong = publish(&h.keys, "dense_v1", "dense", "3.1.0", 2048);
+    let other =
+        drover_runtime::Model::load(&std::fs::read(fixture("dense_v2.onnx")).unwrap()).unwrap();
+    let inputs = wrong.manifest.test_vectors[0]
+        .inputs
+        .iter()
+        .map(|t| drover_protocol::manifest::PatternInput {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: drover_protocol::manifest::DType::F32,
+            seed: 1,
+        })
+        .collect();
+    let sampled = drover_runtime::sampled::sampled_vector(&other, inputs)
+        .unwrap()
+        .unwrap();
+    wrong.manifest.sampled_vectors = vec![sampled];
+    wrong.blob = h.keys.signer.sign_manifest(&wrong.manifest);
+    let c = h.deploy(&wrong, DeployMode::Activate).await;
+    let p =
+        h.cp.wait_for("sampled self-test failure", |s| {
+            s.frames.iter().find_map(|f| match &f.msg {
+                Uplink::Progress(p)
+                    if p.command_digest == c.digest() && p.phase == Phase::Failed =>
+                {
+                    Some(p.clone())
+                }
+                _ => None,
+            })
+        })
+        .await;
+    let detail = p.detail.unwrap();
+    assert!(
+        detail.starts_with("self-test failed: self-test vector 0") && detail.contains("scale"),
+        "{detail}"
+    );
+    assert_eq!(infer_version(&base, &body).await, "2.0.0");
+
     // A model needing an operator the runtime lacks (an skl2onnx SVC) is refused naming it.
     let scaler = publish(&h.keys, "../sklearn/svm_refused", "dense", "4.0.0", 1024);
     let c = h.deploy(&scaler, DeployMode::Activate).await;

@@ -63,6 +63,7 @@ async fn a_deploy_over_the_store_budget_is_refused_before_downloading() {
         test_vectors: vec![],
         lineage: Lineage::default(),
         created_at_ms: 0,
+        sampled_vectors: vec![],
     };
     let blob = h.keys.signer.sign_manifest(&manifest);
     let big = Published {

@@ -204,7 +204,9 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
          {persistence}\
          max_inflight_messages 1000\n\
          max_queued_messages 100000\n\
-         message_size_limit 8388608\n\
+         # The payload limit every Drover peer derives from the downlink limit: an oversized\n\
+         # downlink still reaches the agent, which acknowledges and reports it.\n\
+         message_size_limit {size_limit}\n\
          \n# Devices.\n\
          listener {port} {bind}\n\
          {tls}\
@@ -219,6 +221,7 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
         port = args.port,
         bind = args.bind,
         out = out.display(),
+        size_limit = drover_protocol::envelope::MAX_BROKER_PAYLOAD,
         user = args
             .user
             .as_ref()

@@ -25,9 +25,21 @@ pub enum ModelCommand {
         /// CSV (header row of feature names) to derive the drift baseline from.
         #[arg(long)]
         baseline: Option<PathBuf>,
-        /// JSON test vectors (`[{"inputs":[..],"outputs":[..],"tolerance":1e-4}]`);
-        /// generated from the baseline or deterministic inputs when absent.
-        #[arg(long)]
+        /// JSON test vectors every device checks before serving the model:
+        /// `[{"inputs": [T, ..], "outputs": [T, ..], "tolerance": 1e-4}]` where each T is
+        /// `{"name": "x", "shape": [1, 4], "data": {"F32": [..]}}` (or `{"I64": [..]}`),
+        /// row-major; an output passes when every element is within `tolerance`
+        /// (absolute) of the given value. They travel inside the signed manifest, which a
+        /// deploy command must carry within the 4 MiB downlink limit: larger vectors are
+        /// refused with the figures.
+        ///
+        /// Without this flag vectors are derived for every model: from the first baseline
+        /// rows, or from deterministic inputs with the full outputs when every input has
+        /// at most 1 Mi elements (tolerance 1e-4); otherwise from generated inputs (a seeded
+        /// pattern in [-1, 1), 0..3 for integer inputs) with each output sampled at up to
+        /// 4096 evenly spaced positions and a tolerance of 1e-5 + 1e-3 × the output's largest
+        /// magnitude, so a 1×3×640×640 detector gets three vectors of a few kilobytes.
+        #[arg(long, verbatim_doc_comment)]
         test_vectors: Option<PathBuf>,
         /// Chunk size in bytes for downloads (default 65536).
         #[arg(long)]

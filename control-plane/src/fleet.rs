@@ -27,6 +27,18 @@ pub enum FleetError {
     Pki(#[from] crate::pki::PkiError),
     #[error("{0}")]
     BadLabels(String),
+    #[error(
+        "model {model}: its signed manifest is {len} bytes, and a deploy command carries it \
+         within the {max_frame}-byte downlink limit every device enforces (at most {max} bytes \
+         of manifest); nothing was sent. Republish it under a new version with fewer or smaller \
+         test vectors (`drover model publish --test-vectors`) or a smaller baseline"
+    )]
+    ManifestTooLarge {
+        model: String,
+        len: usize,
+        max: usize,
+        max_frame: usize,
+    },
 }
 
 /// At most this many operator labels per device.
@@ -291,6 +303,22 @@ pub fn manifest_blob(model: &ModelRow) -> SignedBlob {
     }
 }
 
+/// Refuses a model whose deploy command could not fit the downlink limit (one published
+/// before publish checked it): refused here, with the figures, rather than sent and
+/// dropped by the outbox or a device.
+pub fn check_deployable(model: &ModelRow) -> Result<(), FleetError> {
+    use drover_protocol::envelope::{MAX_DOWNLINK_LEN, MAX_MANIFEST_LEN};
+    if model.payload.len() > MAX_MANIFEST_LEN {
+        return Err(FleetError::ManifestTooLarge {
+            model: format!("{}@{}", model.name, model.version),
+            len: model.payload.len(),
+            max: MAX_MANIFEST_LEN,
+            max_frame: MAX_DOWNLINK_LEN,
+        });
+    }
+    Ok(())
+}
+
 /// Signs `action` for `device` with sequence `seq`; the row is what the store persists.
 pub fn sign_command(
     app: &App,
@@ -350,6 +378,7 @@ pub fn deploy(
     now_ms: u64,
 ) -> Result<(CommandRow, SignedBlob), FleetError> {
     let target = DeviceId::new(device)?;
+    check_deployable(model)?;
     let manifest = manifest_blob(model);
     let built = store.issue_command(device, |seq| {
         Ok::<_, std::convert::Infallible>(sign_command(

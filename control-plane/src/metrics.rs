@@ -122,6 +122,8 @@ pub struct Metrics {
     pub ingest_batches: AtomicU64,
     pub ingest_errors: AtomicU64,
     pub acks_sent: AtomicU64,
+    /// Sealed downlinks above `MAX_DOWNLINK_LEN`, never published.
+    pub downlinks_too_large: AtomicU64,
     pub chunk_requests: AtomicU64,
     pub chunk_publishes: AtomicU64,
     pub chunk_bytes: AtomicU64,
@@ -302,6 +304,11 @@ impl Metrics {
             "drover_uplink_acks_sent_total",
             "UplinkAck messages sent.",
             self.acks_sent.load(Relaxed),
+        );
+        counter(
+            "drover_downlinks_too_large_total",
+            "Downlink frames above the downlink limit, refused by the outbox and not sent.",
+            self.downlinks_too_large.load(Relaxed),
         );
         counter(
             "drover_chunk_requests_total",

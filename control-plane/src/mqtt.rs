@@ -79,7 +79,10 @@ impl MqttLink {
             let mut o = MqttOptions::new(format!("{client_prefix}-{n}"), &url.host, url.port);
             o.set_keep_alive(Duration::from_secs(30))
                 .set_clean_session(true)
-                .set_max_packet_size(crate::broker::MAX_PAYLOAD, crate::broker::MAX_PAYLOAD)
+                .set_max_packet_size(
+                    drover_protocol::envelope::MAX_MQTT_PACKET,
+                    drover_protocol::envelope::MAX_MQTT_PACKET,
+                )
                 .set_inflight(1000)
                 .set_request_channel_capacity(4096);
             if let Some(t) = &tls {

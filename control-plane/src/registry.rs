@@ -8,8 +8,9 @@
 use std::path::Path;
 
 use drover_protocol::manifest::{
-    self, Baseline, DType, Dim, FeatureBaseline, Lineage, Manifest, ManifestError, TensorData,
-    TensorSpec, TensorValue, TestVector, DEFAULT_CHUNK_SIZE, MAX_MODEL_SIZE,
+    self, Baseline, DType, Dim, FeatureBaseline, Lineage, Manifest, ManifestError, PatternInput,
+    SampledVector, TensorData, TensorSpec, TensorValue, TestVector, DEFAULT_CHUNK_SIZE,
+    MAX_MODEL_SIZE,
 };
 use drover_protocol::trust::{sha256, SecretKey, SignedBlob};
 use drover_runtime::{Model, RuntimeError};
@@ -23,6 +24,8 @@ const MAX_PREDICTION_ROWS: usize = 5_000;
 const MAX_BASELINE_ROWS: usize = 1_000_000;
 const TEST_VECTORS: usize = 3;
 const TOLERANCE: f32 = 1e-4;
+/// The room derived test vectors may take in a manifest.
+const AUTO_VECTOR_BUDGET: usize = drover_protocol::envelope::MAX_MANIFEST_LEN / 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -36,6 +39,19 @@ pub enum RegistryError {
     SelfTest(RuntimeError),
     #[error("baseline CSV: {0}")]
     Baseline(String),
+    #[error(
+        "the signed manifest would be {len} bytes, and a deploy command must carry it within \
+         the {max_frame}-byte downlink limit every device enforces (at most {max} bytes of \
+         manifest); its test vectors take {vectors} bytes and its baseline {baseline}: give \
+         fewer or smaller test vectors (`--test-vectors`) or a baseline with fewer features"
+    )]
+    ManifestTooLarge {
+        len: usize,
+        max: usize,
+        max_frame: usize,
+        vectors: usize,
+        baseline: usize,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot write model file {path}: {source}")]
@@ -204,6 +220,31 @@ fn prediction_class(out: &[TensorValue]) -> Option<usize> {
     }
 }
 
+/// Vectors from seeded inputs with sampled outputs, for a model full vectors could not be
+/// made for.
+fn sampled_vectors(model: &Model) -> Result<Vec<SampledVector>, RegistryError> {
+    let mut sampled = Vec::new();
+    for k in 0..TEST_VECTORS as u32 {
+        let inputs = model
+            .inputs()
+            .iter()
+            .map(|spec| PatternInput {
+                name: spec.name.clone(),
+                shape: concrete_shape(spec),
+                dtype: spec.dtype,
+                seed: k,
+            })
+            .collect();
+        match drover_runtime::sampled::sampled_vector(model, inputs)
+            .map_err(RegistryError::Runtime)?
+        {
+            Some(v) => sampled.push(v),
+            None => break,
+        }
+    }
+    Ok(sampled)
+}
+
 /// Validates, derives and signs: everything `publish` does except storing.
 pub fn prepare(
     req: &PublishRequest,
@@ -270,15 +311,29 @@ pub fn prepare(
                     break;
                 };
                 let outputs = model.run(&inputs).map_err(RegistryError::Runtime)?;
-                vectors.push(TestVector {
+                let v = TestVector {
                     inputs,
                     outputs,
                     tolerance: TOLERANCE,
-                });
+                };
+                // Derived vectors never make the manifest too large to deploy: they stop
+                // at half the room a deploy command has.
+                if wire_len(&vectors) + wire_len(&v) > AUTO_VECTOR_BUDGET {
+                    break;
+                }
+                vectors.push(v);
             }
         }
         None => {}
     }
+    // Whatever the input size, a model gets vectors: when full ones could not be made (an
+    // input over 1 Mi elements, or no room in the manifest), generated inputs with sampled
+    // outputs, a few kilobytes each.
+    let sampled = if req.test_vectors.is_none() && vectors.is_empty() {
+        sampled_vectors(&model)?
+    } else {
+        Vec::new()
+    };
     let chunk_size = req.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
     let m = Manifest {
         name: req.name.clone(),
@@ -293,10 +348,34 @@ pub fn prepare(
         test_vectors: vectors,
         lineage: req.lineage.clone(),
         created_at_ms: now_ms,
+        sampled_vectors: sampled,
     };
     m.validate()?;
+    check_manifest_len(&m)?;
     let blob = signing.sign_manifest(&m);
     Ok((m, blob))
+}
+
+/// Refuses a manifest no deploy command could carry (`envelope::MAX_MANIFEST_LEN`), naming
+/// what takes the room.
+pub fn check_manifest_len(m: &Manifest) -> Result<(), RegistryError> {
+    use drover_protocol::envelope::{MAX_DOWNLINK_LEN, MAX_MANIFEST_LEN};
+    let total = wire_len(m);
+    if total <= MAX_MANIFEST_LEN {
+        return Ok(());
+    }
+    Err(RegistryError::ManifestTooLarge {
+        len: total,
+        max: MAX_MANIFEST_LEN,
+        max_frame: MAX_DOWNLINK_LEN,
+        vectors: wire_len(&m.test_vectors),
+        baseline: wire_len(&m.baseline),
+    })
+}
+
+/// The postcard length of a value (what it takes in a signed manifest).
+fn wire_len<T: serde::Serialize>(v: &T) -> usize {
+    postcard::experimental::serialized_size(v).unwrap_or(usize::MAX)
 }
 
 fn spec_json(s: &TensorSpec) -> serde_json::Value {
@@ -317,6 +396,7 @@ pub fn summary(m: &Manifest) -> serde_json::Value {
         "outputs": m.outputs.iter().map(spec_json).collect::<Vec<_>>(),
         "chunks": m.chunk_hashes.len(),
         "test_vectors": m.test_vectors.len(),
+        "sampled_vectors": m.sampled_vectors.len(),
         "baseline": m.baseline.as_ref().map(|b| serde_json::json!({
             "rows": b.rows,
             "features": b.features.iter().map(|f| match f {

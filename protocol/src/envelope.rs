@@ -29,9 +29,57 @@ pub const HEADER_LEN: usize = 5;
 
 /// Upper bounds checked before anything is decoded or allocated.
 pub const MAX_UPLINK_LEN: usize = 1024 * 1024;
+/// The one downlink limit: the control plane's outbox refuses to publish a sealed frame
+/// above it, the API refuses a deploy whose command would be above it, every agent
+/// refuses (and acknowledges, and reports) a received frame above it, and the broker and
+/// client packet limits below derive from it.
 pub const MAX_DOWNLINK_LEN: usize = 4 * 1024 * 1024;
 pub const MAX_CHUNK_FRAME_LEN: usize = MAX_CHUNK_SIZE as usize + 1024;
 pub const MAX_KEYRING_LEN: usize = 64 * 1024;
+
+/// Headroom above the largest frame, in the broker's payload limit and again in the
+/// clients' packet limit (MQTT fixed header, topic, properties).
+pub const MQTT_SLACK: usize = 64 * 1024;
+/// The largest MQTT payload a Drover broker accepts (the embedded broker's
+/// `max_payload_size`, mosquitto's `message_size_limit` as `drover broker config
+/// mosquitto` writes it): a frame somewhat over its kind's limit still reaches its
+/// reader, which refuses it by the envelope's bound instead of it vanishing in the broker.
+pub const MAX_BROKER_PAYLOAD: usize = MAX_DOWNLINK_LEN + MQTT_SLACK;
+/// The largest MQTT packet a Drover client (agent, control plane) reads: everything the
+/// broker delivers, so a client never drops its connection over a packet, which would make
+/// the broker redeliver the unacknowledged message on every reconnect, forever.
+pub const MAX_MQTT_PACKET: usize = MAX_BROKER_PAYLOAD + MQTT_SLACK;
+
+/// An upper bound of everything in a sealed deploy command frame except the signed
+/// manifest's payload: envelope header and MAC, the downlink frame (device id up to
+/// `topics::MAX_DEVICE_ID_LEN`, time), the signed command (key id, signature, length
+/// prefixes) and the command's own fields. `protocol/tests/limits.rs` checks it holds.
+pub const DEPLOY_FRAME_OVERHEAD: usize = 1024;
+/// The largest signed manifest payload a deploy command can carry within
+/// [`MAX_DOWNLINK_LEN`]. The registry refuses to publish a larger one.
+pub const MAX_MANIFEST_LEN: usize = MAX_DOWNLINK_LEN - DEPLOY_FRAME_OVERHEAD;
+
+/// A sealed downlink frame the sender must not publish.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error(
+    "the downlink frame would be {len} bytes, above the {max}-byte limit every device \
+     enforces; it was not sent"
+)]
+pub struct FrameTooLarge {
+    pub len: usize,
+    pub max: usize,
+}
+
+/// The sender's check, before publishing a sealed downlink frame.
+pub fn check_downlink_len(frame: &[u8]) -> Result<(), FrameTooLarge> {
+    if frame.len() > MAX_DOWNLINK_LEN {
+        return Err(FrameTooLarge {
+            len: frame.len(),
+            max: MAX_DOWNLINK_LEN,
+        });
+    }
+    Ok(())
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]

@@ -365,7 +365,7 @@ impl TrustStore {
     pub fn verify_manifest(&self, blob: &SignedBlob, now_ms: u64) -> Result<Manifest, TrustError> {
         expect_kind(blob, SigKind::Manifest)?;
         self.check_signer(blob, Role::Models, now_ms)?;
-        let m: Manifest = decode_payload(&blob.payload)?;
+        let m = Manifest::decode(&blob.payload).map_err(TrustError::Malformed)?;
         m.validate()?;
         Ok(m)
     }

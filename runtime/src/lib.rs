@@ -15,5 +15,7 @@
 pub mod graph;
 pub mod model;
 pub mod onnx_ml;
+pub mod sampled;
 
 pub use model::*;
+pub use sampled::self_test_sampled;

@@ -69,10 +69,11 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\n\
                  persistence true\npersistence_location {}/\nautosave_interval 1\n\
-                 max_inflight_messages 1000\nmax_queued_messages 10000000\nmessage_size_limit 8388608\n",
+                 max_inflight_messages 1000\nmax_queued_messages 10000000\nmessage_size_limit {}\n",
                 passwd.display(),
                 dir.join("acl").display(),
-                dir.display()
+                dir.display(),
+                drover_protocol::envelope::MAX_BROKER_PAYLOAD,
             ),
         )?;
         let log = std::fs::File::create(dir.join("mosquitto.log"))?;

@@ -70,6 +70,9 @@ const SEQ_BLOCK: u64 = 1000;
 pub const REQUEST_ID_BLOCK: u64 = 1 << 20;
 /// At most one KeyringRefused report per this interval.
 const KEYRING_REFUSAL_INTERVAL_MS: u64 = 60_000;
+/// At most this many refused-downlink reports per [`KEYRING_REFUSAL_INTERVAL_MS`]: a peer
+/// able to publish garbage on the topic cannot fill the spool with reports.
+const DOWNLINK_REFUSALS_PER_INTERVAL: u32 = 16;
 /// Bounds of the telemetry window a Configure command may set (signed, but off the
 /// network: a driver adds it to its clock).
 const TELEMETRY_INTERVAL_MS: (u64, u64) = (100, 86_400_000);
@@ -109,6 +112,15 @@ pub enum Input {
     Disconnected,
     /// A downlink message whose frame MAC checked out ([`Machine::decode`]).
     Downlink(Downlink),
+    /// A message on this device's downlink topic that is not a valid frame (too large,
+    /// undecodable, wrong MAC or device): the driver acknowledges it like any message, and
+    /// the machine reports it (`Progress` `Refused`, command 0, the SHA-256 of the bytes),
+    /// so a persistent session never loops on it and the operator sees why.
+    DownlinkRefused {
+        digest: Digest,
+        len: usize,
+        reason: String,
+    },
     /// A keyring off the retained topic, not verified yet.
     Keyring(SignedBlob),
     /// A chunk off a model's shared topic, not verified yet.
@@ -289,6 +301,11 @@ pub enum Event {
         seq: u64,
     },
     CommandRefused(TrustError),
+    /// A frame on the downlink topic was refused ([`Input::DownlinkRefused`]).
+    DownlinkRefused {
+        len: usize,
+        reason: String,
+    },
     Progress {
         command_seq: u64,
         phase: Phase,
@@ -350,6 +367,8 @@ pub struct Machine {
     next_seq: u64,
     started_ms: u64,
     last_keyring_refusal_ms: Option<u64>,
+    /// Start of the current refused-downlink report window, and reports sent in it.
+    downlink_refusals: (u64, u32),
     job: Option<deploy::Job>,
     restore: Option<deploy::Restore>,
     probation: Option<deploy::Probation>,
@@ -380,6 +399,7 @@ impl Machine {
             next_seq,
             started_ms: now_ms,
             last_keyring_refusal_ms: None,
+            downlink_refusals: (0, 0),
             job: None,
             restore: None,
             probation: None,
@@ -436,6 +456,11 @@ impl Machine {
                 self.refresh_will();
             }
             Input::Downlink(msg) => self.on_downlink(msg),
+            Input::DownlinkRefused {
+                digest,
+                len,
+                reason,
+            } => self.on_downlink_refused(digest, len, reason),
             Input::Keyring(blob) => self.on_keyring(blob),
             Input::Chunk(c) => self.on_chunk(c),
             Input::Tick(seen) => self.tick(seen),
@@ -484,7 +509,11 @@ impl Machine {
             Ok(ParsedTopic::Downlink { device }) if device == self.cfg.device_id => {
                 match envelope::open_downlink(payload, &self.cfg.device_id, &self.cfg.device_key) {
                     Ok(frame) => Decoded::Input(Input::Downlink(frame.msg)),
-                    Err(e) => Decoded::Refused(FrameRefused::Downlink(e)),
+                    Err(e) => Decoded::Input(Input::DownlinkRefused {
+                        digest: drover_protocol::trust::sha256(payload),
+                        len: payload.len(),
+                        reason: FrameRefused::Downlink(e).to_string(),
+                    }),
                 }
             }
             Ok(ParsedTopic::Keyring) => match envelope::decode_keyring(payload) {
@@ -560,6 +589,26 @@ impl Machine {
             durable,
             publish,
         }));
+    }
+
+    fn on_downlink_refused(&mut self, digest: Digest, len: usize, reason: String) {
+        self.event(Event::DownlinkRefused {
+            len,
+            reason: reason.clone(),
+        });
+        let (start, sent) = &mut self.downlink_refusals;
+        if self.now.saturating_sub(*start) >= KEYRING_REFUSAL_INTERVAL_MS {
+            (*start, *sent) = (self.now, 0);
+        }
+        if *sent >= DOWNLINK_REFUSALS_PER_INTERVAL {
+            return;
+        }
+        *sent += 1;
+        let detail = format!(
+            "a {len}-byte message on this device's downlink topic was refused and \
+             acknowledged (dropped, never redelivered): {reason}"
+        );
+        self.progress((0, digest), None, Phase::Refused, (0, 0), Some(detail));
     }
 
     fn progress(

@@ -148,6 +148,7 @@ impl TestModel {
             test_vectors: vec![],
             lineage: Lineage::default(),
             created_at_ms: 0,
+            sampled_vectors: vec![],
         };
         let blob = signer.sign_manifest(&manifest);
         TestModel {
@@ -622,7 +623,7 @@ fn decoding_sorts_frames_by_topic_and_checks_the_downlink_mac() {
     ));
     assert!(matches!(
         r.m.decode(&down, &forged),
-        Decoded::Refused(FrameRefused::Downlink(_))
+        Decoded::Input(Input::DownlinkRefused { len, .. }) if len == forged.len()
     ));
     let chunk = envelope::encode_chunk(&ChunkData {
         manifest_digest: [4; 32],
@@ -637,4 +638,52 @@ fn decoding_sorts_frames_by_topic_and_checks_the_downlink_mac() {
         r.m.decode(&topics::uplink(&dev, UplinkKind::Status), &good),
         Decoded::Ignored
     ));
+}
+
+#[test]
+fn refused_downlinks_are_reported_by_digest_and_size_within_a_budget() {
+    let mut r = rig();
+    let dev = r.m.config().device_id.clone();
+    let down = topics::downlink(&dev);
+    let mut oversized = b"DR".to_vec();
+    oversized.extend_from_slice(&envelope::PROTOCOL_VERSION.to_le_bytes());
+    oversized.push(2);
+    oversized.resize(envelope::MAX_DOWNLINK_LEN + 1, 0);
+    for (bytes, why) in [
+        (oversized, "above the 4194304-byte limit"),
+        (b"\x00 not a frame".to_vec(), "bad magic"),
+    ] {
+        let Decoded::Input(input) = r.m.decode(&down, &bytes) else {
+            panic!("{why}: not an input");
+        };
+        let e = r.handle(input);
+        assert!(matches!(
+            events(&e)[0],
+            Event::DownlinkRefused { len, .. } if *len == bytes.len()
+        ));
+        let p = progress(&e);
+        assert_eq!((p.len(), p[0].0, p[0].1), (1, 0, Phase::Refused), "{p:?}");
+        let detail = p[0].2.as_deref().unwrap();
+        assert!(
+            detail.contains(why) && detail.contains("acknowledged"),
+            "{detail}"
+        );
+        let digest = uplinks(&e).iter().find_map(|u| match u {
+            Uplink::Progress(p) => Some(p.command_digest),
+            _ => None,
+        });
+        assert_eq!(digest, Some(drover_protocol::trust::sha256(&bytes)));
+    }
+    // A flood is reported up to the budget, then only logged; state untouched.
+    let before = r.m.state().clone();
+    let reported: usize = (0..40)
+        .map(|_| {
+            let Decoded::Input(i) = r.m.decode(&down, b"junk") else {
+                panic!()
+            };
+            progress(&r.handle(i)).len()
+        })
+        .sum();
+    assert_eq!(reported, DOWNLINK_REFUSALS_PER_INTERVAL as usize - 2);
+    assert_eq!(r.m.state().last_command_seq, before.last_command_seq);
 }

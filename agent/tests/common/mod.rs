@@ -50,10 +50,11 @@ listen = "127.0.0.1:{port}"
 next_connection_delay_ms = 1
 [v4.1.connections]
 connection_timeout_ms = 60000
-max_payload_size = 8388608
+max_payload_size = {max_payload}
 max_inflight_count = 500
 dynamic_filters = true
-"#
+"#,
+        max_payload = drover_protocol::envelope::MAX_BROKER_PAYLOAD,
     );
     let cfg: rumqttd::Config = toml::from_str(&text).unwrap();
     std::thread::spawn(move || {
@@ -186,6 +187,7 @@ pub fn publish_bytes(
         }],
         lineage: Lineage::default(),
         created_at_ms: now_ms(),
+        sampled_vectors: vec![],
     };
     let blob = keys.signer.sign_manifest(&manifest);
     Published {

@@ -96,6 +96,9 @@ impl From<FleetError> for ApiError {
         match e {
             FleetError::Store(s) => s.into(),
             FleetError::UnknownModel(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            FleetError::ManifestTooLarge { .. } => {
+                ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
             FleetError::Pki(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             _ => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
         }

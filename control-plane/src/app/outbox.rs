@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use drover_host::clock::SharedClock;
-use drover_protocol::envelope::{encode_keyring, seal_downlink, DownlinkFrame};
+use drover_protocol::envelope::{check_downlink_len, encode_keyring, seal_downlink, DownlinkFrame};
 use drover_protocol::messages::{Downlink, UplinkAck};
 use drover_protocol::topics;
 use drover_protocol::trust::Digest;
@@ -50,6 +50,11 @@ impl Outbox {
     /// Seals `msg` with the device's key and publishes it on its downlink topic. An
     /// unknown or decommissioned device gets nothing; a failed publish is logged (the
     /// caller's state is already persisted, and republishing is its own policy).
+    ///
+    /// A sealed frame above `MAX_DOWNLINK_LEN` is never published (every device would
+    /// refuse it): it is logged and counted (`downlinks_too_large`). Publish and deploy
+    /// refuse such a manifest with the figures before a command exists, so this is the
+    /// last guard, not the operator's error message.
     pub async fn send(&self, device: &DeviceId, msg: Downlink) {
         let Some(key) = self.devices.key(device) else {
             return;
@@ -62,6 +67,11 @@ impl Outbox {
                 msg,
             },
         );
+        if let Err(e) = check_downlink_len(&frame) {
+            self.metrics.downlinks_too_large.fetch_add(1, Relaxed);
+            tracing::error!(device_id = %device, error = %e, "downlink not sent");
+            return;
+        }
         if let Err(e) = self
             .mqtt
             .publish(topics::downlink(device), frame, QoS::AtLeastOnce, false)

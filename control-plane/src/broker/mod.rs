@@ -36,9 +36,11 @@ pub struct BrokerAuth {
     pub metrics: Arc<Metrics>,
 }
 
-/// Largest MQTT payload the broker accepts: a full chunk or command frame fits, and an
-/// oversized uplink still reaches ingest, which counts it (`too_large`) and drops it.
-pub const MAX_PAYLOAD: usize = drover_protocol::envelope::MAX_DOWNLINK_LEN + 64 * 1024;
+/// Largest MQTT payload the broker accepts (`envelope::MAX_BROKER_PAYLOAD`, derived from
+/// `MAX_DOWNLINK_LEN`): a full chunk or command frame fits, an oversized uplink still
+/// reaches ingest, which counts it (`too_large`) and drops it, and an oversized downlink
+/// reaches the agent, which acknowledges and reports it.
+pub const MAX_PAYLOAD: usize = drover_protocol::envelope::MAX_BROKER_PAYLOAD;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {

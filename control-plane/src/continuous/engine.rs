@@ -130,7 +130,7 @@ impl Engine {
                     let Some(row) = s.model_by_digest(&d)? else {
                         continue;
                     };
-                    let m: Manifest = postcard::from_bytes(&row.payload).map_err(|_| {
+                    let m = Manifest::decode(&row.payload).map_err(|_| {
                         ContinuousError::BadManifest(format!("{}@{}", row.name, row.version))
                     })?;
                     if let Some(b) = m.baseline {

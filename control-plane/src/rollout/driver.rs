@@ -470,6 +470,7 @@ impl Driver {
         let state = self
             .blocking(move |_, s| {
                 let model = fleet::find_model(s, &plan.model)?;
+                fleet::check_deployable(&model)?;
                 let candidate = Candidate {
                     name: model.name.clone(),
                     version: model.version.clone(),

@@ -80,7 +80,7 @@ pub(super) fn candidate_drift(
     let Some(model) = s.model_by_digest(&digest)? else {
         return Ok(HashMap::new());
     };
-    let manifest: drover_protocol::manifest::Manifest = postcard::from_bytes(&model.payload)
+    let manifest = drover_protocol::manifest::Manifest::decode(&model.payload)
         .map_err(|e| RolloutError::Corrupt(format!("manifest of {}: {e}", model.name)))?;
     let Some(baseline) = manifest.baseline else {
         return Ok(HashMap::new());

@@ -115,6 +115,7 @@ pub fn manifest() -> Manifest {
             metrics: BTreeMap::from([("accuracy".into(), 0.93), ("f1".into(), 0.9)]),
         },
         created_at_ms: NOW,
+        sampled_vectors: vec![],
     }
 }
 

@@ -512,6 +512,8 @@ impl Device {
                 if self_test {
                     drover_runtime::self_test(&m, &manifest.test_vectors)
                         .map_err(|e| e.to_string())?;
+                    drover_runtime::self_test_sampled(&m, &manifest.sampled_vectors)
+                        .map_err(|e| e.to_string())?;
                 }
                 Ok(m)
             });
@@ -560,7 +562,7 @@ impl Device {
     fn count(&mut self, e: Event) {
         let s = &self.shared.stats;
         match e {
-            Event::CommandRefused(_) => {
+            Event::CommandRefused(_) | Event::DownlinkRefused { .. } => {
                 s.commands_refused.fetch_add(1, Relaxed);
             }
             Event::Progress {

@@ -2,8 +2,10 @@
 //! file and `%u` ACLs, as `mosquitto_e2e.rs` runs it), garbage, empty, oversized,
 //! truncated, wrongly MAC'd, forged-signature and replayed frames are published to a
 //! running `drover-agent` process's downlink topic. The agent refuses each (its log says
-//! so), stays connected (mosquitto saw no new connection from it), keeps serving its
-//! model, and still carries out the next genuine deploy.
+//! so), acknowledges it and reports it to the control plane (a `refused` progress report
+//! per frame, naming its size and why: issue 16), stays connected (mosquitto saw no new
+//! connection from it), keeps serving its model, and still carries out the next genuine
+//! deploy.
 
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::serve;
@@ -144,6 +146,44 @@ async fn poison_downlinks_are_refused_and_the_agent_stays_connected_and_serving(
     let text = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
     let settled = healthy_on(&srv, DEVICE, "2.0.0").await;
     assert!(settled.is_ok(), "{settled:?}; agent log: {}", text());
+
+    // Each frame that is not a valid downlink is reported once (acknowledged: never
+    // redelivered, so never reported twice), with its size and the reason.
+    let http = reqwest::Client::new();
+    let reports = wait_until("the refusals reported", WAIT, || async {
+        let rows: serde_json::Value = http
+            .get(format!("{url}/v1/devices/{DEVICE}/progress?command=0"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let details: Vec<String> = rows
+            .as_array()?
+            .iter()
+            .filter(|r| r["phase"] == "refused")
+            .filter_map(|r| r["detail"].as_str().map(str::to_owned))
+            .filter(|d| d.contains("downlink topic was refused and acknowledged"))
+            .collect();
+        (details.len() >= 5).then_some(details)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; agent log: {}", text()));
+    assert_eq!(reports.len(), 5, "{reports:#?}");
+    let oversized_len = MAX_DOWNLINK_LEN + 4096;
+    assert!(
+        reports
+            .iter()
+            .any(|d| d.contains(&format!("a {oversized_len}-byte message"))
+                && d.contains("above the")),
+        "{reports:#?}"
+    );
+    assert!(
+        reports.iter().any(|d| d.contains("bad magic")),
+        "{reports:#?}"
+    );
 
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let refusals = text.matches("refused").count();
