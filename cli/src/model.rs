@@ -11,6 +11,8 @@ use super::client::{parse_kv, print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
 use drover_control_plane::api::{ModelView, PublishBody};
 
+// Parsed once per process: the size of the largest variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Validate an ONNX model with the agent runtime, sign it and add it to the registry.
@@ -44,6 +46,15 @@ pub enum ModelCommand {
         /// Chunk size in bytes for downloads (default 65536).
         #[arg(long)]
         chunk_size: Option<u32>,
+        /// An input's shape, `NAME=1,3,640,640` (repeatable, one per input): a number fixes an
+        /// axis, a name (`N`, `width`) keeps it symbolic. Written into the ONNX file before it
+        /// is signed; a dim the file fixes cannot be changed. Give it when a refusal says
+        /// the model's shapes depend on dims the file leaves open.
+        #[arg(long = "input-shape", value_name = "NAME=D1,D2,...")]
+        input_shapes: Vec<String>,
+        /// On a refusal, also print the runtime's whole error chain.
+        #[arg(long)]
+        verbose: bool,
         #[arg(long)]
         training_job: Option<String>,
         #[arg(long)]
@@ -99,12 +110,18 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             baseline,
             test_vectors,
             chunk_size,
+            input_shapes,
+            verbose,
             training_job,
             dataset,
             metrics,
             server,
             output,
         } => {
+            for a in &input_shapes {
+                drover_control_plane::registry::parse_input_shape(a)
+                    .map_err(|e| anyhow::anyhow!("--input-shape {e}"))?;
+            }
             let model = std::fs::read(&file)
                 .with_context(|| format!("cannot read model file {}", file.display()))?;
             let baseline_csv = baseline
@@ -139,6 +156,8 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 training_job,
                 dataset,
                 metrics: m,
+                input_shapes,
+                verbose,
             };
             let client = Client::new(&server)?;
             let bar = indicatif::ProgressBar::new_spinner();

@@ -13,6 +13,9 @@ use drover_protocol::manifest::{
     MAX_MODEL_SIZE,
 };
 use drover_protocol::trust::{sha256, SecretKey, SignedBlob};
+/// `--input-shape NAME=D1,D2,…` as the API and the CLI parse it.
+pub use drover_runtime::publish::parse_input_shape;
+use drover_runtime::publish::PublishOptions;
 use drover_runtime::{Model, RuntimeError};
 
 use crate::store::{ModelRow, Store, StoreError};
@@ -71,6 +74,18 @@ pub struct PublishRequest {
     pub test_vectors: Option<Vec<TestVector>>,
     pub chunk_size: Option<u32>,
     pub lineage: Lineage,
+    /// The operator's input shapes (`--input-shape NAME=1,3,640,640`), written into the
+    /// ONNX file before it is signed.
+    pub input_shapes: Vec<(String, Vec<Dim>)>,
+}
+
+/// What `prepare` produced: the signed manifest, the exact bytes it describes (the
+/// operator's file after the publish fixes) and one line per fix.
+pub struct Prepared {
+    pub manifest: Manifest,
+    pub blob: SignedBlob,
+    pub bytes: Vec<u8>,
+    pub fixes: Vec<String>,
 }
 
 /// A baseline parsed from CSV: feature names and their numeric columns.
@@ -245,12 +260,15 @@ fn sampled_vectors(model: &Model) -> Result<Vec<SampledVector>, RegistryError> {
     Ok(sampled)
 }
 
-/// Validates, derives and signs: everything `publish` does except storing.
+/// Fixes, validates, derives and signs: everything `publish` does except storing. The
+/// file is published as shipped: the runtime applies the operator's input shapes and the
+/// semantics-keeping graph fixes (`drover_runtime::publish`) to the bytes before they are
+/// hashed and signed, so devices download exactly what was validated here.
 pub fn prepare(
     req: &PublishRequest,
     signing: &SecretKey,
     now_ms: u64,
-) -> Result<(Manifest, SignedBlob), RegistryError> {
+) -> Result<Prepared, RegistryError> {
     manifest::validate_model_name(&req.name)?;
     if manifest::parse_semver(&req.version).is_none() {
         return Err(ManifestError::BadVersion(req.version.clone()).into());
@@ -259,7 +277,16 @@ pub fn prepare(
     if size > MAX_MODEL_SIZE {
         return Err(RegistryError::TooLarge(size));
     }
-    let model = Model::load(&req.model).map_err(RegistryError::Runtime)?;
+    let opts = PublishOptions {
+        input_shapes: req.input_shapes.clone(),
+    };
+    let fixed =
+        drover_runtime::publish::prepare(&req.model, &opts).map_err(RegistryError::Runtime)?;
+    let (model, bytes, fixes) = (fixed.model, fixed.bytes, fixed.fixes);
+    let size = bytes.len() as u64;
+    if size > MAX_MODEL_SIZE {
+        return Err(RegistryError::TooLarge(size));
+    }
     let table = req.baseline_csv.as_deref().map(parse_csv).transpose()?;
     let mut baseline = None;
     let mut vectors = Vec::new();
@@ -338,10 +365,10 @@ pub fn prepare(
     let m = Manifest {
         name: req.name.clone(),
         version: req.version.clone(),
-        sha256: sha256(&req.model),
+        sha256: sha256(&bytes),
         size,
         chunk_size,
-        chunk_hashes: manifest::chunk_hashes(&req.model, chunk_size),
+        chunk_hashes: manifest::chunk_hashes(&bytes, chunk_size),
         inputs: model.inputs().to_vec(),
         outputs: model.outputs().to_vec(),
         baseline,
@@ -353,7 +380,12 @@ pub fn prepare(
     m.validate()?;
     check_manifest_len(&m)?;
     let blob = signing.sign_manifest(&m);
-    Ok((m, blob))
+    Ok(Prepared {
+        manifest: m,
+        blob,
+        bytes,
+        fixes,
+    })
 }
 
 /// Refuses a manifest no deploy command could carry (`envelope::MAX_MANIFEST_LEN`), naming
@@ -389,9 +421,11 @@ fn spec_json(s: &TensorSpec) -> serde_json::Value {
     })
 }
 
-/// The human-facing summary stored beside the signed manifest.
-pub fn summary(m: &Manifest) -> serde_json::Value {
+/// The human-facing summary stored beside the signed manifest; `fixes` are the publish
+/// fixes applied to the operator's file.
+pub fn summary(m: &Manifest, fixes: &[String]) -> serde_json::Value {
     serde_json::json!({
+        "publish_fixes": fixes,
         "inputs": m.inputs.iter().map(spec_json).collect::<Vec<_>>(),
         "outputs": m.outputs.iter().map(spec_json).collect::<Vec<_>>(),
         "chunks": m.chunk_hashes.len(),
@@ -428,14 +462,19 @@ pub fn publish(
         }
         .into());
     }
-    let (m, blob) = prepare(req, signing, now_ms)?;
+    let Prepared {
+        manifest: m,
+        blob,
+        bytes,
+        fixes,
+    } = prepare(req, signing, now_ms)?;
     let path = models_dir.join(drover_protocol::topics::hex32(&m.sha256));
     let io = |source| RegistryError::Io {
         path: path.clone(),
         source,
     };
     if !path.exists() {
-        drover_host::fs::write_atomic(&path, &req.model).map_err(io)?;
+        drover_host::fs::write_atomic(&path, &bytes).map_err(io)?;
     }
     let row = ModelRow {
         digest: blob.digest(),
@@ -448,7 +487,7 @@ pub fn publish(
         key_id: blob.key_id.to_string(),
         payload: blob.payload.clone(),
         signature: blob.signature.clone(),
-        summary: summary(&m).to_string(),
+        summary: summary(&m, &fixes).to_string(),
     };
     store.insert_model(&row)?;
     tracing::info!(model = %m.name, version = %m.version, digest = %drover_protocol::topics::hex32(&row.digest), "model published");

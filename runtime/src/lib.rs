@@ -7,6 +7,8 @@
 //!   against a manifest's test vectors, behind `catch_unwind`.
 //! - [`onnx_ml`]: the `ai.onnx.ml` operators scikit-learn exporters emit, registered into
 //!   tract-onnx's operator table.
+//! - [`publish`]: the graph fixes applied to a model's ONNX bytes at publish (operator's
+//!   input shapes, constant-condition `If` folded, stale shape hints dropped).
 //! - [`graph`]: helpers that build small ONNX graphs (the built-in trainer's model, the
 //!   simulator's and benchmarks' fixtures).
 //!
@@ -15,6 +17,7 @@
 pub mod graph;
 pub mod model;
 pub mod onnx_ml;
+pub mod publish;
 pub mod sampled;
 
 pub use model::*;

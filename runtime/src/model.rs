@@ -58,8 +58,38 @@ pub enum RuntimeError {
     Run(String),
     #[error("output {name:?} has type {dtype} which the wire cannot carry")]
     OutputType { name: String, dtype: String },
+    #[error("--input-shape {input}: {detail}")]
+    InputOption { input: String, detail: String },
+    #[error("{0}")]
+    Refused(Box<Refusal>),
     #[error("self-test vector {vector}: {detail}")]
     SelfTest { vector: usize, detail: String },
+}
+
+/// A model tract stopped at one node: what the operator reads, and tract's whole error
+/// chain for `--verbose`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub node: String,
+    pub op: String,
+    pub what: String,
+    pub cause: String,
+    pub hint: String,
+    pub trace: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Refusal {
+            node,
+            op,
+            what,
+            cause,
+            hint,
+            ..
+        } = self;
+        write!(f, "node {node:?} ({op}) {what}: {cause}; {hint}")
+    }
 }
 
 /// A loaded, optimized model ready to run concurrently (`run` takes `&self`).
@@ -189,20 +219,29 @@ fn load_inner(bytes: &[u8]) -> Result<Model, RuntimeError> {
     check_graph(graph, &onnx.op_register, 0)?;
     let mut model = onnx
         .model_for_proto_model(&proto)
-        .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
-    // Unknown dims (skl2onnx writes `None` for the batch axis) become a symbol, so one
-    // optimized plan serves every batch size.
+        .map_err(|e| refusal("cannot be read", &e))?;
+    // Unknown dims become symbols, so one optimized plan serves every size: axis 0 of
+    // every input is the shared batch `N` (skl2onnx and most exporters write `None` there,
+    // and inputs batched together must agree); any other unnamed axis gets its own symbol
+    // `<input>_<axis>`, so `[None, None]` serves `[2, 5]`. Named dims keep the file's name.
     let batch = model.sym("N");
     for ix in 0..model.inputs.len() {
         let fact = model
             .input_fact(ix)
             .map_err(|e| RuntimeError::Load(format!("{e:#}")))?
             .clone();
+        let input = model.node(model.inputs[ix].node).name.clone();
         if fact.shape.rank().concretize().is_some() {
             let dims: Vec<TDim> = fact
                 .shape
                 .dims()
-                .map(|d| d.concretize().unwrap_or_else(|| batch.clone().into()))
+                .enumerate()
+                .map(|(axis, d)| {
+                    d.concretize().unwrap_or_else(|| match axis {
+                        0 => batch.clone().into(),
+                        _ => model.sym(&axis_symbol(&input, axis)).into(),
+                    })
+                })
                 .collect();
             model
                 .set_input_fact(ix, fact.with_shape(dims))
@@ -211,7 +250,7 @@ fn load_inner(bytes: &[u8]) -> Result<Model, RuntimeError> {
     }
     let typed = model
         .into_optimized()
-        .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
+        .map_err(|e| refusal("cannot be analysed", &e))?;
     let mut inputs = Vec::new();
     for (ix, outlet) in typed.input_outlets().map_err(load_err)?.iter().enumerate() {
         let name = typed.node(outlet.node).name.clone();
@@ -231,6 +270,77 @@ fn load_inner(bytes: &[u8]) -> Result<Model, RuntimeError> {
         inputs,
         outputs,
     })
+}
+
+/// The node a tract error chain names (`node #12 "name" Op`), as `(name, op)`.
+fn node_in(msg: &str) -> Option<(String, String)> {
+    let at = msg.find("node #")?;
+    let rest = &msg[at + 6..];
+    let rest = rest
+        .trim_start_matches(|c: char| c.is_ascii_digit())
+        .strip_prefix(" \"")?;
+    let (name, rest) = rest.split_once('"')?;
+    let op: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':'))
+        .collect();
+    (!op.is_empty()).then(|| (name.to_owned(), op))
+}
+
+/// A load failure as the operator reads it: the node and operator tract stopped at, the
+/// root cause, and what to do; tract's whole chain is kept in `trace` (`--verbose`).
+fn refusal(what: &str, e: &TractError) -> RuntimeError {
+    let trace = format!("{e:#}");
+    let Some((node, op)) = e.chain().find_map(|c| node_in(&c.to_string())) else {
+        return RuntimeError::Load(trace);
+    };
+    let cause = e.root_cause().to_string();
+    let cause: String = cause
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect();
+    let shapes = [
+        "unify",
+        "Clashing",
+        "Sym(",
+        "symbol",
+        "shape",
+        "Undetermined",
+    ];
+    let hint = if op == "If" {
+        "its two branches give outputs of different shapes or types and its condition is \
+         not a constant: re-export the model for one configuration (the branch you run), or \
+         give the inputs' shapes with `drover model publish --input-shape NAME=D1,D2,...`"
+    } else if shapes.iter().any(|k| trace.contains(k)) {
+        "its shapes depend on dims the file leaves open: give the inputs' shapes with \
+         `drover model publish --input-shape NAME=D1,D2,...` (one per input; a name keeps an \
+         axis symbolic)"
+    } else {
+        "this runtime cannot run that node as exported: re-export the model (another opset, \
+         or without this operator) or report it with the model attached"
+    };
+    RuntimeError::Refused(Box::new(Refusal {
+        node,
+        op,
+        what: what.to_owned(),
+        cause,
+        hint: hint.to_owned(),
+        trace,
+    }))
+}
+
+/// The symbol of an unnamed dynamic axis: `<input>_<axis>`, the input's name reduced to
+/// `[A-Za-z0-9_]` so it reads as one identifier in shapes and errors.
+fn axis_symbol(input: &str, axis: usize) -> String {
+    let clean: String = input
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{clean}_{axis}")
 }
 
 fn load_err(e: TractError) -> RuntimeError {

@@ -62,6 +62,13 @@ pub struct PublishBody {
     pub dataset: Option<String>,
     #[serde(default)]
     pub metrics: BTreeMap<String, f64>,
+    /// `NAME=D1,D2,…` per input (`--input-shape`): a number fixes an axis, a name keeps it
+    /// symbolic.
+    #[serde(default)]
+    pub input_shapes: Vec<String>,
+    /// Append tract's whole error chain to a refusal (`--verbose`).
+    #[serde(default)]
+    pub verbose: bool,
 }
 
 pub(super) async fn list_models(
@@ -91,7 +98,15 @@ pub(super) async fn publish(
             format!("model_hex is not hex: {e}"),
         )
     })?;
+    let input_shapes = body
+        .input_shapes
+        .iter()
+        .map(|a| drover_runtime::publish::parse_input_shape(a))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("--input-shape {e}")))?;
+    let verbose = body.verbose;
     let req = PublishRequest {
+        input_shapes,
         name: body.name,
         version: body.version,
         model,
@@ -106,14 +121,31 @@ pub(super) async fn publish(
         },
     };
     let row = blocking(&st, move |sh, s| {
-        Ok(registry::publish(
+        registry::publish(
             s,
             &sh.paths.models_dir(),
             &req,
             &sh.keys.current().signing,
             sh.clock.unix_ms(),
-        )?)
+        )
+        .map_err(|e| publish_error(e, verbose))
     })
     .await?;
     Ok((StatusCode::CREATED, Json(row.into())))
+}
+
+/// A publish refusal; with `verbose`, a runtime refusal carries tract's whole error chain
+/// after the message (the message alone names the node, the operator and what to do).
+fn publish_error(e: registry::RegistryError, verbose: bool) -> ApiError {
+    let trace = match &e {
+        registry::RegistryError::Runtime(drover_runtime::RuntimeError::Refused(r)) if verbose => {
+            Some(r.trace.clone())
+        }
+        _ => None,
+    };
+    let mut api = ApiError::from(e);
+    if let Some(t) = trace {
+        api.1 = format!("{}\n\ntract's error chain:\n{t}", api.1);
+    }
+    api
 }

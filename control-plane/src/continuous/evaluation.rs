@@ -175,6 +175,7 @@ pub fn on_candidate_accepted(
         test_vectors: None,
         chunk_size: None,
         lineage,
+        input_shapes: Vec::new(),
     };
     let model = registry::publish(store, models_dir, &req, signing, now_ms)?;
     Ok(Accepted {

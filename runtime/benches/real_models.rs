@@ -1,0 +1,145 @@
+//! Benchmark (not a test): the real-model corpus (`runtime/corpus/`, issue 16), every model.
+//! Per model: published? (after the lockfile's `--input-shape` arguments and the publish
+//! fixes), max absolute error against onnxruntime's reference, tract's model time (median,
+//! one thread, through `Model::run` as the agent calls it) and onnxruntime's, timed by
+//! `fetch.py ort-time` in a Python subprocess in the same run with 1 intra-op thread and
+//! with its default, and this process's peak RSS after the model ran (VmHWM; it only grows,
+//! so read it as "peak so far").
+//!
+//! Run: `cargo bench -p drover-runtime --bench real_models` (needs python3 with onnxruntime
+//! and numpy, and the registries on first run; `CORPUS_ONLY=a,b` limits it to some models;
+//! without `--bench` it is a quick smoke run of one iteration over the lockfile's CI subset
+//! whose figures mean nothing).
+
+// The bench does not read `family`.
+#[allow(dead_code)]
+#[path = "../corpus/case.rs"]
+mod case;
+
+use std::process::Command;
+use std::time::Instant;
+
+use drover_runtime::publish::{parse_input_shape, prepare, PublishOptions};
+
+fn bench() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+fn runs() -> usize {
+    if bench() {
+        10
+    } else {
+        1
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn ort_ms(name: &str, threads: usize, runs: usize) -> Option<f64> {
+    let out = Command::new("python3")
+        .arg(case::corpus_dir().join("fetch.py"))
+        .args(["ort-time", name, &threads.to_string(), &runs.to_string()])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["median_ms"].as_f64()
+}
+
+fn main() {
+    let only: Vec<String> = std::env::var("CORPUS_ONLY")
+        .map(|s| s.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    // The smoke run (`cargo test --all-targets`, unoptimized tract) takes only the CI subset.
+    let mut args: Vec<&str> = only.iter().map(String::as_str).collect();
+    if !bench() {
+        args.push("--ci");
+    }
+    case::fetch(&args);
+    let runs = runs();
+    println!(
+        "{:<20} {:<9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8}  note",
+        "model",
+        "published",
+        "max err",
+        "tract ms",
+        "ort1 ms",
+        "ortN ms",
+        "x ort1",
+        "x ortN",
+        "RSS MB"
+    );
+    for c in case::cases() {
+        if (!only.is_empty() && !only.contains(&c.name)) || (!bench() && !c.ci) {
+            continue;
+        }
+        let bytes = std::fs::read(&c.model).expect("fetched");
+        let opts = PublishOptions {
+            input_shapes: c
+                .input_shapes
+                .iter()
+                .map(|a| parse_input_shape(a).expect("lockfile"))
+                .collect(),
+        };
+        let p = match prepare(&bytes, &opts) {
+            Ok(p) => p,
+            Err(e) => {
+                let msg: String = e.to_string().chars().take(160).collect();
+                println!(
+                    "{:<20} {:<9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8}  refused: {msg}",
+                    c.name, "no", "-", "-", "-", "-", "-", "-", "-"
+                );
+                continue;
+            }
+        };
+        let err = match p.model.run(&c.inputs) {
+            Ok(out) => case::max_abs_error(&out, &c.outputs),
+            Err(e) => Err(e.to_string()),
+        };
+        let err = match err {
+            Ok(e) => format!("{e:.1e}"),
+            Err(e) => {
+                println!("{:<20} {:<9} run failed: {e}", c.name, "yes");
+                continue;
+            }
+        };
+        let mut times: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                p.model.run(&c.inputs).expect("ran once");
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let tract = times[times.len() / 2];
+        let ort1 = ort_ms(&c.name, 1, runs.max(3));
+        let ortn = ort_ms(&c.name, 0, runs.max(3));
+        let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+        let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}", tract / v));
+        let note = if p.fixes.is_empty() {
+            String::new()
+        } else {
+            format!("fixes: {}", p.fixes.join("; "))
+        };
+        println!(
+            "{:<20} {:<9} {:>9} {:>10.2} {:>10} {:>10} {:>7} {:>7} {:>8.0}  {note}",
+            c.name,
+            "yes",
+            err,
+            tract,
+            f(ort1),
+            f(ortn),
+            x(ort1),
+            x(ortn),
+            peak_rss_mb()
+        );
+    }
+}
