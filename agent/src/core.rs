@@ -233,9 +233,8 @@ impl Core {
         will: WillSlot,
         tuning: Tuning,
     ) -> Core {
-        // A replacement device continues the sequences of the one it replaces (its config's
-        // `[replacement]`): uplinks after the last one stored, commands after the last
-        // one issued to the old hardware.
+        // A replacement continues the replaced device's sequences (config `[replacement]`):
+        // uplinks after the last one stored, commands after the last one issued to it.
         let replacement = &cfg.raw.replacement;
         let mut booted = booted;
         booted.state.last_command_seq = booted

@@ -260,6 +260,52 @@ fn sampled_vectors(model: &Model) -> Result<Vec<SampledVector>, RegistryError> {
     Ok(sampled)
 }
 
+/// The manifest's test vectors: the operator's (checked here first), else `derived` (from
+/// the baseline's rows), else full ones from deterministic inputs within the budget, else
+/// sampled ones, so every model gets vectors that test.
+fn test_vectors(
+    req: &PublishRequest,
+    model: &Model,
+    derived: Vec<TestVector>,
+) -> Result<(Vec<TestVector>, Vec<SampledVector>), RegistryError> {
+    let mut vectors = derived;
+    match &req.test_vectors {
+        Some(given) => {
+            drover_runtime::self_test(model, given).map_err(RegistryError::SelfTest)?;
+            vectors = given.clone();
+        }
+        None if vectors.is_empty() => {
+            for k in 0..TEST_VECTORS {
+                let Some(inputs) = synthetic_inputs(model, k) else {
+                    break;
+                };
+                let outputs = model.run(&inputs).map_err(RegistryError::Runtime)?;
+                let v = TestVector {
+                    inputs,
+                    outputs,
+                    tolerance: TOLERANCE,
+                };
+                // Derived vectors never make the manifest too large to deploy: they stop
+                // at half the room a deploy command has.
+                if wire_len(&vectors) + wire_len(&v) > AUTO_VECTOR_BUDGET {
+                    break;
+                }
+                vectors.push(v);
+            }
+        }
+        None => {}
+    }
+    // Whatever the input size, a model gets vectors: when full ones could not be made (an
+    // input over 1 Mi elements, or no room in the manifest), generated inputs with sampled
+    // outputs, a few kilobytes each.
+    let sampled = if req.test_vectors.is_none() && vectors.is_empty() {
+        sampled_vectors(model)?
+    } else {
+        Vec::new()
+    };
+    Ok((vectors, sampled))
+}
+
 /// Fixes, validates, derives and signs: everything `publish` does except storing. The
 /// file is published as shipped: the runtime applies the operator's input shapes and the
 /// semantics-keeping graph fixes (`drover_runtime::publish`) to the bytes before they are
@@ -327,40 +373,7 @@ pub fn prepare(
             predictions,
         });
     }
-    match &req.test_vectors {
-        Some(given) => {
-            drover_runtime::self_test(&model, given).map_err(RegistryError::SelfTest)?;
-            vectors = given.clone();
-        }
-        None if vectors.is_empty() => {
-            for k in 0..TEST_VECTORS {
-                let Some(inputs) = synthetic_inputs(&model, k) else {
-                    break;
-                };
-                let outputs = model.run(&inputs).map_err(RegistryError::Runtime)?;
-                let v = TestVector {
-                    inputs,
-                    outputs,
-                    tolerance: TOLERANCE,
-                };
-                // Derived vectors never make the manifest too large to deploy: they stop
-                // at half the room a deploy command has.
-                if wire_len(&vectors) + wire_len(&v) > AUTO_VECTOR_BUDGET {
-                    break;
-                }
-                vectors.push(v);
-            }
-        }
-        None => {}
-    }
-    // Whatever the input size, a model gets vectors: when full ones could not be made (an
-    // input over 1 Mi elements, or no room in the manifest), generated inputs with sampled
-    // outputs, a few kilobytes each.
-    let sampled = if req.test_vectors.is_none() && vectors.is_empty() {
-        sampled_vectors(&model)?
-    } else {
-        Vec::new()
-    };
+    let (vectors, sampled) = test_vectors(req, &model, vectors)?;
     let chunk_size = req.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
     let m = Manifest {
         name: req.name.clone(),

@@ -48,7 +48,8 @@ fn a_model_with_a_large_input_gets_small_sampled_vectors_that_catch_a_wrong_mode
         model: bytes.clone(),
         ..Default::default()
     };
-    let (m, blob) = prepare(&req, &SecretKey::from_seed([1; 32]), 0).unwrap();
+    let p = prepare(&req, &SecretKey::from_seed([1; 32]), 0).unwrap();
+    let (m, blob) = (p.manifest, p.blob);
     assert!(m.test_vectors.is_empty());
     assert_eq!(m.sampled_vectors.len(), 3);
     for v in &m.sampled_vectors {

@@ -113,6 +113,12 @@ async fn two_devices_complete_the_shipped_example_plan_and_watch_exits_by_outcom
             "1s",
             "--shadow",
             "1s",
+            // A debug build on a loaded 2-core machine: the candidate's p99 against the
+            // previous model's swings past the example's 1.5 (seen 1.8 with the same
+            // model). The engine tests check the ratio gate exactly; this test is about
+            // the example's waves and shadow stage on a small fleet.
+            "--max-p99-latency-ratio",
+            "50",
         ],
     )
     .unwrap();

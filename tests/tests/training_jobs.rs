@@ -180,7 +180,7 @@ async fn builtin_trainer_job_beats_the_champion_and_is_registered_with_lineage()
     assert_eq!(p.model, "shift@1.0.1");
     // Lineage in the signed manifest: parent, job, dataset hash, the gate's metrics.
     let row = rig.lock().model(MODEL, "1.0.1").unwrap().unwrap();
-    let m: drover_protocol::manifest::Manifest = postcard::from_bytes(&row.payload).unwrap();
+    let m = drover_protocol::manifest::Manifest::decode(&row.payload).unwrap();
     assert_eq!(
         m.lineage.parent.as_ref().map(|p| p.version.as_str()),
         Some("1.0.0")
