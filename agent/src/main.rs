@@ -36,6 +36,10 @@ struct Cli {
     /// Fault injection for crash tests: SIGKILL self at the N-th pass of POINT.
     #[arg(long, hide = true, value_name = "POINT:N")]
     crash_at: Option<String>,
+    /// Log format on stderr: text (coloured only on a terminal) or json (one object per
+    /// line, for journald/Loki/any log shipper).
+    #[arg(long, env = "DROVER_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
     /// Probation before a new model is declared healthy, in ms (tests shorten it).
     #[arg(long, hide = true, default_value_t = 2000)]
     probation_ms: u64,
@@ -59,10 +63,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let rust_log = std::env::var("RUST_LOG").ok();
     let (filter, bad_filter) = log_filter(rust_log.as_deref());
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(filter)
-        .init();
+    // No colour codes in files and journald: ANSI only when stderr is a terminal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        tracing_subscriber::registry()
+            .with(fmt.json().with_ansi(false))
+            .with(filter)
+            .init();
+    } else {
+        tracing_subscriber::registry()
+            .with(fmt.with_ansi(ansi))
+            .with(filter)
+            .init();
+    }
     if let Some(err) = bad_filter {
         tracing::warn!(rust_log = ?rust_log, error = %err, "RUST_LOG not understood; logging at info");
     }

@@ -167,3 +167,32 @@ fn a_readable_config_without_the_device_key_is_not_reported() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn logs_carry_no_colour_off_a_terminal_and_are_json_when_asked() {
+    // A RUST_LOG the agent cannot read makes it log one warning right after logging starts.
+    let run = |extra: &[&str]| {
+        let out = bin()
+            .args(extra)
+            .arg("print-default-config")
+            .env("RUST_LOG", "a=notalevel")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let text = run(&[]);
+    assert!(text.contains("RUST_LOG not understood"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI escapes in a piped log: {text:?}"
+    );
+    let json = run(&["--log-format", "json"]);
+    let line = json.lines().find(|l| !l.trim().is_empty()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["level"], "WARN", "{line}");
+    assert!(v["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("RUST_LOG not understood"));
+}

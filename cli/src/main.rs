@@ -12,17 +12,25 @@ fn main() -> ExitCode {
     sigpipe::reset();
     let json_errors = wants_json(std::env::args());
     let cli = Cli::parse();
-    // The demo narrates on stdout; its components only log warnings unless asked.
+    // The demo narrates on stdout; `serve` logs what it does; an ordinary command prints
+    // its answer and logs only warnings (RUST_LOG changes any of these).
     let default_filter = match cli.command {
         Command::Demo(_) => "error,rumqttd=off",
-        _ => "info,rumqttd=warn",
+        Command::Serve(_) => "info,rumqttd=warn",
+        _ => "warn,rumqttd=off",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == cli::LogFormat::Json {
+        logs.json().with_ansi(false).init();
+    } else {
+        // No colour codes in files and journald: ANSI only when stderr is a terminal.
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
