@@ -103,7 +103,27 @@ async fn uplinks_are_republished_as_flat_json_with_retained_registrations() {
     })
     .await
     .expect("registration and telemetry JSON within the wait");
-    let (retained, reg) = registration.unwrap();
+    let (_, reg) = registration.unwrap();
+    // The first reader may have seen the registration live (the hello's republish can
+    // land after its subscription). A reader that subscribes now, after it was
+    // published, must get it as a retained message.
+    let mut o = MqttOptions::new("json-reader-late", "127.0.0.1", broker.port);
+    o.set_credentials(CONTROL_PLANE_USER, cp_pass);
+    let (late, mut late_events) = AsyncClient::new(o, 64);
+    late.subscribe(reg_topic.clone(), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let retained = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = late_events.poll().await.unwrap() {
+                if p.topic == reg_topic {
+                    return p.retain;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the retained registration for a late reader");
     assert!(retained, "the registration is retained: {reg}");
     assert_eq!(reg["schema"], 1);
     assert_eq!(reg["kind"], "registration");
