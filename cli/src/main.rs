@@ -16,7 +16,13 @@ fn main() -> ExitCode {
     // its answer and logs only warnings (RUST_LOG changes any of these).
     let default_filter = match cli.command {
         Command::Demo(_) => "error,rumqttd=off",
-        Command::Serve(_) => "info,rumqttd=warn",
+        // rumqttd logs every connection that ends (a device going away, the control
+        // plane's own sessions at stop) as an ERROR from its router and links; the TLS
+        // front in front of it logs and counts what Drover cares about, so those two
+        // targets are off unless RUST_LOG asks (`RUST_LOG=info,rumqttd=debug`).
+        Command::Serve(_) => {
+            "info,rumqttd=warn,rumqttd::router::routing=off,rumqttd::server::broker=off"
+        }
         _ => "warn,rumqttd=off",
     };
     let filter =
