@@ -30,8 +30,8 @@ pub use self::devices::{
 pub use self::keys::{keyring_view, KeyView, KeyringView};
 pub use self::models::{ModelView, PublishBody};
 pub use self::rollouts::{
-    ByQuery, EventView, GateView, HeldView, PreviewView, RolloutDeviceView, RolloutReport,
-    RolloutView, VerdictView, WavePreviewView, WaveView,
+    EventView, GateView, HeldView, PreviewView, RolloutDeviceView, RolloutReport, RolloutView,
+    VerdictView, WavePreviewView, WaveView,
 };
 
 use std::sync::Arc;

@@ -260,13 +260,6 @@ impl From<crate::rollout::driver::RolloutError> for ApiError {
     }
 }
 
-/// `?by=NAME`: who asked, when calling with the shared bootstrap token (see
-/// [`super::Actor`]); ignored for a named token.
-#[derive(Debug, Deserialize)]
-pub struct ByQuery {
-    pub by: Option<String>,
-}
-
 pub(super) async fn start_rollout(
     State(st): State<AppState>,
     super::Actor(by): super::Actor,

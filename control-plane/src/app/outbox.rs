@@ -108,6 +108,19 @@ impl Outbox {
     /// Publishes one integration stream record (QoS 0: readers are not devices; a lost
     /// record is not resent). Failures are counted, not retried.
     pub async fn publish_json(&self, topic: String, json: Vec<u8>, retain: bool) {
+        // JSON of a large uplink (samples as decimal text) can outgrow the broker's payload
+        // limit: refused here with its size, as for downlinks, not by the broker.
+        let limit = drover_protocol::envelope::MAX_BROKER_PAYLOAD;
+        if json.len() > limit {
+            self.metrics.json_failed.fetch_add(1, Relaxed);
+            tracing::warn!(
+                topic,
+                bytes = json.len(),
+                limit,
+                "integration record too large; not published"
+            );
+            return;
+        }
         match self
             .mqtt
             .publish(topic, json, QoS::AtMostOnce, retain)
