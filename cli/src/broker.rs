@@ -61,6 +61,8 @@ pub struct MosquittoArgs {
     /// `<data-dir>/keys/crl.pem` to the broker after each decommission.
     #[arg(long)]
     pub user: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: crate::Output,
 }
 
 /// The ACL of the device listener: devices by pattern on `%u` (their certificate CN,
@@ -251,17 +253,33 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
     match cmd {
         BrokerCommand::Config(ConfigCommand::Mosquitto(args)) => {
             let path = write_mosquitto(&args)?;
+            let crl = args.data_dir.join("keys").join(CRL_FILE);
+            let dir = std::path::absolute(&args.out).unwrap_or_else(|_| args.out.clone());
+            let url_file = dir.join(CONTROL_PLANE_URL_FILE);
+            let advertised = format!(
+                "mqtts://{}:{}",
+                args.hosts
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or("localhost"),
+                args.port
+            );
+            if args.output == crate::Output::Json {
+                return crate::client::print_json(&serde_json::json!({
+                    "config_file": path,
+                    "crl_file": crl,
+                    "control_plane_url_file": url_file,
+                    "advertised_broker_url": advertised,
+                }));
+            }
             println!("mosquitto configuration written to {}", path.display());
             println!(
                 "CRL: {} (rewritten by `drover serve` on every decommission; SIGHUP mosquitto to reload)",
-                args.data_dir.join("keys").join(CRL_FILE).display()
+                crl.display()
             );
-            let dir = std::path::absolute(&args.out).unwrap_or_else(|_| args.out.clone());
             println!(
-                "control plane: drover serve --broker-url \"$(cat {})\" with advertised_broker_url = \"mqtts://{}:{}\" in its config file, so devices get the device listener (identity {CONTROL_PLANE_IDENTITY} from the fleet CA, plus the password in that file)",
-                dir.join(CONTROL_PLANE_URL_FILE).display(),
-                args.hosts.first().map(String::as_str).unwrap_or("localhost"),
-                args.port
+                "control plane: drover serve --broker-url \"$(cat {})\" with advertised_broker_url = \"{advertised}\" in its config file, so devices get the device listener (identity {CONTROL_PLANE_IDENTITY} from the fleet CA, plus the password in that file)",
+                url_file.display(),
             );
             Ok(())
         }
@@ -301,6 +319,7 @@ mod tests {
             crl_file: None,
             persistence_dir: None,
             user: None,
+            output: crate::Output::Text,
         };
         let conf = std::fs::read_to_string(write_mosquitto(&args).unwrap()).unwrap();
         let (_, devices) = conf.split_once("listener 8883 0.0.0.0").unwrap();

@@ -108,6 +108,8 @@ pub enum DeviceCommand {
         by: String,
         #[command(flatten)]
         server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
 }
 
@@ -191,6 +193,18 @@ pub struct EnrollArgs {
     /// Who is asking, for the device's audit log (default: $USER).
     #[arg(long, env = "USER", default_value = "operator")]
     pub by: String,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// What `device enroll --output json` prints (never the device secret: that is in the
+/// config file only).
+#[derive(Debug, serde::Serialize)]
+struct EnrolledView {
+    device: String,
+    config_file: PathBuf,
+    broker_url: String,
+    replaced: bool,
 }
 
 pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
@@ -235,7 +249,12 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             server,
             output,
         } => super::device_history::history(&Client::new(&server)?, &id, limit, output).await,
-        DeviceCommand::Decommission { id, by, server } => decommission(id, by, server).await,
+        DeviceCommand::Decommission {
+            id,
+            by,
+            server,
+            output,
+        } => decommission(id, by, server, output).await,
     }
 }
 
@@ -251,6 +270,7 @@ async fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
         server,
         replace,
         by,
+        output,
     } = a;
     let labels: BTreeMap<String, String> = labels.into_iter().collect();
     // Refused here with the same limits the server applies, before anything is sent.
@@ -283,6 +303,14 @@ async fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     }
     let text = cfg.to_toml().context("cannot render the agent config")?;
     drover_host::fs::write_private(&out, text.as_bytes())?;
+    if output == Output::Json {
+        return print_json(&EnrolledView {
+            device: id,
+            config_file: std::path::absolute(&out).unwrap_or(out),
+            broker_url: cfg.broker_url,
+            replaced: replace,
+        });
+    }
     let what = if replace {
         "re-enrolled for its replacement (new key and certificate; the old ones stay revoked)"
     } else {
@@ -374,9 +402,15 @@ async fn deploy(
             },
         )
         .await?;
-    // With --wait the phases follow as lines, so the reply is printed as text too.
-    if output == Output::Json && wait.is_none() {
-        return print_json(&r);
+    if output == Output::Json {
+        return match wait {
+            None => print_json(&r),
+            // JSON lines: the reply, then each progress report as it arrives.
+            Some(timeout) => {
+                println!("{}", serde_json::to_string(&r)?);
+                super::device_wait::wait(&client, &r, shadow, timeout, output).await
+            }
+        };
     }
     println!(
         "command {} sent to {}: deploy {} (expires {})",
@@ -386,7 +420,7 @@ async fn deploy(
         fmt_ms(r.expires_at_ms)
     );
     match wait {
-        Some(timeout) => super::device_wait::wait(&client, &r, shadow, timeout).await,
+        Some(timeout) => super::device_wait::wait(&client, &r, shadow, timeout, output).await,
         None => Ok(()),
     }
 }
@@ -423,11 +457,19 @@ async fn label(
 }
 
 /// `device decommission`.
-async fn decommission(id: String, by: String, server: ServerArgs) -> anyhow::Result<()> {
+async fn decommission(
+    id: String,
+    by: String,
+    server: ServerArgs,
+    output: Output,
+) -> anyhow::Result<()> {
     let by = super::rollout::url_word(&by);
-    let _: serde_json::Value = Client::new(&server)?
+    let reply: serde_json::Value = Client::new(&server)?
         .post(&format!("/v1/devices/{id}/decommission?by={by}"), &())
         .await?;
+    if output == Output::Json {
+        return print_json(&reply);
+    }
     println!("{id} decommissioned");
     Ok(())
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use super::client::{CliError, Client};
-use super::fmt_ms;
+use super::{fmt_ms, Output};
 use drover_control_plane::api::{DeployResponse, DeviceView, ProgressView};
 
 /// How often the server is asked; a deploy takes seconds to minutes.
@@ -39,6 +39,7 @@ pub async fn wait(
     r: &DeployResponse,
     shadow: bool,
     timeout: Option<Duration>,
+    output: Output,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (mut shown, mut said_offline) = (0usize, false);
@@ -51,16 +52,22 @@ pub async fn wait(
             ))
             .await?;
         for p in reports.iter().skip(shown) {
-            let detail = p.detail.as_deref().map(|d| format!(": {d}"));
-            println!(
-                "  {:<12} {}{}",
-                p.phase,
-                fmt_ms(p.received_at_ms),
-                detail.unwrap_or_default()
-            );
+            if output == Output::Json {
+                println!("{}", serde_json::to_string(p)?);
+            } else {
+                let detail = p.detail.as_deref().map(|d| format!(": {d}"));
+                println!(
+                    "  {:<12} {}{}",
+                    p.phase,
+                    fmt_ms(p.received_at_ms),
+                    detail.unwrap_or_default()
+                );
+            }
             if let Some(ok) = outcome(&p.phase, shadow) {
                 if ok {
-                    println!("{}: {} {}", r.device, r.model, p.phase);
+                    if output == Output::Text {
+                        println!("{}: {} {}", r.device, r.model, p.phase);
+                    }
                     return Ok(());
                 }
                 let why = p.detail.clone().unwrap_or_else(|| "no detail".into());
@@ -69,7 +76,12 @@ pub async fn wait(
         }
         shown = shown.max(reports.len());
         if reports.is_empty() && !d.online && !said_offline {
-            println!("  offline: queued until {}", fmt_ms(r.expires_at_ms));
+            let line = format!("  offline: queued until {}", fmt_ms(r.expires_at_ms));
+            // In JSON mode on stderr, so stdout stays JSON lines.
+            match output {
+                Output::Json => eprintln!("{line}"),
+                Output::Text => println!("{line}"),
+            }
             said_offline = true;
         }
         if reports.is_empty() && drover_host::clock::now_ms() >= r.expires_at_ms {

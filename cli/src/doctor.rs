@@ -22,10 +22,14 @@ pub struct DoctorArgs {
     /// Agent config files to check as well (repeatable).
     #[arg(long = "agent-config")]
     pub agent_configs: Vec<PathBuf>,
+    /// `json`: `{"findings": [{"path", "problem"}], "unsafe": N}` on stdout (the exit
+    /// code still says whether anything unsafe was found).
+    #[arg(long, value_enum, default_value_t)]
+    pub output: crate::Output,
 }
 
 /// One unsafe setting: where, and what to do about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
     pub path: String,
     pub problem: String,
@@ -263,11 +267,22 @@ fn check_agent_config(path: &Path, now: u64, out: &mut Vec<Finding>) {
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let findings = examine(&args, now_ms());
-    for f in &findings {
+    if args.output == crate::Output::Json {
+        crate::client::print_json(&serde_json::json!({
+            "findings": findings,
+            "unsafe": findings.len(),
+        }))?;
+    }
+    for f in findings
+        .iter()
+        .filter(|_| args.output == crate::Output::Text)
+    {
         println!("UNSAFE  {}: {}", f.path, f.problem);
     }
     if findings.is_empty() {
-        println!("no unsafe settings found");
+        if args.output == crate::Output::Text {
+            println!("no unsafe settings found");
+        }
         return Ok(());
     }
     anyhow::bail!("{} unsafe setting(s) found", findings.len())

@@ -19,6 +19,8 @@ pub enum KeysCommand {
         /// Days until devices refuse this keyring unless it is re-signed.
         #[arg(long, default_value_t = keys::DEFAULT_KEYRING_VALID_DAYS)]
         valid_days: u64,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Add a new signing key; current keys retire after the grace period. A running
     /// `drover serve` on this data dir loads it and publishes the new keyring at once.
@@ -36,6 +38,8 @@ pub enum KeysCommand {
         grace_days: u64,
         #[arg(long, default_value_t = keys::DEFAULT_KEYRING_VALID_DAYS)]
         valid_days: u64,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Print key ids, roles and validity (never secrets).
     Show {
@@ -46,11 +50,32 @@ pub enum KeysCommand {
     },
 }
 
+/// What `keys init --output json` prints.
+#[derive(Debug, serde::Serialize)]
+struct InitView {
+    keys_dir: PathBuf,
+    keyring: KeyringView,
+}
+
+/// What `keys rotate --output json` prints: the new keyring and whether a running server
+/// took it (`server_detail` says why not).
+#[derive(Debug, serde::Serialize)]
+struct RotateView {
+    keyring: KeyringView,
+    server_reloaded: bool,
+    server_detail: Option<String>,
+}
+
 fn print(k: &keys::Keys, output: Output) -> anyhow::Result<()> {
     let v = keyring_view(k);
     if output == Output::Json {
         return super::client::print_json(&v);
     }
+    print_text(&v);
+    Ok(())
+}
+
+fn print_text(v: &KeyringView) {
     println!("root key     {}", v.root_key_id);
     println!(
         "keyring      version {}, issued {}, expires {}",
@@ -72,7 +97,6 @@ fn print(k: &keys::Keys, output: Output) -> anyhow::Result<()> {
             if key.current { "  (current)" } else { "" },
         );
     }
-    Ok(())
 }
 
 pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
@@ -80,10 +104,19 @@ pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Init {
             data_dir,
             valid_days,
+            output,
         } => {
             let k = keys::init(&data_dir, now_ms(), valid_days)?;
-            println!("keys written to {}", data_dir.join("keys").display());
-            print(&k, Output::Text)
+            let v = InitView {
+                keys_dir: data_dir.join("keys"),
+                keyring: keyring_view(&k),
+            };
+            if output == Output::Json {
+                return super::client::print_json(&v);
+            }
+            println!("keys written to {}", v.keys_dir.display());
+            print_text(&v.keyring);
+            Ok(())
         }
         KeysCommand::Rotate {
             data_dir,
@@ -91,34 +124,53 @@ pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
             token,
             grace_days,
             valid_days,
+            output,
         } => {
             let k = keys::rotate(&data_dir, now_ms(), grace_days, valid_days)?;
-            println!("keyring version {} signed", k.keyring.version);
             let args = ServerArgs {
                 server,
                 token,
                 data_dir: data_dir.clone(),
             };
-            let reloaded: anyhow::Result<KeyringView> = match Client::new(&args) {
-                Ok(c) => c.post("/v1/keyring/reload", &()).await,
-                Err(e) => Err(e),
+            let (server_reloaded, server_detail) = reload(&args, k.keyring.version).await?;
+            let v = RotateView {
+                keyring: keyring_view(&k),
+                server_reloaded,
+                server_detail,
             };
-            match reloaded {
-                Ok(v) if v.version == k.keyring.version => {
-                    println!("the running server signs with the new key and published the keyring")
-                }
-                Ok(v) => anyhow::bail!(
-                    "the server at --server reloaded keyring version {}, not {}: is it serving {}?",
-                    v.version,
-                    k.keyring.version,
-                    data_dir.display()
+            if output == Output::Json {
+                return super::client::print_json(&v);
+            }
+            println!("keyring version {} signed", k.keyring.version);
+            match &v.server_detail {
+                None => println!(
+                    "the running server signs with the new key and published the keyring"
                 ),
-                Err(e) => println!(
-                    "no running server took the new key ({e}); `drover serve` uses it at its next start"
+                Some(why) => println!(
+                    "no running server took the new key ({why}); `drover serve` uses it at its next start"
                 ),
             }
-            print(&k, Output::Text)
+            print_text(&v.keyring);
+            Ok(())
         }
         KeysCommand::Show { data_dir, output } => print(&keys::load(&data_dir)?, output),
+    }
+}
+
+/// Asks a running server to load the keyring just signed. No server is not an error (it
+/// loads the keys at its next start); a server that loaded another version is.
+async fn reload(args: &ServerArgs, version: u64) -> anyhow::Result<(bool, Option<String>)> {
+    let reloaded: anyhow::Result<KeyringView> = match Client::new(args) {
+        Ok(c) => c.post("/v1/keyring/reload", &()).await,
+        Err(e) => Err(e),
+    };
+    match reloaded {
+        Ok(v) if v.version == version => Ok((true, None)),
+        Ok(v) => anyhow::bail!(
+            "the server at --server reloaded keyring version {}, not {version}: is it serving {}?",
+            v.version,
+            args.data_dir.display()
+        ),
+        Err(e) => Ok((false, Some(e.to_string()))),
     }
 }

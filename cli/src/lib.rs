@@ -52,8 +52,12 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Run the control plane: embedded MQTT broker, ingest, registry, HTTP API.
     Serve(serve::ServeArgs),
-    /// Print the default `drover serve` configuration file.
-    PrintDefaultConfig,
+    /// Print the default `drover serve` configuration file (TOML; `--output json`: the
+    /// same settings as one JSON object).
+    PrintDefaultConfig {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Manage the root key, signing keys and keyring.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -91,6 +95,17 @@ pub enum Output {
     #[default]
     Text,
     Json,
+}
+
+/// `drover print-default-config`: the TOML an operator edits, or under `--output json` the
+/// same settings as a JSON object (read back from that TOML, so both say the same).
+pub fn print_default_config(output: Output) -> anyhow::Result<()> {
+    let text = drover_control_plane::config::ServeConfig::default_toml();
+    match output {
+        Output::Text => print!("{text}"),
+        Output::Json => client::print_json(&toml::from_str::<serde_json::Value>(&text)?)?,
+    }
+    Ok(())
 }
 
 /// Formats milliseconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.

@@ -51,13 +51,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(a) => cli::demo::run(a).await,
             Command::Serve(a) => cli::serve::run(a).await,
-            Command::PrintDefaultConfig => {
-                print!(
-                    "{}",
-                    drover_control_plane::config::ServeConfig::default_toml()
-                );
-                Ok(())
-            }
+            Command::PrintDefaultConfig { output } => cli::print_default_config(output),
             Command::Keys(k) => cli::keys::run(k).await,
             Command::Broker(b) => cli::broker::run(b),
             Command::Doctor(d) => cli::doctor::run(d),

@@ -27,6 +27,9 @@ pub enum TrainCommand {
         epochs: u32,
         #[arg(long, default_value_t = TrainParams::default().learning_rate)]
         learning_rate: f32,
+        /// `json`: print the metrics written to `metrics.json`, with `out`.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Start the policy's training job now.
     Run {
@@ -58,6 +61,8 @@ pub enum TrainCommand {
         id: u64,
         #[command(flatten)]
         server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
 }
 
@@ -66,6 +71,7 @@ pub fn builtin(
     data: &std::path::Path,
     out: &std::path::Path,
     p: &TrainParams,
+    output: Output,
 ) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(data).with_context(|| format!("cannot read {}", data.display()))?;
@@ -78,7 +84,7 @@ pub fn builtin(
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("model.onnx"), model.to_onnx())
         .with_context(|| format!("cannot write {}/model.onnx", out.display()))?;
-    let metrics = serde_json::json!({
+    let mut metrics = serde_json::json!({
         "train_accuracy": model.accuracy(&d),
         "rows": rows.len(),
         "features": features,
@@ -90,6 +96,10 @@ pub fn builtin(
         serde_json::to_string_pretty(&metrics)?,
     )
     .with_context(|| format!("cannot write {}/metrics.json", out.display()))?;
+    if output == Output::Json {
+        metrics["out"] = serde_json::json!(out);
+        return print_json(&metrics);
+    }
     println!(
         "trained on {} rows: train accuracy {:.4}; wrote {}",
         rows.len(),
@@ -147,6 +157,7 @@ pub async fn run(cmd: TrainCommand) -> anyhow::Result<()> {
             out,
             epochs,
             learning_rate,
+            output,
         } => builtin(
             &data,
             &out,
@@ -155,6 +166,7 @@ pub async fn run(cmd: TrainCommand) -> anyhow::Result<()> {
                 learning_rate,
                 ..TrainParams::default()
             },
+            output,
         ),
         TrainCommand::Run {
             wait,
@@ -229,13 +241,16 @@ pub async fn run(cmd: TrainCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        TrainCommand::Cancel { id, server } => {
-            let _: serde_json::Value = Client::new(&server)?
+        TrainCommand::Cancel { id, server, output } => {
+            let reply: serde_json::Value = Client::new(&server)?
                 .post(
                     &format!("/v1/train/jobs/{id}/cancel"),
                     &serde_json::json!({}),
                 )
                 .await?;
+            if output == Output::Json {
+                return print_json(&reply);
+            }
             println!("cancelling training job {id}");
             Ok(())
         }
