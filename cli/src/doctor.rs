@@ -204,7 +204,7 @@ fn check_pki(keys: &Path, now: u64, out: &mut Vec<Finding>) {
 
 /// The signed keyring (when the data dir has keys) loads and is not about to expire.
 fn check_keyring(data_dir: &Path, keys: &Path, now: u64, out: &mut Vec<Finding>) {
-    if !keys.join(drover_control_plane::keys::ROOT_FILE).exists() {
+    if !drover_control_plane::keys::initialized(data_dir) {
         return;
     }
     match drover_control_plane::keys::load(data_dir) {

@@ -1,6 +1,6 @@
 //! `drover keys init|rotate|show`: local key files (never sent over the API).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
@@ -12,10 +12,16 @@ use drover_host::clock::now_ms;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Create the root key, a first signing key and keyring version 1 (files 0600).
+    /// Create the root key, a first signing key and keyring version 1 (files 0600). The
+    /// root key goes apart from the data directory, to be moved offline: the server never
+    /// needs it, only `keys rotate` does.
     Init {
         #[arg(long, env = "DROVER_DATA_DIR", default_value = "drover-data")]
         data_dir: PathBuf,
+        /// Where to write the root key (0600; refused inside the data directory or over an
+        /// existing file). Move it offline afterwards (a USB stick, a vault).
+        #[arg(long, value_name = "PATH", default_value = "drover-root.key")]
+        root_key_out: PathBuf,
         /// Days until devices refuse this keyring unless it is re-signed.
         #[arg(long, default_value_t = keys::DEFAULT_KEYRING_VALID_DAYS)]
         valid_days: u64,
@@ -27,6 +33,11 @@ pub enum KeysCommand {
     Rotate {
         #[arg(long, env = "DROVER_DATA_DIR", default_value = "drover-data")]
         data_dir: PathBuf,
+        /// The root key file (`keys init` wrote it; bring it back from offline for this).
+        /// Default: a root key still online in the data directory, which `drover doctor`
+        /// flags.
+        #[arg(long, env = "DROVER_ROOT_KEY", value_name = "PATH")]
+        root_key: Option<PathBuf>,
         /// API URL of the running server (default: <data-dir>/api-url).
         #[arg(long, env = "DROVER_SERVER")]
         server: Option<String>,
@@ -54,6 +65,7 @@ pub enum KeysCommand {
 #[derive(Debug, serde::Serialize)]
 struct InitView {
     keys_dir: PathBuf,
+    root_key_file: PathBuf,
     keyring: KeyringView,
 }
 
@@ -103,30 +115,52 @@ pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Init {
             data_dir,
+            root_key_out,
             valid_days,
             output,
         } => {
-            let k = keys::init(&data_dir, now_ms(), valid_days)?;
+            let root_key_out = outside(&data_dir, &root_key_out)?;
+            let k = keys::init(&data_dir, &root_key_out, now_ms(), valid_days)?;
             let v = InitView {
                 keys_dir: data_dir.join("keys"),
+                root_key_file: root_key_out,
                 keyring: keyring_view(&k),
             };
             if output == Output::Json {
                 return super::client::print_json(&v);
             }
             println!("keys written to {}", v.keys_dir.display());
+            println!(
+                "ROOT KEY written to {}: move it offline now (a USB stick, a vault). The server \
+                 never needs it; `drover keys rotate --root-key PATH` does.",
+                v.root_key_file.display()
+            );
             print_text(&v.keyring);
             Ok(())
         }
         KeysCommand::Rotate {
             data_dir,
+            root_key,
             server,
             token,
             grace_days,
             valid_days,
             output,
         } => {
-            let k = keys::rotate(&data_dir, now_ms(), grace_days, valid_days)?;
+            let root_key = match root_key {
+                Some(p) => p,
+                None => {
+                    let found = keys::online_root_keys(&data_dir).into_iter().next();
+                    let p = found.ok_or(keys::KeyError::RootKeyOffline(data_dir.clone()))?;
+                    eprintln!(
+                        "warning: signing with the root key found online at {}; move it offline \
+                         and pass --root-key next time (`drover doctor` flags it)",
+                        p.display()
+                    );
+                    p
+                }
+            };
+            let k = keys::rotate(&data_dir, &root_key, now_ms(), grace_days, valid_days)?;
             let args = ServerArgs {
                 server,
                 token,
@@ -155,6 +189,29 @@ pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Show { data_dir, output } => print(&keys::load(&data_dir)?, output),
     }
+}
+
+/// `--root-key-out`, absolute, refused inside the data directory: the directory the server
+/// reads, and backups copy, must not hold the key that can re-sign the fleet's trust.
+fn outside(data_dir: &Path, root_out: &Path) -> anyhow::Result<PathBuf> {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let (data, out) = (abs(data_dir), abs(root_out));
+    // Symlinked parents resolved where they exist (the file itself does not, yet).
+    let real = |p: &Path| {
+        p.parent().and_then(|d| d.canonicalize().ok()).map_or_else(
+            || p.to_owned(),
+            |d| d.join(p.file_name().unwrap_or_default()),
+        )
+    };
+    let data_real = data.canonicalize().unwrap_or_else(|_| data.clone());
+    anyhow::ensure!(
+        !out.starts_with(&data) && !real(&out).starts_with(&data_real),
+        "--root-key-out {} is inside the data directory {}, which the server reads and backups \
+         copy; write the root key outside it (and then move it offline)",
+        root_out.display(),
+        data_dir.display()
+    );
+    Ok(out)
 }
 
 /// Asks a running server to load the keyring just signed. No server is not an error (it

@@ -33,7 +33,7 @@ fn doctor_passes_a_clean_setup_and_reports_each_unsafe_setting() {
     let data = tmp.path().join("data");
     let data_s = data.to_str().unwrap();
     let now = drover_host::clock::now_ms();
-    drover_control_plane::keys::init(&data, now, 365).unwrap();
+    drover_control_plane::keys::init(&data, &tmp.path().join("root.key"), now, 365).unwrap();
     let ca = FleetCa::load_or_init(&data, now).unwrap();
     let (ok, out) = doctor(&["--data-dir", data_s]);
     assert!(ok, "{out}");

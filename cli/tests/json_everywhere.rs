@@ -235,7 +235,17 @@ async fn every_command_prints_json_that_parses() {
     assert_eq!(cfg["version"], 1);
     let fresh = s(&dir.join("fresh"));
     let init = w
-        .run("keys init", &["--data-dir", &fresh], 0, Shape::One)
+        .run(
+            "keys init",
+            &[
+                "--data-dir",
+                &fresh,
+                "--root-key-out",
+                &s(&dir.join("root.key")),
+            ],
+            0,
+            Shape::One,
+        )
         .await;
     assert_eq!(init["keyring"]["version"], 1);
     w.run(

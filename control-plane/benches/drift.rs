@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("server");
     std::fs::create_dir_all(data.join("models"))?;
-    let keys = drover_control_plane::keys::init(&data, 1, 365)?;
+    let keys = drover_control_plane::keys::init(&data, &tmp.path().join("root.key"), 1, 365)?;
     let mut store = Store::open(&data.join("drover.db"))?;
 
     // A model with an F-feature baseline.

@@ -78,7 +78,8 @@ impl Rig {
     pub fn new(dir: &Path) -> anyhow::Result<Self> {
         let data = dir.join("server");
         std::fs::create_dir_all(data.join("models"))?;
-        let keys = keys::init(&data, drover_host::clock::now_ms(), 365)?;
+        let root = dir.join("root.key");
+        let keys = keys::init(&data, &root, drover_host::clock::now_ms(), 365)?;
         let store = Store::open(&data.join("drover.db"))?;
         Ok(Self {
             dir: data,

@@ -161,8 +161,10 @@ async fn no_secret_appears_in_trace_logs_across_enroll_connect_deploy_and_rotate
         secrets.push(("device TLS key", line));
     }
     let keys = data.join("keys");
-    for e in std::fs::read_dir(&keys).unwrap() {
-        let p = e.unwrap().path();
+    // The root key a first start wrote to be moved offline, and every key under keys/.
+    let root = data.join(drover_control_plane::keys::ROOT_PENDING_FILE);
+    let files = std::fs::read_dir(&keys).unwrap().map(|e| e.unwrap().path());
+    for p in files.chain(std::iter::once(root)) {
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         if name.ends_with(".key") {
             let text = std::fs::read_to_string(&p).unwrap();
