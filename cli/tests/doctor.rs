@@ -1,5 +1,5 @@
 //! `drover doctor` through the binary: clean setup → exit 0; each unsafe setting is
-//! reported by path and turns the exit code non-zero.
+//! reported by path, with the command that fixes it, and turns the exit code non-zero.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -93,4 +93,114 @@ fn doctor_passes_a_clean_setup_and_reports_each_unsafe_setting() {
     assert!(out.contains("holds the device key"), "{out}");
     assert!(out.contains("plaintext mqtt://"), "{out}");
     assert!(out.contains("expires soon"), "{out}");
+}
+
+/// `drover doctor --output json ARGS`: (exit code, the findings as (path, problem, fix)).
+fn doctor_json(args: &[&str]) -> (i32, Vec<(String, String, String)>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .arg("doctor")
+        .args(args)
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let findings: Vec<(String, String, String)> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let s = |k: &str| f[k].as_str().unwrap_or("").to_owned();
+            (s("path"), s("problem"), s("fix"))
+        })
+        .collect();
+    assert_eq!(v["unsafe"].as_u64(), Some(findings.len() as u64));
+    (out.status.code().unwrap(), findings)
+}
+
+#[test]
+fn doctor_flags_an_online_root_key_a_readable_database_and_a_plaintext_api_beyond_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let data_s = data.to_str().unwrap();
+    let now = drover_host::clock::now_ms();
+    // As a first `drover serve` leaves it: the root key written into the data dir.
+    drover_control_plane::keys::load_or_init(&data, now).unwrap();
+    drover_control_plane::store::Store::open(&data.join("drover.db")).unwrap();
+    let pending = data.join(drover_control_plane::keys::ROOT_PENDING_FILE);
+    let (code, found) = doctor_json(&["--data-dir", data_s]);
+    assert_ne!(code, 0);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let (path, problem, fix) = &found[0];
+    assert_eq!(path, pending.to_str().unwrap());
+    assert!(problem.contains("root key is online"), "{problem}");
+    assert!(
+        fix.starts_with(&format!("mv {}", pending.display())),
+        "{fix}"
+    );
+    // Moved offline: clean.
+    std::fs::rename(&pending, tmp.path().join("offline.key")).unwrap();
+    assert_eq!(doctor_json(&["--data-dir", data_s]), (0, vec![]));
+    // An old data dir's keys/root.key is online too.
+    let old = data
+        .join("keys")
+        .join(drover_control_plane::keys::ROOT_FILE);
+    std::fs::copy(tmp.path().join("offline.key"), &old).unwrap();
+    let (code, found) = doctor_json(&["--data-dir", data_s]);
+    assert!(
+        code != 0 && found.len() == 1 && found[0].0 == old.to_str().unwrap(),
+        "{found:?}"
+    );
+    std::fs::remove_file(&old).unwrap();
+
+    // A database others can read (every device key is in it), with the chmod that fixes it.
+    let db = data.join("drover.db");
+    chmod(&db, 0o644);
+    let (code, found) = doctor_json(&["--data-dir", data_s]);
+    assert_ne!(code, 0);
+    assert!(
+        found
+            .iter()
+            .any(|(p, problem, fix)| p == db.to_str().unwrap()
+                && problem.contains("database")
+                && *fix == format!("chmod 600 {}", db.display())),
+        "{found:?}"
+    );
+    chmod(&db, 0o600);
+    assert_eq!(doctor_json(&["--data-dir", data_s]).0, 0);
+
+    // A plaintext API beyond loopback: in the config, and as the running server wrote it.
+    let conf = tmp.path().join("serve.toml");
+    let write_conf = |listen: &str| {
+        std::fs::write(
+            &conf,
+            format!("version = 1\ndata_dir = {data_s:?}\nhttp_listen = {listen:?}\n"),
+        )
+        .unwrap();
+    };
+    write_conf("0.0.0.0:8470");
+    let (code, found) = doctor_json(&["--config", conf.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        found.iter().any(
+            |(_, problem, fix)| problem.contains("plaintext beyond loopback")
+                && fix.contains("http_listen = \"127.0.0.1:8470\"")
+        ),
+        "{found:?}"
+    );
+    write_conf("127.0.0.1:8470");
+    assert_eq!(doctor_json(&["--config", conf.to_str().unwrap()]).0, 0);
+    let url = data.join("api-url");
+    std::fs::write(&url, "http://10.1.2.3:8470\n").unwrap();
+    let (code, found) = doctor_json(&["--data-dir", data_s]);
+    assert_ne!(code, 0);
+    assert!(
+        found
+            .iter()
+            .any(|(p, problem, fix)| p == url.to_str().unwrap()
+                && problem.contains("http://10.1.2.3:8470")
+                && fix.contains("--http-listen 127.0.0.1")),
+        "{found:?}"
+    );
+    std::fs::write(&url, "http://127.0.0.1:8470\n").unwrap();
+    assert_eq!(doctor_json(&["--data-dir", data_s]), (0, vec![]));
 }
