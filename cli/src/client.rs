@@ -21,6 +21,10 @@ pub struct ServerArgs {
     /// Data directory of a local server, to find its URL and token.
     #[arg(long, env = "DROVER_DATA_DIR", default_value = "drover-data")]
     pub data_dir: PathBuf,
+    /// PEM CA certificate(s) to trust for an https:// server (default: the fleet CA in
+    /// <data-dir>/keys/ca.pem, when there is one).
+    #[arg(long, env = "DROVER_CA", value_name = "PATH")]
+    pub ca: Option<PathBuf>,
 }
 
 /// Failures with their own exit codes, so scripts can tell them apart.
@@ -28,6 +32,8 @@ pub struct ServerArgs {
 pub enum CliError {
     #[error("cannot reach the server at {url}: {detail}\nis `drover serve` running? pass --server or set DROVER_SERVER")]
     Unreachable { url: String, detail: String },
+    #[error("the server's TLS certificate at {url} is not trusted ({detail}); pass --ca PATH or set DROVER_CA to the CA that issued it (the fleet CA: <data-dir>/keys/ca.pem on the server)")]
+    Untrusted { url: String, detail: String },
     #[error("{message}")]
     NotFound { message: String },
     #[error("{message}")]
@@ -61,6 +67,7 @@ pub const EXIT_CODES: &str = "Exit codes:
   4   already exists / conflict
   5   server unreachable
   6   refused by the server (invalid request, 401 bad token, 403 role too low)
+  7   the server's TLS certificate is not trusted (give --ca)
   10  rollout watch: the rollout paused
   11  rollout watch: the rollout rolled back
   12  rollout watch: the rollout was aborted
@@ -80,19 +87,29 @@ impl CliError {
             CliError::Conflict { .. } => 4,
             CliError::Unreachable { .. } => 5,
             CliError::Refused { .. } => 6,
+            CliError::Untrusted { .. } => 7,
         }
     }
 }
 
-/// The API base URL from `--server`: `http://` is assumed when no scheme is given
-/// (`localhost:8470`); anything else that is not an `http(s)://host[:port]` URL is refused
-/// with what to write.
+/// The API base URL from `--server`. Without a scheme it is what `drover serve` does by
+/// default: `http://` for a loopback host (`localhost:8470`), `https://` for any other;
+/// anything that is not an `http(s)://host[:port]` URL is refused with what to write.
 pub fn server_url(given: &str) -> anyhow::Result<String> {
     let given = given.trim();
     let url = if given.contains("://") {
         given.to_owned()
     } else {
-        format!("http://{given}")
+        let host = reqwest::Url::parse(&format!("http://{given}"))
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()));
+        // An unparsable host stays http:// and is refused below with what to write.
+        let loopback = host.is_none_or(|h| {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        format!("{}://{given}", if loopback { "http" } else { "https" })
     };
     let parsed = reqwest::Url::parse(&url).ok().filter(|u| {
         matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
@@ -139,21 +156,18 @@ impl Client {
             }
         };
         Ok(Self {
-            http: reqwest::Client::new(),
+            http: http_client(args)?,
             base: server_url(&base)?,
             token,
         })
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp =
-            req.bearer_auth(&self.token)
-                .send()
-                .await
-                .map_err(|e| CliError::Unreachable {
-                    url: self.base.clone(),
-                    detail: e.to_string(),
-                })?;
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| send_error(&self.base, &e))?;
         let status = resp.status();
         if status.is_success() {
             let text = resp.text().await.context("reading the server's reply")?;
@@ -190,6 +204,49 @@ impl Client {
     }
 }
 
+/// The HTTP client, trusting `--ca` (or the fleet CA of the local data directory) for
+/// https:// servers; no other roots, so a server is trusted only by the CA given.
+fn http_client(args: &ServerArgs) -> anyhow::Result<reqwest::Client> {
+    let local = args
+        .data_dir
+        .join("keys")
+        .join(drover_control_plane::pki::CA_CERT_FILE);
+    let ca = match &args.ca {
+        Some(p) => Some(p.clone()),
+        None => local.exists().then_some(local),
+    };
+    let mut b = reqwest::Client::builder().use_rustls_tls();
+    if let Some(path) = ca {
+        let pem = std::fs::read(&path)
+            .with_context(|| format!("cannot read the CA file {} (--ca)", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .with_context(|| format!("{} holds no PEM certificate (--ca)", path.display()))?;
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build().context("cannot set up the HTTP client")
+}
+
+/// A request that got no answer: an untrusted certificate (exit 7) or no server (exit 5),
+/// with the whole cause chain (reqwest's own message alone says only "error sending").
+fn send_error(url: &str, e: &reqwest::Error) -> CliError {
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        detail.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    let url = url.to_owned();
+    if detail.contains("certificate") {
+        CliError::Untrusted { url, detail }
+    } else {
+        CliError::Unreachable { url, detail }
+    }
+}
+
 /// Prints a value as pretty JSON.
 pub fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -202,4 +259,25 @@ pub fn parse_kv(s: &str) -> Result<(String, String), String> {
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} must look like key=value"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_url;
+
+    #[test]
+    fn a_server_without_a_scheme_is_what_serve_does_by_default() {
+        // Loopback: plaintext (serve's `api_tls = "auto"`); any other host: TLS.
+        for (given, want) in [
+            ("127.0.0.1:8470", "http://127.0.0.1:8470"),
+            ("localhost:8470/", "http://localhost:8470"),
+            ("[::1]:8470", "http://[::1]:8470"),
+            ("cp.example.com:8470", "https://cp.example.com:8470"),
+            ("10.0.0.5:8470", "https://10.0.0.5:8470"),
+            ("http://10.0.0.5:8470", "http://10.0.0.5:8470"),
+        ] {
+            assert_eq!(server_url(given).unwrap(), want, "{given}");
+        }
+        assert!(server_url("ftp://x").is_err());
+    }
 }

@@ -142,17 +142,16 @@ fn check_serve_config(path: &Path, out: &mut Vec<Finding>) -> Option<PathBuf> {
             )),
         ));
     }
-    if !cfg.http_listen.ip().is_loopback() {
+    if cfg.api_tls.is_none() && !cfg.http_listen.ip().is_loopback() {
         out.push(Finding::new(
             path,
             format!(
-                "http_listen = {:?}: the HTTP API is plaintext beyond loopback (bearer tokens \
-                 and enrolled device keys cross the network readable)",
-                cfg.http_listen
+                "api_tls = \"off\" with http_listen = {:?}: the HTTP API is plaintext beyond \
+                 loopback (bearer tokens and enrolled device keys cross the network readable)",
+                cfg.http_listen.to_string()
             ),
             Some(format!(
-                "set http_listen = \"127.0.0.1:8470\" in {} and reach the API over SSH or a \
-                 TLS proxy",
+                "set api_tls = \"auto\" in {} (TLS from the fleet CA) and restart drover serve",
                 path.display()
             )),
         ));
@@ -237,7 +236,8 @@ fn check_api_url(data_dir: &Path, out: &mut Vec<Finding>) {
                  tokens and enrolled device keys cross the network readable"
             ),
             Some(
-                "drover serve --http-listen 127.0.0.1:8470  # and reach it over SSH or a TLS proxy"
+                "restart drover serve without --api-plaintext and with api_tls = \"auto\" (TLS \
+                 from the fleet CA)"
                     .into(),
             ),
         ));

@@ -165,6 +165,7 @@ pub async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
                 server,
                 token,
                 data_dir: data_dir.clone(),
+                ca: None,
             };
             let (server_reloaded, server_detail) = reload(&args, k.keyring.version).await?;
             let v = RotateView {

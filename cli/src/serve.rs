@@ -31,6 +31,11 @@ pub struct ServeArgs {
     /// client certificates). Logs a warning. Default: mutual TLS.
     #[arg(long)]
     pub allow_plaintext: bool,
+    /// Serve the HTTP API in plaintext even beyond loopback (`api_tls = "off"`; `drover
+    /// doctor` reports it). Default: TLS with a certificate from the fleet CA whenever the
+    /// API listens beyond loopback.
+    #[arg(long)]
+    pub api_plaintext: bool,
 }
 
 async fn signal() {
@@ -98,13 +103,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         mqtt_listen: args.mqtt_listen,
         broker_url: args.broker_url,
         allow_plaintext: args.allow_plaintext,
+        api_plaintext: args.api_plaintext,
     };
     let config = ServeConfig::load(args.config.as_deref(), &env, &overrides)?;
     raise_open_file_limit();
     let handle = drover_control_plane::serve::run(config, signal()).await?;
     println!(
-        "drover serve: api http://{} broker {}",
-        handle.http_addr(),
+        "drover serve: api {} broker {}",
+        handle.api_url(),
         handle.broker_url()
     );
     handle.wait().await;

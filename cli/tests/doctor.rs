@@ -170,25 +170,31 @@ fn doctor_flags_an_online_root_key_a_readable_database_and_a_plaintext_api_beyon
 
     // A plaintext API beyond loopback: in the config, and as the running server wrote it.
     let conf = tmp.path().join("serve.toml");
-    let write_conf = |listen: &str| {
+    let write_conf = |listen: &str, tls: &str| {
         std::fs::write(
             &conf,
-            format!("version = 1\ndata_dir = {data_s:?}\nhttp_listen = {listen:?}\n"),
+            format!(
+                "version = 1\ndata_dir = {data_s:?}\nhttp_listen = {listen:?}\napi_tls = {tls:?}\n"
+            ),
         )
         .unwrap();
     };
-    write_conf("0.0.0.0:8470");
+    write_conf("0.0.0.0:8470", "off");
     let (code, found) = doctor_json(&["--config", conf.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(
         found.iter().any(
             |(_, problem, fix)| problem.contains("plaintext beyond loopback")
-                && fix.contains("http_listen = \"127.0.0.1:8470\"")
+                && fix.contains("api_tls = \"auto\"")
         ),
         "{found:?}"
     );
-    write_conf("127.0.0.1:8470");
-    assert_eq!(doctor_json(&["--config", conf.to_str().unwrap()]).0, 0);
+    // The default beyond loopback is TLS, and plaintext on loopback is not flagged.
+    for (listen, tls) in [("0.0.0.0:8470", "auto"), ("127.0.0.1:8470", "off")] {
+        write_conf(listen, tls);
+        let conf = conf.to_str().unwrap();
+        assert_eq!(doctor_json(&["--config", conf]).0, 0, "{listen} {tls}");
+    }
     let url = data.join("api-url");
     std::fs::write(&url, "http://10.1.2.3:8470\n").unwrap();
     let (code, found) = doctor_json(&["--data-dir", data_s]);
@@ -198,7 +204,7 @@ fn doctor_flags_an_online_root_key_a_readable_database_and_a_plaintext_api_beyon
             .iter()
             .any(|(p, problem, fix)| p == url.to_str().unwrap()
                 && problem.contains("http://10.1.2.3:8470")
-                && fix.contains("--http-listen 127.0.0.1")),
+                && fix.contains("without --api-plaintext")),
         "{found:?}"
     );
     std::fs::write(&url, "http://127.0.0.1:8470\n").unwrap();

@@ -20,6 +20,16 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// HTTP API address (`127.0.0.1:0` picks a free port).
     pub http_listen: String,
+    /// TLS on the HTTP API: `auto` (TLS unless `http_listen` is loopback), `on` (always),
+    /// `off` (plaintext even beyond loopback: `drover doctor` reports it).
+    pub api_tls: String,
+    /// Host names and addresses clients reach the API by, added to the certificate the
+    /// fleet CA issues it (`localhost`, `127.0.0.1` and a specific listen address always are).
+    pub api_hosts: Vec<String>,
+    /// The operator's certificate chain and key (PEM) for the API; empty = issued by the
+    /// fleet CA (the CLI trusts `<data>/keys/ca.pem`, or `--ca`).
+    pub api_cert_file: String,
+    pub api_key_file: String,
     /// Embedded broker address (port 0 picks a free port). Ignored with `broker_url`.
     pub mqtt_listen: String,
     /// External broker (`mqtt://user:pass@host:port`); empty = run the embedded broker.
@@ -138,6 +148,10 @@ impl Default for ServeConfig {
             version: CONFIG_VERSION,
             data_dir: PathBuf::from("drover-data"),
             http_listen: "127.0.0.1:8470".into(),
+            api_tls: "auto".into(),
+            api_hosts: Vec::new(),
+            api_cert_file: String::new(),
+            api_key_file: String::new(),
             // MQTT over TLS's port; with allow_plaintext set 1883 explicitly if wanted.
             mqtt_listen: "127.0.0.1:8883".into(),
             broker_url: String::new(),
@@ -167,6 +181,8 @@ pub struct Overrides {
     pub mqtt_listen: Option<String>,
     pub broker_url: Option<String>,
     pub allow_plaintext: bool,
+    /// `--api-plaintext`: `api_tls = "off"`.
+    pub api_plaintext: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +277,8 @@ pub enum BrokerMode {
 pub struct Settings {
     pub data_dir: PathBuf,
     pub http_listen: SocketAddr,
+    /// TLS on the HTTP API (`None`: plaintext, on loopback under `auto` or by `off`).
+    pub api_tls: Option<crate::https::ApiTls>,
     pub broker: BrokerMode,
     /// Embedded broker only: plaintext MQTT with passwords, no client certificates.
     pub allow_plaintext: bool,
@@ -310,8 +328,25 @@ impl ServeConfig {
     fn settings(self, http_listen: SocketAddr, broker: BrokerMode) -> Settings {
         const HOUR: Duration = Duration::from_secs(3_600);
         let c = self.continuous;
+        let api_tls = match self.api_tls.as_str() {
+            "off" => false,
+            "on" => true,
+            _ => !http_listen.ip().is_loopback(),
+        };
+        let api_tls = api_tls.then(|| {
+            match (
+                non_empty(&self.api_cert_file),
+                non_empty(&self.api_key_file),
+            ) {
+                (Some(cert), Some(key)) => crate::https::ApiTls::Files { cert, key },
+                _ => crate::https::ApiTls::FleetCa {
+                    hosts: self.api_hosts.clone(),
+                },
+            }
+        });
         Settings {
             http_listen,
+            api_tls,
             broker,
             allow_plaintext: self.allow_plaintext,
             broker_ca_file: non_empty(&self.broker_ca_file),
@@ -406,6 +441,9 @@ impl ServeConfig {
         if overrides.allow_plaintext {
             cfg.allow_plaintext = true;
         }
+        if overrides.api_plaintext {
+            cfg.api_tls = "off".into();
+        }
         cfg.validate_with(errors)
     }
 
@@ -460,6 +498,18 @@ impl ServeConfig {
         }
         if self.continuous.tick_secs == 0 || self.continuous.local_jobs == 0 {
             errors.push("continuous.tick_secs and continuous.local_jobs must be at least 1".into());
+        }
+        if !matches!(self.api_tls.as_str(), "auto" | "on" | "off") {
+            errors.push(format!(
+                "api_tls = {:?} must be \"auto\", \"on\" or \"off\"",
+                self.api_tls
+            ));
+        }
+        if self.api_cert_file.is_empty() != self.api_key_file.is_empty() {
+            errors.push("api_cert_file and api_key_file must be given together".into());
+        }
+        if self.api_hosts.iter().any(|h| h.trim().is_empty()) {
+            errors.push("api_hosts has an empty name".into());
         }
         if self.broker_client_cert_file.is_empty() != self.broker_client_key_file.is_empty() {
             errors.push(
@@ -574,6 +624,57 @@ mod tests {
             (PathBuf::from("policy.toml"), Duration::from_secs(30))
         );
         assert_eq!(c.slurm_bin_dir, None);
+    }
+
+    #[test]
+    fn the_api_is_tls_beyond_loopback_by_default_and_plaintext_only_when_asked() {
+        use crate::https::ApiTls;
+        let with = |listen: &str, tls: &str| {
+            ServeConfig {
+                http_listen: listen.into(),
+                api_tls: tls.into(),
+                ..Default::default()
+            }
+            .validate()
+            .unwrap()
+            .api_tls
+        };
+        let ca = Some(ApiTls::FleetCa { hosts: vec![] });
+        assert_eq!(with("127.0.0.1:8470", "auto"), None);
+        assert_eq!(with("0.0.0.0:8470", "auto"), ca);
+        assert_eq!(with("10.0.0.5:8470", "auto"), ca);
+        assert_eq!(with("127.0.0.1:8470", "on"), ca);
+        assert_eq!(with("0.0.0.0:8470", "off"), None);
+        let o = Overrides {
+            http_listen: Some("0.0.0.0:0".into()),
+            api_plaintext: true,
+            ..Default::default()
+        };
+        let s = ServeConfig::load(None, &HashMap::new(), &o).unwrap();
+        assert_eq!(s.api_tls, None, "--api-plaintext");
+        let files = ServeConfig {
+            http_listen: "0.0.0.0:8470".into(),
+            api_cert_file: "/etc/drover/api.pem".into(),
+            api_key_file: "/etc/drover/api.key".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            files.validate().unwrap().api_tls,
+            Some(ApiTls::Files {
+                cert: "/etc/drover/api.pem".into(),
+                key: "/etc/drover/api.key".into()
+            })
+        );
+        let bad = ServeConfig {
+            api_tls: "yes".into(),
+            api_cert_file: "a.pem".into(),
+            ..Default::default()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("api_tls = \"yes\"") && e.contains("given together"),
+            "{e}"
+        );
     }
 
     #[test]

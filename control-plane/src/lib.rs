@@ -38,6 +38,7 @@ pub mod dispatch;
 pub mod drift;
 pub mod drift_record;
 pub mod fleet;
+pub mod https;
 pub mod ingest;
 pub mod jobs;
 pub mod keys;

@@ -63,6 +63,8 @@ pub enum ServeError {
     Mqtt(#[from] crate::mqtt::MqttError),
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Https(#[from] crate::https::HttpsError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -94,6 +96,12 @@ impl ServeHandle {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The API's base URL as clients use it: `https://` unless the API is plaintext, and
+    /// `127.0.0.1` for an unspecified listen address.
+    pub fn api_url(&self) -> String {
+        api_url(self.http_addr, self.app.settings.api_tls.is_some())
     }
 
     /// The broker address devices connect to.
@@ -487,9 +495,18 @@ async fn start_http(
         .await
         .map_err(http_err)?;
     let http_addr = listener.local_addr().map_err(http_err)?;
+    let tls = match &app.settings.api_tls {
+        Some(t) => {
+            let now = app.clock.unix_ms();
+            let (cert, key) =
+                crate::https::identity(t, &app.ca, &app.paths.keys_dir(), http_addr, now)?;
+            Some(crate::https::server_config(&cert, &key)?)
+        }
+        None => None,
+    };
     let _ = keys::write_private(
         &app.paths.url_file(),
-        format!("http://{http_addr}\n").as_bytes(),
+        format!("{}\n", api_url(http_addr, tls.is_some())).as_bytes(),
     );
     let router = crate::api::router(crate::api::AppState {
         app: app.clone(),
@@ -498,17 +515,42 @@ async fn start_http(
         continuous,
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let r = axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let task = match tls {
+        Some(config) => {
+            let listener = crate::https::listen(listener, config).map_err(http_err)?;
+            tokio::spawn(async move {
+                let r = axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "HTTPS server stopped");
+                }
             })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server stopped");
         }
-    });
+        None => tokio::spawn(async move {
+            let r = axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }),
+    };
     Ok((http_addr, (stop_tx, task)))
+}
+
+/// `http(s)://ADDR`, with `127.0.0.1` for an unspecified address (what a local client can
+/// reach, and what the fleet CA's API certificate covers).
+fn api_url(addr: SocketAddr, tls: bool) -> String {
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    format!("{}://{addr}", if tls { "https" } else { "http" })
 }
 
 /// Every task the server started, stopped in an order that loses nothing.

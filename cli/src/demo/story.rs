@@ -131,11 +131,12 @@ impl<'a> Story<'a> {
         let server = running
             .server
             .insert(serve::run(config.validate()?, std::future::pending()).await?);
-        let url = format!("http://{}", server.http_addr());
+        let url = server.api_url();
         let client = Client::new(&ServerArgs {
             server: Some(url.clone()),
             token: Some(server.api_token().to_string()),
             data_dir: dir.join("server"),
+            ca: None,
         })?;
         println!(
             "  HTTP API {url}, MQTT {}; policy {}",
