@@ -1,6 +1,7 @@
 //! `--output json` on every `drover` command (issue 19): the test walks clap's command tree
 //! and runs every leaf with `--output json`, against a running server or offline, parsing
 //! stdout as JSON (one document, or JSON lines for the commands that follow something).
+//! The server's API is HTTPS, so every client command also proves it trusts the fleet CA.
 //! A leaf is either run here or listed in [`NO_JSON`] with the reason, and both lists
 //! must match the tree exactly: a new subcommand without JSON, or without a case here,
 //! fails this test.
@@ -266,6 +267,8 @@ async fn every_command_prints_json_that_parses() {
     // Against a running server (its data dir tells the CLI its URL and token).
     let mut config = common::config(&data);
     config.continuous.policy = s(&dir.join("policy.toml"));
+    // Every command below reaches the API over TLS, trusting the fleet CA of the data dir.
+    config.api_tls = "on".into();
     let server =
         drover_control_plane::serve::run(config.validate().unwrap(), std::future::pending())
             .await
@@ -350,12 +353,17 @@ async fn every_command_prints_json_that_parses() {
     w.run("rollout pause", &[&id], 0, Shape::One).await;
     w.run("rollout resume", &[&id], 0, Shape::One).await;
     fail_next_command(&mut gw1).await;
-    let api = common::Api::new(&server);
-    common::eventually("the rollout's device to fail", || async {
-        let r = api.get(&format!("/v1/rollouts/{id}")).await;
-        (r["devices"]["failed"].as_u64() == Some(1)).then_some(())
-    })
-    .await;
+    // A readiness wait on the rollout's view (through the CLI: the API is HTTPS here).
+    let mut failed = false;
+    for _ in 0..600 {
+        let r = w.run("rollout status", &[&id], 0, Shape::One).await;
+        if r["devices"]["failed"].as_u64() == Some(1) {
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(failed, "the rollout's device never failed");
     w.run("rollout retry", &[&id], 0, Shape::One).await;
     w.run("rollout abort", &[&id], 0, Shape::One).await;
     // An aborted rollout: one JSON line, exit 12.
