@@ -207,6 +207,9 @@ fn doctor_flags_an_online_root_key_a_readable_database_and_a_plaintext_api_beyon
                 && fix.contains("without --api-plaintext")),
         "{found:?}"
     );
+    // `--api-plaintext` on 0.0.0.0: the URL keeps the unspecified address, and is flagged.
+    std::fs::write(&url, "http://0.0.0.0:8470\n").unwrap();
+    assert_ne!(doctor_json(&["--data-dir", data_s]).0, 0);
     std::fs::write(&url, "http://127.0.0.1:8470\n").unwrap();
     assert_eq!(doctor_json(&["--data-dir", data_s]), (0, vec![]));
 }

@@ -98,8 +98,8 @@ impl ServeHandle {
         self.http_addr
     }
 
-    /// The API's base URL as clients use it: `https://` unless the API is plaintext, and
-    /// `127.0.0.1` for an unspecified listen address.
+    /// The API's base URL as clients use it: `https://` unless the API is plaintext (see
+    /// `api_url` below for an unspecified listen address).
     pub fn api_url(&self) -> String {
         api_url(self.http_addr, self.app.settings.api_tls.is_some())
     }
@@ -542,10 +542,11 @@ async fn start_http(
     Ok((http_addr, (stop_tx, task)))
 }
 
-/// `http(s)://ADDR`, with `127.0.0.1` for an unspecified address (what a local client can
-/// reach, and what the fleet CA's API certificate covers).
+/// `http(s)://ADDR`; over TLS with `127.0.0.1` for an unspecified address (what a local
+/// client can reach and the fleet CA's certificate covers). A plaintext URL keeps the
+/// address it listens on, so `drover doctor` sees a plaintext API open beyond loopback.
 fn api_url(addr: SocketAddr, tls: bool) -> String {
-    let addr = if addr.ip().is_unspecified() {
+    let addr = if tls && addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
         addr
@@ -589,5 +590,18 @@ impl Tasks {
         self.mqtt.shutdown().await;
         drop(self.lock);
         tracing::info!("stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_api_url_names_what_clients_reach_and_keeps_plaintext_exposure_visible() {
+        let any = "0.0.0.0:8470".parse().unwrap();
+        let one = "10.0.0.5:8470".parse().unwrap();
+        assert_eq!(super::api_url(any, true), "https://127.0.0.1:8470");
+        assert_eq!(super::api_url(one, true), "https://10.0.0.5:8470");
+        // Plaintext on every address stays visible as such (doctor reports it).
+        assert_eq!(super::api_url(any, false), "http://0.0.0.0:8470");
     }
 }
