@@ -317,6 +317,28 @@ impl AgentConfig {
             })
     }
 
+    /// The numeric limits of the telemetry, store and runtime sections.
+    fn check_limits(&self, errors: &mut Vec<String>) {
+        let t = &self.telemetry;
+        if !(100..=86_400_000).contains(&t.interval_ms) {
+            errors.push("telemetry.interval_ms: must be within 100..=86400000".into());
+        }
+        if t.spool_max_bytes < 64 * 1024 {
+            errors.push("telemetry.spool_max_bytes: must be at least 65536".into());
+        }
+        if t.sample_rate_ppm > 1_000_000 {
+            errors.push("telemetry.sample_rate_ppm: must be at most 1000000".into());
+        }
+        if self.store.max_bytes != 0 && self.store.max_bytes < 1 << 20 {
+            errors.push("store.max_bytes: must be 0 (no budget) or at least 1048576".into());
+        }
+        if self.runtime.threads > MAX_RUNTIME_THREADS {
+            errors.push(format!(
+                "runtime.threads: must be at most {MAX_RUNTIME_THREADS} (0 picks the device's cores)"
+            ));
+        }
+    }
+
     /// Checks every field; reports all problems at once.
     pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
         let mut errors = Vec::new();
@@ -396,24 +418,7 @@ impl AgentConfig {
                 ));
             }
         }
-        let t = &self.telemetry;
-        if !(100..=86_400_000).contains(&t.interval_ms) {
-            errors.push("telemetry.interval_ms: must be within 100..=86400000".into());
-        }
-        if t.spool_max_bytes < 64 * 1024 {
-            errors.push("telemetry.spool_max_bytes: must be at least 65536".into());
-        }
-        if t.sample_rate_ppm > 1_000_000 {
-            errors.push("telemetry.sample_rate_ppm: must be at most 1000000".into());
-        }
-        if self.store.max_bytes != 0 && self.store.max_bytes < 1 << 20 {
-            errors.push("store.max_bytes: must be 0 (no budget) or at least 1048576".into());
-        }
-        if self.runtime.threads > MAX_RUNTIME_THREADS {
-            errors.push(format!(
-                "runtime.threads: must be at most {MAX_RUNTIME_THREADS} (0 picks the device's cores)"
-            ));
-        }
+        self.check_limits(&mut errors);
         match (
             device_id,
             device_key,
