@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// Written by `drover device enroll --replace`; absent for a new device.
     #[serde(default, skip_serializing_if = "ReplacementConfig::is_new_device")]
     pub replacement: ReplacementConfig,
@@ -73,6 +75,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("tls", &self.tls)
             .field("telemetry", &self.telemetry)
             .field("store", &self.store)
+            .field("runtime", &self.runtime)
             .field("replacement", &self.replacement)
             .finish()
     }
@@ -104,6 +107,24 @@ pub struct StoreConfig {
     /// Disk budget of the model store in bytes: a deploy that would take the store's
     /// files above it is refused before downloading. 0: no budget (free space only).
     pub max_bytes: u64,
+}
+
+/// The model runtime (tract).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Threads one inference may use (tract's multithreaded kernels): 0 picks the
+    /// device's cores, at most 4; 1 runs every inference on the thread serving it.
+    pub threads: u32,
+}
+
+/// The most threads `runtime.threads` accepts.
+pub const MAX_RUNTIME_THREADS: u32 = 64;
+
+impl RuntimeConfig {
+    pub fn threads(&self) -> drover_runtime::Threads {
+        drover_runtime::Threads::from_config(self.threads as usize)
+    }
 }
 
 /// Where the sequence numbers of the device this one replaces stopped (`drover device
@@ -158,6 +179,7 @@ impl Default for AgentConfig {
             tls: None,
             telemetry: TelemetryConfig::default(),
             store: StoreConfig::default(),
+            runtime: RuntimeConfig::default(),
             replacement: ReplacementConfig::default(),
         }
     }
@@ -295,6 +317,28 @@ impl AgentConfig {
             })
     }
 
+    /// The numeric limits of the telemetry, store and runtime sections.
+    fn check_limits(&self, errors: &mut Vec<String>) {
+        let t = &self.telemetry;
+        if !(100..=86_400_000).contains(&t.interval_ms) {
+            errors.push("telemetry.interval_ms: must be within 100..=86400000".into());
+        }
+        if t.spool_max_bytes < 64 * 1024 {
+            errors.push("telemetry.spool_max_bytes: must be at least 65536".into());
+        }
+        if t.sample_rate_ppm > 1_000_000 {
+            errors.push("telemetry.sample_rate_ppm: must be at most 1000000".into());
+        }
+        if self.store.max_bytes != 0 && self.store.max_bytes < 1 << 20 {
+            errors.push("store.max_bytes: must be 0 (no budget) or at least 1048576".into());
+        }
+        if self.runtime.threads > MAX_RUNTIME_THREADS {
+            errors.push(format!(
+                "runtime.threads: must be at most {MAX_RUNTIME_THREADS} (0 picks the device's cores)"
+            ));
+        }
+    }
+
     /// Checks every field; reports all problems at once.
     pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
         let mut errors = Vec::new();
@@ -374,19 +418,7 @@ impl AgentConfig {
                 ));
             }
         }
-        let t = &self.telemetry;
-        if !(100..=86_400_000).contains(&t.interval_ms) {
-            errors.push("telemetry.interval_ms: must be within 100..=86400000".into());
-        }
-        if t.spool_max_bytes < 64 * 1024 {
-            errors.push("telemetry.spool_max_bytes: must be at least 65536".into());
-        }
-        if t.sample_rate_ppm > 1_000_000 {
-            errors.push("telemetry.sample_rate_ppm: must be at most 1000000".into());
-        }
-        if self.store.max_bytes != 0 && self.store.max_bytes < 1 << 20 {
-            errors.push("store.max_bytes: must be 0 (no budget) or at least 1048576".into());
-        }
+        self.check_limits(&mut errors);
         match (
             device_id,
             device_key,
@@ -539,6 +571,7 @@ fn env_key_path(rest: &str) -> Option<Vec<&'static str>> {
         &["telemetry", "spool_max_bytes"],
         &["telemetry", "sample_rate_ppm"],
         &["store", "max_bytes"],
+        &["runtime", "threads"],
     ];
     let want = rest.to_ascii_lowercase();
     KEYS.iter()
@@ -568,7 +601,12 @@ fn set_path(table: &mut toml::Table, path: &[&str], value: &str) {
         Ok(n)
             if matches!(
                 *last,
-                "version" | "interval_ms" | "spool_max_bytes" | "sample_rate_ppm" | "max_bytes"
+                "version"
+                    | "interval_ms"
+                    | "spool_max_bytes"
+                    | "sample_rate_ppm"
+                    | "max_bytes"
+                    | "threads"
             ) =>
         {
             toml::Value::Integer(n)
@@ -643,6 +681,7 @@ sample_rate_ppm = 10000
             broker_url: "http://x".into(),
             api_addr: "nope".into(),
             store: StoreConfig { max_bytes: 1000 },
+            runtime: RuntimeConfig { threads: 65 },
             ..AgentConfig::default()
         };
         let Err(ConfigError::Invalid(errs)) = cfg.validate() else {
@@ -656,6 +695,7 @@ sample_rate_ppm = 10000
             "broker_url",
             "api_addr",
             "store.max_bytes",
+            "runtime.threads",
         ] {
             assert!(
                 errs.iter().any(|e| e.starts_with(needle)),
@@ -676,6 +716,7 @@ sample_rate_ppm = 10000
             ("DROVER_AGENT_TELEMETRY_INTERVAL_MS", "700"),
             ("DROVER_AGENT_API_ADDR", "127.0.0.1:2"),
             ("DROVER_AGENT_STORE_MAX_BYTES", "2000000"),
+            ("DROVER_AGENT_RUNTIME_THREADS", "2"),
             ("UNRELATED", "x"),
         ]
         .into_iter()
@@ -685,6 +726,7 @@ sample_rate_ppm = 10000
         let v = AgentConfig::load(Some(&path), &env, &flags).unwrap();
         assert_eq!(v.raw.telemetry.interval_ms, 700);
         assert_eq!(v.raw.store.max_bytes, 2_000_000);
+        assert_eq!(v.raw.runtime.threads(), drover_runtime::Threads::Fixed(2));
         assert_eq!(v.api_addr.port(), 3);
         // Default kept for what nobody set.
         assert_eq!(v.raw.telemetry.sample_rate_ppm, 10_000);

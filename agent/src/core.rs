@@ -86,17 +86,15 @@ pub enum BootError {
 }
 
 /// Loads a model from the store, checking its file against the manifest first.
-fn load_model(
-    data_dir: &Path,
-    model: &ModelRef,
-    manifest: &Manifest,
-) -> Result<Arc<Loaded>, String> {
+fn load_model(cfg: &ValidConfig, model: &ModelRef, man: &Manifest) -> Result<Arc<Loaded>, String> {
+    let (data_dir, manifest) = (&cfg.raw.data_dir, man);
     if !download::blob_is_valid(data_dir, manifest) {
         return Err("model file missing or does not match its manifest".into());
     }
     let bytes = std::fs::read(download::blob_path(data_dir, &manifest.sha256))
         .map_err(|e| e.to_string())?;
-    let model_rt = Model::load(&bytes).map_err(|e| e.to_string())?;
+    let rt = Model::load_with(&bytes, cfg.raw.runtime.threads());
+    let model_rt = rt.map_err(|e| e.to_string())?;
     Ok(Arc::new(Loaded {
         model_ref: model.clone(),
         manifest: manifest.clone(),
@@ -136,7 +134,7 @@ pub fn boot(cfg: &ValidConfig, serving: &Serving) -> Result<Booted, BootError> {
             state.previous.clone()
         };
         let Some(slot) = slot else { continue };
-        match load_model(&data_dir, &slot.model, &slot.manifest) {
+        match load_model(cfg, &slot.model, &slot.manifest) {
             Ok(l) => {
                 if which == "previous" {
                     // Active is unusable: the previous slot takes over.
@@ -156,7 +154,7 @@ pub fn boot(cfg: &ValidConfig, serving: &Serving) -> Result<Booted, BootError> {
     }
     serving.swap_active(loaded);
     if let Some(s) = &state.shadow {
-        match load_model(&data_dir, &s.model, &s.manifest) {
+        match load_model(cfg, &s.model, &s.manifest) {
             Ok(l) => {
                 serving.set_shadow(Some(l));
             }
@@ -593,7 +591,7 @@ impl Core {
     }
 
     fn load(&mut self, model: &ModelRef, manifest: &Manifest, test: bool) -> Input {
-        let loaded = load_model(&self.data_dir, model, manifest).and_then(|l| {
+        let loaded = load_model(&self.cfg, model, manifest).and_then(|l| {
             if test {
                 let started = Instant::now();
                 let tested = self_test(&l.model, &manifest.test_vectors)

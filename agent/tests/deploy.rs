@@ -72,7 +72,7 @@ async fn deploy_infer_hot_swap_under_load_and_refuse_bad_commands() {
         (hello.protocol_min, hello.protocol_max),
         (
             drover_protocol::MIN_PROTOCOL_VERSION,
-            drover_protocol::PROTOCOL_VERSION
+            drover_agent::machine::SPEAKS_PROTOCOL
         )
     );
     assert_eq!((hello.last_command_seq, hello.active.clone()), (0, None));

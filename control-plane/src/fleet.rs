@@ -333,6 +333,9 @@ pub fn sign_command(
         Action::Rollback { to } => ("rollback", to.as_ref().map(|m| m.digest)),
         Action::Promote => ("promote", None),
         Action::Configure(_) => ("configure", None),
+        Action::RollbackModel { to, .. } => ("rollback", to.as_ref().map(|m| m.digest)),
+        Action::PromoteModel { .. } => ("promote", None),
+        Action::RemoveModel { .. } => ("remove", None),
     };
     let expires_at_ms = app.command_expiry_ms(now_ms);
     let cmd = Command {

@@ -1,7 +1,7 @@
 //! The versioned wire envelope.
 //!
 //! ```text
-//! frame  = magic "DR" | version u16 LE | kind u8 | postcard body | [mac 32 bytes]
+//! frame  = magic "DR" | envelope version u16 LE | kind u8 | postcard body | [mac 32 bytes]
 //! kinds  = 1 uplink   (device → CP; body UplinkFrame; MAC with the device key)
 //!          2 downlink (CP → device; body DownlinkFrame; MAC with the device key)
 //!          3 chunk    (CP → downloading devices; body ChunkData; checked by manifest hash)
@@ -19,9 +19,17 @@ use crate::messages::{ChunkData, Downlink, Uplink};
 use crate::topics::DeviceId;
 use crate::trust::{DeviceKey, SignedBlob, MAC_LEN};
 
-/// The version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest version this build still decodes.
+/// The frame layout's version, in every frame's header. The message set grows by
+/// versions of its own ([`PROTOCOL_VERSION`]) without changing the layout, so every
+/// peer since the first release reads every frame's header.
+pub const ENVELOPE_VERSION: u16 = 1;
+/// The newest message set this build speaks. A version only appends enum variants (old
+/// layouts are unchanged), and a peer sends one of them only to a peer whose hello
+/// negotiated that version ([`crate::messages::Action::min_protocol`]):
+/// 1 the first release; 2 commands about one named model (`RollbackModel`,
+/// `PromoteModel`, `RemoveModel`) for agents that serve several models.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest message set this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 pub const MAGIC: [u8; 2] = *b"DR";
@@ -154,7 +162,7 @@ pub struct DownlinkFrame {
 fn header(kind: FrameKind) -> Vec<u8> {
     let mut v = Vec::with_capacity(256);
     v.extend_from_slice(&MAGIC);
-    v.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    v.extend_from_slice(&ENVELOPE_VERSION.to_le_bytes());
     v.push(kind as u8);
     v
 }
@@ -174,11 +182,11 @@ pub fn check_header(bytes: &[u8]) -> Result<FrameKind, DecodeError> {
         return Err(DecodeError::BadMagic);
     }
     let version = u16::from_le_bytes([bytes[2], bytes[3]]);
-    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+    if version != ENVELOPE_VERSION {
         return Err(DecodeError::Incompatible {
             peer: version,
-            min: MIN_PROTOCOL_VERSION,
-            max: PROTOCOL_VERSION,
+            min: ENVELOPE_VERSION,
+            max: ENVELOPE_VERSION,
         });
     }
     let kind = FrameKind::from_u8(bytes[4]).ok_or(DecodeError::UnknownKind(bytes[4]))?;

@@ -20,7 +20,8 @@ pub mod topics;
 pub mod trust;
 
 pub use envelope::{
-    DecodeError, DownlinkFrame, UplinkFrame, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    DecodeError, DownlinkFrame, UplinkFrame, ENVELOPE_VERSION, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 pub use manifest::Manifest;
 pub use messages::{Command, Downlink, ModelRef, Uplink};

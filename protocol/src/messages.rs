@@ -1,7 +1,8 @@
 //! Every message exchanged between agent and control plane.
 //!
 //! Wire rule (postcard is positional): never reorder, remove or retype a field or variant.
-//! New variants go at the end of an enum; a changed struct means a new `PROTOCOL_VERSION`.
+//! New variants go at the end of an enum, in a new `PROTOCOL_VERSION`, and are sent only to
+//! a peer that negotiated it; a changed struct would change the envelope's layout.
 //! Golden-byte fixtures in `tests/golden/` fail when an encoding changes by accident.
 
 use std::collections::BTreeMap;
@@ -374,6 +375,37 @@ pub enum Action {
     Promote,
     /// Change runtime settings.
     Configure(AgentSettings),
+    // ---- protocol 2: several models per device, each in the slot its name names ----
+    /// Return the named model's slot to its previous healthy version (or to `to`).
+    RollbackModel { model: String, to: Option<ModelRef> },
+    /// Promote the named model's shadow candidate to active.
+    PromoteModel { model: String },
+    /// Stop serving the named model and free its slot and files.
+    RemoveModel { model: String },
+}
+
+impl Action {
+    /// The oldest protocol version whose agents understand this action: the control plane
+    /// never signs one for a device that negotiated less (an older agent could not decode
+    /// it, and would refuse it only after the operator waited for it).
+    pub fn min_protocol(&self) -> u16 {
+        match self {
+            Action::Deploy { .. } | Action::Rollback { .. } | Action::Promote => 1,
+            Action::Configure(_) => 1,
+            Action::RollbackModel { .. } | Action::PromoteModel { .. } => 2,
+            Action::RemoveModel { .. } => 2,
+        }
+    }
+
+    /// The model slot this action is about, when it names one.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Action::RollbackModel { model, .. }
+            | Action::PromoteModel { model }
+            | Action::RemoveModel { model } => Some(model),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -97,16 +97,18 @@ fn chunk_and_keyring_frames_round_trip_and_match_golden_bytes() {
 }
 
 #[test]
-fn incompatible_protocol_version_is_refused_with_both_versions_named() {
+fn incompatible_envelope_version_is_refused_with_both_versions_named() {
     let mut bytes = seal_uplink(&device_key(), &uplink_frame(1, uplinks().remove(0).1));
-    bytes[2..4].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+    // Frames keep the first release's layout: its version is what every peer reads.
+    assert_eq!(u16::from_le_bytes([bytes[2], bytes[3]]), 1);
+    bytes[2..4].copy_from_slice(&(ENVELOPE_VERSION + 1).to_le_bytes());
     let err = open_uplink(&bytes, &dev(), &device_key()).unwrap_err();
     assert_eq!(
         err,
         DecodeError::Incompatible {
-            peer: PROTOCOL_VERSION + 1,
-            min: MIN_PROTOCOL_VERSION,
-            max: PROTOCOL_VERSION
+            peer: ENVELOPE_VERSION + 1,
+            min: ENVELOPE_VERSION,
+            max: ENVELOPE_VERSION
         }
     );
     assert!(err.to_string().contains("upgrade the older side"), "{err}");
@@ -128,6 +130,52 @@ fn negotiation_picks_the_highest_common_version_or_refuses() {
         negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3),
         Err(DecodeError::Incompatible { .. })
     ));
+}
+
+/// The first release's `Action`, as its agents decode it (protocol 1).
+#[derive(Debug, PartialEq, serde::Deserialize)]
+enum ActionV1 {
+    Deploy {
+        manifest: drover_protocol::SignedBlob,
+        mode: drover_protocol::messages::DeployMode,
+    },
+    Rollback {
+        to: Option<drover_protocol::messages::ModelRef>,
+    },
+    Promote,
+    Configure(drover_protocol::messages::AgentSettings),
+}
+
+#[test]
+fn protocol_2_commands_are_unreadable_to_a_protocol_1_agent_and_marked_so() {
+    use drover_protocol::messages::Action;
+    // Every action of the first release still decodes in an old agent's layout...
+    for action in [
+        Action::Promote,
+        Action::Rollback { to: None },
+        Action::Configure(drover_protocol::messages::AgentSettings {
+            telemetry_interval_ms: 1000,
+            sample_rate_ppm: 0,
+        }),
+    ] {
+        assert_eq!(action.min_protocol(), 1);
+        let bytes = postcard::to_allocvec(&action).unwrap();
+        assert!(
+            postcard::from_bytes::<ActionV1>(&bytes).is_ok(),
+            "{action:?}"
+        );
+    }
+    // ...and every action protocol 2 added does not, so the control plane must never send
+    // one to such an agent: `min_protocol` says which ones.
+    for (name, action) in v2_actions() {
+        assert_eq!(action.min_protocol(), 2, "{name}");
+        assert_eq!(action.model(), Some("vibration"), "{name}");
+        let bytes = postcard::to_allocvec(&action).unwrap();
+        assert!(
+            postcard::from_bytes::<ActionV1>(&bytes).is_err(),
+            "{name} decoded as a protocol 1 action"
+        );
+    }
 }
 
 #[test]

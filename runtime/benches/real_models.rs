@@ -3,7 +3,8 @@
 //! fixes), max absolute error against onnxruntime's reference, tract's model time (median,
 //! one thread, through `Model::run` as the agent calls it) and onnxruntime's, timed by
 //! `fetch.py ort-time` in a Python subprocess in the same run with 1 intra-op thread and
-//! with its default, and this process's peak RSS after the model ran (VmHWM; it only grows,
+//! with its default, tract again on `Threads::Auto` (the agent's default `runtime.threads`:
+//! the cores, at most 4) against onnxruntime's default threads, and this process's peak RSS after the model ran (VmHWM; it only grows,
 //! so read it as "peak so far").
 //!
 //! Run: `cargo bench -p drover-runtime --bench real_models` (needs python3 with onnxruntime
@@ -20,6 +21,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use drover_runtime::publish::{parse_input_shape, prepare, PublishOptions};
+use drover_runtime::{Model, Threads};
 
 fn bench() -> bool {
     std::env::args().any(|a| a == "--bench")
@@ -66,15 +68,16 @@ fn main() {
     case::fetch(&args);
     let runs = runs();
     println!(
-        "{:<20} {:<9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8}  note",
+        "{:<20} {:<9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8}  note",
         "model",
         "published",
         "max err",
         "tract ms",
+        "tractN ms",
         "ort1 ms",
         "ortN ms",
         "x ort1",
-        "x ortN",
+        "xN ortN",
         "RSS MB"
     );
     for c in case::cases() {
@@ -94,8 +97,8 @@ fn main() {
             Err(e) => {
                 let msg: String = e.to_string().chars().take(160).collect();
                 println!(
-                    "{:<20} {:<9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8}  refused: {msg}",
-                    c.name, "no", "-", "-", "-", "-", "-", "-", "-"
+                    "{:<20} {:<9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8}  refused: {msg}",
+                    c.name, "no", "-", "-", "-", "-", "-", "-", "-", "-"
                 );
                 continue;
             }
@@ -111,34 +114,42 @@ fn main() {
                 continue;
             }
         };
-        let mut times: Vec<f64> = (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                p.model.run(&c.inputs).expect("ran once");
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        times.sort_by(f64::total_cmp);
-        let tract = times[times.len() / 2];
+        let median_ms = |m: &Model| {
+            let mut times: Vec<f64> = (0..runs)
+                .map(|_| {
+                    let t = Instant::now();
+                    m.run(&c.inputs).expect("ran once");
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            times[times.len() / 2]
+        };
+        let tract = median_ms(&p.model);
+        let threaded = Model::load_with(&p.bytes, Threads::Auto).expect("loads as published");
+        // Warm-up: the pool's threads start on the first threaded run.
+        threaded.run(&c.inputs).expect("ran once");
+        let tract_n = median_ms(&threaded);
         let ort1 = ort_ms(&c.name, 1, runs.max(3));
         let ortn = ort_ms(&c.name, 0, runs.max(3));
         let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
-        let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}", tract / v));
+        let x = |t: f64, v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}", t / v));
         let note = if p.fixes.is_empty() {
             String::new()
         } else {
             format!("fixes: {}", p.fixes.join("; "))
         };
         println!(
-            "{:<20} {:<9} {:>9} {:>10.2} {:>10} {:>10} {:>7} {:>7} {:>8.0}  {note}",
+            "{:<20} {:<9} {:>9} {:>10.2} {:>10.2} {:>10} {:>10} {:>7} {:>7} {:>8.0}  {note}",
             c.name,
             "yes",
             err,
             tract,
+            tract_n,
             f(ort1),
             f(ortn),
-            x(ort1),
-            x(ortn),
+            x(tract, ort1),
+            x(tract_n, ortn),
             peak_rss_mb()
         );
     }

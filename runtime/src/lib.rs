@@ -19,6 +19,8 @@ pub mod model;
 pub mod onnx_ml;
 pub mod publish;
 pub mod sampled;
+pub mod threads;
 
 pub use model::*;
 pub use sampled::self_test_sampled;
+pub use threads::Threads;

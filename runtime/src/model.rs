@@ -95,6 +95,8 @@ impl std::fmt::Display for Refusal {
 /// A loaded, optimized model ready to run concurrently (`run` takes `&self`).
 pub struct Model {
     plan: Arc<TypedRunnableModel>,
+    /// Threads one inference uses (1: tract's inline path).
+    threads: usize,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
 }
@@ -207,7 +209,7 @@ fn fmt_shape(shape: &[Dim]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
-fn load_inner(bytes: &[u8]) -> Result<Model, RuntimeError> {
+fn load_inner(bytes: &[u8], threads: crate::Threads) -> Result<Model, RuntimeError> {
     let onnx = crate::onnx_ml::onnx();
     let proto = onnx
         .proto_model_for_read(&mut &*bytes)
@@ -264,9 +266,16 @@ fn load_inner(bytes: &[u8]) -> Result<Model, RuntimeError> {
             .unwrap_or_else(|| typed.node(outlet.node).name.clone());
         outputs.push(spec_of(name, typed.output_fact(ix).map_err(load_err)?));
     }
-    let plan = typed.into_runnable().map_err(load_err)?;
+    let options = tract_onnx::tract_core::runtime::RunOptions {
+        executor: threads.executor(),
+        ..Default::default()
+    };
+    let plan = typed
+        .into_runnable_with_options(&options)
+        .map_err(load_err)?;
     Ok(Model {
         plan,
+        threads: threads.count(),
         inputs,
         outputs,
     })
@@ -485,8 +494,19 @@ impl Model {
     /// Parses, checks and optimizes an ONNX model. Never panics: a tract panic becomes
     /// [`RuntimeError::Panicked`].
     pub fn load(bytes: &[u8]) -> Result<Model, RuntimeError> {
-        catch_unwind(AssertUnwindSafe(|| load_inner(bytes)))
+        Self::load_with(bytes, crate::Threads::One)
+    }
+
+    /// As [`Model::load`], running each inference on `threads` threads (tract's
+    /// multithreaded kernels; outputs are the same as on one thread).
+    pub fn load_with(bytes: &[u8], threads: crate::Threads) -> Result<Model, RuntimeError> {
+        catch_unwind(AssertUnwindSafe(|| load_inner(bytes, threads)))
             .unwrap_or(Err(RuntimeError::Panicked("loading the model")))
+    }
+
+    /// Threads one inference uses.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     pub fn inputs(&self) -> &[TensorSpec] {

@@ -56,7 +56,15 @@ use drover_protocol::messages::{
 };
 use drover_protocol::topics::{self, ParsedTopic};
 use drover_protocol::trust::{Digest, SignedBlob, TrustError, TrustStore};
-use drover_protocol::{DeviceId, DeviceKey, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use drover_protocol::{DeviceId, DeviceKey, MIN_PROTOCOL_VERSION};
+
+/// The newest protocol this agent announces in its hello. It serves one model, so it
+/// stays at 1 until it keeps a slot per model name: protocol 2's named-model commands
+/// are refused with [`ONE_MODEL_ONLY`] (a control plane never sends them to it).
+pub const SPEAKS_PROTOCOL: u16 = 1;
+/// Why a protocol 2 command is refused.
+pub const ONE_MODEL_ONLY: &str =
+    "named-model commands (protocol 2) are not supported: this agent serves one model and speaks protocol 1";
 
 pub use deploy::{
     probation_passed, CHUNK_BATCH, CHUNK_RETRY_MS, MAX_CHUNK_ATTEMPTS, MAX_SILENT_REQUESTS,
@@ -687,7 +695,7 @@ impl Machine {
         let hello = Uplink::Hello(Hello {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol_min: MIN_PROTOCOL_VERSION,
-            protocol_max: PROTOCOL_VERSION,
+            protocol_max: SPEAKS_PROTOCOL,
             arch: self.cfg.arch.clone(),
             os: self.cfg.os.clone(),
             labels: self.cfg.labels.clone(),
@@ -801,8 +809,12 @@ impl Machine {
         // A command about the model (deploy, rollback, promote) overrides whatever
         // deployment was pending, whatever its target, in the same write as the floor: an
         // older deployment can never resume and activate over a newer command, not even
-        // after a restart. Settings leave the deployment alone.
-        let about_model = !matches!(cmd.action, Action::Configure(_));
+        // after a restart. Settings leave the deployment alone, and so do the named-model
+        // commands this agent refuses.
+        let about_model = matches!(
+            cmd.action,
+            Action::Deploy { .. } | Action::Rollback { .. } | Action::Promote
+        );
         if about_model {
             self.state.pending = match &deploy {
                 Some(Ok(p)) => Some(p.clone()),
@@ -847,6 +859,12 @@ impl Machine {
             Action::Deploy { .. } => {}
             Action::Rollback { to } => self.rollback(id, to),
             Action::Promote => self.promote(id),
+            Action::RollbackModel { .. }
+            | Action::PromoteModel { .. }
+            | Action::RemoveModel { .. } => {
+                let detail = Some(ONE_MODEL_ONLY.to_owned());
+                self.progress(id, None, Phase::Refused, (0, 0), detail);
+            }
             Action::Configure(s) => {
                 let settings = Settings::from(&s);
                 self.state.settings = Some(settings.clone());

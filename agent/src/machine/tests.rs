@@ -646,7 +646,7 @@ fn refused_downlinks_are_reported_by_digest_and_size_within_a_budget() {
     let dev = r.m.config().device_id.clone();
     let down = topics::downlink(&dev);
     let mut oversized = b"DR".to_vec();
-    oversized.extend_from_slice(&envelope::PROTOCOL_VERSION.to_le_bytes());
+    oversized.extend_from_slice(&envelope::ENVELOPE_VERSION.to_le_bytes());
     oversized.push(2);
     oversized.resize(envelope::MAX_DOWNLINK_LEN + 1, 0);
     for (bytes, why) in [

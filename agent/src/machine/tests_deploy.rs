@@ -549,6 +549,50 @@ fn promote_without_a_shadow_and_deploying_the_active_model_change_nothing() {
 }
 
 #[test]
+fn named_model_commands_are_refused_and_leave_the_deployment_in_flight_alone() {
+    let mut r = rig();
+    let v1 = TestModel::new(&r.signer, "1.0.0", 3000);
+    healthy(&mut r, 1, &v1);
+    let v2 = TestModel::new(&r.signer, "2.0.0", 3000);
+    deploy(&mut r, 2, &v2, DeployMode::Activate);
+    let pending = r.m.state().pending.clone();
+    assert!(pending.is_some());
+    let name = v1.model_ref().name;
+    for (seq, action) in [
+        (
+            3,
+            Action::RemoveModel {
+                model: name.clone(),
+            },
+        ),
+        (
+            4,
+            Action::PromoteModel {
+                model: name.clone(),
+            },
+        ),
+        (
+            5,
+            Action::RollbackModel {
+                model: name,
+                to: None,
+            },
+        ),
+    ] {
+        let e = commanded(&mut r, seq, action);
+        assert_eq!(
+            progress(&e).last().cloned(),
+            Some((seq, Phase::Refused, Some(super::ONE_MODEL_ONLY.into())))
+        );
+        assert!(!e.iter().any(Effect::is_ask), "{:?}", names(&e));
+    }
+    // Still downloading v2, still serving v1; the replay floor moved past the refusals.
+    assert_eq!(r.m.state().pending, pending);
+    assert_eq!(r.m.state().active.as_ref().unwrap().model, v1.model_ref());
+    assert_eq!(r.m.state().last_command_seq, 5);
+}
+
+#[test]
 fn an_activation_never_proven_healthy_keeps_no_rollback_target() {
     let mut r = rig();
     let v1 = TestModel::new(&r.signer, "1.0.0", 3000);

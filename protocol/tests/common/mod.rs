@@ -335,6 +335,48 @@ pub fn downlinks() -> Vec<(&'static str, Downlink)> {
             })),
         ),
     ]
+    .into_iter()
+    .chain(downlinks_v2())
+    .collect()
+}
+
+/// The commands protocol 2 added: one sample of each.
+pub fn v2_actions() -> Vec<(&'static str, Action)> {
+    vec![
+        (
+            "down_command_rollback_model",
+            Action::RollbackModel {
+                model: "vibration".into(),
+                to: Some(model_ref()),
+            },
+        ),
+        (
+            "down_command_promote_model",
+            Action::PromoteModel {
+                model: "vibration".into(),
+            },
+        ),
+        (
+            "down_command_remove_model",
+            Action::RemoveModel {
+                model: "vibration".into(),
+            },
+        ),
+    ]
+}
+
+fn downlinks_v2() -> Vec<(&'static str, Downlink)> {
+    v2_actions()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, action))| {
+            let cmd = Command {
+                action,
+                ..command(46 + i as u64)
+            };
+            (name, Downlink::Command(signer().sign_command(&cmd)))
+        })
+        .collect()
 }
 
 pub fn chunk() -> ChunkData {

@@ -4,7 +4,7 @@
 //! malformed length. Each is refused and counted by reason in `/metrics`; replays are
 //! stored once; the server stays healthy and keeps storing good frames.
 
-use drover_protocol::envelope::{FrameKind, MAGIC, MAX_UPLINK_LEN, PROTOCOL_VERSION};
+use drover_protocol::envelope::{FrameKind, ENVELOPE_VERSION, MAGIC, MAX_UPLINK_LEN};
 use drover_protocol::topics::{self, UplinkKind};
 use drover_protocol::DeviceKey;
 use drover_tests::wait_until;
@@ -16,7 +16,7 @@ use crate::common::*;
 /// A frame whose MAC is right but whose postcard body starts with an overlong varint.
 fn bad_varint_frame(key: &DeviceKey) -> Vec<u8> {
     let mut v = MAGIC.to_vec();
-    v.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    v.extend_from_slice(&ENVELOPE_VERSION.to_le_bytes());
     v.push(FrameKind::Uplink as u8);
     v.extend_from_slice(&[0xff; 12]);
     let tag = key.mac(&v);
