@@ -49,5 +49,6 @@ pub mod pki;
 pub mod registry;
 pub mod rollout;
 pub mod serve;
+pub mod stats;
 pub mod store;
 pub mod trainer;

@@ -66,8 +66,19 @@ fn classes_of(outputs: &[TensorValue], rows: usize) -> Option<Vec<u32>> {
     )
 }
 
+/// A model's scores and which held-out rows it got right, so two models scored on the same
+/// rows can be compared row by row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scores {
+    pub metrics: Metrics,
+    /// Per held-out row: predicted its label.
+    pub right: Vec<bool>,
+    /// Per held-out row: came from the fleet (recent) rather than the base dataset.
+    pub recent: Vec<bool>,
+}
+
 /// Scores an ONNX model on held-out rows with tract (the runtime devices use).
-pub fn evaluate(model: &[u8], rows: &[Row]) -> Result<Metrics> {
+pub fn evaluate(model: &[u8], rows: &[Row]) -> Result<Scores> {
     let m = Model::load(model).map_err(|e| ContinuousError::Eval(format!("cannot load: {e}")))?;
     let spec = m
         .inputs()
@@ -77,6 +88,7 @@ pub fn evaluate(model: &[u8], rows: &[Row]) -> Result<Metrics> {
     let mut right = 0u64;
     let mut recent_right = 0u64;
     let mut recent = 0u64;
+    let mut per_row = Vec::with_capacity(rows.len());
     // Batches keep memory flat on large held-out sets.
     for chunk in rows.chunks(1024) {
         let data: Vec<f32> = chunk.iter().flat_map(|r| r.features.clone()).collect();
@@ -91,6 +103,7 @@ pub fn evaluate(model: &[u8], rows: &[Row]) -> Result<Metrics> {
         let classes = classes_of(&out, chunk.len())
             .ok_or_else(|| ContinuousError::Eval("model output is not a class per row".into()))?;
         for (r, c) in chunk.iter().zip(classes) {
+            per_row.push(r.label == c);
             let ok = u64::from(r.label == c);
             right += ok;
             if r.recent {
@@ -100,39 +113,87 @@ pub fn evaluate(model: &[u8], rows: &[Row]) -> Result<Metrics> {
         }
     }
     let n = rows.len() as u64;
-    Ok(Metrics {
-        accuracy: if n == 0 { 0.0 } else { right as f64 / n as f64 },
-        recent_accuracy: (recent > 0).then(|| recent_right as f64 / recent as f64),
-        rows: n,
-        recent_rows: recent,
+    Ok(Scores {
+        metrics: Metrics {
+            accuracy: if n == 0 { 0.0 } else { right as f64 / n as f64 },
+            recent_accuracy: (recent > 0).then(|| recent_right as f64 / recent as f64),
+            rows: n,
+            recent_rows: recent,
+        },
+        right: per_row,
+        recent: rows.iter().map(|r| r.recent).collect(),
     })
 }
 
-/// The gate: `Ok` to publish, or the reason not to.
+/// The gate: `Ok` with the evidence to publish, or the reason not to. The candidate may
+/// not be worse than the champion on every held-out row by more than `max_regression`,
+/// and must beat it by `min_recent_improvement` at the policy's confidence (the paired
+/// difference's lower bound, both models scored on the same rows) on the recent (fleet)
+/// held-out rows, or on every held-out row when fewer than `min_recent_rows` are recent
+/// (a margin of 0 requires no improvement).
 pub fn decide(
     gate: &GatePolicy,
-    candidate: &Metrics,
-    champion: Option<&Metrics>,
-) -> std::result::Result<(), String> {
+    candidate: &Scores,
+    champion: Option<&Scores>,
+) -> std::result::Result<String, String> {
     let Some(champ) = champion else {
-        return Ok(());
+        return Ok("first model of the policy: no champion to beat".into());
     };
-    if candidate.accuracy + 1e-12 < champ.accuracy - gate.max_regression {
+    let (cand_m, champ_m) = (&candidate.metrics, &champ.metrics);
+    if cand_m.accuracy + 1e-12 < champ_m.accuracy - gate.max_regression {
         return Err(format!(
             "accuracy on held-out data {:.4} is worse than the champion's {:.4} (allowed regression {})",
-            candidate.accuracy, champ.accuracy, gate.max_regression
+            cand_m.accuracy, champ_m.accuracy, gate.max_regression
         ));
     }
-    match (candidate.recent_accuracy, champ.recent_accuracy) {
-        (Some(c), Some(p)) if c + 1e-12 < p + gate.min_recent_improvement => Err(format!(
-            "accuracy on recent held-out data {c:.4} does not beat the champion's {p:.4} by the required {}",
-            gate.min_recent_improvement
-        )),
-        (None, _) | (_, None) if gate.min_recent_improvement > 0.0 => Err(
-            "no recent (fleet) rows in the held-out data to show an improvement on".to_string(),
-        ),
-        _ => Ok(()),
+    let recent_rows = cand_m.recent_rows;
+    let (on, pick): (String, Box<dyn Fn(usize) -> bool>) = if recent_rows >= gate.min_recent_rows {
+        let recent = candidate.recent.clone();
+        (
+            "recent (fleet) held-out rows".into(),
+            Box::new(move |i| recent[i]),
+        )
+    } else {
+        (
+            format!(
+                "all held-out rows (only {recent_rows} recent fleet rows, fewer than min_recent_rows = {})",
+                gate.min_recent_rows
+            ),
+            Box::new(|_| true),
+        )
+    };
+    let select = |s: &Scores| -> Vec<bool> {
+        s.right
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| pick(*i))
+            .map(|(_, r)| *r)
+            .collect()
+    };
+    let (c, p) = (select(candidate), select(champ));
+    let Some(d) = crate::stats::paired_difference(&c, &p, gate.confidence) else {
+        return Err(format!(
+            "no {on} to compare the candidate with the champion on"
+        ));
+    };
+    let rate = |v: &[bool]| v.iter().filter(|x| **x).count() as f64 / v.len().max(1) as f64;
+    let evidence = format!(
+        "on {on}, {} rows: candidate {:.4} vs champion {:.4}, difference {:+.4}, {:.0} % lower bound {:+.4} (required {:+.4})",
+        d.rows,
+        rate(&c),
+        rate(&p),
+        d.mean,
+        gate.confidence * 100.0,
+        d.lower_bound,
+        gate.min_recent_improvement
+    );
+    // A margin of 0 asks for no improvement: the regression check above is the gate.
+    if gate.min_recent_improvement > 0.0 && d.lower_bound + 1e-12 < gate.min_recent_improvement {
+        return Err(format!(
+            "does not beat the champion with enough confidence {evidence}"
+        ));
     }
+    Ok(evidence)
 }
 
 // ---- registration ----
@@ -188,27 +249,83 @@ pub fn on_candidate_accepted(
 mod tests {
     use super::*;
 
-    fn m(acc: f64, recent: Option<f64>) -> Metrics {
-        Metrics {
-            accuracy: acc,
-            recent_accuracy: recent,
-            rows: 100,
-            recent_rows: 10,
+    /// Scores over `base` base rows and `recent` fleet rows, right on the first
+    /// `base_right` and `recent_right` of each.
+    fn scores(base: usize, base_right: usize, recent: usize, recent_right: usize) -> Scores {
+        let right: Vec<bool> = (0..base)
+            .map(|i| i < base_right)
+            .chain((0..recent).map(|i| i < recent_right))
+            .collect();
+        let is_recent: Vec<bool> = (0..base + recent).map(|i| i >= base).collect();
+        let n = (base + recent) as f64;
+        Scores {
+            metrics: Metrics {
+                accuracy: (base_right + recent_right) as f64 / n,
+                recent_accuracy: (recent > 0).then(|| recent_right as f64 / recent as f64),
+                rows: (base + recent) as u64,
+                recent_rows: recent as u64,
+            },
+            right,
+            recent: is_recent,
         }
     }
 
     #[test]
     fn gate_refuses_a_worse_candidate_and_says_why() {
         let g = GatePolicy::default();
-        let e = decide(&g, &m(0.80, Some(0.9)), Some(&m(0.85, Some(0.5))));
-        assert!(e.is_err_and(|r| r.contains("worse than the champion's 0.8500")));
-        let e = decide(&g, &m(0.90, Some(0.505)), Some(&m(0.85, Some(0.5))));
-        assert!(e.is_err_and(|r| r.contains("does not beat")));
-        assert_eq!(
-            decide(&g, &m(0.90, Some(0.7)), Some(&m(0.85, Some(0.5)))),
-            Ok(())
+        let e = decide(&g, &scores(100, 60, 40, 36), Some(&scores(100, 85, 40, 20)));
+        assert!(
+            e.as_ref()
+                .is_err_and(|r| r.contains("worse than the champion's 0.7500")),
+            "{e:?}"
         );
-        assert_eq!(decide(&g, &m(0.1, None), None), Ok(()));
+        assert!(decide(&g, &scores(10, 1, 0, 0), None).is_ok());
+    }
+
+    #[test]
+    fn an_improvement_must_hold_at_the_policy_confidence() {
+        let g = GatePolicy::default();
+        // 40 fleet rows, 22 vs 20 right: +5 points, but not with 95 % confidence.
+        let e = decide(&g, &scores(100, 85, 40, 22), Some(&scores(100, 85, 40, 20)));
+        assert!(e.is_err_and(
+            |r| r.contains("does not beat the champion with enough confidence")
+                && r.contains("recent (fleet) held-out rows, 40 rows")
+        ));
+        // 36 vs 20 of 40: the bound clears the 1-point margin.
+        let ok = decide(&g, &scores(100, 85, 40, 36), Some(&scores(100, 85, 40, 20)));
+        assert!(
+            ok.as_ref()
+                .is_ok_and(|r| r.contains("candidate 0.9000 vs champion 0.5000")),
+            "{ok:?}"
+        );
+    }
+
+    #[test]
+    fn too_few_fleet_rows_are_judged_with_every_held_out_row() {
+        let g = GatePolicy::default();
+        // 5 fleet rows at 0.2 each: the old gate refused; 2,000 base rows show the gain.
+        let cand = scores(2000, 1300, 5, 1);
+        let champ = scores(2000, 1000, 5, 1);
+        let ok = decide(&g, &cand, Some(&champ));
+        assert!(
+            ok.as_ref()
+                .is_ok_and(|r| r.contains("all held-out rows (only 5 recent fleet rows")),
+            "{ok:?}"
+        );
+        // No fleet rows at all: the same, never "no recent rows".
+        assert!(decide(
+            &g,
+            &scores(2000, 1300, 0, 0),
+            Some(&scores(2000, 1000, 0, 0))
+        )
+        .is_ok());
+        // And no improvement on them is still refused.
+        let e = decide(
+            &g,
+            &scores(2000, 1000, 0, 0),
+            Some(&scores(2000, 1000, 0, 0)),
+        );
+        assert!(e.is_err_and(|r| r.contains("all held-out rows")));
     }
 
     #[test]

@@ -301,7 +301,7 @@ impl Engine {
         let scored = self
             .score(paths, &models_dir, champion.as_ref(), candidate.clone())
             .await?;
-        let cand_m = match scored.0 {
+        let cand = match scored.0 {
             Ok(m) => m,
             Err(e) => {
                 row.outcome = Some(JobOutcome::Refused);
@@ -309,16 +309,19 @@ impl Engine {
                 return self.save(row).await;
             }
         };
-        let champ_m = scored.1;
+        let champ = scored.1;
+        let decision = decide(&gate, &cand, champ.as_ref());
+        let (cand_m, champ_m) = (cand.metrics, champ.as_ref().map(|c| c.metrics));
         row.metrics = Some(
             serde_json::json!({
                 "candidate": metrics_json(&cand_m),
                 "champion": champ_m.as_ref().map(metrics_json),
                 "trainer": trainer_metrics,
+                "gate": match &decision { Ok(e) | Err(e) => e },
             })
             .to_string(),
         );
-        if let Err(reason) = decide(&gate, &cand_m, champ_m.as_ref()) {
+        if let Err(reason) = decision {
             tracing::info!(job = row.id, %reason, "candidate refused");
             row.outcome = Some(JobOutcome::Refused);
             row.detail = Some(reason);
@@ -389,7 +392,7 @@ impl Engine {
         models_dir: &Path,
         champion: Option<&ModelRow>,
         candidate: Vec<u8>,
-    ) -> Result<(Result<Metrics>, Option<Metrics>)> {
+    ) -> Result<(Result<Scores>, Option<Scores>)> {
         let holdout = dataset::read_holdout(&paths.holdout).map_err(JobError::from)?;
         let champion_bytes = match champion {
             Some(c) => Some(

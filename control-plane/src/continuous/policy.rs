@@ -88,13 +88,30 @@ pub struct GatePolicy {
     /// How much the main metric (accuracy on all held-out rows) may drop.
     #[serde(default)]
     pub max_regression: f64,
-    /// How much accuracy on the recent (fleet) held-out rows must improve.
+    /// How much accuracy on the recent (fleet) held-out rows must improve, as the lower
+    /// confidence bound of the paired difference (candidate minus champion, same rows).
     #[serde(default = "default_margin")]
     pub min_recent_improvement: f64,
+    /// Fewer recent (fleet) held-out rows than this cannot show an improvement: the
+    /// improvement is then judged on every held-out row instead.
+    #[serde(default = "default_min_recent_rows")]
+    pub min_recent_rows: u64,
+    /// Confidence of that bound, in (0.5, 1): 0.95 means the candidate beats the champion
+    /// by `min_recent_improvement` with 95 % confidence.
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
 }
 
 fn default_margin() -> f64 {
     0.01
+}
+
+fn default_min_recent_rows() -> u64 {
+    30
+}
+
+fn default_confidence() -> f64 {
+    0.95
 }
 
 impl Default for GatePolicy {
@@ -102,6 +119,8 @@ impl Default for GatePolicy {
         Self {
             max_regression: 0.0,
             min_recent_improvement: default_margin(),
+            min_recent_rows: default_min_recent_rows(),
+            confidence: default_confidence(),
         }
     }
 }
@@ -161,6 +180,12 @@ impl Policy {
             || !(0.0..1.0).contains(&p.gate.min_recent_improvement)
         {
             problems.push("gate margins must be within [0, 1)".into());
+        }
+        if !(p.gate.confidence > 0.5 && p.gate.confidence < 1.0) {
+            problems.push(format!(
+                "gate.confidence = {} must be within (0.5, 1), for example 0.95",
+                p.gate.confidence
+            ));
         }
         if problems.is_empty() {
             Ok(p)
