@@ -156,8 +156,10 @@ pub struct TelemetryView {
     pub window_end_ms: u64,
     pub inferences: u64,
     pub errors: u64,
-    pub cpu_percent: f64,
-    pub mem_used_bytes: u64,
+    /// Host CPU use; `null` when the device cannot read it (its /proc is hidden).
+    pub cpu_percent: Option<f64>,
+    /// Host memory in use; `null` when the device cannot read it.
+    pub mem_used_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -413,8 +415,8 @@ pub(super) async fn telemetry(
                 window_end_ms: r.window_end_ms,
                 inferences: r.inferences,
                 errors: r.errors,
-                cpu_percent: r.cpu_percent,
-                mem_used_bytes: r.mem_used_bytes,
+                cpu_percent: (r.cpu_percent >= 0.0).then_some(r.cpu_percent),
+                mem_used_bytes: (r.mem_total_bytes > 0).then_some(r.mem_used_bytes),
             })
             .collect(),
     ))
