@@ -209,6 +209,23 @@ impl AgentConfig {
         })
     }
 
+    /// Relative `[tls]` paths made relative to `config_file`'s directory, as the agent
+    /// reads them: for tools that parse a config with [`AgentConfig::from_toml`] and then
+    /// open its files (`drover doctor --agent-config`).
+    pub fn resolve_tls_paths(&mut self, config_file: &Path) {
+        let (Some(dir), Some(tls)) = (config_file.parent(), self.tls.as_mut()) else {
+            return;
+        };
+        let beside = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        beside(&mut tls.ca_file);
+        tls.client_cert_file.as_mut().map(beside);
+        tls.client_key_file.as_mut().map(beside);
+    }
+
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Serialize(e.to_string()))
     }
@@ -735,6 +752,10 @@ sample_rate_ppm = 10000
             tls.client_key_file,
             Some(PathBuf::from("/abs/gw-01.key.pem"))
         );
+        // The same for a tool that parses the text and resolves against the file.
+        let mut parsed = AgentConfig::from_toml(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        parsed.resolve_tls_paths(&file);
+        assert_eq!(parsed.tls, Some(tls));
     }
 
     #[test]
