@@ -7,6 +7,9 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto mosquitto-clients)
 # Prometheus and promtool: the metrics tests lint both /metrics pages and scrape a running fleet (issue 20).
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# iproute2: tests/advertise_e2e.rs runs an agent in its own network namespace (`ip netns`), as a device on
+# another host reaching the control plane by its advertised name.
+command -v ip >/dev/null 2>&1 || [[ -x /usr/sbin/ip ]] || need_apt+=(iproute2)
 if ((${#need_apt[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI entry point for the cross part: build the device agents, run them under qemu-user against a
-# native `drover serve`, package and check the .debs. Prints per-step timings; exits non-zero on
+# native `drover serve`, package and check the .debs (the agents', and the control plane's amd64 one). Prints per-step timings; exits non-zero on
 # the first failure.
 #
 #   cross/ci.sh
@@ -68,5 +68,8 @@ debs() {
 
 step "deb" debs
 step "deb check" cross/deb-check.sh
+# The control plane's package, amd64, from the native binary built above (debug info stripped).
+step "drover deb" cross/deb-server.sh "${NATIVE_TARGET_DIR}/debug/drover"
+step "drover deb check" cross/deb-server-check.sh
 report
 { column -t cross/out/build-summary.tsv 2>/dev/null || cat cross/out/build-summary.tsv; } >&2

@@ -4,7 +4,7 @@
 # (registers the conffile; no preinst exists, so nothing runs on this host), and the systemd unit
 # with `systemd-analyze verify` (falls back to required-key checks when systemd is absent).
 #
-#   cross/deb-check.sh [DEB...]     default: cross/out/deb/*.deb
+#   cross/deb-check.sh [DEB...]     default: cross/out/deb/drover-agent_*.deb
 # Exit non-zero on the first failed check.
 set -euo pipefail
 
@@ -12,7 +12,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf '[cross/deb-check %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 fail() { log "FAIL: $*"; exit 1; }
 
-if [ $# -gt 0 ]; then DEBS=("$@"); else DEBS=("$ROOT"/cross/out/deb/*.deb); fi
+if [ $# -gt 0 ]; then DEBS=("$@"); else DEBS=("$ROOT"/cross/out/deb/drover-agent_*.deb); fi
 [ -f "${DEBS[0]}" ] || fail "no .deb found: run cross/deb.sh first"
 
 for deb in "${DEBS[@]}"; do

@@ -19,8 +19,10 @@ pub const CONFIG_VERSION: u32 = 1;
 /// Prefix of environment variables that override config keys.
 pub const ENV_PREFIX: &str = "DROVER_AGENT_";
 
+/// Keys absent from a file take their defaults (`drover device enroll` writes only what
+/// the enrollment decides).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub version: u32,
     pub device_id: String,
@@ -229,6 +231,23 @@ impl AgentConfig {
         })
     }
 
+    /// Relative `[tls]` paths made relative to `config_file`'s directory, as the agent
+    /// reads them: for tools that parse a config with [`AgentConfig::from_toml`] and then
+    /// open its files (`drover doctor --agent-config`).
+    pub fn resolve_tls_paths(&mut self, config_file: &Path) {
+        let (Some(dir), Some(tls)) = (config_file.parent(), self.tls.as_mut()) else {
+            return;
+        };
+        let beside = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        beside(&mut tls.ca_file);
+        tls.client_cert_file.as_mut().map(beside);
+        tls.client_key_file.as_mut().map(beside);
+    }
+
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Serialize(e.to_string()))
     }
@@ -286,10 +305,12 @@ impl AgentConfig {
                 path: path.to_owned(),
                 source,
             })?;
-            let from_file: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
+            let mut from_file: toml::Table =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?;
+            tls_paths_beside(&mut from_file, path);
             merge(&mut table, from_file);
         }
         let mut errors = Vec::new();
@@ -541,6 +562,22 @@ fn tls_file_problems(tls: &TlsConfig) -> Vec<String> {
     out
 }
 
+/// Relative `[tls]` paths in a config file name files beside it (`drover device enroll`
+/// writes them so), wherever the agent is started from.
+fn tls_paths_beside(file_table: &mut toml::Table, file: &Path) {
+    let Some(dir) = file.parent() else { return };
+    let Some(toml::Value::Table(tls)) = file_table.get_mut("tls") else {
+        return;
+    };
+    for key in ["ca_file", "client_cert_file", "client_key_file"] {
+        if let Some(toml::Value::String(p)) = tls.get_mut(key) {
+            if Path::new(p.as_str()).is_relative() {
+                *p = dir.join(p.as_str()).to_string_lossy().into_owned();
+            }
+        }
+    }
+}
+
 fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
@@ -730,6 +767,37 @@ sample_rate_ppm = 10000
         assert_eq!(v.api_addr.port(), 3);
         // Default kept for what nobody set.
         assert_eq!(v.raw.telemetry.sample_rate_ppm, 10_000);
+    }
+
+    #[test]
+    fn relative_tls_paths_in_a_file_name_files_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("etc");
+        std::fs::create_dir(&conf).unwrap();
+        let mut c = good();
+        c.broker_url = "mqtts://drover-cp.test:8883".into();
+        c.tls = Some(TlsConfig {
+            ca_file: "gw-01.ca.pem".into(),
+            client_cert_file: Some("certs/gw-01.cert.pem".into()),
+            client_key_file: Some("/abs/gw-01.key.pem".into()),
+        });
+        let file = conf.join("agent.toml");
+        std::fs::write(&file, c.to_toml().unwrap()).unwrap();
+        let v = AgentConfig::load(Some(&file), &BTreeMap::new(), &[]).unwrap();
+        let tls = v.raw.tls.unwrap();
+        assert_eq!(tls.ca_file, conf.join("gw-01.ca.pem"));
+        assert_eq!(
+            tls.client_cert_file,
+            Some(conf.join("certs").join("gw-01.cert.pem"))
+        );
+        assert_eq!(
+            tls.client_key_file,
+            Some(PathBuf::from("/abs/gw-01.key.pem"))
+        );
+        // The same for a tool that parses the text and resolves against the file.
+        let mut parsed = AgentConfig::from_toml(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        parsed.resolve_tls_paths(&file);
+        assert_eq!(parsed.tls, Some(tls));
     }
 
     #[test]

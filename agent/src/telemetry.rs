@@ -8,6 +8,8 @@ use sysinfo::{Components, Disks, Pid, ProcessesToUpdate, System};
 pub struct SysProbe {
     sys: System,
     pid: Pid,
+    /// Whether the hidden-/proc warning was logged (once per process).
+    warned: bool,
 }
 
 impl Default for SysProbe {
@@ -21,7 +23,27 @@ impl SysProbe {
         Self {
             sys: System::new(),
             pid: Pid::from_u32(std::process::id()),
+            warned: false,
         }
+    }
+
+    /// Whether the host's CPU counters and memory can be read. sysinfo reads
+    /// `/proc/stat` and `/proc/meminfo` and answers 0 when they are hidden (systemd's
+    /// `ProcSubset=pid`), which would pass for an idle CPU and empty memory.
+    fn host_facts_visible(&mut self) -> (bool, bool) {
+        let cpu = std::fs::File::open("/proc/stat").is_ok();
+        let mem = std::fs::File::open("/proc/meminfo").is_ok();
+        let hidden = !(cpu && mem);
+        if hidden && !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                cpu_visible = cpu,
+                memory_visible = mem,
+                "/proc/stat or /proc/meminfo is hidden (systemd ProcSubset=pid?): host CPU and \
+                 memory are reported as unknown"
+            );
+        }
+        (cpu, mem)
     }
 
     /// Samples CPU, memory, agent RSS, temperature and the data dir's disk (blocking, ~ms).
@@ -44,10 +66,20 @@ impl SysProbe {
             .iter()
             .filter(|d| canon.starts_with(d.mount_point()))
             .max_by_key(|d| d.mount_point().as_os_str().len());
+        let (cpu_visible, mem_visible) = self.host_facts_visible();
+        let (mem_used, mem_total) = if mem_visible && self.sys.total_memory() > 0 {
+            (self.sys.used_memory(), self.sys.total_memory())
+        } else {
+            (0, 0)
+        };
         SystemFacts {
-            cpu_percent: self.sys.global_cpu_usage(),
-            mem_used_bytes: self.sys.used_memory(),
-            mem_total_bytes: self.sys.total_memory(),
+            cpu_percent: if cpu_visible && !self.sys.cpus().is_empty() {
+                self.sys.global_cpu_usage()
+            } else {
+                SystemFacts::CPU_UNKNOWN
+            },
+            mem_used_bytes: mem_used,
+            mem_total_bytes: mem_total,
             agent_rss_bytes: rss,
             temperature_c,
             disk_free_bytes: disk.map(|d| d.available_space()).unwrap_or(0),

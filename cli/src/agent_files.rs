@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use drover_agent::config::{AgentConfig, ReplacementConfig, TlsConfig};
+use drover_agent::config::{AgentConfig, ConfigError, ReplacementConfig, TlsConfig};
 use drover_control_plane::api::EnrollResponse;
 use drover_host::fs::{write_private, FsError};
 
@@ -66,4 +66,29 @@ pub fn agent_config(
         labels,
         ..Default::default()
     }
+}
+
+/// The agent config `device enroll` writes: what the enrollment decides (identity, broker,
+/// TLS files, labels, a replacement's sequences) and nothing else, so every key left out
+/// takes the agent's own default on the device (`drover-agent print-default-config`)
+/// rather than a value fixed on the operator's machine.
+pub fn enrolled_toml(cfg: &AgentConfig) -> Result<String, ConfigError> {
+    const ALWAYS: [&str; 5] = [
+        "version",
+        "device_id",
+        "device_key",
+        "root_public_key",
+        "broker_url",
+    ];
+    let ser = |c: &AgentConfig| {
+        toml::Table::try_from(c).map_err(|e| ConfigError::Serialize(e.to_string()))
+    };
+    let defaults = ser(&AgentConfig::default())?;
+    let mut table = ser(cfg)?;
+    table.retain(|k, v| ALWAYS.contains(&k) || defaults.get(k) != Some(v));
+    let body = toml::to_string(&table).map_err(|e| ConfigError::Serialize(e.to_string()))?;
+    Ok(format!(
+        "# Written by `drover device enroll`. Keys left out take the agent's defaults\n\
+         # (`drover-agent print-default-config`); relative [tls] paths are relative to this file.\n{body}"
+    ))
 }

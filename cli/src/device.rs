@@ -169,18 +169,21 @@ pub struct EnrollArgs {
     /// Label `key=value` (repeatable), used by rollout selectors.
     #[arg(long = "label", value_parser = parse_kv)]
     pub labels: Vec<(String, String)>,
-    /// Broker URL the agent connects to (default: the server's).
+    /// Broker URL the agent connects to (default: the server's, from its first
+    /// `--advertise`). Refused unless the broker's certificate names its host.
     #[arg(long)]
     pub broker_url: Option<String>,
-    /// The agent's data directory on the device.
-    #[arg(long, default_value = "/var/lib/drover-agent")]
-    pub agent_data_dir: PathBuf,
+    /// The agent's data directory on the device (default: the agent's own,
+    /// /var/lib/drover-agent, left out of the config).
+    #[arg(long)]
+    pub agent_data_dir: Option<PathBuf>,
     /// Where to write the agent config (contains the device secret; mode 0600). The
     /// TLS files (`ID.ca.pem`, `ID.cert.pem`, `ID.key.pem`, 0600) go beside it.
     #[arg(long)]
     pub out: PathBuf,
     /// Directory the TLS files will be copied to on the device, as written into the
-    /// config (default: beside `--out`).
+    /// config (default: the config's own directory: the paths are written relative to
+    /// it, so the config and its files can be copied anywhere together).
     #[arg(long)]
     pub cert_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -283,6 +286,7 @@ async fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
                 labels: labels.clone(),
                 replace,
                 by: Some(by),
+                broker_url,
             },
         )
         .await?;
@@ -291,17 +295,16 @@ async fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
         _ => PathBuf::from("."),
     };
     let dir = std::path::absolute(&dir).unwrap_or(dir);
-    let mut cfg = crate::agent_files::write_agent_files(
+    // Relative TLS paths resolve against the config's directory on the device.
+    let cert_dir = cert_dir.unwrap_or_default();
+    let cfg = crate::agent_files::write_agent_files(
         r,
         &dir,
-        cert_dir.as_deref(),
-        agent_data_dir,
+        Some(&cert_dir),
+        agent_data_dir.unwrap_or_else(|| drover_agent::config::AgentConfig::default().data_dir),
         labels,
     )?;
-    if let Some(url) = broker_url {
-        cfg.broker_url = url;
-    }
-    let text = cfg.to_toml().context("cannot render the agent config")?;
+    let text = crate::agent_files::enrolled_toml(&cfg).context("cannot render the agent config")?;
     drover_host::fs::write_private(&out, text.as_bytes())?;
     if output == Output::Json {
         return print_json(&EnrolledView {

@@ -41,13 +41,15 @@ pub async fn telemetry(
     );
     for t in &rows {
         println!(
-            "{:<20} {:>8.1} {:>10} {:>7} {:>6.1} {:>10.1}",
+            "{:<20} {:>8.1} {:>10} {:>7} {:>6} {:>10}",
             fmt_ms(t.window_end_ms),
             t.window_end_ms.saturating_sub(t.window_start_ms) as f64 / 1000.0,
             t.inferences,
             t.errors,
-            t.cpu_percent,
-            t.mem_used_bytes as f64 / 1e6
+            t.cpu_percent
+                .map_or_else(|| "?".to_string(), |c| format!("{c:.1}")),
+            t.mem_used_bytes
+                .map_or_else(|| "?".to_string(), |m| format!("{:.1}", m as f64 / 1e6))
         );
     }
     Ok(())

@@ -349,7 +349,9 @@ fn check_agent_config(path: &Path, now: u64, out: &mut Vec<Finding>) {
         }
     };
     match drover_agent::config::AgentConfig::from_toml(&text) {
-        Ok(cfg) => {
+        Ok(mut cfg) => {
+            // Enrolled configs name their TLS files relative to themselves.
+            cfg.resolve_tls_paths(path);
             if cfg.broker_url.starts_with("mqtt://") {
                 out.push(Finding::new(
                     path,

@@ -21,6 +21,12 @@ pub struct ServeArgs {
     /// Embedded broker address; port 0 picks a free port.
     #[arg(long)]
     pub mqtt_listen: Option<String>,
+    /// A host name or address devices reach the broker by, `HOST` or `HOST:PORT`
+    /// (repeatable; replaces `advertise` in the config file). The broker certificate
+    /// carries every one; `device enroll` writes the first into agent configs. Required
+    /// with an unspecified --mqtt-listen (0.0.0.0, [::]).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub advertise: Vec<String>,
     /// Use an external broker instead: mqtt://user:pass@host:port.
     #[arg(long)]
     pub broker_url: Option<String>,
@@ -104,6 +110,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         broker_url: args.broker_url,
         allow_plaintext: args.allow_plaintext,
         api_plaintext: args.api_plaintext,
+        advertise: args.advertise,
     };
     let config = ServeConfig::load(args.config.as_deref(), &env, &overrides)?;
     raise_open_file_limit();

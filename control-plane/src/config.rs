@@ -46,6 +46,11 @@ pub struct ServeConfig {
     pub allow_plaintext: bool,
     /// Broker URL written into enrolled agents' configs; empty = derived from the broker.
     pub advertised_broker_url: String,
+    /// Names and addresses devices reach the embedded broker by (`HOST` or `HOST:PORT`;
+    /// port default: the broker's). The broker certificate carries every one; `device
+    /// enroll` writes the first into agent configs. Required when `mqtt_listen` is an
+    /// unspecified address (`0.0.0.0`, `[::]`).
+    pub advertise: Vec<String>,
     pub ingest: IngestConfig,
     /// Raw telemetry older than this is deleted (hourly rollups are kept).
     pub telemetry_retention_hours: u64,
@@ -160,6 +165,7 @@ impl Default for ServeConfig {
             broker_client_key_file: String::new(),
             allow_plaintext: false,
             advertised_broker_url: String::new(),
+            advertise: Vec::new(),
             ingest: IngestConfig::default(),
             telemetry_retention_hours: 24 * 7,
             chunk_window_ms: 100,
@@ -183,6 +189,8 @@ pub struct Overrides {
     pub allow_plaintext: bool,
     /// `--api-plaintext`: `api_tls = "off"`.
     pub api_plaintext: bool,
+    /// `--advertise` (repeatable); replaces the file's list when not empty.
+    pub advertise: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +272,96 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
     })
 }
 
+/// The API certificate's names: `api_hosts`, then every advertised host not among them.
+fn api_hosts(configured: &[String], advertise: &[Advertised]) -> Vec<String> {
+    let mut hosts = configured.to_vec();
+    for a in advertise {
+        if !hosts.contains(&a.host) {
+            hosts.push(a.host.clone());
+        }
+    }
+    hosts
+}
+
+/// A name or address devices reach the embedded broker by (`advertise`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Advertised {
+    /// A DNS name (lowercase) or an IP address, as it goes into the certificate.
+    pub host: String,
+    /// `None`: the broker's own port.
+    pub port: Option<u16>,
+}
+
+impl Advertised {
+    /// `host:port` for a URL, an IPv6 address in brackets.
+    pub fn authority(&self, broker_port: u16) -> String {
+        let port = self.port.unwrap_or(broker_port);
+        if self.host.contains(':') {
+            format!("[{}]:{port}", self.host)
+        } else {
+            format!("{}:{port}", self.host)
+        }
+    }
+}
+
+/// Parses `HOST`, `HOST:PORT`, an IPv4 or IPv6 address, or `[IPV6]:PORT`.
+pub fn parse_advertised(s: &str) -> Result<Advertised, String> {
+    let usage = "give the host name or address devices connect to, optionally with :PORT \
+                 (e.g. cp.example.com or 192.0.2.10:8883)";
+    if s.contains("://") || s.contains('/') || s.contains('@') {
+        return Err(format!("{s:?} is not a host: {usage}"));
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, p)) => match p.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return Err(format!("{s:?} is not a host: {usage}")),
+            },
+            None => return Err(format!("{s:?} has no closing ]: {usage}")),
+        }
+    } else if s.matches(':').count() > 1 {
+        (s, None) // a bare IPv6 address
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n != 0 => Some(n),
+            _ => return Err(format!("{s:?}: port {p:?} is not a port number (1-65535)")),
+        },
+    };
+    let host = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => {
+            return Err(format!(
+                "{s:?} is the unspecified address, which no device can connect to: {usage}"
+            ))
+        }
+        Ok(ip) => ip.to_string(),
+        Err(_) if is_dns_name(host) => host.to_ascii_lowercase(),
+        Err(_) => return Err(format!("{s:?} is not a DNS name or IP address: {usage}")),
+    };
+    Ok(Advertised { host, port })
+}
+
+/// A DNS name a certificate can carry: dot-separated labels of letters, digits and inner
+/// hyphens, 1-63 bytes each, 253 at most in all.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// The broker the server runs or joins.
 #[derive(Clone, Debug, PartialEq)]
 pub enum BrokerMode {
@@ -289,6 +387,8 @@ pub struct Settings {
     pub broker_client_identity: Option<(PathBuf, PathBuf)>,
     /// Broker URL written into enrolled agents' configs (`None`: derived from the broker).
     pub advertised_broker_url: Option<String>,
+    /// Names and addresses devices use for the embedded broker (`advertise`), in order.
+    pub advertise: Vec<Advertised>,
     pub ingest: IngestSettings,
     pub telemetry_retention: Duration,
     pub chunk_window: Duration,
@@ -325,7 +425,12 @@ fn non_empty(s: &str) -> Option<PathBuf> {
 
 impl ServeConfig {
     /// The typed form of a config whose checks passed.
-    fn settings(self, http_listen: SocketAddr, broker: BrokerMode) -> Settings {
+    fn settings(
+        self,
+        http_listen: SocketAddr,
+        broker: BrokerMode,
+        advertise: Vec<Advertised>,
+    ) -> Settings {
         const HOUR: Duration = Duration::from_secs(3_600);
         let c = self.continuous;
         let api_tls = match self.api_tls.as_str() {
@@ -339,8 +444,9 @@ impl ServeConfig {
                 non_empty(&self.api_key_file),
             ) {
                 (Some(cert), Some(key)) => crate::https::ApiTls::Files { cert, key },
+                // The names devices reach this server by are the API's too.
                 _ => crate::https::ApiTls::FleetCa {
-                    hosts: self.api_hosts.clone(),
+                    hosts: api_hosts(&self.api_hosts, &advertise),
                 },
             }
         });
@@ -354,6 +460,7 @@ impl ServeConfig {
                 .zip(non_empty(&self.broker_client_key_file)),
             advertised_broker_url: (!self.advertised_broker_url.is_empty())
                 .then_some(self.advertised_broker_url),
+            advertise,
             ingest: IngestSettings {
                 batch_max: self.ingest.batch_max,
                 ack_interval: Duration::from_millis(self.ingest.ack_interval_ms),
@@ -393,6 +500,14 @@ fn env_layer(cfg: &mut ServeConfig, env: &HashMap<String, String>, errors: &mut 
     if let Some(v) = env.get("DROVER_BROKER_URL") {
         cfg.broker_url = v.clone();
     }
+    if let Some(v) = env.get("DROVER_ADVERTISE") {
+        cfg.advertise = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
     if let Some(v) = env.get("DROVER_BROKER_CA_FILE") {
         cfg.broker_ca_file = v.clone();
     }
@@ -401,6 +516,47 @@ fn env_layer(cfg: &mut ServeConfig, env: &HashMap<String, String>, errors: &mut 
             Ok(n) => cfg.ingest.sessions = n,
             Err(_) => errors.push(format!("DROVER_INGEST_SESSIONS={v:?} is not a number")),
         }
+    }
+}
+
+impl ServeConfig {
+    /// `advertise` parsed; an unspecified embedded listen address needs a name devices can
+    /// use, or enrolled agents would be told to connect to `0.0.0.0`.
+    fn check_advertise(
+        &self,
+        broker: Option<&BrokerMode>,
+        errors: &mut Vec<String>,
+    ) -> Vec<Advertised> {
+        let mut out: Vec<Advertised> = Vec::new();
+        for a in &self.advertise {
+            match parse_advertised(a) {
+                Ok(a) if !out.contains(&a) => out.push(a),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("advertise: {e}")),
+            }
+        }
+        match broker {
+            Some(BrokerMode::External(_)) if !self.advertise.is_empty() => errors.push(
+                "advertise names the embedded broker's certificate; with broker_url set \
+                 advertised_broker_url to the URL devices use instead"
+                    .into(),
+            ),
+            Some(BrokerMode::Embedded { listen })
+                if listen.ip().is_unspecified()
+                    && self.advertise.is_empty()
+                    && self.advertised_broker_url.is_empty() =>
+            {
+                errors.push(format!(
+                    "mqtt_listen = {listen} accepts devices on every address but names none \
+                     they can reach, so enrolled agents would be told to connect to {}; set \
+                     the name or address devices use: `drover serve --advertise HOST[:PORT]` \
+                     (repeatable) or `advertise = [\"HOST\"]` in the config file",
+                    listen.ip()
+                ));
+            }
+            _ => {}
+        }
+        out
     }
 }
 
@@ -443,6 +599,9 @@ impl ServeConfig {
         }
         if overrides.api_plaintext {
             cfg.api_tls = "off".into();
+        }
+        if !overrides.advertise.is_empty() {
+            cfg.advertise = overrides.advertise.clone();
         }
         cfg.validate_with(errors)
     }
@@ -496,6 +655,7 @@ impl ServeConfig {
                 errors.push(format!("advertised_broker_url: {e}"));
             }
         }
+        let advertise = self.check_advertise(broker.as_ref(), &mut errors);
         if self.continuous.tick_secs == 0 || self.continuous.local_jobs == 0 {
             errors.push("continuous.tick_secs and continuous.local_jobs must be at least 1".into());
         }
@@ -535,7 +695,9 @@ impl ServeConfig {
             errors.push("rollout_republish_ms must be within 100..=3600000".into());
         }
         match (errors.is_empty(), http, broker) {
-            (true, Some(http_listen), Some(broker)) => Ok(self.settings(http_listen, broker)),
+            (true, Some(http_listen), Some(broker)) => {
+                Ok(self.settings(http_listen, broker, advertise))
+            }
             _ => Err(ConfigError::Invalid(errors)),
         }
     }
@@ -640,6 +802,19 @@ mod tests {
             .api_tls
         };
         let ca = Some(ApiTls::FleetCa { hosts: vec![] });
+        let named = ServeConfig {
+            http_listen: "0.0.0.0:8470".into(),
+            api_hosts: vec!["api.test".into()],
+            advertise: vec!["cp.test:8883".into(), "api.test".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            named.validate().unwrap().api_tls,
+            Some(ApiTls::FleetCa {
+                hosts: vec!["api.test".into(), "cp.test".into()]
+            }),
+            "advertised names are the API certificate's too"
+        );
         assert_eq!(with("127.0.0.1:8470", "auto"), None);
         assert_eq!(with("0.0.0.0:8470", "auto"), ca);
         assert_eq!(with("10.0.0.5:8470", "auto"), ca);
@@ -675,6 +850,71 @@ mod tests {
             e.contains("api_tls = \"yes\"") && e.contains("given together"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn advertised_names_parse_and_bad_ones_say_what_to_give() {
+        let a = |s: &str| parse_advertised(s).map(|a| (a.host, a.port));
+        assert_eq!(a("CP.Example.com"), Ok(("cp.example.com".into(), None)));
+        assert_eq!(a("192.0.2.7:8884"), Ok(("192.0.2.7".into(), Some(8884))));
+        assert_eq!(a("2001:db8::7"), Ok(("2001:db8::7".into(), None)));
+        assert_eq!(
+            a("[2001:db8::7]:8884"),
+            Ok(("2001:db8::7".into(), Some(8884)))
+        );
+        let v6 = parse_advertised("[2001:db8::7]").unwrap();
+        assert_eq!(v6.authority(8883), "[2001:db8::7]:8883");
+        for bad in [
+            "mqtts://cp:8883",
+            "0.0.0.0",
+            "::",
+            "cp:0",
+            "cp:x",
+            "-cp",
+            "a b",
+            "",
+        ] {
+            let e = parse_advertised(bad).unwrap_err();
+            assert!(e.contains("host") || e.contains("port"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_unspecified_listen_address_needs_a_name_to_advertise() {
+        let c = |listen: &str, advertise: &[&str]| ServeConfig {
+            mqtt_listen: listen.into(),
+            advertise: advertise.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        for listen in ["0.0.0.0:8883", "[::]:8883"] {
+            match c(listen, &[]).validate() {
+                Err(ConfigError::Invalid(e)) => {
+                    assert!(e[0].contains("--advertise HOST[:PORT]"), "{e:?}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let s = c(
+            "0.0.0.0:8883",
+            &["cp.example.com", "192.0.2.7:9883", "cp.example.com"],
+        )
+        .validate()
+        .unwrap();
+        assert_eq!(s.advertise.len(), 2, "duplicates dropped");
+        assert_eq!(s.advertise[1].port, Some(9883));
+        // A specific address names itself.
+        assert!(c("192.0.2.7:8883", &[]).validate().is_ok());
+        // Flags replace the file's list; the environment is a comma-separated list.
+        let env = HashMap::from([("DROVER_ADVERTISE".to_string(), "a.test, b.test".to_string())]);
+        let s = ServeConfig::load(None, &env, &Overrides::default()).unwrap();
+        assert_eq!(s.advertise.len(), 2);
+        let o = Overrides {
+            advertise: vec!["c.test".into()],
+            ..Default::default()
+        };
+        let s = ServeConfig::load(None, &env, &o).unwrap();
+        assert_eq!(s.advertise[0].host, "c.test");
+        assert_eq!(s.advertise.len(), 1);
     }
 
     #[test]

@@ -250,7 +250,8 @@ impl FleetCa {
         })
     }
 
-    /// The embedded broker's server identity, issued on first use for `hosts`.
+    /// The embedded broker's server identity for exactly `hosts`: issued on first use and
+    /// again whenever the set of names changes (one added, or one no longer advertised).
     pub fn broker_identity(
         &self,
         hosts: &[String],
@@ -258,11 +259,19 @@ impl FleetCa {
     ) -> Result<(PathBuf, PathBuf), PkiError> {
         let cert = self.dir.join(BROKER_CERT_FILE);
         let key = self.dir.join(BROKER_KEY_FILE);
-        let covers = fs::read_to_string(&cert)
+        let want: std::collections::BTreeSet<String> =
+            hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        let same = fs::read_to_string(&cert)
             .ok()
             .and_then(|pem| cert_hosts(&pem))
-            .is_some_and(|have| hosts.iter().all(|h| have.contains(h)));
-        if !covers || !key.exists() {
+            .is_some_and(|have| {
+                have.iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    == want
+            });
+        if !same || !key.exists() {
+            tracing::info!(names = ?hosts, "broker certificate issued");
             let s = self.issue_server(hosts, now_ms)?;
             write_private(&cert, s.cert_pem.as_bytes())?;
             write_private(&key, s.key_pem.as_bytes())?;
@@ -482,5 +491,36 @@ mod tests {
             .collect();
         assert_eq!(serials, vec![dev_x.raw_serial().to_vec()]);
         assert_ne!(fresh_x.raw_serial(), dev_x.raw_serial());
+    }
+
+    #[test]
+    fn broker_certificate_carries_exactly_the_advertised_names_and_follows_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 1_800_000_000_000;
+        let ca = FleetCa::load_or_init(dir.path(), now).unwrap();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let sans = |path: &Path| {
+            let mut h = cert_hosts(&fs::read_to_string(path).unwrap()).unwrap();
+            h.sort();
+            h
+        };
+        let first = names(&["localhost", "127.0.0.1", "drover-cp.test", "192.0.2.7"]);
+        let (cert, _) = ca.broker_identity(&first, now).unwrap();
+        assert_eq!(
+            sans(&cert),
+            names(&["127.0.0.1", "192.0.2.7", "drover-cp.test", "localhost"])
+        );
+        let pem = fs::read_to_string(&cert).unwrap();
+        // The same set (another order, another case): the certificate is kept.
+        let same = names(&["DROVER-CP.test", "192.0.2.7", "localhost", "127.0.0.1"]);
+        ca.broker_identity(&same, now).unwrap();
+        assert_eq!(fs::read_to_string(&cert).unwrap(), pem);
+        // A name no longer advertised leaves the certificate; a new one enters it.
+        let changed = names(&["localhost", "127.0.0.1", "cp.example.com"]);
+        ca.broker_identity(&changed, now).unwrap();
+        assert_eq!(
+            sans(&cert),
+            names(&["127.0.0.1", "cp.example.com", "localhost"])
+        );
     }
 }

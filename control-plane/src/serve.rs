@@ -212,6 +212,7 @@ pub async fn run_with_clock(
         api_token,
         tokens,
         agent_broker_url: broker.prepared.agent_broker_url.clone().into(),
+        broker_names: broker.prepared.broker_names.clone().into(),
     };
 
     let api_store = Db::new(api_store);

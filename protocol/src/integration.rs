@@ -81,8 +81,13 @@ pub fn uplink_json(device: &DeviceId, seq: u64, ts_ms: u64, msg: &Uplink) -> Vec
                 m("latency_p99_ms", p as f64 / 1e3);
             }
             let s = &t.system;
-            m("cpu_percent", f64::from(s.cpu_percent));
-            m("mem_used_bytes", s.mem_used_bytes as f64);
+            // Unknown facts are left out, never written as 0.
+            if let Some(c) = s.cpu() {
+                m("cpu_percent", f64::from(c));
+            }
+            if let Some((used, _)) = s.memory() {
+                m("mem_used_bytes", used as f64);
+            }
             m("agent_rss_bytes", s.agent_rss_bytes as f64);
             m("disk_free_bytes", s.disk_free_bytes as f64);
             if let Some(c) = s.temperature_c {
@@ -224,12 +229,28 @@ mod tests {
         assert_eq!(v["metrics"]["errors"], 1.0);
         assert_eq!(v["metrics"]["latency_p99_ms"], 2.0);
         assert_eq!(v["metrics"]["cpu_percent"], 12.5);
+        assert_eq!(v["metrics"]["mem_used_bytes"], 1.0);
         assert!(v.get("info").is_none());
         assert!(v["metrics"]
             .as_object()
             .unwrap()
             .values()
             .all(serde_json::Value::is_number));
+
+        // A device that cannot read its host's CPU and memory (hidden /proc): left out,
+        // never written as 0 or -1.
+        let Uplink::Telemetry(mut hidden) = t else {
+            unreachable!()
+        };
+        hidden.system.cpu_percent = SystemFacts::CPU_UNKNOWN;
+        hidden.system.mem_used_bytes = 0;
+        hidden.system.mem_total_bytes = 0;
+        assert_eq!((hidden.system.cpu(), hidden.system.memory()), (None, None));
+        let v: serde_json::Value =
+            serde_json::from_slice(&uplink_json(&dev, 8, 43, &Uplink::Telemetry(hidden))).unwrap();
+        assert!(v["metrics"].get("cpu_percent").is_none(), "{v}");
+        assert!(v["metrics"].get("mem_used_bytes").is_none(), "{v}");
+        assert_eq!(v["metrics"]["agent_rss_bytes"], 3.0);
     }
 
     #[test]

@@ -175,16 +175,39 @@ impl LatencyHistogram {
 }
 
 /// Host facts from sysinfo, sampled once per telemetry window.
+///
+/// A fact the agent cannot read (its unit hides `/proc/stat` and `/proc/meminfo`, as
+/// systemd's `ProcSubset=pid` does) is sent as unknown, never as 0: `cpu_percent` =
+/// [`SystemFacts::CPU_UNKNOWN`], and `mem_total_bytes` = 0 (no host has no memory) with
+/// `mem_used_bytes` 0. Read them through [`SystemFacts::cpu`] and [`SystemFacts::memory`].
+/// The encoding is unchanged: both were always representable.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SystemFacts {
+    /// Host CPU use, 0-100; [`SystemFacts::CPU_UNKNOWN`] when it cannot be read.
     pub cpu_percent: f32,
     pub mem_used_bytes: u64,
+    /// 0 when memory cannot be read.
     pub mem_total_bytes: u64,
     /// Agent process resident memory.
     pub agent_rss_bytes: u64,
     pub temperature_c: Option<f32>,
     pub disk_free_bytes: u64,
     pub disk_total_bytes: u64,
+}
+
+impl SystemFacts {
+    /// `cpu_percent` of a host whose CPU counters cannot be read: no reading is negative.
+    pub const CPU_UNKNOWN: f32 = -1.0;
+
+    /// Host CPU use in percent, `None` when unknown.
+    pub fn cpu(&self) -> Option<f32> {
+        (self.cpu_percent >= 0.0).then_some(self.cpu_percent)
+    }
+
+    /// `(used, total)` host memory in bytes, `None` when unknown.
+    pub fn memory(&self) -> Option<(u64, u64)> {
+        (self.mem_total_bytes > 0).then_some((self.mem_used_bytes, self.mem_total_bytes))
+    }
 }
 
 /// One telemetry window (counters reset per window; the control plane sums windows).

@@ -135,7 +135,10 @@ pub fn cli_enroll(
     }
     args.extend(server);
     drover_cli(&args)?;
-    let mut cfg = drover_agent::config::AgentConfig::from_toml(&std::fs::read_to_string(&out)?)?;
+    // Loaded as the agent loads it (TLS paths relative to the file made absolute), so the
+    // returned config also runs in process.
+    let mut cfg =
+        drover_agent::config::AgentConfig::load(Some(&out), &Default::default(), &[])?.raw;
     cfg.data_dir = dir.join(format!("{id}-data"));
     cfg.api_addr = api_addr.to_string();
     cfg.metrics_addr = "127.0.0.1:0".into();

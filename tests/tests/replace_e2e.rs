@@ -101,7 +101,10 @@ async fn a_replaced_device_re_enrolls_under_its_old_id() {
     assert!(String::from_utf8_lossy(&replaced.stdout).contains("replacement"));
 
     // The replacement's config continues the old device's sequences.
-    let mut cfg = AgentConfig::from_toml(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    // Loaded as the agent loads it: its TLS paths are relative to the file.
+    let mut cfg = AgentConfig::load(Some(&cfg_path), &Default::default(), &[])
+        .unwrap()
+        .raw;
     assert_eq!(cfg.replacement.uplink_seq_start, old_max + 1);
     assert!(cfg.replacement.command_seq_floor >= 1);
     assert_eq!(cfg.labels.len(), 0);

@@ -76,6 +76,11 @@ pub struct EnrollRequest {
     /// Who enrolls (audit; a replacement is recorded in the device's events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// The broker URL the agent will use instead of the server's (`device enroll
+    /// --broker-url`): refused before enrolling unless the broker's certificate names its
+    /// host, so a config that cannot pass the agent's TLS hostname check is never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_url: Option<String>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -151,8 +156,10 @@ pub struct TelemetryView {
     pub window_end_ms: u64,
     pub inferences: u64,
     pub errors: u64,
-    pub cpu_percent: f64,
-    pub mem_used_bytes: u64,
+    /// Host CPU use; `null` when the device cannot read it (its /proc is hidden).
+    pub cpu_percent: Option<f64>,
+    /// Host memory in use; `null` when the device cannot read it.
+    pub mem_used_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -242,11 +249,46 @@ pub(super) async fn show_device(
         .ok_or_else(|| not_found(&format!("device {id}")))
 }
 
+/// A broker URL an enrolling operator gives must reach the embedded broker's TLS front by a
+/// name its certificate carries (`names`; empty: the server does not issue the broker's
+/// certificate, so nothing to check).
+fn check_broker_url(url: &str, names: &[String]) -> Result<(), ApiError> {
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let u = crate::config::parse_broker_url(url).map_err(bad)?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    if !u.tls {
+        return Err(bad(format!(
+            "broker url {url}: this server's broker takes mutual TLS only; use mqtts://{}:{}",
+            u.host, u.port
+        )));
+    }
+    let host = u.host.to_ascii_lowercase();
+    if names.contains(&host) {
+        return Ok(());
+    }
+    Err(bad(format!(
+        "broker url {url}: the broker's certificate does not name {host}, so the agent's TLS \
+         hostname check would refuse it (it names {}); start drover serve with --advertise \
+         {host} (or add it to `advertise` in its config; the certificate is reissued at \
+         start), or use one of those names",
+        names.join(", ")
+    )))
+}
+
 pub(super) async fn enroll(
     State(st): State<AppState>,
     axum::Extension(identity): axum::Extension<crate::access::Identity>,
     Json(req): Json<EnrollRequest>,
 ) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
+    let broker_url = match &req.broker_url {
+        Some(url) => {
+            check_broker_url(url, &st.app.broker_names)?;
+            url.clone()
+        }
+        None => st.app.agent_broker_url.to_string(),
+    };
     let e = blocking(&st, move |sh, s| {
         let now = sh.clock.unix_ms();
         if req.replace {
@@ -265,7 +307,7 @@ pub(super) async fn enroll(
             device_id: e.device_id.to_string(),
             device_key: hex32(&e.device_key.0),
             root_public_key: hex32(&st.app.keys.current().root_public),
-            broker_url: st.app.agent_broker_url.to_string(),
+            broker_url,
             ca_pem: st.app.ca.ca_pem().to_owned(),
             client_cert_pem: e.cert.cert_pem,
             client_key_pem: e.cert.key_pem,
@@ -373,8 +415,8 @@ pub(super) async fn telemetry(
                 window_end_ms: r.window_end_ms,
                 inferences: r.inferences,
                 errors: r.errors,
-                cpu_percent: r.cpu_percent,
-                mem_used_bytes: r.mem_used_bytes,
+                cpu_percent: (r.cpu_percent >= 0.0).then_some(r.cpu_percent),
+                mem_used_bytes: (r.mem_total_bytes > 0).then_some(r.mem_used_bytes),
             })
             .collect(),
     ))

@@ -56,6 +56,9 @@ pub struct App {
     pub tokens: crate::access::Tokens,
     /// The broker URL written into enrolled agents' configs.
     pub agent_broker_url: Arc<str>,
+    /// The names and addresses the embedded broker's certificate carries (empty for an
+    /// external or plaintext broker).
+    pub broker_names: Arc<[String]>,
 }
 
 impl App {

@@ -153,6 +153,9 @@ pub struct Prepared {
     pub logins: BrokerLogins,
     /// Written into enrolled agents' configs.
     pub agent_broker_url: String,
+    /// The names and addresses the broker's certificate carries (embedded broker behind
+    /// the TLS front; empty otherwise): `device enroll --broker-url` is checked against them.
+    pub broker_names: Vec<String>,
 }
 
 fn random_secret() -> String {
@@ -167,10 +170,9 @@ pub fn prepare(
     ca: &crate::pki::FleetCa,
     now_ms: u64,
 ) -> Result<Prepared, SetupError> {
-    let advertised = settings.advertised_broker_url.clone();
     match &settings.broker {
         BrokerMode::Embedded { listen } if !settings.allow_plaintext => {
-            prepare_tls_front(*listen, advertised, ca, now_ms)
+            prepare_tls_front(*listen, settings, ca, now_ms)
         }
         BrokerMode::Embedded { listen } => {
             tracing::warn!(
@@ -178,6 +180,7 @@ pub fn prepare(
                  certificates; for development only"
             );
             let listen = concrete(*listen)?;
+            let agent_broker_url = agent_url(settings, "mqtt", listen);
             let login = ("drover-control-plane".to_string(), random_secret());
             Ok(Prepared {
                 control_plane_url: loopback_login(listen, &login),
@@ -188,7 +191,8 @@ pub fn prepare(
                     control_plane: Some(login),
                     front_key: None,
                 },
-                agent_broker_url: advertised.unwrap_or_else(|| format!("mqtt://{listen}")),
+                agent_broker_url,
+                broker_names: Vec::new(),
             })
         }
         BrokerMode::External(u) => {
@@ -204,8 +208,11 @@ pub fn prepare(
                 tls_front: None,
                 public_addr,
                 logins: BrokerLogins::default(),
-                agent_broker_url: advertised
+                agent_broker_url: settings
+                    .advertised_broker_url
+                    .clone()
                     .unwrap_or_else(|| format!("{scheme}://{}:{}", u.host, u.port)),
+                broker_names: Vec::new(),
             })
         }
     }
@@ -221,11 +228,43 @@ fn loopback_login(addr: SocketAddr, login: &(String, String)) -> BrokerUrl {
     }
 }
 
+/// The URL enrolled agents get: `advertised_broker_url`, else the first advertised name
+/// (the broker's port unless it names one), else the address the broker listens on.
+fn agent_url(settings: &Settings, scheme: &str, public: SocketAddr) -> String {
+    if let Some(u) = &settings.advertised_broker_url {
+        return u.clone();
+    }
+    match settings.advertise.first() {
+        Some(a) => format!("{scheme}://{}", a.authority(public.port())),
+        None => format!("{scheme}://{public}"),
+    }
+}
+
+/// Every name and address the broker certificate must carry: loopback, a specific listen
+/// address, each advertised name and `advertised_broker_url`'s host; once each, in order.
+fn broker_hosts(settings: &Settings, public: SocketAddr) -> Vec<String> {
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !public.ip().is_unspecified() {
+        hosts.push(public.ip().to_string());
+    }
+    hosts.extend(settings.advertise.iter().map(|a| a.host.clone()));
+    if let Some(u) = settings
+        .advertised_broker_url
+        .as_deref()
+        .and_then(|a| crate::config::parse_broker_url(a).ok())
+    {
+        hosts.push(u.host.to_ascii_lowercase());
+    }
+    let mut seen = std::collections::HashSet::new();
+    hosts.retain(|h| seen.insert(h.clone()));
+    hosts
+}
+
 /// rumqttd on a private loopback port; the mutual-TLS front on `listen`, with a broker
 /// certificate for every name devices may use to reach it.
 fn prepare_tls_front(
     listen: SocketAddr,
-    advertised: Option<String>,
+    settings: &Settings,
     ca: &crate::pki::FleetCa,
     now_ms: u64,
 ) -> Result<Prepared, SetupError> {
@@ -238,17 +277,7 @@ fn prepare_tls_front(
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(port_err)?;
     let public = front.local_addr().map_err(port_err)?;
-    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    if !public.ip().is_unspecified() {
-        hosts.push(public.ip().to_string());
-    }
-    if let Some(u) = advertised
-        .as_deref()
-        .and_then(|a| crate::config::parse_broker_url(a).ok())
-    {
-        hosts.push(u.host);
-    }
-    hosts.dedup();
+    let hosts = broker_hosts(settings, public);
     let (cert, key) = ca.broker_identity(&hosts, now_ms)?;
     let tls = server_tls_config(ca.ca_pem(), &cert, &key)?;
     let mut k = [0u8; 32];
@@ -263,7 +292,8 @@ fn prepare_tls_front(
             control_plane: Some(login),
             front_key: Some(drover_protocol::DeviceKey(k)),
         },
-        agent_broker_url: advertised.unwrap_or_else(|| format!("mqtts://{public}")),
+        agent_broker_url: agent_url(settings, "mqtts", public),
+        broker_names: hosts,
     })
 }
 

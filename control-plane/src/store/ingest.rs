@@ -212,8 +212,9 @@ fn add_to_rollup<'a>(
     r.errors = r.errors.saturating_add(t.errors);
     r.dq = r.dq.saturating_add(t.data_quality_errors);
     r.latency_sum = r.latency_sum.saturating_add(t.latency.sum_us);
-    r.cpu_sum += f64::from(t.system.cpu_percent);
-    r.mem_max = r.mem_max.max(t.system.mem_used_bytes);
+    // Unknown host facts (a hidden /proc) add nothing, rather than a negative CPU use.
+    r.cpu_sum += t.system.cpu().map_or(0.0, f64::from);
+    r.mem_max = r.mem_max.max(t.system.memory().map_or(0, |(used, _)| used));
 }
 
 fn update_hello(tx: &Connection, dev: &str, h: &Hello) -> Result<bool> {

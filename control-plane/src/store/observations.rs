@@ -18,8 +18,11 @@ pub struct TelemetryRow {
     pub window_end_ms: u64,
     pub inferences: u64,
     pub errors: u64,
+    /// Negative: unknown (`SystemFacts::CPU_UNKNOWN`, stored as sent).
     pub cpu_percent: f64,
     pub mem_used_bytes: u64,
+    /// 0: memory unknown.
+    pub mem_total_bytes: u64,
 }
 
 /// One telemetry window's health figures.
@@ -85,7 +88,8 @@ impl Store {
     /// A device's latest `limit` telemetry windows, newest first.
     pub fn telemetry(&self, device: &str, limit: u32) -> Result<Vec<TelemetryRow>> {
         let mut st = self.conn.prepare(
-            "SELECT device, seq, received_at_ms, window_start_ms, window_end_ms, inferences, errors, cpu_percent, mem_used_bytes
+            "SELECT device, seq, received_at_ms, window_start_ms, window_end_ms, inferences, errors, cpu_percent, mem_used_bytes,
+                    mem_total_bytes
              FROM telemetry WHERE device = ?1 ORDER BY seq DESC LIMIT ?2",
         )?;
         let rows = st.query_map(params![device, limit], |r| {
@@ -99,6 +103,7 @@ impl Store {
                 errors: u64_at(r, 6)?,
                 cpu_percent: r.get(7)?,
                 mem_used_bytes: u64_at(r, 8)?,
+                mem_total_bytes: u64_at(r, 9)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)

@@ -182,6 +182,7 @@ pub fn telemetry(n: u64) -> Uplink {
         system: SystemFacts {
             cpu_percent: 12.5,
             mem_used_bytes: 1 << 20,
+            mem_total_bytes: 1 << 30,
             ..Default::default()
         },
         spool_dropped: 0,
