@@ -64,8 +64,13 @@ pub struct MosquittoArgs {
 }
 
 /// The ACL of the device listener: devices by pattern on `%u` (their certificate CN,
-/// which they cannot choose; the client id is the same name there, but `%u` says so).
-pub fn mosquitto_acl() -> String {
+/// which they cannot choose; the client id is the same name there, but `%u` says so);
+/// then one block per active integration (CN `integration@<name>`): read the JSON stream,
+/// nothing else. mosquitto applies the device patterns to every user, so the block denies
+/// each tree they open (`topic deny` wins over a pattern; checked against a real
+/// mosquitto 2.0: the integration's publishes and its reads of chunks and the keyring
+/// were refused, the JSON stream read).
+pub fn mosquitto_acl(integrations: &[String]) -> String {
     use drover_protocol::topics;
     let (publish, subscribe) = topics::device_acl("%u");
     let mut acl =
@@ -75,6 +80,22 @@ pub fn mosquitto_acl() -> String {
     }
     for t in subscribe {
         acl.push_str(&format!("pattern read {t}\n"));
+    }
+    if !integrations.is_empty() {
+        acl.push_str(
+            "\n# Read-only integrations (`drover integration create`); rerun this command after\n\
+             # creating or revoking one, then SIGHUP mosquitto.\n",
+        );
+    }
+    let (read, deny) = topics::integration_acl();
+    for name in integrations {
+        acl.push_str(&format!(
+            "user {}\ntopic read {read}\n",
+            drover_control_plane::integrations::identity(name),
+        ));
+        for d in &deny {
+            acl.push_str(&format!("topic deny {d}\n"));
+        }
     }
     acl
 }
@@ -131,7 +152,8 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
     write_private(&out.join("ca.pem"), ca.ca_pem().as_bytes())?;
     write_private(&out.join("server.pem"), server.cert_pem.as_bytes())?;
     write_private(&out.join("server.key"), server.key_pem.as_bytes())?;
-    write_private(&out.join("acl"), mosquitto_acl().as_bytes())?;
+    let acl = mosquitto_acl(&active_integrations(&args.data_dir)?);
+    write_private(&out.join("acl"), acl.as_bytes())?;
     write_private(
         &out.join("acl.control-plane"),
         control_plane_acl().as_bytes(),
@@ -233,6 +255,20 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+fn active_integrations(data_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let db = data_dir.join(drover_control_plane::app::paths::DB_FILE);
+    if !db.exists() {
+        return Ok(Vec::new());
+    }
+    let store = drover_control_plane::store::Store::open(&db)?;
+    Ok(store
+        .integrations()?
+        .into_iter()
+        .filter(|i| i.revoked_at_ms.is_none())
+        .map(|i| i.name)
+        .collect())
+}
+
 fn decommissioned_devices(data_dir: &Path) -> anyhow::Result<Vec<String>> {
     let db = data_dir.join(drover_control_plane::app::paths::DB_FILE);
     if !db.exists() {
@@ -285,6 +321,19 @@ mod tests {
         ] {
             assert_eq!(base64(plain.as_bytes()), enc);
         }
+    }
+
+    #[test]
+    fn an_integration_reads_the_json_stream_and_nothing_else_on_mosquitto() {
+        let acl = mosquitto_acl(&["node-red".into()]);
+        let (devices, integration) = acl.split_once("user integration@node-red\n").unwrap();
+        assert_eq!(
+            integration,
+            "topic read drover/v1/json/#\ntopic deny drover/v1/dev/#\n\
+             topic deny drover/v1/model/#\ntopic deny drover/v1/fleet/#\n"
+        );
+        assert!(!devices.contains("topic "), "{devices}");
+        assert!(!mosquitto_acl(&[]).contains("user "));
     }
 
     #[test]
