@@ -424,6 +424,14 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     cn.as_str().ok().map(str::to_owned)
 }
 
+impl FleetCa {
+    /// `notAfter` of the certificate issued to `device` (`None`: it has none on file).
+    pub fn device_cert_not_after_ms(&self, device: &str) -> Option<u64> {
+        let path = self.dir.join(ISSUED_DIR).join(format!("{device}.pem"));
+        not_after_ms(&fs::read_to_string(path).ok()?)
+    }
+}
+
 /// `nextUpdate` of a PEM CRL, in ms since the epoch.
 pub fn crl_next_update_ms(pem: &[u8]) -> Option<u64> {
     use rustls::pki_types::pem::PemObject as _;
