@@ -142,6 +142,30 @@ fn base64(bytes: &[u8]) -> String {
 /// File holding the control plane's `--broker-url` (with its password), 0600.
 pub const CONTROL_PLANE_URL_FILE: &str = "control-plane.url";
 
+/// The control plane's password on its listener, written to `passwd.control-plane`. A rerun
+/// (after `drover integration create|revoke`) keeps the one in `control-plane.url`: the
+/// running control plane must still get in when it reconnects.
+fn control_plane_secret(out: &Path) -> anyhow::Result<String> {
+    let kept = std::fs::read_to_string(out.join(CONTROL_PLANE_URL_FILE))
+        .ok()
+        .filter(|_| out.join("passwd.control-plane").exists())
+        .and_then(|u| drover_control_plane::config::parse_broker_url(u.trim()).ok())
+        .filter(|u| u.username.as_deref() == Some(CONTROL_PLANE_IDENTITY))
+        .and_then(|u| u.password);
+    if let Some(secret) = kept {
+        return Ok(secret);
+    }
+    use rand::RngCore as _;
+    let mut b = [0u8; 32];
+    let mut salt = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    let secret = hex::encode(b);
+    let line = mosquitto_password_line(CONTROL_PLANE_IDENTITY, &secret, &salt);
+    write_private(&out.join("passwd.control-plane"), line.as_bytes())?;
+    Ok(secret)
+}
+
 /// Writes the configuration; returns the path of `mosquitto.conf`.
 pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
     let ca = FleetCa::load_or_init(&args.data_dir, now_ms())?;
@@ -165,17 +189,7 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
         )?,
     };
     let cp_bind = args.control_plane_bind.as_deref().unwrap_or(&args.bind);
-    let secret = {
-        use rand::RngCore as _;
-        let mut b = [0u8; 32];
-        let mut salt = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut b);
-        rand::rngs::OsRng.fill_bytes(&mut salt);
-        let secret = hex::encode(b);
-        let line = mosquitto_password_line(CONTROL_PLANE_IDENTITY, &secret, &salt);
-        write_private(&out.join("passwd.control-plane"), line.as_bytes())?;
-        secret
-    };
+    let secret = control_plane_secret(&out)?;
     let cp_host = args
         .hosts
         .first()
@@ -360,5 +374,16 @@ mod tests {
         let url = std::fs::read_to_string(args.out.join(CONTROL_PLANE_URL_FILE)).unwrap();
         assert!(url.starts_with("mqtts://drover-control-plane:"), "{url}");
         assert!(url.trim_end().ends_with("@broker.example:8884"), "{url}");
+        // A rerun keeps the control plane's password (it may be connected with it).
+        let passwd = std::fs::read_to_string(args.out.join("passwd.control-plane")).unwrap();
+        write_mosquitto(&args).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(args.out.join(CONTROL_PLANE_URL_FILE)).unwrap(),
+            url
+        );
+        assert_eq!(
+            std::fs::read_to_string(args.out.join("passwd.control-plane")).unwrap(),
+            passwd
+        );
     }
 }
