@@ -347,12 +347,12 @@ async fn check_read_only(
     drop((c, reader));
 
     // Anything else closes the connection: subscriptions outside the stream (nothing
-    // arrives first), and every publish, inside the stream or not.
+    // arrives first), and every publish, inside the stream or not. One connection per
+    // check, all of this identity: 15 connects here, within its burst of
+    // `broker::CONNECT_BURST` (Node-RED, stopped above, refilled it long ago).
     let filters = [
         topics::uplink_filter_all(),
-        topics::uplink(&gw, topics::UplinkKind::Telemetry),
         topics::downlink(&gw),
-        "drover/v1/dev/+/down".into(),
         topics::keyring(),
         "drover/v1/model/+/chunks".into(),
         "drover/#".into(),
@@ -371,10 +371,12 @@ async fn check_read_only(
     let publishes = [
         topics::uplink(&gw, topics::UplinkKind::Telemetry),
         topics::json_uplink(&gw, topics::UplinkKind::Telemetry),
-        topics::json_registration(&gw),
-        topics::downlink(&gw),
         topics::keyring(),
     ];
+    assert!(
+        (1 + filters.len() + publishes.len() + 3 + 2) as f64
+            <= drover_control_plane::broker::CONNECT_BURST
+    );
     for t in &publishes {
         let (c, mut el) = connect(port, id, ME, ME).await.unwrap();
         c.publish(t.clone(), QoS::AtLeastOnce, false, b"{}".to_vec())
@@ -389,6 +391,12 @@ async fn check_read_only(
     assert_eq!(acl, (filters.len() + publishes.len()) as u64);
 
     // Not a device, not a device's session: the client id and username are its name.
+    let refused = |r| server.metrics().broker_refused(r);
+    let (login, client_id_refused, rate) = (
+        refused(BrokerRefusal::Login),
+        refused(BrokerRefusal::ClientId),
+        refused(BrokerRefusal::ConnectRate),
+    );
     for (client_id, user) in [("gw-1", ME), (ME, "gw-1"), ("gw-1", "gw-1")] {
         let r = connect(port, id, client_id, user).await;
         assert!(
@@ -397,6 +405,9 @@ async fn check_read_only(
             r.map(|_| ())
         );
     }
+
+    assert_eq!(refused(BrokerRefusal::ClientId) - client_id_refused, 1);
+    assert_eq!(refused(BrokerRefusal::Login) - login, 2);
 
     // Revoked: the open session is cut, a new one refused, the listing says so.
     let (c, mut el) = connect(port, id, ME, ME).await.unwrap();
@@ -409,6 +420,16 @@ async fn check_read_only(
         .expect("the revoked session is cut");
     let r = connect(port, id, ME, ME).await;
     assert!(r.is_err(), "a revoked identity connects");
+    assert_eq!(
+        refused(BrokerRefusal::Login) - login,
+        3,
+        "refused as revoked"
+    );
+    assert_eq!(
+        refused(BrokerRefusal::ConnectRate),
+        rate,
+        "never for its rate"
+    );
     let list = api.get("/v1/integrations").await.unwrap();
     assert!(list[0]["revoked_at_ms"].is_u64(), "{list}");
 }
