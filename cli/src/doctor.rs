@@ -179,6 +179,21 @@ fn check_pki(keys: &Path, now: u64, out: &mut Vec<Finding>) {
     ] {
         check_cert(&keys.join(file), what, now, out);
     }
+    // Integration identities: a consumer whose certificate ran out stops reading silently.
+    let dir = drover_control_plane::pki::integration_certs_dir(keys);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for f in files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|x| x == "pem"))
+        {
+            let name = f.file_stem().and_then(|n| n.to_str()).unwrap_or("");
+            let what =
+                format!("integration certificate {name} (`drover integration create` a new one)");
+            check_cert(f, &what, now, out);
+        }
+    }
     let crl = keys.join(drover_control_plane::pki::CRL_FILE);
     if let Ok(pem) = std::fs::read(&crl) {
         match drover_control_plane::pki::crl_next_update_ms(&pem) {

@@ -432,6 +432,12 @@ impl FleetCa {
     }
 }
 
+/// Where the certificates of active integrations are kept, `<name>.pem`, under the key
+/// directory (`<data>/keys`).
+pub fn integration_certs_dir(keys_dir: &Path) -> PathBuf {
+    keys_dir.join(ISSUED_DIR).join(INTEGRATION_DIR)
+}
+
 /// `nextUpdate` of a PEM CRL, in ms since the epoch.
 pub fn crl_next_update_ms(pem: &[u8]) -> Option<u64> {
     use rustls::pki_types::pem::PemObject as _;
