@@ -62,3 +62,13 @@ if ! command -v npm >/dev/null 2>&1; then
   apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
 echo "peers: npm $(npm --version 2>/dev/null)"
+
+# ---- integration consumer (issue 20) ----
+# A real Node-RED for tests/tests/integration_nodered_e2e.rs, pinned, outside the repo.
+NODE_RED_VERSION=4.1.2
+NODE_RED_DIR=/opt/drover-peers/node-red
+if [[ "$(node -p "require('$NODE_RED_DIR/node_modules/node-red/package.json').version" 2>/dev/null)" != "$NODE_RED_VERSION" ]]; then
+  mkdir -p "$NODE_RED_DIR"
+  (cd "$NODE_RED_DIR" && npm install --save-exact --no-audit --no-fund --loglevel=error "node-red@$NODE_RED_VERSION" </dev/null >/dev/null)
+fi
+echo "peers: node-red $(node -p "require('$NODE_RED_DIR/node_modules/node-red/package.json').version")"

@@ -66,8 +66,13 @@ pub struct MosquittoArgs {
 }
 
 /// The ACL of the device listener: devices by pattern on `%u` (their certificate CN,
-/// which they cannot choose; the client id is the same name there, but `%u` says so).
-pub fn mosquitto_acl() -> String {
+/// which they cannot choose; the client id is the same name there, but `%u` says so);
+/// then one block per active integration (CN `integration@<name>`): read the JSON stream,
+/// nothing else. mosquitto applies the device patterns to every user, so the block denies
+/// each tree they open (`topic deny` wins over a pattern; checked against a real
+/// mosquitto 2.0: the integration's publishes and its reads of chunks and the keyring
+/// were refused, the JSON stream read).
+pub fn mosquitto_acl(integrations: &[String]) -> String {
     use drover_protocol::topics;
     let (publish, subscribe) = topics::device_acl("%u");
     let mut acl =
@@ -77,6 +82,22 @@ pub fn mosquitto_acl() -> String {
     }
     for t in subscribe {
         acl.push_str(&format!("pattern read {t}\n"));
+    }
+    if !integrations.is_empty() {
+        acl.push_str(
+            "\n# Read-only integrations (`drover integration create`); rerun this command after\n\
+             # creating or revoking one, then SIGHUP mosquitto.\n",
+        );
+    }
+    let (read, deny) = topics::integration_acl();
+    for name in integrations {
+        acl.push_str(&format!(
+            "user {}\ntopic read {read}\n",
+            drover_control_plane::integrations::identity(name),
+        ));
+        for d in &deny {
+            acl.push_str(&format!("topic deny {d}\n"));
+        }
     }
     acl
 }
@@ -123,6 +144,30 @@ fn base64(bytes: &[u8]) -> String {
 /// File holding the control plane's `--broker-url` (with its password), 0600.
 pub const CONTROL_PLANE_URL_FILE: &str = "control-plane.url";
 
+/// The control plane's password on its listener, written to `passwd.control-plane`. A rerun
+/// (after `drover integration create|revoke`) keeps the one in `control-plane.url`: the
+/// running control plane must still get in when it reconnects.
+fn control_plane_secret(out: &Path) -> anyhow::Result<String> {
+    let kept = std::fs::read_to_string(out.join(CONTROL_PLANE_URL_FILE))
+        .ok()
+        .filter(|_| out.join("passwd.control-plane").exists())
+        .and_then(|u| drover_control_plane::config::parse_broker_url(u.trim()).ok())
+        .filter(|u| u.username.as_deref() == Some(CONTROL_PLANE_IDENTITY))
+        .and_then(|u| u.password);
+    if let Some(secret) = kept {
+        return Ok(secret);
+    }
+    use rand::RngCore as _;
+    let mut b = [0u8; 32];
+    let mut salt = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    let secret = hex::encode(b);
+    let line = mosquitto_password_line(CONTROL_PLANE_IDENTITY, &secret, &salt);
+    write_private(&out.join("passwd.control-plane"), line.as_bytes())?;
+    Ok(secret)
+}
+
 /// Writes the configuration; returns the path of `mosquitto.conf`.
 pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
     let ca = FleetCa::load_or_init(&args.data_dir, now_ms())?;
@@ -133,7 +178,8 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
     write_private(&out.join("ca.pem"), ca.ca_pem().as_bytes())?;
     write_private(&out.join("server.pem"), server.cert_pem.as_bytes())?;
     write_private(&out.join("server.key"), server.key_pem.as_bytes())?;
-    write_private(&out.join("acl"), mosquitto_acl().as_bytes())?;
+    let acl = mosquitto_acl(&active_integrations(&args.data_dir)?);
+    write_private(&out.join("acl"), acl.as_bytes())?;
     write_private(
         &out.join("acl.control-plane"),
         control_plane_acl().as_bytes(),
@@ -145,17 +191,7 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
         )?,
     };
     let cp_bind = args.control_plane_bind.as_deref().unwrap_or(&args.bind);
-    let secret = {
-        use rand::RngCore as _;
-        let mut b = [0u8; 32];
-        let mut salt = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut b);
-        rand::rngs::OsRng.fill_bytes(&mut salt);
-        let secret = hex::encode(b);
-        let line = mosquitto_password_line(CONTROL_PLANE_IDENTITY, &secret, &salt);
-        write_private(&out.join("passwd.control-plane"), line.as_bytes())?;
-        secret
-    };
+    let secret = control_plane_secret(&out)?;
     let cp_host = args
         .hosts
         .first()
@@ -235,6 +271,20 @@ pub fn write_mosquitto(args: &MosquittoArgs) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+fn active_integrations(data_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let db = data_dir.join(drover_control_plane::app::paths::DB_FILE);
+    if !db.exists() {
+        return Ok(Vec::new());
+    }
+    let store = drover_control_plane::store::Store::open(&db)?;
+    Ok(store
+        .integrations()?
+        .into_iter()
+        .filter(|i| i.revoked_at_ms.is_none())
+        .map(|i| i.name)
+        .collect())
+}
+
 fn decommissioned_devices(data_dir: &Path) -> anyhow::Result<Vec<String>> {
     let db = data_dir.join(drover_control_plane::app::paths::DB_FILE);
     if !db.exists() {
@@ -306,6 +356,19 @@ mod tests {
     }
 
     #[test]
+    fn an_integration_reads_the_json_stream_and_nothing_else_on_mosquitto() {
+        let acl = mosquitto_acl(&["node-red".into()]);
+        let (devices, integration) = acl.split_once("user integration@node-red\n").unwrap();
+        assert_eq!(
+            integration,
+            "topic read drover/v1/json/#\ntopic deny drover/v1/dev/#\n\
+             topic deny drover/v1/model/#\ntopic deny drover/v1/fleet/#\n"
+        );
+        assert!(!devices.contains("topic "), "{devices}");
+        assert!(!mosquitto_acl(&[]).contains("user "));
+    }
+
+    #[test]
     fn the_device_listener_forces_the_client_id_to_the_certificate_name() {
         let tmp = tempfile::tempdir().unwrap();
         let args = MosquittoArgs {
@@ -330,5 +393,16 @@ mod tests {
         let url = std::fs::read_to_string(args.out.join(CONTROL_PLANE_URL_FILE)).unwrap();
         assert!(url.starts_with("mqtts://drover-control-plane:"), "{url}");
         assert!(url.trim_end().ends_with("@broker.example:8884"), "{url}");
+        // A rerun keeps the control plane's password (it may be connected with it).
+        let passwd = std::fs::read_to_string(args.out.join("passwd.control-plane")).unwrap();
+        write_mosquitto(&args).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(args.out.join(CONTROL_PLANE_URL_FILE)).unwrap(),
+            url
+        );
+        assert_eq!(
+            std::fs::read_to_string(args.out.join("passwd.control-plane")).unwrap(),
+            passwd
+        );
     }
 }

@@ -299,6 +299,23 @@ fn check_pki(keys: &Path, now: u64, out: &mut Vec<Finding>) {
         reissue(pki::CP_KEY_FILE),
         out,
     );
+    // Integration identities: a consumer whose certificate ran out stops reading silently.
+    let dir = pki::integration_certs_dir(keys);
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for f in files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|x| x == "pem"))
+        {
+            let name = f.file_stem().and_then(|n| n.to_str()).unwrap_or("");
+            let what = format!("integration certificate {name}");
+            let fix = Some(format!(
+                "drover integration revoke {name} && drover integration create {name} --out DIR"
+            ));
+            check_cert(f, &what, now, fix, out);
+        }
+    }
     let crl = keys.join(pki::CRL_FILE);
     if let Ok(pem) = std::fs::read(&crl) {
         let restart = Some("restart drover serve (it re-issues the CRL at start)".to_owned());

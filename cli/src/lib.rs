@@ -9,6 +9,7 @@ pub mod device_history;
 pub mod device_wait;
 pub mod doctor;
 pub mod drift;
+pub mod integration;
 pub mod keys;
 pub mod model;
 pub mod rollout;
@@ -82,6 +83,10 @@ pub enum Command {
     /// Per-user API tokens with roles (viewer, deployer, admin). Admin only.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Read-only identities for integrations (Node-RED, Telegraf): certificates that may
+    /// only subscribe to the JSON stream `drover/v1/json/#`. Admin only.
+    #[command(subcommand)]
+    Integration(integration::IntegrationCommand),
     /// The API's audit log: every call that tried to change something, by whom. Admin only.
     Audit(token::AuditArgs),
     /// Report unsafe settings (key file modes, plaintext broker, expiring certificates);

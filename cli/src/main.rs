@@ -61,6 +61,7 @@ fn main() -> ExitCode {
             Command::Drift(d) => cli::drift::run(d).await,
             Command::Train(t) => cli::train::run(t).await,
             Command::Token(t) => cli::token::run(t).await,
+            Command::Integration(i) => cli::integration::run(i).await,
             Command::Audit(a) => cli::token::audit(a).await,
         }
     });

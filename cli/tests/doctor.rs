@@ -55,6 +55,18 @@ fn doctor_passes_a_clean_setup_and_reports_each_unsafe_setting() {
     let (ok, out) = doctor(&["--data-dir", data_s]);
     assert!(ok, "{out}");
 
+    // An integration certificate about to expire; revoked (retired), it is no concern.
+    ca.issue_integration("grafana", now - 340 * 86_400_000)
+        .unwrap();
+    let (ok, out) = doctor(&["--data-dir", data_s]);
+    assert!(
+        !ok && out.contains("integration certificate grafana") && out.contains("expires soon"),
+        "{out}"
+    );
+    ca.retire_integration_cert("grafana").unwrap();
+    let (ok, out) = doctor(&["--data-dir", data_s]);
+    assert!(ok, "{out}");
+
     // A plaintext embedded broker.
     let conf = tmp.path().join("serve.toml");
     std::fs::write(

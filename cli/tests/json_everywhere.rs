@@ -400,6 +400,18 @@ async fn every_command_prints_json_that_parses() {
     .await;
     w.run("token list", &[], 0, Shape::One).await;
     w.run("token revoke", &["alice"], 0, Shape::One).await;
+    let made = w
+        .run(
+            "integration create",
+            &["nodered", "--out", &s(&dir.join("integration"))],
+            0,
+            Shape::One,
+        )
+        .await;
+    assert!(made.is_object(), "{made}");
+    w.run("integration list", &[], 0, Shape::One).await;
+    w.run("integration revoke", &["nodered"], 0, Shape::One)
+        .await;
     w.run("audit", &[], 0, Shape::One).await;
     w.run("device decommission", &["gw-2"], 0, Shape::One).await;
     let doctor = w

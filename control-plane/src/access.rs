@@ -24,7 +24,7 @@ pub enum Role {
     /// run and cancel training.
     Deployer,
     /// Deployer, and manages the fleet and access: enroll, decommission, keys, tokens,
-    /// the audit log.
+    /// integration identities, the audit log.
     Admin,
 }
 
@@ -167,7 +167,7 @@ impl Tokens {
 pub fn required_role(method: &axum::http::Method, route: &str) -> Role {
     if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         return match route {
-            "/v1/tokens" | "/v1/audit" => Role::Admin,
+            "/v1/tokens" | "/v1/audit" | "/v1/integrations" => Role::Admin,
             _ => Role::Viewer,
         };
     }
@@ -192,6 +192,15 @@ mod tests {
     fn roles_follow_the_route_and_unlisted_routes_need_an_admin() {
         assert_eq!(required_role(&Method::GET, "/v1/devices"), Role::Viewer);
         assert_eq!(required_role(&Method::GET, "/v1/tokens"), Role::Admin);
+        assert_eq!(required_role(&Method::GET, "/v1/integrations"), Role::Admin);
+        assert_eq!(
+            required_role(&Method::POST, "/v1/integrations"),
+            Role::Admin
+        );
+        assert_eq!(
+            required_role(&Method::POST, "/v1/integrations/{name}/revoke"),
+            Role::Admin
+        );
         assert_eq!(required_role(&Method::POST, "/v1/rollouts"), Role::Deployer);
         assert_eq!(
             required_role(&Method::POST, "/v1/rollouts/{id}/{op}"),

@@ -17,6 +17,7 @@
 //!   is the services' handle on it.
 //! - [`keys`]: root/signing key files and the root-signed keyring.
 //! - [`pki`]: the fleet CA (rcgen): device and broker certificates, the CRL.
+//! - [`integrations`]: read-only integration identities for the JSON stream.
 //! - [`api`]: HTTP API (axum) and its JSON views; [`access`]: API tokens, roles, the
 //!   audit rule; [`metrics`]: Prometheus counters.
 //! - [`trainer`]: the built-in trainer (logistic regression exported as ONNX), so the
@@ -40,6 +41,7 @@ pub mod drift_record;
 pub mod fleet;
 pub mod https;
 pub mod ingest;
+pub mod integrations;
 pub mod jobs;
 pub mod keys;
 pub mod maintenance;

@@ -30,8 +30,18 @@ pub const CP_KEY_FILE: &str = "control-plane.key";
 pub const CP_CERT_FILE: &str = "control-plane.pem";
 pub const CRL_FILE: &str = "crl.pem";
 const ISSUED_DIR: &str = "issued";
-/// Under `issued/`: certificates of replaced devices, revoked for good.
+/// Under `issued/`: certificates of replaced devices and revoked integrations, revoked
+/// for good.
 const RETIRED_DIR: &str = "retired";
+/// Under `issued/`: integration certificates, `<name>.pem` (a directory, so no device id,
+/// whose files are `issued/<id>.pem`, can collide with one).
+const INTEGRATION_DIR: &str = "integration";
+/// The CN prefix of integration identities. `@` is not allowed in a device id, so an
+/// integration's certificate can never pass for a device's (nor its session for one). (Not
+/// `/`: rumqttd refuses client ids with `+ $ # /`, and the CN is the client id.)
+pub const INTEGRATION_CN_PREFIX: &str = "integration@";
+/// How long an integration certificate is valid.
+pub const INTEGRATION_CERT_VALID_DAYS: u64 = 365;
 /// The control plane's certificate identity (CN) on an external broker. No device may
 /// be enrolled under this id (it would inherit the control plane's ACL).
 pub const CONTROL_PLANE_IDENTITY: &str = "drover-control-plane";
@@ -217,6 +227,28 @@ impl FleetCa {
         Ok(issued)
     }
 
+    /// A client certificate for a read-only integration (CN `integration@<name>`),
+    /// recorded under `issued/integration/` for revocation.
+    pub fn issue_integration(&self, name: &str, now_ms: u64) -> Result<Issued, PkiError> {
+        let identity = format!("{INTEGRATION_CN_PREFIX}{name}");
+        let issued = self.issue_client(&identity, now_ms, INTEGRATION_CERT_VALID_DAYS)?;
+        let dir = self.dir.join(ISSUED_DIR).join(INTEGRATION_DIR);
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        write_private(&dir.join(format!("{name}.pem")), issued.cert_pem.as_bytes())?;
+        Ok(issued)
+    }
+
+    /// Revokes an integration's certificate for good: moved to `issued/retired/`, which
+    /// every CRL lists (so the name may be issued a new one).
+    pub fn retire_integration_cert(&self, name: &str) -> Result<(), PkiError> {
+        let path = self
+            .dir
+            .join(ISSUED_DIR)
+            .join(INTEGRATION_DIR)
+            .join(format!("{name}.pem"));
+        self.retire(&path, &format!("integration.{name}"))
+    }
+
     /// A server certificate for the broker, valid for `hosts` (names or IP addresses).
     pub fn issue_server(&self, hosts: &[String], now_ms: u64) -> Result<Issued, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -285,18 +317,22 @@ impl FleetCa {
     /// certificate with the same CN) after its id is active again.
     pub fn retire_device_cert(&self, device: &str) -> Result<(), PkiError> {
         let path = self.dir.join(ISSUED_DIR).join(format!("{device}.pem"));
-        let Ok(pem) = fs::read_to_string(&path) else {
+        self.retire(&path, device)
+    }
+
+    fn retire(&self, path: &Path, stem: &str) -> Result<(), PkiError> {
+        let Ok(pem) = fs::read_to_string(path) else {
             return Ok(()); // enrolled before the CA existed: it never had a certificate
         };
         let serial = cert_serial(&pem).ok_or_else(|| PkiError::BadFile {
-            path: path.clone(),
+            path: path.to_owned(),
             reason: "no certificate".into(),
         })?;
         let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
         let dir = self.dir.join(ISSUED_DIR).join(RETIRED_DIR);
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        write_private(&dir.join(format!("{device}.{hex}.pem")), pem.as_bytes())?;
-        fs::remove_file(&path).map_err(io(&path))?;
+        write_private(&dir.join(format!("{stem}.{hex}.pem")), pem.as_bytes())?;
+        fs::remove_file(path).map_err(io(path))?;
         Ok(())
     }
 
@@ -395,6 +431,20 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = c.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
+}
+
+impl FleetCa {
+    /// `notAfter` of the certificate issued to `device` (`None`: it has none on file).
+    pub fn device_cert_not_after_ms(&self, device: &str) -> Option<u64> {
+        let path = self.dir.join(ISSUED_DIR).join(format!("{device}.pem"));
+        not_after_ms(&fs::read_to_string(path).ok()?)
+    }
+}
+
+/// Where the certificates of active integrations are kept, `<name>.pem`, under the key
+/// directory (`<data>/keys`).
+pub fn integration_certs_dir(keys_dir: &Path) -> PathBuf {
+    keys_dir.join(ISSUED_DIR).join(INTEGRATION_DIR)
 }
 
 /// `nextUpdate` of a PEM CRL, in ms since the epoch.

@@ -309,6 +309,9 @@ fn start_broker(
         prepared.logins.clone(),
         Arc::clone(metrics),
     );
+    for i in store.integrations()? {
+        devices.set_integration(&i.name, i.revoked_at_ms.is_none());
+    }
     // The CRL external brokers read; rewritten at every start so it never goes stale.
     ca.write_crl(&devices.decommissioned(), now)?;
     let sessions = Arc::new(Sessions::default());

@@ -157,6 +157,31 @@ pub fn json_filter_all() -> String {
     format!("{PREFIX}/json/#")
 }
 
+/// Whether a subscription filter can match only topics of the integration stream: its
+/// first levels are literally `drover/v1/json/` (no wildcard there), so it can never reach
+/// an uplink, downlink, chunk or keyring topic. What a read-only integration identity may
+/// subscribe to.
+pub fn is_json_filter(filter: &str) -> bool {
+    filter
+        .strip_prefix(PREFIX)
+        .and_then(|r| r.strip_prefix("/json/"))
+        .is_some_and(|rest| !rest.is_empty())
+}
+
+/// Broker ACL of a read-only integration identity, for brokers whose pattern ACLs apply to
+/// every user (mosquitto): `(read, deny)`: it reads the integration stream, and is denied
+/// every tree the device patterns of [`device_acl`] open (a deny wins over a pattern).
+pub fn integration_acl() -> (String, Vec<String>) {
+    (
+        json_filter_all(),
+        vec![
+            format!("{PREFIX}/dev/#"),
+            format!("{PREFIX}/model/#"),
+            format!("{PREFIX}/fleet/#"),
+        ],
+    )
+}
+
 /// Filter the control plane subscribes to for every device's uplink.
 pub fn uplink_filter_all() -> String {
     format!("{PREFIX}/dev/+/up/+")
@@ -254,6 +279,33 @@ pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_filters_stay_inside_the_integration_stream() {
+        let gw = DeviceId::new("gw-1").unwrap();
+        for ok in [
+            json_filter_all(),
+            "drover/v1/json/+/telemetry".into(),
+            json_registration(&gw),
+        ] {
+            assert!(is_json_filter(&ok), "{ok}");
+        }
+        for bad in [
+            "#".to_string(),
+            "drover/#".into(),
+            "drover/v1/#".into(),
+            "drover/v1/+/gw-1/up/telemetry".into(),
+            "drover/v1/json".into(),
+            "drover/v1/json/".into(),
+            "$share/g/drover/v1/json/#".into(),
+            uplink(&gw, UplinkKind::Telemetry),
+            downlink(&gw),
+            keyring(),
+            uplink_filter_all(),
+        ] {
+            assert!(!is_json_filter(&bad), "{bad}");
+        }
+    }
 
     #[test]
     fn device_id_refuses_wildcards_levels_nul_and_length() {

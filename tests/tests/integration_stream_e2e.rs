@@ -2,8 +2,8 @@
 //! plane republishes a real agent's authenticated uplinks as flat JSON on
 //! `drover/v1/json/<device>/<kind>` and its registration (operator labels) retained on
 //! `drover/v1/json/<device>/registration`, read here by a plain MQTT client through a real
-//! mosquitto. (The read-only integration identity is not built yet; the reader logs in as
-//! the control plane's user.)
+//! mosquitto, logged in as the control plane's user. The read-only integration identity
+//! and a real Node-RED consumer: `integration_nodered_e2e.rs`.
 
 use std::time::Duration;
 

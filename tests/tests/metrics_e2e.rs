@@ -2,7 +2,9 @@
 //! staged rollout with gates, live inference traffic) is linted by `promtool check metrics`
 //! on both endpoints and scraped by a real Prometheus (temp config, loopback, 1 s scrape
 //! interval), whose HTTP API then answers a rollout's gate value and a device's p99
-//! inference latency.
+//! inference latency. The expiry gauges (keyring, fleet CA, CRL, a device's and an
+//! integration's certificate) must equal what the files and the API say, and the
+//! continuous-training policy's champion must be the rolled-out version.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,55 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// The value of the one sample whose series is `series` (name and labels, as printed).
+fn value(text: &str, series: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(series).is_some_and(|r| r.starts_with(' ')))
+        .unwrap_or_else(|| panic!("{series} missing:\n{text}"));
+    line[series.len()..].trim().parse().unwrap()
+}
+
+/// The expiry gauges say what the keyring, the CA, the CRL, a device's and an
+/// integration's certificate say.
+async fn expiry_gauges_match_the_files(
+    text: &str,
+    keys: &std::path::Path,
+    api: &Api,
+    integration: &Value,
+) {
+    use drover_control_plane::pki;
+    let secs = |ms: u64| ms as f64 / 1e3;
+    let keyring = api.get("/v1/keyring").await.unwrap();
+    let ca = std::fs::read_to_string(keys.join(pki::CA_CERT_FILE)).unwrap();
+    let crl = std::fs::read(keys.join(pki::CRL_FILE)).unwrap();
+    let device = std::fs::read_to_string(keys.join("issued/plant-a-00.pem")).unwrap();
+    for (series, want) in [
+        (
+            "drover_keyring_expiry_timestamp_seconds".to_string(),
+            secs(keyring["expires_at_ms"].as_u64().unwrap()),
+        ),
+        (
+            "drover_fleet_ca_expiry_timestamp_seconds".into(),
+            secs(pki::not_after_ms(&ca).unwrap()),
+        ),
+        (
+            "drover_crl_next_update_timestamp_seconds".into(),
+            secs(pki::crl_next_update_ms(&crl).unwrap()),
+        ),
+        (
+            "drover_device_cert_expiry_timestamp_seconds{device=\"plant-a-00\"}".into(),
+            secs(pki::not_after_ms(&device).unwrap()),
+        ),
+        (
+            "drover_integration_cert_expiry_timestamp_seconds{integration=\"grafana\"}".into(),
+            secs(integration["not_after_ms"].as_u64().unwrap()),
+        ),
+    ] {
+        assert_eq!(value(text, &series), want, "{series}");
     }
 }
 
@@ -126,13 +177,28 @@ async fn both_metrics_pages_are_promtool_clean_and_prometheus_answers_gates_and_
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let config = ServeConfig {
+    // A continuous-training policy on the rolled-out model, for the champion's series (its
+    // job never runs: the tick is an hour and nothing triggers it).
+    let train = drover_tests::training::toml_args(&["true"]);
+    std::fs::write(
+        dir.join("policy.toml"),
+        drover_tests::training::policy("dense", ""),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("job.toml"),
+        drover_tests::training::job_spec("local", &train, 60, None),
+    )
+    .unwrap();
+    let mut config = ServeConfig {
         data_dir: dir.join("server"),
         http_listen: "127.0.0.1:0".into(),
         mqtt_listen: "127.0.0.1:0".into(),
         rollout_tick_ms: 200,
         ..Default::default()
     };
+    config.continuous.policy = dir.join("policy.toml").display().to_string();
+    config.continuous.tick_secs = 3600;
     let server = serve::run(config.validate().unwrap(), std::future::pending())
         .await
         .unwrap();
@@ -187,6 +253,11 @@ async fn both_metrics_pages_are_promtool_clean_and_prometheus_answers_gates_and_
         .find_map(|g| Some((g["gate"].as_str()?.to_owned(), g["value"].as_f64()?)))
         .unwrap_or_else(|| panic!("no gate with a value: {done:#}"));
 
+    let integration = api
+        .post("/v1/integrations", &serde_json::json!({"name": "grafana"}))
+        .await
+        .unwrap();
+
     // promtool is clean on both endpoints, which carry the new families.
     let cp_text = page(format!("http://{cp}/metrics")).await;
     assert_eq!(promtool(&cp_text), "", "control plane /metrics:\n{cp_text}");
@@ -202,9 +273,11 @@ async fn both_metrics_pages_are_promtool_clean_and_prometheus_answers_gates_and_
         "drover_fleet_devices{online=\"true\",model=\"dense@2.0.0\"} 2",
         "# TYPE drover_training_job_duration_seconds histogram",
         "# TYPE drover_drift_psi gauge",
+        "drover_training_champion_info{policy=\"policy\",model=\"dense\",version=\"2.0.0\"} 1",
     ] {
         assert!(cp_text.contains(family), "{family} missing:\n{cp_text}");
     }
+    expiry_gauges_match_the_files(&cp_text, &dir.join("server/keys"), &api, &integration).await;
     for d in &fleet {
         let text = page(format!("http://{}/metrics", d.metrics_addr().unwrap())).await;
         assert_eq!(promtool(&text), "", "{} /metrics:\n{text}", d.id);

@@ -2,7 +2,9 @@
 //! state read from the store at scrape time: rollouts (status, wave, stage, devices by
 //! state, every gate's value and verdict), devices (fleet totals; per device while the
 //! fleet is within `metrics.per_device_limit`), drift (PSI, p-value and level of each
-//! scope's latest window) and training jobs. Passes `promtool check metrics`
+//! scope's latest window), training jobs and the continuous-training champion, and the
+//! expiry of what trust rests on (keyring, fleet CA, CRL, device and integration
+//! certificates, as Unix times). Passes `promtool check metrics`
 //! (`tests/tests/metrics_e2e.rs`).
 //!
 //! Series whose subject changes (a rollout's status, a device's model) are written with the
@@ -18,6 +20,7 @@ use drover_host::prom::{self, header as family, sample, Histogram, SLOW_BUCKETS}
 
 use super::rollouts::RolloutView;
 use super::{blocking, ApiError, AppState};
+use crate::app::App;
 use crate::store::{DriftScoreRow, Store};
 
 /// Finished rollouts kept on the page (the newest), besides every open one.
@@ -26,7 +29,22 @@ const FINISHED_ROLLOUTS: usize = 20;
 pub(super) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     let mut out = st.app.metrics.render();
     let limit = st.app.settings.metrics_per_device_limit;
-    let fleet = blocking(&st, move |_, s| fleet_state(s, limit)).await;
+    // (policy name: its file's stem, the model it retrains)
+    let policy = st.continuous.as_ref().map(|e| {
+        let name = st
+            .app
+            .settings
+            .continuous
+            .as_ref()
+            .map_or(String::new(), |c| {
+                c.policy
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+        (name, e.policy.model.clone())
+    });
+    let fleet = blocking(&st, move |app, s| fleet_state(app, s, limit, policy)).await;
     match fleet {
         Ok(text) => out.push_str(&text),
         Err(ApiError(_, e)) => tracing::warn!(error = %e, "/metrics: fleet state not read"),
@@ -34,13 +52,134 @@ pub(super) async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
-fn fleet_state(s: &mut Store, per_device_limit: usize) -> Result<String, ApiError> {
+fn fleet_state(
+    app: &App,
+    s: &mut Store,
+    per_device_limit: usize,
+    policy: Option<(String, String)>,
+) -> Result<String, ApiError> {
     let mut out = String::new();
     rollouts(&mut out, s)?;
-    devices(&mut out, s, per_device_limit)?;
+    let per_device = devices(&mut out, s, per_device_limit)?;
     drift(&mut out, &s.drift_status()?, per_device_limit);
     training(&mut out, s)?;
+    let champ = match &policy {
+        Some((name, model)) => crate::continuous::champion(s.models()?, model)
+            .map(|c| (name.as_str(), model.as_str(), c.version)),
+        None => None,
+    };
+    champion(
+        &mut out,
+        champ.as_ref().map(|(p, m, v)| (*p, *m, v.as_str())),
+    );
+    let secs = |ms: u64| ms as f64 / 1e3;
+    let device_certs: Vec<(String, f64)> = per_device
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| {
+            let ms = app.ca.device_cert_not_after_ms(&d)?;
+            Some((d, secs(ms)))
+        })
+        .collect();
+    let integrations: Vec<(String, f64)> = s
+        .integrations()?
+        .into_iter()
+        .filter(|i| i.revoked_at_ms.is_none())
+        .map(|i| (i.name, secs(i.not_after_ms)))
+        .collect();
+    let crl = std::fs::read(app.ca.dir().join(crate::pki::CRL_FILE))
+        .ok()
+        .and_then(|pem| crate::pki::crl_next_update_ms(&pem));
+    let trust = Trust {
+        keyring: secs(app.keys.current().keyring.expires_at_ms),
+        ca: crate::pki::not_after_ms(app.ca.ca_pem()).map(secs),
+        crl: crl.map(secs),
+        device_certs,
+        integrations,
+    };
+    expiry(&mut out, &trust);
     Ok(out)
+}
+
+/// When what the fleet's trust rests on stops working, in Unix seconds.
+struct Trust {
+    keyring: f64,
+    ca: Option<f64>,
+    crl: Option<f64>,
+    /// Per device, within `metrics.per_device_limit`.
+    device_certs: Vec<(String, f64)>,
+    integrations: Vec<(String, f64)>,
+}
+
+fn expiry(o: &mut String, t: &Trust) {
+    prom::single(
+        o,
+        "drover_keyring_expiry_timestamp_seconds",
+        "gauge",
+        "When the published keyring expires (devices refuse commands signed under it after; `drover keys rotate`).",
+        t.keyring,
+    );
+    if let Some(v) = t.ca {
+        prom::single(
+            o,
+            "drover_fleet_ca_expiry_timestamp_seconds",
+            "gauge",
+            "When the fleet CA certificate expires.",
+            v,
+        );
+    }
+    if let Some(v) = t.crl {
+        prom::single(
+            o,
+            "drover_crl_next_update_timestamp_seconds",
+            "gauge",
+            "nextUpdate of the CRL external brokers read (OpenSSL brokers refuse every client after it).",
+            v,
+        );
+    }
+    family(
+        o,
+        "drover_device_cert_expiry_timestamp_seconds",
+        "gauge",
+        "When a device's client certificate expires (per device, within metrics.per_device_limit).",
+    );
+    for (d, v) in &t.device_certs {
+        sample(
+            o,
+            "drover_device_cert_expiry_timestamp_seconds",
+            &[("device", d)],
+            *v,
+        );
+    }
+    family(
+        o,
+        "drover_integration_cert_expiry_timestamp_seconds",
+        "gauge",
+        "When an active integration identity's certificate expires.",
+    );
+    for (i, v) in &t.integrations {
+        let l = [("integration", i.as_str())];
+        sample(
+            o,
+            "drover_integration_cert_expiry_timestamp_seconds",
+            &l,
+            *v,
+        );
+    }
+}
+
+/// The continuous-training champion: `(policy, model, version)`.
+fn champion(o: &mut String, champ: Option<(&str, &str, &str)>) {
+    family(
+        o,
+        "drover_training_champion_info",
+        "gauge",
+        "The model version continuous training must beat (the policy model's latest published version), always 1.",
+    );
+    if let Some((policy, model, version)) = champ {
+        let l = [("policy", policy), ("model", model), ("version", version)];
+        sample(o, "drover_training_champion_info", &l, 1.0);
+    }
 }
 
 fn rollouts(o: &mut String, s: &Store) -> Result<(), ApiError> {
@@ -167,7 +306,8 @@ fn gates(o: &mut String, views: &[RolloutView]) {
     }
 }
 
-fn devices(o: &mut String, s: &Store, limit: usize) -> Result<(), ApiError> {
+/// Returns the device ids when per-device series are written.
+fn devices(o: &mut String, s: &Store, limit: usize) -> Result<Option<Vec<String>>, ApiError> {
     let rows: Vec<_> = s
         .devices()?
         .into_iter()
@@ -202,7 +342,7 @@ fn devices(o: &mut String, s: &Store, limit: usize) -> Result<(), ApiError> {
         f64::from(u8::from(per_device)),
     );
     if !per_device {
-        return Ok(());
+        return Ok(None);
     }
     family(
         o,
@@ -249,7 +389,7 @@ fn devices(o: &mut String, s: &Store, limit: usize) -> Result<(), ApiError> {
         ];
         sample(o, "drover_device_info", &l, 1.0);
     }
-    Ok(())
+    Ok(Some(rows.into_iter().map(|d| d.id).collect()))
 }
 
 fn drift(o: &mut String, rows: &[DriftScoreRow], per_device_limit: usize) {
@@ -468,6 +608,38 @@ mod tests {
         assert!(
             above.contains("drover_fleet_devices{online=\"false\",model=\"\"} 3"),
             "{above}"
+        );
+    }
+
+    #[test]
+    fn expiry_gauges_and_the_champion_are_written_with_their_subjects() {
+        let mut o = String::new();
+        expiry(
+            &mut o,
+            &Trust {
+                keyring: 1.5e9,
+                ca: Some(2e9),
+                crl: None,
+                device_certs: vec![("gw-1".into(), 1.8e9)],
+                integrations: vec![("node-red".into(), 1.9e9)],
+            },
+        );
+        for line in [
+            "drover_keyring_expiry_timestamp_seconds 1500000000",
+            "drover_fleet_ca_expiry_timestamp_seconds 2000000000",
+            "drover_device_cert_expiry_timestamp_seconds{device=\"gw-1\"} 1800000000",
+            "drover_integration_cert_expiry_timestamp_seconds{integration=\"node-red\"} 1900000000",
+        ] {
+            assert!(o.contains(line), "{line} in\n{o}");
+        }
+        assert!(!o.contains("drover_crl_next_update"), "{o}");
+        let mut c = String::new();
+        champion(&mut c, Some(("retrain", "dense", "1.0.10")));
+        assert!(
+            c.contains(
+                "drover_training_champion_info{policy=\"retrain\",model=\"dense\",version=\"1.0.10\"} 1"
+            ),
+            "{c}"
         );
     }
 }

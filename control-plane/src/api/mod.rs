@@ -10,11 +10,12 @@
 //!
 //! Layout: this module holds the state, errors, auth and router; one file per resource
 //! holds its view types and handlers: [`devices`], [`models`], [`keys`], [`rollouts`],
-//! [`continuous`] (drift and training).
+//! [`continuous`] (drift and training), [`integrations`].
 
 mod access;
 mod continuous;
 mod devices;
+mod integrations;
 mod keys;
 mod metrics;
 mod models;
@@ -27,6 +28,7 @@ pub use self::devices::{
     EnrollRequest, EnrollResponse, LabelRequest, LimitQuery, ProgressQuery, ProgressView,
     TelemetryView,
 };
+pub use self::integrations::{IntegrationCreated, IntegrationRequest, IntegrationView};
 pub use self::keys::{keyring_view, KeyView, KeyringView};
 pub use self::models::{ModelView, PublishBody};
 pub use self::rollouts::{
@@ -83,8 +85,11 @@ impl From<StoreError> for ApiError {
             | StoreError::DeviceActive(_)
             | StoreError::DeviceDecommissioned(_)
             | StoreError::ModelExists { .. }
-            | StoreError::TokenExists(_) => StatusCode::CONFLICT,
-            StoreError::UnknownDevice(_) | StoreError::UnknownToken(_) => StatusCode::NOT_FOUND,
+            | StoreError::TokenExists(_)
+            | StoreError::IntegrationExists(_) => StatusCode::CONFLICT,
+            StoreError::UnknownDevice(_)
+            | StoreError::UnknownToken(_)
+            | StoreError::UnknownIntegration(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -156,6 +161,7 @@ pub fn router(st: AppState) -> Router {
         .merge(continuous::routes())
         .route("/v1/keyring/reload", post(keys::reload_keyring))
         .merge(access::routes())
+        .merge(integrations::routes())
         // A route layer: it runs after routing, so it knows the route's pattern (the
         // role it needs); unknown paths are 404 without it.
         .route_layer(middleware::from_fn_with_state(

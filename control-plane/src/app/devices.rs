@@ -1,8 +1,9 @@
 //! The device cache: every enrolled device's key and standing, loaded from the store at
 //! start and updated by enroll and decommission, so the broker's login hook and ingest's
-//! MAC check never wait on SQLite. Also the broker login rules.
+//! MAC check never wait on SQLite; the names of the active read-only integrations
+//! (`drover integration create`), which the TLS front admits. Also the broker login rules.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 
@@ -39,6 +40,8 @@ pub struct Devices {
 #[derive(Debug)]
 struct Inner {
     map: RwLock<HashMap<DeviceId, DeviceEntry>>,
+    /// Active integration names (their certificates' CN is `integration@<name>`).
+    integrations: RwLock<HashSet<String>>,
     logins: BrokerLogins,
     metrics: Arc<Metrics>,
 }
@@ -52,6 +55,7 @@ impl Devices {
         let d = Devices {
             inner: Arc::new(Inner {
                 map: RwLock::new(HashMap::new()),
+                integrations: RwLock::new(HashSet::new()),
                 logins,
                 metrics,
             }),
@@ -87,6 +91,29 @@ impl Devices {
             .map(|d| d.key.clone())
     }
 
+    /// Marks an integration active (created) or not (revoked).
+    pub fn set_integration(&self, name: &str, active: bool) {
+        let mut set = self
+            .inner
+            .integrations
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if active {
+            set.insert(name.to_owned());
+        } else {
+            set.remove(name);
+        }
+    }
+
+    /// Whether the integration `name` exists and is not revoked.
+    pub fn integration_active(&self, name: &str) -> bool {
+        self.inner
+            .integrations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
     /// Ids of decommissioned devices, sorted (for the CRL).
     pub fn decommissioned(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -116,6 +143,17 @@ impl Devices {
         if client_id != user {
             self.refused(user, "client id is not the device id");
             return false;
+        }
+        // An integration logs in only through the TLS front, which vouched for its
+        // certificate; without a front (plaintext development mode) it has no login.
+        if let Some(name) = user.strip_prefix(crate::pki::INTEGRATION_CN_PREFIX) {
+            let ok = logins.front_key.is_some()
+                && self.integration_active(name)
+                && ct_eq(pass.as_bytes(), self.front_token(user).as_bytes());
+            if !ok {
+                self.refused(user, "not an active integration behind the TLS front");
+            }
+            return ok;
         }
         let ok = match &logins.front_key {
             Some(_) => {
@@ -221,6 +259,21 @@ mod tests {
             !d.broker_login_ok("gw-3", "gw-1", &d.front_token("gw-1")),
             "another client id behind the front"
         );
+    }
+
+    #[test]
+    fn an_integration_logs_in_only_behind_the_front_while_active() {
+        let id = "integration@node-red";
+        for front in [false, true] {
+            let d = devices(front);
+            d.set_integration("node-red", true);
+            let token = d.front_token(id);
+            assert_eq!(d.broker_login_ok(id, id, &token), front, "front {front}");
+            assert!(!d.broker_login_ok(id, id, ""), "front {front}");
+            assert!(!d.broker_login_ok("gw-1", id, &token), "another client id");
+            d.set_integration("node-red", false);
+            assert!(!d.broker_login_ok(id, id, &token), "revoked");
+        }
     }
 
     #[test]

@@ -13,15 +13,16 @@
 //!    session: another device's would take over its queued commands and kick it off),
 //!    and that device must not be decommissioned;
 //! 3. the password must be the one derived from that device's key: a device must hold
-//!    both its certificate and its key;
+//!    both its certificate and its key; a read-only integration (CN `integration@<name>`,
+//!    `crate::integrations`) must be active instead, its password is ignored;
 //! 4. the CONNECT goes on to rumqttd with the password replaced by a per-process token
 //!    (`Devices::front_token`); rumqttd's auth hook accepts device logins only with that
 //!    token, so connecting to its private loopback port directly gets a device nowhere;
 //! 5. the session becomes its identity's only live one: an older session of the same
 //!    identity is closed (`limits::Sessions`), so one identity holds one connection's
 //!    files, however often it connects;
-//! 6. every packet is checked against the ACL and paced by the identity's message and
-//!    byte rates.
+//! 6. every packet is checked against the ACL (`acl.rs`) and paced by the identity's
+//!    message and byte rates.
 //!
 //! A refused CONNECT gets a CONNACK saying why. Refusals are counted by reason
 //! (`drover_broker_refused_total`) and logged once per identity and reason per interval;
@@ -34,11 +35,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use drover_protocol::topics::{self, ParsedTopic};
 use drover_protocol::DeviceId;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet as MqttPacket};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::acl::Principal;
 use super::limits::Limit;
 use super::{BrokerAuth, MAX_PAYLOAD};
 use crate::metrics::BrokerRefusal;
@@ -250,7 +251,7 @@ async fn relay(
     let Some(connect) = read_connect(&mut tls, &mut buf, &identity).await? else {
         return Ok(());
     };
-    let (connect, device) = match admit(auth, &identity, connect) {
+    let (connect, principal) = match admit(auth, &identity, connect) {
         Ok(c) => c,
         Err((code, r)) => {
             refuse_connect(&mut tls, code).await;
@@ -272,7 +273,7 @@ async fn relay(
     let live = session.alone(RETIRE_TIMEOUT).await;
     // A decommission between the password check and `register` found no session to
     // kick; it changed the device's standing first, so this check sees it.
-    if !live || auth.devices.key(&device).is_none() {
+    if !live || !principal.active(auth, &identity) {
         auth.sessions.leave(&identity);
         return Ok(());
     }
@@ -293,7 +294,7 @@ async fn relay(
     let (mut up_rx, mut up_tx) = upstream.into_split();
     let mut superseded = false;
     let result = tokio::select! {
-        r = filter_client(&mut tls_rx, &mut up_tx, &device, auth, rest) => r,
+        r = filter_client(&mut tls_rx, &mut up_tx, &identity, &principal, auth, rest) => r,
         _ = tokio::io::copy(&mut up_rx, &mut tls_tx) => Ok(()),
         _ = session.superseded() => {
             superseded = true;
@@ -302,8 +303,8 @@ async fn relay(
     };
     if superseded {
         retire(&mut up_rx, &mut up_tx).await;
-        if auth.devices.key(&device).is_none() {
-            tracing::info!(device_id = %identity, "open session closed: device decommissioned");
+        if !principal.active(auth, &identity) {
+            tracing::info!(device_id = %identity, "open session closed: device decommissioned or integration revoked");
         } else {
             auth.metrics.broker_sessions_replaced.fetch_add(1, Relaxed);
             if let Some(suppressed) = auth
@@ -404,7 +405,7 @@ fn admit(
     auth: &BrokerAuth,
     identity: &str,
     mut connect: rumqttc::mqttbytes::v4::Connect,
-) -> Result<(rumqttc::mqttbytes::v4::Connect, DeviceId), Refusal> {
+) -> Result<(rumqttc::mqttbytes::v4::Connect, Principal), Refusal> {
     use ConnectReturnCode::*;
     if !auth.sessions.may_connect(identity, Instant::now()) {
         return Err((
@@ -444,22 +445,38 @@ fn admit(
                 BrokerRefusal::ClientId,
                 identity,
                 format!(
-                    "certificate {identity:?} may not use client id {:?}: the client id must be the device id",
+                    "certificate {identity:?} may not use client id {:?}: the client id must be the certificate's name",
                     clip(&connect.client_id)
                 ),
             ),
         ));
     }
-    if !auth.devices.password_ok(identity, &login.password) {
-        return Err(login_refused(format!(
-            "{identity} is not an enrolled, active device, or its password is wrong"
-        )));
-    }
+    let principal =
+        match identity.strip_prefix(crate::pki::INTEGRATION_CN_PREFIX) {
+            // An integration's certificate is its credential (as on mosquitto, where the
+            // certificate names the user); its password is ignored.
+            Some(name) => {
+                if !auth.devices.integration_active(name) {
+                    return Err(login_refused(format!(
+                    "integration {name:?} was revoked or never created (`drover integration list`)"
+                )));
+                }
+                Principal::Integration
+            }
+            None => {
+                if !auth.devices.password_ok(identity, &login.password) {
+                    return Err(login_refused(format!(
+                        "{identity} is not an enrolled, active device, or its password is wrong"
+                    )));
+                }
+                Principal::Device(DeviceId::new(identity).map_err(|e| {
+                    login_refused(format!("certificate CN is not a device id: {e}"))
+                })?)
+            }
+        };
     login.password = auth.devices.front_token(identity);
-    let device = DeviceId::new(identity)
-        .map_err(|e| login_refused(format!("certificate CN is not a device id: {e}")))?;
     if let Some(will) = &connect.last_will {
-        if !may_publish(&device, &will.topic) {
+        if !principal.may_publish(&will.topic) {
             return Err((
                 NotAuthorized,
                 refused(
@@ -470,7 +487,7 @@ fn admit(
             ));
         }
     }
-    Ok((connect, device))
+    Ok((connect, principal))
 }
 
 /// Answers a refused CONNECT with a CONNACK naming the reason, then closes.
@@ -488,22 +505,6 @@ async fn refuse_connect(tls: &mut Tls, code: ConnectReturnCode) {
     }
 }
 
-/// The ACL of the embedded broker (rumqttd has none): a device publishes only on its own
-/// uplink topics (last will included).
-fn may_publish(device: &DeviceId, topic: &str) -> bool {
-    matches!(topics::parse(topic), Ok(ParsedTopic::Uplink { device: d, .. }) if d == *device)
-}
-
-/// A device subscribes only to its own downlink, the keyring and model chunk topics (by
-/// digest: no wildcards).
-fn may_subscribe(device: &DeviceId, filter: &str) -> bool {
-    match topics::parse(filter) {
-        Ok(ParsedTopic::Downlink { device: d }) => d == *device,
-        Ok(ParsedTopic::Keyring) | Ok(ParsedTopic::ModelChunks { .. }) => true,
-        _ => false,
-    }
-}
-
 /// Relays the client's packets to rumqttd, one whole packet at a time, checking each
 /// PUBLISH and SUBSCRIBE against the ACL and pacing them by the identity's rates. MQTT
 /// 3.1.1 cannot refuse a publish, so an ACL violation closes the connection, and a
@@ -511,15 +512,15 @@ fn may_subscribe(device: &DeviceId, filter: &str) -> bool {
 async fn filter_client(
     from: &mut (impl tokio::io::AsyncRead + Unpin),
     to: &mut (impl tokio::io::AsyncWrite + Unpin),
-    device: &DeviceId,
+    identity: &str,
+    principal: &Principal,
     auth: &BrokerAuth,
     mut buf: BytesMut,
 ) -> Result<(), Refused> {
-    let identity = device.as_str();
     let protocol = |detail: String| refused(BrokerRefusal::Protocol, identity, detail);
     let mut out = BytesMut::new();
     loop {
-        while let Some((frame, message)) = next_packet(&mut buf, device)? {
+        while let Some((frame, message)) = next_packet(&mut buf, identity, principal)? {
             if let Some((wait, limit)) =
                 auth.sessions
                     .charge(identity, message, frame.len(), Instant::now())
@@ -553,8 +554,11 @@ async fn filter_client(
 /// Splits the next whole packet off `buf` (`None`: not yet whole) and checks it: a
 /// PUBLISH or SUBSCRIBE against the ACL, no second CONNECT. Returns the frame and whether
 /// it is a message (PUBLISH, SUBSCRIBE, UNSUBSCRIBE) rather than an ack or a ping.
-fn next_packet(buf: &mut BytesMut, device: &DeviceId) -> Result<Option<(BytesMut, bool)>, Refused> {
-    let identity = device.as_str();
+fn next_packet(
+    buf: &mut BytesMut,
+    identity: &str,
+    principal: &Principal,
+) -> Result<Option<(BytesMut, bool)>, Refused> {
     let acl = |detail: String| refused(BrokerRefusal::Acl, identity, detail);
     let protocol = |detail: String| refused(BrokerRefusal::Protocol, identity, detail);
     let header = match rumqttc::mqttbytes::check(buf.iter(), MAX_PAYLOAD) {
@@ -568,7 +572,7 @@ fn next_packet(buf: &mut BytesMut, device: &DeviceId) -> Result<Option<(BytesMut
         Some(3) => {
             let topic =
                 publish_topic(&frame).ok_or_else(|| protocol("malformed PUBLISH".into()))?;
-            if !may_publish(device, topic) {
+            if !principal.may_publish(topic) {
                 return Err(acl(format!("may not publish to {:?}", clip(topic))));
             }
         }
@@ -577,7 +581,11 @@ fn next_packet(buf: &mut BytesMut, device: &DeviceId) -> Result<Option<(BytesMut
             let Ok(MqttPacket::Subscribe(sub)) = MqttPacket::read(&mut probe, MAX_CONNECT) else {
                 return Err(protocol("malformed SUBSCRIBE".into()));
             };
-            if let Some(f) = sub.filters.iter().find(|f| !may_subscribe(device, &f.path)) {
+            if let Some(f) = sub
+                .filters
+                .iter()
+                .find(|f| !principal.may_subscribe(&f.path))
+            {
                 return Err(acl(format!("may not subscribe to {:?}", clip(&f.path))));
             }
         }
@@ -600,7 +608,7 @@ pub fn fuzz_device_bytes(data: &[u8]) {
         return;
     };
     let step = usize::from(step).max(1);
-    let device = DeviceId::new("gw-fuzz").expect("a valid device id");
+    let device = Principal::Device(DeviceId::new("gw-fuzz").expect("a valid device id"));
     let mut pieces = data.chunks(step);
     let mut buf = BytesMut::new();
     let connect = loop {
@@ -614,7 +622,7 @@ pub fn fuzz_device_bytes(data: &[u8]) {
         }
     };
     if let Some(will) = &connect.last_will {
-        let _ = may_publish(&device, &will.topic);
+        let _ = device.may_publish(&will.topic);
     }
     let Ok((out, mut buf)) = replace_connect(buf, connect) else {
         return;
@@ -625,7 +633,7 @@ pub fn fuzz_device_bytes(data: &[u8]) {
     ));
     loop {
         let before = buf.len();
-        match next_packet(&mut buf, &device) {
+        match next_packet(&mut buf, "gw-fuzz", &device) {
             Ok(Some((frame, _))) => assert_eq!(frame.len() + buf.len(), before),
             Ok(None) => match pieces.next() {
                 Some(p) => buf.extend_from_slice(p),
@@ -675,6 +683,7 @@ fn publish_topic(frame: &[u8]) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_protocol::topics;
 
     fn publish_frame(topic: &str, payload_len: usize) -> BytesMut {
         let mut b = BytesMut::new();
@@ -716,13 +725,15 @@ mod tests {
         buf.extend_from_slice(&publish_frame("drover/v1/dev/gw-b/up/labels", 3));
         // A split packet waits for its end.
         let mut head = BytesMut::from(&buf[..whole - 1]);
-        assert!(matches!(next_packet(&mut head, &gw), Ok(None)));
-        let (frame, message) = next_packet(&mut buf, &gw).unwrap().unwrap();
+        let gw_id = "gw-fuzz";
+        let gw = Principal::Device(gw);
+        assert!(matches!(next_packet(&mut head, gw_id, &gw), Ok(None)));
+        let (frame, message) = next_packet(&mut buf, gw_id, &gw).unwrap().unwrap();
         assert_eq!((frame.len(), message), (whole, true));
-        let err = next_packet(&mut buf, &gw).unwrap_err();
+        let err = next_packet(&mut buf, gw_id, &gw).unwrap_err();
         assert!(err.detail.contains("may not publish"), "{err:?}");
         let mut second = connect_frame("gw-fuzz");
-        let err = next_packet(&mut second, &gw).unwrap_err();
+        let err = next_packet(&mut second, gw_id, &gw).unwrap_err();
         assert!(err.detail.contains("a second CONNECT"), "{err:?}");
     }
 
@@ -747,33 +758,5 @@ mod tests {
         fuzz_device_bytes(&session);
         fuzz_device_bytes(&[]);
         fuzz_device_bytes(&[0]);
-    }
-
-    #[test]
-    fn acl_allows_own_topics_only_and_no_wildcards() {
-        let a = DeviceId::new("gw-a").unwrap();
-        let b = DeviceId::new("gw-b").unwrap();
-        assert!(may_publish(
-            &a,
-            &topics::uplink(&a, topics::UplinkKind::Labels)
-        ));
-        assert!(!may_publish(
-            &a,
-            &topics::uplink(&b, topics::UplinkKind::Labels)
-        ));
-        assert!(!may_publish(&a, &topics::downlink(&a)));
-        assert!(!may_publish(&a, &topics::keyring()));
-        assert!(may_subscribe(&a, &topics::downlink(&a)));
-        assert!(may_subscribe(&a, &topics::keyring()));
-        assert!(may_subscribe(&a, &topics::model_chunks(&[3; 32])));
-        assert!(!may_subscribe(&a, &topics::downlink(&b)));
-        for wild in [
-            "#",
-            "drover/#",
-            "drover/v1/dev/+/down",
-            "drover/v1/model/+/chunks",
-        ] {
-            assert!(!may_subscribe(&a, wild), "{wild}");
-        }
     }
 }

@@ -3,9 +3,10 @@
 //! rumqttd runs on its own threads and cannot be stopped; it lives until the process
 //! exits. A restarted in-process server therefore starts a second broker on a new port.
 //!
-//! `front.rs` is the mutual-TLS front devices connect to; `limits.rs` its per-identity
-//! session and rate limits.
+//! `front.rs` is the mutual-TLS front devices and integrations connect to; `acl.rs` what
+//! each may publish and subscribe to; `limits.rs` its per-identity session and rate limits.
 
+mod acl;
 mod front;
 mod limits;
 

@@ -206,6 +206,14 @@ pub struct Accepted {
     pub rollout_plan: Option<toml::Table>,
 }
 
+/// The champion of `model` among published rows: its latest version (semver, then
+/// publication time), the one a candidate must beat.
+pub fn champion(rows: Vec<ModelRow>, model: &str) -> Option<ModelRow> {
+    rows.into_iter()
+        .filter(|m| m.name == model)
+        .max_by_key(|m| (manifest::parse_semver(&m.version), m.created_at_ms))
+}
+
 /// The next patch version after `v` (or `1.0.0` with no champion).
 fn next_version(v: Option<&str>) -> String {
     match v.and_then(manifest::parse_semver) {
@@ -248,6 +256,30 @@ pub fn on_candidate_accepted(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_champion_is_the_latest_version_by_semver_not_by_text() {
+        let row = |name: &str, version: &str, at: u64| ModelRow {
+            digest: [0; 32],
+            name: name.into(),
+            version: version.into(),
+            sha256: [0; 32],
+            size: 0,
+            chunk_size: 0,
+            created_at_ms: at,
+            key_id: String::new(),
+            payload: Vec::new(),
+            signature: Vec::new(),
+            summary: String::new(),
+        };
+        let rows = vec![
+            row("dense", "1.0.9", 3),
+            row("dense", "1.0.10", 1),
+            row("other", "9.0.0", 2),
+        ];
+        assert_eq!(champion(rows.clone(), "dense").unwrap().version, "1.0.10");
+        assert!(champion(rows, "absent").is_none());
+    }
 
     /// Scores over `base` base rows and `recent` fleet rows, right on the first
     /// `base_right` and `recent_right` of each.

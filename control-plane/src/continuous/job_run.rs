@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_protocol::manifest::{self, Lineage};
+use drover_protocol::manifest::Lineage;
 use drover_protocol::messages::ModelRef;
 use tokio::sync::Notify;
 
@@ -37,11 +37,7 @@ impl Engine {
         };
         let (mut row, champion) = self
             .with_store(move |s| {
-                let champion = s
-                    .models()?
-                    .into_iter()
-                    .filter(|m| m.name == model)
-                    .max_by_key(|m| (manifest::parse_semver(&m.version), m.created_at_ms));
+                let champion = super::champion(s.models()?, &model);
                 let mut row = row;
                 row.parent_model = champion
                     .as_ref()

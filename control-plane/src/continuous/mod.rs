@@ -31,7 +31,7 @@ mod policy;
 
 pub use self::engine::{Engine, SigningKeySource, Tick};
 pub use self::evaluation::{
-    decide, evaluate, metrics_json, on_candidate_accepted, Accepted, Metrics, Scores,
+    champion, decide, evaluate, metrics_json, on_candidate_accepted, Accepted, Metrics, Scores,
 };
 pub use self::policy::{rollout_plan, DriftPolicy, GatePolicy, Policy, Triggers};
 

@@ -16,6 +16,7 @@
 //!   shadow reports, progress.
 //! - `rollouts.rs`: rollout headers, device slots, report events, the atomic step.
 //! - `drift.rs`: drift sketches and drift score history.
+//! - `integrations.rs`: read-only integration identities (their certificates are files).
 //! - `jobs.rs`: training jobs (their state and outcome enums) and labeled samples.
 //!
 //! Durability: every connection runs `synchronous=FULL`, so a committed command sequence
@@ -38,6 +39,7 @@ mod commands;
 mod devices;
 mod drift;
 mod ingest;
+mod integrations;
 mod jobs;
 mod models;
 mod observations;
@@ -48,6 +50,7 @@ pub use commands::CommandRow;
 pub use devices::{DeviceAuth, DeviceEventRow, DeviceRow, ReplacedSeqs};
 pub use drift::{DriftLevel, DriftScoreRow, DriftSketchRow, DriftWindowLevel};
 pub use ingest::{phase_text, BatchOutcome, Inbound};
+pub use integrations::IntegrationRow;
 pub use jobs::{JobOutcome, JobRow, JobState, LabeledSample};
 pub use models::ModelRow;
 pub use observations::{HealthRow, ProgressRow, ShadowRow, TelemetryRow};
@@ -90,6 +93,10 @@ pub enum StoreError {
     TokenExists(String),
     #[error("no active API token is named {0:?}; see `drover token list`")]
     UnknownToken(String),
+    #[error("an integration named {0:?} already exists; revoke it first (`drover integration revoke {0}`) or choose another name")]
+    IntegrationExists(String),
+    #[error("no active integration is named {0:?}; see `drover integration list`")]
+    UnknownIntegration(String),
     #[error("model {name}@{version} is already published")]
     ModelExists { name: String, version: String },
     #[error("corrupt row in {table}: {detail}")]
@@ -318,6 +325,16 @@ CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#,
+    // 6: read-only integration identities (issue 20); a revoked name may be created again.
+    r#"
+CREATE TABLE integrations (
+    name TEXT PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
 "#,
 ];
 
