@@ -159,7 +159,7 @@ fn main() -> anyhow::Result<()> {
         "gate: {rows} held-out rows scored with tract in {:.0} ms ({:.0} rows/s), accuracy {:.3}",
         took.as_secs_f64() * 1e3,
         rows as f64 / took.as_secs_f64(),
-        m.accuracy
+        m.metrics.accuracy
     );
     Ok(())
 }
