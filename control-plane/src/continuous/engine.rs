@@ -222,7 +222,19 @@ impl Engine {
             }
             if tr.every_hours > 0.0 {
                 let every = (tr.every_hours * 3_600_000.0) as u64;
-                if last_job.is_none_or(|t| now_ms.saturating_sub(t) >= every) {
+                // Counted from the last job stored, else from the newest registration of
+                // the policy's model, so a restart never fires it early; with neither
+                // (nothing trained, nothing published) it fires to make the first model.
+                let newest_model = s
+                    .models()?
+                    .into_iter()
+                    .filter(|m| m.name == model)
+                    .map(|m| m.created_at_ms)
+                    .max();
+                if last_job
+                    .or(newest_model)
+                    .is_none_or(|t| now_ms.saturating_sub(t) >= every)
+                {
                     return Ok(Some("schedule".into()));
                 }
             }
@@ -307,3 +319,7 @@ impl Engine {
         self.run_job_inner(spec, trigger, now_ms, Some(id)).await
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -72,7 +72,8 @@ pub struct Triggers {
     /// This many labels received since the last job.
     #[serde(default)]
     pub min_new_labels: u64,
-    /// A job at least this often.
+    /// A job at least this often, counted from the last job stored, else from the newest
+    /// registration of the policy's model.
     #[serde(default)]
     pub every_hours: f64,
     /// After a job that drift started, drift starts no other for this long: its model

@@ -42,6 +42,13 @@ mod ingest;
 mod integrations;
 mod jobs;
 mod models;
+
+/// Test helpers that other modules' tests build stores with.
+#[cfg(test)]
+pub(crate) mod test_support {
+    pub(crate) use super::ingest::tests::{enrolled, frame};
+    pub(crate) use super::models::tests::model;
+}
 mod observations;
 mod rollouts;
 
