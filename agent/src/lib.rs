@@ -23,6 +23,7 @@
 //! nothing decoded from the network can panic.
 
 pub mod api;
+pub mod capture;
 pub mod config;
 pub mod core;
 pub mod download;
@@ -146,6 +147,7 @@ where
 {
     let cfg = config.validate()?;
     let serving = Arc::new(Serving::new(cfg.raw.telemetry.sample_rate_ppm));
+    serving.set_capture(cfg.raw.capture.clone());
     let booted = {
         let cfg = cfg.clone();
         let serving = serving.clone();

@@ -15,9 +15,15 @@ use drover_host::prom::{Histogram, DURATION_BUCKETS};
 
 use drover_protocol::manifest::{Baseline, FeatureBaseline, Manifest, TensorData, TensorValue};
 use drover_protocol::messages::{FeatureSketch, Label, LatencyHistogram, ModelRef, Sample};
+
 use thiserror::Error;
 
 use drover_runtime::{Model, RuntimeError};
+
+use crate::capture::{self, Budget, CaptureConfig, Dropped};
+
+/// Samples one telemetry window carries at most.
+const MAX_WINDOW_SAMPLES: usize = 1000;
 
 /// A model loaded and ready, with the manifest it was verified against.
 pub struct Loaded {
@@ -94,6 +100,10 @@ pub type RunKey = (String, String, &'static str);
 /// drained; these never are).
 #[derive(Default)]
 pub struct Totals {
+    /// Sampled inputs kept for retraining, and those the capture budget refused by
+    /// reason (`capture::Dropped::ALL` order).
+    pub samples_kept: AtomicU64,
+    pub samples_dropped: [AtomicU64; 5],
     pub inferences: AtomicU64,
     pub errors: AtomicU64,
     pub client_errors: AtomicU64,
@@ -179,6 +189,7 @@ pub struct Serving {
     window: Mutex<Window>,
     next_id: AtomicU64,
     sample_rate_ppm: AtomicU64,
+    capture: Mutex<(CaptureConfig, Budget)>,
 }
 
 /// Result of one served inference.
@@ -345,6 +356,59 @@ impl Serving {
             window: Mutex::new(Window::default()),
             next_id: AtomicU64::new(1),
             sample_rate_ppm: AtomicU64::new(u64::from(sample_rate_ppm)),
+            capture: Mutex::new((CaptureConfig::default(), Budget::default())),
+        }
+    }
+
+    /// Sets which sampled inputs are kept and the budget they are kept within.
+    pub fn set_capture(&self, cfg: CaptureConfig) {
+        if let Ok(mut c) = self.capture.lock() {
+            c.0 = cfg;
+        }
+    }
+
+    /// Keeps a sampled input if the capture policy wants it and its budget allows, else
+    /// counts why not.
+    fn capture(
+        &self,
+        w: &mut Window,
+        (request_id, now_ms): (u64, u64),
+        inputs: &[TensorValue],
+        outputs: &[TensorValue],
+        disagreed: Option<bool>,
+    ) {
+        let Ok(mut c) = self.capture.lock() else {
+            return;
+        };
+        let (cfg, budget) = &mut *c;
+        if !capture::wanted(cfg, outputs, disagreed) {
+            return;
+        }
+        let sample = Sample {
+            request_id,
+            at_ms: now_ms,
+            features: first_rows(inputs)
+                .into_iter()
+                .flatten()
+                .take(4096)
+                .collect(),
+            prediction: flat_f32(outputs),
+        };
+        let bytes = 4 * (sample.features.len() + sample.prediction.len()) as u64;
+        let admitted = if w.samples.len() >= MAX_WINDOW_SAMPLES {
+            Err(Dropped::Window)
+        } else {
+            budget.admit(cfg, sample.at_ms, bytes)
+        };
+        match admitted {
+            Ok(()) => {
+                w.samples.push(sample);
+                self.totals.samples_kept.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(why) => {
+                let ix = Dropped::ALL.iter().position(|d| *d == why).unwrap_or(0);
+                self.totals.samples_dropped[ix].fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -513,17 +577,12 @@ impl Serving {
                         argmax_counts(outputs, &mut p);
                         w.predictions = p;
                     }
-                    if sampled && w.samples.len() < 1000 {
-                        w.samples.push(Sample {
-                            request_id,
-                            at_ms: now_ms,
-                            features: first_rows(inputs)
-                                .into_iter()
-                                .flatten()
-                                .take(4096)
-                                .collect(),
-                            prediction: flat_f32(outputs),
+                    if sampled {
+                        let disagreed = shadow_result.as_ref().map(|(sr, _)| match sr {
+                            Ok(b) => !agree(outputs, b),
+                            Err(_) => true,
                         });
+                        self.capture(&mut w, (request_id, now_ms), inputs, outputs, disagreed);
                     }
                     if let (Some((sr, sus)), Ok(a)) = (&shadow_result, &result) {
                         w.shadow.compared += 1;
@@ -579,6 +638,90 @@ mod tests {
         assert_eq!(sk[0].counts, vec![1, 1, 2]);
         assert_eq!(sk[0].missing, 1);
         assert_eq!(sk[0].out_of_range, 1);
+    }
+
+    /// `p = softmax(x · I)` over 2 features: its scores are the input's softmax.
+    fn softmax_model(name: &str) -> Arc<Loaded> {
+        use drover_runtime::graph::DataType;
+        use drover_runtime::graph::{
+            attr_int, model_bytes, node, tensor_f32, value_info, GraphDim,
+        };
+        use tract_onnx::pb::GraphProto;
+        let mut softmax = node("Softmax", &["z"], "p");
+        softmax.attribute.push(attr_int("axis", 1));
+        let dims = [GraphDim::batch(), GraphDim::Fixed(2)];
+        let graph = GraphProto {
+            name: "t".into(),
+            node: vec![node("MatMul", &["x", "w"], "z"), softmax],
+            initializer: vec![tensor_f32("w", vec![2, 2], vec![1.0, 0.0, 0.0, 1.0])],
+            input: vec![value_info("x", DataType::Float, &dims)],
+            output: vec![value_info("p", DataType::Float, &dims)],
+            ..Default::default()
+        };
+        let bytes = model_bytes(graph, "test", "0");
+        Arc::new(Loaded {
+            model_ref: ModelRef {
+                name: name.into(),
+                version: "1.0.0".into(),
+                digest: [1; 32],
+            },
+            manifest: Manifest {
+                name: name.into(),
+                version: "1.0.0".into(),
+                sha256: [0; 32],
+                size: bytes.len() as u64,
+                chunk_size: 1024,
+                chunk_hashes: vec![],
+                inputs: vec![],
+                outputs: vec![],
+                baseline: None,
+                test_vectors: vec![],
+                lineage: Default::default(),
+                created_at_ms: 0,
+                sampled_vectors: vec![],
+            },
+            model: Model::load(&bytes).unwrap(),
+        })
+    }
+
+    fn x(a: f32, b: f32) -> Vec<TensorValue> {
+        vec![TensorValue {
+            name: "x".into(),
+            shape: vec![1, 2],
+            data: TensorData::F32(vec![a, b]),
+        }]
+    }
+
+    #[test]
+    fn sampled_inputs_are_kept_by_the_capture_policy_within_its_budget() {
+        let s = Serving::new(1_000_000);
+        s.swap_active(Some(softmax_model("m")));
+        s.set_capture(CaptureConfig {
+            keep: capture::Keep::LowConfidence,
+            per_minute: 2,
+            ..CaptureConfig::default()
+        });
+        // Confident answers (top score 0.99) are not wanted, so they use no budget.
+        for _ in 0..3 {
+            s.infer("m", None, &x(5.0, 0.0), 1_000).unwrap();
+        }
+        // Five uncertain ones (0.5/0.5) in one minute: two kept, three refused by the cap.
+        for _ in 0..5 {
+            s.infer("m", None, &x(0.0, 0.0), 2_000).unwrap();
+        }
+        // The next minute has room again.
+        s.infer("m", None, &x(0.0, 0.0), 61_000).unwrap();
+        let w = s.take_window();
+        assert_eq!(w.samples.len(), 3);
+        assert!(w.samples.iter().all(|x| x.features == [0.0, 0.0]));
+        let t = &s.totals;
+        assert_eq!(t.samples_kept.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            t.samples_dropped[0].load(Ordering::Relaxed),
+            3,
+            "per_minute"
+        );
+        assert_eq!(Dropped::ALL[0], Dropped::Minute);
     }
 
     #[test]

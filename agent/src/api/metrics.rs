@@ -68,6 +68,16 @@ async fn metrics(State(s): State<Shared>) -> Response {
 
 fn counters(o: &mut String, s: &Shared) {
     let t = &s.serving.totals;
+    let name = "drover_agent_samples_dropped_total";
+    prom::header(
+        o,
+        name,
+        "counter",
+        "Sampled inputs the capture policy wanted but its budget refused, by the cap that refused them.",
+    );
+    for (d, v) in crate::capture::Dropped::ALL.iter().zip(&t.samples_dropped) {
+        prom::sample(o, name, &[("reason", d.as_str())], v.load(Relaxed) as f64);
+    }
     let n = |v: &std::sync::atomic::AtomicU64| v.load(Relaxed) as f64;
     for (name, help, v) in [
         (
@@ -89,6 +99,11 @@ fn counters(o: &mut String, s: &Shared) {
             "drover_agent_model_swaps_total",
             "Active model swaps.",
             &t.swaps,
+        ),
+        (
+            "drover_agent_samples_kept_total",
+            "Sampled inputs kept for retraining (sent as samples).",
+            &t.samples_kept,
         ),
         (
             "drover_agent_spool_dropped_total",
