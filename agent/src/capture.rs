@@ -150,7 +150,8 @@ pub fn wanted(
     }
 }
 
-/// The highest score in the first row of the first float output.
+/// The highest score in the first row of the first float output (a lone score `p` is a
+/// binary classifier's: its confidence is `max(p, 1 - p)`).
 fn top_score(outputs: &[TensorValue]) -> Option<f32> {
     outputs.iter().find_map(|o| match &o.data {
         TensorData::F32(v) if !v.is_empty() => {
@@ -158,7 +159,11 @@ fn top_score(outputs: &[TensorValue]) -> Option<f32> {
                 .shape
                 .last()
                 .map_or(v.len(), |c| (*c as usize).clamp(1, v.len()));
-            v[..row].iter().copied().reduce(f32::max)
+            match &v[..row] {
+                // One score is the positive class's probability: confidence is the larger side.
+                [p] => Some(p.max(1.0 - p)),
+                r => r.iter().copied().reduce(f32::max),
+            }
         }
         _ => None,
     })
@@ -224,6 +229,9 @@ mod tests {
         };
         assert!(wanted(&low, &scores(&[0.45, 0.55]), None));
         assert!(!wanted(&low, &scores(&[0.1, 0.9]), None));
+        // A lone probability of 0.05 is a confident "no", 0.5 is not.
+        assert!(!wanted(&low, &scores(&[0.05]), None));
+        assert!(wanted(&low, &scores(&[0.5]), None));
         let labels = vec![TensorValue {
             name: "label".into(),
             shape: vec![1],
