@@ -160,6 +160,13 @@ impl Engine {
             }
             let recent = s.jobs(100)?;
             let last_job = recent.first().map(|j| j.created_at_ms);
+            // The policy's model, every version: what drift is scored on and when it was
+            // last registered.
+            let own_models: Vec<_> = s
+                .models()?
+                .into_iter()
+                .filter(|m| m.name == model)
+                .collect();
             let cooling = tr.cooldown_secs > 0
                 && recent
                     .iter()
@@ -175,10 +182,8 @@ impl Engine {
                     .max(last_job.map_or(0, |t| t + 1));
                 let levels = s.drift_window_levels(since)?;
                 // Only drift of this policy's model (any version) triggers its training.
-                let digests: std::collections::HashSet<String> = s
-                    .models()?
-                    .into_iter()
-                    .filter(|m| m.name == model)
+                let digests: std::collections::HashSet<String> = own_models
+                    .iter()
                     .map(|m| drover_protocol::topics::hex32(&m.digest))
                     .collect();
                 let mut by_scope: BTreeMap<&str, BTreeMap<u64, Level>> = BTreeMap::new();
@@ -225,12 +230,7 @@ impl Engine {
                 // Counted from the last job stored, else from the newest registration of
                 // the policy's model, so a restart never fires it early; with neither
                 // (nothing trained, nothing published) it fires to make the first model.
-                let newest_model = s
-                    .models()?
-                    .into_iter()
-                    .filter(|m| m.name == model)
-                    .map(|m| m.created_at_ms)
-                    .max();
+                let newest_model = own_models.iter().map(|m| m.created_at_ms).max();
                 if last_job
                     .or(newest_model)
                     .is_none_or(|t| now_ms.saturating_sub(t) >= every)

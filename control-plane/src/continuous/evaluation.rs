@@ -147,27 +147,19 @@ pub fn decide(
         ));
     }
     let recent_rows = cand_m.recent_rows;
-    let (on, pick): (String, Box<dyn Fn(usize) -> bool>) = if recent_rows >= gate.min_recent_rows {
-        let recent = candidate.recent.clone();
-        (
-            "recent (fleet) held-out rows".into(),
-            Box::new(move |i| recent[i]),
-        )
+    let on_recent = recent_rows >= gate.min_recent_rows;
+    let on = if on_recent {
+        "recent (fleet) held-out rows".to_owned()
     } else {
-        (
-            format!(
-                "all held-out rows (only {recent_rows} recent fleet rows, fewer than min_recent_rows = {})",
-                gate.min_recent_rows
-            ),
-            Box::new(|_| true),
+        format!(
+            "all held-out rows (only {recent_rows} recent fleet rows, fewer than min_recent_rows = {})",
+            gate.min_recent_rows
         )
     };
     let select = |s: &Scores| -> Vec<bool> {
-        s.right
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| pick(*i))
-            .map(|(_, r)| *r)
+        let rows = s.right.iter().zip(&candidate.recent);
+        rows.filter(|(_, recent)| !on_recent || **recent)
+            .map(|(r, _)| *r)
             .collect()
     };
     let (c, p) = (select(candidate), select(champ));
