@@ -272,8 +272,14 @@ impl Ingest {
 
     fn hello(&mut self, dev: &DeviceId, h: &Hello) {
         let negotiated = drover_protocol::envelope::negotiate(h.protocol_min, h.protocol_max);
-        if let Err(e) = &negotiated {
-            self.refuse(dev.as_str(), Refusal::Incompatible, e);
+        match &negotiated {
+            Err(e) => self.refuse(dev.as_str(), Refusal::Incompatible, e),
+            Ok(v) => {
+                // What commands may be signed for it (Action::min_protocol).
+                if let Err(e) = self.store.set_device_protocol(dev.as_str(), *v) {
+                    tracing::warn!(device_id = %dev, error = %e, "could not record the negotiated protocol");
+                }
+            }
         }
         tracing::info!(device_id = %dev, agent_version = %h.agent_version, arch = %h.arch, "device hello");
         let stored_up_to = match self.store.device(dev.as_str()) {

@@ -43,6 +43,18 @@ fn name(m: &ModelRef) -> String {
     format!("{}@{}", m.name, m.version)
 }
 
+/// Bytes on disk and in memory of every slot, and the active models as `a@1,b@2`.
+fn slot_totals(r: &crate::messages::ModelsReport) -> (f64, f64, String) {
+    let disk: u64 = r.slots.iter().map(|s| s.disk_bytes).sum();
+    let memory: u64 = r.slots.iter().map(|s| s.memory_bytes).sum();
+    let active: Vec<String> = r
+        .slots
+        .iter()
+        .filter_map(|s| s.active.as_ref().map(name))
+        .collect();
+    (disk as f64, memory as f64, active.join(","))
+}
+
 /// The JSON record of one authenticated uplink (the bytes published).
 pub fn uplink_json(device: &DeviceId, seq: u64, ts_ms: u64, msg: &Uplink) -> Vec<u8> {
     let mut metrics: BTreeMap<&'static str, f64> = BTreeMap::new();
@@ -135,6 +147,14 @@ pub fn uplink_json(device: &DeviceId, seq: u64, ts_ms: u64, msg: &Uplink) -> Vec
         Uplink::KeyringRefused(k) => {
             m("offered_version", k.offered_version as f64);
             info.insert("reason", k.reason.clone());
+            None
+        }
+        Uplink::Models(r) => {
+            let (disk, memory, active) = slot_totals(r);
+            m("models", r.slots.len() as f64);
+            m("disk_bytes", disk);
+            m("memory_bytes", memory);
+            info.insert("active", active);
             None
         }
     };

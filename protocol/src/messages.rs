@@ -33,6 +33,9 @@ pub enum Uplink {
     Samples(SampleBatch),
     Labels(LabelBatch),
     KeyringRefused(KeyringRefused),
+    /// Protocol 2: every named model slot and the device's budget. Sent after `Hello` and
+    /// whenever a slot changes; only to a control plane that negotiated protocol 2.
+    Models(ModelsReport),
 }
 
 impl Uplink {
@@ -50,6 +53,7 @@ impl Uplink {
             Uplink::Samples(_) => K::Samples,
             Uplink::Labels(_) => K::Labels,
             Uplink::KeyringRefused(_) => K::KeyringRefused,
+            Uplink::Models(_) => K::Models,
         }
     }
 }
@@ -70,6 +74,47 @@ pub struct Hello {
     /// Highest command sequence the device has accepted (its replay floor).
     pub last_command_seq: u64,
     pub keyring_version: u64,
+}
+
+/// One named model slot on a device (protocol 2): its A/B pair, staged and shadow models.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    /// The model name, which is the slot's name.
+    pub name: String,
+    pub active: Option<ModelRef>,
+    /// The version a rollback of this slot returns to.
+    pub previous: Option<ModelRef>,
+    pub staged: Option<ModelRef>,
+    pub shadow: Option<ModelRef>,
+    /// Bytes this slot's files take on disk (every version kept for it).
+    pub disk_bytes: u64,
+    /// Estimated resident bytes of the models this slot has loaded.
+    pub memory_bytes: u64,
+}
+
+/// Limits a device sets on the models it holds (its config); `None` is unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelBudget {
+    pub max_models: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub disk_bytes: Option<u64>,
+}
+
+/// Every model slot of a device and its budget (protocol 2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelsReport {
+    pub slots: Vec<SlotStatus>,
+    pub budget: ModelBudget,
+}
+
+impl Uplink {
+    /// The lowest negotiated protocol version this message may be sent under.
+    pub fn min_protocol(&self) -> u16 {
+        match self {
+            Uplink::Models(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

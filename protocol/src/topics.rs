@@ -95,10 +95,12 @@ pub enum UplinkKind {
     Samples,
     Labels,
     KeyringRefused,
+    /// Protocol 2: [`crate::messages::ModelsReport`].
+    Models,
 }
 
 impl UplinkKind {
-    pub const ALL: [UplinkKind; 10] = [
+    pub const ALL: [UplinkKind; 11] = [
         UplinkKind::Hello,
         UplinkKind::Status,
         UplinkKind::Telemetry,
@@ -109,6 +111,7 @@ impl UplinkKind {
         UplinkKind::Samples,
         UplinkKind::Labels,
         UplinkKind::KeyringRefused,
+        UplinkKind::Models,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -123,6 +126,7 @@ impl UplinkKind {
             UplinkKind::Samples => "samples",
             UplinkKind::Labels => "labels",
             UplinkKind::KeyringRefused => "keyring-refused",
+            UplinkKind::Models => "models",
         }
     }
 

@@ -164,6 +164,7 @@ fn store_frame<'a>(
         Uplink::Drift(d) => insert_drift(tx, &at, d),
         Uplink::Samples(s) => insert_samples(tx, &at, s),
         Uplink::Labels(l) => insert_labels(tx, &at, l),
+        Uplink::Models(r) => super::slots::update_models(tx, at.dev, at.seq, r),
         // Not stored: served or logged by the caller.
         Uplink::ChunkRequest(_) | Uplink::KeyringRefused(_) => Ok(true),
     }

@@ -51,6 +51,7 @@ pub(crate) mod test_support {
 }
 mod observations;
 mod rollouts;
+mod slots;
 
 pub use access::{AuditRow, TokenRow};
 pub use commands::CommandRow;
@@ -62,6 +63,7 @@ pub use jobs::{JobOutcome, JobRow, JobState, LabeledSample};
 pub use models::ModelRow;
 pub use observations::{HealthRow, ProgressRow, ShadowRow, TelemetryRow};
 pub use rollouts::{RolloutRows, RolloutWrite};
+pub use slots::SlotRow;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +343,24 @@ CREATE TABLE integrations (
     created_by TEXT NOT NULL,
     not_after_ms INTEGER NOT NULL,
     revoked_at_ms INTEGER
+);
+"#,
+    // 7: named model slots (issue 17, protocol 2) and the negotiated protocol.
+    r#"
+ALTER TABLE devices ADD COLUMN protocol INTEGER;
+ALTER TABLE devices ADD COLUMN models_seq INTEGER;
+ALTER TABLE devices ADD COLUMN model_budget TEXT;
+CREATE TABLE device_models (
+    device TEXT NOT NULL REFERENCES devices(id),
+    name TEXT NOT NULL,
+    active TEXT,
+    active_digest TEXT,
+    previous TEXT,
+    staged TEXT,
+    shadow TEXT,
+    disk_bytes INTEGER NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    PRIMARY KEY (device, name)
 );
 "#,
 ];

@@ -280,6 +280,25 @@ pub fn uplinks() -> Vec<(&'static str, Uplink)> {
                 reason: "keyring version 2 is not newer than the accepted version 3".into(),
             }),
         ),
+        (
+            "up_models",
+            Uplink::Models(ModelsReport {
+                slots: vec![SlotStatus {
+                    name: "vibration".into(),
+                    active: Some(model_ref()),
+                    previous: None,
+                    staged: None,
+                    shadow: Some(model_ref()),
+                    disk_bytes: 123_456,
+                    memory_bytes: 654_321,
+                }],
+                budget: ModelBudget {
+                    max_models: Some(4),
+                    memory_bytes: Some(64 << 20),
+                    disk_bytes: None,
+                },
+            }),
+        ),
     ]
 }
 
