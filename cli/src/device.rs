@@ -10,6 +10,7 @@ use super::client::{parse_kv, print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
 use drover_control_plane::api::{
     DeployRequest, DeployResponse, DeviceView, EnrollRequest, EnrollResponse, LabelRequest,
+    RemoveRequest, RemoveResponse,
 };
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +55,21 @@ pub enum DeviceCommand {
         /// With --wait: give up after this many seconds (default: when the command expires).
         #[arg(long, value_name = "SECS", requires = "wait")]
         timeout: Option<u64>,
+        /// On a device whose agent holds one model (protocol 1), replace a model of another
+        /// name. Agents that hold several models put each name in its own slot.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Send a signed command telling a device to remove a model (its slot and files).
+    Remove {
+        id: String,
+        /// The model's NAME (the slot), without a version.
+        #[arg(long)]
+        model: String,
         #[command(flatten)]
         server: ServerArgs,
         #[arg(long, value_enum, default_value_t)]
@@ -159,6 +175,57 @@ fn print_device(d: &DeviceView) {
         println!("  last detail    {detail}");
     }
     println!("  enrolled       {}", fmt_ms(d.enrolled_at_ms));
+    if let Some(p) = d.protocol {
+        println!(
+            "  protocol       {p}{}",
+            if p >= 2 {
+                " (several models)"
+            } else {
+                " (one model)"
+            }
+        );
+    }
+    print_slots(d);
+}
+
+/// Every model slot, one line each, and the budget.
+fn print_slots(d: &DeviceView) {
+    if d.models.is_empty() {
+        return;
+    }
+    println!("  models");
+    for m in &d.models {
+        let mut extra = Vec::new();
+        if let Some(s) = &m.staged {
+            extra.push(format!("staged {s}"));
+        }
+        if let Some(s) = &m.shadow {
+            extra.push(format!("shadow {s}"));
+        }
+        if let Some(p) = &m.previous {
+            extra.push(format!("previous {p}"));
+        }
+        println!(
+            "    {:<16} {:<8} {:<24} {:>8} KiB disk {:>8} KiB mem  {}",
+            m.name,
+            m.phase,
+            m.active.as_deref().unwrap_or("-"),
+            m.disk_bytes / 1024,
+            m.memory_bytes / 1024,
+            extra.join(", ")
+        );
+    }
+    if let Some(b) = &d.budget {
+        let or_any =
+            |v: Option<u64>| v.map_or("unlimited".to_owned(), |v| format!("{} KiB", v / 1024));
+        println!(
+            "  budget         models {}, memory {}, disk {}",
+            b.max_models
+                .map_or("unlimited".to_owned(), |n| n.to_string()),
+            or_any(b.memory_bytes),
+            or_any(b.disk_bytes)
+        );
+    }
 }
 
 /// `drover device enroll`.
@@ -226,12 +293,24 @@ pub async fn run(cmd: DeviceCommand) -> anyhow::Result<()> {
             shadow,
             wait,
             timeout,
+            replace,
             server,
             output,
         } => {
             let wait = wait.then(|| timeout.map(std::time::Duration::from_secs));
-            deploy(id, model, shadow, wait, server, output).await
+            let req = DeployRequest {
+                model,
+                mode: Some(if shadow { "shadow" } else { "activate" }.into()),
+                replace,
+            };
+            deploy(id, req, wait, server, output).await
         }
+        DeviceCommand::Remove {
+            id,
+            model,
+            server,
+            output,
+        } => remove(id, model, server, output).await,
         DeviceCommand::Label {
             id,
             labels,
@@ -386,24 +465,45 @@ async fn show(id: String, server: ServerArgs, output: Output) -> anyhow::Result<
     Ok(())
 }
 
+/// `device remove`: the server signs and sends the command.
+async fn remove(
+    id: String,
+    model: String,
+    server: ServerArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let r: RemoveResponse = Client::new(&server)?
+        .post(
+            &format!("/v1/devices/{id}/remove"),
+            &RemoveRequest { model },
+        )
+        .await?;
+    if output == Output::Json {
+        return print_json(&r);
+    }
+    println!(
+        "command {} sent to {}: remove model {} (expires {}); `drover device show {}` shows the slot go",
+        r.seq,
+        r.device,
+        r.model,
+        fmt_ms(r.expires_at_ms),
+        r.device
+    );
+    Ok(())
+}
+
 /// `device deploy`: the server signs and sends the command.
 async fn deploy(
     id: String,
-    model: String,
-    shadow: bool,
+    req: DeployRequest,
     wait: Option<Option<std::time::Duration>>,
     server: ServerArgs,
     output: Output,
 ) -> anyhow::Result<()> {
     let client = Client::new(&server)?;
+    let shadow = req.mode.as_deref() == Some("shadow");
     let r: DeployResponse = client
-        .post(
-            &format!("/v1/devices/{id}/deploy"),
-            &DeployRequest {
-                model,
-                mode: Some(if shadow { "shadow" } else { "activate" }.into()),
-            },
-        )
+        .post(&format!("/v1/devices/{id}/deploy"), &req)
         .await?;
     if output == Output::Json {
         return match wait {

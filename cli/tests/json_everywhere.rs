@@ -148,7 +148,12 @@ async fn connect(server: &ServeHandle, config: &Path) -> (common::FakeDevice, Tr
     let cfg = drover_agent::config::AgentConfig::from_toml(&text).unwrap();
     let v = cfg.validate().unwrap();
     let mut d = common::FakeDevice::connect(server.mqtt_addr(), v.device_id, v.device_key).await;
-    d.send(common::hello()).await;
+    // The current protocol, so commands that name a model slot may be sent to it.
+    let mut hello = common::hello();
+    if let Uplink::Hello(h) = &mut hello {
+        h.protocol_max = drover_protocol::PROTOCOL_VERSION;
+    }
+    d.send(hello).await;
     let keyring = d
         .recv_downlink("Keyring", |f| match &f.msg {
             Downlink::Keyring(k) => Some(k.clone()),
@@ -368,6 +373,11 @@ async fn every_command_prints_json_that_parses() {
     w.run("rollout abort", &[&id], 0, Shape::One).await;
     // An aborted rollout: one JSON line, exit 12.
     w.run("rollout watch", &[&id], 12, Shape::Lines).await;
+    // gw-1 negotiated protocol 2 (several models), so a model slot can be removed.
+    let removed = w
+        .run("device remove", &["gw-1", "--model", "clf"], 0, Shape::One)
+        .await;
+    assert_eq!(removed["model"], "clf");
 
     w.run("drift status", &[], 0, Shape::One).await;
     w.run("drift history", &[], 0, Shape::One).await;

@@ -174,6 +174,7 @@ pub fn required_role(method: &axum::http::Method, route: &str) -> Role {
     match route {
         "/v1/models"
         | "/v1/devices/{id}/deploy"
+        | "/v1/devices/{id}/remove"
         | "/v1/devices/{id}/labels"
         | "/v1/rollouts"
         | "/v1/rollouts/preview"

@@ -50,9 +50,9 @@ pub async fn run(
                         app.outbox.publish_json(topic, json, retain).await;
                     }
                 }
-                Some(Event::Hello { device, negotiated, stored_up_to, pending_command, .. }) => {
+                Some(Event::Hello { device, negotiated, stored_up_to, pending_commands, .. }) => {
                     let Ok(protocol_version) = negotiated else { continue };
-                    reply_to_hello(&app, &device, protocol_version, stored_up_to, pending_command).await;
+                    reply_to_hello(&app, &device, protocol_version, stored_up_to, pending_commands).await;
                 }
             },
             _ = tick.tick() => {
@@ -69,7 +69,7 @@ async fn reply_to_hello(
     device: &DeviceId,
     protocol_version: u16,
     stored_up_to: u64,
-    pending_command: Option<drover_protocol::SignedBlob>,
+    pending_commands: Vec<drover_protocol::SignedBlob>,
 ) {
     let out = &app.outbox;
     out.send(
@@ -88,7 +88,7 @@ async fn reply_to_hello(
         Downlink::Keyring(app.keys.current().keyring_blob.clone()),
     )
     .await;
-    if let Some(cmd) = pending_command {
+    for cmd in pending_commands {
         out.send_command(device, cmd).await;
     }
 }

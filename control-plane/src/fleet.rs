@@ -39,6 +39,33 @@ pub enum FleetError {
         max: usize,
         max_frame: usize,
     },
+    #[error(
+        "device {device} runs an agent that speaks protocol {has}, and {what} needs protocol \
+         {needs} (several models per device); nothing was sent. Upgrade the device's agent \
+         (`drover device show {device}` shows its version)"
+    )]
+    ProtocolTooOld {
+        device: String,
+        what: String,
+        needs: u16,
+        has: u16,
+    },
+    #[error(
+        "device {device} runs an agent that speaks protocol 1 and holds one model ({active}); \
+         deploying {model} would replace it. Upgrade the agent to hold both, or pass --replace \
+         to replace {active} with {model}"
+    )]
+    WouldReplace {
+        device: String,
+        active: String,
+        model: String,
+    },
+    #[error("device {device} holds no model named {model}; it holds: {held}")]
+    NoSuchSlot {
+        device: String,
+        model: String,
+        held: String,
+    },
 }
 
 /// At most this many operator labels per device.
@@ -368,6 +395,99 @@ pub fn command_blob(row: &CommandRow) -> SignedBlob {
         payload: row.payload.clone(),
         signature: row.signature.clone(),
     }
+}
+
+/// Refuses `action` for a device whose negotiated protocol could not read it: the
+/// control plane never signs a command a device would only refuse (or fail to decode).
+pub fn check_protocol(store: &Store, device: &str, action: &Action) -> Result<(), FleetError> {
+    let has = store.device_protocol(device)?;
+    let needs = action.min_protocol();
+    if needs > has {
+        let what = match action.model() {
+            Some(m) => format!("a command naming model slot {m}"),
+            None => "this command".into(),
+        };
+        return Err(FleetError::ProtocolTooOld {
+            device: device.to_owned(),
+            what,
+            needs,
+            has,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses to deploy `model` to a protocol-1 device (one model) that holds a model of
+/// another name, unless `replace`: that deploy used to replace it silently.
+pub fn check_one_model(
+    store: &Store,
+    device: &str,
+    model: &ModelRow,
+    replace: bool,
+) -> Result<(), FleetError> {
+    if replace || store.device_protocol(device)? >= 2 {
+        return Ok(());
+    }
+    let Some(d) = store.device(device)? else {
+        return Ok(());
+    };
+    match d.active_model {
+        Some(active) if parse_model_ref(&active).is_ok_and(|(n, _)| n != model.name) => {
+            Err(FleetError::WouldReplace {
+                device: device.to_owned(),
+                active,
+                model: format!("{}@{}", model.name, model.version),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Issues a signed command removing model slot `name` from a device (protocol 2): the
+/// agent unloads it and deletes its files.
+pub fn remove(
+    app: &App,
+    store: &mut Store,
+    device: &str,
+    name: &str,
+    now_ms: u64,
+) -> Result<(CommandRow, SignedBlob), FleetError> {
+    let target = DeviceId::new(device)?;
+    let action = Action::RemoveModel {
+        model: name.to_owned(),
+    };
+    check_protocol(store, device, &action)?;
+    let slots = store.device_slots(device)?;
+    if !slots.is_empty() && !slots.iter().any(|s| s.name == name) {
+        let held: Vec<&str> = slots.iter().map(|s| s.name.as_str()).collect();
+        return Err(FleetError::NoSuchSlot {
+            device: device.to_owned(),
+            model: name.to_owned(),
+            held: held.join(", "),
+        });
+    }
+    let built = store.issue_command(device, |seq| {
+        Ok::<_, std::convert::Infallible>(sign_command(
+            app,
+            &target,
+            seq,
+            now_ms,
+            None,
+            action.clone(),
+        ))
+    })?;
+    let row = match built {
+        Ok(row) => row,
+        Err(never) => match never {},
+    };
+    tracing::info!(
+        device_id = device,
+        model = name,
+        seq = row.seq,
+        "remove command issued"
+    );
+    let blob = command_blob(&row);
+    Ok((row, blob))
 }
 
 /// Issues a signed deploy command with the device's next sequence number, persisted

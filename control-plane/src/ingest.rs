@@ -27,19 +27,22 @@ use crate::mqtt::RawUplink;
 use crate::store::{Inbound, Store};
 use drover_host::clock::now_ms;
 
+/// At most this many unaccepted commands are re-offered to a reconnecting device.
+const MAX_REOFFERED: u32 = 16;
+
 /// What the ingest thread asks the async side to send.
 #[derive(Debug)]
 pub enum Event {
     /// Stored uplink sequence numbers to acknowledge, per device.
     Acks(Vec<(DeviceId, Vec<u64>)>),
     /// Reply to a hello: negotiated version (or why not), stored high-water mark, and
-    /// the device's newest command when it has not accepted it yet.
+    /// the commands the device has not accepted yet, oldest first.
     Hello {
         device: DeviceId,
         negotiated: Result<u16, DecodeError>,
         stored_up_to: u64,
         keyring_version: u64,
-        pending_command: Option<SignedBlob>,
+        pending_commands: Vec<SignedBlob>,
     },
     /// A device's chunk request; the device is named so the chunk server can check what
     /// it was commanded to fetch and charge its budget.
@@ -287,18 +290,31 @@ impl Ingest {
             _ => 0,
         };
         let now = now_ms();
-        let pending_command = match self.store.latest_command(dev.as_str()) {
-            Ok(Some(c)) if c.seq > h.last_command_seq && c.expires_at_ms > now => {
-                Some(crate::fleet::command_blob(&c))
+        // A protocol-2 agent holds several models, so every command it has not accepted
+        // is re-offered, oldest first; a protocol-1 agent only the latest (a new command
+        // superseded the older ones there).
+        let limit = match negotiated {
+            Ok(v) if v >= 2 => MAX_REOFFERED,
+            _ => 1,
+        };
+        let pending_commands = match self.store.pending_commands(
+            dev.as_str(),
+            h.last_command_seq,
+            now,
+            limit,
+        ) {
+            Ok(rows) => rows.iter().map(crate::fleet::command_blob).collect(),
+            Err(e) => {
+                tracing::warn!(device_id = %dev, error = %e, "could not read the commands to re-offer");
+                Vec::new()
             }
-            _ => None,
         };
         let _ = self.events.send(Event::Hello {
             device: dev.clone(),
             negotiated,
             stored_up_to,
             keyring_version: h.keyring_version,
-            pending_command,
+            pending_commands,
         });
     }
 }

@@ -39,6 +39,62 @@ pub struct DeviceView {
     /// When an operator last changed the labels.
     #[serde(default)]
     pub labels_changed_at_ms: Option<u64>,
+    /// The protocol version the device negotiated in its last hello (2 holds several
+    /// models). Filled by `GET /v1/devices/{id}`.
+    #[serde(default)]
+    pub protocol: Option<u16>,
+    /// Every model slot the device reported (protocol 2), by name.
+    #[serde(default)]
+    pub models: Vec<SlotView>,
+    /// The limits the device sets on the models it holds; `None` before its first report.
+    #[serde(default)]
+    pub budget: Option<BudgetView>,
+}
+
+/// One named model slot of a device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotView {
+    pub name: String,
+    pub active: Option<String>,
+    pub previous: Option<String>,
+    pub staged: Option<String>,
+    pub shadow: Option<String>,
+    /// `active`, `staged`, `shadow` (a candidate runs beside the active model), or `empty`.
+    pub phase: String,
+    pub disk_bytes: u64,
+    pub memory_bytes: u64,
+}
+
+impl From<crate::store::SlotRow> for SlotView {
+    fn from(r: crate::store::SlotRow) -> Self {
+        let phase = if r.staged.is_some() {
+            "staged"
+        } else if r.shadow.is_some() {
+            "shadow"
+        } else if r.active.is_some() {
+            "active"
+        } else {
+            "empty"
+        };
+        Self {
+            phase: phase.into(),
+            name: r.name,
+            active: r.active,
+            previous: r.previous,
+            staged: r.staged,
+            shadow: r.shadow,
+            disk_bytes: r.disk_bytes,
+            memory_bytes: r.memory_bytes,
+        }
+    }
+}
+
+/// A device's model budget; `None` is unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetView {
+    pub max_models: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub disk_bytes: Option<u64>,
 }
 
 impl From<DeviceRow> for DeviceView {
@@ -60,6 +116,9 @@ impl From<DeviceRow> for DeviceView {
             last_detail: d.last_detail,
             agent_labels: d.agent_labels,
             labels_changed_at_ms: d.labels_changed_at_ms,
+            protocol: None,
+            models: Vec::new(),
+            budget: None,
         }
     }
 }
@@ -137,6 +196,24 @@ pub struct DeployRequest {
     /// `activate` (default) or `shadow`.
     #[serde(default)]
     pub mode: Option<String>,
+    /// Replace the one model of a protocol-1 device that holds another model name.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// `POST /v1/devices/{id}/remove`: remove a model slot (protocol 2).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// The model's name (the slot).
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    pub device: String,
+    pub seq: u64,
+    pub model: String,
+    pub expires_at_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -244,8 +321,31 @@ pub(super) async fn show_device(
     Path(id): Path<String>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let idc = id.clone();
-    let d = blocking(&st, move |_, s| Ok(s.device(&idc)?)).await?;
-    d.map(|d| Json(d.into()))
+    let d = blocking(&st, move |_, s| {
+        let Some(d) = s.device(&idc)? else {
+            return Ok(None);
+        };
+        let said_hello = d.agent_version.is_some();
+        let mut v = DeviceView::from(d);
+        v.protocol = if said_hello {
+            Some(s.device_protocol(&idc)?)
+        } else {
+            None
+        };
+        v.models = s
+            .device_slots(&idc)?
+            .into_iter()
+            .map(SlotView::from)
+            .collect();
+        v.budget = s.device_budget(&idc)?.map(|b| BudgetView {
+            max_models: b.max_models,
+            memory_bytes: b.memory_bytes,
+            disk_bytes: b.disk_bytes,
+        });
+        Ok(Some(v))
+    })
+    .await?;
+    d.map(Json)
         .ok_or_else(|| not_found(&format!("device {id}")))
 }
 
@@ -368,8 +468,9 @@ pub(super) async fn deploy(
     };
     let device =
         DeviceId::new(id.clone()).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    // A direct deploy would fight the rollout's own commands for this device.
-    if let Some(r) = st.rollouts.holder(&id).await? {
+    // A direct deploy would fight the rollout's own commands for this device's slot.
+    let name = fleet::parse_model_ref(&req.model)?.0.to_owned();
+    if let Some(r) = st.rollouts.holder(&id, &name).await? {
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!(
@@ -379,8 +480,10 @@ pub(super) async fn deploy(
         ));
     }
     let model_ref = req.model.clone();
+    let replace = req.replace;
     let (row, blob, model) = blocking(&st, move |sh, s| {
         let model = fleet::find_model(s, &model_ref)?;
+        fleet::check_one_model(s, &id, &model, replace)?;
         let (row, blob) = fleet::deploy(sh, s, &id, &model, mode, sh.clock.unix_ms())?;
         Ok((row, blob, model))
     })
@@ -489,4 +592,48 @@ pub(super) async fn progress(
             })
             .collect(),
     ))
+}
+
+pub(super) async fn remove(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Json(req): Json<RemoveRequest>,
+) -> Result<Json<RemoveResponse>, ApiError> {
+    let device =
+        DeviceId::new(id.clone()).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if req.model.is_empty() || req.model.contains('@') {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "model {:?}: give the model's name (its slot), without @VERSION",
+                req.model
+            ),
+        ));
+    }
+    if let Some(r) = st.rollouts.holder(&id, &req.model).await? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "device {id} is in rollout {r} of {}: wait for it (`drover rollout status {r}`) \
+                 or abort it (`drover rollout abort {r}`) before removing the model",
+                req.model
+            ),
+        ));
+    }
+    let name = req.model.clone();
+    let (row, blob) = blocking(&st, move |sh, s| {
+        Ok(fleet::remove(sh, s, &id, &name, sh.clock.unix_ms())?)
+    })
+    .await?;
+    st.app
+        .metrics
+        .commands_issued
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    st.app.outbox.send_command(&device, blob).await;
+    Ok(Json(RemoveResponse {
+        device: row.device,
+        seq: row.seq,
+        model: req.model,
+        expires_at_ms: row.expires_at_ms,
+    }))
 }

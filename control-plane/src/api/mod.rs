@@ -24,9 +24,9 @@ mod rollouts;
 pub use self::access::{Actor, AuditView, TokenCreated, TokenRequest, TokenView};
 pub use self::continuous::{JobView, RunResponse, ScoreView};
 pub use self::devices::{
-    CommandView, DeployRequest, DeployResponse, DeviceEventView, DeviceQuery, DeviceView,
-    EnrollRequest, EnrollResponse, LabelRequest, LimitQuery, ProgressQuery, ProgressView,
-    TelemetryView,
+    BudgetView, CommandView, DeployRequest, DeployResponse, DeviceEventView, DeviceQuery,
+    DeviceView, EnrollRequest, EnrollResponse, LabelRequest, LimitQuery, ProgressQuery,
+    ProgressView, RemoveRequest, RemoveResponse, SlotView, TelemetryView,
 };
 pub use self::integrations::{IntegrationCreated, IntegrationRequest, IntegrationView};
 pub use self::keys::{keyring_view, KeyView, KeyringView};
@@ -105,6 +105,10 @@ impl From<FleetError> for ApiError {
                 ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
             FleetError::Pki(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            FleetError::ProtocolTooOld { .. } | FleetError::WouldReplace { .. } => {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            }
+            FleetError::NoSuchSlot { .. } => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             _ => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
         }
     }
@@ -142,6 +146,7 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/devices/{id}", get(devices::show_device))
         .route("/v1/devices/{id}/decommission", post(devices::decommission))
         .route("/v1/devices/{id}/deploy", post(devices::deploy))
+        .route("/v1/devices/{id}/remove", post(devices::remove))
         .route("/v1/devices/{id}/labels", post(devices::label))
         .route("/v1/devices/{id}/events", get(devices::events))
         .route("/v1/devices/{id}/progress", get(devices::progress))

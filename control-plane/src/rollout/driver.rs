@@ -57,6 +57,9 @@ pub enum RolloutError {
     /// The plan would target no device (none matches, or every match is held).
     #[error("{0}")]
     NoTargets(String),
+    /// An open rollout of the same model holds some of the devices.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 enum Msg {
@@ -75,9 +78,10 @@ enum Msg {
         plan: Box<Plan>,
         reply: oneshot::Sender<Result<Preview, RolloutError>>,
     },
-    /// Which open rollout holds a device, if any.
+    /// Which open rollout of a model holds a device, if any.
     Holder {
         device: String,
+        model: String,
         reply: oneshot::Sender<Option<u64>>,
     },
 }
@@ -132,11 +136,13 @@ impl RolloutHandle {
         rx.await.map_err(|_| RolloutError::Stopped)?
     }
 
-    /// The open rollout (running, paused or rolling back) that holds `device`, if any.
-    pub async fn holder(&self, device: &str) -> Result<Option<u64>, RolloutError> {
+    /// The open rollout (running, paused or rolling back) of model `model` (a name) that
+    /// holds `device`, if any.
+    pub async fn holder(&self, device: &str, model: &str) -> Result<Option<u64>, RolloutError> {
         let (reply, rx) = oneshot::channel();
         let msg = Msg::Holder {
             device: device.to_owned(),
+            model: model.to_owned(),
             reply,
         };
         self.tx.send(msg).await.map_err(|_| RolloutError::Stopped)?;
@@ -440,8 +446,9 @@ impl Driver {
                     Some(Msg::Preview { plan, reply }) => {
                         let _ = reply.send(self.preview(*plan).await);
                     }
-                    Some(Msg::Holder { device, reply }) => {
-                        let _ = reply.send(holders(self.rollouts.values()).get(&device).copied());
+                    Some(Msg::Holder { device, model, reply }) => {
+                        let held = holders(self.rollouts.values(), &model);
+                        let _ = reply.send(held.get(&device).copied());
                     }
                 },
                 _ = tick.tick() => self.tick_all().await,
@@ -452,16 +459,20 @@ impl Driver {
     async fn preview(&self, plan: Plan) -> Result<Preview, RolloutError> {
         plan.validate()?;
         let devices = self.blocking(|_, s| Ok(s.devices()?)).await?;
+        let name = fleet::parse_model_ref(&plan.model)?.0.to_owned();
         Ok(preview_of(
             &plan,
             &devices,
-            &holders(self.rollouts.values()),
+            &holders(self.rollouts.values(), &name),
         ))
     }
 
     async fn start(&mut self, plan: Plan, by: &str) -> Result<RolloutState, RolloutError> {
         // Refuse a rollout that would touch nothing rather than "complete" it.
         let preview = self.preview(plan.clone()).await?;
+        if let Some(why) = preview.conflict(&plan.model) {
+            return Err(RolloutError::Conflict(why));
+        }
         if let Some(why) = preview.refusal(&plan.selector) {
             return Err(RolloutError::NoTargets(why));
         }
@@ -613,6 +624,14 @@ impl Driver {
                 let devices: Vec<String> = actions.iter().map(|a| a.device().to_owned()).collect();
                 let by_device: HashMap<&str, &Action> =
                     actions.iter().map(|a| (a.device(), a)).collect();
+                // Devices that negotiated protocol 2 get commands naming the slot.
+                let mut named = HashSet::new();
+                for d in &devices {
+                    if s.device_protocol(d)? >= 2 {
+                        named.insert(d.as_str());
+                    }
+                }
+                let slot_name = state.candidate.name.clone();
                 let mut state = state;
                 let rollout_id = state.id;
                 let model_name = state.plan.model.clone();
@@ -622,26 +641,19 @@ impl Driver {
                     |device, seq| {
                         let id = DeviceId::new(device)
                             .map_err(|e| RolloutError::Corrupt(e.to_string()))?;
-                        let action = match by_device.get(device) {
-                            Some(Action::Deploy { shadow, .. }) => WireAction::Deploy {
-                                manifest: manifest.clone().ok_or_else(|| {
-                                    RolloutError::Corrupt(format!(
-                                        "model {model_name} is no longer published"
-                                    ))
-                                })?,
-                                mode: if *shadow {
-                                    DeployMode::Shadow
-                                } else {
-                                    DeployMode::Activate
-                                },
-                            },
-                            Some(Action::Promote { .. }) => WireAction::Promote,
-                            Some(Action::Rollback { to, .. }) => WireAction::Rollback {
-                                to: to.as_ref().and_then(|d| to_refs.get(d).cloned().flatten()),
-                            },
-                            None => return Err(RolloutError::Corrupt("no action".into())),
-                        };
-                        Ok(fleet::sign_command(
+                        let action = wire_action(
+                            by_device.get(device).copied(),
+                            manifest.as_ref(),
+                            &to_refs,
+                            named.contains(device).then_some(slot_name.as_str()),
+                        )
+                        .map_err(|e| match e {
+                            RolloutError::Corrupt(m) if m.is_empty() => RolloutError::Corrupt(
+                                format!("model {model_name} is no longer published"),
+                            ),
+                            e => e,
+                        })?;
+                        Ok::<_, RolloutError>(fleet::sign_command(
                             app,
                             &id,
                             seq,
@@ -734,6 +746,7 @@ impl Driver {
         let created = r.created_at_ms;
         let want_drift = r.plan.gates.max_drift_psi.is_some();
         let now = self.app.clock.unix_ms();
+        let name = r.candidate.name.clone();
         let (devices, seen, drift) = self
             .blocking(move |_, s| {
                 let mut seen = seen;
@@ -743,7 +756,15 @@ impl Driver {
                 } else {
                     HashMap::new()
                 };
-                Ok((s.devices()?, seen, drift))
+                // A device with several models: what is active is its slot of this model.
+                let slots = s.slot_actives(&name)?;
+                let mut devices = s.devices()?;
+                for d in &mut devices {
+                    if let Some(active) = slots.get(&d.id) {
+                        d.active_digest.clone_from(active);
+                    }
+                }
+                Ok((devices, seen, drift))
             })
             .await?;
         let held = held_by_older(&self.rollouts, r.id);
@@ -751,6 +772,46 @@ impl Driver {
         self.seen.insert(id, seen);
         Ok(obs)
     }
+}
+
+/// The signed command's action for an engine action. `slot` names the model for a device
+/// that holds several (protocol 2); `manifest` is `None` when the model is no longer
+/// published (an empty `Corrupt`, which the caller words).
+fn wire_action(
+    action: Option<&Action>,
+    manifest: Option<&drover_protocol::SignedBlob>,
+    to_refs: &HashMap<String, Option<ModelRef>>,
+    slot: Option<&str>,
+) -> Result<WireAction, RolloutError> {
+    Ok(match action {
+        Some(Action::Deploy { shadow, .. }) => WireAction::Deploy {
+            manifest: manifest
+                .cloned()
+                .ok_or_else(|| RolloutError::Corrupt(String::new()))?,
+            mode: if *shadow {
+                DeployMode::Shadow
+            } else {
+                DeployMode::Activate
+            },
+        },
+        Some(Action::Promote { .. }) => match slot {
+            Some(model) => WireAction::PromoteModel {
+                model: model.to_owned(),
+            },
+            None => WireAction::Promote,
+        },
+        Some(Action::Rollback { to, .. }) => {
+            let to = to.as_ref().and_then(|d| to_refs.get(d).cloned().flatten());
+            match slot {
+                Some(model) => WireAction::RollbackModel {
+                    model: model.to_owned(),
+                    to,
+                },
+                None => WireAction::Rollback { to },
+            }
+        }
+        None => return Err(RolloutError::Corrupt("no action".into())),
+    })
 }
 
 /// Devices still in flight.

@@ -40,9 +40,15 @@ pub fn preview_of(plan: &Plan, devices: &[DeviceRow], holders: &BTreeMap<String,
 /// Open rollouts (running, paused or rolling back) and the devices they hold: a newer
 /// rollout leaves those alone until the older one ends, so a device never gets commands
 /// from two rollouts that would supersede each other. Completed rollouts hold nothing.
-pub fn holders<'a>(open: impl IntoIterator<Item = &'a RolloutState>) -> BTreeMap<String, u64> {
+///
+/// Rollouts are per model name: a rollout of another model does not hold a device (it
+/// lives in its own slot there), so only open rollouts of `model` count.
+pub fn holders<'a>(
+    open: impl IntoIterator<Item = &'a RolloutState>,
+    model: &str,
+) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for r in open {
+    for r in open.into_iter().filter(|r| r.candidate.name == model) {
         if matches!(
             r.status,
             Status::Running
@@ -60,7 +66,10 @@ pub fn holders<'a>(open: impl IntoIterator<Item = &'a RolloutState>) -> BTreeMap
 
 /// Devices an older open rollout holds (see [`holders`]).
 pub fn held_by_older(open: &BTreeMap<u64, RolloutState>, id: u64) -> HashSet<String> {
-    holders(open.range(..id).map(|(_, r)| r))
+    let Some(model) = open.get(&id).map(|r| r.candidate.name.as_str()) else {
+        return HashSet::new();
+    };
+    holders(open.range(..id).map(|(_, r)| r), model)
         .into_keys()
         .collect()
 }

@@ -188,6 +188,27 @@ pub fn preview(plan: &Plan, matched: &[String], holders: &BTreeMap<String, u64>)
 
 impl Preview {
     /// Why a rollout of this plan must not start: it would target no device.
+    /// Why a rollout of `model` must not start beside an open rollout of the same model
+    /// that holds some of its devices: their commands would supersede each other in the
+    /// device's slot. Rollouts of other models never conflict (see `targets::holders`).
+    pub fn conflict(&self, model: &str) -> Option<String> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let by: std::collections::BTreeSet<u64> = self.held.values().copied().collect();
+        let ids: Vec<String> = by.iter().map(u64::to_string).collect();
+        Some(format!(
+            "rollout(s) {} of the same model already hold {} of the {} devices this plan selects; \
+             two rollouts of one model on a device would fight over its slot. Wait for {} to end \
+             (`drover rollout status {}`) or abort it, then start the rollout of {model}",
+            ids.join(", "),
+            self.held.len(),
+            self.matched,
+            ids.join(", "),
+            ids[0],
+        ))
+    }
+
     pub fn refusal(&self, selector: &str) -> Option<String> {
         if !self.targets.is_empty() {
             return None;

@@ -126,6 +126,29 @@ impl Store {
             .optional()?)
     }
 
+    /// Commands issued to `device` after sequence `after` and unexpired at `now_ms`, oldest
+    /// first: what a reconnecting device has not accepted yet. At most `limit`, the newest.
+    pub fn pending_commands(
+        &self,
+        device: &str,
+        after: u64,
+        now_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<CommandRow>> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT * FROM commands WHERE device = ?1 AND seq > ?2 AND expires_at_ms > ?3
+             ORDER BY seq DESC LIMIT ?4",
+        )?;
+        let mut rows = q
+            .query_map(
+                params![device, i(after), i(now_ms), limit],
+                command_from_row,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+
     /// Until when `device` may fetch the model whose manifest digest is `digest`: the
     /// latest expiry among the deploy commands naming it that were issued to the device
     /// and are unexpired at `now_ms`; `None` when there is none.

@@ -2,6 +2,8 @@
 //! and the protocol version it negotiated in its hello. A report replaces the device's
 //! slots whole; an older report that arrives late (a resent frame) is ignored.
 
+use std::collections::HashMap;
+
 use drover_protocol::messages::{ModelBudget, ModelRef, ModelsReport};
 use drover_protocol::topics::hex32;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -92,6 +94,18 @@ impl Store {
                 memory_bytes: r.get::<_, i64>(7)?.max(0) as u64,
             })
         })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// For every device that reports slots (protocol 2): the active digest of its slot
+    /// `name`, `None` when it holds no such model. Devices missing here hold one model,
+    /// the one in their device row.
+    pub fn slot_actives(&self, name: &str) -> Result<HashMap<String, Option<String>>> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT device, max(CASE WHEN name = ?1 THEN active_digest END)
+             FROM device_models GROUP BY device",
+        )?;
+        let rows = q.query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -202,6 +216,9 @@ mod tests {
         s.apply_batch(&[frame("gw-1", 6, 12, report(&["a", "b"], 1))])
             .unwrap();
         assert_eq!(s.device_slots("gw-1").unwrap().len(), 1);
+        let actives = s.slot_actives("a").unwrap();
+        assert_eq!(actives.get("gw-1"), Some(&Some(hex32(&[3; 32]))));
+        assert_eq!(s.slot_actives("b").unwrap().get("gw-1"), Some(&None));
     }
 
     #[test]
