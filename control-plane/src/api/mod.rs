@@ -137,6 +137,12 @@ async fn blocking<T: Send + 'static>(
     st.store.run(move |s| f(&app, s)).await?
 }
 
+/// Largest request body of any route but a model upload: a label set, a plan or a token
+/// request is a few KiB.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest model upload body (the model, hex-encoded, in JSON).
+pub const MAX_MODEL_BODY_BYTES: usize = 600 * 1024 * 1024;
+
 pub fn router(st: AppState) -> Router {
     let v1 = Router::new()
         .route(
@@ -152,7 +158,14 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/devices/{id}/progress", get(devices::progress))
         .route("/v1/devices/{id}/telemetry", get(devices::telemetry))
         .route("/v1/devices/{id}/commands", get(devices::commands))
-        .route("/v1/models", get(models::list_models).post(models::publish))
+        // A model upload (hex in JSON) is the one large body; every other route takes
+        // at most MAX_BODY_BYTES.
+        .route(
+            "/v1/models",
+            get(models::list_models)
+                .post(models::publish)
+                .layer(DefaultBodyLimit::max(MAX_MODEL_BODY_BYTES)),
+        )
         .route("/v1/models/{name}/{version}", get(models::show_model))
         .route("/v1/keyring", get(keys::keyring))
         .route(
@@ -173,7 +186,7 @@ pub fn router(st: AppState) -> Router {
             st.clone(),
             access::authorize,
         ))
-        .layer(DefaultBodyLimit::max(600 * 1024 * 1024));
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics::metrics))
