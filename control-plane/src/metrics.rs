@@ -81,16 +81,20 @@ pub enum BrokerRefusal {
     Acl,
     /// Not MQTT: no CONNECT in time, malformed or oversized packets.
     Protocol,
+    /// Closed on accept: too many connections of the fleet or of one peer address are
+    /// still handshaking (`broker/handshakes.rs`).
+    Handshakes,
 }
 
 impl BrokerRefusal {
-    pub const ALL: [BrokerRefusal; 6] = [
+    pub const ALL: [BrokerRefusal; 7] = [
         BrokerRefusal::Tls,
         BrokerRefusal::Login,
         BrokerRefusal::ClientId,
         BrokerRefusal::ConnectRate,
         BrokerRefusal::Acl,
         BrokerRefusal::Protocol,
+        BrokerRefusal::Handshakes,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -101,6 +105,7 @@ impl BrokerRefusal {
             BrokerRefusal::ConnectRate => "connect_rate",
             BrokerRefusal::Acl => "acl",
             BrokerRefusal::Protocol => "protocol",
+            BrokerRefusal::Handshakes => "handshakes",
         }
     }
 
@@ -136,7 +141,7 @@ pub struct Metrics {
     pub chunk_refused_not_commanded: AtomicU64,
     pub chunk_refused_unknown_model: AtomicU64,
     pub chunk_refused_rate_limited: AtomicU64,
-    broker_refused: [AtomicU64; 6],
+    broker_refused: [AtomicU64; BrokerRefusal::ALL.len()],
     /// Packets the TLS front held back because their identity exceeded its message rate.
     pub broker_throttled_messages: AtomicU64,
     /// Packets held back for the byte rate.

@@ -319,6 +319,7 @@ fn start_broker(
         devices: devices.clone(),
         sessions: Arc::clone(&sessions),
         metrics: Arc::clone(metrics),
+        handshakes: Arc::default(),
     };
     let (open_front, front_opens) = watch::channel(false);
     let (public_addr, backend_addr) = crate::broker::launch(&mut prepared, auth, front_opens)?;

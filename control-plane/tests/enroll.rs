@@ -39,10 +39,11 @@ async fn enroll_refuses_labels_past_their_limits_and_names_the_limit() {
             labels(1, 8, MAX_LABEL_VALUE_BYTES + 1),
             format!("1-{MAX_LABEL_VALUE_BYTES} bytes"),
         ),
-        // The shape of the reported fault: one label of several megabytes.
+        // The shape of the reported fault: one label of several megabytes. Refused by
+        // the body limit before the label check (413, below).
         (
             "huge-value",
-            labels(1, 8, 8 << 20),
+            labels(1, 8, (8 << 20) / 16),
             format!("1-{MAX_LABEL_VALUE_BYTES} bytes"),
         ),
         (
@@ -64,6 +65,22 @@ async fn enroll_refuses_labels_past_their_limits_and_names_the_limit() {
             msg.len()
         );
     }
+
+    // Several megabytes: 413 from the body limit, in JSON, saying the limit.
+    let (status, body) = api
+        .post(
+            "/v1/devices",
+            &json!({"id": "huge", "labels": labels(1, 8, 8 << 20)}),
+        )
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("over the limit"),
+        "{body}"
+    );
 
     // Exactly at every limit is fine.
     let (status, body) = api

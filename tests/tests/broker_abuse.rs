@@ -422,6 +422,60 @@ async fn ordinary_disconnects_are_not_counted_as_refused_logins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_connections_fill_their_address_quota_and_a_device_still_connects() {
+    use drover_control_plane::broker::handshakes::MAX_PENDING_PER_IP;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (server, srv) = embedded(dir, false).await;
+    let srv = refs(&srv);
+    let a = creds(&cli_enroll(&srv, dir, "gw-a", &[], "127.0.0.1:0").unwrap());
+    let port = server.mqtt_addr().port();
+    // 500 silent TCP connections: the device still connects (the figures of how much
+    // later are in the handshake_flood bench; here only that it does).
+    let mut silent: Vec<tokio::net::TcpStream> = Vec::new();
+    for _ in 0..500 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let (c, el) = connect(port, &a, "gw-a").await.unwrap();
+    disconnect(c, el).await;
+    // Fill this address's quota: the next connection is closed on accept, counted.
+    while silent.len() < MAX_PENDING_PER_IP {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let m = server.metrics();
+    let mut over = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    wait_until("the over-quota connection refused", WAIT, || async {
+        (m.broker_refused(BrokerRefusal::Handshakes) >= 1).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut byte = [0u8; 1];
+    let n = tokio::io::AsyncReadExt::read(&mut over, &mut byte)
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    // The flood goes away: its slots are freed and the device connects again.
+    drop(silent);
+    let (c, el) = wait_until("a device connects after the flood", WAIT, || async {
+        connect(port, &a, "gw-a").await.ok()
+    })
+    .await
+    .unwrap();
+    disconnect(c, el).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mosquitto_from_broker_config_binds_the_client_id_to_the_certificate() {
     if mosquitto::binary().is_none() {
         assert!(

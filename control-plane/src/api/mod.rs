@@ -143,6 +143,27 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Largest model upload body (the model, hex-encoded, in JSON).
 pub const MAX_MODEL_BODY_BYTES: usize = 600 * 1024 * 1024;
 
+/// axum answers an oversized body with a plain-text 413; the API's errors are JSON and
+/// say what to do.
+async fn too_large_as_json(r: axum::response::Response) -> axum::response::Response {
+    if r.status() != StatusCode::PAYLOAD_TOO_LARGE
+        || r.headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+    {
+        return r;
+    }
+    ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "request body over the limit: {MAX_BODY_BYTES} bytes for this route ({} MiB for a model \
+             upload); a label, plan or token request is a few KiB",
+            MAX_MODEL_BODY_BYTES >> 20
+        ),
+    )
+    .into_response()
+}
+
 pub fn router(st: AppState) -> Router {
     let v1 = Router::new()
         .route(
@@ -186,7 +207,8 @@ pub fn router(st: AppState) -> Router {
             st.clone(),
             access::authorize,
         ))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::map_response(too_large_as_json));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics::metrics))

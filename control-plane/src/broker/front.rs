@@ -4,7 +4,8 @@
 //! username (its auth hook sees client id, username and password only), has no CRL, and
 //! handshakes inline in its accept loop (one silent client stalls every accept). So the
 //! embedded broker listens on a private loopback port, and this front terminates mutual
-//! TLS on the public address instead, one task per connection:
+//! TLS on the public address instead, one task per connection, at most
+//! `handshakes::MAX_PENDING` of them (`MAX_PENDING_PER_IP` per address) still handshaking:
 //!
 //! 1. TLS handshake (rustls, ring) verifying the client certificate against the fleet CA
 //!    (expired, foreign-CA or missing certificates are refused here);
@@ -142,10 +143,24 @@ pub fn start_tls_front(
                     continue;
                 }
             };
+            // Bounded: a flood of silent connections fills its own address's quota and
+            // is closed here, never delaying anyone else's handshake.
+            let Some(slot) = auth.handshakes.enter(peer.ip()) else {
+                drop(stream);
+                report(
+                    &auth,
+                    peer,
+                    unidentified(
+                        BrokerRefusal::Handshakes,
+                        "too many connections handshaking",
+                    ),
+                );
+                continue;
+            };
             let acceptor = acceptor.clone();
             let auth = auth.clone();
             tokio::spawn(async move {
-                if let Err(refused) = relay(stream, acceptor, backend, &auth).await {
+                if let Err(refused) = relay(stream, acceptor, backend, &auth, slot).await {
                     report(&auth, peer, refused);
                 }
             });
@@ -220,6 +235,7 @@ async fn relay(
     acceptor: tokio_rustls::TlsAcceptor,
     backend: SocketAddr,
     auth: &BrokerAuth,
+    slot: super::handshakes::Slot,
 ) -> Result<(), Refused> {
     let _ = stream.set_nodelay(true);
     let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -258,6 +274,8 @@ async fn relay(
             return Err(r);
         }
     };
+    // Admitted: no longer handshaking.
+    drop(slot);
     let (out, rest) = replace_connect(buf, connect)
         .map_err(|e| refused(BrokerRefusal::Protocol, &identity, e))?;
     let server = |e: std::io::Error| Refused {

@@ -8,6 +8,7 @@
 
 mod acl;
 mod front;
+pub mod handshakes;
 mod limits;
 
 #[doc(hidden)]
@@ -35,6 +36,8 @@ pub struct BrokerAuth {
     pub devices: Devices,
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
+    /// Connections between accept and an admitted CONNECT (`handshakes.rs`).
+    pub handshakes: Arc<handshakes::Handshakes>,
 }
 
 /// Largest MQTT payload the broker accepts (`envelope::MAX_BROKER_PAYLOAD`, derived from
