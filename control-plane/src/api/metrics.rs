@@ -517,6 +517,7 @@ mod tests {
             missing: 0,
             out_of_range: 0,
             level,
+            accuracy: None,
         }
     }
 
