@@ -42,16 +42,24 @@ fn opt(v: Option<f64>) -> String {
 
 fn print_scores(scores: &[Score]) {
     println!(
-        "{:<24} {:<16} {:>8} {:>10} {:>8} {:>7} {:>5}  {:<5}  window end",
+        "{:<24} {:<16} {:>9} {:>11} {:>8} {:>7} {:>5}  {:<5}  window end",
         "SCOPE", "FEATURE", "PSI", "P-VALUE", "COUNT", "MISSING", "OOR", "LEVEL"
     );
     for s in scores {
+        // An accuracy row shows the accuracy and its interval where PSI and p-value go.
+        let (first, second) = match (s.accuracy, s.accuracy_low, s.accuracy_high) {
+            (Some(a), Some(lo), Some(hi)) => (format!("acc {a:.3}"), format!("{lo:.3}-{hi:.3}")),
+            _ => (
+                opt(s.psi),
+                s.p_value.map_or("-".into(), |p| format!("{p:.3e}")),
+            ),
+        };
         println!(
-            "{:<24} {:<16} {:>8} {:>10} {:>8} {:>7} {:>5}  {:<5}  {}",
+            "{:<24} {:<16} {:>9} {:>11} {:>8} {:>7} {:>5}  {:<5}  {}",
             s.scope,
             s.feature,
-            opt(s.psi),
-            s.p_value.map_or("-".into(), |p| format!("{p:.3e}")),
+            first,
+            second,
             s.count,
             s.missing,
             s.out_of_range,

@@ -103,8 +103,10 @@ impl Default for MetricsConfig {
 pub struct ContinuousConfig {
     /// Policy file (TOML): drift windows, triggers, job spec, gate, rollout template.
     pub policy: String,
-    /// How often drift is scored and triggers are checked (each tick scores the policy's
-    /// window ending then; a tick shorter than the window makes the windows slide).
+    /// How often triggers are checked and finished drift windows scored. Windows are the
+    /// policy's `window_secs`, aligned to the epoch, each scored once after it ends, so
+    /// they never overlap whatever the tick; a tick longer than the window scores the
+    /// windows it missed at the next tick (at most 12).
     pub tick_secs: u64,
     /// Training jobs the local executor runs at once.
     pub local_jobs: usize,

@@ -2,7 +2,14 @@
 //! manifest, per device, per label group (e.g. `site`) and fleet-wide, per feature and for
 //! the predictions.
 //!
-//! Pure functions of `(baselines, sketches, window)`: the caller ([`crate::continuous`])
+//! A model's drift is scored against a reference: the manifest's baseline, or, once a
+//! rollout of the model completed healthy, the first window of at least
+//! `reference_min_rows` observations each label group (e.g. `site=b`) reported with it
+//! (see [`new_references`] and [`score_window_with`]). A model retrained on a mix of sites
+//! then stops alerting at a site that simply differs from the mix, while a later change
+//! at that site still alerts. References are merged bin counts, never raw inputs.
+//!
+//! Pure functions of `(baselines, references, sketches, window)`: the caller ([`crate::continuous`])
 //! reads the store and keeps the history. Two statistics per feature:
 //! - PSI (population stability index) with the usual epsilon floor on empty bins, graded
 //!   by the common thresholds 0.1 (warn) and 0.25 (alert);
@@ -12,7 +19,9 @@
 //! `control-plane/tests/fixtures/drift/make_fixture.py` computes both with numpy/scipy;
 //! `control-plane/tests/drift_fixture.rs` checks these functions against its outputs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+pub mod accuracy;
 
 use drover_protocol::manifest::{Baseline, FeatureBaseline};
 use drover_protocol::messages::FeatureSketch;
@@ -240,12 +249,52 @@ pub struct Score {
     pub missing: u64,
     pub out_of_range: u64,
     pub level: Level,
+    /// Set on accuracy rows (feature [`crate::accuracy::ACCURACY`]): `count` labelled
+    /// predictions, this many right, and the Wilson interval of the accuracy.
+    pub accuracy: Option<AccuracyStat>,
 }
 
+/// Accuracy of one scope in one window (see [`Score::accuracy`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AccuracyStat {
+    pub correct: u64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// Merged bin counts of one or more device sketches: what a live window holds and what a
+/// reference window keeps (counts only, never raw inputs).
+#[derive(Default, Clone, Debug, PartialEq)]
+pub struct Sketch {
+    pub features: Vec<FeatureSketch>,
+    pub predictions: Vec<u64>,
+}
+
+/// Reference windows recorded after a rollout completed healthy, per (model digest,
+/// group scope such as `site=b`). Drift of that model in that group is scored against
+/// them instead of the manifest's baseline.
+pub type References = BTreeMap<([u8; 32], String), Sketch>;
+
+impl Sketch {
+    /// Observations the sketch holds: the predictions counted, else the first feature's.
+    pub fn rows(&self) -> u64 {
+        if self.predictions.is_empty() {
+            self.features
+                .first()
+                .map_or(0, |f| f.counts.iter().sum::<u64>() + f.missing)
+        } else {
+            self.predictions.iter().sum()
+        }
+    }
+}
+
+/// A live sketch per (model, scope) and what it is scored against: the references of
+/// the groups its rows belong to, unless some row has none (then the manifest baseline).
 #[derive(Default, Clone)]
 struct Merged {
-    features: Vec<FeatureSketch>,
-    predictions: Vec<u64>,
+    live: Sketch,
+    reference_groups: BTreeSet<String>,
+    unreferenced: bool,
 }
 
 fn add_counts(into: &mut Vec<u64>, from: &[u64]) {
@@ -257,22 +306,22 @@ fn add_counts(into: &mut Vec<u64>, from: &[u64]) {
     }
 }
 
-impl Merged {
-    fn add(&mut self, s: &SketchRow) {
-        if self.features.len() < s.features.len() {
+impl Sketch {
+    pub fn add(&mut self, features: &[FeatureSketch], predictions: &[u64]) {
+        if self.features.len() < features.len() {
             self.features
-                .resize(s.features.len(), FeatureSketch::default());
+                .resize(features.len(), FeatureSketch::default());
         }
-        for (m, f) in self.features.iter_mut().zip(&s.features) {
+        for (m, f) in self.features.iter_mut().zip(features) {
             add_counts(&mut m.counts, &f.counts);
             m.missing += f.missing;
             m.out_of_range += f.out_of_range;
         }
-        add_counts(&mut self.predictions, &s.predictions);
+        add_counts(&mut self.predictions, predictions);
     }
 }
 
-fn reference(f: &FeatureBaseline) -> (&str, &[u64]) {
+fn reference_counts(f: &FeatureBaseline) -> (&str, &[u64]) {
     match f {
         FeatureBaseline::Numeric { name, counts, .. } => (name, counts),
         FeatureBaseline::Categorical { name, counts, .. } => (name, counts),
@@ -289,20 +338,56 @@ pub fn score_window(
     window: (u64, u64),
     t: &Thresholds,
 ) -> Vec<Score> {
+    score_window_with(baselines, &References::new(), sketches, group_by, window, t)
+}
+
+/// The group scopes of a sketch's device, in `group_by` order.
+fn groups_of(s: &SketchRow, group_by: &[String]) -> Vec<String> {
+    group_by
+        .iter()
+        .filter_map(|k| s.labels.get(k).map(|v| scope_group(k, v)))
+        .collect()
+}
+
+/// [`score_window`] with reference windows: a group scope with a reference for the model
+/// is scored against it; a device or the fleet against the sum of the references of the
+/// groups its devices belong to (each device counted under its first `group_by` group
+/// that has one), when every device has one; anything else against the baseline.
+pub fn score_window_with(
+    baselines: &BTreeMap<[u8; 32], Baseline>,
+    references: &References,
+    sketches: &[SketchRow],
+    group_by: &[String],
+    window: (u64, u64),
+    t: &Thresholds,
+) -> Vec<Score> {
     // (model, scope) → merged sketch. BTreeMap: deterministic output order.
     let mut merged: BTreeMap<([u8; 32], String), Merged> = BTreeMap::new();
     for s in sketches {
         if !baselines.contains_key(&s.model_digest) {
             continue;
         }
-        let mut scopes = vec![scope_device(&s.device), SCOPE_FLEET.to_owned()];
-        for key in group_by {
-            if let Some(v) = s.labels.get(key) {
-                scopes.push(scope_group(key, v));
-            }
+        let d = s.model_digest;
+        let groups = groups_of(s, group_by);
+        let has_ref = |g: &String| references.contains_key(&(d, g.clone()));
+        let own_ref = groups.iter().find(|g| has_ref(g)).cloned();
+        let mut scopes = vec![
+            (scope_device(&s.device), own_ref.clone()),
+            (SCOPE_FLEET.to_owned(), own_ref),
+        ];
+        for g in groups {
+            let r = has_ref(&g).then(|| g.clone());
+            scopes.push((g, r));
         }
-        for scope in scopes {
-            merged.entry((s.model_digest, scope)).or_default().add(s);
+        for (scope, reference) in scopes {
+            let m = merged.entry((d, scope)).or_default();
+            m.live.add(&s.features, &s.predictions);
+            match reference {
+                Some(g) => {
+                    m.reference_groups.insert(g);
+                }
+                None => m.unreferenced = true,
+            }
         }
     }
     let mut out = Vec::new();
@@ -310,6 +395,15 @@ pub fn score_window(
         let Some(b) = baselines.get(&digest) else {
             continue;
         };
+        let reference = (!m.unreferenced && !m.reference_groups.is_empty()).then(|| {
+            let mut sum = Sketch::default();
+            for g in &m.reference_groups {
+                if let Some(r) = references.get(&(digest, g.clone())) {
+                    sum.add(&r.features, &r.predictions);
+                }
+            }
+            sum
+        });
         let hex = drover_protocol::topics::hex32(&digest);
         let mut push = |feature: &str, expected: &[u64], live: &[u64], missing, oor| {
             let p = psi(expected, live, PSI_EPSILON);
@@ -327,10 +421,16 @@ pub fn score_window(
                 missing,
                 out_of_range: oor,
                 level: Level::of(p, c.map(|c| c.p_value), t),
+                accuracy: None,
             });
         };
-        for (f, live) in b.features.iter().zip(&m.features) {
-            let (name, expected) = reference(f);
+        let empty = FeatureSketch::default();
+        for (i, (f, live)) in b.features.iter().zip(&m.live.features).enumerate() {
+            let (name, base) = reference_counts(f);
+            let expected = match &reference {
+                Some(r) => &r.features.get(i).unwrap_or(&empty).counts[..],
+                None => base,
+            };
             push(
                 name,
                 expected,
@@ -340,10 +440,47 @@ pub fn score_window(
             );
         }
         if !b.predictions.is_empty() {
-            push(PREDICTIONS, &b.predictions, &m.predictions, 0, 0);
+            let expected = reference
+                .as_ref()
+                .map_or(&b.predictions[..], |r| &r.predictions);
+            push(PREDICTIONS, expected, &m.live.predictions, 0, 0);
         }
     }
     out
+}
+
+/// Reference windows to record from this window's sketches: for every model in
+/// `eligible` (digest → when a rollout of it completed healthy) whose rollout completed
+/// before the window started, every group scope without a reference yet whose merged
+/// sketch holds at least `min_rows` observations.
+pub fn new_references(
+    sketches: &[SketchRow],
+    group_by: &[String],
+    existing: &References,
+    eligible: &BTreeMap<[u8; 32], u64>,
+    window: (u64, u64),
+    min_rows: u64,
+) -> References {
+    let mut merged = References::new();
+    for s in sketches {
+        if eligible
+            .get(&s.model_digest)
+            .is_none_or(|done| *done > window.0)
+        {
+            continue;
+        }
+        for g in groups_of(s, group_by) {
+            let key = (s.model_digest, g);
+            if !existing.contains_key(&key) {
+                merged
+                    .entry(key)
+                    .or_default()
+                    .add(&s.features, &s.predictions);
+            }
+        }
+    }
+    merged.retain(|_, sk| min_rows > 0 && sk.rows() >= min_rows);
+    merged
 }
 
 /// Worst level of a scope's scores in one window.
@@ -458,5 +595,84 @@ mod tests {
         assert_eq!(level("device:b1"), Level::Alert);
         assert_eq!(level("site=a"), Level::Ok);
         assert_eq!(level("device:a1"), Level::Ok);
+    }
+
+    #[test]
+    fn a_group_with_a_reference_window_is_scored_against_it_and_clears() {
+        let d = [7u8; 32];
+        let bl = BTreeMap::from([(d, baseline())]);
+        let row = |dev: &str, site: &str, counts: Vec<u64>| SketchRow {
+            device: dev.into(),
+            labels: BTreeMap::from([("site".into(), site.into())]),
+            model_digest: d,
+            window_end_ms: 10,
+            features: vec![FeatureSketch {
+                counts: counts.clone(),
+                missing: 0,
+                out_of_range: 0,
+            }],
+            predictions: counts,
+        };
+        let group_by = ["site".to_owned()];
+        let t = Thresholds::default();
+        // Site b runs a different mix than the baseline (20/80 against 50/50).
+        let first = vec![
+            row("a1", "a", vec![100, 100]),
+            row("b1", "b", vec![40, 160]),
+        ];
+        let scores = score_window(&bl, &first, &group_by, (0, 10), &t);
+        let level = |scores: &[Score], scope: &str| {
+            worst(
+                &scores
+                    .iter()
+                    .filter(|s| s.scope == scope)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(level(&scores, "site=b"), Level::Alert);
+        // A rollout of the model completed at 5: windows starting before it record
+        // nothing; the next window records one reference per group with enough rows.
+        let done = BTreeMap::from([(d, 5)]);
+        let none = new_references(&first, &group_by, &References::new(), &done, (0, 10), 100);
+        assert!(none.is_empty(), "{none:?}");
+        let refs = new_references(&first, &group_by, &References::new(), &done, (5, 10), 100);
+        assert_eq!(
+            refs.keys().map(|k| k.1.as_str()).collect::<Vec<_>>(),
+            ["site=a", "site=b"]
+        );
+        assert!(
+            new_references(&first, &group_by, &References::new(), &done, (5, 10), 201).is_empty(),
+            "too few rows for a reference"
+        );
+        assert!(new_references(&first, &group_by, &refs, &done, (5, 10), 100).is_empty());
+        // Against its reference, site b is ok (and so are its device and the fleet); a
+        // change at site b from there still alerts, and site a is untouched.
+        let same = vec![row("a1", "a", vec![95, 105]), row("b1", "b", vec![42, 158])];
+        let scores = score_window_with(&bl, &refs, &same, &group_by, (10, 20), &t);
+        for scope in ["site=a", "site=b", "device:b1", "fleet"] {
+            assert_eq!(level(&scores, scope), Level::Ok, "{scope}: {scores:?}");
+        }
+        let moved = vec![row("a1", "a", vec![95, 105]), row("b1", "b", vec![160, 40])];
+        let scores = score_window_with(&bl, &refs, &moved, &group_by, (20, 30), &t);
+        assert_eq!(level(&scores, "site=b"), Level::Alert);
+        assert_eq!(level(&scores, "device:b1"), Level::Alert);
+        assert_eq!(level(&scores, "site=a"), Level::Ok);
+        // A device of a group without a reference keeps the fleet on the baseline.
+        let only_b = References::from([(
+            (d, "site=b".to_owned()),
+            refs[&(d, "site=b".to_owned())].clone(),
+        )]);
+        let scores = score_window_with(&bl, &only_b, &same, &group_by, (10, 20), &t);
+        assert_eq!(level(&scores, "site=b"), Level::Ok);
+        let on_baseline = score_window(&bl, &same, &group_by, (10, 20), &t);
+        let fleet = |s: &[Score]| {
+            s.iter()
+                .filter(|s| s.scope == "fleet")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fleet(&scores), fleet(&on_baseline));
+        assert_eq!(level(&scores, "fleet"), Level::Warn, "{scores:?}");
     }
 }

@@ -2,8 +2,11 @@
 //! [`crate::drift`]'s types and the store's drift rows. It lives here, not in `drift.rs`
 //! (a pure core imports no store) nor in `store/` (the store imports no domain module).
 
-use crate::drift::{Level, Score, SketchRow};
-use crate::store::{DriftLevel, DriftScoreRow, DriftSketchRow};
+use crate::drift::accuracy::Labelled;
+use crate::drift::{AccuracyStat, Level, Score, Sketch, SketchRow};
+use crate::store::{
+    DriftLevel, DriftReferenceRow, DriftScoreRow, DriftSketchRow, LabeledPrediction,
+};
 
 impl From<DriftSketchRow> for SketchRow {
     fn from(r: DriftSketchRow) -> Self {
@@ -53,6 +56,30 @@ impl From<DriftScoreRow> for Score {
             missing: r.missing,
             out_of_range: r.out_of_range,
             level: r.level.into(),
+            accuracy: r
+                .accuracy
+                .map(|(correct, low, high)| AccuracyStat { correct, low, high }),
+        }
+    }
+}
+
+impl From<LabeledPrediction> for Labelled {
+    fn from(r: LabeledPrediction) -> Self {
+        Labelled {
+            device: r.device,
+            labels: r.labels,
+            model_digest: r.model_digest,
+            prediction: r.prediction,
+            label: r.label,
+        }
+    }
+}
+
+impl From<DriftReferenceRow> for Sketch {
+    fn from(r: DriftReferenceRow) -> Self {
+        Sketch {
+            features: r.features,
+            predictions: r.predictions,
         }
     }
 }
@@ -72,6 +99,7 @@ impl From<&Score> for DriftScoreRow {
             missing: s.missing,
             out_of_range: s.out_of_range,
             level: s.level.into(),
+            accuracy: s.accuracy.map(|a| (a.correct, a.low, a.high)),
         }
     }
 }
@@ -104,6 +132,11 @@ mod tests {
             missing: 4,
             out_of_range: 5,
             level: Level::Warn,
+            accuracy: Some(AccuracyStat {
+                correct: 2,
+                low: 0.1,
+                high: 0.9,
+            }),
         };
         assert_eq!(Score::from(DriftScoreRow::from(&s)), s);
     }

@@ -4,8 +4,13 @@
 //! only; sustained drift triggers a job that trains (the built-in trainer, run as the
 //! `drover` binary by the local executor) on fleet samples and labels; the control plane
 //! scores candidate and champion on the same held-out rows; the candidate is signed and
-//! registered. Deployed to the drifting site, its accuracy there recovers. A worse
-//! candidate is refused with the reason recorded.
+//! registered and rolled out by the policy to the drifting site, where its accuracy
+//! recovers; once that rollout completed, the site's first window becomes the retrained
+//! model's reference there and the site's drift level returns to ok (no cooldown needed
+//! to stop a retrain storm) while the other site never alerts. A worse candidate is
+//! refused with the reason recorded. Then the labels at the stable site change while its
+//! inputs do not: its accuracy from labels drops and the `accuracy_drop` trigger starts
+//! a job.
 //!
 //! The engine runs in the test on the server's own store and keys (the same code `drover
 //! serve` ticks), so each drift window is the span of one phase of traffic, not a wall-clock
@@ -88,13 +93,32 @@ async fn ingested(store: &Db, after: u64) {
     .unwrap();
 }
 
+/// The worst data-drift level of a scope (accuracy rows left out).
 fn level(scores: &[drover_control_plane::drift::Score], scope: &str) -> Level {
     scores
         .iter()
-        .filter(|s| s.scope == scope)
+        .filter(|s| s.scope == scope && s.accuracy.is_none())
         .map(|s| s.level)
         .max()
         .unwrap_or_else(|| panic!("no scores for {scope}"))
+}
+
+/// A scope's accuracy row (from labels) in one window.
+fn accuracy(scores: &[drover_control_plane::drift::Score], scope: &str) -> (Level, f64, u64) {
+    let s = scores
+        .iter()
+        .find(|s| s.scope == scope && s.accuracy.is_some())
+        .unwrap_or_else(|| panic!("no accuracy row for {scope}: {scores:?}"));
+    let a = s.accuracy.unwrap();
+    (s.level, a.correct as f64 / s.count as f64, s.count)
+}
+
+/// Site a's inputs as before, but the truth moved: the label is now `x0 > 1`. Input
+/// drift cannot see it; only the labels can.
+fn relabelled(rng: &mut Rng) -> (Vec<f32>, u32) {
+    let (x, _) = world(rng, false);
+    let y = u32::from(x[0] > 1.0);
+    (x, y)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -196,8 +220,11 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     ]);
     let pdir = dir.join("policy");
     std::fs::create_dir_all(&pdir).unwrap();
+    // No cooldown: the reference windows recorded after the rollout, not a pause, keep
+    // the retrained model from being retrained again.
     let rules = "[drift]\nwindow_secs = 3600\ngroup_by = [\"site\"]\n\
-                 [triggers]\nsustained_windows = 2\ncooldown_secs = 3600\n\
+                 [triggers]\nsustained_windows = 2\naccuracy_drop_windows = 2\n\
+                 [accuracy]\nmin_accuracy = 0.8\n\
                  [gate]\nmin_recent_improvement = 0.05\n\
                  [rollout]\nselector = \"site=b\"\n[rollout.gates]\non_no_data = \"pass\"\n[[rollout.waves]]\npercent = 100\nbake = \"0s\"\n";
     std::fs::write(pdir.join("policy.toml"), policy(MODEL, rules)).unwrap();
@@ -405,8 +432,48 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
     })
     .await
     .unwrap();
-    let rows_b: Vec<_> = (0..300).map(|_| world(&mut rng, true)).collect();
-    let acc_b_after = traffic(&http, &addr_b, &rows_b).await;
+    // The policy's rollout completes healthy: from the next window on, each site's first
+    // window with the retrained model becomes its reference.
+    wait_until("the policy's rollout completes", WAIT, || async {
+        let v: Value = serde_json::from_str(&cli(&["rollout", "list", "--output", "json"])).ok()?;
+        v.as_array()?
+            .iter()
+            .any(|r| r["model"] == "shift@1.0.1" && r["status"] == "completed")
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    // Site b still differs from the retrained model's baseline (it mixes both worlds).
+    // Window 1 after the rollout is scored against that baseline and recorded as site b's
+    // reference; from window 2 site b is judged against its own reference: ok. Site a
+    // never alerts, and nothing is retrained again (no cooldown in this policy).
+    let mut acc_b_after = 0.0;
+    let mut after = Vec::new();
+    for window in 1..=2 {
+        let t = now_ms();
+        let rows: Vec<_> = (0..300).map(|_| world(&mut rng, true)).collect();
+        acc_b_after = traffic(&http, &addr_b, &rows).await;
+        let rows: Vec<_> = (0..200).map(|_| world(&mut rng, false)).collect();
+        traffic(&http, &addr_a, &rows).await;
+        ingested(&store, now_ms()).await;
+        let tick = engine.tick_window(t, now_ms()).await.unwrap();
+        eprintln!(
+            "after rollout, window {window}: site=b {:?}, site=a {:?}",
+            level(&tick.scores, "site=b"),
+            level(&tick.scores, "site=a")
+        );
+        assert_ne!(
+            level(&tick.scores, "site=a"),
+            Level::Alert,
+            "window {window}"
+        );
+        assert!(
+            tick.trigger.is_none(),
+            "window {window}: {:?}",
+            tick.trigger
+        );
+        after.push((level(&tick.scores, "site=b"), tick.scores));
+    }
     eprintln!(
         "site b accuracy: before shift {acc_b_before_shift:.3}, shifted {acc_b_shifted:.3}, \
          after retraining {acc_b_after:.3}; gate metrics {metrics}"
@@ -415,25 +482,47 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
         acc_b_after > 0.9 && acc_b_after > acc_b_shifted + 0.2,
         "site b recovers: {acc_b_shifted} -> {acc_b_after}"
     );
-    // Site b still differs from the retrained model's baseline (it mixes both worlds),
-    // but the cooldown after a drift-started job holds further drift triggers: no retrain
-    // storm while the new model is judged.
-    for _ in 0..2 {
-        let t = now_ms();
-        let rows: Vec<_> = (0..200).map(|_| world(&mut rng, true)).collect();
-        traffic(&http, &addr_b, &rows).await;
-        let rows: Vec<_> = (0..200).map(|_| world(&mut rng, false)).collect();
-        traffic(&http, &addr_a, &rows).await;
-        ingested(&store, now_ms()).await;
-        let tick = engine.tick_window(t, now_ms()).await.unwrap();
-        assert_eq!(
-            level(&tick.scores, "site=b"),
-            Level::Alert,
-            "{:?}",
-            tick.scores
-        );
-        assert!(tick.trigger.is_none(), "cooldown: {:?}", tick.trigger);
-    }
+    let (last, scores) = after.last().unwrap();
+    assert_eq!(
+        *last,
+        Level::Ok,
+        "site b clears within two windows: {scores:?}"
+    );
+    assert_eq!(level(scores, "device:gw-b"), Level::Ok);
+    let (acc_level, acc, n) = accuracy(scores, "site=b");
+    assert!(
+        acc_level == Level::Ok && acc > 0.9 && n >= 250,
+        "{acc_level:?} {acc} {n}"
+    );
+    let refs = store.lock_blocking().drift_references().unwrap();
+    assert_eq!(
+        refs.iter().map(|r| r.scope.as_str()).collect::<Vec<_>>(),
+        ["site=b"],
+        "only site b runs the rolled-out model"
+    );
+    // The window-by-window history the operator sees: alert while drifting, ok after.
+    let history: Value = serde_json::from_str(&cli(&[
+        "drift", "history", "--scope", "site=b", "--output", "json",
+    ]))
+    .unwrap();
+    let newest = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["window_end_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let newest_levels: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["window_end_ms"] == newest)
+        .map(|s| s["level"].as_str().unwrap())
+        .collect();
+    assert!(
+        !newest_levels.is_empty() && newest_levels.iter().all(|l| *l == "ok"),
+        "{newest_levels:?}"
+    );
     let gw_a: Value =
         serde_json::from_str(&cli(&["device", "show", "gw-a", "--output", "json"])).unwrap();
     assert_eq!(
@@ -488,6 +577,44 @@ async fn drift_at_one_site_retrains_gates_and_registers_a_better_model() {
         .map(|m| m.version)
         .collect();
     assert_eq!(versions, ["1.0.0", "1.0.1"], "nothing new was published");
+
+    // Concept drift: at site a the inputs stay as they were but the truth moves (the label
+    // is now x0 > 1). Input drift stays quiet there; accuracy from the labels drops below
+    // the policy's 0.8 with 95 % confidence, and two such windows start a job through the
+    // accuracy trigger.
+    let mut acc_job = None;
+    for window in 1..=2 {
+        let t = now_ms();
+        let rows: Vec<_> = (0..250).map(|_| relabelled(&mut rng)).collect();
+        let served = traffic(&http, &addr_a, &rows).await;
+        let rows: Vec<_> = (0..100).map(|_| world(&mut rng, true)).collect();
+        traffic(&http, &addr_b, &rows).await;
+        ingested(&store, now_ms()).await;
+        let tick = engine.tick_window(t, now_ms()).await.unwrap();
+        let (acc_level, acc, n) = accuracy(&tick.scores, "site=a");
+        eprintln!(
+            "label shift, window {window}: site a served {served:.3}, scored {acc:.3} on {n} \
+             labels ({acc_level:?}), input drift {:?}",
+            level(&tick.scores, "site=a")
+        );
+        assert_eq!(acc_level, Level::Alert, "window {window}");
+        assert!(n >= 200, "{n} labelled predictions");
+        assert_ne!(
+            level(&tick.scores, "site=a"),
+            Level::Alert,
+            "inputs did not drift"
+        );
+        assert_eq!(accuracy(&tick.scores, "site=b").0, Level::Ok);
+        if window == 1 {
+            assert!(tick.trigger.is_none(), "{:?}", tick.trigger);
+        } else {
+            assert_eq!(tick.trigger.as_deref(), Some("accuracy_drop:site=a"));
+            acc_job = tick.job;
+        }
+    }
+    let acc_job = acc_job.unwrap().await.unwrap().unwrap();
+    assert_eq!(acc_job.trigger, "accuracy_drop:site=a");
+    assert_eq!(acc_job.state, JobState::Succeeded, "{:?}", acc_job.detail);
 
     for s in stops {
         let _ = s.send(());

@@ -1,7 +1,7 @@
 //! `drover demo` (README's first command) plays the whole loop on the embedded default;
 //! this test runs it with a small fleet and checks the outcomes its report states: drift
 //! only at the retrofitted site, a retrained model published, shadowed and rolled out by
-//! the policy, and accuracy there recovering.
+//! the policy, accuracy there recovering, and its drift alert clearing.
 
 use drover_tests::workspace_bin;
 use serde_json::Value;
@@ -78,6 +78,24 @@ fn demo_closes_the_loop_and_reports_it() {
     assert_eq!(rollouts[1]["status"], "completed");
     assert_eq!(rollouts[1]["started_by"], "continuous-training");
     assert!(rollouts[1]["shadow_agreement"].as_f64().is_some(), "{r}");
+
+    // The alert that started the retraining clears once the retrained model is live: the
+    // last window plant-b was scored with it is at ok (against its reference window),
+    // after windows with it at alert against the mixed baseline; plant-a never alerted.
+    assert!(r["alert_cleared_after_secs"].as_f64().is_some(), "{r}");
+    let windows = r["drift_windows"].as_array().unwrap();
+    let b_new: Vec<&str> = windows
+        .iter()
+        .filter(|w| w["site"] == "plant-b" && w["model"] == "failure-predictor@1.0.1")
+        .map(|w| w["level"].as_str().unwrap())
+        .collect();
+    assert_eq!(b_new.last(), Some(&"ok"), "{b_new:?}");
+    assert!(
+        windows
+            .iter()
+            .all(|w| w["site"] != "plant-a" || w["level"] != "alert"),
+        "{r}"
+    );
 
     // The site's accuracy: fine before the retrofit, wrong under drift, recovered after
     // retraining; the other site was never disturbed.

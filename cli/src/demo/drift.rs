@@ -63,6 +63,20 @@ impl DriftLog {
         per.values().filter(|s| s.len() == SITES.len()).count()
     }
 
+    /// The level of the latest window scored for `site` with `model` (`name@version`).
+    pub(super) fn latest_level(&self, site: &str, model: &str) -> Option<String> {
+        let end = self
+            .scores
+            .iter()
+            .filter(|s| s.scope == format!("site={site}") && self.model(&s.model_digest) == model)
+            .map(|s| s.window_end_ms)
+            .max()?;
+        site_rows(&self.scores, end, |d| self.model(d))
+            .into_iter()
+            .find(|r| r.site == site && r.model == model)
+            .map(|r| r.level)
+    }
+
     /// Fetches new windows and prints one line per window and site.
     pub(super) async fn poll(&mut self, client: &Client) -> anyhow::Result<()> {
         let all: Vec<Score> = client

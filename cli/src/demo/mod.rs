@@ -84,6 +84,10 @@ group_by = ["site"]
 # Every device, site and feature is scored each window: a strict significance keeps
 # chance alerts on a few dozen readings out.
 max_p_value = 1e-6
+# Once the policy's rollout completes, each site's first window with the new model (of at
+# least this many readings) becomes its reference: plant-b is then judged against its own
+# pumps, not the retrained model's mix of both plants, and its alert clears.
+reference_min_rows = 20
 
 [triggers]
 sustained_windows = 2

@@ -24,6 +24,9 @@ pub struct Report {
     /// Sites (label groups) that reached `alert` in at least one window.
     pub alerting_sites: Vec<String>,
     pub retraining_trigger: Option<String>,
+    /// Seconds from the end of the policy's rollout until the shifted site's drift level
+    /// with the retrained model was back at ok (judged against its reference window).
+    pub alert_cleared_after_secs: Option<f64>,
     pub rollouts: Vec<RolloutRow>,
     pub telemetry: TelemetryRow,
     pub timeline: Vec<(String, f64)>,
@@ -206,8 +209,15 @@ impl Report {
         let _ = writeln!(
             r,
             "\nEach window is scored against the baseline signed into the model the devices ran \
-             (its training data). The retrained model's baseline mixes both kinds of pump, so a \
-             site running one kind still differs from it: per-site baselines are not built yet."
+             (its training data) until a rollout of that model completes; then each site's first \
+             window with it becomes the site's reference. The retrained model's baseline mixes both \
+             kinds of pump, so {} still differs from it in the window that records its reference, \
+             and is judged against its own pumps from the next one: {}.",
+            self.shifted_site,
+            match self.alert_cleared_after_secs {
+                Some(s) => format!("its alert cleared {s:.0} s after the rollout completed"),
+                None => "its alert did not clear".to_owned(),
+            }
         );
         let alerting: Vec<String> = self
             .alerting_devices

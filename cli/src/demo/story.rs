@@ -9,7 +9,8 @@
 //!      (one site shifts until drift triggers a training job).
 //! 7-8. Retraining and the policy's rollout: [`Story::retraining`],
 //!      [`Story::policy_rollout`].
-//! 9-10. [`Story::recovery`] (accuracy with the new model), [`Story::telemetry`].
+//! 9-10. [`Story::recovery`] (accuracy with the new model, the drift alert clearing),
+//!      [`Story::telemetry`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -87,6 +88,8 @@ struct Story<'a> {
     timeline: Vec<(String, f64)>,
     /// Device id → site.
     site_of: BTreeMap<String, String>,
+    /// When the policy's rollout of the retrained model completed.
+    rollout_done: Option<Instant>,
 }
 
 /// What the traffic left when it stopped after the recovery.
@@ -152,6 +155,7 @@ impl<'a> Story<'a> {
             report,
             timeline: Vec::new(),
             site_of: BTreeMap::new(),
+            rollout_done: None,
         };
         s.mark("control plane up", t);
         Ok(s)
@@ -378,6 +382,7 @@ impl<'a> Story<'a> {
             pct(row.shadow_agreement)
         );
         self.report.rollouts.push(row);
+        self.rollout_done = Some(Instant::now());
         self.mark("retrained model rolled out", t);
         Ok(())
     }
@@ -421,10 +426,27 @@ impl<'a> Story<'a> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         pb.finish();
-        drift.poll(&self.client).await?;
+        self.mark("recovery measured", t);
+        // The alert that started the retraining clears: the window after the one that
+        // recorded plant-b's reference with the new model is judged against it.
+        let cleared = Instant::now();
+        drift
+            .until(
+                &self.client,
+                |d| d.latest_level(SHIFTED, &second.model).as_deref() == Some("ok"),
+                &format!("{SHIFTED}'s drift level with {} back at ok", second.model),
+            )
+            .await?;
+        let after = self.rollout_done.map_or(0.0, |d| d.elapsed().as_secs_f64());
+        self.report.alert_cleared_after_secs = Some(after);
+        println!(
+            "  {SHIFTED}'s drift alert cleared {after:.0} s after the rollout: judged against its own \
+             first window with {}",
+            second.model
+        );
+        self.mark("drift alert cleared", cleared);
         let (failed, last_error) = traffic.failures();
         let ledger = traffic.stop().await;
-        self.mark("recovery measured", t);
         accuracy_rows(&mut self.report, &ledger, &second_version);
         Ok(Recovered {
             ledger,

@@ -94,6 +94,14 @@ pub struct ScoreView {
     pub out_of_range: u64,
     /// `ok`, `warn` or `alert`.
     pub level: String,
+    /// Accuracy rows (feature `__accuracy__`): the share of the `count` labelled
+    /// predictions that were right, and its Wilson interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_low: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_high: Option<f64>,
 }
 
 impl From<Score> for ScoreView {
@@ -111,6 +119,9 @@ impl From<Score> for ScoreView {
             missing: s.missing,
             out_of_range: s.out_of_range,
             level: s.level.as_str().to_owned(),
+            accuracy: s.accuracy.map(|a| a.correct as f64 / s.count.max(1) as f64),
+            accuracy_low: s.accuracy.map(|a| a.low),
+            accuracy_high: s.accuracy.map(|a| a.high),
         }
     }
 }

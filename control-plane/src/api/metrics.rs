@@ -412,6 +412,11 @@ fn drift(o: &mut String, rows: &[DriftScoreRow], per_device_limit: usize) {
             "Chi-square p-value of a feature in a scope's latest scored window.",
             |r: &DriftScoreRow| r.p_value,
         ),
+        (
+            "drover_drift_accuracy",
+            "Accuracy from labels in a scope's latest scored window (feature __accuracy__).",
+            |r: &DriftScoreRow| r.accuracy.map(|a| a.0 as f64 / r.count.max(1) as f64),
+        ),
     ] {
         family(o, name, "gauge", help);
         for r in &rows {
@@ -459,7 +464,7 @@ fn training(o: &mut String, s: &Store) -> Result<(), ApiError> {
         o,
         "drover_training_jobs",
         "gauge",
-        "Training jobs stored, by trigger (manual, drift, labels, schedule), state and gate outcome.",
+        "Training jobs stored, by trigger (manual, drift, accuracy_drop, labels, schedule), state and gate outcome.",
     );
     for ((trigger, state, outcome), n) in by {
         let l = [
@@ -517,6 +522,7 @@ mod tests {
             missing: 0,
             out_of_range: 0,
             level,
+            accuracy: None,
         }
     }
 
@@ -528,9 +534,22 @@ mod tests {
             score("site=plant-b", "temp", 0.4, Alert),
             score("site=plant-b", "vib", 0.01, Fine),
             score("device:gw-1", "temp", 0.3, Alert),
+            crate::store::DriftScoreRow {
+                psi: None,
+                chi2: None,
+                p_value: None,
+                accuracy: Some((40, 0.7, 0.9)),
+                ..score("site=plant-a", "__accuracy__", 0.0, Fine)
+            },
         ];
         let mut o = String::new();
         drift(&mut o, &rows, 10);
+        assert!(
+            o.contains(
+                "drover_drift_accuracy{scope=\"site=plant-a\",feature=\"__accuracy__\"} 0.8\n"
+            ),
+            "{o}"
+        );
         assert!(
             o.contains("drover_drift_psi{scope=\"site=plant-b\",feature=\"temp\"} 0.4"),
             "{o}"

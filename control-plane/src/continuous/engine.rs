@@ -1,7 +1,7 @@
 //! The `Engine`: one per policy file. Scores drift windows, checks triggers, starts and
 //! cancels jobs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,9 +11,77 @@ use drover_protocol::trust::SecretKey;
 use tokio::sync::Notify;
 
 use super::*;
-use crate::drift::{self, Level, Score};
+use crate::drift::accuracy::{score_accuracy, AccuracyRules, Labelled};
+use crate::drift::{self, Level, References, Score};
 use crate::jobs::{local::LocalExecutor, slurm::SlurmConfig, JobError, JobSpec};
-use crate::store::{Db, JobRow, JobState, Store};
+use crate::store::{Db, DriftReferenceRow, DriftWindowLevel, JobRow, JobState, Store};
+
+/// The trigger an accuracy drop starts a job with (`accuracy_drop:<scope>`).
+pub const ACCURACY_DROP: &str = "accuracy_drop";
+
+/// At most this many missed windows are scored in one tick (a server that was down for
+/// days does not score them all at once; older ones stay unscored).
+const MAX_CATCH_UP: u64 = 12;
+
+/// The drift windows due at `now_ms`: windows are `window_ms` long and aligned to
+/// multiples of it since the Unix epoch, each scored once, after it ends. Those that
+/// ended after `last_end` (the end of the last one scored) and by `now_ms`, oldest first,
+/// at most [`MAX_CATCH_UP`]. A window that would reach back before `last_end` (scored by
+/// an older build or an explicit call) starts there instead: windows never overlap.
+pub fn next_windows(last_end: Option<u64>, now_ms: u64, window_ms: u64) -> Vec<(u64, u64)> {
+    if window_ms == 0 {
+        return Vec::new();
+    }
+    let newest_end = now_ms - now_ms % window_ms;
+    let mut out = Vec::new();
+    let mut end = newest_end;
+    while end >= window_ms && (out.len() as u64) < MAX_CATCH_UP {
+        if last_end.is_some_and(|l| l >= end) {
+            break;
+        }
+        let start = (end - window_ms).max(last_end.unwrap_or(0));
+        out.push((start, end));
+        end -= window_ms;
+    }
+    out.reverse();
+    out
+}
+
+/// Of the scopes whose last `n` windows since the levels' start are all at `alert` (for
+/// the policy's own model versions), a label group first (it says where), then the
+/// fleet, then a single device.
+fn sustained(levels: &[DriftWindowLevel], digests: &HashSet<String>, n: u64) -> Option<String> {
+    let mut by_scope: BTreeMap<&str, BTreeMap<u64, Level>> = BTreeMap::new();
+    for w in levels {
+        if !digests.contains(&w.model_digest) {
+            continue;
+        }
+        let l = by_scope
+            .entry(&w.scope)
+            .or_default()
+            .entry(w.window_end_ms)
+            .or_insert(Level::Ok);
+        *l = (*l).max(w.level.into());
+    }
+    let rank = |scope: &str| {
+        if scope.starts_with("device:") {
+            2
+        } else if scope == drift::SCOPE_FLEET {
+            1
+        } else {
+            0
+        }
+    };
+    by_scope
+        .into_iter()
+        .filter(|(_, windows)| {
+            let last: Vec<&Level> = windows.values().rev().take(n as usize).collect();
+            last.len() as u64 == n && last.iter().all(|l| **l == Level::Alert)
+        })
+        .map(|(scope, _)| scope)
+        .min_by_key(|scope| rank(scope))
+        .map(str::to_owned)
+}
 
 // ---- the engine ----
 
@@ -52,6 +120,8 @@ pub struct Engine {
     /// Where accepted candidates are rolled out by the policy's `[rollout]` plan (set by
     /// `drover serve`; without it an accepted candidate is only registered).
     pub rollouts: Option<crate::rollout::driver::WeakRolloutHandle>,
+    /// The end of the last window [`Engine::tick`] scored (read from the store first).
+    pub(super) last_window_end: Mutex<Option<u64>>,
 }
 
 impl Engine {
@@ -74,6 +144,7 @@ impl Engine {
             poll_interval: Duration::from_millis(500),
             cancels: Mutex::new(HashMap::new()),
             rollouts: None,
+            last_window_end: Mutex::new(None),
         }
     }
 
@@ -109,41 +180,88 @@ impl Engine {
         self.store.run(f).await?
     }
 
-    /// Scores the window `[from, to)` for every scope and stores the scores.
+    /// Scores the window `[from, to)` for every scope and stores the scores: data drift
+    /// against each model's reference (recording new reference windows for models whose
+    /// rollout completed), and accuracy from the labels that came back in the window.
     pub async fn score_drift(&self, from_ms: u64, to_ms: u64) -> Result<Vec<Score>> {
         let window = (from_ms, to_ms);
         let group_by = self.policy.drift.group_by.clone();
         let t = self.policy.thresholds();
         let keep_ms = self.policy.drift.retention_hours.saturating_mul(3_600_000);
-        let scores = self
-            .with_store(move |s| {
-                let sketches: Vec<drift::SketchRow> = s
-                    .drift_sketches(window.0, window.1)?
-                    .into_iter()
-                    .map(Into::into)
-                    .collect();
-                let mut baselines = BTreeMap::new();
-                for d in sketches.iter().map(|k| k.model_digest) {
-                    if baselines.contains_key(&d) {
-                        continue;
-                    }
-                    let Some(row) = s.model_by_digest(&d)? else {
-                        continue;
-                    };
-                    let m = Manifest::decode(&row.payload).map_err(|_| {
-                        ContinuousError::BadManifest(format!("{}@{}", row.name, row.version))
-                    })?;
-                    if let Some(b) = m.baseline {
-                        baselines.insert(d, b);
-                    }
+        let min_rows = self.policy.drift.reference_min_rows;
+        let acc = self.policy.accuracy.clone();
+        self.with_store(move |s| {
+            let sketches: Vec<drift::SketchRow> = s
+                .drift_sketches(window.0, window.1)?
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            let labelled: Vec<Labelled> = s
+                .labeled_predictions(window.0, window.1)?
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            let digests: BTreeSet<[u8; 32]> = sketches
+                .iter()
+                .map(|k| k.model_digest)
+                .chain(labelled.iter().map(|l| l.model_digest))
+                .collect();
+            let mut baselines = BTreeMap::new();
+            let mut floors = BTreeMap::new();
+            for d in digests {
+                let Some(row) = s.model_by_digest(&d)? else {
+                    continue;
+                };
+                let m = Manifest::decode(&row.payload).map_err(|_| {
+                    ContinuousError::BadManifest(format!("{}@{}", row.name, row.version))
+                })?;
+                if let Some(f) = acc.floor(m.lineage.metrics.get("accuracy").copied()) {
+                    floors.insert(d, f);
                 }
-                let scores = drift::score_window(&baselines, &sketches, &group_by, window, &t);
-                s.insert_drift_scores(&scores.iter().map(Into::into).collect::<Vec<_>>())?;
-                s.prune_drift_scores(to_ms.saturating_sub(keep_ms))?;
-                Ok(scores)
-            })
-            .await?;
-        Ok(scores)
+                if let Some(b) = m.baseline {
+                    baselines.insert(d, b);
+                }
+            }
+            let references: References = s
+                .drift_references()?
+                .into_iter()
+                .map(|r| ((r.model_digest, r.scope.clone()), r.into()))
+                .collect();
+            let mut scores =
+                drift::score_window_with(&baselines, &references, &sketches, &group_by, window, &t);
+            if min_rows > 0 {
+                let done = s.completed_rollouts()?;
+                let fresh =
+                    drift::new_references(&sketches, &group_by, &references, &done, window, min_rows);
+                let rows: Vec<DriftReferenceRow> = fresh
+                    .into_iter()
+                    .map(|((model_digest, scope), sk)| DriftReferenceRow {
+                        model_digest,
+                        scope,
+                        window_start_ms: window.0,
+                        window_end_ms: window.1,
+                        recorded_at_ms: window.1,
+                        features: sk.features,
+                        predictions: sk.predictions,
+                    })
+                    .collect();
+                for r in &rows {
+                    tracing::info!(scope = %r.scope, model = %drover_protocol::topics::hex32(&r.model_digest),
+                        "drift reference window recorded");
+                }
+                s.insert_drift_references(&rows)?;
+            }
+            let rules = AccuracyRules {
+                floors,
+                confidence: acc.confidence,
+                min_labels: acc.min_labels,
+            };
+            scores.extend(score_accuracy(&labelled, &group_by, window, &rules));
+            s.insert_drift_scores(&scores.iter().map(Into::into).collect::<Vec<_>>())?;
+            s.prune_drift_scores(to_ms.saturating_sub(keep_ms))?;
+            Ok(scores)
+        })
+        .await
     }
 
     /// The first trigger that fires now, if no job of this policy is under way.
@@ -167,58 +285,34 @@ impl Engine {
                 .into_iter()
                 .filter(|m| m.name == model)
                 .collect();
+            let digests: HashSet<String> = own_models
+                .iter()
+                .map(|m| drover_protocol::topics::hex32(&m.digest))
+                .collect();
             let cooling = tr.cooldown_secs > 0
                 && recent
                     .iter()
-                    .find(|j| j.trigger.starts_with("drift:"))
+                    .find(|j| {
+                        j.trigger.starts_with("drift:") || j.trigger.starts_with(ACCURACY_DROP)
+                    })
                     .is_some_and(|j| {
                         now_ms.saturating_sub(j.created_at_ms) < tr.cooldown_secs * 1000
                     });
-            if tr.sustained_windows > 0 && !cooling {
-                let n = u64::from(tr.sustained_windows);
+            for (n, accuracy, name) in [
+                (tr.sustained_windows, false, "drift"),
+                (tr.accuracy_drop_windows, true, ACCURACY_DROP),
+            ] {
+                if n == 0 || cooling {
+                    continue;
+                }
+                let n = u64::from(n);
                 // Only windows after the last job count: its data already answered them.
                 let since = now_ms
                     .saturating_sub(w * (n + 1))
                     .max(last_job.map_or(0, |t| t + 1));
-                let levels = s.drift_window_levels(since)?;
-                // Only drift of this policy's model (any version) triggers its training.
-                let digests: std::collections::HashSet<String> = own_models
-                    .iter()
-                    .map(|m| drover_protocol::topics::hex32(&m.digest))
-                    .collect();
-                let mut by_scope: BTreeMap<&str, BTreeMap<u64, Level>> = BTreeMap::new();
-                for w in &levels {
-                    if !digests.contains(&w.model_digest) {
-                        continue;
-                    }
-                    let l = by_scope
-                        .entry(&w.scope)
-                        .or_default()
-                        .entry(w.window_end_ms)
-                        .or_insert(Level::Ok);
-                    *l = (*l).max(w.level.into());
-                }
-                // Of the scopes in sustained drift, name a label group first (it says
-                // where), then the fleet, then a single device.
-                let rank = |scope: &str| {
-                    if scope.starts_with("device:") {
-                        2
-                    } else if scope == drift::SCOPE_FLEET {
-                        1
-                    } else {
-                        0
-                    }
-                };
-                let sustained = by_scope
-                    .into_iter()
-                    .filter(|(_, windows)| {
-                        let last: Vec<&Level> = windows.values().rev().take(n as usize).collect();
-                        last.len() as u64 == n && last.iter().all(|l| **l == Level::Alert)
-                    })
-                    .map(|(scope, _)| scope)
-                    .min_by_key(|scope| rank(scope));
-                if let Some(scope) = sustained {
-                    return Ok(Some(format!("drift:{scope}")));
+                let levels = s.drift_window_levels(since, accuracy)?;
+                if let Some(scope) = sustained(&levels, &digests, n) {
+                    return Ok(Some(format!("{name}:{scope}")));
                 }
             }
             if tr.min_new_labels > 0 && s.labels_since(last_job.unwrap_or(0))? >= tr.min_new_labels
@@ -243,20 +337,50 @@ impl Engine {
         .await
     }
 
-    /// Scores the policy's window ending now, then starts a job if a trigger fires.
+    /// What `drover serve` calls every tick: scores the windows due (see
+    /// [`Engine::score_due_windows`]), then starts a job if a trigger fires now.
     pub async fn tick(self: &Arc<Self>, now_ms: u64) -> Result<Tick> {
+        let tick = self.score_due_windows(now_ms).await?;
+        self.start_if_due(tick, now_ms).await
+    }
+
+    /// Scores each policy window that ended since the last one scored (see
+    /// [`next_windows`]: windows never overlap, whatever the tick); the tick reports the
+    /// last of them.
+    pub async fn score_due_windows(&self, now_ms: u64) -> Result<Tick> {
         let w = self.policy.drift.window_secs * 1000;
-        self.tick_window(now_ms.saturating_sub(w), now_ms).await
+        let last = *self
+            .last_window_end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let last = match last {
+            Some(l) => Some(l),
+            None => self.with_store(|s| Ok(s.last_drift_window_end()?)).await?,
+        };
+        let mut tick = Tick::default();
+        for (from, to) in next_windows(last, now_ms, w) {
+            tick.scores = self.score_drift(from, to).await?;
+            tick.window = (from, to);
+            *self
+                .last_window_end
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(to);
+        }
+        Ok(tick)
     }
 
     /// [`Engine::tick`] for an explicit window `[from, to)` (`to` is "now" for triggers).
     pub async fn tick_window(self: &Arc<Self>, from_ms: u64, now_ms: u64) -> Result<Tick> {
         let scores = self.score_drift(from_ms, now_ms).await?;
-        let mut tick = Tick {
+        let tick = Tick {
             window: (from_ms, now_ms),
             scores,
             ..Default::default()
         };
+        self.start_if_due(tick, now_ms).await
+    }
+
+    async fn start_if_due(self: &Arc<Self>, mut tick: Tick, now_ms: u64) -> Result<Tick> {
         if let Some(trigger) = self.due_trigger(now_ms).await? {
             tracing::info!(%trigger, model = %self.policy.model, "training triggered");
             let spec = self.load_job_spec()?;

@@ -29,11 +29,12 @@ mod evaluation;
 mod job_run;
 mod policy;
 
+pub use self::engine::next_windows;
 pub use self::engine::{Engine, SigningKeySource, Tick};
 pub use self::evaluation::{
     champion, decide, evaluate, metrics_json, on_candidate_accepted, Accepted, Metrics, Scores,
 };
-pub use self::policy::{rollout_plan, DriftPolicy, GatePolicy, Policy, Triggers};
+pub use self::policy::{rollout_plan, AccuracyPolicy, DriftPolicy, GatePolicy, Policy, Triggers};
 
 /// Log lines a failed job is reported with.
 pub const LOG_TAIL_LINES: usize = 20;

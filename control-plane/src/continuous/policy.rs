@@ -30,6 +30,60 @@ pub struct DriftPolicy {
     /// Stored scores older than this are deleted.
     #[serde(default = "default_retention")]
     pub retention_hours: u64,
+    /// After a rollout of a model completes healthy, the first window in which a label
+    /// group reports at least this many observations with it becomes that group's
+    /// reference for the model (0: always score against the manifest's baseline).
+    #[serde(default = "default_reference_min_rows")]
+    pub reference_min_rows: u64,
+}
+
+fn default_reference_min_rows() -> u64 {
+    100
+}
+
+/// Accuracy monitoring from labels: what each window's accuracy is judged against.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccuracyPolicy {
+    /// The accuracy every version of the model must hold.
+    #[serde(default)]
+    pub min_accuracy: Option<f64>,
+    /// How far below the accuracy its gate measured (the `accuracy` in the model's
+    /// lineage) a model may fall; the higher of the two floors applies.
+    #[serde(default)]
+    pub max_drop: Option<f64>,
+    /// Confidence of the Wilson interval a level is decided on.
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+    /// Fewer labels than this in a scope and window give no level.
+    #[serde(default = "default_min_labels")]
+    pub min_labels: u64,
+}
+
+fn default_min_labels() -> u64 {
+    30
+}
+
+impl Default for AccuracyPolicy {
+    fn default() -> Self {
+        Self {
+            min_accuracy: None,
+            max_drop: None,
+            confidence: default_confidence(),
+            min_labels: default_min_labels(),
+        }
+    }
+}
+
+impl AccuracyPolicy {
+    /// The floor for a model whose gate measured `measured` (if it went through one).
+    pub fn floor(&self, measured: Option<f64>) -> Option<f64> {
+        let relative = self.max_drop.zip(measured).map(|(d, m)| m - d);
+        match (self.min_accuracy, relative) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 fn default_retention() -> u64 {
@@ -58,6 +112,7 @@ impl Default for DriftPolicy {
             psi_alert: default_alert(),
             max_p_value: default_max_p(),
             retention_hours: default_retention(),
+            reference_min_rows: default_reference_min_rows(),
         }
     }
 }
@@ -69,6 +124,10 @@ pub struct Triggers {
     /// This many consecutive windows at `alert` in one scope.
     #[serde(default)]
     pub sustained_windows: u32,
+    /// This many consecutive windows whose accuracy (from labels) is at `alert` in one
+    /// scope: the trigger `accuracy_drop`, for concept drift the inputs do not show.
+    #[serde(default)]
+    pub accuracy_drop_windows: u32,
     /// This many labels received since the last job.
     #[serde(default)]
     pub min_new_labels: u64,
@@ -76,7 +135,8 @@ pub struct Triggers {
     /// registration of the policy's model.
     #[serde(default)]
     pub every_hours: f64,
-    /// After a job that drift started, drift starts no other for this long: its model
+    /// After a job that drift or an accuracy drop started, neither starts another for
+    /// this long: its model
     /// needs time to roll out and be judged on fresh data (0: no pause).
     #[serde(default)]
     pub cooldown_secs: u64,
@@ -141,6 +201,8 @@ pub struct Policy {
     pub triggers: Triggers,
     #[serde(default)]
     pub gate: GatePolicy,
+    #[serde(default)]
+    pub accuracy: AccuracyPolicy,
     /// Rollout plan template for accepted candidates, handed to the rollout engine as is.
     pub rollout: Option<toml::Table>,
 }
@@ -187,6 +249,26 @@ impl Policy {
                 "gate.confidence = {} must be within (0.5, 1), for example 0.95",
                 p.gate.confidence
             ));
+        }
+        let a = &p.accuracy;
+        let unit = |v: Option<f64>| v.is_none_or(|v| (0.0..=1.0).contains(&v));
+        if !unit(a.min_accuracy) || !unit(a.max_drop) {
+            problems
+                .push("accuracy.min_accuracy and accuracy.max_drop must be within [0, 1]".into());
+        }
+        if !(a.confidence > 0.5 && a.confidence < 1.0) {
+            problems.push(format!(
+                "accuracy.confidence = {} must be within (0.5, 1), for example 0.95",
+                a.confidence
+            ));
+        }
+        if p.triggers.accuracy_drop_windows > 0 && a.min_accuracy.is_none() && a.max_drop.is_none()
+        {
+            problems.push(
+                "triggers.accuracy_drop_windows needs accuracy.min_accuracy or accuracy.max_drop \
+                 (what accuracy counts as a drop)"
+                    .into(),
+            );
         }
         if problems.is_empty() {
             Ok(p)
@@ -259,6 +341,38 @@ mod tests {
             let j = crate::jobs::JobSpec::parse(text, name);
             assert!(j.is_ok(), "{name}: {j:?}");
         }
+    }
+
+    #[test]
+    fn an_accuracy_trigger_needs_a_floor_and_the_higher_floor_applies() {
+        let base =
+            "version = 1\nmodel = \"m\"\njob = \"j.toml\"\n[triggers]\naccuracy_drop_windows = 2\n";
+        let e = Policy::parse(base, "p.toml").err().map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("needs accuracy.min_accuracy")),
+            "{e:?}"
+        );
+        let p = Policy::parse(
+            &format!("{base}[accuracy]\nmin_accuracy = 0.8\nmax_drop = 0.05\n"),
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.accuracy.floor(None), Some(0.8));
+        assert_eq!(p.accuracy.floor(Some(0.95)), Some(0.95 - 0.05));
+        assert_eq!(p.accuracy.floor(Some(0.7)), Some(0.8));
+        assert_eq!(AccuracyPolicy::default().floor(Some(0.9)), None);
+        let e = Policy::parse(
+            &format!("{base}[accuracy]\nmin_accuracy = 1.5\nconfidence = 1.0\n"),
+            "p.toml",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            e.contains("min_accuracy") && e.contains("accuracy.confidence"),
+            "{e}"
+        );
     }
 
     #[test]

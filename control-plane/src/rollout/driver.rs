@@ -24,7 +24,7 @@ use super::engine::{
 };
 use super::plan::{Plan, Selector};
 use super::record;
-use super::targets::{candidate_drift, held_by_older, holders, preview_of, selects};
+use super::targets::{candidate_drift, held_by_older, holders, live_accuracy, preview_of, selects};
 use super::waves::Preview;
 use crate::app::App;
 use crate::fleet;
@@ -745,9 +745,10 @@ impl Driver {
         let digest = r.candidate.digest.clone();
         let created = r.created_at_ms;
         let want_drift = r.plan.gates.max_drift_psi.is_some();
-        let now = self.app.clock.unix_ms();
+        let want_accuracy = r.plan.gates.max_live_accuracy_drop.is_some();
         let name = r.candidate.name.clone();
-        let (devices, seen, drift) = self
+        let now = self.app.clock.unix_ms();
+        let (devices, seen, drift, live) = self
             .blocking(move |_, s| {
                 let mut seen = seen;
                 seen.read_new_rows(s, &digest, created)?;
@@ -755,6 +756,11 @@ impl Driver {
                     candidate_drift(s, &digest, created, now)?
                 } else {
                     HashMap::new()
+                };
+                let live = if want_accuracy {
+                    Some(live_accuracy(s, &name, &digest, created, now)?)
+                } else {
+                    None
                 };
                 // A device with several models: what is active is its slot of this model.
                 let slots = s.slot_actives(&name)?;
@@ -764,11 +770,12 @@ impl Driver {
                         d.active_digest.clone_from(active);
                     }
                 }
-                Ok((devices, seen, drift))
+                Ok((devices, seen, drift, live))
             })
             .await?;
         let held = held_by_older(&self.rollouts, r.id);
-        let obs = observations(r, devices, &seen, &drift, &held);
+        let mut obs = observations(r, devices, &seen, &drift, &held);
+        obs.live_accuracy = live;
         self.seen.insert(id, seen);
         Ok(obs)
     }

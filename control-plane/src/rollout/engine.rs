@@ -259,6 +259,17 @@ pub struct DeviceObs {
 pub struct Observations {
     pub selected: Vec<String>,
     pub devices: BTreeMap<String, DeviceObs>,
+    /// Labelled predictions since the rollout started, `(right, labelled)`: the
+    /// candidate's, and the control group's on other versions of the model. Read only
+    /// when the plan gates on live accuracy.
+    pub live_accuracy: Option<LiveAccuracy>,
+}
+
+/// See [`Observations::live_accuracy`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LiveAccuracy {
+    pub candidate: (u64, u64),
+    pub control: (u64, u64),
 }
 
 impl Observations {

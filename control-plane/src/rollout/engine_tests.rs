@@ -641,3 +641,41 @@ fn a_p99_latency_gate_needs_a_hundred_samples_before_one_slow_request_decides_it
         assert_eq!(g.verdict, verdict, "{n} samples: {g:?}");
     }
 }
+
+#[test]
+fn a_candidate_worse_on_labelled_inputs_pauses_and_no_labels_hold_the_wave() {
+    use crate::rollout::LiveAccuracy;
+    let mut f = Fleet::new(20);
+    let mut p = plan(&[(10.0, 60), (100.0, 60)]);
+    p.gates.max_live_accuracy_drop = Some(0.05);
+    p.gates.min_labels = Some(50);
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    let s1 = issue(step(&s0, &f.obs, 0)).state;
+    f.report_all(&s1, DevState::Deploying, Phase::Healthy);
+    // No labels yet: no verdict, and the bake's end does not let the wave pass.
+    let s2 = step(&s1, &f.obs, S).state;
+    let s3 = step(&s2, &f.obs, 100 * S).state;
+    assert_eq!(s3.status, Status::Running);
+    assert_eq!(s3.wave, 0, "no data is never a pass");
+    let g = s3.gates.iter().find(|g| g.gate == "live_accuracy").unwrap();
+    assert_eq!(g.verdict, Verdict::NoData);
+    // The canary is right on 60 % of its labelled inputs, the control group on 92 %.
+    f.obs.live_accuracy = Some(LiveAccuracy {
+        candidate: (120, 200),
+        control: (1_840, 2_000),
+    });
+    let s4 = step(&s3, &f.obs, 101 * S);
+    assert!(
+        matches!(&s4.state.status, Status::Paused { reason } if reason.contains("live_accuracy")),
+        "{:?}",
+        s4.state.status
+    );
+    assert!(s4.actions.is_empty());
+    // As good as the control group: the wave goes on.
+    f.obs.live_accuracy = Some(LiveAccuracy {
+        candidate: (1_850, 2_000),
+        control: (1_840, 2_000),
+    });
+    let s5 = step(&s3, &f.obs, 101 * S).state;
+    assert_eq!(s5.wave, 1, "{:?}", s5.gates);
+}

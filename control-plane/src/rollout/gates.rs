@@ -12,6 +12,7 @@ use drover_protocol::messages::{LatencyHistogram, LATENCY_BUCKETS_US};
 
 use super::engine::{DevState, GateValue, Health, Observations, RolloutState, ShadowObs, Verdict};
 use super::plan::OnNoData;
+use crate::drift::accuracy::{self, live_accuracy_verdict};
 
 /// Why the rollout must stop, if any gate failed: every failed gate with its value and
 /// limit, in evaluation order.
@@ -298,7 +299,42 @@ pub fn evaluate(s: &RolloutState, obs: &Observations) -> Vec<GateValue> {
             format!("largest feature PSI over {n} devices"),
         ));
     }
+    if let Some(max_drop) = g.max_live_accuracy_drop {
+        out.push(live_accuracy_gate(obs, max_drop, g.min_labels));
+    }
     out
+}
+
+/// Labels each side needs before the live-accuracy gate gives a verdict, by default.
+pub const DEFAULT_MIN_LABELS: u64 = 100;
+
+/// The live-accuracy gate: the candidate's accuracy on labelled inputs minus the control
+/// group's, judged by [`live_accuracy_verdict`] (no data is never a pass).
+fn live_accuracy_gate(obs: &Observations, max_drop: f64, min_labels: Option<u64>) -> GateValue {
+    let live = obs.live_accuracy.unwrap_or_default();
+    let share = |(k, n): (u64, u64)| (n > 0).then(|| k as f64 / n as f64);
+    let value = share(live.candidate)
+        .zip(share(live.control))
+        .map(|(a, b)| a - b);
+    let (verdict, text) = match live_accuracy_verdict(
+        live.candidate,
+        live.control,
+        max_drop,
+        0.95,
+        min_labels.unwrap_or(DEFAULT_MIN_LABELS),
+    ) {
+        accuracy::Verdict::Pass(t) => (Verdict::Pass, t),
+        accuracy::Verdict::Fail(t) => (Verdict::Fail, t),
+        accuracy::Verdict::NoData(t) => (Verdict::NoData, t),
+    };
+    GateValue {
+        gate: "live_accuracy".into(),
+        value,
+        threshold: format!(">= -{max_drop}"),
+        reason: (verdict == Verdict::NoData).then(|| text.clone()),
+        verdict,
+        basis: text,
+    }
 }
 
 /// Observations a p99 needs before a latency gate judges it: below 100 the p99 is the

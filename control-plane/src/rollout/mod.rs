@@ -27,6 +27,8 @@ mod engine_pilot_tests;
 #[cfg(test)]
 mod engine_tests;
 
-pub use engine::{Candidate, DevState, Event, GateValue, Op, RolloutState, Stage, Status, Verdict};
+pub use engine::{
+    Candidate, DevState, Event, GateValue, LiveAccuracy, Op, RolloutState, Stage, Status, Verdict,
+};
 pub use plan::{OnFailure, OnNoData, Plan, PlanError, Selector};
 pub use waves::{Preview, WavePreview};

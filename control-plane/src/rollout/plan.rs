@@ -74,6 +74,16 @@ pub struct Gates {
     pub max_p99_latency_ratio: Option<f64>,
     /// Largest per-feature PSI against the manifest's baseline, at most this.
     pub max_drift_psi: Option<f64>,
+    /// The candidate's accuracy on labelled inputs may fall below the control group's
+    /// (devices still on another version of the model, over the same span) by at most
+    /// this, at 95 % confidence: fails when it is worse by more, passes when it is not,
+    /// no verdict while the labels cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_live_accuracy_drop: Option<f64>,
+    /// Labels needed on each side (candidate, control) before that gate gives a verdict
+    /// (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_labels: Option<u64>,
     /// Inferences needed before the error and latency gates give a verdict.
     pub min_inferences: u64,
     /// What a gate without a verdict (too little data) does once a stage's time is over:
@@ -116,6 +126,8 @@ impl Default for Gates {
             max_error_rate: Some(0.02),
             max_p99_latency_ratio: Some(2.0),
             max_drift_psi: None,
+            max_live_accuracy_drop: None,
+            min_labels: None,
             min_inferences: 100,
             on_no_data: None,
             require_data: None,
@@ -269,6 +281,7 @@ impl Plan {
         for (name, v) in [
             ("gates.min_install_success", g.min_install_success),
             ("gates.max_error_rate", g.max_error_rate),
+            ("gates.max_live_accuracy_drop", g.max_live_accuracy_drop),
         ] {
             if let Some(v) = v {
                 if !(0.0..=1.0).contains(&v) {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use drover_protocol::topics::parse_hex32;
 
 use super::driver::RolloutError;
-use super::engine::{RolloutState, Status};
+use super::engine::{LiveAccuracy, RolloutState, Status};
 use super::plan::{Plan, Selector};
 use super::waves::{preview, Preview};
 use crate::store::{DeviceRow, Store};
@@ -115,6 +115,43 @@ pub(super) fn candidate_drift(
         };
         let e = out.entry(device.to_owned()).or_insert(psi);
         *e = e.max(psi);
+    }
+    Ok(out)
+}
+
+/// Labelled predictions since `from_ms` for the live-accuracy gate: the candidate's
+/// (`digest`, hex), and the control group's: every other version of model `name`.
+pub(super) fn live_accuracy(
+    s: &Store,
+    name: &str,
+    digest: &str,
+    from_ms: u64,
+    to_ms: u64,
+) -> Result<LiveAccuracy, RolloutError> {
+    let versions: HashSet<[u8; 32]> = s
+        .models()?
+        .into_iter()
+        .filter(|m| m.name == name)
+        .map(|m| m.digest)
+        .collect();
+    let mut out = LiveAccuracy::default();
+    for p in s.labeled_predictions(from_ms, to_ms.saturating_add(1))? {
+        if !versions.contains(&p.model_digest) {
+            continue;
+        }
+        let (Some(pred), Some(label)) = (
+            crate::drift::accuracy::predicted_class(&p.prediction),
+            crate::drift::accuracy::label_class(p.label),
+        ) else {
+            continue;
+        };
+        let side = if drover_protocol::topics::hex32(&p.model_digest) == digest {
+            &mut out.candidate
+        } else {
+            &mut out.control
+        };
+        side.0 += u64::from(pred == label);
+        side.1 += 1;
     }
     Ok(out)
 }

@@ -60,6 +60,8 @@ pub struct DriftScoreRow {
     pub missing: u64,
     pub out_of_range: u64,
     pub level: DriftLevel,
+    /// Accuracy rows only: labelled predictions right, and the accuracy's Wilson interval.
+    pub accuracy: Option<(u64, f64, f64)>,
 }
 
 /// The worst level of one scope's scores for one model and window.
@@ -73,7 +75,7 @@ pub struct DriftWindowLevel {
 
 /// A sketch as `ingest.rs` stored it: `{"features": [{counts, missing, out_of_range}],
 /// "predictions": [..]}`.
-fn parse_sketch(sketch: &str) -> Result<(Vec<FeatureSketch>, Vec<u64>)> {
+pub(super) fn parse_sketch(sketch: &str) -> Result<(Vec<FeatureSketch>, Vec<u64>)> {
     let v: serde_json::Value = serde_json::from_str(sketch).map_err(|e| StoreError::Corrupt {
         table: "drift",
         detail: e.to_string(),
@@ -114,6 +116,10 @@ fn score_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DriftScoreRow> {
         out_of_range: u64_at(r, 10)?,
         // A level this build does not know reads as ok: it cannot trigger anything.
         level: DriftLevel::parse(&level).unwrap_or(DriftLevel::Ok),
+        accuracy: match (r.get::<_, Option<i64>>(12)?, r.get(13)?, r.get(14)?) {
+            (Some(k), Some(lo), Some(hi)) => Some((super::u(k), lo, hi)),
+            _ => None,
+        },
     })
 }
 
@@ -159,7 +165,8 @@ impl Store {
         let tx = self.write_tx()?;
         {
             let mut st = tx.prepare_cached(
-                "INSERT OR REPLACE INTO drift_scores VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)",
+                "INSERT OR REPLACE INTO drift_scores VALUES
+                 (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)",
             )?;
             for s in scores {
                 st.execute(params![
@@ -174,7 +181,10 @@ impl Store {
                     s.p_value,
                     i(s.missing),
                     i(s.out_of_range),
-                    s.level.as_str()
+                    s.level.as_str(),
+                    s.accuracy.map(|a| i(a.0)),
+                    s.accuracy.map(|a| a.1),
+                    s.accuracy.map(|a| a.2),
                 ])?;
             }
         }
@@ -183,15 +193,20 @@ impl Store {
     }
 
     /// The worst level of every (scope, model digest, window end) since `since_ms`:
-    /// what the sustained-drift trigger needs, without reading every score.
-    pub fn drift_window_levels(&self, since_ms: u64) -> Result<Vec<DriftWindowLevel>> {
+    /// what the sustained-drift trigger needs, without reading every score. `accuracy`
+    /// picks the accuracy rows (the accuracy trigger) or every other row (data drift).
+    pub fn drift_window_levels(
+        &self,
+        since_ms: u64,
+        accuracy: bool,
+    ) -> Result<Vec<DriftWindowLevel>> {
         let mut st = self.conn.prepare(
             "SELECT scope, model_digest, window_end_ms,
                     MAX(CASE level WHEN 'alert' THEN 2 WHEN 'warn' THEN 1 ELSE 0 END)
-             FROM drift_scores WHERE window_end_ms >= ?1
+             FROM drift_scores WHERE window_end_ms >= ?1 AND (correct IS NOT NULL) = ?2
              GROUP BY scope, model_digest, window_end_ms",
         )?;
-        let rows = st.query_map([i(since_ms)], |r| {
+        let rows = st.query_map(params![i(since_ms), accuracy], |r| {
             let level = match r.get::<_, i64>(3)? {
                 2 => DriftLevel::Alert,
                 1 => DriftLevel::Warn,
@@ -205,6 +220,16 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// The end of the latest window scored, if any (where the next window starts).
+    pub fn last_drift_window_end(&self) -> Result<Option<u64>> {
+        let v: Option<i64> =
+            self.conn
+                .query_row("SELECT MAX(window_end_ms) FROM drift_scores", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(v.map(super::u))
     }
 
     /// Deletes scores of windows that ended before `before_ms`.
@@ -264,6 +289,7 @@ mod tests {
             missing: 1,
             out_of_range: 2,
             level,
+            accuracy: None,
         }
     }
 
@@ -311,11 +337,19 @@ mod tests {
             vec![new[0].clone(), new[1].clone(), old]
         );
         assert_eq!(s.drift_status().unwrap(), new.to_vec());
-        let levels = s.drift_window_levels(600).unwrap();
+        let mut acc = score("site=a", 900, "__accuracy__", DriftLevel::Alert);
+        acc.accuracy = Some((30, 0.5, 0.8));
+        s.insert_drift_scores(std::slice::from_ref(&acc)).unwrap();
+        assert_eq!(s.drift_history(Some("site=a"), 900, 10).unwrap(), vec![acc]);
+        let acc_levels = s.drift_window_levels(600, true).unwrap();
+        assert_eq!(acc_levels.len(), 1);
+        assert_eq!(acc_levels[0].level, DriftLevel::Alert);
+        let levels = s.drift_window_levels(600, false).unwrap();
         let fleet = levels.iter().find(|l| l.scope == "fleet").unwrap();
         assert_eq!((fleet.window_end_ms, fleet.level), (900, DriftLevel::Alert));
         assert_eq!(levels.len(), 2);
+        assert_eq!(s.last_drift_window_end().unwrap(), Some(900));
         assert_eq!(s.prune_drift_scores(600).unwrap(), 1);
-        assert_eq!(s.drift_history(None, 0, 10).unwrap().len(), 3);
+        assert_eq!(s.drift_history(None, 0, 10).unwrap().len(), 4);
     }
 }

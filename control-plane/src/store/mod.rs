@@ -38,6 +38,7 @@ mod access;
 mod commands;
 mod devices;
 mod drift;
+mod drift_reference;
 mod ingest;
 mod integrations;
 mod jobs;
@@ -57,6 +58,7 @@ pub use access::{AuditRow, TokenRow};
 pub use commands::CommandRow;
 pub use devices::{DeviceAuth, DeviceEventRow, DeviceRow, ReplacedSeqs};
 pub use drift::{DriftLevel, DriftScoreRow, DriftSketchRow, DriftWindowLevel};
+pub use drift_reference::{DriftReferenceRow, LabeledPrediction};
 pub use ingest::{phase_text, BatchOutcome, Inbound};
 pub use integrations::IntegrationRow;
 pub use jobs::{JobOutcome, JobRow, JobState, LabeledSample};
@@ -362,6 +364,21 @@ CREATE TABLE device_models (
     memory_bytes INTEGER NOT NULL,
     PRIMARY KEY (device, name)
 );
+"#,
+    // 8: the drift loop (issue 22): reference windows per (model, label group) recorded
+    // after a rollout completed healthy (bin counts only), and accuracy rows in the drift
+    // history (labelled predictions right, with the Wilson interval).
+    r#"
+CREATE TABLE drift_references (
+    model_digest TEXT NOT NULL, scope TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL, window_end_ms INTEGER NOT NULL,
+    recorded_at_ms INTEGER NOT NULL, sketch TEXT NOT NULL,
+    PRIMARY KEY (model_digest, scope)
+) WITHOUT ROWID;
+ALTER TABLE drift_scores ADD COLUMN correct INTEGER;
+ALTER TABLE drift_scores ADD COLUMN accuracy_low REAL;
+ALTER TABLE drift_scores ADD COLUMN accuracy_high REAL;
+CREATE INDEX labels_by_time ON labels (at_ms);
 "#,
 ];
 
