@@ -34,17 +34,7 @@ async fn page_handler(
             Some(scope) => s.drift_history(Some(scope), 0, HISTORY_ROWS)?,
             None => Vec::new(),
         };
-        let models: HashMap<String, String> = s
-            .models()?
-            .into_iter()
-            .map(|m| {
-                (
-                    drover_protocol::topics::hex32(&m.digest),
-                    format!("{}@{}", m.name, m.version),
-                )
-            })
-            .collect();
-        Ok((s.drift_status()?, history, models))
+        Ok((s.drift_status()?, history, model_names(s)?))
     })
     .await?;
     let model_cell = |digest: &str| match models.get(digest).and_then(|m| m.split_once('@')) {
@@ -106,7 +96,7 @@ async fn page_handler(
                 model_cell(d)
             ));
         }
-        h.push_str(&feature_charts("drift", &history));
+        h.push_str(&feature_charts("drift", &history, &models));
         h.push_str("</section>");
     }
     let title = match &scope {
@@ -125,8 +115,26 @@ pub async fn show(
     page_handler(st, user, headers, q.scope.filter(|s| !s.is_empty())).await
 }
 
+/// Every published model's `name@version` by manifest digest (hex).
+pub fn model_names(s: &crate::store::Store) -> Result<HashMap<String, String>, Fail> {
+    Ok(s.models()?
+        .into_iter()
+        .map(|m| {
+            (
+                drover_protocol::topics::hex32(&m.digest),
+                format!("{}@{}", m.name, m.version),
+            )
+        })
+        .collect())
+}
+
 /// One chart per feature: PSI per window, alert windows marked.
-pub fn feature_charts(id_prefix: &str, rows: &[DriftScoreRow]) -> String {
+/// `models` names a manifest digest (hex) `name@version`.
+pub fn feature_charts(
+    id_prefix: &str,
+    rows: &[DriftScoreRow],
+    models: &HashMap<String, String>,
+) -> String {
     let mut by_feature: BTreeMap<&str, Vec<&DriftScoreRow>> = BTreeMap::new();
     for r in rows {
         by_feature.entry(r.feature.as_str()).or_default().push(r);
@@ -140,17 +148,30 @@ pub fn feature_charts(id_prefix: &str, rows: &[DriftScoreRow]) -> String {
             .map(|r| (r.window_start_ms, r.window_end_ms))
             .collect();
         let latest = rs.last().map(|r| (r.level, r.psi, r.p_value));
+        // One line per model scored: each against its own baseline.
+        let mut by_model: BTreeMap<&str, Vec<(u64, f64)>> = BTreeMap::new();
+        for r in &rs {
+            if let Some(p) = r.psi {
+                by_model
+                    .entry(r.model_digest.as_str())
+                    .or_default()
+                    .push((r.window_end_ms, p));
+            }
+        }
         let c = Chart {
             id: format!("{id_prefix}-{k}"),
             title: format!("Drift of {feature}"),
             unit: "PSI".into(),
-            series: vec![Series {
-                name: format!("{feature} PSI"),
-                points: rs
-                    .iter()
-                    .filter_map(|r| r.psi.map(|p| (r.window_end_ms, p)))
-                    .collect(),
-            }],
+            series: by_model
+                .into_iter()
+                .map(|(digest, points)| Series {
+                    name: models
+                        .get(digest)
+                        .cloned()
+                        .unwrap_or_else(|| digest[..digest.len().min(12)].to_owned()),
+                    points,
+                })
+                .collect(),
             threshold: None,
             marked,
         };

@@ -215,13 +215,14 @@ pub async fn device(
     Path(id): Path<String>,
 ) -> Result<Response, Fail> {
     let i = id.clone();
-    let (row, slots, tele, drift) = read(&st, move |s| {
+    let (row, slots, tele, drift, names) = read(&st, move |s| {
         let scope = crate::drift::scope_device(&i);
         Ok((
             s.device(&i)?,
             s.device_slots(&i)?,
             s.console_telemetry(&i, CHART_WINDOWS)?,
             s.drift_history(Some(&scope), 0, 2000)?,
+            super::drift::model_names(s)?,
         ))
     })
     .await?;
@@ -277,7 +278,11 @@ pub async fn device(
     for c in telemetry_charts(&tele) {
         h.push_str(&svg::render(&c));
     }
-    h.push_str(&super::drift::feature_charts("device-drift", &drift));
+    h.push_str(&super::drift::feature_charts(
+        "device-drift",
+        &drift,
+        &names,
+    ));
     h.push_str("</section>");
     Ok(respond(
         &headers,

@@ -66,7 +66,7 @@ pub fn badge(status: &str) -> String {
         "running" | "deploying" | "queued" | "shadowing" | "promoting" | "installing" => {
             ("▶", "run")
         }
-        "paused" | "holding" | "warn" | "no-data" | "pending" | "offline" => ("⏸", "warn"),
+        "paused" | "holding" | "warn" | "no-data" | "pending" | "offline" => ("⚠", "warn"),
         "failed" | "fail" | "alert" | "rolled-back" | "rolling-back" | "aborted" | "aborting"
         | "rejected" | "decommissioned" | "cancelled" | "timed-out" => ("✖", "bad"),
         _ => ("•", "other"),

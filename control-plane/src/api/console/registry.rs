@@ -176,7 +176,7 @@ pub async fn model(
                 .map_or("none".into(), |b| esc(&b.to_string())),
         ],
     ];
-    h.push_str(&table("Manifest", &["", ""], &facts));
+    h.push_str(&table("Manifest", &["field", "value"], &facts));
     h.push_str("</section>");
     Ok(respond(
         &headers,
@@ -274,7 +274,7 @@ pub async fn job(
     let mut h = String::from(
         "<section id=\"job-facts\" data-live aria-labelledby=\"jf-h\"><h2 id=\"jf-h\">Job</h2>",
     );
-    h.push_str(&table("Job", &["", ""], &facts));
+    h.push_str(&table("Job", &["field", "value"], &facts));
     if let Some(m) = &j.metrics {
         let _ = write!(
             h,

@@ -127,7 +127,7 @@ fn render_detail(v: &RolloutView, events: &[EventView], user: &User) -> String {
         vec!["selected devices".into(), v.selected.to_string()],
         vec!["started".into(), html::time(v.created_at_ms)],
     ];
-    h.push_str(&table("Rollout", &["", ""], &facts));
+    h.push_str(&table("Rollout", &["field", "value"], &facts));
     h.push_str(&actions(v, user));
     let waves: Vec<Vec<String>> = v
         .waves
