@@ -264,3 +264,35 @@ async fn what_devices_and_operators_wrote_is_escaped_and_the_overview_pages() {
     assert_eq!(again.status().as_u16(), 304);
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_session_cookie_is_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path());
+    config.api_tls = "on".into();
+    let h = drover_control_plane::serve::run(config.validate().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let ca = std::fs::read(dir.path().join("keys").join("ca.pem")).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .redirect(Policy::none())
+        .build()
+        .unwrap();
+    let url = h.api_url();
+    assert!(url.starts_with("https://"), "{url}");
+    let r = http
+        .post(format!("{url}/console/login"))
+        .form(&[("token", h.api_token())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let set = r.headers()[SET_COOKIE].to_str().unwrap();
+    assert!(set.contains("; Secure"), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    h.shutdown().await;
+}
