@@ -60,6 +60,14 @@ try {
   check((await page.evaluate(() => document.activeElement.textContent)) === "Skip to content", "first Tab reaches the skip link");
   await page.keyboard.press("Enter");
   check((await page.evaluate(() => document.activeElement.id)) === "main", "the skip link moves focus to the content");
+  // A device page: its telemetry charted (latency p50/p99, errors, CPU and memory).
+  await page.locator('#fleet-devices a[href^="/console/devices/"]').first().click();
+  await page.getByRole("heading", { level: 1, name: /^Device / }).waitFor();
+  for (const id of ["chart-latency", "chart-errors", "chart-host"]) {
+    check((await page.locator(`#${id} polyline`).count()) > 0, `${id} has lines`);
+  }
+  check(await page.getByRole("table", { name: "Model slots" }).isVisible(), "the model slots table");
+  step("device page: telemetry charts");
   const pauseId = env("PAUSE_ROLLOUT");
   await page.goto(`${base}/console/rollouts/${pauseId}`);
   await page.locator('[data-status="running"]').waitFor();

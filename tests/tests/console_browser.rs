@@ -195,6 +195,7 @@ async fn console_in_chromium_viewer_deployer_live_rollout_drift_and_lineage() {
         String::from_utf8_lossy(&out.stderr)
     );
     for step in [
+        "device page: telemetry charts",
         "viewer: no action buttons",
         "deployer: paused",
         "live rollout: running -> completed without reload",

@@ -149,15 +149,6 @@ impl Store {
         v.reverse();
         Ok(v)
     }
-
-    /// Every drift scope with scores, by name.
-    pub fn console_drift_scopes(&self) -> Result<Vec<String>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT DISTINCT scope FROM drift_scores ORDER BY scope")?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-    }
 }
 
 #[cfg(test)]
