@@ -72,3 +72,18 @@ if [[ "$(node -p "require('$NODE_RED_DIR/node_modules/node-red/package.json').ve
   (cd "$NODE_RED_DIR" && npm install --save-exact --no-audit --no-fund --loglevel=error "node-red@$NODE_RED_VERSION" </dev/null >/dev/null)
 fi
 echo "peers: node-red $(node -p "require('$NODE_RED_DIR/node_modules/node-red/package.json').version")"
+
+# ---- web console (issue 21) ----
+# tests/tests/console_browser.rs drives Debian's Chromium (headless) with Playwright's library
+# (playwright-core: no browser download, it launches /usr/bin/chromium), pinned, outside the repo.
+if ! command -v chromium >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
+PLAYWRIGHT_VERSION=1.65.2
+PLAYWRIGHT_DIR=/opt/drover-peers/playwright
+if [[ "$(node -p "require('$PLAYWRIGHT_DIR/node_modules/playwright-core/package.json').version" 2>/dev/null)" != "$PLAYWRIGHT_VERSION" ]]; then
+  mkdir -p "$PLAYWRIGHT_DIR"
+  (cd "$PLAYWRIGHT_DIR" && npm install --save-exact --no-audit --no-fund --loglevel=error "playwright-core@$PLAYWRIGHT_VERSION" </dev/null >/dev/null)
+fi
+echo "peers: chromium $(chromium --version 2>/dev/null | awk '{print $2}'), playwright-core $(node -p "require('$PLAYWRIGHT_DIR/node_modules/playwright-core/package.json').version")"

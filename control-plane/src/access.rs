@@ -138,6 +138,12 @@ impl Tokens {
         self.read().get(&hash).cloned()
     }
 
+    /// The identity of a token known by its hash only (a console session keeps the
+    /// hash, never the token, and is re-checked on every request, so revocation ends it).
+    pub fn identify_hash(&self, hash: &[u8; 32]) -> Option<Identity> {
+        self.read().get(hash).cloned()
+    }
+
     pub fn insert(&self, hash: [u8; 32], name: &str, role: Role) {
         let id = Identity {
             name: name.to_owned(),

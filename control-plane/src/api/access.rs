@@ -64,21 +64,40 @@ pub(super) async fn authorize(
         next.run(req).await
     };
     if method != Method::GET && method != Method::HEAD {
-        let row = AuditRow {
-            id: 0,
-            at_ms: st.app.clock.unix_ms(),
-            actor: identity.name.clone(),
-            role: identity.role.to_string(),
-            method: method.to_string(),
+        record_audit(
+            &st,
+            &identity,
+            method.as_str(),
             path,
-            status: response.status().as_u16(),
-        };
-        let logged = blocking(&st, move |_, s| Ok(s.append_audit(&row)?)).await;
-        if let Err(ApiError(_, e)) = logged {
-            tracing::error!(error = %e, "cannot write the audit log");
-        }
+            response.status().as_u16(),
+        )
+        .await;
     }
     response
+}
+
+/// Appends one line to the audit log: the API's non-GET calls and the console's actions,
+/// through this one function.
+pub(super) async fn record_audit(
+    st: &AppState,
+    identity: &Identity,
+    method: &str,
+    path: String,
+    status: u16,
+) {
+    let row = AuditRow {
+        id: 0,
+        at_ms: st.app.clock.unix_ms(),
+        actor: identity.name.clone(),
+        role: identity.role.to_string(),
+        method: method.to_owned(),
+        path,
+        status,
+    };
+    let logged = blocking(st, move |_, s| Ok(s.append_audit(&row)?)).await;
+    if let Err(ApiError(_, e)) = logged {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
 }
 
 /// Who asked, for the records a change leaves (rollout reports, device events): the

@@ -10,9 +10,11 @@
 //!
 //! Layout: this module holds the state, errors, auth and router; one file per resource
 //! holds its view types and handlers: [`devices`], [`models`], [`keys`], [`rollouts`],
-//! [`continuous`] (drift and training), [`integrations`].
+//! [`continuous`] (drift and training), [`integrations`]; [`console`] is the web console
+//! (HTML pages under `/console`, session login with the same tokens and roles).
 
 mod access;
+pub mod console;
 mod continuous;
 mod devices;
 mod integrations;
@@ -209,12 +211,13 @@ pub fn router(st: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::map_response(too_large_as_json));
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics::metrics))
         .merge(v1)
-        .layer(middleware::from_fn_with_state(st.clone(), time_request))
-        .with_state(st)
+        .with_state(st.clone());
+    api.merge(console::router(st.clone()))
+        .layer(middleware::from_fn_with_state(st, time_request))
 }
 
 /// Times every request into `drover_http_request_duration_seconds`, by route pattern

@@ -61,9 +61,9 @@ pub struct DeviceAuth {
     pub decommissioned: bool,
 }
 
-const DEVICE_COLS: &str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq, active_digest, labels_changed_at_ms, agent_labels, (SELECT p.detail FROM progress p WHERE p.device = devices.id ORDER BY p.seq DESC LIMIT 1)";
+pub(super) const DEVICE_COLS: &str = "id, labels, enrolled_at_ms, decommissioned, arch, os, agent_version, last_seen_ms, online, active_model, staged_model, last_phase, reported_command_seq, max_uplink_seq, active_digest, labels_changed_at_ms, agent_labels, (SELECT p.detail FROM progress p WHERE p.device = devices.id ORDER BY p.seq DESC LIMIT 1)";
 
-fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
+pub(super) fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
     let labels: String = r.get(1)?;
     Ok(DeviceRow {
         id: r.get(0)?,

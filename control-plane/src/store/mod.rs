@@ -36,6 +36,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 mod access;
 mod commands;
+mod console;
 mod devices;
 mod drift;
 mod drift_reference;
@@ -56,6 +57,7 @@ mod slots;
 
 pub use access::{AuditRow, TokenRow};
 pub use commands::CommandRow;
+pub use console::{ConsoleDevicePage, ConsoleDeviceQuery, ConsoleTelemetryRow};
 pub use devices::{DeviceAuth, DeviceEventRow, DeviceRow, ReplacedSeqs};
 pub use drift::{DriftLevel, DriftScoreRow, DriftSketchRow, DriftWindowLevel};
 pub use drift_reference::{DriftReferenceRow, LabeledPrediction};
