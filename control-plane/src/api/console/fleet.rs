@@ -318,7 +318,7 @@ fn models_table(d: &DeviceRow, slots: &[crate::store::SlotRow]) -> String {
                     model_link(s.active.as_deref()),
                     model_link(s.staged.as_deref()),
                     model_link(s.shadow.as_deref()),
-                    d.last_phase.as_deref().map_or("—".into(), badge),
+                    badge(&crate::api::SlotView::from(s.clone()).phase),
                     format!("previous {}", opt(s.previous.as_deref())),
                 ]
             })
@@ -326,7 +326,7 @@ fn models_table(d: &DeviceRow, slots: &[crate::store::SlotRow]) -> String {
     };
     table(
         "Model slots",
-        &["slot", "active", "staged", "shadow", "last phase", "detail"],
+        &["slot", "active", "staged", "shadow", "phase", "detail"],
         &rows,
     )
 }
