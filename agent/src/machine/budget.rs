@@ -16,11 +16,13 @@ use drover_protocol::trust::Digest;
 
 use super::{DeployMode, Machine, Slots};
 
-/// Resident bytes a loaded model costs per byte of its ONNX file (tract keeps the
-/// weights, and the optimized plan packs the large matrices again) plus a fixed
-/// overhead per model (plan, symbol table, scratch). Measured on the corpus models in
-/// BENCHMARKS.md ("loaded model memory").
-pub const MEMORY_PER_FILE_BYTE: u64 = 3;
+/// Resident bytes a loaded model costs per byte of its ONNX file, plus a fixed overhead
+/// per model. Measured (`agent/examples/model_memory.rs`, BENCHMARKS.md "Loaded model
+/// memory"): one more loaded model costs 1.17-1.24 x its file on the corpus models of
+/// about 1.2 MB, and 20-60 KiB for the KiB-sized fixtures; 2 x plus 1 MiB leaves room for
+/// models whose optimized plan packs weights again. Per-request activations are not in
+/// it (they depend on the request; `benches/request_memory.rs`).
+pub const MEMORY_PER_FILE_BYTE: u64 = 2;
 pub const MEMORY_PER_MODEL: u64 = 1 << 20;
 
 /// Estimated resident bytes of a loaded model.
