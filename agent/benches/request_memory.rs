@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use drover_agent::config::AgentConfig;
 use drover_agent::download::blob_path;
-use drover_agent::state::{Slot, SlotState, State};
+use drover_agent::state::{Slot, SlotState, Slots, State};
 use drover_protocol::manifest::{chunk_hashes, Lineage, Manifest};
 use drover_protocol::messages::ModelRef;
 use drover_protocol::topics::hex32;
@@ -39,17 +39,24 @@ fn install(dir: &Path) {
     std::fs::create_dir_all(dir.join("blobs")).unwrap();
     std::fs::write(blob_path(dir, &manifest.sha256), &bytes).unwrap();
     State {
-        active: Some(Slot {
-            model: ModelRef {
-                name: "dense".into(),
-                version: "1.0.0".into(),
-                digest: [7; 32],
+        models: [(
+            "dense".to_owned(),
+            Slots {
+                active: Some(Slot {
+                    model: ModelRef {
+                        name: "dense".into(),
+                        version: "1.0.0".into(),
+                        digest: [7; 32],
+                    },
+                    manifest,
+                    state: SlotState::Healthy,
+                    unhealthy_boots: 0,
+                    activated_by: None,
+                }),
+                ..Slots::default()
             },
-            manifest,
-            state: SlotState::Healthy,
-            unhealthy_boots: 0,
-            activated_by: None,
-        }),
+        )]
+        .into(),
         ..State::default()
     }
     .save(dir)

@@ -135,7 +135,7 @@ async fn live() -> Json<Value> {
 }
 
 async fn ready(State(s): State<Shared>) -> Response {
-    if s.serving.active().is_some() {
+    if s.serving.any_active() {
         Json(json!({ "ready": true })).into_response()
     } else {
         (
@@ -393,7 +393,7 @@ async fn run_infer(
     req: Request,
 ) -> Response {
     // The model is checked before the body is read: its inputs size the body's limit.
-    if s.serving.active().is_none() {
+    if !s.serving.any_active() {
         return infer_error(InferError::NoModel);
     }
     let model = match models::find(&s.serving, &name, version.as_deref()) {
@@ -498,7 +498,7 @@ async fn feedback(State(s): State<Shared>, Path(name): Path<String>, body: Bytes
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed feedback: {e}")),
     };
-    if s.serving.active().is_none_or(|m| m.model_ref.name != name) {
+    if s.serving.active(&name).is_none() {
         return error(
             StatusCode::NOT_FOUND,
             format!("model {name:?} is not served here"),
@@ -518,11 +518,14 @@ async fn feedback(State(s): State<Shared>, Path(name): Path<String>, body: Bytes
     if !req.label.is_finite() {
         return error(StatusCode::BAD_REQUEST, "label must be a finite number");
     }
-    s.serving.add_label(Label {
-        request_id: id,
-        at_ms: now_ms(),
-        value: req.label,
-    });
+    s.serving.add_label(
+        &name,
+        Label {
+            request_id: id,
+            at_ms: now_ms(),
+            value: req.label,
+        },
+    );
     Json(json!({ "accepted": true, "id": id })).into_response()
 }
 

@@ -53,6 +53,9 @@ pub struct AgentConfig {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    /// The budget of named models this device holds (issue 17).
+    #[serde(default)]
+    pub models: ModelsConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
     /// Which sampled inputs are kept, within which budget.
@@ -80,6 +83,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("tls", &self.tls)
             .field("telemetry", &self.telemetry)
             .field("store", &self.store)
+            .field("models", &self.models)
             .field("runtime", &self.runtime)
             .field("capture", &self.capture)
             .field("replacement", &self.replacement)
@@ -113,6 +117,32 @@ pub struct StoreConfig {
     /// Disk budget of the model store in bytes: a deploy that would take the store's
     /// files above it is refused before downloading. 0: no budget (free space only).
     pub max_bytes: u64,
+}
+
+/// The model budget (`[models]`): how many named models, and how much disk and memory
+/// they may take. A deploy that would exceed it is refused before its download, with the
+/// figures; the budget is reported to the control plane (`Models`, protocol 2). 0: no
+/// limit. Disk counts every version a slot keeps (active, previous, shadow, staged) at
+/// its manifest's size; memory is an estimate per loaded model (active and shadow):
+/// `MEMORY_PER_FILE_BYTE` x file size + `MEMORY_PER_MODEL` (`machine::budget`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    pub max_models: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+impl ModelsConfig {
+    /// The budget as the machine checks it and the `Models` report carries it.
+    pub fn budget(&self) -> drover_protocol::messages::ModelBudget {
+        let limit = |v: u64| (v != 0).then_some(v);
+        drover_protocol::messages::ModelBudget {
+            max_models: (self.max_models != 0).then_some(self.max_models),
+            memory_bytes: limit(self.memory_bytes),
+            disk_bytes: limit(self.disk_bytes),
+        }
+    }
 }
 
 /// The model runtime (tract).
@@ -185,6 +215,7 @@ impl Default for AgentConfig {
             tls: None,
             telemetry: TelemetryConfig::default(),
             store: StoreConfig::default(),
+            models: ModelsConfig::default(),
             runtime: RuntimeConfig::default(),
             capture: Default::default(),
             replacement: ReplacementConfig::default(),
@@ -614,6 +645,9 @@ fn env_key_path(rest: &str) -> Option<Vec<&'static str>> {
         &["telemetry", "spool_max_bytes"],
         &["telemetry", "sample_rate_ppm"],
         &["store", "max_bytes"],
+        &["models", "max_models"],
+        &["models", "memory_bytes"],
+        &["models", "disk_bytes"],
         &["runtime", "threads"],
         &["capture", "keep"],
         &["capture", "low_confidence_below"],

@@ -9,7 +9,8 @@
 //! The order of disk writes and crash points (`drover_host::crash`) is the machine's
 //! effect order: `tests/crash.rs` SIGKILLs the agent at each point and checks recovery.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -20,20 +21,21 @@ use drover_host::crash;
 use drover_protocol::envelope;
 use drover_protocol::manifest::Manifest;
 use drover_protocol::messages::{
-    DriftReport, LabelBatch, ModelRef, SampleBatch, ShadowReport, TelemetryBatch, Uplink,
+    DriftReport, LabelBatch, ModelRef, SampleBatch, ShadowReport, SystemFacts, TelemetryBatch,
+    Uplink,
 };
 use drover_protocol::topics;
-use drover_protocol::trust::{Digest, TrustStore};
-use drover_runtime::{self_test, self_test_sampled, Model};
+use drover_protocol::trust::Digest;
+use drover_runtime::{self_test, self_test_sampled};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::ValidConfig;
 use crate::download::{self, Download};
 use crate::machine::{
-    self, Decoded, Effect, Event, Input, Machine, Observed, Sealed, State, Stored, REQUEST_ID_BLOCK,
+    self, Decoded, Effect, Event, Input, Machine, Observed, Sealed, State, Stored,
 };
 use crate::mqtt::{Inbound, Outbound, WillSlot};
-use crate::serving::{Loaded, Serving};
+use crate::serving::{Loaded, Serving, Window};
 use crate::spool::Spool;
 use crate::store::{self, Kept};
 use crate::telemetry::SysProbe;
@@ -63,142 +65,8 @@ impl Default for Tuning {
     }
 }
 
-/// Boot: loads state and the last good model. Runs before the session starts.
-pub struct Booted {
-    pub state: State,
-    pub trust: TrustStore,
-    pub spool: Spool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    #[error("cannot create data dir {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    State(#[from] crate::state::StateError),
-    #[error(transparent)]
-    Spool(#[from] crate::spool::SpoolError),
-    #[error("root public key: {0}")]
-    Root(drover_protocol::TrustError),
-}
-
-/// Loads a model from the store, checking its file against the manifest first.
-fn load_model(cfg: &ValidConfig, model: &ModelRef, man: &Manifest) -> Result<Arc<Loaded>, String> {
-    let (data_dir, manifest) = (&cfg.raw.data_dir, man);
-    if !download::blob_is_valid(data_dir, manifest) {
-        return Err("model file missing or does not match its manifest".into());
-    }
-    let bytes = std::fs::read(download::blob_path(data_dir, &manifest.sha256))
-        .map_err(|e| e.to_string())?;
-    let rt = Model::load_with(&bytes, cfg.raw.runtime.threads());
-    let model_rt = rt.map_err(|e| e.to_string())?;
-    Ok(Arc::new(Loaded {
-        model_ref: model.clone(),
-        manifest: manifest.clone(),
-        model: model_rt,
-    }))
-}
-
-/// Loads the durable state and brings up the last good model in `serving`.
-pub fn boot(cfg: &ValidConfig, serving: &Serving) -> Result<Booted, BootError> {
-    let data_dir = cfg.raw.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| BootError::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
-    // Temp files of writes a kill interrupted, and what the record no longer names: on a
-    // full disk this is what makes room again.
-    let _ = drover_host::fs::remove_temp_files(&data_dir);
-    let mut state = State::load(&data_dir)?;
-    collect_garbage(&data_dir, &Kept::of(&state), serving);
-    let mut trust = TrustStore::new(cfg.root_public_key).map_err(BootError::Root)?;
-    if let Some(k) = &state.keyring {
-        if let Err(e) = trust.accept_keyring(k, now_ms()) {
-            tracing::warn!(error = %e, "persisted keyring no longer accepted");
-        }
-    }
-    if let Some(s) = &state.settings {
-        serving.set_sample_rate(s.sample_rate_ppm);
-    }
-    if state.count_unhealthy_boot() {
-        tracing::warn!("active model never became healthy: rolled back");
-    }
-    let mut loaded = None;
-    for which in ["active", "previous"] {
-        let slot = if which == "active" {
-            state.active.clone()
-        } else {
-            state.previous.clone()
-        };
-        let Some(slot) = slot else { continue };
-        match load_model(cfg, &slot.model, &slot.manifest) {
-            Ok(l) => {
-                if which == "previous" {
-                    // Active is unusable: the previous slot takes over.
-                    state.previous = state.active.take();
-                    state.active = Some(slot);
-                }
-                loaded = Some(l);
-                break;
-            }
-            Err(e) => {
-                tracing::error!(slot = which, model = %slot.model.name, error = %e, "cannot load model")
-            }
-        }
-    }
-    if let Some(l) = &loaded {
-        tracing::info!(model = %l.model_ref.name, version = %l.model_ref.version, "serving model");
-    }
-    serving.swap_active(loaded);
-    if let Some(s) = &state.shadow {
-        match load_model(cfg, &s.model, &s.manifest) {
-            Ok(l) => {
-                serving.set_shadow(Some(l));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "shadow model unusable; dropped");
-                state.shadow = None;
-            }
-        }
-    }
-    // This run's request ids continue above every id an earlier run could have used.
-    serving.continue_request_ids_after(state.request_ids_reserved);
-    state.request_ids_reserved = state.request_ids_reserved.saturating_add(REQUEST_ID_BLOCK);
-    if let Err(e) = state.save(&data_dir) {
-        // A full disk: keep serving the model loaded above rather than exit; commands
-        // are refused until a write succeeds (`Input::PersistFailed`).
-        tracing::error!(error = %e, "cannot persist agent state at boot; serving on");
-        serving
-            .totals
-            .state_write_failures
-            .fetch_add(1, Ordering::Relaxed);
-        serving.totals.disk_full.store(1, Ordering::Relaxed);
-    }
-    let spool = Spool::open(&data_dir.join("spool"), cfg.raw.telemetry.spool_max_bytes)?;
-    Ok(Booted {
-        state,
-        trust,
-        spool,
-    })
-}
-
-/// Deletes what the persisted record `kept` describes no longer needs; logged, never fatal.
-fn collect_garbage(data_dir: &Path, kept: &Kept, serving: &Serving) {
-    match store::collect(data_dir, kept) {
-        Ok(c) if c.files > 0 => {
-            serving
-                .totals
-                .store_collected_bytes
-                .fetch_add(c.bytes, Ordering::Relaxed);
-            tracing::info!(files = c.files, bytes = c.bytes, "model store collected");
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "model store collection failed"),
-    }
-}
+pub use crate::boot::{boot, BootError, Booted};
+use crate::boot::{collect_garbage, load_model};
 
 pub struct Core {
     cfg: ValidConfig,
@@ -209,8 +77,9 @@ pub struct Core {
     out: UnboundedSender<Outbound>,
     will: WillSlot,
     replay: Option<Replay>,
-    /// The download in progress (`Effect::OpenDownload` until finished or closed).
-    download: Option<Download>,
+    /// The downloads in progress, one per slot at most (`Effect::OpenDownload` until
+    /// finished or closed), by manifest digest.
+    download: BTreeMap<Digest, Download>,
     /// The model an `Effect::Load` brought up, until an effect serves it.
     loaded: Option<Arc<Loaded>>,
     /// What the record on disk keeps in the model store (collected when it changes).
@@ -252,6 +121,7 @@ impl Core {
             arch: std::env::consts::ARCH.into(),
             os: std::env::consts::OS.into(),
             probation_ms: tuning.probation.as_millis() as u64,
+            budget: cfg.raw.models.budget(),
         };
         let now = now_ms();
         let kept = Kept::of(&booted.state);
@@ -271,7 +141,7 @@ impl Core {
             out,
             will,
             replay: None,
-            download: None,
+            download: BTreeMap::new(),
             loaded: None,
             kept,
             telemetry_due: Instant::now(),
@@ -436,35 +306,37 @@ impl Core {
                 return Some(self.finish_download(manifest_digest))
             }
             Effect::CloseDownload { manifest_digest } => {
-                if self.download.as_ref().map(Download::digest) == Some(manifest_digest) {
-                    self.download = None;
-                }
+                self.download.remove(&manifest_digest);
             }
             Effect::Load {
                 model,
                 manifest,
                 self_test: test,
             } => return Some(self.load(&model, &manifest, test)),
-            Effect::ServeLoaded => match self.loaded.take() {
+            Effect::ServeLoaded { model } => match self.loaded.take() {
                 Some(l) => {
-                    self.serving.swap_active(Some(l));
+                    self.serving.swap_active(&model, Some(l));
                 }
-                None => tracing::error!("no loaded model to serve"),
+                None => tracing::error!(%model, "no loaded model to serve"),
             },
-            Effect::ShadowLoaded => match self.loaded.take() {
+            Effect::ShadowLoaded { model } => match self.loaded.take() {
                 Some(l) => {
-                    self.serving.set_shadow(Some(l));
+                    self.serving.set_shadow(&model, Some(l));
                 }
-                None => tracing::error!("no loaded model to shadow"),
+                None => tracing::error!(%model, "no loaded model to shadow"),
             },
-            Effect::PromoteShadow => match self.serving.set_shadow(None) {
+            Effect::PromoteShadow { model } => match self.serving.set_shadow(&model, None) {
                 Some(l) => {
-                    self.serving.swap_active(Some(l));
+                    self.serving.swap_active(&model, Some(l));
                 }
-                None => tracing::error!("no shadow model to promote"),
+                None => tracing::error!(%model, "no shadow model to promote"),
             },
-            Effect::DropShadow => {
-                self.serving.set_shadow(None);
+            Effect::DropShadow { model } => {
+                self.serving.set_shadow(&model, None);
+            }
+            Effect::Unload { model } => {
+                tracing::info!(%model, "model removed");
+                self.serving.remove(&model);
             }
             Effect::Event(e) => log_event(e),
         }
@@ -496,7 +368,8 @@ impl Core {
 
     /// The open download's progress on `/metrics` (0 of 0 when none is open).
     fn download_gauges(&self) {
-        let have = self.download.as_ref().map(|d| d.have());
+        let have: Vec<bool> = self.download.values().flat_map(|d| d.have()).collect();
+        let have = (!self.download.is_empty()).then_some(have);
         self.serving.totals.set_download(have.as_deref());
     }
 
@@ -507,7 +380,7 @@ impl Core {
     }
 
     fn open_download_inner(&mut self, manifest_digest: Digest, manifest: &Manifest) -> Input {
-        self.download = None;
+        self.download.remove(&manifest_digest);
         if download::blob_is_valid(&self.data_dir, manifest) {
             return Input::Opened {
                 manifest_digest,
@@ -539,7 +412,7 @@ impl Core {
         match Download::open(&self.data_dir, manifest_digest, manifest) {
             Ok(d) => {
                 let stored = Stored::Chunks(d.have());
-                self.download = Some(d);
+                self.download.insert(manifest_digest, d);
                 Input::Opened {
                     manifest_digest,
                     stored,
@@ -553,10 +426,8 @@ impl Core {
     }
 
     fn write_chunk(&mut self, manifest_digest: Digest, index: u32, data: &[u8]) -> Input {
-        let written = match &mut self.download {
-            Some(d) if d.digest() == manifest_digest => {
-                d.write(index, data).map_err(|e| e.to_string())
-            }
+        let written = match self.download.get_mut(&manifest_digest) {
+            Some(d) => d.write(index, data).map_err(|e| e.to_string()),
             _ => Err("no download open for this model".to_owned()),
         };
         if written.is_ok() {
@@ -576,8 +447,8 @@ impl Core {
     }
 
     fn finish_download(&mut self, manifest_digest: Digest) -> Input {
-        let finished = match self.download.take() {
-            Some(d) if d.digest() == manifest_digest => d.finish().map_err(|e| e.to_string()),
+        let finished = match self.download.remove(&manifest_digest) {
+            Some(d) => d.finish().map_err(|e| e.to_string()),
             _ => Err("no download open for this model".to_owned()),
         };
         self.download_gauges();
@@ -653,10 +524,8 @@ impl Core {
     }
 
     fn tick(&mut self) {
-        let (probation_errors, probation_ok) = self.serving.probation();
         self.feed(Input::Tick(Observed {
-            probation_errors,
-            probation_ok,
+            probation: self.serving.probation(),
             last_request_id: self.serving.last_request_id(),
         }));
         let now = Instant::now();
@@ -667,12 +536,34 @@ impl Core {
         }
     }
 
+    /// One telemetry batch per served model per window (and its drift, samples, labels
+    /// and shadow report), or one without a model when none serves (system facts).
     fn emit_telemetry(&mut self) {
-        let w = self.serving.take_window();
+        let windows = self.serving.take_windows();
         let end = now_ms();
         let start = std::mem::replace(&mut self.window_start_ms, end);
         let system = self.sys.sample(&self.data_dir);
-        let active = self.serving.active();
+        let mut any = false;
+        for (_, active, shadow, w) in windows {
+            if active.is_none() && w.inferences == 0 {
+                continue;
+            }
+            any = true;
+            self.emit_window((start, end), &system, (active, shadow), w);
+        }
+        if !any {
+            let w = Window::default();
+            self.emit_window((start, end), &system, (None, None), w);
+        }
+    }
+
+    fn emit_window(
+        &mut self,
+        (start, end): (u64, u64),
+        system: &SystemFacts,
+        (active, shadow): (Option<Arc<Loaded>>, Option<Arc<Loaded>>),
+        w: Window,
+    ) {
         let model = active.as_ref().map(|a| a.model_ref.clone());
         self.feed(Input::Report(Box::new(Uplink::Telemetry(TelemetryBatch {
             window_start_ms: start,
@@ -683,7 +574,7 @@ impl Core {
             data_quality_errors: w.data_quality_errors,
             latency: w.latency,
             outputs: w.outputs,
-            system,
+            system: system.clone(),
             spool_dropped: self.spool.dropped(),
         }))));
         if let (Some(a), false) = (&active, w.features.is_empty()) {
@@ -708,7 +599,7 @@ impl Core {
                 labels: w.labels,
             }))));
         }
-        if let (Some(a), Some(s)) = (&model, self.serving.shadow()) {
+        if let (Some(a), Some(s)) = (&model, shadow) {
             if w.shadow.compared > 0 || w.shadow.candidate_errors > 0 {
                 self.feed(Input::Report(Box::new(Uplink::Shadow(ShadowReport {
                     active: a.clone(),
@@ -774,6 +665,7 @@ fn log_event(e: Event) {
 mod tests {
     use super::*;
     use crate::config::AgentConfig;
+    use crate::machine::REQUEST_ID_BLOCK;
     use drover_protocol::messages::{Downlink, Label, UplinkAck};
     use drover_protocol::topics::{hex32, UplinkKind};
     use drover_protocol::SecretKey;

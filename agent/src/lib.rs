@@ -4,15 +4,16 @@
 //! - [`config`]: the human-edited TOML config, layered and validated.
 //! - The model runtime (tract-onnx load, inference, self-test, the `ai.onnx.ml`
 //!   operators) is the `drover-runtime` crate, shared with the control plane.
-//! - [`serving`]: the active and shadow models behind an atomic swap, and the per-window
-//!   monitoring counters.
+//! - [`serving`]: per model name, the active and shadow models behind an atomic swap, and
+//!   the per-window monitoring counters.
 //! - [`api`]: the local KServe v2 inference API (axum, loopback).
 //! - [`mqtt`]: the only module touching rumqttc; its poll loop runs alone in a task.
 //! - [`machine`]: the deployment state machine, free of I/O (`handle(input, now_ms)`
 //!   returns effects): commands, downloads, install, activation, probation, rollback,
 //!   promote, uplink sealing. The fleet simulator drives the same machine.
 //! - [`core`]: one thread that drives the machine and executes its effects against the
-//!   disk, tract, the served models and MQTT; boot, spool replay and telemetry windows.
+//!   disk, tract, the served models and MQTT; spool replay and telemetry windows.
+//! - [`boot`]: the state loaded (migrated) and every slot's last good model served.
 //! - [`state`], [`download`], [`spool`]: the crash-safe on-disk store (writes through
 //!   `drover_host::fs`); `state` owns the on-disk form of the machine's record.
 //! - [`store`]: the model store's collection (keeps what the record names) and the
@@ -23,6 +24,7 @@
 //! nothing decoded from the network can panic.
 
 pub mod api;
+pub mod boot;
 pub mod capture;
 pub mod config;
 pub mod core;

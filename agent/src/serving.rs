@@ -1,10 +1,14 @@
-//! The models serving traffic: the active one and an optional shadow, swapped atomically.
+//! The models serving traffic: one lane per model name (issue 17), each with its active
+//! model and an optional shadow, swapped atomically.
 //!
-//! Hot swap: a request clones the `Arc` of the active model when it starts and runs on it
-//! to the end, so swapping never fails an in-flight request; the old model is freed when
-//! its last request finishes.
+//! Hot swap: a request clones the `Arc` of its lane's active model when it starts and runs
+//! on it to the end, so swapping never fails an in-flight request; the old model is freed
+//! when its last request finishes. A swap replaces one lane's model: requests to the other
+//! names never see it (the lane map is only written when a name is added or removed).
 //!
-//! Also accumulates the per-window monitoring counters the telemetry tick drains.
+//! Also accumulates the per-window monitoring counters the telemetry tick drains, per
+//! lane: each model's telemetry, drift sketches, samples (with their own capture budget)
+//! and labels stay apart.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -184,12 +188,36 @@ impl Totals {
 
 pub struct Serving {
     pub totals: Totals,
+    lanes: RwLock<BTreeMap<String, Arc<Lane>>>,
+    next_id: AtomicU64,
+    sample_rate_ppm: AtomicU64,
+    capture: Mutex<CaptureConfig>,
+}
+
+/// One model's drained window: its name, active model, shadow candidate and counters.
+pub type ModelWindow = (String, Option<Arc<Loaded>>, Option<Arc<Loaded>>, Window);
+
+/// One model name's serving: active, shadow, and its window and capture budget.
+#[derive(Default)]
+struct Lane {
     active: RwLock<Option<Arc<Loaded>>>,
     shadow: RwLock<Option<Arc<Loaded>>>,
     window: Mutex<Window>,
-    next_id: AtomicU64,
-    sample_rate_ppm: AtomicU64,
-    capture: Mutex<(CaptureConfig, Budget)>,
+    budget: Mutex<Budget>,
+}
+
+fn read(l: &RwLock<Option<Arc<Loaded>>>) -> Option<Arc<Loaded>> {
+    match l.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn replace(l: &RwLock<Option<Arc<Loaded>>>, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
+    match l.write() {
+        Ok(mut g) => std::mem::replace(&mut *g, new),
+        Err(p) => std::mem::replace(&mut *p.into_inner(), new),
+    }
 }
 
 /// Result of one served inference.
@@ -351,37 +379,57 @@ impl Serving {
     pub fn new(sample_rate_ppm: u32) -> Self {
         Self {
             totals: Totals::default(),
-            active: RwLock::new(None),
-            shadow: RwLock::new(None),
-            window: Mutex::new(Window::default()),
+            lanes: RwLock::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             sample_rate_ppm: AtomicU64::new(u64::from(sample_rate_ppm)),
-            capture: Mutex::new((CaptureConfig::default(), Budget::default())),
+            capture: Mutex::new(CaptureConfig::default()),
         }
     }
 
-    /// Sets which sampled inputs are kept and the budget they are kept within.
+    /// Sets which sampled inputs are kept and the budget they are kept within (each
+    /// model's budget is its own).
     pub fn set_capture(&self, cfg: CaptureConfig) {
         if let Ok(mut c) = self.capture.lock() {
-            c.0 = cfg;
+            *c = cfg;
         }
     }
 
-    /// Keeps a sampled input if the capture policy wants it and its budget allows, else
-    /// counts why not.
+    fn lane(&self, name: &str) -> Option<Arc<Lane>> {
+        let lanes = self.lanes.read().unwrap_or_else(|p| p.into_inner());
+        lanes.get(name).cloned()
+    }
+
+    /// The lane of `name`, created if it is new.
+    fn lane_or_new(&self, name: &str) -> Arc<Lane> {
+        if let Some(l) = self.lane(name) {
+            return l;
+        }
+        let mut lanes = self.lanes.write().unwrap_or_else(|p| p.into_inner());
+        lanes.entry(name.to_owned()).or_default().clone()
+    }
+
+    fn all_lanes(&self) -> Vec<(String, Arc<Lane>)> {
+        let lanes = self.lanes.read().unwrap_or_else(|p| p.into_inner());
+        lanes.iter().map(|(n, l)| (n.clone(), l.clone())).collect()
+    }
+
+    /// Keeps a sampled input if the capture policy wants it and the model's budget
+    /// allows, else counts why not.
     fn capture(
         &self,
-        w: &mut Window,
+        (lane, w): (&Lane, &mut Window),
         (request_id, now_ms): (u64, u64),
         inputs: &[TensorValue],
         outputs: &[TensorValue],
         disagreed: Option<bool>,
     ) {
-        let Ok(mut c) = self.capture.lock() else {
+        let Ok(cfg) = self.capture.lock().map(|c| c.clone()) else {
             return;
         };
-        let (cfg, budget) = &mut *c;
-        if !capture::wanted(cfg, outputs, disagreed) {
+        let Ok(mut budget) = lane.budget.lock() else {
+            return;
+        };
+        if !capture::wanted(&cfg, outputs, disagreed) {
             return;
         }
         let sample = Sample {
@@ -398,7 +446,7 @@ impl Serving {
         let admitted = if w.samples.len() >= MAX_WINDOW_SAMPLES {
             Err(Dropped::Window)
         } else {
-            budget.admit(cfg, sample.at_ms, bytes)
+            budget.admit(&cfg, sample.at_ms, bytes)
         };
         match admitted {
             Ok(()) => {
@@ -417,22 +465,42 @@ impl Serving {
             .store(u64::from(ppm.min(1_000_000)), Ordering::Relaxed);
     }
 
-    pub fn active(&self) -> Option<Arc<Loaded>> {
-        self.active.read().ok().and_then(|g| g.clone())
+    /// The active model of `name`.
+    pub fn active(&self, name: &str) -> Option<Arc<Loaded>> {
+        self.lane(name).and_then(|l| read(&l.active))
     }
 
-    pub fn shadow(&self) -> Option<Arc<Loaded>> {
-        self.shadow.read().ok().and_then(|g| g.clone())
+    /// The shadow candidate beside `name`'s active model.
+    pub fn shadow(&self, name: &str) -> Option<Arc<Loaded>> {
+        self.lane(name).and_then(|l| read(&l.shadow))
     }
 
-    /// Atomically replaces the active model; returns the old one.
-    pub fn swap_active(&self, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
+    /// Every active model, in name order.
+    pub fn actives(&self) -> Vec<Arc<Loaded>> {
+        (self.all_lanes().iter())
+            .filter_map(|(_, l)| read(&l.active))
+            .collect()
+    }
+
+    /// Every shadow candidate, in name order.
+    pub fn shadows(&self) -> Vec<Arc<Loaded>> {
+        (self.all_lanes().iter())
+            .filter_map(|(_, l)| read(&l.shadow))
+            .collect()
+    }
+
+    /// Whether any model serves.
+    pub fn any_active(&self) -> bool {
+        !self.actives().is_empty()
+    }
+
+    /// Atomically replaces the active model of `name`; returns the old one. Other names
+    /// are not touched.
+    pub fn swap_active(&self, name: &str, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
         self.totals.swaps.fetch_add(1, Ordering::Relaxed);
-        let old = match self.active.write() {
-            Ok(mut g) => std::mem::replace(&mut *g, new),
-            Err(p) => std::mem::replace(&mut *p.into_inner(), new),
-        };
-        if let Ok(mut w) = self.window.lock() {
+        let lane = self.lane_or_new(name);
+        let old = replace(&lane.active, new);
+        if let Ok(mut w) = lane.window.lock() {
             w.probation_errors = 0;
             w.probation_ok = 0;
             w.features.clear();
@@ -441,42 +509,59 @@ impl Serving {
         old
     }
 
-    pub fn set_shadow(&self, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
-        match self.shadow.write() {
-            Ok(mut g) => std::mem::replace(&mut *g, new),
-            Err(p) => std::mem::replace(&mut *p.into_inner(), new),
+    pub fn set_shadow(&self, name: &str, new: Option<Arc<Loaded>>) -> Option<Arc<Loaded>> {
+        let lane = self.lane_or_new(name);
+        replace(&lane.shadow, new)
+    }
+
+    /// Stops serving `name` (a removed model): its lane, with its window, is dropped;
+    /// requests in flight finish on the model they hold.
+    pub fn remove(&self, name: &str) {
+        let mut lanes = self.lanes.write().unwrap_or_else(|p| p.into_inner());
+        if lanes.remove(name).is_some() {
+            self.totals.swaps.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Drains the current window's counters.
-    pub fn take_window(&self) -> Window {
-        match self.window.lock() {
-            Ok(mut w) => {
-                let (pe, po) = (w.probation_errors, w.probation_ok);
-                let mut out = std::mem::take(&mut *w);
-                w.probation_errors = pe;
-                w.probation_ok = po;
-                out.probation_errors = pe;
-                out.probation_ok = po;
-                out
-            }
-            Err(_) => Window::default(),
+    /// Drains every model's window: (name, active model, shadow, window), in name order.
+    pub fn take_windows(&self) -> Vec<ModelWindow> {
+        let mut out = Vec::new();
+        for (name, lane) in self.all_lanes() {
+            let w = match lane.window.lock() {
+                Ok(mut w) => {
+                    let (pe, po) = (w.probation_errors, w.probation_ok);
+                    let mut out = std::mem::take(&mut *w);
+                    w.probation_errors = pe;
+                    w.probation_ok = po;
+                    out.probation_errors = pe;
+                    out.probation_ok = po;
+                    out
+                }
+                Err(_) => Window::default(),
+            };
+            out.push((name, read(&lane.active), read(&lane.shadow), w));
         }
+        out
     }
 
-    /// (errors, successes) of the active model since it was activated.
-    pub fn probation(&self) -> (u64, u64) {
-        self.window
-            .lock()
-            .map(|w| (w.probation_errors, w.probation_ok))
-            .unwrap_or((0, 0))
+    /// Per model name, (errors, successes) of its active model since it was activated.
+    pub fn probation(&self) -> BTreeMap<String, (u64, u64)> {
+        (self.all_lanes().into_iter())
+            .map(|(n, l)| {
+                let c = (l.window.lock())
+                    .map(|w| (w.probation_errors, w.probation_ok))
+                    .unwrap_or((0, 0));
+                (n, c)
+            })
+            .collect()
     }
 
-    pub fn add_label(&self, label: Label) {
-        if let Ok(mut w) = self.window.lock() {
-            if w.labels.len() < 10_000 {
-                w.labels.push(label);
-            }
+    /// Keeps a label in the window of the model it is about.
+    pub fn add_label(&self, name: &str, label: Label) {
+        let Some(lane) = self.lane(name) else { return };
+        let mut w = lane.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.labels.len() < 10_000 {
+            w.labels.push(label);
         }
     }
 
@@ -504,10 +589,12 @@ impl Serving {
         inputs: &[TensorValue],
         now_ms: u64,
     ) -> Result<Served, InferError> {
-        let model = self.active().ok_or(InferError::NoModel)?;
-        if model.model_ref.name != name {
-            return Err(InferError::UnknownModel(name.to_owned()));
-        }
+        let lane = match self.lane(name) {
+            Some(l) => l,
+            None if !self.any_active() => return Err(InferError::NoModel),
+            None => return Err(InferError::UnknownModel(name.to_owned())),
+        };
+        let model = read(&lane.active).ok_or_else(|| InferError::UnknownModel(name.to_owned()))?;
         if let Some(v) = version.filter(|v| *v != model.model_ref.version) {
             return Err(InferError::UnknownVersion {
                 name: name.to_owned(),
@@ -530,7 +617,7 @@ impl Serving {
                 self.totals.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let shadow = self.shadow().filter(|_| result.is_ok());
+        let shadow = read(&lane.shadow).filter(|_| result.is_ok());
         let shadow_result = shadow.as_ref().map(|s| {
             let t = Instant::now();
             let r = s.model.run(inputs);
@@ -555,7 +642,7 @@ impl Serving {
         let rate = self.sample_rate_ppm.load(Ordering::Relaxed);
         let sampled =
             rate > 0 && (request_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 1_000_000) < rate;
-        if let Ok(mut w) = self.window.lock() {
+        if let Ok(mut w) = lane.window.lock() {
             w.inferences += 1;
             w.latency.record(us);
             if has_nan(inputs) {
@@ -582,7 +669,8 @@ impl Serving {
                             Ok(b) => !agree(outputs, b),
                             Err(_) => true,
                         });
-                        self.capture(&mut w, (request_id, now_ms), inputs, outputs, disagreed);
+                        let at = (request_id, now_ms);
+                        self.capture((&lane, &mut w), at, inputs, outputs, disagreed);
                     }
                     if let (Some((sr, sus)), Ok(a)) = (&shadow_result, &result) {
                         w.shadow.compared += 1;
@@ -695,7 +783,7 @@ mod tests {
     #[test]
     fn sampled_inputs_are_kept_by_the_capture_policy_within_its_budget() {
         let s = Serving::new(1_000_000);
-        s.swap_active(Some(softmax_model("m")));
+        s.swap_active("m", Some(softmax_model("m")));
         s.set_capture(CaptureConfig {
             keep: capture::Keep::LowConfidence,
             per_minute: 2,
@@ -711,7 +799,7 @@ mod tests {
         }
         // The next minute has room again.
         s.infer("m", None, &x(0.0, 0.0), 61_000).unwrap();
-        let w = s.take_window();
+        let (_, _, _, w) = s.take_windows().pop().unwrap();
         assert_eq!(w.samples.len(), 3);
         assert!(w.samples.iter().all(|x| x.features == [0.0, 0.0]));
         let t = &s.totals;
@@ -722,6 +810,37 @@ mod tests {
             "per_minute"
         );
         assert_eq!(Dropped::ALL[0], Dropped::Minute);
+    }
+
+    #[test]
+    fn each_model_has_its_own_window_and_capture_budget() {
+        let s = Serving::new(1_000_000);
+        s.swap_active("a", Some(softmax_model("a")));
+        s.swap_active("b", Some(softmax_model("b")));
+        s.set_capture(CaptureConfig {
+            keep: capture::Keep::LowConfidence,
+            per_minute: 2,
+            ..CaptureConfig::default()
+        });
+        // Three uncertain requests each in one minute: two kept per model, not two in all.
+        for _ in 0..3 {
+            s.infer("a", None, &x(0.0, 0.0), 1_000).unwrap();
+            s.infer("b", None, &x(0.0, 0.0), 1_000).unwrap();
+        }
+        s.infer("b", None, &x(5.0, 0.0), 1_000).unwrap();
+        let w = s.take_windows();
+        let names: Vec<&str> = w.iter().map(|(n, ..)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!((w[0].3.inferences, w[1].3.inferences), (3, 4));
+        assert_eq!((w[0].3.samples.len(), w[1].3.samples.len()), (2, 2));
+        assert_eq!(w[0].1.as_ref().unwrap().model_ref.name, "a");
+        // Removing one model leaves the other serving.
+        s.remove("a");
+        assert!(matches!(
+            s.infer("a", None, &x(0.0, 0.0), 2_000),
+            Err(InferError::UnknownModel(_))
+        ));
+        s.infer("b", None, &x(0.0, 0.0), 2_000).unwrap();
     }
 
     #[test]

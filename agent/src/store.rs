@@ -32,13 +32,14 @@ pub struct Kept {
 impl Kept {
     pub fn of(state: &State) -> Kept {
         let mut k = Kept::default();
-        let slots = [&state.active, &state.previous, &state.shadow];
-        for slot in slots.into_iter().flatten() {
-            k.blobs.insert(hex32(&slot.manifest.sha256));
-        }
-        if let Some(p) = &state.pending {
-            k.blobs.insert(hex32(&p.manifest.sha256));
-            k.partials.insert(hex32(&p.model.digest));
+        for slots in state.models.values() {
+            for slot in slots.installed() {
+                k.blobs.insert(hex32(&slot.manifest.sha256));
+            }
+            if let Some(p) = &slots.pending {
+                k.blobs.insert(hex32(&p.manifest.sha256));
+                k.partials.insert(hex32(&p.model.digest));
+            }
         }
         k
     }
@@ -165,7 +166,7 @@ fn chunk_len(m: &Manifest, index: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::{Pending, Slot, SlotState};
+    use crate::machine::{Pending, Slot, SlotState, Slots};
     use drover_protocol::manifest::{chunk_hashes, Lineage};
     use drover_protocol::messages::{DeployMode, ModelRef};
     use drover_protocol::trust::{sha256, KeyId, SigKind, SignedBlob};
@@ -229,7 +230,7 @@ mod tests {
         }
         touch(d, "downloads", ".x.bitmap.tmp");
         touch(d, "blobs", "unrelated.txt");
-        let state = State {
+        let slots = Slots {
             active: slot(90),
             previous: slot(89),
             shadow: slot(3),
@@ -246,6 +247,9 @@ mod tests {
                 model: model(7),
                 mode: DeployMode::Activate,
             }),
+        };
+        let state = State {
+            models: [("m".to_owned(), slots)].into(),
             ..State::default()
         };
         let c = collect(d, &Kept::of(&state)).unwrap();

@@ -32,8 +32,11 @@ async fn metrics(State(s): State<Shared>) -> Response {
     gauges(&mut out, &s);
     let t = &s.serving.totals;
     let o = &mut out;
-    if let Some(m) = s.serving.active() {
-        prom::header(o, "drover_agent_model_info", "gauge", "The serving model.");
+    let actives = s.serving.actives();
+    if !actives.is_empty() {
+        prom::header(o, "drover_agent_model_info", "gauge", "The serving models.");
+    }
+    for m in actives {
         let r = &m.model_ref;
         prom::sample(
             o,
@@ -197,7 +200,7 @@ fn gauges(o: &mut String, s: &Shared) {
         (
             "drover_agent_model_loaded",
             "1 when a model is serving.",
-            f64::from(u8::from(s.serving.active().is_some())),
+            f64::from(u8::from(s.serving.any_active())),
         ),
     ] {
         prom::single(o, name, "gauge", help, v);

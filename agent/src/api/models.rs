@@ -41,8 +41,8 @@ fn shadow_reason(shadow: &Loaded, active: Option<&Loaded>) -> String {
 /// the shadow candidate present but not ready; anything else is unknown (a 404 with
 /// this reason).
 pub fn find(serving: &Serving, name: &str, version: Option<&str>) -> Result<Found, String> {
-    let active = serving.active().filter(|m| m.model_ref.name == name);
-    let shadow = serving.shadow().filter(|m| m.model_ref.name == name);
+    let active = serving.active(name);
+    let shadow = serving.shadow(name);
     let matches = |m: &Arc<Loaded>| version.is_none_or(|v| m.model_ref.version == v);
     if let Some(a) = active.as_ref().filter(|m| matches(m)) {
         return Ok(Found::Ready(a.clone()));
@@ -80,8 +80,7 @@ fn metadata(serving: &Serving, name: &str, version: Option<&str>) -> Response {
     };
     // `versions` lists what may be served on request: the active version.
     let versions: Vec<String> = serving
-        .active()
-        .filter(|a| a.model_ref.name == name)
+        .active(name)
         .map(|a| a.model_ref.version.clone())
         .into_iter()
         .collect();
@@ -156,18 +155,18 @@ pub async fn repository_index(State(s): State<Shared>, body: Bytes) -> Response 
             }
         }
     };
-    let active = s.serving.active();
+    // Every model served here, in name order: its active version, then its shadow.
     let mut index = Vec::new();
-    if let Some(a) = &active {
+    for a in s.serving.actives() {
         index.push(json!({
             "name": a.model_ref.name, "version": a.model_ref.version, "state": "READY",
         }));
-    }
-    if let Some(sh) = s.serving.shadow().filter(|_| !req.ready) {
-        index.push(json!({
-            "name": sh.model_ref.name, "version": sh.model_ref.version, "state": "UNAVAILABLE",
-            "reason": shadow_reason(&sh, active.as_deref()),
-        }));
+        if let Some(sh) = s.serving.shadow(&a.model_ref.name).filter(|_| !req.ready) {
+            index.push(json!({
+                "name": sh.model_ref.name, "version": sh.model_ref.version,
+                "state": "UNAVAILABLE", "reason": shadow_reason(&sh, Some(&a)),
+            }));
+        }
     }
     Json(Value::Array(index)).into_response()
 }

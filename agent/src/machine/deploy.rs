@@ -3,7 +3,8 @@
 //! open → download (chunks asked for [`CHUNK_BATCH`] at a time, re-asked after
 //! [`CHUNK_RETRY_MS`], each verified before it is written) → finish (whole-file hash) →
 //! load and self-test → activate (probation, then healthy or rolled back) or shadow;
-//! rollback and promote commands.
+//! rollback, promote and remove commands. Everything here acts on one named slot: the job,
+//! probation and restore of model A are keyed by A's name, so B's never see them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,7 +12,7 @@ use drover_protocol::messages::{ChunkData, ChunkRequest, DeployMode, ModelRef, P
 use drover_protocol::topics;
 use drover_protocol::trust::{verify_chunk, Digest, SignedBlob};
 
-use super::{CommandId, Effect, Event, Machine, Pending, Slot, SlotState, Stored};
+use super::{CommandId, Effect, Event, Machine, Pending, Slot, SlotState, Slots, Stored};
 
 /// Chunks asked for in one request (bounded so one request cannot flood the broker).
 pub const CHUNK_BATCH: usize = 64;
@@ -123,7 +124,8 @@ fn attempts_failed(n: u32, reason: &str) -> String {
 }
 
 impl Machine {
-    /// Verifies a deploy's manifest; the result becomes the pending deployment.
+    /// Verifies a deploy's manifest and checks the budget; the result becomes the named
+    /// slot's pending deployment.
     pub(super) fn prepare_deploy(
         &self,
         cmd: CommandId,
@@ -143,13 +145,19 @@ impl Machine {
             version: manifest.version.clone(),
             digest: blob.digest(),
         };
-        if mode == DeployMode::Activate
-            && self.state.active.as_ref().map(|a| &a.model) == Some(&model)
-        {
+        let active = self.state.slot(&model.name).and_then(|s| s.active.as_ref());
+        if mode == DeployMode::Activate && active.map(|a| &a.model) == Some(&model) {
             return Err(Refusal {
                 model: Some(model),
                 phase: Phase::Healthy,
                 detail: "already active".into(),
+            });
+        }
+        if let Err(detail) = self.check_budget(&manifest, mode) {
+            return Err(Refusal {
+                model: Some(model),
+                phase: Phase::Refused,
+                detail,
             });
         }
         Ok(Pending {
@@ -162,10 +170,18 @@ impl Machine {
         })
     }
 
-    /// Ends the deployment in flight because a newer command about the model arrived;
-    /// the record on disk no longer names it (the command's write replaced `pending`).
-    pub(super) fn supersede_job(&mut self, by_seq: u64) {
-        let Some(old) = self.job.take() else { return };
+    /// The named slot, created empty if the device holds nothing of that name.
+    pub(super) fn slots_mut(&mut self, name: &str) -> &mut Slots {
+        self.state.models.entry(name.to_owned()).or_default()
+    }
+
+    /// Ends the named slot's deployment in flight because a newer command about that
+    /// model arrived; the record on disk no longer names it (the command's write replaced
+    /// the slot's `pending`). Other slots' deployments go on.
+    pub(super) fn supersede_job(&mut self, name: &str, by_seq: u64) {
+        let Some(old) = self.job.remove(name) else {
+            return;
+        };
         let p = old.pending;
         self.drop_download(&p);
         let detail = Some(format!("superseded by command {by_seq}"));
@@ -184,10 +200,14 @@ impl Machine {
             manifest_digest: pending.model.digest,
             manifest: pending.manifest.clone(),
         });
-        self.job = Some(Job {
-            pending,
-            stage: Stage::Opening,
-        });
+        let name = pending.model.name.clone();
+        self.job.insert(
+            name,
+            Job {
+                pending,
+                stage: Stage::Opening,
+            },
+        );
     }
 
     fn drop_download(&mut self, p: &Pending) {
@@ -196,21 +216,26 @@ impl Machine {
         self.emit(Effect::CloseDownload { manifest_digest });
     }
 
-    /// The job in flight if it is for this model and at this stage.
-    fn job_at(&mut self, digest: Digest, stage: fn(&Stage) -> bool) -> Option<&mut Job> {
+    /// The name of the job in flight for this model if it is at this stage (a manifest
+    /// digest names one model, so at most one slot's job matches).
+    fn job_at(&self, digest: Digest, stage: fn(&Stage) -> bool) -> Option<String> {
         self.job
-            .as_mut()
-            .filter(|j| j.pending.model.digest == digest && stage(&j.stage))
+            .iter()
+            .find(|(_, j)| j.pending.model.digest == digest && stage(&j.stage))
+            .map(|(n, _)| n.clone())
     }
 
     pub(super) fn on_opened(&mut self, digest: Digest, stored: Stored) {
         let connected = self.connected;
-        let Some(job) = self.job_at(digest, |s| matches!(s, Stage::Opening)) else {
+        let Some(name) = self.job_at(digest, |s| matches!(s, Stage::Opening)) else {
             return;
         };
         let have = match stored {
-            Stored::Blob => return self.verified(),
+            Stored::Blob => return self.verified(&name),
             Stored::Chunks(have) => have,
+        };
+        let Some(job) = self.job.get_mut(&name) else {
+            return;
         };
         let total = job.pending.manifest.chunk_count();
         let have = if have.len() == total as usize {
@@ -231,7 +256,7 @@ impl Machine {
         let (cmd, model) = (command_of(&job.pending), job.pending.model.clone());
         self.progress(cmd, Some(model), Phase::Downloading, (done, total), None);
         if done == total {
-            self.finish();
+            self.finish(&name);
         } else if connected {
             self.emit(Effect::Subscribe(topics::model_chunks(&digest)));
         }
@@ -240,17 +265,20 @@ impl Machine {
     /// The store could not open, or the whole file failed its check.
     pub(super) fn on_store_failed(&mut self, digest: Digest, error: String) {
         let at = |s: &Stage| matches!(s, Stage::Opening | Stage::Finishing);
-        if self.job_at(digest, at).is_some() {
-            self.fail_job(error);
+        if let Some(name) = self.job_at(digest, at) {
+            self.fail_job(&name, error);
         }
     }
 
-    /// Ends the job in flight as failed.
-    fn fail_job(&mut self, detail: String) {
-        let Some(job) = self.job.take() else { return };
+    /// Ends the named slot's job in flight as failed.
+    fn fail_job(&mut self, name: &str, detail: String) {
+        let Some(job) = self.job.remove(name) else {
+            return;
+        };
         let p = job.pending;
         self.drop_download(&p);
-        self.state.pending = None;
+        self.slots_mut(name).pending = None;
+        self.state.prune();
         self.persist();
         self.event(Event::InstallFailed {
             command_seq: p.command_seq,
@@ -264,34 +292,44 @@ impl Machine {
         );
     }
 
-    /// After a (re)connect the chunk topic is subscribed again and chunks re-asked.
+    /// After a (re)connect the chunk topics are subscribed again and chunks re-asked.
     pub(super) fn resubscribe_chunks(&mut self) {
-        let Some(job) = &mut self.job else { return };
-        if let Stage::Downloading(d) = &mut job.stage {
-            d.last_request_ms = None;
-            let topic = topics::model_chunks(&job.pending.model.digest);
-            self.emit(Effect::Subscribe(topic));
+        let mut topics = Vec::new();
+        for job in self.job.values_mut() {
+            if let Stage::Downloading(d) = &mut job.stage {
+                d.last_request_ms = None;
+                topics.push(topics::model_chunks(&job.pending.model.digest));
+            }
+        }
+        for t in topics {
+            self.emit(Effect::Subscribe(t));
         }
     }
 
-    pub(super) fn chunk_retry_due(&self) -> bool {
-        match self.job.as_ref().map(|j| &j.stage) {
-            Some(Stage::Downloading(d)) => d
+    /// The slots whose chunk requests are due again.
+    pub(super) fn chunk_retries_due(&self) -> Vec<String> {
+        let due = |j: &Job| match &j.stage {
+            Stage::Downloading(d) => d
                 .last_request_ms
                 .is_none_or(|t| self.now.saturating_sub(t) >= CHUNK_RETRY_MS),
             _ => false,
-        }
+        };
+        self.job
+            .iter()
+            .filter(|(_, j)| due(j))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// The retry timer ran out: a request that brought no chunk is a failed attempt.
-    pub(super) fn retry_chunks(&mut self) {
+    pub(super) fn retry_chunks(&mut self, name: &str) {
         if !self.connected {
             return;
         }
         let Some(Job {
             stage: Stage::Downloading(d),
             ..
-        }) = &mut self.job
+        }) = self.job.get_mut(name)
         else {
             return;
         };
@@ -301,19 +339,23 @@ impl Machine {
                 let missing = d.have.iter().filter(|h| !**h).count();
                 let total = d.have.len();
                 let reason = format!("no chunk served ({missing} of {total} missing)");
-                return self.fail_job(attempts_failed(MAX_SILENT_REQUESTS, &reason));
+                return self.fail_job(name, attempts_failed(MAX_SILENT_REQUESTS, &reason));
             }
         }
-        self.request_chunks();
+        self.request_chunks(name);
     }
 
     /// A chunk failed its check or its write: asked for again, up to
     /// [`MAX_CHUNK_ATTEMPTS`] times, then the deployment fails with the reason.
     pub(super) fn chunk_failed(&mut self, digest: Digest, index: u32, reason: String) {
-        let Some(job) = self.job_at(digest, |s| matches!(s, Stage::Downloading(_))) else {
+        let Some(name) = self.job_at(digest, |s| matches!(s, Stage::Downloading(_))) else {
             return self.event(Event::ChunkRefused { index, reason });
         };
-        let Stage::Downloading(d) = &mut job.stage else {
+        let Some(Job {
+            stage: Stage::Downloading(d),
+            ..
+        }) = self.job.get_mut(&name)
+        else {
             return;
         };
         let n = d.failures.entry(index).or_insert(0);
@@ -322,16 +364,18 @@ impl Machine {
         let detail = format!("chunk {index}: {reason}");
         self.event(Event::ChunkRefused { index, reason });
         if give_up {
-            self.fail_job(attempts_failed(MAX_CHUNK_ATTEMPTS, &detail));
+            self.fail_job(&name, attempts_failed(MAX_CHUNK_ATTEMPTS, &detail));
         }
     }
 
-    pub(super) fn request_chunks(&mut self) {
+    pub(super) fn request_chunks(&mut self, name: &str) {
         if !self.connected {
             return;
         }
         let now = self.now;
-        let Some(job) = &mut self.job else { return };
+        let Some(job) = self.job.get_mut(name) else {
+            return;
+        };
         let Stage::Downloading(d) = &mut job.stage else {
             return;
         };
@@ -354,8 +398,11 @@ impl Machine {
     /// A chunk off the shared topic: every device downloading the model receives every
     /// chunk any of them asked for, so most are for other devices or already held.
     pub(super) fn on_chunk(&mut self, c: ChunkData) {
-        let Some(job) = self.job_at(c.manifest_digest, |s| matches!(s, Stage::Downloading(_)))
-        else {
+        let at = |s: &Stage| matches!(s, Stage::Downloading(_));
+        let Some(name) = self.job_at(c.manifest_digest, at) else {
+            return;
+        };
+        let Some(job) = self.job.get(&name) else {
             return;
         };
         let Stage::Downloading(d) = &job.stage else {
@@ -363,7 +410,7 @@ impl Machine {
         };
         if d.have.get(c.index as usize) == Some(&true) {
             // Held already: nothing is written, so its hash need not be checked again.
-            return self.after_chunk(c.index);
+            return self.after_chunk(&name, c.index);
         }
         if let Err(e) = verify_chunk(&job.pending.manifest, c.index, &c.data) {
             // A bad chunk is dropped and asked for again; it never reaches the store.
@@ -377,10 +424,14 @@ impl Machine {
     }
 
     pub(super) fn on_chunk_written(&mut self, digest: Digest, index: u32) {
-        let Some(job) = self.job_at(digest, |s| matches!(s, Stage::Downloading(_))) else {
+        let Some(name) = self.job_at(digest, |s| matches!(s, Stage::Downloading(_))) else {
             return;
         };
-        if let Stage::Downloading(d) = &mut job.stage {
+        if let Some(Job {
+            stage: Stage::Downloading(d),
+            ..
+        }) = self.job.get_mut(&name)
+        {
             d.silent = 0;
             if let Some(h) = d.have.get_mut(index as usize) {
                 if !*h {
@@ -389,12 +440,14 @@ impl Machine {
                 }
             }
         }
-        self.after_chunk(index);
+        self.after_chunk(&name, index);
     }
 
     /// Progress every quarter, install when complete, the next batch when this one is in.
-    fn after_chunk(&mut self, index: u32) {
-        let Some(job) = &mut self.job else { return };
+    fn after_chunk(&mut self, name: &str, index: u32) {
+        let Some(job) = self.job.get_mut(name) else {
+            return;
+        };
         let Stage::Downloading(d) = &mut job.stage else {
             return;
         };
@@ -408,32 +461,33 @@ impl Machine {
             self.progress(cmd, Some(model), Phase::Downloading, (done, total), None);
         }
         if done == total {
-            self.finish();
+            self.finish(name);
         } else if batch_done {
-            self.request_chunks();
+            self.request_chunks(name);
         }
     }
 
     /// Every chunk is in: the store checks the whole file.
-    fn finish(&mut self) {
-        let Some(job) = &mut self.job else { return };
+    fn finish(&mut self, name: &str) {
+        let Some(job) = self.job.get_mut(name) else {
+            return;
+        };
         job.stage = Stage::Finishing;
         let manifest_digest = job.pending.model.digest;
         self.emit(Effect::FinishDownload { manifest_digest });
     }
 
     pub(super) fn on_blob_ready(&mut self, digest: Digest) {
-        if self
-            .job_at(digest, |s| matches!(s, Stage::Finishing))
-            .is_some()
-        {
-            self.verified();
+        if let Some(name) = self.job_at(digest, |s| matches!(s, Stage::Finishing)) {
+            self.verified(&name);
         }
     }
 
     /// The verified file is in the store: load and self-test it.
-    fn verified(&mut self) {
-        let Some(job) = &mut self.job else { return };
+    fn verified(&mut self, name: &str) {
+        let Some(job) = self.job.get_mut(name) else {
+            return;
+        };
         job.stage = Stage::SelfTesting;
         let p = &job.pending;
         let (cmd, model, manifest) = (command_of(p), p.model.clone(), p.manifest.clone());
@@ -454,29 +508,31 @@ impl Machine {
         });
     }
 
+    /// The slot whose rollback waits for this model to load.
+    fn restore_of(&self, digest: Digest) -> Option<String> {
+        self.restore
+            .iter()
+            .find(|(_, r)| r.prev.model.digest == digest)
+            .map(|(n, _)| n.clone())
+    }
+
     pub(super) fn on_loaded(&mut self, digest: Digest) {
-        if self
-            .job_at(digest, |s| matches!(s, Stage::SelfTesting))
-            .is_some()
-        {
-            if let Some(job) = self.job.take() {
+        if let Some(name) = self.job_at(digest, |s| matches!(s, Stage::SelfTesting)) {
+            if let Some(job) = self.job.remove(&name) {
                 self.installed(job.pending);
             }
-        } else if self.restore.as_ref().map(|r| r.prev.model.digest) == Some(digest) {
-            if let Some(r) = self.restore.take() {
-                self.restored(r);
+        } else if let Some(name) = self.restore_of(digest) {
+            if let Some(r) = self.restore.remove(&name) {
+                self.restored(&name, r);
             }
         }
     }
 
     pub(super) fn on_load_failed(&mut self, digest: Digest, error: String) {
-        if self
-            .job_at(digest, |s| matches!(s, Stage::SelfTesting))
-            .is_some()
-        {
-            self.fail_job(format!("self-test failed: {error}"));
-        } else if self.restore.as_ref().map(|r| r.prev.model.digest) == Some(digest) {
-            if let Some(r) = self.restore.take() {
+        if let Some(name) = self.job_at(digest, |s| matches!(s, Stage::SelfTesting)) {
+            self.fail_job(&name, format!("self-test failed: {error}"));
+        } else if let Some(name) = self.restore_of(digest) {
+            if let Some(r) = self.restore.remove(&name) {
                 self.progress(r.cmd, None, Phase::Failed, (0, 0), Some(error));
             }
         }
@@ -494,6 +550,7 @@ impl Machine {
             (total, total),
             None,
         );
+        let name = p.model.name.clone();
         let mut slot = Slot {
             model: p.model,
             manifest: p.manifest,
@@ -508,10 +565,11 @@ impl Machine {
             }
             DeployMode::Shadow => {
                 let model = slot.model.clone();
-                self.state.shadow = Some(slot);
-                self.state.pending = None;
+                let slots = self.slots_mut(&name);
+                slots.shadow = Some(slot);
+                slots.pending = None;
                 self.persist();
-                self.emit(Effect::ShadowLoaded);
+                self.emit(Effect::ShadowLoaded { model: name });
                 self.progress(cmd, Some(model), Phase::Shadowing, (total, total), None);
             }
         }
@@ -523,38 +581,51 @@ impl Machine {
 
     fn activate(&mut self, slot: Slot, from: Source, cmd: Option<CommandId>) {
         let model = slot.model.clone();
+        let name = model.name.clone();
         self.crash_point("activate.before_state_persist");
+        let slots = self.slots_mut(&name);
         // The outgoing model becomes the rollback target only if it had proved healthy.
-        if let Some(old) = self.state.active.take() {
+        if let Some(old) = slots.active.take() {
             if old.state == SlotState::Healthy {
-                self.state.previous = Some(old);
+                slots.previous = Some(old);
             }
         }
-        self.state.active = Some(slot);
-        self.state.pending = None;
+        slots.active = Some(slot);
+        slots.pending = None;
         self.persist();
         self.crash_point("activate.after_state_persist");
         self.emit(match from {
-            Source::Loaded => Effect::ServeLoaded,
-            Source::Shadow => Effect::PromoteShadow,
+            Source::Loaded => Effect::ServeLoaded {
+                model: name.clone(),
+            },
+            Source::Shadow => Effect::PromoteShadow {
+                model: name.clone(),
+            },
         });
         self.crash_point("activate.after_swap");
         if let Some(cmd) = cmd {
             self.progress(cmd, Some(model), Phase::Active, (0, 0), None);
         }
-        self.probation = Some(Probation {
-            until_ms: self.now.saturating_add(self.cfg.probation_ms),
-            cmd,
-        });
+        let until_ms = self.now.saturating_add(self.cfg.probation_ms);
+        self.probation.insert(name, Probation { until_ms, cmd });
     }
 
-    pub(super) fn end_probation(&mut self, cmd: Option<CommandId>, errors: u64, ok: u64) {
-        let Some(model) = self.state.active.as_ref().map(|a| a.model.clone()) else {
+    fn active_mut(&mut self, name: &str) -> Option<&mut Slot> {
+        self.state.models.get_mut(name)?.active.as_mut()
+    }
+
+    pub(super) fn end_probation(
+        &mut self,
+        name: &str,
+        cmd: Option<CommandId>,
+        (errors, ok): (u64, u64),
+    ) {
+        let Some(model) = self.active_mut(name).map(|a| a.model.clone()) else {
             return;
         };
         if probation_passed(errors, ok) {
             self.crash_point("healthy.before_persist");
-            if let Some(a) = &mut self.state.active {
+            if let Some(a) = self.active_mut(name) {
                 a.state = SlotState::Healthy;
                 a.unhealthy_boots = 0;
             }
@@ -563,7 +634,7 @@ impl Machine {
             if let Some(cmd) = cmd {
                 self.progress(cmd, Some(model), Phase::Healthy, (0, 0), None);
                 // Reported (spooled): forget the command so a restart does not report again.
-                if let Some(a) = &mut self.state.active {
+                if let Some(a) = self.active_mut(name) {
                     a.activated_by = None;
                 }
                 self.persist();
@@ -575,13 +646,20 @@ impl Machine {
                 errors + ok
             );
             let cmd = cmd.unwrap_or((0, [0; 32]));
-            self.roll_back_to_previous(cmd, Phase::RolledBack, Some(detail));
+            self.roll_back_to_previous(name, cmd, Phase::RolledBack, Some(detail));
         }
     }
 
-    /// Loads the previous slot; [`Machine::restored`] swaps it in once loaded.
-    fn roll_back_to_previous(&mut self, cmd: CommandId, phase: Phase, detail: Option<String>) {
-        let Some(prev) = self.state.previous.clone() else {
+    /// Loads the slot's previous model; [`Machine::restored`] swaps it in once loaded.
+    fn roll_back_to_previous(
+        &mut self,
+        name: &str,
+        cmd: CommandId,
+        phase: Phase,
+        detail: Option<String>,
+    ) {
+        let prev = self.state.slot(name).and_then(|s| s.previous.clone());
+        let Some(prev) = prev else {
             let detail = Some("no previous model to roll back to".into());
             return self.progress(cmd, None, Phase::Failed, (0, 0), detail);
         };
@@ -590,57 +668,90 @@ impl Machine {
             manifest: prev.manifest.clone(),
             self_test: false,
         });
-        self.restore = Some(Restore {
+        let r = Restore {
             cmd,
             phase,
             detail,
             prev,
-        });
+        };
+        self.restore.insert(name.to_owned(), r);
     }
 
-    fn restored(&mut self, r: Restore) {
-        let mut bad = self.state.active.take();
+    fn restored(&mut self, name: &str, r: Restore) {
+        let model = r.prev.model.clone();
+        let slots = self.slots_mut(name);
+        let mut bad = slots.active.take();
         if let Some(b) = &mut bad {
             b.state = SlotState::RolledBack;
         }
-        let model = r.prev.model.clone();
-        self.state.active = Some(r.prev);
-        self.state.previous = bad;
-        self.probation = None;
+        slots.active = Some(r.prev);
+        slots.previous = bad;
+        self.probation.remove(name);
         self.persist();
-        self.emit(Effect::ServeLoaded);
+        self.emit(Effect::ServeLoaded {
+            model: name.to_owned(),
+        });
         self.progress(r.cmd, Some(model), r.phase, (0, 0), r.detail);
     }
 
-    pub(super) fn rollback(&mut self, cmd: CommandId, to: Option<ModelRef>) {
+    pub(super) fn rollback(&mut self, name: &str, cmd: CommandId, to: Option<ModelRef>) {
         // A rollback ends the rollout: a candidate still in shadow goes too (on disk
         // first, so a failed write leaves it running as the record says).
-        if self.state.shadow.take().is_some() {
-            self.persist();
-            self.emit(Effect::DropShadow);
+        if let Some(s) = self.state.models.get_mut(name) {
+            if s.shadow.take().is_some() {
+                self.persist();
+                let model = name.to_owned();
+                self.emit(Effect::DropShadow { model });
+            }
         }
         if let Some(to) = to {
+            let slots = self.state.slot(name);
             // Already where the command wants it (e.g. the candidate never activated, or
             // the agent rolled it back itself): nothing to do.
-            if self.state.active.as_ref().map(|a| &a.model) == Some(&to) {
-                self.probation = None;
+            if slots.and_then(|s| s.active.as_ref()).map(|a| &a.model) == Some(&to) {
+                self.probation.remove(name);
                 return self.progress(cmd, Some(to), Phase::Done, (0, 0), None);
             }
-            if self.state.previous.as_ref().map(|p| &p.model) != Some(&to) {
+            if slots.and_then(|s| s.previous.as_ref()).map(|p| &p.model) != Some(&to) {
                 let detail = Some("requested model is not the previous slot".into());
                 return self.progress(cmd, Some(to), Phase::Failed, (0, 0), detail);
             }
         }
-        self.roll_back_to_previous(cmd, Phase::Done, None);
+        self.roll_back_to_previous(name, cmd, Phase::Done, None);
     }
 
-    pub(super) fn promote(&mut self, cmd: CommandId) {
-        let Some(mut slot) = self.state.shadow.take() else {
+    pub(super) fn promote(&mut self, name: &str, cmd: CommandId) {
+        let shadow = self
+            .state
+            .models
+            .get_mut(name)
+            .and_then(|s| s.shadow.take());
+        let Some(mut slot) = shadow else {
             let detail = Some("no shadow model to promote".into());
             return self.progress(cmd, None, Phase::Failed, (0, 0), detail);
         };
         slot.state = SlotState::Active;
         slot.activated_by = Some(cmd);
         self.activate(slot, Source::Shadow, Some(cmd));
+    }
+
+    /// Unloads the named model and frees its slot: the record forgets it (its files are
+    /// collected after the write), so its budget is free again. Its deployment in flight
+    /// was superseded with the command.
+    pub(super) fn remove(&mut self, name: &str, cmd: CommandId) {
+        self.probation.remove(name);
+        self.restore.remove(name);
+        let Some(slots) = self.state.models.remove(name) else {
+            let detail = Some(format!(
+                "nothing to remove: no model {name:?} on this device"
+            ));
+            return self.progress(cmd, None, Phase::Done, (0, 0), detail);
+        };
+        self.persist();
+        self.emit(Effect::Unload {
+            model: name.to_owned(),
+        });
+        let model = slots.active.map(|a| a.model);
+        self.progress(cmd, model, Phase::Done, (0, 0), None);
     }
 }

@@ -8,6 +8,15 @@
 //! Deployment: Received → Downloading → Verified → SelfTested → Active → Healthy, or
 //! Failed / RolledBack / Refused; every step is persisted before it is reported.
 //!
+//! Named model slots (protocol 2, issue 17): the record keeps one [`Slots`] per model name
+//! (A/B pair, shadow, pending deployment), and the deployment job, probation and restore
+//! are kept per name. A deploy goes to the slot its manifest names; `RollbackModel`,
+//! `PromoteModel` and `RemoveModel` act on the slot they name; protocol 1's `Rollback`
+//! and `Promote` act on the slot their model names, or the only one. A command about one
+//! slot supersedes only that slot's deployment in flight. After a `HelloAck` that
+//! negotiated protocol 2 the machine sends a `Models` report, and again whenever a slot
+//! changes; under protocol 1 it never does.
+//!
 //! Contract with a driver:
 //! - Effects run in order. An effect that asks the store or the runtime something
 //!   ([`Effect::is_ask`]: open a download, write a chunk, finish a download, load a model)
@@ -26,15 +35,18 @@
 //!
 //! Layout: this file holds inputs, effects, uplink sealing, the session, keyrings and
 //! commands; `deploy.rs` the download → install → activate → probation → rollback and
-//! promote path; `record.rs` the durable record's plain types (`crate::state` owns its
+//! promote path, per slot; `budget.rs` the `[models]` budget and the `Models` report;
+//! `record.rs` the durable record's plain types (`crate::state` owns its
 //! on-disk form); `tests.rs` and `tests_deploy.rs` pure unit tests, one per transition;
 //! `tests_race.rs` the redeploy race: unit tests and a property test over interleavings
 //! of commands, chunks, kills and restarts; `tests_faults.rs` a full disk and a model the
-//! server cannot serve.
+//! server cannot serve; `tests_slots.rs` several named slots side by side.
 //!
 //! Architecture invariant: no tokio, no MQTT client, no file system, no clock, no tract.
 //! Time comes in as `now_ms`; anything slow or fallible outside is an effect.
 
+mod budget;
+mod commands;
 mod deploy;
 mod record;
 #[cfg(test)]
@@ -45,32 +57,33 @@ mod tests_deploy;
 mod tests_faults;
 #[cfg(test)]
 mod tests_race;
+#[cfg(test)]
+mod tests_slots;
 
 use std::collections::BTreeMap;
 
 use drover_protocol::envelope::{self, DecodeError, UplinkFrame};
 use drover_protocol::manifest::Manifest;
 use drover_protocol::messages::{
-    Action, ChunkData, Command, DeployMode, Downlink, Hello, KeyringRefused, ModelRef, Phase,
-    Presence, Progress, Status, Uplink,
+    ChunkData, DeployMode, Downlink, Hello, ModelBudget, ModelRef, ModelsReport, Phase, Presence,
+    Progress, Status, Uplink,
 };
 use drover_protocol::topics::{self, ParsedTopic};
+// The unit tests (`use super::*`) name commands and keyring refusals.
+#[cfg(test)]
+use drover_protocol::messages::{Action, Command, KeyringRefused};
 use drover_protocol::trust::{Digest, SignedBlob, TrustError, TrustStore};
 use drover_protocol::{DeviceId, DeviceKey, MIN_PROTOCOL_VERSION};
 
-/// The newest protocol this agent announces in its hello. It serves one model, so it
-/// stays at 1 until it keeps a slot per model name: protocol 2's named-model commands
-/// are refused with [`ONE_MODEL_ONLY`] (a control plane never sends them to it).
-pub const SPEAKS_PROTOCOL: u16 = 1;
-/// Why a protocol 2 command is refused.
-pub const ONE_MODEL_ONLY: &str =
-    "named-model commands (protocol 2) are not supported: this agent serves one model and speaks protocol 1";
+/// The newest protocol this agent announces in its hello: 2, named model slots.
+pub const SPEAKS_PROTOCOL: u16 = 2;
 
+pub use budget::{human, memory_estimate, MEMORY_PER_FILE_BYTE, MEMORY_PER_MODEL};
 pub use deploy::{
     probation_passed, CHUNK_BATCH, CHUNK_RETRY_MS, MAX_CHUNK_ATTEMPTS, MAX_SILENT_REQUESTS,
     PROBATION_MAX_ERROR_RATE,
 };
-pub use record::{Pending, Settings, Slot, SlotState, State};
+pub use record::{Pending, Settings, Slot, SlotState, Slots, State};
 
 /// Uplink sequence numbers reserved per state write.
 const SEQ_BLOCK: u64 = 1000;
@@ -92,8 +105,8 @@ pub type CommandId = (u64, Digest);
 struct Undo {
     cmd: CommandId,
     state: State,
-    job: Option<deploy::Job>,
-    probation: Option<deploy::Probation>,
+    job: BTreeMap<String, deploy::Job>,
+    probation: BTreeMap<String, deploy::Probation>,
 }
 
 /// Who this device is and how it behaves.
@@ -108,6 +121,8 @@ pub struct Config {
     pub os: String,
     /// How long a newly activated model serves before its probation verdict.
     pub probation_ms: u64,
+    /// The `[models]` budget a deploy must fit (reported in the `Models` report).
+    pub budget: ModelBudget,
 }
 
 /// What happens to the machine.
@@ -191,11 +206,11 @@ pub enum Stored {
 }
 
 /// What the served traffic showed, handed in with every tick.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
-    /// Failed and successful requests of the active model since it was activated.
-    pub probation_errors: u64,
-    pub probation_ok: u64,
+    /// Per model name: failed and successful requests of its active model since it was
+    /// activated.
+    pub probation: BTreeMap<String, (u64, u64)>,
     /// Highest local API request id handed out (0 where there is no API).
     pub last_request_id: u64,
 }
@@ -269,13 +284,26 @@ pub enum Effect {
         manifest: Manifest,
         self_test: bool,
     },
-    /// Serve the model just loaded (in-flight requests finish on the old one).
-    ServeLoaded,
-    /// Run the model just loaded in shadow beside the active one.
-    ShadowLoaded,
-    /// The shadow model becomes the active one.
-    PromoteShadow,
-    DropShadow,
+    /// Serve the model just loaded in its slot (in-flight requests finish on the old one;
+    /// other slots are not touched).
+    ServeLoaded {
+        model: String,
+    },
+    /// Run the model just loaded in shadow beside the named slot's active one.
+    ShadowLoaded {
+        model: String,
+    },
+    /// The named slot's shadow model becomes its active one.
+    PromoteShadow {
+        model: String,
+    },
+    DropShadow {
+        model: String,
+    },
+    /// Stop serving the named model (active and shadow); its slot is gone from the record.
+    Unload {
+        model: String,
+    },
     /// Something worth a log line or a counter.
     Event(Event),
 }
@@ -377,9 +405,15 @@ pub struct Machine {
     last_keyring_refusal_ms: Option<u64>,
     /// Start of the current refused-downlink report window, and reports sent in it.
     downlink_refusals: (u64, u32),
-    job: Option<deploy::Job>,
-    restore: Option<deploy::Restore>,
-    probation: Option<deploy::Probation>,
+    /// Per model name: the deployment in flight, the rollback waiting for its previous
+    /// model to load, the probation of the model just activated.
+    job: BTreeMap<String, deploy::Job>,
+    restore: BTreeMap<String, deploy::Restore>,
+    probation: BTreeMap<String, deploy::Probation>,
+    /// The protocol the last `HelloAck` negotiated (1 until one arrives in this session).
+    protocol: u16,
+    /// The last `Models` report sent in this session (sent again when it changes).
+    reported: Option<ModelsReport>,
     /// What a command being accepted changed, restored if its write fails.
     undo: Option<Undo>,
     /// The time of the input being handled.
@@ -408,9 +442,11 @@ impl Machine {
             started_ms: now_ms,
             last_keyring_refusal_ms: None,
             downlink_refusals: (0, 0),
-            job: None,
-            restore: None,
-            probation: None,
+            job: BTreeMap::new(),
+            restore: BTreeMap::new(),
+            probation: BTreeMap::new(),
+            protocol: MIN_PROTOCOL_VERSION,
+            reported: None,
             undo: None,
             now: now_ms,
             out: Vec::new(),
@@ -436,6 +472,11 @@ impl Machine {
 
     pub fn connected(&self) -> bool {
         self.connected
+    }
+
+    /// The protocol version negotiated with the control plane in this session.
+    pub fn protocol(&self) -> u16 {
+        self.protocol
     }
 
     /// The telemetry window: the settings' if a Configure command set one, else
@@ -507,7 +548,24 @@ impl Machine {
             Input::Loaded { model } => self.on_loaded(model),
             Input::LoadFailed { model, error } => self.on_load_failed(model, error),
         }
+        self.resume_idle();
+        self.report_models();
         std::mem::take(&mut self.out)
+    }
+
+    /// Sends the `Models` report if a slot changed since the last one, under a negotiated
+    /// protocol 2 only (an old control plane could not decode it). Not after an effect
+    /// that waits for a result: its answer comes back as an input, which reports then.
+    fn report_models(&mut self) {
+        if self.protocol < 2 || !self.connected || self.asked() {
+            return;
+        }
+        let report = self.models_report();
+        if self.reported.as_ref() == Some(&report) {
+            return;
+        }
+        self.reported = Some(report.clone());
+        self.send(Uplink::Models(report), true);
     }
 
     /// Decodes an MQTT message: checks the downlink frame's MAC and device, decodes
@@ -653,43 +711,68 @@ impl Machine {
     }
 
     fn status(&self, presence: Presence) -> Status {
+        // Protocol 1 fields: the first slot (an old control plane knows one model).
+        let first = self.state.first();
         Status {
             presence,
-            active: self.state.active.as_ref().map(|s| s.model.clone()),
-            staged: self.state.pending.as_ref().map(|p| p.model.clone()),
-            shadow: self.state.shadow.as_ref().map(|s| s.model.clone()),
+            active: first
+                .and_then(|s| s.active.as_ref())
+                .map(|s| s.model.clone()),
+            staged: first
+                .and_then(|s| s.pending.as_ref())
+                .map(|p| p.model.clone()),
+            shadow: first
+                .and_then(|s| s.shadow.as_ref())
+                .map(|s| s.model.clone()),
             uptime_s: self.now.saturating_sub(self.started_ms) / 1000,
         }
     }
 
     fn start(&mut self) {
         self.refresh_will();
-        if let Some(a) = &self.state.active {
+        let names: Vec<String> = self.state.models.keys().cloned().collect();
+        for name in &names {
+            let Some(a) = self.state.slot(name).and_then(|s| s.active.clone()) else {
+                continue;
+            };
             if a.state == SlotState::Active {
-                self.probation = Some(deploy::Probation {
-                    until_ms: self.now.saturating_add(self.cfg.probation_ms),
-                    cmd: a.activated_by,
-                });
+                let until_ms = self.now.saturating_add(self.cfg.probation_ms);
+                let cmd = a.activated_by;
+                self.probation
+                    .insert(name.clone(), deploy::Probation { until_ms, cmd });
             }
-        }
-        // Healthy persisted but the report may have died with the process: report again.
-        if let Some(a) = &self.state.active {
+            // Healthy persisted but the report may have died with the process: report again.
             if let (SlotState::Healthy, Some(cmd)) = (a.state, a.activated_by) {
-                let model = a.model.clone();
-                self.progress(cmd, Some(model), Phase::Healthy, (0, 0), None);
-                if let Some(a) = &mut self.state.active {
+                self.progress(cmd, Some(a.model), Phase::Healthy, (0, 0), None);
+                if let Some(a) = self.slots_mut(name).active.as_mut() {
                     a.activated_by = None;
                 }
                 self.persist();
             }
         }
-        if let Some(p) = self.state.pending.clone() {
+        // Pending deployments resume in `resume_idle`, one per batch.
+    }
+
+    /// Resumes a slot's pending deployment that has no job (left by the previous run):
+    /// one per batch, since opening its download waits for the store's answer.
+    fn resume_idle(&mut self) {
+        if self.asked() {
+            return;
+        }
+        let idle = (self.state.models.iter())
+            .find(|(n, s)| s.pending.is_some() && !self.job.contains_key(*n))
+            .and_then(|(_, s)| s.pending.clone());
+        if let Some(p) = idle {
             self.resume(p);
         }
     }
 
     fn on_connected(&mut self) {
         self.connected = true;
+        // Protocol 1 until this session's HelloAck says otherwise (the control plane may
+        // have been replaced by an older one); the Models report is sent again after it.
+        self.protocol = MIN_PROTOCOL_VERSION;
+        self.reported = None;
         self.emit(Effect::Subscribe(topics::downlink(&self.cfg.device_id)));
         self.emit(Effect::Subscribe(topics::keyring()));
         let hello = Uplink::Hello(Hello {
@@ -699,8 +782,12 @@ impl Machine {
             arch: self.cfg.arch.clone(),
             os: self.cfg.os.clone(),
             labels: self.cfg.labels.clone(),
-            active: self.state.active.as_ref().map(|s| s.model.clone()),
-            staged: self.state.pending.as_ref().map(|p| p.model.clone()),
+            active: (self.state.first())
+                .and_then(|s| s.active.as_ref())
+                .map(|s| s.model.clone()),
+            staged: (self.state.first())
+                .and_then(|s| s.pending.as_ref())
+                .map(|p| p.model.clone()),
             last_command_seq: self.state.last_command_seq,
             keyring_version: self.trust.keyring().map(|k| k.version).unwrap_or(0),
         });
@@ -725,6 +812,8 @@ impl Machine {
                     protocol_version: ack.protocol_version,
                     stored_up_to: ack.stored_up_to,
                 });
+                self.protocol = ack.protocol_version.min(SPEAKS_PROTOCOL);
+                self.reported = None;
             }
             Downlink::UplinkAck(ack) => self.emit(Effect::SpoolAck(ack.ranges)),
             Downlink::Keyring(blob) => self.on_keyring(blob),
@@ -732,162 +821,24 @@ impl Machine {
         }
     }
 
-    fn on_keyring(&mut self, blob: SignedBlob) {
-        let current = self.trust.keyring().map(|k| k.version);
-        match self.trust.accept_keyring(&blob, self.now) {
-            Ok(k) => {
-                let version = k.version;
-                if Some(version) != current {
-                    self.event(Event::KeyringAccepted { version });
-                    self.state.keyring = Some(blob);
-                    self.persist();
-                }
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                self.event(Event::KeyringRefused(e));
-                // Reports are rate-limited: whoever can publish bogus keyrings must not be
-                // able to fill the spool (and the disk's write budget) with refusals.
-                if self
-                    .last_keyring_refusal_ms
-                    .is_some_and(|t| self.now.saturating_sub(t) < KEYRING_REFUSAL_INTERVAL_MS)
-                {
-                    return;
-                }
-                self.last_keyring_refusal_ms = Some(self.now);
-                let offered_version =
-                    drover_protocol::trust::claimed_keyring_version(&blob).unwrap_or(0);
-                self.send(
-                    Uplink::KeyringRefused(KeyringRefused {
-                        offered_version,
-                        reason,
-                    }),
-                    true,
-                );
-            }
-        }
-    }
-
-    fn on_command(&mut self, blob: SignedBlob) {
-        let digest = blob.digest();
-        let verified = self.trust.verify_command(
-            &blob,
-            &self.cfg.device_id,
-            self.state.last_command_seq,
-            self.now,
-        );
-        let cmd = match verified {
-            Ok(c) => c,
-            Err(TrustError::Replayed { seq, .. })
-                if self.state.last_command_digest == Some(digest) =>
-            {
-                self.event(Event::CommandRedelivered { seq });
-                return;
-            }
-            Err(e) => {
-                let detail = e.to_string();
-                self.event(Event::CommandRefused(e));
-                self.progress((0, digest), None, Phase::Refused, (0, 0), Some(detail));
-                return;
-            }
-        };
-        // Persist the replay floor before acting, so a replay after a crash is refused. A
-        // deployment is persisted in the same write, so a crash cannot lose it.
-        let id = (cmd.seq, digest);
-        let undo = Undo {
-            cmd: id,
-            state: self.state.clone(),
-            job: self.job.clone(),
-            probation: self.probation,
-        };
-        self.state.last_command_seq = cmd.seq;
-        self.state.last_command_digest = Some(digest);
-        let deploy = match &cmd.action {
-            Action::Deploy { manifest, mode } => Some(self.prepare_deploy(id, manifest, *mode)),
-            _ => None,
-        };
-        // A command about the model (deploy, rollback, promote) overrides whatever
-        // deployment was pending, whatever its target, in the same write as the floor: an
-        // older deployment can never resume and activate over a newer command, not even
-        // after a restart. Settings leave the deployment alone, and so do the named-model
-        // commands this agent refuses.
-        let about_model = matches!(
-            cmd.action,
-            Action::Deploy { .. } | Action::Rollback { .. } | Action::Promote
-        );
-        if about_model {
-            self.state.pending = match &deploy {
-                Some(Ok(p)) => Some(p.clone()),
-                _ => None,
-            };
-        }
-        self.out
-            .push(Effect::PersistCommand(Box::new(self.state.clone())));
-        self.undo = Some(undo);
-        self.crash_point("command.after_seq_persist");
-        self.progress(id, None, Phase::Received, (0, 0), None);
-        if about_model {
-            self.supersede_job(cmd.seq);
-        }
-        match deploy {
-            Some(Ok(p)) => self.start_deploy(p),
-            Some(Err(r)) => self.progress(id, r.model, r.phase, (0, 0), Some(r.detail)),
-            None => self.execute(cmd, id),
-        }
-    }
-
-    /// The write accepting a command failed (a full disk): the machine returns to where
-    /// it was, so nothing acts on a command a restart would not know, and says why.
-    fn command_not_persisted(&mut self, undo: Option<Undo>, error: String) {
-        let Some(u) = undo else { return };
-        // Keep the uplink reservation: sequence numbers handed out stay used.
-        let reserved = self.state.uplink_seq_reserved;
-        self.state = u.state;
-        self.state.uplink_seq_reserved = self.state.uplink_seq_reserved.max(reserved);
-        self.job = u.job;
-        self.probation = u.probation;
-        self.event(Event::CommandNotPersisted {
-            seq: u.cmd.0,
-            error: error.clone(),
-        });
-        let detail = format!("not acted on: cannot persist agent state: {error}");
-        self.progress(u.cmd, None, Phase::Failed, (0, 0), Some(detail));
-    }
-
-    fn execute(&mut self, cmd: Command, id: CommandId) {
-        match cmd.action {
-            Action::Deploy { .. } => {}
-            Action::Rollback { to } => self.rollback(id, to),
-            Action::Promote => self.promote(id),
-            Action::RollbackModel { .. }
-            | Action::PromoteModel { .. }
-            | Action::RemoveModel { .. } => {
-                let detail = Some(ONE_MODEL_ONLY.to_owned());
-                self.progress(id, None, Phase::Refused, (0, 0), detail);
-            }
-            Action::Configure(s) => {
-                let settings = Settings::from(&s);
-                self.state.settings = Some(settings.clone());
-                self.emit(Effect::ApplySettings(settings));
-                self.persist();
-                self.progress(id, None, Phase::Done, (0, 0), None);
-            }
-        }
-    }
-
     fn tick(&mut self, seen: Observed) {
-        if let Some(p) = self.probation {
-            if self.now >= p.until_ms {
-                self.probation = None;
-                self.end_probation(p.cmd, seen.probation_errors, seen.probation_ok);
-                if self.asked() {
-                    // The rollback waits for the previous model; the rest is next tick's.
-                    return;
-                }
+        let due: Vec<String> = (self.probation.iter())
+            .filter(|(_, p)| self.now >= p.until_ms)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let Some(p) = self.probation.remove(&name) else {
+                continue;
+            };
+            let counts = seen.probation.get(&name).copied().unwrap_or((0, 0));
+            self.end_probation(&name, p.cmd, counts);
+            if self.asked() {
+                // The rollback waits for the previous model; the rest is next tick's.
+                return;
             }
         }
-        if self.chunk_retry_due() {
-            self.retry_chunks();
+        for name in self.chunk_retries_due() {
+            self.retry_chunks(&name);
         }
         let last_id = seen.last_request_id;
         if last_id.saturating_add(REQUEST_ID_BLOCK / 2) > self.state.request_ids_reserved {

@@ -1,6 +1,8 @@
 //! The durable record the machine keeps: replay floor, uplink sequence and request id
-//! reservations, keyring, settings and the model slots. Plain data: `crate::state` owns
-//! its on-disk form, so a field added here is a file-format decision made there.
+//! reservations, keyring, settings and the named model slots. Plain data: `crate::state`
+//! owns its on-disk form, so a field added here is a file-format decision made there.
+
+use std::collections::BTreeMap;
 
 use drover_protocol::manifest::Manifest;
 use drover_protocol::messages::{AgentSettings, DeployMode, ModelRef};
@@ -56,28 +58,33 @@ impl From<&AgentSettings> for Settings {
     }
 }
 
+/// One named model's slot (issue 17): its A/B pair, shadow candidate and deployment in
+/// flight. Every model name a device serves has one; they never touch each other.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct State {
-    /// Highest command sequence accepted (the replay floor).
-    pub last_command_seq: u64,
-    /// Digest of that command, to recognise the broker redelivering it (not a replay
-    /// attack: the same signed bytes we already accepted).
-    pub last_command_digest: Option<Digest>,
-    /// Uplink sequence numbers up to this are reserved; a restart continues above it.
-    pub uplink_seq_reserved: u64,
-    /// Local API request ids up to this are reserved; a restart continues above it, so a
-    /// label sent for a request id never meets a sample from another run.
-    pub request_ids_reserved: u64,
-    pub keyring: Option<SignedBlob>,
-    pub settings: Option<Settings>,
-    /// Slot A/B: the model serving traffic and the one to roll back to.
+pub struct Slots {
+    /// The model serving this name's traffic and the one to roll back to.
     pub active: Option<Slot>,
     pub previous: Option<Slot>,
     pub shadow: Option<Slot>,
     pub pending: Option<Pending>,
 }
 
-impl State {
+impl Slots {
+    /// Holds nothing (a slot whose only deployment failed, or a removed one).
+    pub fn is_empty(&self) -> bool {
+        self.active.is_none()
+            && self.previous.is_none()
+            && self.shadow.is_none()
+            && self.pending.is_none()
+    }
+
+    /// Every installed model the slot keeps (active, previous, shadow).
+    pub fn installed(&self) -> impl Iterator<Item = &Slot> {
+        [&self.active, &self.previous, &self.shadow]
+            .into_iter()
+            .flatten()
+    }
+
     /// Counts a boot with an active model that never proved healthy; the third such boot
     /// rolls back to the previous slot (a model that keeps crashing the agent during its
     /// probation would otherwise never leave). Returns whether it rolled back.
@@ -99,5 +106,47 @@ impl State {
         self.active = self.previous.take();
         self.previous = bad;
         true
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct State {
+    /// Highest command sequence accepted (the replay floor).
+    pub last_command_seq: u64,
+    /// Digest of that command, to recognise the broker redelivering it (not a replay
+    /// attack: the same signed bytes we already accepted).
+    pub last_command_digest: Option<Digest>,
+    /// Uplink sequence numbers up to this are reserved; a restart continues above it.
+    pub uplink_seq_reserved: u64,
+    /// Local API request ids up to this are reserved; a restart continues above it, so a
+    /// label sent for a request id never meets a sample from another run.
+    pub request_ids_reserved: u64,
+    pub keyring: Option<SignedBlob>,
+    pub settings: Option<Settings>,
+    /// One slot per model name, in name order (never an empty one on disk).
+    pub models: BTreeMap<String, Slots>,
+}
+
+impl State {
+    /// The named slot (read only; `None` if the device holds nothing of that name).
+    pub fn slot(&self, name: &str) -> Option<&Slots> {
+        self.models.get(name)
+    }
+
+    /// The slot a protocol 1 message talks about: the only one, or else the first by
+    /// name that serves (an old control plane knows one model per device).
+    pub fn first(&self) -> Option<&Slots> {
+        if self.models.len() == 1 {
+            return self.models.values().next();
+        }
+        self.models
+            .values()
+            .find(|s| s.active.is_some())
+            .or_else(|| self.models.values().next())
+    }
+
+    /// Drops slots that hold nothing.
+    pub fn prune(&mut self) {
+        self.models.retain(|_, s| !s.is_empty());
     }
 }

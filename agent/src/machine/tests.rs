@@ -37,7 +37,7 @@ pub(super) fn keyring(root: &SecretKey, signer: &SecretKey, version: u64) -> Sig
     })
 }
 
-fn config() -> Config {
+pub(super) fn config() -> Config {
     Config {
         device_id: DeviceId::new("gw-unit").unwrap(),
         device_key: DeviceKey([9; 32]),
@@ -45,6 +45,36 @@ fn config() -> Config {
         arch: "x86_64".into(),
         os: "linux".into(),
         probation_ms: PROBATION_MS,
+        budget: ModelBudget::default(),
+    }
+}
+
+/// A record with no slot at all reads as this empty one.
+pub(super) static NO_SLOT: Slots = Slots {
+    active: None,
+    previous: None,
+    shadow: None,
+    pending: None,
+};
+
+/// The single slot of a one-model device (the tests written before named slots).
+pub(super) trait One {
+    fn one(&self) -> &Slots;
+    fn one_mut(&mut self) -> &mut Slots;
+}
+
+impl One for State {
+    fn one(&self) -> &Slots {
+        assert!(
+            self.models.len() <= 1,
+            "several slots: {:?}",
+            self.models.keys()
+        );
+        self.models.values().next().unwrap_or(&NO_SLOT)
+    }
+
+    fn one_mut(&mut self) -> &mut Slots {
+        self.models.values_mut().next().expect("a slot")
     }
 }
 
@@ -115,9 +145,12 @@ impl Rig {
     }
 
     pub fn tick(&mut self, errors: u64, ok: u64) -> Vec<Effect> {
+        // The counts of every slot's model on probation (tests use one model name).
+        let probation = (self.m.state().models.keys())
+            .map(|n| (n.clone(), (errors, ok)))
+            .collect();
         self.handle(Input::Tick(Observed {
-            probation_errors: errors,
-            probation_ok: ok,
+            probation,
             last_request_id: 0,
         }))
     }
@@ -132,11 +165,16 @@ pub(super) struct TestModel {
 
 impl TestModel {
     pub fn new(signer: &SecretKey, version: &str, len: usize) -> TestModel {
+        Self::named(signer, "m", version, len)
+    }
+
+    /// A model of another name (another slot).
+    pub fn named(signer: &SecretKey, name: &str, version: &str, len: usize) -> TestModel {
         let bytes: Vec<u8> = (0..len)
-            .map(|i| (i % 251) as u8 ^ version.len() as u8)
+            .map(|i| (i % 251) as u8 ^ version.len() as u8 ^ name.len() as u8)
             .collect();
         let manifest = Manifest {
-            name: "m".into(),
+            name: name.into(),
             version: version.into(),
             sha256: sha256(&bytes),
             size: len as u64,
@@ -246,10 +284,11 @@ pub(super) fn names(effects: &[Effect]) -> Vec<String> {
             Effect::FinishDownload { .. } => "finish".into(),
             Effect::CloseDownload { .. } => "close".into(),
             Effect::Load { self_test, .. } => format!("load test={self_test}"),
-            Effect::ServeLoaded => "serve".into(),
-            Effect::ShadowLoaded => "shadow".into(),
-            Effect::PromoteShadow => "promote".into(),
-            Effect::DropShadow => "drop shadow".into(),
+            Effect::ServeLoaded { .. } => "serve".into(),
+            Effect::ShadowLoaded { .. } => "shadow".into(),
+            Effect::PromoteShadow { .. } => "promote".into(),
+            Effect::Unload { model } => format!("unload {model}"),
+            Effect::DropShadow { .. } => "drop shadow".into(),
             Effect::Event(_) => "event".into(),
         })
         .filter(|n| n != "event")
@@ -600,8 +639,8 @@ fn hostile_frames_are_refused_in_decoding_and_never_change_state() {
     }
     let after = r.m.state();
     assert_eq!(after.last_command_seq, before.last_command_seq);
-    assert_eq!(after.active, None);
-    assert_eq!(after.pending, None);
+    assert_eq!(after.one().active, None);
+    assert_eq!(after.one().pending, None);
     assert!(r.m.trust().keyring().is_none());
 }
 

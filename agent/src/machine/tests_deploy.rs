@@ -5,7 +5,7 @@
 use super::tests::*;
 use super::*;
 
-fn deploy(r: &mut Rig, seq: u64, m: &TestModel, mode: DeployMode) -> Vec<Effect> {
+pub(super) fn deploy(r: &mut Rig, seq: u64, m: &TestModel, mode: DeployMode) -> Vec<Effect> {
     let cmd = r.command(
         seq,
         Action::Deploy {
@@ -16,7 +16,7 @@ fn deploy(r: &mut Rig, seq: u64, m: &TestModel, mode: DeployMode) -> Vec<Effect>
     r.send_command(cmd)
 }
 
-fn opened(r: &mut Rig, m: &TestModel, stored: Stored) -> Vec<Effect> {
+pub(super) fn opened(r: &mut Rig, m: &TestModel, stored: Stored) -> Vec<Effect> {
     r.handle(Input::Opened {
         manifest_digest: m.digest(),
         stored,
@@ -24,7 +24,7 @@ fn opened(r: &mut Rig, m: &TestModel, stored: Stored) -> Vec<Effect> {
 }
 
 /// Feeds a chunk and, if the machine asks to write it, reports it written.
-fn chunk(r: &mut Rig, m: &TestModel, index: u32) -> Vec<Effect> {
+pub(super) fn chunk(r: &mut Rig, m: &TestModel, index: u32) -> Vec<Effect> {
     let mut e = r.handle(Input::Chunk(m.chunk(index)));
     if let Some(Effect::WriteChunk { index, .. }) = e.last() {
         let index = *index;
@@ -37,7 +37,7 @@ fn chunk(r: &mut Rig, m: &TestModel, index: u32) -> Vec<Effect> {
 }
 
 /// Deploys a model whose file is already in the store, through its self-test.
-fn install(r: &mut Rig, seq: u64, m: &TestModel, mode: DeployMode) -> Vec<Effect> {
+pub(super) fn install(r: &mut Rig, seq: u64, m: &TestModel, mode: DeployMode) -> Vec<Effect> {
     deploy(r, seq, m, mode);
     opened(r, m, Stored::Blob);
     r.handle(Input::Loaded { model: m.digest() })
@@ -49,12 +49,12 @@ fn healthy(r: &mut Rig, seq: u64, m: &TestModel) {
     r.now += PROBATION_MS;
     r.tick(0, 10);
     assert_eq!(
-        r.m.state().active.as_ref().unwrap().state,
+        r.m.state().one().active.as_ref().unwrap().state,
         SlotState::Healthy
     );
 }
 
-fn commanded(r: &mut Rig, seq: u64, action: Action) -> Vec<Effect> {
+pub(super) fn commanded(r: &mut Rig, seq: u64, action: Action) -> Vec<Effect> {
     let cmd = r.command(seq, action);
     r.send_command(cmd)
 }
@@ -79,7 +79,7 @@ fn a_deploy_is_persisted_as_pending_then_asks_the_store_what_it_holds() {
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        first.pending.as_ref().map(|p| p.model.clone()),
+        first.one().pending.as_ref().map(|p| p.model.clone()),
         Some(m.model_ref())
     );
 }
@@ -171,8 +171,8 @@ fn verified_chunks_are_written_then_the_file_is_finished_self_tested_and_activat
         ]
     );
     let s = persisted(&e).unwrap();
-    assert_eq!(s.pending, None);
-    let a = s.active.as_ref().unwrap();
+    assert_eq!(s.one().pending, None);
+    let a = s.one().active.as_ref().unwrap();
     assert_eq!(
         (a.model.clone(), a.state),
         (m.model_ref(), SlotState::Active)
@@ -262,7 +262,7 @@ fn a_newer_deploy_supersedes_the_download_in_flight() {
         progress(&e)[1],
         (1, Phase::Failed, Some("superseded by command 2".into()))
     );
-    let pending = persisted(&e).unwrap().pending.as_ref().unwrap();
+    let pending = persisted(&e).unwrap().one().pending.as_ref().unwrap();
     assert_eq!(pending.model, v2.model_ref());
     assert!(
         matches!(e.last(), Some(Effect::OpenDownload { manifest_digest, .. }) if *manifest_digest == v2.digest())
@@ -320,7 +320,7 @@ fn a_failed_open_finish_or_self_test_fails_the_job_and_clears_pending() {
             ["unsubscribe", "close", "persist", "progress Failed"],
             "{stage}"
         );
-        assert_eq!(persisted(&e).unwrap().pending, None, "{stage}");
+        assert_eq!(persisted(&e).unwrap().one().pending, None, "{stage}");
         let detail = progress(&e)[0].2.clone().unwrap();
         let want = if stage == "self-test" {
             "self-test failed: boom"
@@ -329,7 +329,7 @@ fn a_failed_open_finish_or_self_test_fails_the_job_and_clears_pending() {
         };
         assert_eq!(detail, want);
         assert!(events(&e).contains(&&Event::InstallFailed { command_seq: 1 }));
-        assert!(r.m.state().active.is_none());
+        assert!(r.m.state().one().active.is_none());
     }
 }
 
@@ -352,7 +352,7 @@ fn probation_without_evidence_against_the_model_marks_it_healthy_and_reports_onc
             "persist"
         ]
     );
-    let a = persisted(&e).unwrap().active.clone().unwrap();
+    let a = persisted(&e).unwrap().one().active.clone().unwrap();
     assert_eq!((a.state, a.activated_by), (SlotState::Healthy, None));
     r.now += PROBATION_MS;
     assert!(r.tick(100, 0).is_empty());
@@ -380,8 +380,8 @@ fn probation_failure_rolls_back_to_the_previous_healthy_model() {
         )
     );
     let s = persisted(&e).unwrap();
-    assert_eq!(s.active.as_ref().unwrap().model, v1.model_ref());
-    let bad = s.previous.as_ref().unwrap();
+    assert_eq!(s.one().active.as_ref().unwrap().model, v1.model_ref());
+    let bad = s.one().previous.as_ref().unwrap();
     assert_eq!(
         (bad.model.clone(), bad.state),
         (v2.model_ref(), SlotState::RolledBack)
@@ -422,9 +422,9 @@ fn a_rollback_command_restores_the_previous_model_and_ends_a_shadow() {
     let e = r.handle(Input::Loaded { model: v1.digest() });
     assert_eq!(names(&e), ["persist", "serve", "progress Done"]);
     let s = r.m.state();
-    assert_eq!(s.active.as_ref().unwrap().model, v1.model_ref());
-    assert_eq!(s.previous.as_ref().unwrap().model, v2.model_ref());
-    assert_eq!(s.shadow, None);
+    assert_eq!(s.one().active.as_ref().unwrap().model, v1.model_ref());
+    assert_eq!(s.one().previous.as_ref().unwrap().model, v2.model_ref());
+    assert_eq!(s.one().shadow, None);
 }
 
 #[test]
@@ -448,8 +448,8 @@ fn a_rollback_cancels_the_download_in_flight_and_names_its_target() {
         ["unsubscribe", "close", "progress Failed", "progress Done"]
     );
     // The command's own write already dropped the pending deployment.
-    assert_eq!(persisted(&e).unwrap().pending, None);
-    assert_eq!(r.m.state().pending, None);
+    assert_eq!(persisted(&e).unwrap().one().pending, None);
+    assert_eq!(r.m.state().one().pending, None);
     assert!(r.handle(Input::Chunk(v2.chunk(0))).is_empty());
     // To a model that is not the previous slot: refused.
     let e = commanded(
@@ -485,7 +485,10 @@ fn a_previous_model_that_no_longer_loads_fails_the_rollback_and_keeps_the_active
         progress(&e),
         [(3, Phase::Failed, Some("model file missing".into()))]
     );
-    assert_eq!(r.m.state().active.as_ref().unwrap().model, v2.model_ref());
+    assert_eq!(
+        r.m.state().one().active.as_ref().unwrap().model,
+        v2.model_ref()
+    );
 }
 
 #[test]
@@ -506,8 +509,8 @@ fn a_shadow_deploy_runs_beside_the_active_model_until_promoted() {
         ]
     );
     let s = persisted(&e).unwrap();
-    assert_eq!(s.shadow.as_ref().unwrap().model, v2.model_ref());
-    assert_eq!(s.active.as_ref().unwrap().model, v1.model_ref());
+    assert_eq!(s.one().shadow.as_ref().unwrap().model, v2.model_ref());
+    assert_eq!(s.one().active.as_ref().unwrap().model, v1.model_ref());
     let e = commanded(&mut r, 3, Action::Promote);
     assert_eq!(
         names(&e)[3..],
@@ -521,13 +524,13 @@ fn a_shadow_deploy_runs_beside_the_active_model_until_promoted() {
         ]
     );
     let s = persisted(&e).unwrap();
-    let a = s.active.as_ref().unwrap();
+    let a = s.one().active.as_ref().unwrap();
     assert_eq!(
         (a.model.clone(), a.state, a.activated_by.map(|c| c.0)),
         (v2.model_ref(), SlotState::Active, Some(3))
     );
-    assert_eq!(s.previous.as_ref().unwrap().model, v1.model_ref());
-    assert_eq!(s.shadow, None);
+    assert_eq!(s.one().previous.as_ref().unwrap().model, v1.model_ref());
+    assert_eq!(s.one().shadow, None);
 }
 
 #[test]
@@ -549,57 +552,13 @@ fn promote_without_a_shadow_and_deploying_the_active_model_change_nothing() {
 }
 
 #[test]
-fn named_model_commands_are_refused_and_leave_the_deployment_in_flight_alone() {
-    let mut r = rig();
-    let v1 = TestModel::new(&r.signer, "1.0.0", 3000);
-    healthy(&mut r, 1, &v1);
-    let v2 = TestModel::new(&r.signer, "2.0.0", 3000);
-    deploy(&mut r, 2, &v2, DeployMode::Activate);
-    let pending = r.m.state().pending.clone();
-    assert!(pending.is_some());
-    let name = v1.model_ref().name;
-    for (seq, action) in [
-        (
-            3,
-            Action::RemoveModel {
-                model: name.clone(),
-            },
-        ),
-        (
-            4,
-            Action::PromoteModel {
-                model: name.clone(),
-            },
-        ),
-        (
-            5,
-            Action::RollbackModel {
-                model: name,
-                to: None,
-            },
-        ),
-    ] {
-        let e = commanded(&mut r, seq, action);
-        assert_eq!(
-            progress(&e).last().cloned(),
-            Some((seq, Phase::Refused, Some(super::ONE_MODEL_ONLY.into())))
-        );
-        assert!(!e.iter().any(Effect::is_ask), "{:?}", names(&e));
-    }
-    // Still downloading v2, still serving v1; the replay floor moved past the refusals.
-    assert_eq!(r.m.state().pending, pending);
-    assert_eq!(r.m.state().active.as_ref().unwrap().model, v1.model_ref());
-    assert_eq!(r.m.state().last_command_seq, 5);
-}
-
-#[test]
 fn an_activation_never_proven_healthy_keeps_no_rollback_target() {
     let mut r = rig();
     let v1 = TestModel::new(&r.signer, "1.0.0", 3000);
     let v2 = TestModel::new(&r.signer, "2.0.0", 3000);
     install(&mut r, 1, &v1, DeployMode::Activate);
     install(&mut r, 2, &v2, DeployMode::Activate);
-    assert_eq!(r.m.state().previous, None);
+    assert_eq!(r.m.state().one().previous, None);
 }
 
 #[test]
@@ -614,12 +573,18 @@ fn a_restart_takes_up_probation_an_unreported_verdict_and_a_pending_deploy() {
 
     // Crashed after persisting Healthy, before the report: reported at start.
     let mut state = again.m.state().clone();
-    state.active.as_mut().unwrap().activated_by = Some((1, [1; 32]));
+    state.one_mut().active.as_mut().unwrap().activated_by = Some((1, [1; 32]));
     let mut again = fresh(state, true);
     let e = again.handle(Input::Start);
     assert_eq!(names(&e), ["will", "progress Healthy", "persist"]);
     assert_eq!(
-        persisted(&e).unwrap().active.as_ref().unwrap().activated_by,
+        persisted(&e)
+            .unwrap()
+            .one()
+            .active
+            .as_ref()
+            .unwrap()
+            .activated_by,
         None
     );
 
@@ -639,16 +604,16 @@ fn a_model_that_never_proves_healthy_is_rolled_back_on_the_third_boot() {
     healthy(&mut r, 1, &v1);
     install(&mut r, 2, &v2, DeployMode::Activate);
     let mut s = r.m.state().clone();
-    assert!(!s.count_unhealthy_boot());
-    assert!(!s.count_unhealthy_boot());
-    assert!(s.count_unhealthy_boot());
-    assert_eq!(s.active.as_ref().unwrap().model, v1.model_ref());
-    let bad = s.previous.as_ref().unwrap();
+    assert!(!s.one_mut().count_unhealthy_boot());
+    assert!(!s.one_mut().count_unhealthy_boot());
+    assert!(s.one_mut().count_unhealthy_boot());
+    assert_eq!(s.one().active.as_ref().unwrap().model, v1.model_ref());
+    let bad = s.one().previous.as_ref().unwrap();
     assert_eq!(
         (bad.model.clone(), bad.state),
         (v2.model_ref(), SlotState::RolledBack)
     );
     // A healthy model is never counted.
-    assert!(!s.count_unhealthy_boot());
-    assert_eq!(s.active.as_ref().unwrap().unhealthy_boots, 0);
+    assert!(!s.one_mut().count_unhealthy_boot());
+    assert_eq!(s.one().active.as_ref().unwrap().unhealthy_boots, 0);
 }

@@ -59,7 +59,7 @@ fn a_command_whose_acceptance_cannot_be_persisted_is_not_acted_on() {
     }));
     // Nothing changed: the floor, the pending deployment and the job in flight are v1's.
     assert_eq!(r.m.state().last_command_seq, before.last_command_seq);
-    assert_eq!(r.m.state().pending, before.pending);
+    assert_eq!(r.m.state().one().pending, before.one().pending);
     assert!(!names(&e).contains(&"close".to_owned()));
     let e = r.handle(Input::Chunk(v1.chunk(0)));
     assert!(matches!(e[..], [Effect::WriteChunk { index: 0, .. }]));
@@ -96,7 +96,7 @@ fn a_chunk_that_never_verifies_fails_the_deploy_after_n_attempts_with_the_reason
         )),
         "{detail}"
     );
-    assert_eq!(persisted(&e).unwrap().pending, None);
+    assert_eq!(persisted(&e).unwrap().one().pending, None);
     assert!(names(&e).contains(&"close".to_owned()));
     // Not "downloading" any more: no more requests.
     r.now += CHUNK_RETRY_MS;

@@ -74,12 +74,18 @@ fn redeploying_the_active_model_cancels_the_download_in_flight() {
         Effect::PersistCommand(s) => s,
         other => panic!("{other:?}"),
     };
-    assert_eq!((first.last_command_seq, first.pending.clone()), (3, None));
+    assert_eq!(
+        (first.last_command_seq, first.one().pending.clone()),
+        (3, None)
+    );
     // v2's chunks arriving late change nothing.
     for i in 0..3 {
         assert!(r.handle(Input::Chunk(v2.chunk(i))).is_empty());
     }
-    assert_eq!(r.m.state().active.as_ref().unwrap().model, v1.model_ref());
+    assert_eq!(
+        r.m.state().one().active.as_ref().unwrap().model,
+        v1.model_ref()
+    );
 }
 
 #[test]
@@ -112,7 +118,10 @@ fn a_promote_or_a_refused_deploy_also_cancels_the_download_but_settings_do_not()
         }),
     );
     assert!(!names(&e).contains(&"close".to_owned()));
-    assert_eq!(r.m.state().pending.as_ref().unwrap().model, v2.model_ref());
+    assert_eq!(
+        r.m.state().one().pending.as_ref().unwrap().model,
+        v2.model_ref()
+    );
     let e = commanded(&mut r, 4, Action::Promote);
     assert_eq!(
         progress(&e)[1..],
@@ -121,7 +130,7 @@ fn a_promote_or_a_refused_deploy_also_cancels_the_download_but_settings_do_not()
             (4, Phase::Failed, Some("no shadow model to promote".into()))
         ]
     );
-    assert_eq!(r.m.state().pending, None);
+    assert_eq!(r.m.state().one().pending, None);
     // A deploy whose manifest is refused still overrides the older one.
     downloading(&mut r, 5, &v2);
     let mut bad = v1.blob.clone();
@@ -135,7 +144,7 @@ fn a_promote_or_a_refused_deploy_also_cancels_the_download_but_settings_do_not()
         },
     );
     assert_eq!(phases(&e), [Phase::Received, Phase::Failed, Phase::Refused]);
-    assert_eq!(r.m.state().pending, None);
+    assert_eq!(r.m.state().one().pending, None);
 }
 
 fn commanded(r: &mut Rig, seq: u64, action: Action) -> Vec<Effect> {
@@ -256,8 +265,8 @@ impl World {
         self.r = fresh(self.disk.clone(), true);
         self.r.now = now;
         // Boot serves the persisted active model (every file here loads).
-        self.served = self.disk.active.as_ref().map(|a| a.model.clone());
-        self.shadow = self.disk.shadow.as_ref().map(|a| a.model.clone());
+        self.served = self.disk.one().active.as_ref().map(|a| a.model.clone());
+        self.shadow = self.disk.one().shadow.as_ref().map(|a| a.model.clone());
         self.run(Input::Start);
         self.run(Input::Connected);
         // The control plane re-sends the commands above the floor the hello reports.
@@ -324,10 +333,10 @@ impl World {
                 self.loaded = Some(model);
                 return Some(Input::Loaded { model: digest });
             }
-            Effect::ServeLoaded => self.served = self.loaded.take(),
-            Effect::ShadowLoaded => self.shadow = self.loaded.take(),
-            Effect::PromoteShadow => self.served = self.shadow.take(),
-            Effect::DropShadow => self.shadow = None,
+            Effect::ServeLoaded { .. } => self.served = self.loaded.take(),
+            Effect::ShadowLoaded { .. } => self.shadow = self.loaded.take(),
+            Effect::PromoteShadow { .. } => self.served = self.shadow.take(),
+            Effect::DropShadow { .. } => self.shadow = None,
             _ => {}
         }
         None
@@ -341,7 +350,7 @@ impl World {
             .filter(|c| c.2 && c.0 <= s.last_command_seq)
             .map(|c| c.0)
             .max();
-        if let Some(p) = &s.pending {
+        if let Some(p) = &s.one().pending {
             assert_eq!(Some(p.command_seq), newest, "stale pending deployment");
         }
     }
@@ -357,14 +366,14 @@ impl World {
 
     fn deliver(&mut self, seq: u64, blob: SignedBlob, about_model: bool, want: Want) {
         let before = self.r.m.state().clone();
-        let active = before.active.as_ref().map(|a| a.model.clone());
+        let active = before.one().active.as_ref().map(|a| a.model.clone());
         self.run(Input::Downlink(Downlink::Command(blob)));
         if !about_model || self.r.m.state().last_command_seq != seq {
             return;
         }
         self.newest_model_cmd = seq;
-        let previous = before.previous.as_ref().map(|a| a.model.clone());
-        let shadow = before.shadow.as_ref().map(|a| a.model.clone());
+        let previous = before.one().previous.as_ref().map(|a| a.model.clone());
+        let shadow = before.one().shadow.as_ref().map(|a| a.model.clone());
         self.expected = match want {
             Want::Model(m) => Some(m),
             Want::Unchanged => active,
@@ -376,7 +385,14 @@ impl World {
     }
 
     fn apply(&mut self, op: Op) {
-        let active = self.r.m.state().active.as_ref().map(|a| a.model.clone());
+        let active = self
+            .r
+            .m
+            .state()
+            .one()
+            .active
+            .as_ref()
+            .map(|a| a.model.clone());
         match op {
             Op::Deploy(k, activate) => {
                 let m = &self.models[k];
@@ -396,7 +412,14 @@ impl World {
                 self.send(Action::Deploy { manifest, mode }, Want::Model(m));
             }
             Op::Rollback => {
-                let to = self.r.m.state().previous.as_ref().map(|p| p.model.clone());
+                let to = self
+                    .r
+                    .m
+                    .state()
+                    .one()
+                    .previous
+                    .as_ref()
+                    .map(|p| p.model.clone());
                 self.send(Action::Rollback { to: to.clone() }, Want::Rollback(to));
             }
             Op::Promote => self.send(Action::Promote, Want::Promote),
@@ -444,7 +467,7 @@ impl World {
             }
             self.r.now += CHUNK_RETRY_MS.max(PROBATION_MS);
             self.run(tick());
-            if self.r.m.job.is_none() && self.r.m.probation.is_none() {
+            if self.r.m.job.is_empty() && self.r.m.probation.is_empty() {
                 return;
             }
         }
@@ -454,8 +477,7 @@ impl World {
 
 fn tick() -> Input {
     Input::Tick(Observed {
-        probation_errors: 0,
-        probation_ok: 10,
+        probation: [("m".to_owned(), (0, 10))].into(),
         last_request_id: 0,
     })
 }
@@ -470,11 +492,11 @@ proptest! {
             w.apply(op);
         }
         w.settle();
-        let active = w.r.m.state().active.as_ref().map(|a| a.model.clone());
+        let active = w.r.m.state().one().active.as_ref().map(|a| a.model.clone());
         prop_assert_eq!(&active, &w.expected);
         prop_assert_eq!(&w.served, &w.expected);
-        let on_disk = w.disk.active.as_ref().map(|a| a.model.clone());
+        let on_disk = w.disk.one().active.as_ref().map(|a| a.model.clone());
         prop_assert_eq!(&on_disk, &w.expected);
-        prop_assert_eq!(&w.disk.pending, &None);
+        prop_assert_eq!(&w.disk.one().pending, &None);
     }
 }

@@ -239,6 +239,9 @@ pub struct Behaviour {
     pub commands: Vec<(u64, SignedBlob)>,
     pub ack: bool,
     pub serve_chunks: bool,
+    /// The protocol version its HelloAck negotiates (1: a control plane from before
+    /// named model slots).
+    pub protocol: u16,
 }
 
 pub struct ControlPlane {
@@ -277,6 +280,7 @@ impl ControlPlane {
             commands: vec![],
             ack: true,
             serve_chunks: true,
+            protocol: 1,
         }));
         let models: Arc<Mutex<HashMap<Digest, Published>>> = Arc::default();
         let dev = DeviceId::new(device).unwrap();
@@ -338,7 +342,7 @@ impl ControlPlane {
                                 downlink_bytes(
                                     &device,
                                     Downlink::HelloAck(HelloAck {
-                                        protocol_version: 1,
+                                        protocol_version: b.protocol,
                                         server_time_ms: now_ms(),
                                         stored_up_to: 0,
                                     }),
@@ -572,10 +576,24 @@ impl Harness {
         tweak: impl FnOnce(&mut AgentConfig),
         probation: Duration,
     ) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, dev, tweak, probation, |_| {}).await
+    }
+
+    /// As [`Harness::start_with_probation`], in `dir` (prepared by the caller, e.g. with
+    /// a state file of an older release), with the fake control plane set up by `cp_setup`
+    /// before the agent connects.
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        dev: &str,
+        tweak: impl FnOnce(&mut AgentConfig),
+        probation: Duration,
+        cp_setup: impl FnOnce(&mut Behaviour),
+    ) -> Harness {
         let port = start_broker();
         let keys = Arc::new(Keys::new());
         let cp = ControlPlane::start(port, dev, keys.clone()).await;
-        let dir = tempfile::tempdir().unwrap();
+        cp_setup(&mut cp.behaviour.lock().unwrap());
         let mut cfg = agent_config(dir.path(), dev, port, &keys);
         tweak(&mut cfg);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

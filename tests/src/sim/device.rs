@@ -117,6 +117,7 @@ impl Device {
             arch: std::env::consts::ARCH.into(),
             os: std::env::consts::OS.into(),
             probation_ms: drover_agent::Tuning::default().probation.as_millis() as u64,
+            budget: Default::default(),
         };
         let now = now_ms();
         let mut dev = Device {
@@ -308,10 +309,14 @@ impl Device {
     }
 
     fn tick(&mut self) {
-        let (probation_errors, probation_ok) = self.probation_counts;
+        // A simulated device serves one model (its first slot).
+        let probation = (self.machine.state().first())
+            .and_then(|s| s.active.as_ref())
+            .map(|a| (a.model.name.clone(), self.probation_counts))
+            .into_iter()
+            .collect();
         self.feed(Input::Tick(Observed {
-            probation_errors,
-            probation_ok,
+            probation,
             last_request_id: 0,
         }));
         if self.shared.quiet.load(Relaxed) {
@@ -394,16 +399,20 @@ impl Device {
                 manifest,
                 self_test,
             } => return Some(self.load(model, manifest, self_test)),
-            Effect::ServeLoaded => {
+            Effect::ServeLoaded { .. } => {
                 let l = self.loaded.take();
                 self.serve(l);
             }
-            Effect::ShadowLoaded => self.shadow = self.loaded.take(),
-            Effect::PromoteShadow => {
+            Effect::ShadowLoaded { .. } => self.shadow = self.loaded.take(),
+            Effect::PromoteShadow { .. } => {
                 let s = self.shadow.take();
                 self.serve(s);
             }
-            Effect::DropShadow => self.shadow = None,
+            Effect::DropShadow { .. } => self.shadow = None,
+            Effect::Unload { .. } => {
+                self.active = None;
+                self.shadow = None;
+            }
             Effect::Event(e) => self.count(e),
         }
         None
@@ -546,7 +555,8 @@ impl Device {
     }
 
     fn publish_active(&self) {
-        let active = self.machine.state().active.as_ref().map(|a| {
+        let first = self.machine.state().first();
+        let active = first.and_then(|s| s.active.as_ref()).map(|a| {
             (
                 format!("{}@{}", a.model.name, a.model.version),
                 a.state == SlotState::Healthy,
