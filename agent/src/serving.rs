@@ -204,6 +204,10 @@ struct Lane {
     shadow: RwLock<Option<Arc<Loaded>>>,
     window: Mutex<Window>,
     budget: Mutex<Budget>,
+    /// Since the lane was created: requests that reached its model, and runtime failures
+    /// (`/metrics`, labelled by model).
+    inferences: AtomicU64,
+    errors: AtomicU64,
 }
 
 fn read(l: &RwLock<Option<Arc<Loaded>>>) -> Option<Arc<Loaded>> {
@@ -556,6 +560,17 @@ impl Serving {
             .collect()
     }
 
+    /// Per model name, in name order: (inferences, runtime failures) since it was first
+    /// served here.
+    pub fn model_counts(&self) -> Vec<(String, u64, u64)> {
+        (self.all_lanes().into_iter())
+            .map(|(n, l)| {
+                let (i, e) = (&l.inferences, &l.errors);
+                (n, i.load(Ordering::Relaxed), e.load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+
     /// Keeps a label in the window of the model it is about.
     pub fn add_label(&self, name: &str, label: Label) {
         let Some(lane) = self.lane(name) else { return };
@@ -608,6 +623,7 @@ impl Serving {
         let took = started.elapsed();
         let us = took.as_micros() as u64;
         self.totals.inferences.fetch_add(1, Ordering::Relaxed);
+        lane.inferences.fetch_add(1, Ordering::Relaxed);
         self.totals
             .observe(&model.model_ref, "active", took.as_secs_f64());
         if let Err(e) = &result {
@@ -615,6 +631,7 @@ impl Serving {
                 self.totals.client_errors.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.totals.errors.fetch_add(1, Ordering::Relaxed);
+                lane.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
         let shadow = read(&lane.shadow).filter(|_| result.is_ok());
@@ -833,6 +850,8 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         assert_eq!((w[0].3.inferences, w[1].3.inferences), (3, 4));
         assert_eq!((w[0].3.samples.len(), w[1].3.samples.len()), (2, 2));
+        let counts = s.model_counts();
+        assert_eq!(counts, [("a".to_owned(), 3, 0), ("b".to_owned(), 4, 0)]);
         assert_eq!(w[0].1.as_ref().unwrap().model_ref.name, "a");
         // Removing one model leaves the other serving.
         s.remove("a");

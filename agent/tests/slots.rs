@@ -185,6 +185,27 @@ async fn swapping_model_a_three_times_fails_no_request_to_model_b() {
         .map(|m| (m["name"].as_str().unwrap(), m["version"].as_str().unwrap()))
         .collect();
     assert_eq!(names, [("dense", "2.0.0"), ("other", "1.0.0")]);
+    // /metrics: one model_info per served model, inference counts per model.
+    let metrics = reqwest::get(format!("{}/metrics", h.metrics_base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "drover_agent_model_info{name=\"dense\",version=\"2.0.0\"} 1",
+        "drover_agent_model_info{name=\"other\",version=\"1.0.0\"} 1",
+        "drover_agent_model_inference_errors_total{model=\"other\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    let b_count: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("drover_agent_model_inferences_total{model=\"other\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(b_count >= b_ok.load(Ordering::Relaxed) as f64);
     h.stop().await;
 }
 

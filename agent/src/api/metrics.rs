@@ -81,6 +81,28 @@ fn counters(o: &mut String, s: &Shared) {
     for (d, v) in crate::capture::Dropped::ALL.iter().zip(&t.samples_dropped) {
         prom::sample(o, name, &[("reason", d.as_str())], v.load(Relaxed) as f64);
     }
+    let per_model = s.serving.model_counts();
+    for (name, help, ix) in [
+        (
+            "drover_agent_model_inferences_total",
+            "Inference requests that reached each model (since it was first served here).",
+            0,
+        ),
+        (
+            "drover_agent_model_inference_errors_total",
+            "Inferences of each model that failed in the runtime.",
+            1,
+        ),
+    ] {
+        if per_model.is_empty() {
+            break;
+        }
+        prom::header(o, name, "counter", help);
+        for (model, inferences, errors) in &per_model {
+            let v = [*inferences, *errors][ix];
+            prom::sample(o, name, &[("model", model)], v as f64);
+        }
+    }
     let n = |v: &std::sync::atomic::AtomicU64| v.load(Relaxed) as f64;
     for (name, help, v) in [
         (
