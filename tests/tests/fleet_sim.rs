@@ -231,3 +231,85 @@ async fn two_hundred_simulated_devices_converge_and_lose_no_telemetry() {
     fleet.stop().await;
     server.shutdown().await;
 }
+
+/// Several models per simulated device (issue 17): two models, each through its own
+/// staged rollout at the same time on the same 60 devices; every device ends serving both
+/// (each in its own slot, in the simulator's view and in the control plane's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_devices_serve_two_models_rolled_out_side_by_side() {
+    const N: usize = 60;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = ServeConfig {
+        data_dir: tmp.path().join("server"),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        allow_plaintext: true,
+        rollout_tick_ms: 250,
+        ..Default::default()
+    };
+    let server = serve::run(config.validate().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let api = Api::new(format!("http://{}", server.http_addr()), server.api_token());
+    let cfg = SimConfig {
+        devices: N,
+        prefix: "mm".into(),
+        groups: vec![Group::parse("site=plant-a:1:0.001:1500").unwrap()],
+        inference_rate: 20.0,
+        telemetry_interval: Duration::from_millis(500),
+        tract_devices: 2,
+        ..SimConfig::default()
+    };
+    let ids = sim::enroll(&api, &cfg, 16).await.unwrap();
+    let fleet = Fleet::start(cfg, ids, WAIT).await.unwrap();
+    let mut rollouts = Vec::new();
+    for (name, seed) in [("vibration", 1), ("acoustic", 2)] {
+        let onnx = sim::onnx_model_of_size(64 * 1024, seed);
+        scenario::publish_model(
+            &api,
+            name,
+            "1.0.0",
+            &onnx,
+            Some(sim::model::baseline_csv(200, 1)),
+        )
+        .await
+        .unwrap();
+        let plan = scenario::plan(
+            &format!("{name}@1.0.0"),
+            &[10.0, 100.0],
+            Duration::from_secs(1),
+            20,
+        );
+        rollouts.push(scenario::start_rollout(&api, &plan).await.unwrap());
+    }
+    for id in rollouts {
+        let run = scenario::follow(&api, id, WAIT).await.unwrap();
+        assert_eq!(run.status, "completed", "{:#}", run.last);
+    }
+    let both = |m: &std::collections::BTreeMap<String, (String, bool)>| {
+        m.get("vibration")
+            .is_some_and(|(v, h)| v == "vibration@1.0.0" && *h)
+            && m.get("acoustic")
+                .is_some_and(|(v, h)| v == "acoustic@1.0.0" && *h)
+    };
+    drover_tests::wait_until(
+        "every simulated device healthy on both models",
+        WAIT,
+        || async { fleet.slots().iter().all(both).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // The control plane's view: each device reports both slots (its Models report).
+    drover_tests::wait_until("the control plane lists both slots", WAIT, || async {
+        let d = api.get("/v1/devices/mm-00000").await.ok()?;
+        let names: Vec<&str> = d["models"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["name"].as_str())
+            .collect();
+        (names == ["acoustic", "vibration"]).then_some(())
+    })
+    .await
+    .unwrap();
+    fleet.stop().await;
+}

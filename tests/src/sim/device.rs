@@ -53,7 +53,6 @@ pub(super) struct SimModel {
 
 /// The download in progress; its chunks live in the shared cache.
 struct Download {
-    digest: Digest,
     manifest: Arc<Manifest>,
     bytes: Arc<ModelBytes>,
 }
@@ -71,14 +70,16 @@ pub struct Device {
     machine: Machine,
     /// Models whose verified file this device holds (its blob store), by SHA-256.
     store: BTreeSet<Digest>,
-    download: Option<Download>,
+    /// Downloads in progress, by manifest digest (one per slot deploying).
+    download: BTreeMap<Digest, Download>,
     /// The model an `Effect::Load` brought up, until an effect serves it.
     loaded: Option<SimModel>,
-    pub(super) active: Option<SimModel>,
-    pub(super) shadow: Option<SimModel>,
-    /// (errors, successes) of the active model since it was activated: what probation
-    /// judges.
-    pub(super) probation_counts: (u64, u64),
+    /// Per model slot (the model's name): the active model and the one in shadow.
+    pub(super) active: BTreeMap<String, SimModel>,
+    pub(super) shadow: BTreeMap<String, SimModel>,
+    /// Per slot: (errors, successes) of its active model since it was activated: what
+    /// probation judges.
+    pub(super) probation_counts: BTreeMap<String, (u64, u64)>,
     /// The last accepted command and when, for command → active times.
     accepted: Option<(u64, Instant)>,
     spool: BTreeMap<u64, (String, Vec<u8>)>,
@@ -87,7 +88,8 @@ pub struct Device {
     telemetry_interval: Duration,
     telemetry_due: Instant,
     pub(super) window_start_ms: u64,
-    pub(super) win: Window,
+    /// The telemetry window, per slot.
+    pub(super) win: BTreeMap<String, Window>,
     pub(super) pending_inferences: f64,
     pub(super) last_served: Instant,
 }
@@ -126,11 +128,11 @@ impl Device {
             rng,
             machine: Machine::new(cfg, State::default(), trust, 1, now),
             store: BTreeSet::new(),
-            download: None,
+            download: BTreeMap::new(),
             loaded: None,
-            active: None,
-            shadow: None,
-            probation_counts: (0, 0),
+            active: BTreeMap::new(),
+            shadow: BTreeMap::new(),
+            probation_counts: BTreeMap::new(),
             accepted: None,
             spool: BTreeMap::new(),
             outbox: VecDeque::new(),
@@ -138,7 +140,7 @@ impl Device {
             telemetry_interval: interval,
             telemetry_due: Instant::now() + first,
             window_start_ms: now,
-            win: Window::default(),
+            win: BTreeMap::new(),
             pending_inferences: 0.0,
             last_served: Instant::now(),
         };
@@ -309,12 +311,7 @@ impl Device {
     }
 
     fn tick(&mut self) {
-        // A simulated device serves one model (its first slot).
-        let probation = (self.machine.state().first())
-            .and_then(|s| s.active.as_ref())
-            .map(|a| (a.model.name.clone(), self.probation_counts))
-            .into_iter()
-            .collect();
+        let probation = self.probation_counts.clone();
         self.feed(Input::Tick(Observed {
             probation,
             last_request_id: 0,
@@ -390,28 +387,35 @@ impl Device {
                 return Some(self.finish_download(manifest_digest))
             }
             Effect::CloseDownload { manifest_digest } => {
-                if self.download.as_ref().map(|d| d.digest) == Some(manifest_digest) {
-                    self.download = None;
-                }
+                self.download.remove(&manifest_digest);
             }
             Effect::Load {
                 model,
                 manifest,
                 self_test,
             } => return Some(self.load(model, manifest, self_test)),
-            Effect::ServeLoaded { .. } => {
+            Effect::ServeLoaded { model } => {
                 let l = self.loaded.take();
-                self.serve(l);
+                self.serve(model, l);
             }
-            Effect::ShadowLoaded { .. } => self.shadow = self.loaded.take(),
-            Effect::PromoteShadow { .. } => {
-                let s = self.shadow.take();
-                self.serve(s);
+            Effect::ShadowLoaded { model } => {
+                if let Some(l) = self.loaded.take() {
+                    self.shadow.insert(model, l);
+                }
             }
-            Effect::DropShadow { .. } => self.shadow = None,
-            Effect::Unload { .. } => {
-                self.active = None;
-                self.shadow = None;
+            Effect::PromoteShadow { model } => {
+                let s = self.shadow.remove(&model);
+                self.serve(model, s);
+            }
+            Effect::DropShadow { model } => {
+                self.shadow.remove(&model);
+            }
+            Effect::Unload { model } => {
+                self.active.remove(&model);
+                self.shadow.remove(&model);
+                self.probation_counts.remove(&model);
+                self.win.remove(&model);
+                self.publish_active();
             }
             Effect::Event(e) => self.count(e),
         }
@@ -454,7 +458,7 @@ impl Device {
     }
 
     fn open_download(&mut self, digest: Digest, manifest: Manifest) -> Input {
-        self.download = None;
+        self.download.remove(&digest);
         if self.store.contains(&manifest.sha256) {
             return Input::Opened {
                 manifest_digest: digest,
@@ -463,11 +467,13 @@ impl Device {
         }
         let bytes = self.shared.chunks.model(digest, &manifest);
         let n = manifest.chunk_count() as usize;
-        self.download = Some(Download {
+        self.download.insert(
             digest,
-            manifest: Arc::new(manifest),
-            bytes,
-        });
+            Download {
+                manifest: Arc::new(manifest),
+                bytes,
+            },
+        );
         Input::Opened {
             manifest_digest: digest,
             stored: Stored::Chunks(vec![false; n]),
@@ -475,8 +481,8 @@ impl Device {
     }
 
     fn write_chunk(&mut self, digest: Digest, index: u32, data: &[u8]) -> Input {
-        match &self.download {
-            Some(d) if d.digest == digest => {
+        match self.download.get(&digest) {
+            Some(d) => {
                 self.shared.stats.chunks_verified.fetch_add(1, Relaxed);
                 d.bytes.keep(index, data);
                 Input::ChunkWritten {
@@ -493,9 +499,9 @@ impl Device {
     }
 
     fn finish_download(&mut self, digest: Digest) -> Input {
-        let finished = match self.download.take() {
-            Some(d) if d.digest == digest => d.bytes.file(&d.manifest).map(|_| d.manifest),
-            _ => Err("no download open for this model".into()),
+        let finished = match self.download.remove(&digest) {
+            Some(d) => d.bytes.file(&d.manifest).map(|_| d.manifest),
+            None => Err("no download open for this model".into()),
         };
         match finished {
             Ok(m) => {
@@ -546,22 +552,32 @@ impl Device {
         Input::Loaded { model: digest }
     }
 
-    /// A new active model: probation counts start again (as `Serving::swap_active`).
-    fn serve(&mut self, m: Option<SimModel>) {
-        if m.is_some() {
-            self.active = m;
-            self.probation_counts = (0, 0);
+    /// A new active model in slot `name`: its probation counts start again (as
+    /// `Serving::swap_active`).
+    fn serve(&mut self, name: String, m: Option<SimModel>) {
+        if let Some(m) = m {
+            self.active.insert(name.clone(), m);
+            self.probation_counts.insert(name, (0, 0));
         }
     }
 
     fn publish_active(&self) {
-        let first = self.machine.state().first();
-        let active = first.and_then(|s| s.active.as_ref()).map(|a| {
-            (
-                format!("{}@{}", a.model.name, a.model.version),
-                a.state == SlotState::Healthy,
-            )
-        });
+        let active: BTreeMap<String, (String, bool)> = self
+            .machine
+            .state()
+            .models
+            .iter()
+            .filter_map(|(name, s)| {
+                let a = s.active.as_ref()?;
+                Some((
+                    name.clone(),
+                    (
+                        format!("{}@{}", a.model.name, a.model.version),
+                        a.state == SlotState::Healthy,
+                    ),
+                ))
+            })
+            .collect();
         if let Ok(mut v) = self.shared.active.lock() {
             if let Some(slot) = v.get_mut(self.ident.index) {
                 *slot = active;

@@ -209,8 +209,9 @@ pub struct Shared {
     pub cfg: SimConfig,
     pub stats: Stats,
     pub chunks: ChunkCache,
-    /// Per device: the active model (`name@version`) and whether it proved healthy.
-    pub active: Mutex<Vec<Option<(String, bool)>>>,
+    /// Per device and model slot: the active model (`name@version`) and whether it
+    /// proved healthy.
+    pub active: Mutex<Vec<BTreeMap<String, (String, bool)>>>,
     /// Milliseconds from accepting a deploy command to serving the model, per install.
     pub command_to_active_ms: Mutex<Vec<u64>>,
     /// Durable frames not yet acknowledged, per device.
@@ -328,7 +329,7 @@ impl Fleet {
         let shared = Arc::new(Shared {
             stats: Stats::default(),
             chunks: ChunkCache::default(),
-            active: Mutex::new(vec![None; n]),
+            active: Mutex::new(vec![BTreeMap::new(); n]),
             command_to_active_ms: Mutex::new(Vec::new()),
             unacked: (0..n).map(|_| AtomicU64::new(0)).collect(),
             quiet: AtomicBool::new(false),
@@ -362,8 +363,17 @@ impl Fleet {
         })
     }
 
-    /// Active model per device (`name@version`, healthy).
+    /// Active model per device (`name@version`, healthy): its first slot by name, the
+    /// one model of a single-model fleet.
     pub fn active(&self) -> Vec<Option<(String, bool)>> {
+        self.slots()
+            .into_iter()
+            .map(|m| m.into_values().next())
+            .collect()
+    }
+
+    /// Every model slot per device: name → (`name@version`, healthy).
+    pub fn slots(&self) -> Vec<BTreeMap<String, (String, bool)>> {
         self.shared
             .active
             .lock()

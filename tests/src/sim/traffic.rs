@@ -98,57 +98,79 @@ impl Device {
         )
     }
 
-    /// The inferences apps asked for since the last tick.
+    /// The inferences apps asked for since the last tick: every request goes to every
+    /// model the device serves (one app per model, at the configured rate each).
     pub(super) fn serve_traffic(&mut self) {
-        let Some(active) = self.active.clone() else {
-            self.last_served = Instant::now();
-            return;
-        };
         // Requests arrive with wall time, not with ticks: a device whose task ran late
         // (a busy simulator) serves everything that arrived meanwhile.
         let now = Instant::now();
         let elapsed = now.duration_since(std::mem::replace(&mut self.last_served, now));
+        if self.active.is_empty() {
+            return;
+        }
         self.pending_inferences += self.shared.cfg.inference_rate * elapsed.as_secs_f64();
         let n = self.pending_inferences.floor() as u64;
         self.pending_inferences -= n as f64;
-        let shadow = self.shadow.clone();
-        for _ in 0..n {
-            let (err, us, class) = self.infer(&active);
-            self.win.inferences += 1;
-            self.win.latency.record(us);
-            if err {
-                self.win.errors += 1;
-                self.probation_counts.0 += 1;
-            } else {
-                self.probation_counts.1 += 1;
+        let names: Vec<String> = self.active.keys().cloned().collect();
+        for name in names {
+            let Some(active) = self.active.get(&name).cloned() else {
+                continue;
+            };
+            let shadow = self.shadow.get(&name).cloned();
+            let mut w = self.win.remove(&name).unwrap_or_default();
+            let mut counts = self.probation_counts.get(&name).copied().unwrap_or((0, 0));
+            for _ in 0..n {
+                self.serve_one(&active, shadow.as_ref(), &mut w, &mut counts);
             }
-            if self.win.outputs.len() <= class {
-                self.win.outputs.resize(class + 1, 0);
-            }
-            self.win.outputs[class] += 1;
-            if let Some(s) = &shadow {
-                let (cerr, cus, cclass) = self.infer(s);
-                self.win.compared += 1;
-                self.win.active_latency.record(us);
-                self.win.candidate_latency.record(cus);
-                if cerr {
-                    self.win.candidate_errors += 1;
-                }
-                // Modelled classes are independent draws; agreement follows the
-                // candidate's health instead (a bad candidate disagrees when it errs).
-                if !cerr && (s.tract.is_some() || !self.is_bad(&s.model) || cclass == class) {
-                    self.win.agreed += 1;
-                }
-            }
+            self.win.insert(name.clone(), w);
+            self.probation_counts.insert(name, counts);
+            self.shared.stats.inferences.fetch_add(n, Relaxed);
         }
-        self.shared.stats.inferences.fetch_add(n, Relaxed);
     }
 
+    /// One request on `active` (and its shadow), counted in `w` and the probation counts.
+    fn serve_one(
+        &mut self,
+        active: &SimModel,
+        shadow: Option<&SimModel>,
+        w: &mut Window,
+        counts: &mut (u64, u64),
+    ) {
+        let (err, us, class) = self.infer(active);
+        w.inferences += 1;
+        w.latency.record(us);
+        if err {
+            w.errors += 1;
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+        if w.outputs.len() <= class {
+            w.outputs.resize(class + 1, 0);
+        }
+        w.outputs[class] += 1;
+        if let Some(s) = shadow {
+            let (cerr, cus, cclass) = self.infer(s);
+            w.compared += 1;
+            w.active_latency.record(us);
+            w.candidate_latency.record(cus);
+            if cerr {
+                w.candidate_errors += 1;
+            }
+            // Modelled classes are independent draws; agreement follows the
+            // candidate's health instead (a bad candidate disagrees when it errs).
+            if !cerr && (s.tract.is_some() || !self.is_bad(&s.model) || cclass == class) {
+                w.agreed += 1;
+            }
+        }
+    }
+
+    /// One telemetry window per model slot (a device serving none reports one without a
+    /// model), with its drift sketches and shadow report.
     pub(super) fn emit_window(&mut self) {
         let end = now_ms();
         let start = std::mem::replace(&mut self.window_start_ms, end);
-        let w = std::mem::take(&mut self.win);
-        let active = self.active.clone();
+        let mut windows = std::mem::take(&mut self.win);
         let facts = SystemFacts {
             cpu_percent: self.rng.gen_range(5.0..25.0),
             mem_used_bytes: 300 << 20,
@@ -158,35 +180,50 @@ impl Device {
             disk_free_bytes: 4 << 30,
             disk_total_bytes: 8 << 30,
         };
-        self.report(Uplink::Telemetry(TelemetryBatch {
-            window_start_ms: start,
-            window_end_ms: end,
-            model: active.as_ref().map(|a| a.model.clone()),
-            inferences: w.inferences,
-            errors: w.errors,
-            data_quality_errors: 0,
-            latency: w.latency,
-            outputs: w.outputs.clone(),
-            system: facts,
-            spool_dropped: 0,
-        }));
-        if let Some(a) = &active {
-            if let Some(b) = &a.manifest.baseline {
-                if w.inferences > 0 {
-                    let features = drift_sketches(b, w.inferences, self.shared.cfg.drift);
-                    self.report(Uplink::Drift(DriftReport {
-                        model: a.model.clone(),
-                        window_start_ms: start,
-                        window_end_ms: end,
-                        features,
-                        predictions: w.outputs,
-                    }));
-                }
+        let slots: Vec<(Option<SimModel>, Window)> = if self.active.is_empty() {
+            vec![(None, Window::default())]
+        } else {
+            self.active
+                .iter()
+                .map(|(name, a)| (Some(a.clone()), windows.remove(name).unwrap_or_default()))
+                .collect()
+        };
+        for (active, w) in slots {
+            self.report(Uplink::Telemetry(TelemetryBatch {
+                window_start_ms: start,
+                window_end_ms: end,
+                model: active.as_ref().map(|a| a.model.clone()),
+                inferences: w.inferences,
+                errors: w.errors,
+                data_quality_errors: 0,
+                latency: w.latency.clone(),
+                outputs: w.outputs.clone(),
+                system: facts.clone(),
+                spool_dropped: 0,
+            }));
+            if let Some(a) = &active {
+                self.report_model_window(a, start, end, w);
             }
         }
-        if let (Some(a), Some(s)) = (&active, &self.shadow) {
+    }
+
+    /// The drift sketches and shadow report of one slot's window.
+    fn report_model_window(&mut self, a: &SimModel, start: u64, end: u64, w: Window) {
+        if let Some(b) = &a.manifest.baseline {
+            if w.inferences > 0 {
+                let features = drift_sketches(b, w.inferences, self.shared.cfg.drift);
+                self.report(Uplink::Drift(DriftReport {
+                    model: a.model.clone(),
+                    window_start_ms: start,
+                    window_end_ms: end,
+                    features,
+                    predictions: w.outputs.clone(),
+                }));
+            }
+        }
+        if let Some(s) = self.shadow.get(&a.model.name).cloned() {
             if w.compared > 0 {
-                let report = ShadowReport {
+                self.report(Uplink::Shadow(ShadowReport {
                     active: a.model.clone(),
                     candidate: s.model.clone(),
                     compared: w.compared,
@@ -194,8 +231,7 @@ impl Device {
                     candidate_errors: w.candidate_errors,
                     active_latency: w.active_latency,
                     candidate_latency: w.candidate_latency,
-                };
-                self.report(Uplink::Shadow(report));
+                }));
             }
         }
     }
