@@ -110,6 +110,11 @@ fn demo_closes_the_loop_and_reports_it() {
     );
     assert!(no_drift > under && stable > 0.8, "{r}");
 
+    // Two models on every gateway (issue 17): the companion in its own slot and rollout,
+    // asked with every reading; none of its requests failed either (counted below).
+    assert_eq!(r["companion_model"], "pump-anomaly@1.0.0", "{r}");
+    assert_eq!(r["models_per_device"], 2, "{r}");
+
     // Telemetry: every answered request was counted and stored; none failed.
     let t = &r["telemetry"];
     assert_eq!(t["requests_failed"], 0, "{r}");

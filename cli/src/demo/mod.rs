@@ -58,6 +58,8 @@ pub struct DemoArgs {
 }
 
 const MODEL: &str = "failure-predictor";
+/// The second model every gateway serves beside [`MODEL`], in its own slot and rollout.
+const COMPANION: &str = "pump-anomaly";
 const SITES: [&str; 2] = ["plant-a", "plant-b"];
 /// The site whose line is retrofitted mid-run.
 const SHIFTED: &str = "plant-b";

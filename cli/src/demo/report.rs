@@ -28,6 +28,10 @@ pub struct Report {
     /// with the retrained model was back at ok (judged against its reference window).
     pub alert_cleared_after_secs: Option<f64>,
     pub rollouts: Vec<RolloutRow>,
+    /// The second model served beside the failure predictor, and the fewest active
+    /// models any gateway reported once it was rolled out.
+    pub companion_model: Option<String>,
+    pub models_per_device: usize,
     pub telemetry: TelemetryRow,
     pub timeline: Vec<(String, f64)>,
     pub total_secs: f64,
@@ -276,6 +280,13 @@ impl Report {
             t.requests_answered
         );
         let _ = writeln!(r, "| requests failed | {} |", t.requests_failed);
+        if let Some(c) = &self.companion_model {
+            let _ = writeln!(
+                r,
+                "| models per gateway | {} ({c} beside the failure predictor) |",
+                self.models_per_device
+            );
+        }
         let _ = writeln!(
             r,
             "| inferences reported in telemetry and stored | {} |",

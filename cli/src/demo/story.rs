@@ -34,8 +34,8 @@ use super::watch::{
     accepted_model, bar, follow_rollout, rollout_row, step, version_of, wait_for, wait_job,
 };
 use super::{
-    job_toml, policy_toml, world, DemoArgs, Running, MODEL, RECOVERY_REQUESTS, SHIFTED, SITES,
-    WAIT, WINDOW_SECS,
+    job_toml, policy_toml, world, DemoArgs, Running, COMPANION, MODEL, RECOVERY_REQUESTS, SHIFTED,
+    SITES, WAIT, WINDOW_SECS,
 };
 use crate::client::{Client, ServerArgs};
 
@@ -258,6 +258,63 @@ impl<'a> Story<'a> {
             .rollouts
             .push(rollout_row(&self.client, r.id).await?);
         self.mark("first rollout completed", t);
+        self.companion().await
+    }
+
+    /// 4b. A second model on every gateway, in its own slot and its own rollout: the
+    ///     anomaly model trained on the same history by the built-in trainer.
+    async fn companion(&mut self) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let history = std::fs::read_to_string(self.dir.join("policy").join("history.csv"))?;
+        let (_, rows) =
+            drover_control_plane::jobs::dataset::parse_labeled_csv(&history, "history.csv")?;
+        let d = drover_control_plane::trainer::Dataset {
+            features: rows.iter().map(|r| r.features.clone()).collect(),
+            labels: rows.iter().map(|r| r.label).collect(),
+        };
+        let params = drover_control_plane::trainer::TrainParams::default();
+        let model = drover_control_plane::trainer::train(&d, &params)?;
+        let name = format!("{COMPANION}@1.0.0");
+        let body = serde_json::json!({
+            "name": COMPANION,
+            "version": "1.0.0",
+            "model_hex": hex::encode(model.to_onnx()),
+            "baseline_csv": history,
+            "metrics": {"train_accuracy": model.accuracy(&d)},
+        });
+        let _: serde_json::Value = self.client.post("/v1/models", &body).await?;
+        let plan = Plan::from_toml(&format!(
+            "model = \"{name}\"\nselector = \"all\"\n[[waves]]\npercent = 100\nbake = \"0s\"\n[gates]\non_no_data = \"pass\"\n"
+        ))?;
+        let r: RolloutView = self
+            .client
+            .post("/v1/rollouts?by=drover-demo", &plan)
+            .await?;
+        follow_rollout(&self.client, r.id).await?;
+        // Every gateway now holds both models, each in its own slot.
+        let client = &self.client;
+        let ids: Vec<String> = self.site_of.keys().cloned().collect();
+        wait_for(
+            &bar(ids.len(), "gateways serving both models"),
+            || async {
+                let mut both = 0;
+                for id in &ids {
+                    let d: DeviceView = client.get(&format!("/v1/devices/{id}")).await.ok()?;
+                    let active = d.models.iter().filter(|m| m.active.is_some()).count();
+                    both += usize::from(active >= 2);
+                }
+                Some(both)
+            },
+            ids.len(),
+        )
+        .await?;
+        println!(
+            "  {name}: its own slot and rollout beside {MODEL} on every gateway; each swaps, \
+             rolls back and is removed alone (`drover device show ID` lists both)"
+        );
+        self.report.companion_model = Some(name);
+        self.report.models_per_device = 2;
+        self.mark("second model on every gateway", t);
         Ok(())
     }
 
@@ -281,7 +338,7 @@ impl<'a> Story<'a> {
                 api: a.api_addr().to_string(),
             })
             .collect();
-        let traffic = Traffic::start(targets, MODEL, every, self.args.seed);
+        let traffic = Traffic::start(targets, MODEL, Some(COMPANION), every, self.args.seed);
         let traffic_start = drover_host::clock::now_ms();
         let mut drift = DriftLog::new(&self.client, traffic_start).await?;
         drift

@@ -55,7 +55,15 @@ pub struct Traffic {
 
 impl Traffic {
     /// Starts one sender per device, each sending a reading every `every`.
-    pub fn start(targets: Vec<Target>, model: &str, every: Duration, seed: u64) -> Traffic {
+    /// Each reading also goes to `companion`, the second model every gateway serves (no
+    /// feedback; a failed request counts as one).
+    pub fn start(
+        targets: Vec<Target>,
+        model: &str,
+        companion: Option<&str>,
+        every: Duration,
+        seed: u64,
+    ) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let retrofitted = Arc::new(Mutex::new(Vec::<String>::new()));
         let ledger = Arc::new(Mutex::new(Ledger::new()));
@@ -75,6 +83,7 @@ impl Traffic {
                     http.clone(),
                 );
                 let base = format!("http://{}/v2/models/{model}", t.api);
+                let second = companion.map(|c| format!("http://{}/v2/models/{c}/infer", t.api));
                 let mut rng = StdRng::seed_from_u64(seed ^ ((i as u64 + 1) << 32));
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(every);
@@ -87,6 +96,12 @@ impl Traffic {
                             Line::Standard
                         };
                         let (x, y) = world::reading(&mut rng, line);
+                        if let Some(url) = &second {
+                            if let Err(e) = infer_only(&http, url, &x).await {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                *lock(&last_error) = Some(format!("{}: {e:#}", t.id));
+                            }
+                        }
                         match infer(&http, &base, &x, y).await {
                             Ok((version, right)) => {
                                 let mut l = lock(&ledger);
@@ -149,6 +164,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// One inference and its feedback; returns the version that answered and whether its
 /// prediction was right.
+/// One request without feedback; an error when it is not answered with outputs.
+async fn infer_only(http: &reqwest::Client, url: &str, x: &[f32]) -> anyhow::Result<()> {
+    let body =
+        json!({"inputs": [{"name": "x", "shape": [1, x.len()], "datatype": "FP32", "data": x}]});
+    let r: Value = http
+        .post(url)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    anyhow::ensure!(r["outputs"][0]["data"].is_array(), "unexpected output {r}");
+    Ok(())
+}
+
 async fn infer(
     http: &reqwest::Client,
     base: &str,
