@@ -256,6 +256,25 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// An in-process `drover serve` on loopback ports (embedded broker, SQLite under
+/// `dir/server`), with `adjust` applied to its config, and an API client for it.
+pub async fn serve_local(
+    dir: &Path,
+    adjust: impl FnOnce(&mut drover_control_plane::config::ServeConfig),
+) -> anyhow::Result<(drover_control_plane::serve::ServeHandle, Api)> {
+    let mut config = drover_control_plane::config::ServeConfig {
+        data_dir: dir.join("server"),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    adjust(&mut config);
+    let server =
+        drover_control_plane::serve::run(config.validate()?, std::future::pending()).await?;
+    let api = Api::new(format!("http://{}", server.http_addr()), server.api_token());
+    Ok((server, api))
+}
+
 /// Enrolls and starts `per_site` agents at each site (`<site>-NN`, label `site=<site>`)
 /// and waits until every one of them is online.
 pub async fn start_sites(

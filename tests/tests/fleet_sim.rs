@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use drover_control_plane::config::ServeConfig;
 use drover_control_plane::serve;
-use drover_tests::fleet::Api;
+use drover_tests::fleet::{serve_local, Api};
 use drover_tests::sim::{self, scenario, Fleet, Group, SimConfig, Stats};
 
 const DEVICES: usize = 200;
@@ -239,18 +239,13 @@ async fn two_hundred_simulated_devices_converge_and_lose_no_telemetry() {
 async fn simulated_devices_serve_two_models_rolled_out_side_by_side() {
     const N: usize = 60;
     let tmp = tempfile::tempdir().unwrap();
-    let config = ServeConfig {
-        data_dir: tmp.path().join("server"),
-        http_listen: "127.0.0.1:0".into(),
-        mqtt_listen: "127.0.0.1:0".into(),
-        allow_plaintext: true,
-        rollout_tick_ms: 250,
-        ..Default::default()
-    };
-    let server = serve::run(config.validate().unwrap(), std::future::pending())
-        .await
-        .unwrap();
-    let api = Api::new(format!("http://{}", server.http_addr()), server.api_token());
+    let (_server, api) = serve_local(tmp.path(), |c| {
+        // Simulated devices log in with passwords, not client certificates.
+        c.allow_plaintext = true;
+        c.rollout_tick_ms = 250;
+    })
+    .await
+    .unwrap();
     let cfg = SimConfig {
         devices: N,
         prefix: "mm".into(),

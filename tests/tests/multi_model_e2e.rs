@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_control_plane::config::ServeConfig;
-use drover_control_plane::serve;
-use drover_tests::fleet::{fixture, publish, roll_out_everywhere, rollout_cli, start_sites, Api};
+use drover_tests::fleet::{
+    fixture, publish, roll_out_everywhere, rollout_cli, serve_local, start_sites, Api,
+};
 use drover_tests::wait_until;
 use serde_json::{json, Value};
 
@@ -155,17 +155,7 @@ async fn wait_status(api: &Api, id: u64, want: &str) -> Value {
 async fn three_models_on_each_device_three_rollouts_one_rolled_back_the_app_never_fails() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let config = ServeConfig {
-        data_dir: dir.join("server"),
-        http_listen: "127.0.0.1:0".into(),
-        mqtt_listen: "127.0.0.1:0".into(),
-        rollout_tick_ms: 200,
-        ..Default::default()
-    };
-    let server = serve::run(config.validate().unwrap(), std::future::pending())
-        .await
-        .unwrap();
-    let api = Api::new(format!("http://{}", server.http_addr()), server.api_token());
+    let (_server, api) = serve_local(dir, |c| c.rollout_tick_ms = 200).await.unwrap();
     let fleet = start_sites(&api, dir, &["plant-a"], 4, WAIT).await.unwrap();
     let ids: Vec<String> = fleet.iter().map(|d| d.id.clone()).collect();
     let targets: Vec<SocketAddr> = fleet.iter().filter_map(|d| d.api_addr()).collect();
