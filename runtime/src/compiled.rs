@@ -16,6 +16,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tract_nnef::framework::Nnef;
+use tract_nnef::internal::TractErrorContext;
 use tract_nnef::prelude::*;
 use tract_onnx_opl::WithOnnx;
 
@@ -52,15 +53,23 @@ fn framework() -> Nnef {
 #[cfg(feature = "onnx")]
 pub fn compile(onnx: &[u8]) -> Result<Vec<u8>, RuntimeError> {
     let typed = crate::onnx_load::decluttered(onnx)?;
+    let refused = |e: TractError| {
+        RuntimeError::Load(format!(
+            "cannot be compiled to tract's format ({e:#}); publish it without compiling \
+             (keep the ONNX artifact) or report it with the model attached"
+        ))
+    };
     catch_unwind(AssertUnwindSafe(|| {
-        framework()
+        let nnef = framework();
+        let bytes = nnef
             .write_to_tar_with_config(&typed, Vec::new(), false, true)
-            .map_err(|e| {
-                RuntimeError::Load(format!(
-                    "cannot be compiled to tract's format ({e:#}); publish it without \
-                     compiling (keep the ONNX artifact) or report it with the model attached"
-                ))
-            })
+            .map_err(refused)?;
+        // Some of tract's operator forms write but do not read back (tract 0.23's
+        // CategoryMapper string-to-int): never hand out an artifact no device can read.
+        nnef.model_for_read(&mut &*bytes)
+            .context("reading the compiled form back")
+            .map_err(refused)?;
+        Ok(bytes)
     }))
     .unwrap_or(Err(RuntimeError::Panicked("compiling the model")))
 }

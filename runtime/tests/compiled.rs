@@ -324,3 +324,75 @@ fn a_run_time_if_compiles_with_both_branches() {
         assert_eq!(v[1], want, "branch for s = {s}");
     }
 }
+
+/// tract's own CategoryMapper (tract-onnx-opl) writes in both directions but tract 0.23.9
+/// cannot read either back (int to string: a string scalar `.dat`; string to int: its
+/// loader reads the keys as a number), so `compile` refuses such a model with a reason
+/// instead of handing out an artifact no device can load. (The wire carries no strings:
+/// such a mapper is only ever inside a model.)
+#[test]
+fn category_mapper_is_refused_at_compile_not_at_load() {
+    use drover_runtime::graph::{model_bytes, value_info, DataType, GraphDim};
+    use tract_onnx::pb;
+
+    let strings = |name: &str, v: &[&str]| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Strings as i32,
+        strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        ..Default::default()
+    };
+    let ints = |name: &str, v: &[i64]| pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let model = |from: DataType, to: DataType| {
+        let mut mapper = drover_runtime::graph::node("CategoryMapper", &["x"], "y");
+        mapper.domain = "ai.onnx.ml".into();
+        let default = if to == DataType::String {
+            pb::AttributeProto {
+                name: "default_string".into(),
+                r#type: pb::attribute_proto::AttributeType::String as i32,
+                s: b"?".to_vec(),
+                ..Default::default()
+            }
+        } else {
+            drover_runtime::graph::attr_int("default_int64", -1)
+        };
+        mapper.attribute = vec![
+            strings("cats_strings", &["a", "b"]),
+            ints("cats_int64s", &[1, 2]),
+            default,
+        ];
+        let graph = pb::GraphProto {
+            name: "cm".into(),
+            node: vec![mapper],
+            input: vec![value_info("x", from, &[GraphDim::batch()])],
+            output: vec![value_info("y", to, &[GraphDim::batch()])],
+            ..Default::default()
+        };
+        let mut bytes = model_bytes(graph, "cm-test", "0");
+        // model_bytes imports the default domain only; add ai.onnx.ml.
+        use prost::Message as _;
+        let mut m = pb::ModelProto::decode(&*bytes).unwrap();
+        m.opset_import.push(pb::OperatorSetIdProto {
+            domain: "ai.onnx.ml".into(),
+            version: 2,
+        });
+        bytes = m.encode_to_vec();
+        bytes
+    };
+    for (from, to) in [
+        (DataType::Int64, DataType::String),
+        (DataType::String, DataType::Int64),
+    ] {
+        let bytes = model(from, to);
+        Model::load(&bytes).unwrap();
+        let e = compile(&bytes).unwrap_err();
+        assert!(
+            e.to_string().contains("reading the compiled form back"),
+            "{e}"
+        );
+    }
+}

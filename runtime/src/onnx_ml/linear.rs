@@ -346,11 +346,7 @@ pub fn register_nnef(reg: &mut Registry) {
 type DumpedDense = (Vec<Arc<RValue>>, (&'static str, RValue));
 
 /// The dense part's arguments: coefficient and intercept tensors, the target count.
-fn dump_dense(
-    ast: &mut IntoAst,
-    node: &TypedNode,
-    d: &Dense,
-) -> TractResult<DumpedDense> {
+fn dump_dense(ast: &mut IntoAst, node: &TypedNode, d: &Dense) -> TractResult<DumpedDense> {
     let x = ast.mapping[&node.inputs[0]].clone();
     let c = nnef_io::dump(ast, node, "coefficients", &d.coefficients)?;
     let i = nnef_io::dump(ast, node, "intercepts", &d.intercepts)?;
