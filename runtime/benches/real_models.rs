@@ -7,6 +7,12 @@
 //! the cores, at most 4) against onnxruntime's default threads, and this process's peak RSS after the model ran (VmHWM; it only grows,
 //! so read it as "peak so far").
 //!
+//! A second table (issue 25) compares each published model loaded from ONNX with the same
+//! model compiled to tract's format: load time (median, through `Model::load` and
+//! `Model::load_compiled`), compile time, run time of both (median, one thread), artifact
+//! size against the ONNX size. `BENCH_TABLE=compiled` prints only that table (no
+//! onnxruntime timing).
+//!
 //! Run: `cargo bench -p drover-runtime --bench real_models` (needs python3 with onnxruntime
 //! and numpy, and the registries on first run; `CORPUS_ONLY=a,b` limits it to some models;
 //! without `--bench` it is a quick smoke run of one iteration over the lockfile's CI subset
@@ -20,6 +26,7 @@ mod case;
 use std::process::Command;
 use std::time::Instant;
 
+use drover_runtime::compiled::compile;
 use drover_runtime::publish::{parse_input_shape, prepare, PublishOptions};
 use drover_runtime::{Model, Threads};
 
@@ -56,6 +63,97 @@ fn ort_ms(name: &str, threads: usize, runs: usize) -> Option<f64> {
     v["median_ms"].as_f64()
 }
 
+fn published(c: &case::Case) -> Option<drover_runtime::publish::Prepared> {
+    let bytes = std::fs::read(&c.model).expect("fetched");
+    let opts = PublishOptions {
+        input_shapes: c
+            .input_shapes
+            .iter()
+            .map(|a| parse_input_shape(a).expect("lockfile"))
+            .collect(),
+    };
+    prepare(&bytes, &opts).ok()
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn timed_ms<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let t = Instant::now();
+    let v = f();
+    (t.elapsed().as_secs_f64() * 1e3, v)
+}
+
+/// ONNX against compiled: load, compile and run times, sizes.
+fn compiled_table(only: &[String]) {
+    let runs = runs();
+    println!(
+        "\n{:<20} {:>9} {:>9} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>7} {:>6}  note",
+        "model",
+        "ONNX KB",
+        "tnef KB",
+        "size",
+        "load ms",
+        "loadC ms",
+        "load x",
+        "run ms",
+        "runC ms",
+        "run x",
+        "cmp ms"
+    );
+    for c in case::cases() {
+        if (!only.is_empty() && !only.contains(&c.name)) || (!bench() && !c.ci) {
+            continue;
+        }
+        let Some(p) = published(&c) else {
+            println!("{:<20} not published", c.name);
+            continue;
+        };
+        let (compile_ms, artifact) = timed_ms(|| compile(&p.bytes));
+        let artifact = match artifact {
+            Ok(a) => a,
+            Err(e) => {
+                let msg: String = e.to_string().chars().take(160).collect();
+                println!("{:<20} does not compile: {msg}", c.name);
+                continue;
+            }
+        };
+        let loads =
+            |f: &dyn Fn() -> Model| median((0..runs.max(3)).map(|_| timed_ms(f).0).collect());
+        let load_onnx = loads(&|| Model::load(&p.bytes).expect("loads"));
+        let load_compiled =
+            loads(&|| Model::load_compiled(&artifact, Threads::One).expect("loads"));
+        let compiled = Model::load_compiled(&artifact, Threads::One).expect("loads");
+        let run = |m: &Model| {
+            m.run(&c.inputs).expect("warm-up");
+            median(
+                (0..runs)
+                    .map(|_| timed_ms(|| m.run(&c.inputs).expect("runs")).0)
+                    .collect(),
+            )
+        };
+        let (run_onnx, run_compiled) = (run(&p.model), run(&compiled));
+        let same = compiled.run(&c.inputs).ok() == p.model.run(&c.inputs).ok();
+        println!(
+            "{:<20} {:>9.0} {:>9.0} {:>6.2} {:>10.2} {:>10.2} {:>8.2} {:>10.3} {:>10.3} {:>7.3} {:>6.0}  {}",
+            c.name,
+            p.bytes.len() as f64 / 1024.0,
+            artifact.len() as f64 / 1024.0,
+            artifact.len() as f64 / p.bytes.len() as f64,
+            load_onnx,
+            load_compiled,
+            load_compiled / load_onnx,
+            run_onnx,
+            run_compiled,
+            run_compiled / run_onnx,
+            compile_ms,
+            if same { "same outputs" } else { "OUTPUTS DIFFER" }
+        );
+    }
+}
+
 fn main() {
     let only: Vec<String> = std::env::var("CORPUS_ONLY")
         .map(|s| s.split(',').map(str::to_owned).collect())
@@ -66,6 +164,10 @@ fn main() {
         args.push("--ci");
     }
     case::fetch(&args);
+    if std::env::var("BENCH_TABLE").as_deref() == Ok("compiled") {
+        compiled_table(&only);
+        return;
+    }
     let runs = runs();
     println!(
         "{:<20} {:<9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8}  note",
@@ -153,4 +255,5 @@ fn main() {
             peak_rss_mb()
         );
     }
+    compiled_table(&only);
 }

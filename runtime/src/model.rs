@@ -1,22 +1,20 @@
-//! tract-onnx model loading, inference and self-test.
+//! The loaded model: inference, self-test, and the errors both load paths share.
 //!
 //! Used by the agent before activating a model and by the control plane at publish time,
-//! so both refuse the same models for the same reasons.
+//! so both refuse the same models for the same reasons. A model comes from ONNX bytes
+//! ([`Model::load`], `crate::onnx_load`, feature `onnx`) or from a compiled artifact
+//! ([`Model::load_compiled`], [`crate::compiled`]); both end in the same optimized plan
+//! built here.
 //!
 //! Architecture invariant: nothing here panics on hostile bytes. tract is known to panic
-//! on some malformed models, so loading and running go through `catch_unwind`; ONNX
-//! `external_data` is refused before tract sees the model (it would open paths named by
-//! the file); operators tract lacks are refused by name before tract builds the graph.
-//! The `ai.onnx.ml` operators come from [`crate::onnx_ml`], registered into tract's table.
+//! on some malformed models, so loading and running go through `catch_unwind`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use drover_protocol::manifest::{DType, Dim, TensorData, TensorSpec, TensorValue, TestVector};
 use thiserror::Error;
-use tract_onnx::pb;
-use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::Factoid;
+use tract_nnef::prelude::*;
 
 /// Largest tensor (elements) a request may carry, so a client cannot make us allocate GBs.
 pub const MAX_TENSOR_ELEMENTS: u64 = 16 * 1024 * 1024;
@@ -31,6 +29,8 @@ pub enum RuntimeError {
     UnsupportedOperator(String),
     #[error("model does not load: {0}")]
     Load(String),
+    #[error("compiled model artifact does not load: {0}")]
+    Compiled(String),
     #[error("tract panicked while {0} (caught; the agent keeps running)")]
     Panicked(&'static str),
     #[error("model expects {expected} inputs, got {got}")]
@@ -94,7 +94,7 @@ impl std::fmt::Display for Refusal {
 
 /// A loaded, optimized model ready to run concurrently (`run` takes `&self`).
 pub struct Model {
-    plan: Arc<TypedRunnableModel>,
+    pub(crate) plan: Arc<TypedRunnableModel>,
     /// Threads one inference uses (1: tract's inline path).
     threads: usize,
     inputs: Vec<TensorSpec>,
@@ -108,63 +108,6 @@ impl std::fmt::Debug for Model {
             .field("outputs", &self.outputs)
             .finish()
     }
-}
-
-fn op_name(domain: &str, op: &str) -> String {
-    let d = if domain.is_empty() { "ai.onnx" } else { domain };
-    format!("{d}:{op}")
-}
-
-fn check_tensor(t: &pb::TensorProto) -> Result<(), RuntimeError> {
-    // data_location 1 = EXTERNAL.
-    if !t.external_data.is_empty() || t.data_location == Some(1) {
-        return Err(RuntimeError::ExternalData {
-            tensor: t.name.chars().take(80).collect(),
-        });
-    }
-    Ok(())
-}
-
-/// Refuses external data and unsupported operators, walking subgraphs too.
-fn check_graph(
-    g: &pb::GraphProto,
-    known: &tract_onnx::model::OnnxOpRegister,
-    depth: usize,
-) -> Result<(), RuntimeError> {
-    if depth > 16 {
-        return Err(RuntimeError::Load("subgraphs nested too deeply".into()));
-    }
-    for t in &g.initializer {
-        check_tensor(t)?;
-    }
-    for n in &g.node {
-        let ml = crate::onnx_ml::OPERATORS.contains(&n.op_type.as_str());
-        let known_here = match n.domain.as_str() {
-            "" | "ai.onnx" => !ml && known.0.contains_key(&n.op_type),
-            "ai.onnx.ml" => ml,
-            _ => false,
-        };
-        if !known_here {
-            return Err(RuntimeError::UnsupportedOperator(op_name(
-                &n.domain, &n.op_type,
-            )));
-        }
-        for a in &n.attribute {
-            if let Some(t) = &a.t {
-                check_tensor(t)?;
-            }
-            for t in &a.tensors {
-                check_tensor(t)?;
-            }
-            if let Some(sub) = &a.g {
-                check_graph(sub, known, depth + 1)?;
-            }
-            for sub in &a.graphs {
-                check_graph(sub, known, depth + 1)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn dtype_of(dt: DatumType) -> Option<DType> {
@@ -209,50 +152,12 @@ fn fmt_shape(shape: &[Dim]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
-fn load_inner(bytes: &[u8], threads: crate::Threads) -> Result<Model, RuntimeError> {
-    let onnx = crate::onnx_ml::onnx();
-    let proto = onnx
-        .proto_model_for_read(&mut &*bytes)
-        .map_err(|e| RuntimeError::Decode(format!("{e:#}")))?;
-    let graph = proto
-        .graph
-        .as_ref()
-        .ok_or_else(|| RuntimeError::Decode("no graph".into()))?;
-    check_graph(graph, &onnx.op_register, 0)?;
-    let mut model = onnx
-        .model_for_proto_model(&proto)
-        .map_err(|e| refusal("cannot be read", &e))?;
-    // Unknown dims become symbols, so one optimized plan serves every size: axis 0 of
-    // every input is the shared batch `N` (skl2onnx and most exporters write `None` there,
-    // and inputs batched together must agree); any other unnamed axis gets its own symbol
-    // `<input>_<axis>`, so `[None, None]` serves `[2, 5]`. Named dims keep the file's name.
-    let batch = model.sym("N");
-    for ix in 0..model.inputs.len() {
-        let fact = model
-            .input_fact(ix)
-            .map_err(|e| RuntimeError::Load(format!("{e:#}")))?
-            .clone();
-        let input = model.node(model.inputs[ix].node).name.clone();
-        if fact.shape.rank().concretize().is_some() {
-            let dims: Vec<TDim> = fact
-                .shape
-                .dims()
-                .enumerate()
-                .map(|(axis, d)| {
-                    d.concretize().unwrap_or_else(|| match axis {
-                        0 => batch.clone().into(),
-                        _ => model.sym(&axis_symbol(&input, axis)).into(),
-                    })
-                })
-                .collect();
-            model
-                .set_input_fact(ix, fact.with_shape(dims))
-                .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
-        }
-    }
-    let typed = model
-        .into_optimized()
-        .map_err(|e| refusal("cannot be analysed", &e))?;
+/// The model from an optimized typed graph: the input and output specs the wire sees and
+/// the runnable plan on `threads`.
+pub(crate) fn from_optimized(
+    typed: TypedModel,
+    threads: crate::Threads,
+) -> Result<Model, RuntimeError> {
     let mut inputs = Vec::new();
     for (ix, outlet) in typed.input_outlets().map_err(load_err)?.iter().enumerate() {
         let name = typed.node(outlet.node).name.clone();
@@ -266,7 +171,7 @@ fn load_inner(bytes: &[u8], threads: crate::Threads) -> Result<Model, RuntimeErr
             .unwrap_or_else(|| typed.node(outlet.node).name.clone());
         outputs.push(spec_of(name, typed.output_fact(ix).map_err(load_err)?));
     }
-    let options = tract_onnx::tract_core::runtime::RunOptions {
+    let options = tract_core::runtime::RunOptions {
         executor: threads.executor(),
         ..Default::default()
     };
@@ -299,7 +204,7 @@ fn node_in(msg: &str) -> Option<(String, String)> {
 
 /// A load failure as the operator reads it: the node and operator tract stopped at, the
 /// root cause, and what to do; tract's whole chain is kept in `trace` (`--verbose`).
-fn refusal(what: &str, e: &TractError) -> RuntimeError {
+pub(crate) fn refusal(what: &str, e: &TractError) -> RuntimeError {
     let trace = format!("{e:#}");
     let Some((node, op)) = e.chain().find_map(|c| node_in(&c.to_string())) else {
         return RuntimeError::Load(trace);
@@ -342,17 +247,7 @@ fn refusal(what: &str, e: &TractError) -> RuntimeError {
     }))
 }
 
-/// The symbol of an unnamed dynamic axis: `<input>_<axis>`, the input's name reduced to
-/// `[A-Za-z0-9_]` so it reads as one identifier in shapes and errors.
-fn axis_symbol(input: &str, axis: usize) -> String {
-    let clean: String = input
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    format!("{clean}_{axis}")
-}
-
-fn load_err(e: TractError) -> RuntimeError {
+pub(crate) fn load_err(e: TractError) -> RuntimeError {
     RuntimeError::Load(format!("{e:#}"))
 }
 
@@ -491,19 +386,6 @@ fn from_tensor(name: &str, t: &Tensor) -> Result<TensorValue, RuntimeError> {
 }
 
 impl Model {
-    /// Parses, checks and optimizes an ONNX model. Never panics: a tract panic becomes
-    /// [`RuntimeError::Panicked`].
-    pub fn load(bytes: &[u8]) -> Result<Model, RuntimeError> {
-        Self::load_with(bytes, crate::Threads::One)
-    }
-
-    /// As [`Model::load`], running each inference on `threads` threads (tract's
-    /// multithreaded kernels; outputs are the same as on one thread).
-    pub fn load_with(bytes: &[u8], threads: crate::Threads) -> Result<Model, RuntimeError> {
-        catch_unwind(AssertUnwindSafe(|| load_inner(bytes, threads)))
-            .unwrap_or(Err(RuntimeError::Panicked("loading the model")))
-    }
-
     /// Threads one inference uses.
     pub fn threads(&self) -> usize {
         self.threads
@@ -610,6 +492,7 @@ pub fn compare(got: &TensorValue, want: &TensorValue, tolerance: f32) -> Result<
 mod tests {
     use super::*;
 
+    #[cfg(feature = "onnx")]
     #[test]
     fn garbage_bytes_are_refused_not_panicking() {
         for bytes in [&b""[..], b"\x00\x01\x02", &[0xff; 64]] {

@@ -70,7 +70,7 @@ impl Threads {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "onnx"))]
 mod tests {
     use super::*;
     use crate::graph::{model_bytes, node, tensor_f32, value_info, GraphDim};

@@ -11,8 +11,10 @@
 #[path = "../corpus/case.rs"]
 mod case;
 
+use drover_protocol::manifest::TestVector;
+use drover_runtime::compiled::compile;
 use drover_runtime::publish::{parse_input_shape, prepare, PublishOptions};
-use drover_runtime::RuntimeError;
+use drover_runtime::{self_test, Model, RuntimeError, Threads};
 
 /// Absolute tolerance on outputs in [0, 1] (probabilities) and small logits: tract and
 /// onnxruntime sum in different orders.
@@ -71,6 +73,44 @@ fn ci_subset_publishes_and_matches_onnxruntime() {
         matched >= 2,
         "only {matched} CI models ran against onnxruntime"
     );
+}
+
+/// The CI subset compiled to tract's format (issue 25): every model that publishes also
+/// compiles, loads compiled, gives the ONNX path's outputs exactly (so the same error
+/// against onnxruntime) and passes its reference as a self-test vector.
+#[test]
+fn ci_subset_compiles_and_matches_the_onnx_path() {
+    case::fetch(&["--ci"]);
+    let mut compiled = 0;
+    for c in case::cases().into_iter().filter(|c| c.ci) {
+        let opts = PublishOptions {
+            input_shapes: c
+                .input_shapes
+                .iter()
+                .map(|a| parse_input_shape(a).unwrap())
+                .collect(),
+        };
+        let Ok(p) = prepare(&std::fs::read(&c.model).unwrap(), &opts) else {
+            continue;
+        };
+        let artifact = compile(&p.bytes).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let model = Model::load_compiled(&artifact, Threads::One)
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert_eq!(model.inputs(), p.model.inputs(), "{}", c.name);
+        assert_eq!(model.outputs(), p.model.outputs(), "{}", c.name);
+        let got = model.run(&c.inputs).unwrap();
+        assert_eq!(got, p.model.run(&c.inputs).unwrap(), "{}", c.name);
+        let err = case::max_abs_error(&got, &c.outputs).unwrap();
+        assert!(err <= TOLERANCE, "{}: max error {err}", c.name);
+        let vector = TestVector {
+            inputs: c.inputs.clone(),
+            outputs: got,
+            tolerance: 0.0,
+        };
+        self_test(&model, &[vector]).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        compiled += 1;
+    }
+    assert!(compiled >= 2, "only {compiled} CI models compiled");
 }
 
 /// A package whose model differs from the lockfile's sha256 is refused, and nothing of it

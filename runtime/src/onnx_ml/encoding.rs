@@ -3,20 +3,28 @@
 
 use std::collections::HashMap;
 
+use tract_nnef::internal::*;
+#[cfg(feature = "onnx")]
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+#[cfg(feature = "onnx")]
 use tract_onnx::pb::NodeProto;
+#[cfg(feature = "onnx")]
 use tract_onnx::tract_hir::internal::*;
 
+use super::nnef_io::{self, attr_int, input, int, one_output};
 use super::{ml_op, tensor_f32, tensor_i64};
 
+#[cfg(feature = "onnx")]
 pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("OneHotEncoder", one_hot_encoder);
     reg.insert("LabelEncoder", label_encoder);
     reg.insert("ArrayFeatureExtractor", array_feature_extractor);
 }
 
+#[cfg(feature = "onnx")]
 type Built = TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
 
+#[cfg(feature = "onnx")]
 const STRINGS: &str =
     "string categories are not supported (the agent's wire carries numbers only; \
                        encode them as integers before exporting)";
@@ -52,6 +60,7 @@ pub struct OneHotParams {
     zeros: bool,
 }
 
+#[cfg(feature = "onnx")]
 fn one_hot_encoder(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     ensure!(
         node.get_attr_opt_tvec::<&str>("cats_strings")?.is_none(),
@@ -76,6 +85,7 @@ fn one_hot_encoder(_ctx: &ParsingContext, node: &NodeProto) -> Built {
 }
 
 impl OneHotEncoder {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -147,6 +157,7 @@ fn float_key(v: f32) -> i64 {
     }
 }
 
+#[cfg(feature = "onnx")]
 fn label_encoder(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     for attr in ["keys_strings", "values_strings"] {
         ensure!(
@@ -207,6 +218,7 @@ impl LabelEncoder {
         }
     }
 
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -263,6 +275,7 @@ ml_op!(LabelEncoder, "ai.onnx.ml.LabelEncoder", inputs: 1, outputs: 1);
 #[derive(Clone, Debug)]
 pub struct ArrayFeatureExtractor(Arc<()>);
 
+#[cfg(feature = "onnx")]
 fn array_feature_extractor(_ctx: &ParsingContext, _node: &NodeProto) -> Built {
     Ok((expand(ArrayFeatureExtractor(Arc::new(()))), vec![]))
 }
@@ -295,6 +308,7 @@ fn gather_last<T: Datum + Copy>(
 }
 
 impl ArrayFeatureExtractor {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -351,3 +365,188 @@ impl ArrayFeatureExtractor {
     }
 }
 ml_op!(ArrayFeatureExtractor, "ai.onnx.ml.ArrayFeatureExtractor", inputs: 2, outputs: 1);
+
+// ---------------------------------------------------------------------------------------
+// Compiled form (NNEF): key→position indexes are written as two tensors sorted by key.
+
+pub fn register_nnef(reg: &mut Registry) {
+    reg.register_dumper(dump_one_hot);
+    reg.register_primitive(
+        "drover_ml_one_hot_encoder",
+        &[
+            input(),
+            int("keys"),
+            int("positions"),
+            attr_int("categories"),
+            attr_int("zeros"),
+        ],
+        &one_output(),
+        load_one_hot,
+    );
+    reg.register_dumper(dump_label_encoder);
+    reg.register_primitive(
+        "drover_ml_label_encoder",
+        &[
+            input(),
+            int("keys"),
+            int("positions"),
+            TypeName::Scalar.tensor().named("values"),
+            TypeName::Scalar.tensor().named("default"),
+            attr_int("float_keys"),
+        ],
+        &one_output(),
+        load_label_encoder,
+    );
+    reg.register_dumper(dump_feature_extractor);
+    reg.register_primitive(
+        "drover_ml_array_feature_extractor",
+        &[input(), int("indices")],
+        &one_output(),
+        load_feature_extractor,
+    );
+}
+
+/// `(keys, positions)` sorted by key.
+fn index_tensors(index: &HashMap<i64, usize>) -> (Vec<i64>, Vec<i64>) {
+    let mut pairs: Vec<(i64, i64)> = index.iter().map(|(k, v)| (*k, *v as i64)).collect();
+    pairs.sort_unstable();
+    pairs.into_iter().unzip()
+}
+
+fn load_index(
+    builder: &mut ModelBuilder,
+    inv: &ResolvedInvocation,
+    len: usize,
+) -> TractResult<HashMap<i64, usize>> {
+    let keys: Vec<i64> = nnef_io::load(builder, inv, "keys")?;
+    let positions: Vec<i64> = nnef_io::load(builder, inv, "positions")?;
+    ensure!(
+        keys.len() == positions.len(),
+        "{} keys for {} positions",
+        keys.len(),
+        positions.len()
+    );
+    keys.into_iter()
+        .zip(positions)
+        .map(|(k, p)| {
+            let p = usize::try_from(p).ok().filter(|p| *p < len);
+            Ok((
+                k,
+                p.with_context(|| format!("key {k}: position out of range"))?,
+            ))
+        })
+        .collect()
+}
+
+fn dump_one_hot(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &OneHotEncoder,
+) -> TractResult<Option<Arc<RValue>>> {
+    let p = &*op.0;
+    let x = ast.mapping[&node.inputs[0]].clone();
+    let (keys, positions) = index_tensors(&p.index);
+    let keys = nnef_io::dump(ast, node, "keys", &keys)?;
+    let positions = nnef_io::dump(ast, node, "positions", &positions)?;
+    Ok(Some(invocation(
+        "drover_ml_one_hot_encoder",
+        &[x, keys, positions],
+        &[
+            ("categories", numeric(p.categories)),
+            ("zeros", numeric(i64::from(p.zeros))),
+        ],
+    )))
+}
+
+fn load_one_hot(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Value> {
+    let x: OutletId = inv.named_arg_as(builder, "input")?;
+    let categories = nnef_io::load_usize(builder, inv, "categories")?;
+    ensure!(categories > 0, "OneHotEncoder: no categories");
+    let index = load_index(builder, inv, categories)?;
+    let zeros = nnef_io::load_usize(builder, inv, "zeros")? != 0;
+    let p = OneHotParams {
+        index,
+        categories,
+        zeros,
+    };
+    builder.wire(OneHotEncoder(Arc::new(p)), &[x])
+}
+
+fn dump_label_encoder(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &LabelEncoder,
+) -> TractResult<Option<Arc<RValue>>> {
+    let p = &*op.0;
+    let x = ast.mapping[&node.inputs[0]].clone();
+    let (keys, positions) = index_tensors(&p.index);
+    let keys = nnef_io::dump(ast, node, "keys", &keys)?;
+    let positions = nnef_io::dump(ast, node, "positions", &positions)?;
+    let (values, default) = match &p.values {
+        Values::I64(v, d) => (
+            nnef_io::dump(ast, node, "values", v)?,
+            nnef_io::dump(ast, node, "default", &[*d])?,
+        ),
+        Values::F32(v, d) => (
+            nnef_io::dump(ast, node, "values", v)?,
+            nnef_io::dump(ast, node, "default", &[*d])?,
+        ),
+    };
+    Ok(Some(invocation(
+        "drover_ml_label_encoder",
+        &[x, keys, positions, values, default],
+        &[("float_keys", numeric(i64::from(p.float_keys)))],
+    )))
+}
+
+fn load_label_encoder(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Value> {
+    let x: OutletId = inv.named_arg_as(builder, "input")?;
+    let float_keys = nnef_io::load_usize(builder, inv, "float_keys")? != 0;
+    let values_dt = inv
+        .named_arg_as::<Arc<Tensor>>(builder, "values")?
+        .datum_type();
+    let values = if values_dt == DatumType::I64 {
+        let d: Vec<i64> = nnef_io::load(builder, inv, "default")?;
+        ensure!(d.len() == 1, "LabelEncoder: one default value expected");
+        Values::I64(nnef_io::load(builder, inv, "values")?, d[0])
+    } else {
+        Values::F32(
+            nnef_io::load(builder, inv, "values")?,
+            nnef_io::load_f32(builder, inv, "default")?,
+        )
+    };
+    let n_values = match &values {
+        Values::I64(v, _) => v.len(),
+        Values::F32(v, _) => v.len(),
+    };
+    let index = load_index(builder, inv, n_values)?;
+    let p = LabelParams {
+        index,
+        float_keys,
+        values,
+    };
+    builder.wire(LabelEncoder(Arc::new(p)), &[x])
+}
+
+fn dump_feature_extractor(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    _op: &ArrayFeatureExtractor,
+) -> TractResult<Option<Arc<RValue>>> {
+    let x = ast.mapping[&node.inputs[0]].clone();
+    let indices = ast.mapping[&node.inputs[1]].clone();
+    Ok(Some(invocation(
+        "drover_ml_array_feature_extractor",
+        &[x, indices],
+        &[],
+    )))
+}
+
+fn load_feature_extractor(
+    builder: &mut ModelBuilder,
+    inv: &ResolvedInvocation,
+) -> TractResult<Value> {
+    let x: OutletId = inv.named_arg_as(builder, "input")?;
+    let indices: OutletId = inv.named_arg_as(builder, "indices")?;
+    builder.wire(ArrayFeatureExtractor(Arc::new(())), &[x, indices])
+}

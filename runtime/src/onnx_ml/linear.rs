@@ -1,16 +1,23 @@
 //! Linear models: LinearClassifier, LinearRegressor (`scores = X · Wᵀ + b`).
 
+use tract_nnef::internal::*;
+#[cfg(feature = "onnx")]
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+#[cfg(feature = "onnx")]
 use tract_onnx::pb::NodeProto;
+#[cfg(feature = "onnx")]
 use tract_onnx::tract_hir::internal::*;
 
+use super::nnef_io::{self, attr_int, attr_str, classifier_outputs, float, input, int, one_output};
 use super::{as_f32, logistic, ml_op, probit, rows_cols, tensor_f32, tensor_i64, PostTransform};
 
+#[cfg(feature = "onnx")]
 pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("LinearClassifier", linear_classifier);
     reg.insert("LinearRegressor", linear_regressor);
 }
 
+#[cfg(feature = "onnx")]
 type Built = TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
 
 /// Coefficients `[targets, features]` (row-major) and intercepts `[targets]`.
@@ -83,6 +90,7 @@ fn batch_dim(shape: &ShapeFact) -> TDim {
 #[derive(Clone, Debug)]
 pub struct LinearRegressor(Arc<(Dense, PostTransform)>);
 
+#[cfg(feature = "onnx")]
 fn linear_regressor(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     let targets: usize = node.get_attr_opt("targets")?.unwrap_or(1);
     let dense = Dense::new(
@@ -95,6 +103,7 @@ fn linear_regressor(_ctx: &ParsingContext, node: &NodeProto) -> Built {
 }
 
 impl LinearRegressor {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -163,6 +172,7 @@ impl ClassifierParams {
     }
 }
 
+#[cfg(feature = "onnx")]
 /// Class labels as int64. String labels are refused: the agent's wire carries int64 labels.
 pub fn int_labels(node: &NodeProto, int_attr: &str) -> TractResult<Vec<i64>> {
     if node
@@ -180,6 +190,7 @@ pub fn int_labels(node: &NodeProto, int_attr: &str) -> TractResult<Vec<i64>> {
     Ok(labels)
 }
 
+#[cfg(feature = "onnx")]
 fn linear_classifier(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     let labels = int_labels(node, "classlabels_ints")?;
     let intercepts: Option<Vec<f32>> = node.get_attr_opt_vec("intercepts")?;
@@ -191,11 +202,7 @@ fn linear_classifier(_ctx: &ParsingContext, node: &NodeProto) -> Built {
         None => labels.len(),
     };
     let dense = Dense::new(coefficients, intercepts, targets)?;
-    ensure!(
-        targets == labels.len() || (targets == 1 && labels.len() == 2),
-        "LinearClassifier: {targets} score columns for {} class labels",
-        labels.len()
-    );
+    check_labels(&dense, &labels)?;
     let post = PostTransform::parse(node.get_attr_opt("post_transform")?)?;
     Ok((
         expand(LinearClassifier(Arc::new(ClassifierParams {
@@ -207,6 +214,17 @@ fn linear_classifier(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     ))
 }
 
+fn check_labels(dense: &Dense, labels: &[i64]) -> TractResult<()> {
+    let targets = dense.targets;
+    ensure!(
+        targets == labels.len() || (targets == 1 && labels.len() == 2),
+        "LinearClassifier: {targets} score columns for {} class labels",
+        labels.len()
+    );
+    Ok(())
+}
+
+#[cfg(feature = "onnx")]
 pub fn classifier_rules<'r, 'p: 'r>(
     s: &mut Solver<'r>,
     inputs: &'p [TensorProxy],
@@ -234,6 +252,7 @@ pub fn classifier_facts(input: &TypedFact, columns: usize) -> TVec<TypedFact> {
 }
 
 impl LinearClassifier {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -291,3 +310,111 @@ impl LinearClassifier {
     }
 }
 ml_op!(LinearClassifier, "ai.onnx.ml.LinearClassifier", inputs: 1, outputs: 2);
+
+// ---------------------------------------------------------------------------------------
+// Compiled form (NNEF)
+
+fn dense_params() -> [tract_nnef::internal::Parameter; 3] {
+    [
+        float("coefficients"),
+        float("intercepts"),
+        attr_int("targets"),
+    ]
+}
+
+pub fn register_nnef(reg: &mut Registry) {
+    reg.register_dumper(dump_regressor);
+    let mut params = vec![input()];
+    params.extend(dense_params());
+    params.push(attr_str("post_transform"));
+    reg.register_primitive(
+        "drover_ml_linear_regressor",
+        &params,
+        &one_output(),
+        load_regressor,
+    );
+    reg.register_dumper(dump_classifier);
+    params.push(int("labels"));
+    reg.register_primitive(
+        "drover_ml_linear_classifier",
+        &params,
+        &classifier_outputs(),
+        load_classifier,
+    );
+}
+
+type DumpedDense = (Vec<Arc<RValue>>, (&'static str, RValue));
+
+/// The dense part's arguments: coefficient and intercept tensors, the target count.
+fn dump_dense(ast: &mut IntoAst, node: &TypedNode, d: &Dense) -> TractResult<DumpedDense> {
+    let x = ast.mapping[&node.inputs[0]].clone();
+    let c = nnef_io::dump(ast, node, "coefficients", &d.coefficients)?;
+    let i = nnef_io::dump(ast, node, "intercepts", &d.intercepts)?;
+    Ok((vec![x, c, i], ("targets", numeric(d.targets))))
+}
+
+fn load_dense(
+    builder: &mut ModelBuilder,
+    inv: &ResolvedInvocation,
+) -> TractResult<(OutletId, Dense, PostTransform)> {
+    let x: OutletId = inv.named_arg_as(builder, "input")?;
+    let coefficients = nnef_io::load(builder, inv, "coefficients")?;
+    let intercepts = nnef_io::load(builder, inv, "intercepts")?;
+    let targets = nnef_io::load_usize(builder, inv, "targets")?;
+    let post: String = inv.named_arg_as(builder, "post_transform")?;
+    let dense = Dense::new(coefficients, Some(intercepts), targets)?;
+    Ok((x, dense, PostTransform::parse(Some(&post))?))
+}
+
+fn dump_regressor(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &LinearRegressor,
+) -> TractResult<Option<Arc<RValue>>> {
+    let (dense, post) = &*op.0;
+    let (args, targets) = dump_dense(ast, node, dense)?;
+    Ok(Some(invocation(
+        "drover_ml_linear_regressor",
+        &args,
+        &[targets, ("post_transform", string(post.name()))],
+    )))
+}
+
+fn load_regressor(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Value> {
+    let (x, dense, post) = load_dense(builder, inv)?;
+    builder.wire(LinearRegressor(Arc::new((dense, post))), &[x])
+}
+
+fn dump_classifier(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &LinearClassifier,
+) -> TractResult<Option<Arc<RValue>>> {
+    let p = &*op.0;
+    let (args, targets) = dump_dense(ast, node, &p.dense)?;
+    let labels = nnef_io::dump(ast, node, "labels", &p.labels)?;
+    Ok(Some(invocation(
+        "drover_ml_linear_classifier",
+        &args,
+        &[
+            targets,
+            ("post_transform", string(p.post.name())),
+            ("labels", labels.as_ref().clone()),
+        ],
+    )))
+}
+
+fn load_classifier(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Value> {
+    let (x, dense, post) = load_dense(builder, inv)?;
+    let labels: Vec<i64> = nnef_io::load(builder, inv, "labels")?;
+    ensure!(!labels.is_empty(), "LinearClassifier: no class labels");
+    check_labels(&dense, &labels)?;
+    builder.wire(
+        LinearClassifier(Arc::new(ClassifierParams {
+            dense,
+            labels,
+            post,
+        })),
+        &[x],
+    )
+}

@@ -1,5 +1,8 @@
 //! The `ai.onnx.ml` operators scikit-learn exporters emit (skl2onnx, onnxmltools), registered
-//! into tract-onnx's operator table by [`onnx`].
+//! into tract-onnx's operator table by [`onnx`] (feature `onnx`), and into the NNEF registry
+//! [`nnef_registry`] (`drover_ml`) that writes them into compiled artifacts and reads them
+//! back: each operator's parameters are NNEF tensors (`.dat` files in the tar, exact bits)
+//! and attributes, and a loader checks them as the ONNX parser does before building the op.
 //!
 //! tract-onnx 0.23 ships a few of these (LinearClassifier, LinearRegressor, Normalizer,
 //! TreeEnsembleClassifier, CategoryMapper); ours replace them because their results or speed
@@ -14,13 +17,14 @@
 //! - `tree.rs`: TreeEnsembleClassifier, TreeEnsembleRegressor (flattened evaluator)
 //!
 //! Each operator is one struct that is both tract's inference-time `Expansion` (shape and
-//! type rules) and the typed op it expands into, so there is a single definition to keep
-//! right. Classifier outputs are the `zipmap=False` form: an int64 label tensor `[N]` and a
+//! type rules, feature `onnx`) and the typed op it expands into, so there is a single
+//! definition to keep right. Classifier outputs are the `zipmap=False` form: an int64 label tensor `[N]` and a
 //! float probability tensor `[N, classes]`; `ZipMap` (sequences of maps) stays unsupported
 //! and is refused by name.
 
+use tract_nnef::internal::*;
+#[cfg(feature = "onnx")]
 use tract_onnx::model::OnnxOpRegister;
-use tract_onnx::tract_hir::internal::*;
 
 mod encoding;
 mod linear;
@@ -43,7 +47,23 @@ pub const OPERATORS: &[&str] = &[
     "TreeEnsembleRegressor",
 ];
 
+/// The NNEF registry of compiled artifacts for our operators.
+pub const NNEF_REGISTRY: &str = "drover_ml";
+
+/// Our operators' NNEF serializers and loaders (`drover_ml_*` primitives).
+pub fn nnef_registry() -> Registry {
+    let mut reg = Registry::new(NNEF_REGISTRY)
+        .with_doc("Extension `drover_ml`: Drover's ai.onnx.ml operators.")
+        .with_doc("Add `extension tract_registry drover_ml` to `graph.nnef`");
+    preprocessing::register_nnef(&mut reg);
+    linear::register_nnef(&mut reg);
+    encoding::register_nnef(&mut reg);
+    tree::register_nnef(&mut reg);
+    reg
+}
+
 /// Adds (or replaces) our `ai.onnx.ml` operators in a tract-onnx operator table.
+#[cfg(feature = "onnx")]
 pub fn register(reg: &mut OnnxOpRegister) {
     preprocessing::register(reg);
     linear::register(reg);
@@ -52,6 +72,7 @@ pub fn register(reg: &mut OnnxOpRegister) {
 }
 
 /// tract-onnx with our `ai.onnx.ml` operators registered.
+#[cfg(feature = "onnx")]
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     register(&mut onnx.op_register);
@@ -61,7 +82,7 @@ pub fn onnx() -> tract_onnx::Onnx {
 /// Implements tract's `Op`, `EvalOp`, `TypedOp` and `Expansion` for an operator struct from
 /// its inherent `rules`, `facts` and `eval_ml` methods. Equality (which tract uses to merge
 /// identical nodes) is pointer equality on the shared parameters. Callers import
-/// `tract_onnx::tract_hir::internal::*`.
+/// `tract_nnef::internal::*` (and `tract_onnx::tract_hir::internal::*` with feature `onnx`).
 macro_rules! ml_op {
     ($t:ident, $name:expr, inputs: $n_in:expr, outputs: $n_out:expr) => {
         impl PartialEq for $t {
@@ -75,11 +96,11 @@ macro_rules! ml_op {
             fn name(&self) -> StaticName {
                 $name.into()
             }
-            tract_onnx::tract_hir::tract_core::op_as_typed_op!();
+            tract_core::op_as_typed_op!();
         }
 
         impl EvalOp for $t {
-            tract_onnx::tract_hir::tract_core::op_out_of_plan!();
+            tract_core::op_out_of_plan!();
             fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
                 self.eval_ml(inputs)
             }
@@ -89,9 +110,10 @@ macro_rules! ml_op {
             fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
                 self.facts(inputs)
             }
-            tract_onnx::tract_hir::tract_core::as_op!();
+            tract_core::as_op!();
         }
 
+        #[cfg(feature = "onnx")]
         impl Expansion for $t {
             fn name(&self) -> StaticName {
                 $name.into()
@@ -174,6 +196,16 @@ enum PostTransform {
 }
 
 impl PostTransform {
+    fn name(self) -> &'static str {
+        match self {
+            PostTransform::None => "NONE",
+            PostTransform::Logistic => "LOGISTIC",
+            PostTransform::Softmax => "SOFTMAX",
+            PostTransform::SoftmaxZero => "SOFTMAX_ZERO",
+            PostTransform::Probit => "PROBIT",
+        }
+    }
+
     fn parse(s: Option<&str>) -> TractResult<PostTransform> {
         Ok(match s.unwrap_or("NONE") {
             "NONE" => PostTransform::None,
@@ -240,4 +272,93 @@ fn probit(x: f32) -> f32 {
     let v2 = 1.0 / 0.147 * log;
     let v3 = -v + (v * v - v2).sqrt();
     std::f32::consts::SQRT_2 * sgn * v3.sqrt()
+}
+
+/// NNEF helpers the operator families share: parameters written as variables (`.dat`
+/// tensors, exact bits) and read back with their type and rank checked.
+mod nnef_io {
+    use tract_nnef::ast::TypeSpec;
+    use tract_nnef::internal::*;
+
+    /// A rank-1 parameter tensor, written as `<node>.<what>.dat`.
+    pub fn dump<T: Datum + Copy>(
+        ast: &mut IntoAst,
+        node: &TypedNode,
+        what: &str,
+        values: &[T],
+    ) -> TractResult<Arc<RValue>> {
+        ast.konst_variable(format!("{}.{what}", node.name), &rctensor1(values))
+    }
+
+    /// A rank-1 parameter tensor of `T`, as [`dump`] wrote it.
+    pub fn load<T: Datum + Copy>(
+        builder: &mut ModelBuilder,
+        inv: &ResolvedInvocation,
+        what: &str,
+    ) -> TractResult<Vec<T>> {
+        let t: Arc<Tensor> = inv.named_arg_as(builder, what)?;
+        ensure!(
+            t.datum_type() == T::datum_type() && t.rank() == 1,
+            "parameter {what}: expected a rank 1 {:?} tensor, got {:?} {:?}",
+            T::datum_type(),
+            t.datum_type(),
+            t.shape()
+        );
+        Ok(t.try_as_plain_ram()?.as_slice::<T>()?.to_vec())
+    }
+
+    /// One f32 parameter (kept as a tensor so NaN and every bit survive).
+    pub fn load_f32(
+        builder: &mut ModelBuilder,
+        inv: &ResolvedInvocation,
+        what: &str,
+    ) -> TractResult<f32> {
+        match load::<f32>(builder, inv, what)?.as_slice() {
+            [v] => Ok(*v),
+            other => bail!("parameter {what}: expected one value, got {}", other.len()),
+        }
+    }
+
+    /// A non-negative integer attribute.
+    pub fn load_usize(
+        builder: &mut ModelBuilder,
+        inv: &ResolvedInvocation,
+        what: &str,
+    ) -> TractResult<usize> {
+        let v: i64 = inv.named_arg_as(builder, what)?;
+        usize::try_from(v).with_context(|| format!("attribute {what}: {v} is negative"))
+    }
+
+    pub fn float(name: &str) -> Parameter {
+        TypeName::Scalar.tensor().named(name)
+    }
+
+    pub fn int(name: &str) -> Parameter {
+        TypeName::Integer.tensor().named(name)
+    }
+
+    pub fn attr_int(name: &str) -> Parameter {
+        TypeName::Integer.named(name)
+    }
+
+    pub fn attr_str(name: &str) -> Parameter {
+        TypeName::String.named(name)
+    }
+
+    pub fn input() -> Parameter {
+        TypeName::Scalar.tensor().named("input")
+    }
+
+    /// One output of type `scalar`.
+    pub fn one_output() -> [(&'static str, TypeSpec); 1] {
+        [("output", TypeName::Scalar.tensor())]
+    }
+
+    /// A classifier's two outputs: labels and scores.
+    pub fn classifier_outputs() -> [(&'static str, TypeSpec); 2] {
+        [
+            ("label", TypeName::Integer.tensor()),
+            ("scores", TypeName::Scalar.tensor()),
+        ]
+    }
 }

@@ -1,11 +1,17 @@
 //! Row-wise preprocessing: Scaler, Normalizer, Imputer, Binarizer.
 
+use tract_nnef::internal::*;
+#[cfg(feature = "onnx")]
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+#[cfg(feature = "onnx")]
 use tract_onnx::pb::NodeProto;
+#[cfg(feature = "onnx")]
 use tract_onnx::tract_hir::internal::*;
 
+use super::nnef_io::{self, attr_str, float, input, one_output};
 use super::{as_f32, ml_op, rows_cols, tensor_f32};
 
+#[cfg(feature = "onnx")]
 pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("Scaler", scaler);
     reg.insert("Normalizer", normalizer);
@@ -13,6 +19,7 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("Binarizer", binarizer);
 }
 
+#[cfg(feature = "onnx")]
 type Built = TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
 
 /// A per-column parameter: one value for every column, or one per column.
@@ -25,6 +32,7 @@ fn per_column(values: &[f32], cols: usize, what: &str) -> TractResult<()> {
     Ok(())
 }
 
+#[cfg(feature = "onnx")]
 fn same_shape_rules<'r, 'p: 'r>(
     s: &mut Solver<'r>,
     inputs: &'p [TensorProxy],
@@ -49,6 +57,7 @@ pub struct ScalerParams {
     scale: Vec<f32>,
 }
 
+#[cfg(feature = "onnx")]
 fn scaler(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     let offset: Vec<f32> = node
         .get_attr_opt_vec("offset")?
@@ -65,6 +74,7 @@ fn scaler(_ctx: &ParsingContext, node: &NodeProto) -> Built {
 }
 
 impl Scaler {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -115,22 +125,38 @@ enum Norm {
     L2,
 }
 
+impl Norm {
+    fn parse(s: &str) -> TractResult<Norm> {
+        Ok(match s {
+            "MAX" => Norm::Max,
+            "L1" => Norm::L1,
+            "L2" => Norm::L2,
+            other => bail!("Normalizer: unknown norm {other:?}"),
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Norm::Max => "MAX",
+            Norm::L1 => "L1",
+            Norm::L2 => "L2",
+        }
+    }
+}
+
 /// Normalizes each row by its max (signed, as onnxruntime does), L1 or L2 norm; a row whose
 /// norm is zero is left as it is.
 #[derive(Clone, Debug)]
 pub struct Normalizer(Arc<Norm>);
 
+#[cfg(feature = "onnx")]
 fn normalizer(_ctx: &ParsingContext, node: &NodeProto) -> Built {
-    let norm = match node.get_attr_opt::<&str>("norm")?.unwrap_or("MAX") {
-        "MAX" => Norm::Max,
-        "L1" => Norm::L1,
-        "L2" => Norm::L2,
-        other => bail!("Normalizer: unknown norm {other:?}"),
-    };
+    let norm = Norm::parse(node.get_attr_opt::<&str>("norm")?.unwrap_or("MAX"))?;
     Ok((expand(Normalizer(Arc::new(norm))), vec![]))
 }
 
 impl Normalizer {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -173,6 +199,7 @@ pub struct ImputerParams {
     replaced: f32,
 }
 
+#[cfg(feature = "onnx")]
 fn imputer(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     ensure!(
         node.get_attr_opt_vec::<i64>("imputed_value_int64s")?
@@ -192,6 +219,7 @@ fn imputer(_ctx: &ParsingContext, node: &NodeProto) -> Built {
 }
 
 impl Imputer {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -230,12 +258,14 @@ ml_op!(Imputer, "ai.onnx.ml.Imputer", inputs: 1, outputs: 1);
 #[derive(Clone, Debug)]
 pub struct Binarizer(Arc<f32>);
 
+#[cfg(feature = "onnx")]
 fn binarizer(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     let threshold: f32 = node.get_attr_opt("threshold")?.unwrap_or(0.0);
     Ok((expand(Binarizer(Arc::new(threshold))), vec![]))
 }
 
 impl Binarizer {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -264,3 +294,125 @@ impl Binarizer {
     }
 }
 ml_op!(Binarizer, "ai.onnx.ml.Binarizer", inputs: 1, outputs: 1);
+
+// ---------------------------------------------------------------------------------------
+// Compiled form (NNEF)
+
+pub fn register_nnef(reg: &mut Registry) {
+    reg.register_dumper(dump_scaler);
+    reg.register_primitive(
+        "drover_ml_scaler",
+        &[input(), float("offset"), float("scale")],
+        &one_output(),
+        load_scaler,
+    );
+    reg.register_dumper(dump_normalizer);
+    reg.register_primitive(
+        "drover_ml_normalizer",
+        &[input(), attr_str("norm")],
+        &one_output(),
+        load_normalizer,
+    );
+    reg.register_dumper(dump_imputer);
+    reg.register_primitive(
+        "drover_ml_imputer",
+        &[input(), float("imputed"), float("replaced")],
+        &one_output(),
+        load_imputer,
+    );
+    reg.register_dumper(dump_binarizer);
+    reg.register_primitive(
+        "drover_ml_binarizer",
+        &[input(), float("threshold")],
+        &one_output(),
+        load_binarizer,
+    );
+}
+
+fn dump_scaler(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &Scaler,
+) -> TractResult<Option<Arc<RValue>>> {
+    let x = ast.mapping[&node.inputs[0]].clone();
+    let offset = nnef_io::dump(ast, node, "offset", &op.0.offset)?;
+    let scale = nnef_io::dump(ast, node, "scale", &op.0.scale)?;
+    Ok(Some(invocation(
+        "drover_ml_scaler",
+        &[x, offset, scale],
+        &[],
+    )))
+}
+
+fn load_scaler(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Value> {
+    let x: OutletId = inv.named_arg_as(builder, "input")?;
+    let offset: Vec<f32> = nnef_io::load(builder, inv, "offset")?;
+    let scale: Vec<f32> = nnef_io::load(builder, inv, "scale")?;
+    ensure!(
+        !offset.is_empty() && !scale.is_empty(),
+        "Scaler needs offset and scale"
+    );
+    builder.wire(Scaler(Arc::new(ScalerParams { offset, scale })), &[x])
+}
+
+fn dump_normalizer(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &Normalizer,
+) -> TractResult<Option<Arc<RValue>>> {
+    let x = ast.mapping[&node.inputs[0]].clone();
+    Ok(Some(invocation(
+        "drover_ml_normalizer",
+        &[x],
+        &[("norm", string(op.0.name()))],
+    )))
+}
+
+fn load_normalizer(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Value> {
+    let x: OutletId = inv.named_arg_as(builder, "input")?;
+    let norm: String = inv.named_arg_as(builder, "norm")?;
+    builder.wire(Normalizer(Arc::new(Norm::parse(&norm)?)), &[x])
+}
+
+fn dump_imputer(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &Imputer,
+) -> TractResult<Option<Arc<RValue>>> {
+    let x = ast.mapping[&node.inputs[0]].clone();
+    let imputed = nnef_io::dump(ast, node, "imputed", &op.0.imputed)?;
+    let replaced = nnef_io::dump(ast, node, "replaced", &[op.0.replaced])?;
+    Ok(Some(invocation(
+        "drover_ml_imputer",
+        &[x, imputed, replaced],
+        &[],
+    )))
+}
+
+fn load_imputer(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Value> {
+    let x: OutletId = inv.named_arg_as(builder, "input")?;
+    let imputed: Vec<f32> = nnef_io::load(builder, inv, "imputed")?;
+    ensure!(!imputed.is_empty(), "Imputer: imputed values are empty");
+    let replaced = nnef_io::load_f32(builder, inv, "replaced")?;
+    builder.wire(Imputer(Arc::new(ImputerParams { imputed, replaced })), &[x])
+}
+
+fn dump_binarizer(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &Binarizer,
+) -> TractResult<Option<Arc<RValue>>> {
+    let x = ast.mapping[&node.inputs[0]].clone();
+    let threshold = nnef_io::dump(ast, node, "threshold", &[*op.0])?;
+    Ok(Some(invocation(
+        "drover_ml_binarizer",
+        &[x, threshold],
+        &[],
+    )))
+}
+
+fn load_binarizer(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Value> {
+    let x: OutletId = inv.named_arg_as(builder, "input")?;
+    let threshold = nnef_io::load_f32(builder, inv, "threshold")?;
+    builder.wire(Binarizer(Arc::new(threshold)), &[x])
+}

@@ -16,22 +16,36 @@
 //! against.
 //!
 //! Layout: this file holds the flat representation, the walk and aggregation and the two
-//! operators; `tree/parse.rs` reads and checks the attributes and lays the trees out.
+//! operators; `tree/parse.rs` reads and checks the attributes and lays the trees out
+//! (feature `onnx`); `tree/nnef.rs` writes and reads the laid-out trees in compiled
+//! artifacts.
 
+use tract_nnef::internal::*;
+#[cfg(feature = "onnx")]
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
+#[cfg(feature = "onnx")]
 use tract_onnx::pb::NodeProto;
+#[cfg(feature = "onnx")]
 use tract_onnx::tract_hir::internal::*;
 
-use super::linear::{classifier_facts, classifier_rules, int_labels};
+use super::linear::classifier_facts;
+#[cfg(feature = "onnx")]
+use super::linear::{classifier_rules, int_labels};
 use super::{as_f32, logistic, ml_op, probit, rows_cols, tensor_f32, tensor_i64, PostTransform};
 
+mod nnef;
+#[cfg(feature = "onnx")]
 mod parse;
 
+pub use nnef::register as register_nnef;
+
+#[cfg(feature = "onnx")]
 pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("TreeEnsembleClassifier", tree_classifier);
     reg.insert("TreeEnsembleRegressor", tree_regressor);
 }
 
+#[cfg(feature = "onnx")]
 type Built = TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
 
 const LEAF: u32 = 1 << 31;
@@ -52,6 +66,7 @@ enum Mode {
 }
 
 impl Mode {
+    #[cfg(feature = "onnx")]
     fn parse(s: &str) -> TractResult<Option<Mode>> {
         Ok(Some(match s {
             "BRANCH_LEQ" => Mode::Leq,
@@ -269,6 +284,7 @@ pub struct RegressorParams {
 #[derive(Clone, Debug)]
 pub struct TreeEnsembleRegressor(Arc<RegressorParams>);
 
+#[cfg(feature = "onnx")]
 fn tree_regressor(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     let targets: usize = node.get_attr_opt("n_targets")?.unwrap_or(1);
     ensure!(targets > 0, "TreeEnsembleRegressor: n_targets is 0");
@@ -296,6 +312,7 @@ fn tree_regressor(_ctx: &ParsingContext, node: &NodeProto) -> Built {
 }
 
 impl TreeEnsembleRegressor {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -377,6 +394,7 @@ pub struct ClassifierParams {
 #[derive(Clone, Debug)]
 pub struct TreeEnsembleClassifier(Arc<ClassifierParams>);
 
+#[cfg(feature = "onnx")]
 fn tree_classifier(_ctx: &ParsingContext, node: &NodeProto) -> Built {
     let labels = int_labels(node, "classlabels_int64s")?;
     ensure!(
@@ -481,6 +499,7 @@ impl ClassifierParams {
 }
 
 impl TreeEnsembleClassifier {
+    #[cfg(feature = "onnx")]
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
         s: &mut Solver<'r>,
@@ -534,7 +553,7 @@ impl TreeEnsembleClassifier {
 }
 ml_op!(TreeEnsembleClassifier, "ai.onnx.ml.TreeEnsembleClassifier", inputs: 1, outputs: 2);
 
-#[cfg(test)]
+#[cfg(all(test, feature = "onnx"))]
 mod tests {
     use super::*;
     use tract_onnx::pb::attribute_proto::AttributeType;

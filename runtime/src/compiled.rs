@@ -1,0 +1,211 @@
+//! Models compiled at publish to tract's own format (issue 25): the decluttered typed graph
+//! of the model's (publish-fixed) ONNX, written as NNEF with tract's `tract_core` and
+//! `tract_onnx` extensions and ours (`drover_ml`, [`crate::onnx_ml::nnef_registry`]), in an
+//! uncompressed tar. A device loads it with no protobuf and no ONNX translation, then
+//! optimizes it for its own CPU exactly as [`Model::load`] does after decluttering, so both
+//! give the same plan.
+//!
+//! tract does not check versions itself: the manifest records the runtime version that
+//! compiled an artifact ([`runtime_version`]) and [`COMPILED_FORMAT_VERSION`], and
+//! [`check_compatible`] is the device's rule for accepting one.
+//!
+//! Architecture invariant: loading never panics on hostile bytes (tract runs under
+//! `catch_unwind`; our operators' loaders check their parameters), and compiling is
+//! deterministic (same ONNX in, same bytes out: tar mtimes fixed, entries sorted).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use tract_nnef::framework::Nnef;
+use tract_nnef::internal::TractErrorContext;
+use tract_nnef::prelude::*;
+use tract_onnx_opl::WithOnnx;
+
+use crate::model::{from_optimized, Model, RuntimeError};
+
+mod if_then_else;
+
+/// The compiled artifact format (a tar of tract NNEF/OPL).
+pub const COMPILED_FORMAT: &str = "tract-nnef";
+/// Bumped when our encoding changes (our operators' NNEF parameters, the tar's layout).
+pub const COMPILED_FORMAT_VERSION: u32 = 1;
+
+/// The tract version this build links (a test pins it against Cargo.lock).
+pub fn runtime_version() -> &'static str {
+    TRACT_VERSION
+}
+
+const TRACT_VERSION: &str = "0.23.9";
+
+/// The NNEF framework compile and load share: tract's core and ONNX extensions, ours
+/// (`drover_ml` operators, `drover_core` forms of tract ops tract does not write), and
+/// extended identifiers (`i"input.1"`) so every node name survives.
+fn framework() -> Nnef {
+    let mut nnef = tract_nnef::nnef()
+        .with_onnx()
+        .with_registry(crate::onnx_ml::nnef_registry())
+        .with_registry(if_then_else::registry());
+    nnef.allow_extended_identifier_syntax(true);
+    nnef
+}
+
+/// ONNX bytes (already fixed by `publish::prepare`) to the compiled artifact's bytes.
+/// Deterministic: the same input gives the same bytes.
+#[cfg(feature = "onnx")]
+pub fn compile(onnx: &[u8]) -> Result<Vec<u8>, RuntimeError> {
+    let typed = crate::onnx_load::decluttered(onnx)?;
+    let refused = |e: TractError| {
+        RuntimeError::Load(format!(
+            "cannot be compiled to tract's format ({e:#}); publish it without compiling \
+             (keep the ONNX artifact) or report it with the model attached"
+        ))
+    };
+    catch_unwind(AssertUnwindSafe(|| {
+        let nnef = framework();
+        let bytes = nnef
+            .write_to_tar_with_config(&typed, Vec::new(), false, true)
+            .map_err(refused)?;
+        // Some of tract's operator forms write but do not read back (tract 0.23's
+        // CategoryMapper string-to-int): never hand out an artifact no device can read.
+        nnef.model_for_read(&mut &*bytes)
+            .context("reading the compiled form back")
+            .map_err(refused)?;
+        Ok(bytes)
+    }))
+    .unwrap_or(Err(RuntimeError::Panicked("compiling the model")))
+}
+
+fn compiled_err(e: TractError) -> RuntimeError {
+    RuntimeError::Compiled(format!(
+        "{e:#}; the artifact is damaged or was made by another runtime: re-publish the model \
+         (or download it again)"
+    ))
+}
+
+fn load_compiled_inner(bytes: &[u8], threads: crate::Threads) -> Result<Model, RuntimeError> {
+    // A tar is whole 512-byte blocks, a `ustar` header first and two zero blocks last (a
+    // cut on a block boundary loses them); anything else is not ours or not whole.
+    let whole = bytes.len() >= 1536
+        && bytes.len() % 512 == 0
+        && &bytes[257..262] == b"ustar"
+        && bytes[bytes.len() - 1024..].iter().all(|b| *b == 0);
+    if !whole {
+        return Err(RuntimeError::Compiled(format!(
+            "{} bytes are not a {COMPILED_FORMAT} tar (truncated or not compiled); re-publish \
+             the model or download it again",
+            bytes.len()
+        )));
+    }
+    let typed = framework()
+        .model_for_read(&mut &*bytes)
+        .map_err(compiled_err)?;
+    let typed = typed
+        .into_optimized()
+        .map_err(|e| crate::model::refusal("cannot be analysed", &e))?;
+    from_optimized(typed, threads)
+}
+
+impl Model {
+    /// Loads a compiled artifact ([`compile`]): the same model [`Model::load_with`] gives
+    /// from the ONNX it was compiled from. Never panics.
+    pub fn load_compiled(bytes: &[u8], threads: crate::Threads) -> Result<Model, RuntimeError> {
+        catch_unwind(AssertUnwindSafe(|| load_compiled_inner(bytes, threads)))
+            .unwrap_or(Err(RuntimeError::Panicked("loading the compiled model")))
+    }
+}
+
+/// `major.minor.patch` as numbers.
+fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut it = v.trim().split('.').map(|p| p.parse::<u64>().ok());
+    let r = (it.next()??, it.next()??, it.next()??);
+    it.next().is_none().then_some(r)
+}
+
+/// Can this runtime ([`runtime_version`]) run an artifact compiled by runtime
+/// `artifact_runtime` in format `format_version`? Yes when the format is ours and the
+/// artifact's runtime is not newer (tract reads what older versions of its serializer
+/// wrote, not the reverse); the reason names both versions and what to do.
+pub fn check_compatible(artifact_runtime: &str, format_version: u32) -> Result<(), String> {
+    check_against(TRACT_VERSION, artifact_runtime, format_version)
+}
+
+fn check_against(mine: &str, artifact_runtime: &str, format_version: u32) -> Result<(), String> {
+    if format_version != COMPILED_FORMAT_VERSION {
+        return Err(format!(
+            "compiled artifact format {COMPILED_FORMAT} v{format_version}, this agent reads \
+             v{COMPILED_FORMAT_VERSION} (runtime {mine}): re-publish the model for this \
+             agent's runtime, or upgrade the agent"
+        ));
+    }
+    let (Some(theirs), Some(ours)) = (parse_version(artifact_runtime), parse_version(mine)) else {
+        return Err(format!(
+            "compiled artifact names runtime version {artifact_runtime:?}, not \
+             major.minor.patch (this agent's runtime is {mine}): re-publish the model"
+        ));
+    };
+    if theirs > ours {
+        return Err(format!(
+            "compiled by runtime {artifact_runtime}, newer than this agent's runtime {mine}: \
+             upgrade the agent, or re-publish the model for runtime {mine}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_version_is_the_tract_in_cargo_lock() {
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+        for krate in ["tract-core", "tract-nnef", "tract-onnx-opl"] {
+            let at = lock
+                .find(&format!("name = \"{krate}\"\n"))
+                .unwrap_or_else(|| panic!("{krate} not in Cargo.lock"));
+            let version = lock[at..].lines().nth(1).unwrap();
+            assert_eq!(
+                version,
+                format!("version = \"{}\"", runtime_version()),
+                "{krate}"
+            );
+        }
+    }
+
+    #[test]
+    fn older_or_same_runtime_is_accepted_newer_or_other_format_refused() {
+        assert_eq!(
+            check_compatible(runtime_version(), COMPILED_FORMAT_VERSION),
+            Ok(())
+        );
+        assert_eq!(check_against("0.23.9", "0.22.1", 1), Ok(()));
+        assert_eq!(check_against("0.23.9", "0.23.9", 1), Ok(()));
+        let newer = check_against("0.23.9", "0.23.10", 1).unwrap_err();
+        assert!(
+            newer.contains("0.23.10") && newer.contains("0.23.9"),
+            "{newer}"
+        );
+        assert!(newer.contains("upgrade the agent"), "{newer}");
+        let newer = check_compatible("0.24.0", COMPILED_FORMAT_VERSION).unwrap_err();
+        assert!(
+            newer.contains("0.24.0") && newer.contains(runtime_version()),
+            "{newer}"
+        );
+        let format = check_compatible(runtime_version(), COMPILED_FORMAT_VERSION + 1).unwrap_err();
+        assert!(
+            format.contains("v2") && format.contains("re-publish"),
+            "{format}"
+        );
+        assert!(check_compatible("0.23", 1).is_err());
+        assert!(check_compatible("", 1).is_err());
+    }
+
+    #[test]
+    fn garbage_and_truncated_bytes_are_refused_not_panicking() {
+        for bytes in [&b""[..], b"\x00\x01\x02", &[0xff; 1024], &[0; 1024]] {
+            let e = Model::load_compiled(bytes, crate::Threads::One).unwrap_err();
+            assert!(matches!(e, RuntimeError::Compiled(_)), "{e}");
+            assert!(e.to_string().contains("re-publish"), "{e}");
+        }
+    }
+}

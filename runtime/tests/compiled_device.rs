@@ -1,0 +1,90 @@
+//! The device side of compiled models (issue 25), which builds without the `onnx` feature
+//! (`cargo test -p drover-runtime --no-default-features --test compiled_device`): a
+//! committed artifact (`tests/compiled/gb_clf.nnef.tar`, kept equal to a fresh compile by
+//! `compiled.rs`) loads with tract-core, tract-nnef and tract-onnx-opl only and passes its
+//! self-test against onnxruntime's outputs.
+
+use std::path::Path;
+
+use drover_protocol::manifest::{TensorData, TensorValue, TestVector};
+use drover_runtime::compiled::{check_compatible, runtime_version, COMPILED_FORMAT_VERSION};
+use drover_runtime::{self_test, Model, RuntimeError, Threads};
+
+fn tensors(v: &serde_json::Value) -> Vec<TensorValue> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| TensorValue {
+            name: t["name"].as_str().unwrap().to_owned(),
+            shape: t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .collect(),
+            data: if t["dtype"] == "F32" {
+                TensorData::F32(
+                    t["data"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect(),
+                )
+            } else {
+                TensorData::I64(
+                    t["data"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_i64().unwrap())
+                        .collect(),
+                )
+            },
+        })
+        .collect()
+}
+
+#[test]
+fn a_committed_artifact_loads_runs_and_self_tests_on_the_device_runtime() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let artifact = std::fs::read(dir.join("tests/compiled/gb_clf.nnef.tar")).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("../agent/tests/sklearn/gb_clf.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        check_compatible(runtime_version(), COMPILED_FORMAT_VERSION),
+        Ok(())
+    );
+    let model = Model::load_compiled(&artifact, Threads::One).unwrap();
+    assert_eq!(model.inputs()[0].name, "X");
+    let names: Vec<&str> = model.outputs().iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["label", "probabilities"]);
+    let vector = TestVector {
+        inputs: tensors(&doc["inputs"]),
+        outputs: tensors(&doc["outputs"]),
+        tolerance: 1e-5,
+    };
+    self_test(&model, &[vector]).unwrap();
+    // A damaged tree layout (every "false" child pointing back to the first node: a walk
+    // that would never end) is refused at load by the layout check, not walked.
+    let mut bad = artifact.clone();
+    let next = dat_data(&mut bad, "TreeEnsembleClassifier.node_next.dat");
+    next.fill(0);
+    let e = Model::load_compiled(&bad, Threads::One).unwrap_err();
+    assert!(matches!(e, RuntimeError::Compiled(_)), "{e}");
+    assert!(e.to_string().contains("children out of order"), "{e}");
+}
+
+/// The values of a `.dat` tensor in the tar (after its 128-byte NNEF header).
+fn dat_data<'a>(tar: &'a mut [u8], name: &str) -> &'a mut [u8] {
+    let at = (0..tar.len() / 512)
+        .map(|b| b * 512)
+        .find(|o| tar[*o..].starts_with(name.as_bytes()))
+        .unwrap_or_else(|| panic!("{name} not in the artifact"));
+    let size = std::str::from_utf8(&tar[at + 124..at + 135]).unwrap();
+    let size =
+        usize::from_str_radix(size.trim_matches(|c: char| c == '\0' || c == ' '), 8).unwrap();
+    &mut tar[at + 512 + 128..at + 512 + size]
+}
