@@ -16,3 +16,13 @@ if grep -rnE 'SystemTime|Instant::now|std::env::|std::fs|std::net' protocol/src;
   exit 1
 fi
 echo "protocol purity: ok ($(wc -l <<<"$tree") crates)"
+# Issue 25: the device agent, as shipped (`cargo build -p drover-agent`, what cross/ builds),
+# runs compiled models only: no ONNX importer, no protobuf.
+agent=$(cargo tree -p drover-agent -e normal --prefix none)
+bad=$(grep -E '^(tract-onnx|tract-hir|prost) ' <<<"$agent" || true)
+if [[ -n "$bad" ]]; then
+  echo "drover-agent as shipped must not link the ONNX importer, found:" >&2
+  echo "$bad" >&2
+  exit 1
+fi
+echo "agent runtime: ok (no ONNX importer)"

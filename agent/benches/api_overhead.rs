@@ -50,6 +50,7 @@ fn install(dir: &Path, bytes: &[u8]) {
         lineage: Lineage::default(),
         created_at_ms: 0,
         sampled_vectors: vec![],
+        artifact: None,
     };
     std::fs::create_dir_all(dir.join("blobs")).unwrap();
     std::fs::write(blob_path(dir, &manifest.sha256), bytes).unwrap();

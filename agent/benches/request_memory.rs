@@ -35,6 +35,7 @@ fn install(dir: &Path) {
         lineage: Lineage::default(),
         created_at_ms: 0,
         sampled_vectors: vec![],
+        artifact: None,
     };
     std::fs::create_dir_all(dir.join("blobs")).unwrap();
     std::fs::write(blob_path(dir, &manifest.sha256), &bytes).unwrap();

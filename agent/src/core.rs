@@ -122,6 +122,7 @@ impl Core {
             os: std::env::consts::OS.into(),
             probation_ms: tuning.probation.as_millis() as u64,
             budget: cfg.raw.models.budget(),
+            runtime: drover_runtime::compiled::runtime_report(),
         };
         let now = now_ms();
         let kept = Kept::of(&booted.state);

@@ -784,6 +784,7 @@ mod tests {
                 lineage: Default::default(),
                 created_at_ms: 0,
                 sampled_vectors: vec![],
+                artifact: None,
             },
             model: Model::load(&bytes).unwrap(),
         })

@@ -187,6 +187,7 @@ mod tests {
             lineage: Lineage::default(),
             created_at_ms: 0,
             sampled_vectors: vec![],
+            artifact: None,
         }
     }
 

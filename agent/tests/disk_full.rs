@@ -116,6 +116,7 @@ fn big_model(keys: &Keys, size: usize) -> Published {
         lineage: Lineage::default(),
         created_at_ms: 0,
         sampled_vectors: vec![],
+        artifact: None,
     };
     let blob = keys.signer.sign_manifest(&manifest);
     Published {

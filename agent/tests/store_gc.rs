@@ -64,6 +64,7 @@ async fn a_deploy_over_the_store_budget_is_refused_before_downloading() {
         lineage: Lineage::default(),
         created_at_ms: 0,
         sampled_vectors: vec![],
+        artifact: None,
     };
     let blob = h.keys.signer.sign_manifest(&manifest);
     let big = Published {

@@ -185,6 +185,14 @@ fn print_device(d: &DeviceView) {
             }
         );
     }
+    if let Some(r) = &d.runtime {
+        println!(
+            "  runtime        {} {} (loads {})",
+            r.engine,
+            r.version,
+            r.formats.join(", ")
+        );
+    }
     print_slots(d);
 }
 

@@ -10,6 +10,7 @@ use clap::Subcommand;
 use super::client::{parse_kv, print_json, Client, ServerArgs};
 use super::{fmt_ms, Output};
 use drover_control_plane::api::{ModelView, PublishBody};
+use drover_control_plane::registry::ModelFormat;
 
 // Parsed once per process: the size of the largest variant costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
@@ -55,6 +56,11 @@ pub enum ModelCommand {
         /// On a refusal, also print the runtime's whole error chain.
         #[arg(long)]
         verbose: bool,
+        /// What devices receive: `compiled` (tract's own format, made and self-tested at
+        /// publish; agents load it without parsing ONNX) or `onnx` (the file as published,
+        /// for agents before protocol 3, which load ONNX only).
+        #[arg(long, default_value = "compiled", value_parser = parse_format)]
+        format: ModelFormat,
         #[arg(long)]
         training_job: Option<String>,
         #[arg(long)]
@@ -101,6 +107,10 @@ fn print_model(m: &ModelView) {
     }
 }
 
+fn parse_format(s: &str) -> Result<ModelFormat, String> {
+    s.parse()
+}
+
 pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Publish {
@@ -112,6 +122,7 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             chunk_size,
             input_shapes,
             verbose,
+            format,
             training_job,
             dataset,
             metrics,
@@ -158,6 +169,7 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 metrics: m,
                 input_shapes,
                 verbose,
+                format,
             };
             let client = Client::new(&server)?;
             let bar = indicatif::ProgressBar::new_spinner();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use drover_protocol::messages::{Action, Command, DeployMode};
 use drover_protocol::trust::{KeyId, SigKind, SignedBlob};
-use drover_protocol::{DeviceId, DeviceKey};
+use drover_protocol::{DeviceId, DeviceKey, Manifest};
 use rand::RngCore as _;
 
 use crate::app::{App, DeviceEntry};
@@ -38,6 +38,14 @@ pub enum FleetError {
         len: usize,
         max: usize,
         max_frame: usize,
+    },
+    #[error("a stored manifest does not decode: {0}")]
+    BadManifest(String),
+    #[error("device {device} cannot run {model}: {reason}; nothing was sent")]
+    CannotLoad {
+        device: String,
+        model: String,
+        reason: String,
     },
     #[error(
         "device {device} runs an agent that speaks protocol {has}, and {what} needs protocol \
@@ -417,6 +425,60 @@ pub fn check_protocol(store: &Store, device: &str, action: &Action) -> Result<()
     Ok(())
 }
 
+/// Refuses to send `model` to a device that could not load its file: a compiled artifact
+/// to an agent that only loads ONNX (before protocol 3) or whose runtime is older than the
+/// one that compiled it, or a plain ONNX file to an agent without the importer. A device
+/// whose runtime is not known yet is let through: its agent checks again before download.
+pub fn check_runtime(store: &Store, device: &str, model: &ModelRow) -> Result<(), FleetError> {
+    use crate::store::DeviceRuntime;
+    let manifest = Manifest::decode(&model.payload).map_err(FleetError::BadManifest)?;
+    let refused = |reason: String| FleetError::CannotLoad {
+        device: device.to_owned(),
+        model: format!("{}@{}", model.name, model.version),
+        reason,
+    };
+    match (store.device_runtime(device)?, &manifest.artifact) {
+        (DeviceRuntime::Reported(r), artifact) => r.check(artifact.as_ref()).map_err(refused),
+        (DeviceRuntime::Onnx { protocol }, Some(a)) => Err(refused(format!(
+            "its agent speaks protocol {protocol} and loads plain ONNX files only, and the model \
+             is compiled ({} {}); upgrade the agent, or publish the model again with \
+             `--format onnx`",
+            a.format, a.format_version
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// For a rollout's start: why some of `targets` could not load the model's file, naming
+/// them (at most five) and the first reason; `None` when every one can.
+pub fn check_all_load(
+    s: &Store,
+    targets: &[String],
+    model: &ModelRow,
+) -> Result<Option<String>, FleetError> {
+    let mut refused = Vec::new();
+    for device in targets {
+        match check_runtime(s, device, model) {
+            Ok(()) => {}
+            Err(FleetError::CannotLoad { reason, .. }) => refused.push((device, reason)),
+            Err(e) => return Err(e),
+        }
+    }
+    let Some((_, reason)) = refused.first() else {
+        return Ok(None);
+    };
+    let names: Vec<&str> = refused.iter().take(5).map(|(d, _)| d.as_str()).collect();
+    Ok(Some(format!(
+        "{} of {} target devices cannot run {}@{} ({}{}): {reason}; nothing was started",
+        refused.len(),
+        targets.len(),
+        model.name,
+        model.version,
+        names.join(", "),
+        if refused.len() > 5 { ", …" } else { "" },
+    )))
+}
+
 /// Refuses to deploy `model` to a protocol-1 device (one model) that holds a model of
 /// another name, unless `replace`: that deploy used to replace it silently.
 pub fn check_one_model(
@@ -502,6 +564,7 @@ pub fn deploy(
 ) -> Result<(CommandRow, SignedBlob), FleetError> {
     let target = DeviceId::new(device)?;
     check_deployable(model)?;
+    check_runtime(store, device, model)?;
     let manifest = manifest_blob(model);
     let built = store.issue_command(device, |seq| {
         Ok::<_, std::convert::Infallible>(sign_command(

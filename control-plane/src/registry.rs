@@ -8,15 +8,15 @@
 use std::path::Path;
 
 use drover_protocol::manifest::{
-    self, Baseline, DType, Dim, FeatureBaseline, Lineage, Manifest, ManifestError, PatternInput,
-    SampledVector, TensorData, TensorSpec, TensorValue, TestVector, DEFAULT_CHUNK_SIZE,
-    MAX_MODEL_SIZE,
+    self, Artifact, Baseline, DType, Dim, FeatureBaseline, Lineage, Manifest, ManifestError,
+    PatternInput, SampledVector, TensorData, TensorSpec, TensorValue, TestVector,
+    DEFAULT_CHUNK_SIZE, MAX_MODEL_SIZE,
 };
 use drover_protocol::trust::{sha256, SecretKey, SignedBlob};
 /// `--input-shape NAME=D1,D2,…` as the API and the CLI parse it.
 pub use drover_runtime::publish::parse_input_shape;
 use drover_runtime::publish::PublishOptions;
-use drover_runtime::{Model, RuntimeError};
+use drover_runtime::{Model, RuntimeError, Threads};
 
 use crate::store::{ModelRow, Store, StoreError};
 
@@ -40,6 +40,15 @@ pub enum RegistryError {
     Runtime(RuntimeError),
     #[error("test vectors fail on this runtime: {0}")]
     SelfTest(RuntimeError),
+    #[error(
+        "the compiled form ({format}) {what}: {error}; publish the ONNX file as it is with \
+         `--format onnx` (agents then parse it on the device), and report the model"
+    )]
+    Compile {
+        format: &'static str,
+        what: &'static str,
+        error: RuntimeError,
+    },
     #[error("baseline CSV: {0}")]
     Baseline(String),
     #[error(
@@ -64,6 +73,30 @@ pub enum RegistryError {
     },
 }
 
+/// The form devices receive a model in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// Compiled at publish into tract's own serialization (`tract-nnef`), self-tested in
+    /// that form: devices load it without parsing ONNX (issue 25). The ONNX file is kept
+    /// in the registry.
+    #[default]
+    Compiled,
+    /// The ONNX file (after the publish fixes), for agents before protocol 3.
+    Onnx,
+}
+
+impl std::str::FromStr for ModelFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "compiled" => Ok(ModelFormat::Compiled),
+            "onnx" => Ok(ModelFormat::Onnx),
+            _ => Err(format!("{s:?} is not a model format: use compiled or onnx")),
+        }
+    }
+}
+
 /// What `drover model publish` sends.
 #[derive(Clone, Debug, Default)]
 pub struct PublishRequest {
@@ -77,15 +110,58 @@ pub struct PublishRequest {
     /// The operator's input shapes (`--input-shape NAME=1,3,640,640`), written into the
     /// ONNX file before it is signed.
     pub input_shapes: Vec<(String, Vec<Dim>)>,
+    pub format: ModelFormat,
 }
 
 /// What `prepare` produced: the signed manifest, the exact bytes it describes (the
-/// operator's file after the publish fixes) and one line per fix.
+/// operator's file after the publish fixes, or its compiled form) and one line per fix.
 pub struct Prepared {
     pub manifest: Manifest,
     pub blob: SignedBlob,
     pub bytes: Vec<u8>,
+    /// The fixed ONNX file a compiled artifact was made from (kept in the registry).
+    pub source: Option<Vec<u8>>,
     pub fixes: Vec<String>,
+}
+
+/// Compiles the fixed ONNX file and checks the compiled form against the test vectors
+/// the ONNX model produced, on one thread as the control plane loads everything: what
+/// devices receive is exactly what passed here.
+fn compile_checked(
+    onnx: &[u8],
+    vectors: &[TestVector],
+    sampled: &[SampledVector],
+) -> Result<(Vec<u8>, Artifact), RegistryError> {
+    use drover_runtime::compiled::{COMPILED_FORMAT, COMPILED_FORMAT_VERSION};
+    let err = |what| {
+        move |error| RegistryError::Compile {
+            format: COMPILED_FORMAT,
+            what,
+            error,
+        }
+    };
+    let compiled = drover_runtime::compiled::compile(onnx).map_err(err("cannot be made"))?;
+    let model = Model::load_compiled(&compiled, Threads::One).map_err(err("does not load"))?;
+    drover_runtime::self_test(&model, vectors)
+        .and_then(|()| drover_runtime::self_test_sampled(&model, sampled))
+        .map_err(err("disagrees with the ONNX model"))?;
+    let artifact = Artifact {
+        format: COMPILED_FORMAT.into(),
+        format_version: COMPILED_FORMAT_VERSION,
+        runtime_version: drover_runtime::compiled::runtime_version().into(),
+        source_sha256: sha256(onnx),
+    };
+    Ok((compiled, artifact))
+}
+
+/// The ONNX file of a published model in the registry: the file itself, or the one its
+/// compiled artifact was made from (what the training gate evaluates).
+pub fn onnx_path(models_dir: &Path, row: &ModelRow) -> std::path::PathBuf {
+    let source = Manifest::decode(&row.payload)
+        .ok()
+        .and_then(|m| m.artifact)
+        .map_or(row.sha256, |a| a.source_sha256);
+    models_dir.join(drover_protocol::topics::hex32(&source))
 }
 
 /// A baseline parsed from CSV: feature names and their numeric columns.
@@ -374,6 +450,17 @@ pub fn prepare(
         });
     }
     let (vectors, sampled) = test_vectors(req, &model, vectors)?;
+    let (bytes, artifact, source) = match req.format {
+        ModelFormat::Onnx => (bytes, None, None),
+        ModelFormat::Compiled => {
+            let (compiled, artifact) = compile_checked(&bytes, &vectors, &sampled)?;
+            (compiled, Some(artifact), Some(bytes))
+        }
+    };
+    let size = bytes.len() as u64;
+    if size > MAX_MODEL_SIZE {
+        return Err(RegistryError::TooLarge(size));
+    }
     let chunk_size = req.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
     let m = Manifest {
         name: req.name.clone(),
@@ -389,6 +476,7 @@ pub fn prepare(
         lineage: req.lineage.clone(),
         created_at_ms: now_ms,
         sampled_vectors: sampled,
+        artifact,
     };
     m.validate()?;
     check_manifest_len(&m)?;
@@ -397,6 +485,7 @@ pub fn prepare(
         manifest: m,
         blob,
         bytes,
+        source,
         fixes,
     })
 }
@@ -437,7 +526,18 @@ fn spec_json(s: &TensorSpec) -> serde_json::Value {
 /// The human-facing summary stored beside the signed manifest; `fixes` are the publish
 /// fixes applied to the operator's file.
 pub fn summary(m: &Manifest, fixes: &[String]) -> serde_json::Value {
+    let (format, runtime, source) = match &m.artifact {
+        Some(a) => (
+            format!("{} {}", a.format, a.format_version),
+            Some(a.runtime_version.clone()),
+            Some(drover_protocol::topics::hex32(&a.source_sha256)),
+        ),
+        None => ("onnx".to_owned(), None, None),
+    };
     serde_json::json!({
+        "format": format,
+        "runtime_version": runtime,
+        "source_sha256": source,
         "publish_fixes": fixes,
         "inputs": m.inputs.iter().map(spec_json).collect::<Vec<_>>(),
         "outputs": m.outputs.iter().map(spec_json).collect::<Vec<_>>(),
@@ -479,15 +579,16 @@ pub fn publish(
         manifest: m,
         blob,
         bytes,
+        source,
         fixes,
     } = prepare(req, signing, now_ms)?;
-    let path = models_dir.join(drover_protocol::topics::hex32(&m.sha256));
-    let io = |source| RegistryError::Io {
-        path: path.clone(),
-        source,
-    };
-    if !path.exists() {
-        drover_host::fs::write_atomic(&path, &bytes).map_err(io)?;
+    // The shipped file, and the ONNX file a compiled one was made from.
+    for file in std::iter::once(&bytes).chain(source.as_ref()) {
+        let path = models_dir.join(drover_protocol::topics::hex32(&sha256(file)));
+        if !path.exists() {
+            drover_host::fs::write_atomic(&path, file)
+                .map_err(|source| RegistryError::Io { path, source })?;
+        }
     }
     let row = ModelRow {
         digest: blob.digest(),

@@ -31,6 +31,7 @@ async fn publish(
                 "name": name,
                 "version": "1.0.0",
                 "model_hex": hex::encode(&model),
+                "format": "onnx", // scripted protocol-1 devices load ONNX only
                 "chunk_size": chunk_size,
             }),
         )

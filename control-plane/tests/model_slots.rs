@@ -12,14 +12,19 @@ use drover_protocol::messages::{
 };
 use drover_protocol::topics::parse_hex32;
 use drover_protocol::trust::TrustStore;
-use drover_protocol::PROTOCOL_VERSION;
+/// The protocol of an agent with named slots (these devices report no runtime).
+const SLOTS_PROTOCOL: u16 = 2;
 
+/// Published as ONNX: these scripted devices speak protocols 1 and 2, which load ONNX only
+/// (`compiled_models.rs` covers what is sent to which runtime).
 async fn publish(api: &Api, name: &str) -> ModelRef {
     let model = dense_model(8, 3, 3, "MatMul");
     let (status, published) = api
         .post(
             "/v1/models",
-            &serde_json::json!({"name": name, "version": "1.0.0", "model_hex": hex::encode(&model)}),
+            &serde_json::json!({
+                "name": name, "version": "1.0.0", "model_hex": hex::encode(&model), "format": "onnx",
+            }),
         )
         .await;
     assert_eq!(status, 201, "{published}");
@@ -145,7 +150,7 @@ async fn a_slots_device_reports_its_models_and_a_slot_is_removed_by_name() {
     let api = Api::new(&server);
     let a = publish(&api, "vibration").await;
     let b = publish(&api, "acoustic").await;
-    let mut new = device(&server, &api, "gw-new", PROTOCOL_VERSION, Some(a.clone())).await;
+    let mut new = device(&server, &api, "gw-new", SLOTS_PROTOCOL, Some(a.clone())).await;
     new.0
         .send(Uplink::Models(ModelsReport {
             slots: vec![slot(&a), slot(&b)],
@@ -225,8 +230,7 @@ async fn a_reconnecting_slots_device_is_offered_every_unaccepted_command_in_orde
     let (id, key) = FakeDevice::from_enrollment(&e);
     // Say hello once as protocol 2, then go away.
     let mut d = FakeDevice::connect(server.mqtt_addr(), id.clone(), key.clone()).await;
-    d.send(hello_with(PROTOCOL_VERSION, Some(a.clone()), 0))
-        .await;
+    d.send(hello_with(SLOTS_PROTOCOL, Some(a.clone()), 0)).await;
     let (d, _) = finish_hello(d, &server).await;
     eventually("protocol 2 stored", || async {
         (api.device("gw-away").await["protocol"] == 2).then_some(())
@@ -244,7 +248,7 @@ async fn a_reconnecting_slots_device_is_offered_every_unaccepted_command_in_orde
     }
     // Back: both deploys arrive, oldest first (a one-model agent got only the newest).
     let mut d = FakeDevice::connect(server.mqtt_addr(), id, key).await;
-    d.send(hello_with(PROTOCOL_VERSION, Some(a), 0)).await;
+    d.send(hello_with(SLOTS_PROTOCOL, Some(a), 0)).await;
     let mut back = finish_hello(d, &server).await;
     let mut names = Vec::new();
     for _ in 0..2 {
@@ -263,7 +267,7 @@ async fn rollouts_of_two_models_share_devices_and_two_of_one_model_conflict() {
     let api = Api::new(&server);
     publish(&api, "vibration").await;
     publish(&api, "acoustic").await;
-    let _d = device(&server, &api, "gw-1", PROTOCOL_VERSION, None).await;
+    let _d = device(&server, &api, "gw-1", SLOTS_PROTOCOL, None).await;
     let plan = |m: &str| {
         serde_json::json!({"model": m, "selector": "site=a", "waves": [{"percent": 100}],
                            "gates": {"min_inferences": 1000000}})

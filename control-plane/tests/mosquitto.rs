@@ -147,7 +147,7 @@ async fn external_mosquitto_carries_hello_telemetry_deploy_and_last_will() {
     let (status, _) = api
         .post(
             "/v1/models",
-            &serde_json::json!({"name": "m", "version": "0.1.0", "model_hex": hex::encode(&model)}),
+            &serde_json::json!({"name": "m", "version": "0.1.0", "model_hex": hex::encode(&model), "format": "onnx"}),
         )
         .await;
     assert_eq!(status, 201);

@@ -90,19 +90,26 @@ async fn input_shapes_are_written_into_the_signed_file_and_refusals_name_the_nod
         body["summary"]["publish_fixes"],
         serde_json::json!(["input \"x\": shape [?, ?] -> [1, W] (--input-shape)"])
     );
-    // The stored, signed file is the fixed one, not the upload.
-    let sha = body["sha256"].as_str().unwrap();
-    assert_ne!(sha, hex::encode(drover_protocol::trust::sha256(&original)));
-    let stored = std::fs::read(dir.path().join("models").join(sha)).unwrap();
-    assert_eq!(hex::encode(drover_protocol::trust::sha256(&stored)), sha);
-    let m = drover_runtime::Model::load(&stored).unwrap();
-    assert_eq!(
-        m.inputs()[0].shape,
-        vec![
-            drover_protocol::manifest::Dim::Fixed(1),
-            drover_protocol::manifest::Dim::Symbolic("W".into())
-        ]
+    // The ONNX kept in the registry is the fixed one, not the upload, and the shipped,
+    // signed file is its compiled form: both have the fixed shape.
+    let source = body["summary"]["source_sha256"].as_str().unwrap();
+    assert_ne!(
+        source,
+        hex::encode(drover_protocol::trust::sha256(&original))
     );
+    let onnx = std::fs::read(dir.path().join("models").join(source)).unwrap();
+    assert_eq!(hex::encode(drover_protocol::trust::sha256(&onnx)), source);
+    let sha = body["sha256"].as_str().unwrap();
+    let shipped = std::fs::read(dir.path().join("models").join(sha)).unwrap();
+    assert_eq!(hex::encode(drover_protocol::trust::sha256(&shipped)), sha);
+    let want = vec![
+        drover_protocol::manifest::Dim::Fixed(1),
+        drover_protocol::manifest::Dim::Symbolic("W".into()),
+    ];
+    let m = drover_runtime::Model::load(&onnx).unwrap();
+    assert_eq!(m.inputs()[0].shape, want);
+    let m = drover_runtime::Model::load_compiled(&shipped, drover_runtime::Threads::One).unwrap();
+    assert_eq!(m.inputs()[0].shape, want);
 
     for (shapes, want) in [
         (

@@ -31,7 +31,7 @@ async fn restart_on_the_same_data_dir_loses_nothing_and_sequences_continue() {
     let (status, _) = api
         .post(
             "/v1/models",
-            &serde_json::json!({"name": "m", "version": "1.0.0", "model_hex": hex::encode(&model)}),
+            &serde_json::json!({"name": "m", "version": "1.0.0", "model_hex": hex::encode(&model), "format": "onnx"}),
         )
         .await;
     assert_eq!(status, 201);

@@ -27,8 +27,9 @@ pub const ENVELOPE_VERSION: u16 = 1;
 /// layouts are unchanged), and a peer sends one of them only to a peer whose hello
 /// negotiated that version ([`crate::messages::Action::min_protocol`]):
 /// 1 the first release; 2 commands about one named model (`RollbackModel`,
-/// `PromoteModel`, `RemoveModel`) for agents that serve several models.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// `PromoteModel`, `RemoveModel`) for agents that serve several models; 3 the device's
+/// `Runtime` report (the artifact formats it loads), so it may be sent compiled models.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest message set this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 

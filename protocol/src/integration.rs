@@ -26,6 +26,15 @@ use crate::topics::DeviceId;
 /// Bumped on any change other than an added field.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// A runtime report's text fields: `runtime` (`tract 0.23.9`) and `formats`.
+fn runtime_info(r: &crate::messages::RuntimeReport, info: &mut BTreeMap<&'static str, String>) {
+    info.insert("runtime", format!("{} {}", r.engine, r.version));
+    let formats: Vec<String> = (r.formats.iter())
+        .map(|f| format!("{} {}", f.format, f.version))
+        .collect();
+    info.insert("formats", formats.join(", "));
+}
+
 #[derive(Serialize)]
 struct Record<'a> {
     schema: u32,
@@ -155,6 +164,10 @@ pub fn uplink_json(device: &DeviceId, seq: u64, ts_ms: u64, msg: &Uplink) -> Vec
             m("disk_bytes", disk);
             m("memory_bytes", memory);
             info.insert("active", active);
+            None
+        }
+        Uplink::Runtime(r) => {
+            runtime_info(r, &mut info);
             None
         }
     };

@@ -159,7 +159,14 @@ pub struct Lineage {
 }
 
 /// The signed description of one model file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Its postcard layout grows only at the end, and a tail that is empty is left out, so
+/// every older manifest keeps its bytes: `sampled_vectors` (issue 16) is encoded when it
+/// is non-empty or an `artifact` follows; `artifact` (issue 25) only when present.
+/// [`Manifest::decode`] reads every layout. An older agent refuses a manifest with a tail
+/// it does not know ("trailing bytes"), which is why the control plane sends a compiled
+/// artifact only to an agent that reported it can run one.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Manifest {
     pub name: String,
     /// Semantic version `MAJOR.MINOR.PATCH`.
@@ -174,11 +181,58 @@ pub struct Manifest {
     pub test_vectors: Vec<TestVector>,
     pub lineage: Lineage,
     pub created_at_ms: u64,
-    /// Appended (issue 16) and left out of the encoding when empty, so a manifest without
-    /// it has the same bytes as before and older agents accept it; [`Manifest::decode`]
-    /// reads both layouts. An older agent refuses a manifest that has it ("trailing bytes").
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Appended (issue 16).
+    #[serde(default)]
     pub sampled_vectors: Vec<SampledVector>,
+    /// Appended (issue 25): set when the file is a compiled artifact, not the ONNX model.
+    #[serde(default)]
+    pub artifact: Option<Artifact>,
+}
+
+/// What a compiled model file is and what made it (issue 25). The file the manifest's
+/// hashes cover is then the compiled form; the ONNX it came from stays in the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// The serialization, e.g. `tract-nnef`.
+    pub format: String,
+    /// Drover's version of that serialization (operators and their encodings).
+    pub format_version: u32,
+    /// The runtime version that compiled it (tract's, e.g. `0.23.9`): a device whose runtime
+    /// is older refuses it, because tract does not check this itself.
+    pub runtime_version: String,
+    /// SHA-256 of the published ONNX file it was compiled from.
+    pub source_sha256: Digest,
+}
+
+impl Serialize for Manifest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let with_sampled = !self.sampled_vectors.is_empty() || self.artifact.is_some();
+        let mut st = s.serialize_struct("Manifest", 14)?;
+        st.serialize_field("name", &self.name)?;
+        st.serialize_field("version", &self.version)?;
+        st.serialize_field("sha256", &self.sha256)?;
+        st.serialize_field("size", &self.size)?;
+        st.serialize_field("chunk_size", &self.chunk_size)?;
+        st.serialize_field("chunk_hashes", &self.chunk_hashes)?;
+        st.serialize_field("inputs", &self.inputs)?;
+        st.serialize_field("outputs", &self.outputs)?;
+        st.serialize_field("baseline", &self.baseline)?;
+        st.serialize_field("test_vectors", &self.test_vectors)?;
+        st.serialize_field("lineage", &self.lineage)?;
+        st.serialize_field("created_at_ms", &self.created_at_ms)?;
+        if with_sampled {
+            st.serialize_field("sampled_vectors", &self.sampled_vectors)?;
+        } else {
+            st.skip_field("sampled_vectors")?;
+        }
+        match &self.artifact {
+            // Encoded bare (no Option tag): its presence is the layout.
+            Some(a) => st.serialize_field("artifact", a)?,
+            None => st.skip_field("artifact")?,
+        }
+        st.end()
+    }
 }
 
 /// The manifest layout before `sampled_vectors` (protocol 1 as first released).
@@ -229,13 +283,20 @@ impl Manifest {
                 Err(e) => Err(e.to_string()),
             }
         }
-        let full = match exact::<Manifest>(bytes) {
-            Ok(m) if !m.sampled_vectors.is_empty() => return Ok(m),
-            // An empty tail is never encoded: such bytes are not a manifest.
-            Ok(_) => return Err("an empty sampled_vectors list is encoded".into()),
-            Err(e) => e,
-        };
-        let m: ManifestV1 = exact(bytes).map_err(|_| full)?;
+        // postcard has no struct framing: each layout is the first plus its tail, tried
+        // longest first. A tail that is empty is never encoded, so such bytes are refused.
+        let (m, sampled_vectors, artifact) =
+            match exact::<(ManifestV1, Vec<SampledVector>, Artifact)>(bytes) {
+                Ok((m, s, a)) => (m, s, Some(a)),
+                Err(_) => match exact::<(ManifestV1, Vec<SampledVector>)>(bytes) {
+                    Ok((_, s)) if s.is_empty() => {
+                        return Err("an empty sampled_vectors list is encoded".into())
+                    }
+                    Ok((m, s)) => (m, s, None),
+                    // The middle layout's error says the most ("trailing bytes").
+                    Err(e) => (exact::<ManifestV1>(bytes).map_err(|_| e)?, Vec::new(), None),
+                },
+            };
         Ok(Manifest {
             name: m.name,
             version: m.version,
@@ -249,7 +310,8 @@ impl Manifest {
             test_vectors: m.test_vectors,
             lineage: m.lineage,
             created_at_ms: m.created_at_ms,
-            sampled_vectors: Vec::new(),
+            sampled_vectors,
+            artifact,
         })
     }
 
@@ -356,6 +418,7 @@ mod tests {
             lineage: Lineage::default(),
             created_at_ms: 0,
             sampled_vectors: vec![],
+            artifact: None,
         };
         assert_eq!(m.validate(), Ok(()));
         assert_eq!(m.chunk_len(0), Some(1024));
@@ -393,6 +456,7 @@ mod layout_tests {
             lineage: Lineage::default(),
             created_at_ms: 7,
             sampled_vectors: vec![],
+            artifact: None,
         }
     }
 
@@ -434,6 +498,36 @@ mod layout_tests {
         longer.push(0);
         assert!(Manifest::decode(&longer).unwrap_err().contains("trailing"));
         assert!(Manifest::decode(&bytes[..bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn a_compiled_artifact_is_a_third_layout_with_or_without_sampled_vectors() {
+        let artifact = Artifact {
+            format: "tract-nnef".into(),
+            format_version: 1,
+            runtime_version: "0.23.9".into(),
+            source_sha256: [9; 32],
+        };
+        let mut m = small();
+        m.artifact = Some(artifact.clone());
+        let bytes = postcard::to_allocvec(&m).unwrap();
+        // Layout 1, an empty sampled list, then the bare artifact.
+        let mut want = postcard::to_allocvec(&small()).unwrap();
+        want.push(0);
+        want.extend(postcard::to_allocvec(&artifact).unwrap());
+        assert_eq!(bytes, want);
+        assert_eq!(Manifest::decode(&bytes), Ok(m.clone()));
+        m.sampled_vectors.push(SampledVector {
+            inputs: vec![],
+            outputs: vec![],
+        });
+        let bytes = postcard::to_allocvec(&m).unwrap();
+        assert_eq!(Manifest::decode(&bytes), Ok(m));
+        assert!(Manifest::decode(&[&bytes[..], &[1]].concat()).is_err());
+        // An empty tail with nothing after it is not a layout.
+        let mut empty_tail = postcard::to_allocvec(&small()).unwrap();
+        empty_tail.push(0);
+        assert!(Manifest::decode(&empty_tail).unwrap_err().contains("empty"));
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub enum Uplink {
     /// Protocol 2: every named model slot and the device's budget. Sent after `Hello` and
     /// whenever a slot changes; only to a control plane that negotiated protocol 2.
     Models(ModelsReport),
+    /// Protocol 3: what model artifacts the device can run (its runtime and formats), so
+    /// the control plane sends each device a form it loads. Sent after a `HelloAck`
+    /// negotiating 3, on the `models` topic kind.
+    Runtime(RuntimeReport),
 }
 
 impl Uplink {
@@ -53,7 +57,7 @@ impl Uplink {
             Uplink::Samples(_) => K::Samples,
             Uplink::Labels(_) => K::Labels,
             Uplink::KeyringRefused(_) => K::KeyringRefused,
-            Uplink::Models(_) => K::Models,
+            Uplink::Models(_) | Uplink::Runtime(_) => K::Models,
         }
     }
 }
@@ -107,11 +111,90 @@ pub struct ModelsReport {
     pub budget: ModelBudget,
 }
 
+/// The model runtime of a device and the artifact formats it loads (protocol 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeReport {
+    /// The inference engine, `tract`.
+    pub engine: String,
+    /// Its version, e.g. `0.23.9`: artifacts compiled by a newer one are not sent.
+    pub version: String,
+    /// Every format this build loads with the newest version of each (`tract-nnef` 1;
+    /// `onnx` 1 when the agent was built with its ONNX importer).
+    pub formats: Vec<ArtifactFormat>,
+}
+
+/// One artifact format and its version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactFormat {
+    pub format: String,
+    pub version: u32,
+}
+
+impl RuntimeReport {
+    /// The format name of a plain ONNX model file (a manifest without `artifact`).
+    pub const ONNX: &'static str = "onnx";
+
+    /// Does this runtime load artifacts of `format` at `version`?
+    pub fn loads(&self, format: &str, version: u32) -> bool {
+        self.formats
+            .iter()
+            .any(|f| f.format == format && f.version >= version)
+    }
+
+    /// Can this runtime run the model file a manifest describes (`None`: plain ONNX)?
+    /// The reason names both sides and what to do.
+    pub fn check(&self, artifact: Option<&crate::manifest::Artifact>) -> Result<(), String> {
+        use crate::manifest::parse_semver;
+        let Some(a) = artifact else {
+            if self.loads(Self::ONNX, 1) {
+                return Ok(());
+            }
+            return Err(format!(
+                "this agent runs compiled models only ({}), and the manifest names a plain ONNX \
+                 file; publish it with a control plane that compiles models (drover serve 0.5 or \
+                 later), or use an agent built with the `onnx` feature",
+                self.formats_text()
+            ));
+        };
+        if !self.loads(&a.format, a.format_version) {
+            return Err(format!(
+                "the model is compiled as {} {}, and this agent loads {}; upgrade the agent",
+                a.format,
+                a.format_version,
+                self.formats_text()
+            ));
+        }
+        match (
+            parse_semver(&a.runtime_version),
+            parse_semver(&self.version),
+        ) {
+            (Some(theirs), Some(mine)) if theirs <= mine => Ok(()),
+            (Some(_), Some(_)) => Err(format!(
+                "the model was compiled by {} {}, newer than this agent's {} {}; upgrade the \
+                 agent, or deploy to it from a control plane with the same runtime",
+                self.engine, a.runtime_version, self.engine, self.version
+            )),
+            _ => Err(format!(
+                "runtime version {:?} or {:?} is not MAJOR.MINOR.PATCH",
+                a.runtime_version, self.version
+            )),
+        }
+    }
+
+    fn formats_text(&self) -> String {
+        let names: Vec<String> = (self.formats.iter())
+            .map(|f| format!("{} {}", f.format, f.version))
+            .collect();
+        names.join(", ")
+    }
+}
+
 impl Uplink {
     /// The lowest negotiated protocol version this message may be sent under.
     pub fn min_protocol(&self) -> u16 {
         match self {
             Uplink::Models(_) => 2,
+            Uplink::Runtime(_) => 3,
             _ => 1,
         }
     }
@@ -490,4 +573,61 @@ pub struct AgentSettings {
     pub telemetry_interval_ms: u64,
     /// Fraction of live inputs kept as samples, in parts per million.
     pub sample_rate_ppm: u32,
+}
+
+#[cfg(test)]
+mod runtime_tests {
+    use super::*;
+    use crate::manifest::Artifact;
+
+    fn report(formats: &[(&str, u32)]) -> RuntimeReport {
+        RuntimeReport {
+            engine: "tract".into(),
+            version: "0.23.9".into(),
+            formats: (formats.iter())
+                .map(|(f, v)| ArtifactFormat {
+                    format: (*f).into(),
+                    version: *v,
+                })
+                .collect(),
+        }
+    }
+
+    fn artifact(runtime: &str, version: u32) -> Artifact {
+        Artifact {
+            format: "tract-nnef".into(),
+            format_version: version,
+            runtime_version: runtime.into(),
+            source_sha256: [0; 32],
+        }
+    }
+
+    #[test]
+    fn an_artifact_from_a_newer_runtime_or_format_is_refused_with_both_versions() {
+        let r = report(&[("tract-nnef", 1)]);
+        assert_eq!(r.check(Some(&artifact("0.23.9", 1))), Ok(()));
+        assert_eq!(r.check(Some(&artifact("0.21.0", 1))), Ok(()));
+        let newer = r.check(Some(&artifact("0.24.0", 1))).unwrap_err();
+        assert!(
+            newer.contains("0.24.0") && newer.contains("0.23.9"),
+            "{newer}"
+        );
+        assert!(newer.contains("upgrade the agent"), "{newer}");
+        // 0.23.10 is newer than 0.23.9: versions compare as numbers, not text.
+        assert!(r.check(Some(&artifact("0.23.10", 1))).is_err());
+        let format = r.check(Some(&artifact("0.23.9", 2))).unwrap_err();
+        assert!(format.contains("tract-nnef 2"), "{format}");
+        assert!(r.check(Some(&artifact("latest", 1))).is_err());
+    }
+
+    #[test]
+    fn a_plain_onnx_file_needs_the_onnx_format() {
+        let nnef_only = report(&[("tract-nnef", 1)]);
+        let e = nnef_only.check(None).unwrap_err();
+        assert!(e.contains("compiled models only"), "{e}");
+        assert_eq!(
+            report(&[("tract-nnef", 1), ("onnx", 1)]).check(None),
+            Ok(())
+        );
+    }
 }

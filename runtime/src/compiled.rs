@@ -151,6 +151,57 @@ fn check_against(mine: &str, artifact_runtime: &str, format_version: u32) -> Res
     Ok(())
 }
 
+/// What this build loads (the device's `Runtime` report, protocol 3): tract at
+/// [`runtime_version`], compiled artifacts, and plain ONNX files when the crate is built
+/// with its `onnx` feature (the control plane, tests; never the shipped agent).
+pub fn runtime_report() -> drover_protocol::messages::RuntimeReport {
+    use drover_protocol::messages::{ArtifactFormat, RuntimeReport};
+    let mut formats = vec![ArtifactFormat {
+        format: COMPILED_FORMAT.into(),
+        version: COMPILED_FORMAT_VERSION,
+    }];
+    if cfg!(feature = "onnx") {
+        formats.push(ArtifactFormat {
+            format: RuntimeReport::ONNX.into(),
+            version: 1,
+        });
+    }
+    RuntimeReport {
+        engine: "tract".into(),
+        version: runtime_version().into(),
+        formats,
+    }
+}
+
+/// Loads the model file a manifest describes: a compiled artifact (checked against this
+/// runtime first) or, with the `onnx` feature, a plain ONNX file; without it a plain
+/// ONNX file is refused saying what to do. The one load path of agent and simulator.
+pub fn load_artifact(
+    bytes: &[u8],
+    artifact: Option<&drover_protocol::manifest::Artifact>,
+    threads: crate::Threads,
+) -> Result<Model, RuntimeError> {
+    match artifact {
+        Some(a) if a.format == COMPILED_FORMAT => {
+            check_compatible(&a.runtime_version, a.format_version).map_err(RuntimeError::Load)?;
+            Model::load_compiled(bytes, threads)
+        }
+        Some(a) => Err(RuntimeError::Load(format!(
+            "the model file is in format {} {}, and this runtime loads {COMPILED_FORMAT} \
+             {COMPILED_FORMAT_VERSION}; upgrade the agent",
+            a.format, a.format_version
+        ))),
+        #[cfg(feature = "onnx")]
+        None => Model::load_with(bytes, threads),
+        #[cfg(not(feature = "onnx"))]
+        None => Err(RuntimeError::Load(
+            "the model file is plain ONNX, and this agent runs compiled models only; publish \
+             the .onnx again as a new version (drover serve compiles it) and deploy that"
+                .into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

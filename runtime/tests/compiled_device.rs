@@ -88,3 +88,40 @@ fn dat_data<'a>(tar: &'a mut [u8], name: &str) -> &'a mut [u8] {
         usize::from_str_radix(size.trim_matches(|c: char| c == '\0' || c == ' '), 8).unwrap();
     &mut tar[at + 512 + 128..at + 512 + size]
 }
+
+/// What a device runtime reports and loads by manifest: the compiled artifact through its
+/// version check, and, only when built with the importer, plain ONNX.
+#[test]
+fn the_device_runtime_reports_its_formats_and_loads_by_manifest() {
+    use drover_protocol::manifest::Artifact;
+    use drover_runtime::compiled::{load_artifact, runtime_report, COMPILED_FORMAT};
+    let report = runtime_report();
+    assert_eq!(report.version, runtime_version());
+    assert!(report.loads(COMPILED_FORMAT, COMPILED_FORMAT_VERSION));
+    assert_eq!(report.loads("onnx", 1), cfg!(feature = "onnx"));
+    let tar =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compiled/gb_clf.nnef.tar"))
+            .unwrap();
+    let artifact = |runtime: &str| Artifact {
+        format: COMPILED_FORMAT.into(),
+        format_version: COMPILED_FORMAT_VERSION,
+        runtime_version: runtime.into(),
+        source_sha256: [0; 32],
+    };
+    load_artifact(&tar, Some(&artifact(runtime_version())), Threads::One).unwrap();
+    let newer = load_artifact(&tar, Some(&artifact("99.0.0")), Threads::One);
+    assert!(
+        matches!(&newer, Err(RuntimeError::Load(m)) if m.contains("99.0.0")),
+        "{newer:?}"
+    );
+    // The artifact's bytes as plain ONNX: without the importer, refused saying what to do.
+    let plain = load_artifact(&tar, None, Threads::One);
+    if !cfg!(feature = "onnx") {
+        assert!(
+            matches!(&plain, Err(RuntimeError::Load(m)) if m.contains("compiled models only")),
+            "{plain:?}"
+        );
+    } else {
+        assert!(plain.is_err(), "a tar is not an ONNX file");
+    }
+}

@@ -153,6 +153,15 @@ impl Machine {
                 detail: "already active".into(),
             });
         }
+        // A file this build cannot load (a compiled artifact from a newer runtime, or a
+        // plain ONNX file on an agent without the importer) is refused before any chunk.
+        if let Err(detail) = self.cfg.runtime.check(manifest.artifact.as_ref()) {
+            return Err(Refusal {
+                model: Some(model),
+                phase: Phase::Refused,
+                detail,
+            });
+        }
         if let Err(detail) = self.check_budget(&manifest, mode) {
             return Err(Refusal {
                 model: Some(model),

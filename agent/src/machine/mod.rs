@@ -58,6 +58,8 @@ mod tests_faults;
 #[cfg(test)]
 mod tests_race;
 #[cfg(test)]
+mod tests_runtime;
+#[cfg(test)]
 mod tests_slots;
 
 use std::collections::BTreeMap;
@@ -66,7 +68,7 @@ use drover_protocol::envelope::{self, DecodeError, UplinkFrame};
 use drover_protocol::manifest::Manifest;
 use drover_protocol::messages::{
     ChunkData, DeployMode, Downlink, Hello, ModelBudget, ModelRef, ModelsReport, Phase, Presence,
-    Progress, Status, Uplink,
+    Progress, RuntimeReport, Status, Uplink,
 };
 use drover_protocol::topics::{self, ParsedTopic};
 // The unit tests (`use super::*`) name commands and keyring refusals.
@@ -75,8 +77,9 @@ use drover_protocol::messages::{Action, Command, KeyringRefused};
 use drover_protocol::trust::{Digest, SignedBlob, TrustError, TrustStore};
 use drover_protocol::{DeviceId, DeviceKey, MIN_PROTOCOL_VERSION};
 
-/// The newest protocol this agent announces in its hello: 2, named model slots.
-pub const SPEAKS_PROTOCOL: u16 = 2;
+/// The newest protocol this agent announces in its hello: 2, named model slots; 3, its
+/// `Runtime` report (compiled artifacts).
+pub const SPEAKS_PROTOCOL: u16 = 3;
 
 pub use budget::{human, memory_estimate, MEMORY_PER_FILE_BYTE, MEMORY_PER_MODEL};
 pub use deploy::{
@@ -123,6 +126,9 @@ pub struct Config {
     pub probation_ms: u64,
     /// The `[models]` budget a deploy must fit (reported in the `Models` report).
     pub budget: ModelBudget,
+    /// What model files this build loads (its runtime and formats): a deploy of another
+    /// is refused before download, and it is reported under protocol 3.
+    pub runtime: RuntimeReport,
 }
 
 /// What happens to the machine.
@@ -814,6 +820,9 @@ impl Machine {
                 });
                 self.protocol = ack.protocol_version.min(SPEAKS_PROTOCOL);
                 self.reported = None;
+                if self.protocol >= 3 {
+                    self.send(Uplink::Runtime(self.cfg.runtime.clone()), true);
+                }
             }
             Downlink::UplinkAck(ack) => self.emit(Effect::SpoolAck(ack.ranges)),
             Downlink::Keyring(blob) => self.on_keyring(blob),

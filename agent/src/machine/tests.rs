@@ -5,6 +5,7 @@
 use super::*;
 use drover_protocol::envelope::DownlinkFrame;
 use drover_protocol::manifest::{chunk_hashes, Lineage};
+use drover_protocol::messages::ArtifactFormat;
 use drover_protocol::messages::{AgentSettings, UplinkAck};
 use drover_protocol::topics::UplinkKind;
 use drover_protocol::trust::{sha256, KeyEntry, Keyring, Role};
@@ -46,6 +47,20 @@ pub(super) fn config() -> Config {
         os: "linux".into(),
         probation_ms: PROBATION_MS,
         budget: ModelBudget::default(),
+        runtime: RuntimeReport {
+            engine: "tract".into(),
+            version: "0.23.9".into(),
+            formats: vec![
+                ArtifactFormat {
+                    format: "tract-nnef".into(),
+                    version: 1,
+                },
+                ArtifactFormat {
+                    format: RuntimeReport::ONNX.into(),
+                    version: 1,
+                },
+            ],
+        },
     }
 }
 
@@ -187,6 +202,7 @@ impl TestModel {
             lineage: Lineage::default(),
             created_at_ms: 0,
             sampled_vectors: vec![],
+            artifact: None,
         };
         let blob = signer.sign_manifest(&manifest);
         TestModel {

@@ -188,6 +188,7 @@ pub fn publish_bytes(
         lineage: Lineage::default(),
         created_at_ms: now_ms(),
         sampled_vectors: vec![],
+        artifact: None,
     };
     let blob = keys.signer.sign_manifest(&manifest);
     Published {

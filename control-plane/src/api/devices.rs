@@ -49,6 +49,19 @@ pub struct DeviceView {
     /// The limits the device sets on the models it holds; `None` before its first report.
     #[serde(default)]
     pub budget: Option<BudgetView>,
+    /// The model runtime the device reported in this session (protocol 3): which model
+    /// files it can be sent. `None` before the report or from an older agent.
+    #[serde(default)]
+    pub runtime: Option<RuntimeView>,
+}
+
+/// A device's model runtime and the artifact formats it loads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeView {
+    pub engine: String,
+    pub version: String,
+    /// `format version`, e.g. `tract-nnef 1`, `onnx 1`.
+    pub formats: Vec<String>,
 }
 
 /// One named model slot of a device.
@@ -119,6 +132,7 @@ impl From<DeviceRow> for DeviceView {
             protocol: None,
             models: Vec::new(),
             budget: None,
+            runtime: None,
         }
     }
 }
@@ -342,6 +356,15 @@ pub(super) async fn show_device(
             memory_bytes: b.memory_bytes,
             disk_bytes: b.disk_bytes,
         });
+        if let crate::store::DeviceRuntime::Reported(r) = s.device_runtime(&idc)? {
+            v.runtime = Some(RuntimeView {
+                engine: r.engine,
+                version: r.version,
+                formats: (r.formats.iter())
+                    .map(|f| format!("{} {}", f.format, f.version))
+                    .collect(),
+            });
+        }
         Ok(Some(v))
     })
     .await?;

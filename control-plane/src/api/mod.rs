@@ -28,7 +28,7 @@ pub use self::continuous::{JobView, RunResponse, ScoreView};
 pub use self::devices::{
     BudgetView, CommandView, DeployRequest, DeployResponse, DeviceEventView, DeviceQuery,
     DeviceView, EnrollRequest, EnrollResponse, LabelRequest, LimitQuery, ProgressQuery,
-    ProgressView, RemoveRequest, RemoveResponse, SlotView, TelemetryView,
+    ProgressView, RemoveRequest, RemoveResponse, RuntimeView, SlotView, TelemetryView,
 };
 pub use self::integrations::{IntegrationCreated, IntegrationRequest, IntegrationView};
 pub use self::keys::{keyring_view, KeyView, KeyringView};
@@ -107,9 +107,9 @@ impl From<FleetError> for ApiError {
                 ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
             FleetError::Pki(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            FleetError::ProtocolTooOld { .. } | FleetError::WouldReplace { .. } => {
-                ApiError(StatusCode::CONFLICT, e.to_string())
-            }
+            FleetError::ProtocolTooOld { .. }
+            | FleetError::WouldReplace { .. }
+            | FleetError::CannotLoad { .. } => ApiError(StatusCode::CONFLICT, e.to_string()),
             FleetError::NoSuchSlot { .. } => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             _ => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
         }

@@ -11,7 +11,7 @@ use drover_protocol::manifest::{Lineage, TestVector};
 use drover_protocol::topics::hex32;
 
 use super::{blocking, not_found, ApiError, AppState};
-use crate::registry::{self, PublishRequest};
+use crate::registry::{self, ModelFormat, PublishRequest};
 use crate::store::ModelRow;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -69,6 +69,9 @@ pub struct PublishBody {
     /// Append tract's whole error chain to a refusal (`--verbose`).
     #[serde(default)]
     pub verbose: bool,
+    /// What devices receive: `compiled` (default) or `onnx` (`--format`).
+    #[serde(default)]
+    pub format: ModelFormat,
 }
 
 pub(super) async fn list_models(
@@ -107,6 +110,7 @@ pub(super) async fn publish(
     let verbose = body.verbose;
     let req = PublishRequest {
         input_shapes,
+        format: body.format,
         name: body.name,
         version: body.version,
         model,

@@ -252,7 +252,7 @@ impl From<crate::rollout::driver::RolloutError> for ApiError {
             E::Store(s) => s.into(),
             E::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             E::NoTargets(_) => ApiError(StatusCode::BAD_REQUEST, e.to_string()),
-            E::Conflict(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
+            E::Conflict(_) | E::CannotLoad(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
             E::Refused(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
             E::Corrupt(_) | E::Record(_) | E::Stopped => {
                 ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())

@@ -148,6 +148,7 @@ fn model_with_baseline(version: &str, digest: u8) -> crate::store::ModelRow {
         },
         created_at_ms: 1,
         sampled_vectors: vec![],
+        artifact: None,
     };
     row.payload = SecretKey::from_seed([3; 32]).sign_manifest(&m).payload;
     row

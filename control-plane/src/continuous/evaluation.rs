@@ -237,6 +237,12 @@ pub fn on_candidate_accepted(
         chunk_size: None,
         lineage,
         input_shapes: Vec::new(),
+        // The fleet runs what the champion was shipped as: an ONNX champion means agents
+        // that may not load compiled models yet.
+        format: match champion.map(|c| manifest::Manifest::decode(&c.payload)) {
+            Some(Ok(m)) if m.artifact.is_none() => registry::ModelFormat::Onnx,
+            _ => registry::ModelFormat::Compiled,
+        },
     };
     let model = registry::publish(store, models_dir, &req, signing, now_ms)?;
     Ok(Accepted {

@@ -392,13 +392,13 @@ impl Engine {
         let holdout = dataset::read_holdout(&paths.holdout).map_err(JobError::from)?;
         let champion_bytes = match champion {
             Some(c) => Some(
-                std::fs::read(models_dir.join(drover_protocol::topics::hex32(&c.sha256))).map_err(
-                    |source| JobError::Io {
+                std::fs::read(crate::registry::onnx_path(models_dir, c)).map_err(|source| {
+                    JobError::Io {
                         what: "cannot read champion model",
                         path: models_dir.to_owned(),
                         source,
-                    },
-                )?,
+                    }
+                })?,
             ),
             None => None,
         };

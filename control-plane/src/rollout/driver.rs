@@ -60,6 +60,9 @@ pub enum RolloutError {
     /// An open rollout of the same model holds some of the devices.
     #[error("{0}")]
     Conflict(String),
+    /// Some target devices could not load the model's file (`fleet::check_runtime`).
+    #[error("{0}")]
+    CannotLoad(String),
 }
 
 enum Msg {
@@ -482,6 +485,8 @@ impl Driver {
             .blocking(move |_, s| {
                 let model = fleet::find_model(s, &plan.model)?;
                 fleet::check_deployable(&model)?;
+                fleet::check_all_load(s, &preview.targets, &model)?
+                    .map_or(Ok(()), |why| Err(RolloutError::CannotLoad(why)))?;
                 let candidate = Candidate {
                     name: model.name.clone(),
                     version: model.version.clone(),

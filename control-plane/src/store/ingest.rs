@@ -165,6 +165,7 @@ fn store_frame<'a>(
         Uplink::Samples(s) => insert_samples(tx, &at, s),
         Uplink::Labels(l) => insert_labels(tx, &at, l),
         Uplink::Models(r) => super::slots::update_models(tx, at.dev, at.seq, r),
+        Uplink::Runtime(r) => super::slots::update_runtime(tx, at.dev, r),
         // Not stored: served or logged by the caller.
         Uplink::ChunkRequest(_) | Uplink::KeyringRefused(_) => Ok(true),
     }
@@ -222,10 +223,11 @@ fn update_hello(tx: &Connection, dev: &str, h: &Hello) -> Result<bool> {
     let (am, ad) = model_text(&h.active);
     let (sm, sd) = model_text(&h.staged);
     // The agent's own labels are kept apart from the operator's: shown, never selected
-    // on (docs/FLEET.md). The frame size limit bounds them.
+    // on (docs/FLEET.md). The frame size limit bounds them. Its runtime is forgotten until
+    // it reports it again in this session (an agent may have been replaced by an older one).
     let agent_labels = serde_json::to_string(&h.labels).unwrap_or_else(|_| "{}".into());
     tx.execute(
-        "UPDATE devices SET arch=?2, os=?3, agent_version=?4, online=1, active_model=?5, active_digest=?6, staged_model=?7, staged_digest=?8, reported_command_seq=max(reported_command_seq, ?9), agent_labels=?10 WHERE id=?1",
+        "UPDATE devices SET arch=?2, os=?3, agent_version=?4, online=1, active_model=?5, active_digest=?6, staged_model=?7, staged_digest=?8, reported_command_seq=max(reported_command_seq, ?9), agent_labels=?10, runtime=NULL WHERE id=?1",
         params![dev, h.arch, h.os, h.agent_version, am, ad, sm, sd, i(h.last_command_seq), agent_labels],
     )?;
     Ok(true)

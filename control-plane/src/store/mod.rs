@@ -67,7 +67,7 @@ pub use jobs::{JobOutcome, JobRow, JobState, LabeledSample};
 pub use models::ModelRow;
 pub use observations::{HealthRow, ProgressRow, ShadowRow, TelemetryRow};
 pub use rollouts::{RolloutRows, RolloutWrite};
-pub use slots::SlotRow;
+pub use slots::{DeviceRuntime, SlotRow};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -381,6 +381,11 @@ ALTER TABLE drift_scores ADD COLUMN correct INTEGER;
 ALTER TABLE drift_scores ADD COLUMN accuracy_low REAL;
 ALTER TABLE drift_scores ADD COLUMN accuracy_high REAL;
 CREATE INDEX labels_by_time ON labels (at_ms);
+"#,
+    // 9: the model runtime a device reported (issue 25, protocol 3): its engine version and
+    // the artifact formats it loads, as JSON; NULL until reported in the current session.
+    r#"
+ALTER TABLE devices ADD COLUMN runtime TEXT;
 "#,
 ];
 

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use drover_protocol::messages::{ModelBudget, ModelRef, ModelsReport};
+use drover_protocol::messages::{ModelBudget, ModelRef, ModelsReport, RuntimeReport};
 use drover_protocol::topics::hex32;
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -26,6 +26,30 @@ pub struct SlotRow {
 
 fn text(m: &Option<ModelRef>) -> Option<String> {
     m.as_ref().map(|m| format!("{}@{}", m.name, m.version))
+}
+
+/// What a device can load, as far as the control plane knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceRuntime {
+    /// It never said hello: nothing is known (its agent checks what it is sent).
+    Unknown,
+    /// Its agent negotiated a protocol before 3: a release that loads plain ONNX only.
+    Onnx {
+        protocol: u16,
+    },
+    /// Protocol 3, but its runtime report has not arrived yet in this session.
+    Pending,
+    Reported(RuntimeReport),
+}
+
+/// Stores the runtime a device reported (protocol 3).
+pub(super) fn update_runtime(tx: &Connection, dev: &str, r: &RuntimeReport) -> Result<bool> {
+    let json = serde_json::to_string(r).unwrap_or_default();
+    tx.execute(
+        "UPDATE devices SET runtime=?2 WHERE id=?1",
+        params![dev, json],
+    )?;
+    Ok(true)
 }
 
 /// Stores a device's models report unless a newer one is stored; true when stored.
@@ -138,6 +162,27 @@ impl Store {
         Ok(())
     }
 
+    /// What the device can load: from its runtime report, or its protocol.
+    pub fn device_runtime(&self, dev: &str) -> Result<DeviceRuntime> {
+        let row: Option<(Option<i64>, Option<String>)> = self
+            .conn
+            .query_row(
+                "SELECT protocol, runtime FROM devices WHERE id=?1",
+                [dev],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((Some(protocol), runtime)) = row else {
+            return Ok(DeviceRuntime::Unknown);
+        };
+        let protocol = u16::try_from(protocol).unwrap_or(u16::MAX);
+        Ok(match runtime.and_then(|j| serde_json::from_str(&j).ok()) {
+            Some(r) => DeviceRuntime::Reported(r),
+            None if protocol < 3 => DeviceRuntime::Onnx { protocol },
+            None => DeviceRuntime::Pending,
+        })
+    }
+
     /// The protocol version a device negotiated; 1 for a device never seen (the floor
     /// every release speaks).
     pub fn device_protocol(&self, dev: &str) -> Result<u16> {
@@ -219,6 +264,50 @@ mod tests {
         let actives = s.slot_actives("a").unwrap();
         assert_eq!(actives.get("gw-1"), Some(&Some(hex32(&[3; 32]))));
         assert_eq!(s.slot_actives("b").unwrap().get("gw-1"), Some(&None));
+    }
+
+    #[test]
+    fn the_runtime_comes_from_the_report_or_the_protocol_and_a_hello_forgets_it() {
+        use drover_protocol::messages::{ArtifactFormat, Hello};
+        let (_d, s) = enrolled(&["gw-1"]);
+        let mut s = s;
+        assert_eq!(s.device_runtime("gw-1").unwrap(), DeviceRuntime::Unknown);
+        s.set_device_protocol("gw-1", 2).unwrap();
+        assert_eq!(
+            s.device_runtime("gw-1").unwrap(),
+            DeviceRuntime::Onnx { protocol: 2 }
+        );
+        s.set_device_protocol("gw-1", 3).unwrap();
+        assert_eq!(s.device_runtime("gw-1").unwrap(), DeviceRuntime::Pending);
+        let r = RuntimeReport {
+            engine: "tract".into(),
+            version: "0.23.9".into(),
+            formats: vec![ArtifactFormat {
+                format: "tract-nnef".into(),
+                version: 1,
+            }],
+        };
+        s.apply_batch(&[frame("gw-1", 5, 10, Uplink::Runtime(r.clone()))])
+            .unwrap();
+        assert_eq!(
+            s.device_runtime("gw-1").unwrap(),
+            DeviceRuntime::Reported(r)
+        );
+        let hello = Hello {
+            agent_version: "0.4.0".into(),
+            protocol_min: 1,
+            protocol_max: 2,
+            arch: "aarch64".into(),
+            os: "linux".into(),
+            labels: Default::default(),
+            active: None,
+            staged: None,
+            last_command_seq: 0,
+            keyring_version: 1,
+        };
+        s.apply_batch(&[frame("gw-1", 6, 11, Uplink::Hello(hello))])
+            .unwrap();
+        assert_eq!(s.device_runtime("gw-1").unwrap(), DeviceRuntime::Pending);
     }
 
     #[test]

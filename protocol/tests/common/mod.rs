@@ -116,6 +116,7 @@ pub fn manifest() -> Manifest {
         },
         created_at_ms: NOW,
         sampled_vectors: vec![],
+        artifact: None,
     }
 }
 
@@ -297,6 +298,17 @@ pub fn uplinks() -> Vec<(&'static str, Uplink)> {
                     memory_bytes: Some(64 << 20),
                     disk_bytes: None,
                 },
+            }),
+        ),
+        (
+            "up_runtime",
+            Uplink::Runtime(RuntimeReport {
+                engine: "tract".into(),
+                version: "0.23.9".into(),
+                formats: vec![ArtifactFormat {
+                    format: "tract-nnef".into(),
+                    version: 1,
+                }],
             }),
         ),
     ]

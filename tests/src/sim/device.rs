@@ -120,6 +120,7 @@ impl Device {
             os: std::env::consts::OS.into(),
             probation_ms: drover_agent::Tuning::default().probation.as_millis() as u64,
             budget: Default::default(),
+            runtime: drover_runtime::compiled::runtime_report(),
         };
         let now = now_ms();
         let mut dev = Device {
@@ -523,7 +524,12 @@ impl Device {
         let tract = if self.ident.index < self.shared.cfg.tract_devices {
             let file = self.shared.chunks.model(digest, &manifest).file(&manifest);
             let loaded = file.and_then(|f| {
-                let m = drover_runtime::Model::load(&f).map_err(|e| e.to_string())?;
+                let m = drover_runtime::compiled::load_artifact(
+                    &f,
+                    manifest.artifact.as_ref(),
+                    drover_runtime::Threads::One,
+                )
+                .map_err(|e| e.to_string())?;
                 if self_test {
                     drover_runtime::self_test(&m, &manifest.test_vectors)
                         .map_err(|e| e.to_string())?;
