@@ -38,21 +38,29 @@ const TRACT_VERSION: &str = "0.23.9";
 
 /// The NNEF framework compile and load share: tract's core and ONNX extensions, ours
 /// (`drover_ml` operators, `drover_core` forms of tract ops tract does not write), and
-/// extended identifiers (`i"input.1"`) so every node name survives.
-fn framework() -> Nnef {
-    let mut nnef = tract_nnef::nnef()
-        .with_onnx()
-        .with_registry(crate::onnx_ml::nnef_registry())
-        .with_registry(if_then_else::registry());
-    nnef.allow_extended_identifier_syntax(true);
-    nnef
+/// extended identifiers (`i"input.1"`) so every node name survives. Built once: building it
+/// parses NNEF's standard library and every registry, which costs more than loading a
+/// small model.
+fn framework() -> &'static Nnef {
+    static NNEF: std::sync::OnceLock<Nnef> = std::sync::OnceLock::new();
+    NNEF.get_or_init(|| {
+        let mut nnef = tract_nnef::nnef()
+            .with_onnx()
+            .with_registry(crate::onnx_ml::nnef_registry())
+            .with_registry(if_then_else::registry());
+        nnef.allow_extended_identifier_syntax(true);
+        nnef
+    })
 }
 
 /// ONNX bytes (already fixed by `publish::prepare`) to the compiled artifact's bytes.
 /// Deterministic: the same input gives the same bytes.
 #[cfg(feature = "onnx")]
 pub fn compile(onnx: &[u8]) -> Result<Vec<u8>, RuntimeError> {
-    let typed = crate::onnx_load::decluttered(onnx)?;
+    let mut typed = crate::onnx_load::decluttered(onnx)?;
+    // The ONNX file's metadata (producer, free-form `metadata_props`) is not needed to run
+    // and tract 0.23 writes some values it cannot parse back.
+    typed.properties.clear();
     let refused = |e: TractError| {
         RuntimeError::Load(format!(
             "cannot be compiled to tract's format ({e:#}); publish it without compiling \
@@ -189,7 +197,10 @@ mod tests {
         assert_eq!(check_against("0.23.9", "0.23.1", 1), Ok(()));
         assert_eq!(check_against("0.23.9", "0.23.9", 1), Ok(()));
         let older = check_against("0.23.9", "0.22.1", 1).unwrap_err();
-        assert!(older.contains("0.22.1") && older.contains("re-publish"), "{older}");
+        assert!(
+            older.contains("0.22.1") && older.contains("re-publish"),
+            "{older}"
+        );
         let newer = check_against("0.23.9", "0.23.10", 1).unwrap_err();
         assert!(
             newer.contains("0.23.10") && newer.contains("0.23.9"),
