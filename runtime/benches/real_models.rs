@@ -120,24 +120,31 @@ fn compiled_table(only: &[String]) {
                 continue;
             }
         };
-        let loads =
-            |f: &dyn Fn() -> Model| median((0..runs.max(3)).map(|_| timed_ms(f).0).collect());
-        let load_onnx = loads(&|| Model::load(&p.bytes).expect("loads"));
-        let load_compiled =
-            loads(&|| Model::load_compiled(&artifact, Threads::One).expect("loads"));
+        // Interleaved (ONNX, compiled, ONNX, …) so a busy machine slows both alike.
+        let (mut load_onnx, mut load_compiled) = (vec![], vec![]);
+        for _ in 0..runs.max(3) {
+            load_onnx.push(timed_ms(|| Model::load(&p.bytes).expect("loads")).0);
+            let once = || Model::load_compiled(&artifact, Threads::One).expect("loads");
+            load_compiled.push(timed_ms(once).0);
+        }
+        let (load_onnx, load_compiled) = (median(load_onnx), median(load_compiled));
         let compiled = Model::load_compiled(&artifact, Threads::One).expect("loads");
-        let run = |m: &Model| {
-            m.run(&c.inputs).expect("warm-up");
-            median(
-                (0..runs)
-                    .map(|_| timed_ms(|| m.run(&c.inputs).expect("runs")).0)
-                    .collect(),
-            )
-        };
-        let (run_onnx, run_compiled) = (run(&p.model), run(&compiled));
+        p.model.run(&c.inputs).expect("warm-up");
+        compiled.run(&c.inputs).expect("warm-up");
+        let (mut run_onnx, mut run_compiled) = (vec![], vec![]);
+        for _ in 0..runs * 2 {
+            run_onnx.push(timed_ms(|| p.model.run(&c.inputs).expect("runs")).0);
+            run_compiled.push(timed_ms(|| compiled.run(&c.inputs).expect("runs")).0);
+        }
+        let (run_onnx, run_compiled) = (median(run_onnx), median(run_compiled));
         let same = compiled.run(&c.inputs).ok() == p.model.run(&c.inputs).ok();
+        // Constants aside (the ONNX path keeps duplicates of identical constants).
+        let ops = |m: &Model| -> Vec<String> {
+            m.plan_ops().into_iter().filter(|o| o != "Const").collect()
+        };
+        let same_plan = ops(&compiled) == ops(&p.model);
         println!(
-            "{:<20} {:>9.0} {:>9.0} {:>6.2} {:>10.2} {:>10.2} {:>8.2} {:>10.3} {:>10.3} {:>7.3} {:>6.0}  {}",
+            "{:<20} {:>9.0} {:>9.0} {:>6.2} {:>10.2} {:>10.2} {:>8.2} {:>10.3} {:>10.3} {:>7.3} {:>6.0}  {}, {}",
             c.name,
             p.bytes.len() as f64 / 1024.0,
             artifact.len() as f64 / 1024.0,
@@ -149,7 +156,8 @@ fn compiled_table(only: &[String]) {
             run_compiled,
             run_compiled / run_onnx,
             compile_ms,
-            if same { "same outputs" } else { "OUTPUTS DIFFER" }
+            if same { "same outputs" } else { "OUTPUTS DIFFER" },
+            if same_plan { "same plan" } else { "PLANS DIFFER" },
         );
     }
 }

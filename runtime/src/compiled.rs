@@ -38,21 +38,29 @@ const TRACT_VERSION: &str = "0.23.9";
 
 /// The NNEF framework compile and load share: tract's core and ONNX extensions, ours
 /// (`drover_ml` operators, `drover_core` forms of tract ops tract does not write), and
-/// extended identifiers (`i"input.1"`) so every node name survives.
-fn framework() -> Nnef {
-    let mut nnef = tract_nnef::nnef()
-        .with_onnx()
-        .with_registry(crate::onnx_ml::nnef_registry())
-        .with_registry(if_then_else::registry());
-    nnef.allow_extended_identifier_syntax(true);
-    nnef
+/// extended identifiers (`i"input.1"`) so every node name survives. Built once: building it
+/// parses NNEF's standard library and every registry, which costs more than loading a
+/// small model.
+fn framework() -> &'static Nnef {
+    static NNEF: std::sync::OnceLock<Nnef> = std::sync::OnceLock::new();
+    NNEF.get_or_init(|| {
+        let mut nnef = tract_nnef::nnef()
+            .with_onnx()
+            .with_registry(crate::onnx_ml::nnef_registry())
+            .with_registry(if_then_else::registry());
+        nnef.allow_extended_identifier_syntax(true);
+        nnef
+    })
 }
 
 /// ONNX bytes (already fixed by `publish::prepare`) to the compiled artifact's bytes.
 /// Deterministic: the same input gives the same bytes.
 #[cfg(feature = "onnx")]
 pub fn compile(onnx: &[u8]) -> Result<Vec<u8>, RuntimeError> {
-    let typed = crate::onnx_load::decluttered(onnx)?;
+    let mut typed = crate::onnx_load::decluttered(onnx)?;
+    // The ONNX file's metadata (producer, free-form `metadata_props`) is not needed to run
+    // and tract 0.23 writes some values it cannot parse back.
+    typed.properties.clear();
     let refused = |e: TractError| {
         RuntimeError::Load(format!(
             "cannot be compiled to tract's format ({e:#}); publish it without compiling \
@@ -121,9 +129,10 @@ fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
 }
 
 /// Can this runtime ([`runtime_version`]) run an artifact compiled by runtime
-/// `artifact_runtime` in format `format_version`? Yes when the format is ours and the
-/// artifact's runtime is not newer (tract reads what older versions of its serializer
-/// wrote, not the reverse); the reason names both versions and what to do.
+/// `artifact_runtime` in format `format_version`? Yes when the format version is ours and
+/// the artifact's runtime is of the same `major.minor` series and not newer (tract reads
+/// what older patch releases wrote, not the reverse; a 0.x minor release may change an
+/// operator's form); the reason names both versions and what to do.
 pub fn check_compatible(artifact_runtime: &str, format_version: u32) -> Result<(), String> {
     check_against(TRACT_VERSION, artifact_runtime, format_version)
 }
@@ -146,6 +155,13 @@ fn check_against(mine: &str, artifact_runtime: &str, format_version: u32) -> Res
         return Err(format!(
             "compiled by runtime {artifact_runtime}, newer than this agent's runtime {mine}: \
              upgrade the agent, or re-publish the model for runtime {mine}"
+        ));
+    }
+    // tract 0.x: a minor version may change an operator's serialized form.
+    if (theirs.0, theirs.1) != (ours.0, ours.1) {
+        return Err(format!(
+            "compiled by runtime {artifact_runtime}, a series this agent's runtime {mine} \
+             does not read: re-publish the model for runtime {mine}"
         ));
     }
     Ok(())
@@ -224,13 +240,18 @@ mod tests {
     }
 
     #[test]
-    fn older_or_same_runtime_is_accepted_newer_or_other_format_refused() {
+    fn same_series_older_or_same_runtime_accepted_others_refused() {
         assert_eq!(
             check_compatible(runtime_version(), COMPILED_FORMAT_VERSION),
             Ok(())
         );
-        assert_eq!(check_against("0.23.9", "0.22.1", 1), Ok(()));
+        assert_eq!(check_against("0.23.9", "0.23.1", 1), Ok(()));
         assert_eq!(check_against("0.23.9", "0.23.9", 1), Ok(()));
+        let older = check_against("0.23.9", "0.22.1", 1).unwrap_err();
+        assert!(
+            older.contains("0.22.1") && older.contains("re-publish"),
+            "{older}"
+        );
         let newer = check_against("0.23.9", "0.23.10", 1).unwrap_err();
         assert!(
             newer.contains("0.23.10") && newer.contains("0.23.9"),

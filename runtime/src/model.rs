@@ -386,6 +386,18 @@ fn from_tensor(name: &str, t: &Tensor) -> Result<TensorValue, RuntimeError> {
 }
 
 impl Model {
+    /// The optimized plan's operators in evaluation order (diagnostics, and tests that two
+    /// load paths give the same plan).
+    pub fn plan_ops(&self) -> Vec<String> {
+        let model = self.plan.model();
+        model
+            .eval_order()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| model.node(n).op().name().to_string())
+            .collect()
+    }
+
     /// Threads one inference uses.
     pub fn threads(&self) -> usize {
         self.threads

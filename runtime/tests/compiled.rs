@@ -138,6 +138,10 @@ fn compiled_matches(name: &str, path: &Path, json: &Path) -> Vec<u8> {
         Model::load_compiled(&artifact, Threads::One).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(compiled.inputs(), onnx.inputs(), "{name}: input specs");
     assert_eq!(compiled.outputs(), onnx.outputs(), "{name}: output specs");
+    // The same computing operators (constants aside: the ONNX path keeps duplicates).
+    let ops =
+        |m: &Model| -> Vec<String> { m.plan_ops().into_iter().filter(|o| o != "Const").collect() };
+    assert_eq!(ops(&compiled), ops(&onnx), "{name}: optimized plans");
     assert_eq!(compiled.threads(), 1);
     let inputs = tensors(&doc["inputs"]);
     let want = onnx.run(&inputs).unwrap();

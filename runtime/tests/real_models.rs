@@ -98,6 +98,12 @@ fn ci_subset_compiles_and_matches_the_onnx_path() {
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         assert_eq!(model.inputs(), p.model.inputs(), "{}", c.name);
         assert_eq!(model.outputs(), p.model.outputs(), "{}", c.name);
+        // The same computing operators (the ONNX path keeps duplicates of identical
+        // constants, the compiled one shares them).
+        let ops = |m: &Model| -> Vec<String> {
+            m.plan_ops().into_iter().filter(|o| o != "Const").collect()
+        };
+        assert_eq!(ops(&model), ops(&p.model), "{}", c.name);
         let got = model.run(&c.inputs).unwrap();
         assert_eq!(got, p.model.run(&c.inputs).unwrap(), "{}", c.name);
         let err = case::max_abs_error(&got, &c.outputs).unwrap();
