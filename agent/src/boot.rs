@@ -10,7 +10,6 @@ use drover_host::clock::now_ms;
 use drover_protocol::manifest::Manifest;
 use drover_protocol::messages::ModelRef;
 use drover_protocol::trust::TrustStore;
-use drover_runtime::Model;
 
 use crate::config::ValidConfig;
 use crate::download;
@@ -53,7 +52,7 @@ pub(crate) fn load_model(
     }
     let bytes = std::fs::read(download::blob_path(data_dir, &manifest.sha256))
         .map_err(|e| e.to_string())?;
-    let rt = Model::load_with(&bytes, cfg.raw.runtime.threads());
+    let rt = crate::isolate::load(&bytes, cfg.raw.runtime.threads());
     let model_rt = rt.map_err(|e| e.to_string())?;
     Ok(Arc::new(Loaded {
         model_ref: model.clone(),
