@@ -35,6 +35,8 @@ pub const AGENT_EXE: &str = "drover-agent";
 /// [`MEMORY_PER_MODEL_BYTE`] times the model file's size (BENCHMARKS.md, issue 25).
 pub const MEMORY_FLOOR: u64 = 512 << 20;
 pub const MEMORY_PER_MODEL_BYTE: u64 = 16;
+/// tract-data's message when an allocation fails (an assertion, so a panic).
+const TRACT_ALLOC_FAILED: &str = "failed to allocate";
 /// At most this much of the child's stdout and stderr is kept.
 const MAX_OUTPUT: u64 = 1 << 20;
 
@@ -246,8 +248,9 @@ fn judge(
             None => Err("self-test child reported neither a pass nor a reason".into()),
         };
     }
-    // Rust's allocation-failure handler prints this before it aborts.
-    if stderr.contains("memory allocation of") {
+    // Rust's allocation-failure handler prints the first before it aborts; tract asserts the
+    // second, which aborts through the child's panic hook in a `panic = "abort"` build.
+    if stderr.contains("memory allocation of") || stderr.contains(TRACT_ALLOC_FAILED) {
         return Err(over_memory());
     }
     match (status.signal(), status.code()) {
@@ -418,7 +421,7 @@ fn child(args: &ChildArgs) -> Result<Report, String> {
         Ok(()) => report.ok = true,
         Err(e) => {
             let panic = PANIC.lock().ok().and_then(|p| p.clone());
-            report.out_of_memory = panic.is_some_and(|p| p.contains("failed to allocate"));
+            report.out_of_memory = panic.is_some_and(|p| p.contains(TRACT_ALLOC_FAILED));
             report.refused = Some(e.to_string());
         }
     }

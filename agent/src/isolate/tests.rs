@@ -88,6 +88,13 @@ fn an_allocation_failure_is_reported_as_the_memory_limit() {
         check(&l).unwrap_err(),
         "self-test child exceeded the 64 MiB memory limit (runtime.load_memory_bytes)"
     );
+    // tract's assertion, aborting as it does in a `panic = "abort"` build.
+    let body = "echo 'panic: failed to allocate Layout { size: 4294967296, align: 16 }' >&2; kill -ABRT $$";
+    let l = scripted(dir.path(), body, 30 * SECOND);
+    assert_eq!(
+        check(&l).unwrap_err(),
+        "self-test child exceeded the 64 MiB memory limit (runtime.load_memory_bytes)"
+    );
     let body = r#"echo '{"ok":false,"refused":"tract panicked","out_of_memory":true,"load_ms":1,"self_test_ms":0,"peak_rss_bytes":0,"peak_vm_bytes":0}'"#;
     let l = scripted(dir.path(), body, 30 * SECOND);
     assert_eq!(
