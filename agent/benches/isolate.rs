@@ -13,7 +13,9 @@
 //! input with tract's own outputs.
 //!
 //! Run: `cargo bench -p drover-agent --bench isolate` (`--bench` takes 5 runs per model;
-//! without it, one run).
+//! without it, one run). `DROVER_ISOLATE_LOADER=PATH` runs another agent binary as the
+//! child (e.g. a `release-size` build): "check ms" is then that binary's wall time per
+//! check, and its own load and self-test times are what an in-process deploy costs in it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -143,7 +145,8 @@ fn main() {
     };
     let dir = tempfile::tempdir().unwrap();
     let loader = Loader {
-        exe: env!("CARGO_BIN_EXE_drover-agent").into(),
+        exe: std::env::var_os("DROVER_ISOLATE_LOADER")
+            .map_or_else(|| env!("CARGO_BIN_EXE_drover-agent").into(), PathBuf::from),
         memory_bytes: 0,
         timeout: Duration::from_secs(600),
         crash_at: None,
@@ -151,12 +154,13 @@ fn main() {
     // The agent's default `runtime.threads = 0`: the cores, at most 4.
     let threads = Threads::from_config(0);
     println!(
-        "{:<20} {:>8} {:>11} {:>11} {:>9} {:>10} {:>10} {:>9} {:>9}",
+        "{:<20} {:>8} {:>11} {:>11} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}",
         "model",
         "MB",
         "in-proc ms",
         "isolated ms",
         "extra ms",
+        "check ms",
         "child load",
         "child test",
         "child RSS",
@@ -195,7 +199,7 @@ fn main() {
             created_at_ms: 0,
             sampled_vectors: vec![],
         };
-        let (mut inproc, mut isolated, mut reports) = (vec![], vec![], vec![]);
+        let (mut inproc, mut isolated, mut checks, mut reports) = (vec![], vec![], vec![], vec![]);
         for _ in 0..runs {
             let t = Instant::now();
             let b = std::fs::read(&path).unwrap();
@@ -205,6 +209,7 @@ fn main() {
             drop(m);
             let t = Instant::now();
             let r = loader.check(&path, &manifest, 0).unwrap();
+            checks.push(t.elapsed().as_secs_f64() * 1e3);
             let b = std::fs::read(&path).unwrap();
             let m = Model::load_with(&b, threads).unwrap();
             isolated.push(t.elapsed().as_secs_f64() * 1e3);
@@ -214,12 +219,13 @@ fn main() {
         let (a, b) = (median(inproc), median(isolated));
         let r = &reports[reports.len() / 2];
         println!(
-            "{:<20} {:>8.2} {:>11.1} {:>11.1} {:>9.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1}",
+            "{:<20} {:>8.2} {:>11.1} {:>11.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1}",
             name,
             p.bytes.len() as f64 / 1e6,
             a,
             b,
             b - a,
+            median(checks),
             median(reports.iter().map(|r| r.load_ms).collect()),
             median(reports.iter().map(|r| r.self_test_ms).collect()),
             r.peak_rss_bytes as f64 / 1048576.0,
