@@ -204,8 +204,19 @@ def run(args, agents, tmp, procs):
         dev = "cross-" + target.split("-")[0]
         cfg = os.path.join(tmp, f"{dev}.toml")
         cli("device", "enroll", dev, "--label", f"arch={target.split('-')[0]}", "--out", cfg)
+        extra = []
+        if runner:
+            # qemu-user cannot execve a foreign binary without binfmt_misc, so the agent's
+            # isolated self-test child (runtime.isolate) runs through a wrapper that starts it
+            # under the same qemu. qemu-user ignores the child's RLIMIT_AS.
+            loader = os.path.join(tmp, f"{dev}-loader.sh")
+            with open(loader, "w") as f:
+                f.write(f"#!/bin/sh\nexec {' '.join(runner)} {os.path.abspath(path)} \"$@\"\n")
+            os.chmod(loader, 0o755)
+            extra = ["--set", f"runtime.loader_exe={loader}"]
         argv = (runner or []) + [path, "--config", cfg, "--data-dir", os.path.join(tmp, f"{dev}-data"),
-                                 "--api-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--set", "telemetry.interval_ms=300", "run"]
+                                 "--api-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--set", "telemetry.interval_ms=300",
+                                 *extra, "run"]
         p = procs.spawn(dev, argv, tmp, capture_stdout=True)
         sink = open(os.path.join(tmp, f"{dev}.stdout"), "w")
         t0 = time.monotonic()

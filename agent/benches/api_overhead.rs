@@ -93,6 +93,10 @@ fn config(dir: &Path) -> AgentConfig {
         data_dir: dir.to_owned(),
         api_addr: "127.0.0.1:0".into(),
         metrics_addr: "127.0.0.1:0".into(),
+        runtime: drover_agent::config::RuntimeConfig {
+            loader_exe: Some(env!("CARGO_BIN_EXE_drover-agent").into()),
+            ..Default::default()
+        },
         ..AgentConfig::default()
     }
 }

@@ -52,7 +52,7 @@ pub(crate) fn load_model(
     }
     let bytes = std::fs::read(download::blob_path(data_dir, &manifest.sha256))
         .map_err(|e| e.to_string())?;
-    let rt = drover_runtime::compiled::load_artifact(
+    let rt = crate::isolate::load(
         &bytes,
         manifest.artifact.as_ref(),
         cfg.raw.runtime.threads(),

@@ -146,12 +146,37 @@ impl ModelsConfig {
 }
 
 /// The model runtime (tract).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Threads one inference may use (tract's multithreaded kernels): 0 picks the
     /// device's cores, at most 4; 1 runs every inference on the thread serving it.
     pub threads: u32,
+    /// Load and self-test every new model (deploy, shadow) in a short-lived child process
+    /// first (`crate::isolate`), so a model that crashes or runs away fails its deployment
+    /// instead of taking the agent down.
+    pub isolate: bool,
+    /// The child's address-space limit in bytes; 0: 512 MiB + 16 x the model file's size.
+    pub load_memory_bytes: u64,
+    /// The child's wall-clock limit in ms (its CPU-time limit is this times the threads).
+    pub load_timeout_ms: u64,
+    /// The drover-agent binary the child runs; unset: this process when it is
+    /// drover-agent, else a drover-agent beside its executable, else the agent refuses to
+    /// start (embeddings such as tests and `drover demo` set it, or `isolate = false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loader_exe: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            isolate: true,
+            load_memory_bytes: 0,
+            load_timeout_ms: 120_000,
+            loader_exe: None,
+        }
+    }
 }
 
 /// The most threads `runtime.threads` accepts.
@@ -394,6 +419,17 @@ impl AgentConfig {
             errors.push(format!(
                 "runtime.threads: must be at most {MAX_RUNTIME_THREADS} (0 picks the device's cores)"
             ));
+        }
+        let rt = &self.runtime;
+        if rt.load_memory_bytes != 0 && rt.load_memory_bytes < 64 << 20 {
+            errors.push(
+                "runtime.load_memory_bytes: must be 0 (derived from the model's size) or at \
+                 least 67108864 (64 MiB)"
+                    .into(),
+            );
+        }
+        if !(100..=86_400_000).contains(&rt.load_timeout_ms) {
+            errors.push("runtime.load_timeout_ms: must be within 100..=86400000".into());
         }
     }
 
@@ -649,6 +685,10 @@ fn env_key_path(rest: &str) -> Option<Vec<&'static str>> {
         &["models", "memory_bytes"],
         &["models", "disk_bytes"],
         &["runtime", "threads"],
+        &["runtime", "isolate"],
+        &["runtime", "load_memory_bytes"],
+        &["runtime", "load_timeout_ms"],
+        &["runtime", "loader_exe"],
         &["capture", "keep"],
         &["capture", "low_confidence_below"],
         &["capture", "per_minute"],
@@ -690,6 +730,8 @@ fn set_path(table: &mut toml::Table, path: &[&str], value: &str) {
                     | "sample_rate_ppm"
                     | "max_bytes"
                     | "threads"
+                    | "load_memory_bytes"
+                    | "load_timeout_ms"
                     | "per_minute"
                     | "per_hour"
                     | "per_day"
@@ -702,7 +744,7 @@ fn set_path(table: &mut toml::Table, path: &[&str], value: &str) {
             toml::Value::Float(value.parse::<f64>().unwrap_or_default())
         }
         _ => match (*last, value.parse::<bool>()) {
-            ("allow_plaintext", Ok(b)) => toml::Value::Boolean(b),
+            ("allow_plaintext" | "isolate", Ok(b)) => toml::Value::Boolean(b),
             _ => toml::Value::String(value.to_owned()),
         },
     };

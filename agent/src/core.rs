@@ -31,6 +31,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::ValidConfig;
 use crate::download::{self, Download};
+use crate::isolate::Loader;
 use crate::machine::{
     self, Decoded, Effect, Event, Input, Machine, Observed, Sealed, State, Stored,
 };
@@ -55,12 +56,15 @@ struct Replay {
 pub struct Tuning {
     /// How long a newly activated model must serve without errors before it is `Healthy`.
     pub probation: Duration,
+    /// A crash point (`POINT:N`) armed in every isolated self-test child (crash tests).
+    pub loader_crash_at: Option<String>,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         Self {
             probation: Duration::from_secs(2),
+            loader_crash_at: None,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Core {
     download: BTreeMap<Digest, Download>,
     /// The model an `Effect::Load` brought up, until an effect serves it.
     loaded: Option<Arc<Loaded>>,
+    /// Where new models are checked before they load here (`runtime.isolate`).
+    loader: Option<Loader>,
     /// What the record on disk keeps in the model store (collected when it changes).
     kept: Kept,
     telemetry_due: Instant,
@@ -99,6 +105,7 @@ impl Core {
         out: UnboundedSender<Outbound>,
         will: WillSlot,
         tuning: Tuning,
+        loader: Option<Loader>,
     ) -> Core {
         // A replacement continues the replaced device's sequences (config `[replacement]`):
         // uplinks after the last one stored, commands after the last one issued to it.
@@ -144,6 +151,7 @@ impl Core {
             replay: None,
             download: BTreeMap::new(),
             loaded: None,
+            loader,
             kept,
             telemetry_due: Instant::now(),
             window_start_ms: now,
@@ -463,16 +471,10 @@ impl Core {
     }
 
     fn load(&mut self, model: &ModelRef, manifest: &Manifest, test: bool) -> Input {
-        let loaded = load_model(&self.cfg, model, manifest).and_then(|l| {
-            if test {
-                let started = Instant::now();
-                let tested = self_test(&l.model, &manifest.test_vectors)
-                    .and_then(|()| self_test_sampled(&l.model, &manifest.sampled_vectors));
-                self.serving.totals.self_tested(started.elapsed());
-                tested.map_err(|e| e.to_string())?;
-            }
-            Ok(l)
-        });
+        let loaded = match (&self.loader, test) {
+            (Some(loader), true) => self.load_isolated(loader, model, manifest),
+            _ => self.load_in_process(model, manifest, test),
+        };
         match loaded {
             Ok(l) => {
                 self.loaded = Some(l);
@@ -485,6 +487,52 @@ impl Core {
                 error,
             },
         }
+    }
+
+    /// Loads and self-tests `model` in a child first; only a model that passed there is
+    /// loaded here (without testing it twice).
+    fn load_isolated(
+        &self,
+        loader: &Loader,
+        model: &ModelRef,
+        manifest: &Manifest,
+    ) -> Result<Arc<Loaded>, String> {
+        let data_dir = &self.cfg.raw.data_dir;
+        if !download::blob_is_valid(data_dir, manifest) {
+            return Err("model file missing or does not match its manifest".into());
+        }
+        let path = download::blob_path(data_dir, &manifest.sha256);
+        let started = Instant::now();
+        let checked = loader.check(&path, manifest, self.cfg.raw.runtime.threads);
+        self.serving.totals.self_tested(started.elapsed());
+        let report = checked?;
+        tracing::info!(
+            model = %model.name,
+            version = %model.version,
+            load_ms = report.load_ms,
+            self_test_ms = report.self_test_ms,
+            peak_rss_bytes = report.peak_rss_bytes,
+            "model passed its isolated self-test"
+        );
+        load_model(&self.cfg, model, manifest)
+    }
+
+    fn load_in_process(
+        &self,
+        model: &ModelRef,
+        manifest: &Manifest,
+        test: bool,
+    ) -> Result<Arc<Loaded>, String> {
+        load_model(&self.cfg, model, manifest).and_then(|l| {
+            if test {
+                let started = Instant::now();
+                let tested = self_test(&l.model, &manifest.test_vectors)
+                    .and_then(|()| self_test_sampled(&l.model, &manifest.sampled_vectors));
+                self.serving.totals.self_tested(started.elapsed());
+                tested.map_err(|e| e.to_string())?;
+            }
+            Ok(l)
+        })
     }
 
     /// Sends the next window of the replay: at most `REPLAY_WINDOW` records may be in
@@ -696,7 +744,7 @@ mod tests {
         let booted = boot(&cfg, &serving).unwrap();
         let (tx, out) = tokio::sync::mpsc::unbounded_channel();
         let will = Arc::new(Mutex::new((String::new(), Vec::new())));
-        let core = Core::new(cfg, booted, serving, tx, will, Tuning::default());
+        let core = Core::new(cfg, booted, serving, tx, will, Tuning::default(), None);
         Rig {
             core,
             out,

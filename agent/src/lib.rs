@@ -16,6 +16,8 @@
 //! - [`boot`]: the state loaded (migrated) and every slot's last good model served.
 //! - [`state`], [`download`], [`spool`]: the crash-safe on-disk store (writes through
 //!   `drover_host::fs`); `state` owns the on-disk form of the machine's record.
+//! - [`isolate`]: new models loaded and self-tested in a short-lived child process (the
+//!   hidden `check-model` mode) with memory and time limits before they load here.
 //! - [`store`]: the model store's collection (keeps what the record names) and the
 //!   free-space check before a download.
 //! - [`telemetry`]: system facts. Crash points for the SIGKILL tests: `drover_host::crash`.
@@ -29,6 +31,7 @@ pub mod capture;
 pub mod config;
 pub mod core;
 pub mod download;
+pub mod isolate;
 pub mod machine;
 pub mod mqtt;
 pub mod serving;
@@ -69,6 +72,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Loader(String),
     #[error("agent task failed: {0}")]
     Task(String),
 }
@@ -148,6 +153,8 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let cfg = config.validate()?;
+    let loader = isolate::Loader::resolve(&cfg.raw.runtime, tuning.loader_crash_at.clone())
+        .map_err(AgentError::Loader)?;
     let serving = Arc::new(Serving::new(cfg.raw.telemetry.sample_rate_ppm));
     serving.set_capture(cfg.raw.capture.clone());
     let booted = {
@@ -204,6 +211,7 @@ where
         out_tx,
         will.clone(),
         tuning,
+        loader,
     );
     mqtt::start(&cfg, will, in_tx, out_rx, shutdown_rx.clone())?;
     let core_stop = stop.clone();

@@ -43,6 +43,9 @@ struct Cli {
     /// Probation before a new model is declared healthy, in ms (tests shorten it).
     #[arg(long, hide = true, default_value_t = 2000)]
     probation_ms: u64,
+    /// Fault injection for crash tests: arm POINT:N in every isolated self-test child.
+    #[arg(long, hide = true, value_name = "POINT:N")]
+    loader_crash_at: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -57,10 +60,41 @@ enum Cmd {
     /// and a config holding the device key private); print it (secrets redacted) and exit,
     /// non-zero with every problem listed.
     CheckConfig,
+    /// Internal: load and self-test one model under limits and print a JSON report (the
+    /// agent runs itself so for every new model, `runtime.isolate`).
+    #[command(hide = true)]
+    CheckModel(CheckModelArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckModelArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// The manifest as JSON; `-` reads it from stdin.
+    #[arg(long)]
+    manifest: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    threads: u32,
+    /// Address-space limit (RLIMIT_AS).
+    #[arg(long)]
+    memory_bytes: u64,
+    /// CPU-time limit (RLIMIT_CPU).
+    #[arg(long)]
+    cpu_seconds: u64,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::CheckModel(a)) = &cli.cmd {
+        return drover_agent::isolate::child_main(drover_agent::isolate::ChildArgs {
+            model: a.model.clone(),
+            manifest: a.manifest.clone(),
+            threads: a.threads,
+            memory_bytes: a.memory_bytes,
+            cpu_seconds: a.cpu_seconds,
+            crash_at: cli.crash_at.clone(),
+        });
+    }
     let rust_log = std::env::var("RUST_LOG").ok();
     let (filter, bad_filter) = log_filter(rust_log.as_deref());
     // No colour codes in files and journald: ANSI only when stderr is a terminal.
@@ -80,8 +114,9 @@ fn main() -> ExitCode {
     if let Some(err) = bad_filter {
         tracing::warn!(rust_log = ?rust_log, error = %err, "RUST_LOG not understood; logging at info");
     }
-    // tract can panic on hostile models; the runtime catches it, and this puts the
-    // message in the structured log instead of bare stderr.
+    // tract can panic on hostile models: new ones are loaded first in the isolated child;
+    // in unwinding builds the runtime catches a panic, and this puts the message in the
+    // structured log instead of bare stderr (with panic = "abort" it is the last line).
     std::panic::set_hook(Box::new(|info| {
         tracing::error!(panic = %info, "panic (caught where the runtime guards it)");
     }));
@@ -148,6 +183,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let cfg = AgentConfig::load(Some(&cli.config), &env, &overrides)?;
     let tuning = drover_agent::Tuning {
         probation: std::time::Duration::from_millis(cli.probation_ms),
+        loader_crash_at: cli.loader_crash_at.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

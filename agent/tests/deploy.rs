@@ -39,6 +39,7 @@ async fn deploy_infer_hot_swap_under_load_and_refuse_bad_commands() {
         cfg,
         Tuning {
             probation: Duration::from_millis(300),
+            ..Default::default()
         },
         async move {
             let _ = stop_rx.await;

@@ -104,7 +104,14 @@ async fn a_published_model_ships_compiled_and_self_tested_with_its_onnx_kept() {
     assert_eq!(source, dense_model(8, 3, 3, "MatMul"));
     drover_runtime::Model::load_compiled(&shipped, drover_runtime::Threads::One).unwrap();
     // The signed manifest, as a device receives it in a deploy command.
-    let (mut d, trust) = device(&server, &api, "gw-new", 3, Some(runtime(drover_runtime::compiled::runtime_version()))).await;
+    let (mut d, trust) = device(
+        &server,
+        &api,
+        "gw-new",
+        3,
+        Some(runtime(drover_runtime::compiled::runtime_version())),
+    )
+    .await;
     let (status, body) = deploy(&api, "gw-new", "vision@1.0.0").await;
     assert_eq!(status, 200, "{body}");
     let blob = d
@@ -145,7 +152,14 @@ async fn a_compiled_model_goes_only_to_devices_that_can_load_it() {
     publish(&api, "legacy", Some("onnx")).await;
     let _old = device(&server, &api, "gw-p2", 2, None).await;
     let _older_rt = device(&server, &api, "gw-rt-old", 3, Some(runtime("0.20.0"))).await;
-    let _nnef = device(&server, &api, "gw-rt", 3, Some(runtime(drover_runtime::compiled::runtime_version()))).await;
+    let _nnef = device(
+        &server,
+        &api,
+        "gw-rt",
+        3,
+        Some(runtime(drover_runtime::compiled::runtime_version())),
+    )
+    .await;
 
     // A protocol-2 agent loads ONNX only: refused, saying what to do.
     let (status, body) = deploy(&api, "gw-p2", "vision@1.0.0").await;

@@ -175,14 +175,12 @@ impl RuntimeReport {
                  agent, or deploy to it from a control plane with the same runtime",
                 self.engine, a.runtime_version, self.engine, self.version
             )),
-            (Some(theirs), Some(mine)) if (theirs.0, theirs.1) != (mine.0, mine.1) => {
-                Err(format!(
-                    "the model was compiled by {} {}, a series this agent's {} {} does not \
+            (Some(theirs), Some(mine)) if (theirs.0, theirs.1) != (mine.0, mine.1) => Err(format!(
+                "the model was compiled by {} {}, a series this agent's {} {} does not \
                      read; upgrade the agent to {}.{}.x, or publish the model again with \
                      `--format onnx` for it",
-                    self.engine, a.runtime_version, self.engine, self.version, theirs.0, theirs.1
-                ))
-            }
+                self.engine, a.runtime_version, self.engine, self.version, theirs.0, theirs.1
+            )),
             (Some(_), Some(_)) => Ok(()),
             _ => Err(format!(
                 "runtime version {:?} or {:?} is not MAJOR.MINOR.PATCH",
@@ -619,7 +617,10 @@ mod runtime_tests {
         assert_eq!(r.check(Some(&artifact("0.23.1", 1))), Ok(()));
         // Another minor series of tract 0.x may serialize operators differently.
         let series = r.check(Some(&artifact("0.21.0", 1))).unwrap_err();
-        assert!(series.contains("0.21.0") && series.contains("0.21.x"), "{series}");
+        assert!(
+            series.contains("0.21.0") && series.contains("0.21.x"),
+            "{series}"
+        );
         let newer = r.check(Some(&artifact("0.24.0", 1))).unwrap_err();
         assert!(
             newer.contains("0.24.0") && newer.contains("0.23.9"),

@@ -149,6 +149,8 @@ pub async fn enroll(
     config.api_addr = "127.0.0.1:0".into();
     config.metrics_addr = "127.0.0.1:0".into();
     config.telemetry.interval_ms = 300;
+    // In-process agents check new models in the real agent binary, as devices do.
+    config.runtime.loader_exe = Some(crate::workspace_bin("drover-agent")?);
     Ok(Device {
         id: id.to_owned(),
         config,

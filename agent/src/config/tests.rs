@@ -59,7 +59,12 @@ fn every_error_is_reported_at_once() {
         broker_url: "http://x".into(),
         api_addr: "nope".into(),
         store: StoreConfig { max_bytes: 1000 },
-        runtime: RuntimeConfig { threads: 65 },
+        runtime: RuntimeConfig {
+            threads: 65,
+            load_memory_bytes: 1000,
+            load_timeout_ms: 10,
+            ..RuntimeConfig::default()
+        },
         capture: crate::capture::CaptureConfig {
             low_confidence_below: 0.0,
             ..Default::default()
@@ -78,6 +83,8 @@ fn every_error_is_reported_at_once() {
         "api_addr",
         "store.max_bytes",
         "runtime.threads",
+        "runtime.load_memory_bytes",
+        "runtime.load_timeout_ms",
         "capture.low_confidence_below",
     ] {
         assert!(
@@ -100,13 +107,31 @@ fn layers_apply_in_order_defaults_file_env_flags() {
         ("DROVER_AGENT_API_ADDR", "127.0.0.1:2"),
         ("DROVER_AGENT_STORE_MAX_BYTES", "2000000"),
         ("DROVER_AGENT_RUNTIME_THREADS", "2"),
+        ("DROVER_AGENT_RUNTIME_ISOLATE", "false"),
+        ("DROVER_AGENT_RUNTIME_LOAD_MEMORY_BYTES", "268435456"),
+        (
+            "DROVER_AGENT_RUNTIME_LOADER_EXE",
+            "/opt/drover/drover-agent",
+        ),
         ("UNRELATED", "x"),
     ]
     .into_iter()
     .map(|(a, b)| (a.to_owned(), b.to_owned()))
     .collect();
-    let flags = vec![("api_addr".to_owned(), "127.0.0.1:3".to_owned())];
+    let flags = vec![
+        ("api_addr".to_owned(), "127.0.0.1:3".to_owned()),
+        ("runtime.load_timeout_ms".to_owned(), "5000".to_owned()),
+    ];
     let v = AgentConfig::load(Some(&path), &env, &flags).unwrap();
+    let rt = &v.raw.runtime;
+    assert_eq!(
+        (rt.isolate, rt.load_memory_bytes, rt.load_timeout_ms),
+        (false, 256 << 20, 5000)
+    );
+    assert_eq!(
+        rt.loader_exe.as_deref(),
+        Some("/opt/drover/drover-agent".as_ref())
+    );
     assert_eq!(v.raw.telemetry.interval_ms, 700);
     assert_eq!(v.raw.store.max_bytes, 2_000_000);
     assert_eq!(v.raw.runtime.threads(), drover_runtime::Threads::Fixed(2));

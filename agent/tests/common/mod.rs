@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drover_agent::config::AgentConfig;
+use drover_agent::config::{AgentConfig, RuntimeConfig};
 use drover_protocol::envelope::{self, DownlinkFrame, UplinkFrame};
 use drover_protocol::manifest::{
     chunk_hashes, Lineage, Manifest, TensorData, TensorValue, TestVector,
@@ -510,6 +510,11 @@ pub fn agent_config(dir: &Path, device: &str, port: u16, keys: &Keys) -> AgentCo
         api_addr: "127.0.0.1:0".into(),
         metrics_addr: "127.0.0.1:0".into(),
         labels,
+        runtime: RuntimeConfig {
+            // New models are self-tested in the real agent binary, as on a device.
+            loader_exe: Some(env!("CARGO_BIN_EXE_drover-agent").into()),
+            ..RuntimeConfig::default()
+        },
         ..AgentConfig::default()
     }
 }
@@ -598,9 +603,16 @@ impl Harness {
         let mut cfg = agent_config(dir.path(), dev, port, &keys);
         tweak(&mut cfg);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let agent = drover_agent::run_with(cfg, drover_agent::Tuning { probation }, async move {
-            let _ = stop_rx.await;
-        })
+        let agent = drover_agent::run_with(
+            cfg,
+            drover_agent::Tuning {
+                probation,
+                ..Default::default()
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        )
         .await
         .unwrap();
         let base = format!("http://{}", agent.api_addr());

@@ -198,6 +198,13 @@ impl<'a> Story<'a> {
             cfg.telemetry.interval_ms = 500;
             // Half the readings (with their labels) go back as training samples.
             cfg.telemetry.sample_rate_ppm = 500_000;
+            // These agents run inside `drover`: their isolated model checks run the
+            // drover-agent installed beside it; without one the demo loads models
+            // in-process, and says so (`runtime.isolate`, agent/README.md).
+            if let Err(e) = drover_agent::isolate::Loader::resolve(&cfg.runtime, None) {
+                tracing::info!(reason = %e, "demo agents load models in-process");
+                cfg.runtime.isolate = false;
+            }
             let agent = drover_agent::run(cfg, std::future::pending())
                 .await
                 .with_context(|| format!("starting agent {id}"))?;
