@@ -16,6 +16,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tract_nnef::framework::Nnef;
+#[cfg(feature = "onnx")]
 use tract_nnef::internal::TractErrorContext;
 use tract_nnef::prelude::*;
 use tract_onnx_opl::WithOnnx;
