@@ -46,6 +46,12 @@ fn ref_tensor(dir: &Path, t: &Value) -> TensorValue {
                 .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
                 .collect(),
         ),
+        "i32" => TensorData::I64(
+            raw.chunks_exact(4)
+                .map(|b| i64::from(i32::from_le_bytes(b.try_into().unwrap())))
+                .collect(),
+        ),
+        "bool" => TensorData::I64(raw.iter().map(|b| i64::from(*b)).collect()),
         other => panic!("dtype {other} not read by this bench"),
     };
     let shape = t["shape"]
