@@ -89,10 +89,18 @@ impl Loader {
                 let me = std::env::current_exe()
                     .map_err(|e| format!("runtime.isolate: cannot find this executable: {e}"))?;
                 let beside = me.with_file_name(AGENT_EXE);
+                // Cargo puts test binaries in `<profile>/deps/` and the agent binary in
+                // `<profile>/`: in-process agents of the workspace's tests find it there.
+                let above = (me.parent())
+                    .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
+                    .and_then(Path::parent)
+                    .map(|d| d.join(AGENT_EXE));
                 if me.file_name().is_some_and(|n| n == AGENT_EXE) {
                     me
                 } else if beside.is_file() {
                     beside
+                } else if let Some(above) = above.filter(|p| p.is_file()) {
+                    above
                 } else {
                     return Err(format!(
                         "runtime.isolate is on, but this process ({}) is not {AGENT_EXE} and no \

@@ -179,7 +179,13 @@ async fn three_models_on_each_device_three_rollouts_one_rolled_back_the_app_neve
     .await
     .unwrap();
     let d = api.get(&format!("/v1/devices/{}", ids[0])).await.unwrap();
-    assert_eq!(d["protocol"], 2, "{d:#}");
+    assert_eq!(d["protocol"], drover_protocol::PROTOCOL_VERSION, "{d:#}");
+    // The agents loaded compiled models: they report the runtime, and what was published
+    // and sent to them is the compiled form (issue 25).
+    let formats = d["runtime"]["formats"].to_string();
+    assert!(formats.contains("tract-nnef 1"), "{d:#}");
+    let m = api.get("/v1/models/vibration/1.0.0").await.unwrap();
+    assert_eq!(m["summary"]["format"], "tract-nnef 1", "{m:#}");
 
     let app = App::start(targets.clone());
     let stop_edge = Arc::new(AtomicBool::new(false));
