@@ -88,28 +88,15 @@ impl Loader {
             None => {
                 let me = std::env::current_exe()
                     .map_err(|e| format!("runtime.isolate: cannot find this executable: {e}"))?;
-                let beside = me.with_file_name(AGENT_EXE);
-                // Cargo puts test binaries in `<profile>/deps/` and the agent binary in
-                // `<profile>/`: in-process agents of the workspace's tests find it there.
-                let above = (me.parent())
-                    .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
-                    .and_then(Path::parent)
-                    .map(|d| d.join(AGENT_EXE));
-                if me.file_name().is_some_and(|n| n == AGENT_EXE) {
-                    me
-                } else if beside.is_file() {
-                    beside
-                } else if let Some(above) = above.filter(|p| p.is_file()) {
-                    above
-                } else {
-                    return Err(format!(
+                find_agent_exe(&me).ok_or_else(|| {
+                    format!(
                         "runtime.isolate is on, but this process ({}) is not {AGENT_EXE} and no \
                          {AGENT_EXE} is beside it to load models in: set runtime.loader_exe to \
                          the drover-agent binary, or runtime.isolate = false to load models \
                          in-process",
                         me.display()
-                    ));
-                }
+                    )
+                })?
             }
         };
         Ok(Some(Loader {
@@ -335,6 +322,25 @@ pub fn load(
     threads: Threads,
 ) -> Result<Model, RuntimeError> {
     drover_runtime::compiled::load_artifact(bytes, artifact, threads)
+}
+
+/// The agent binary a process at `me` runs its children with: itself if it is
+/// `drover-agent`, else one beside it, else (cargo puts test binaries in `<profile>/deps/`
+/// and the agent in `<profile>/`) one above `deps/`, so the workspace's in-process test
+/// agents find it.
+pub(crate) fn find_agent_exe(me: &Path) -> Option<PathBuf> {
+    if me.file_name().is_some_and(|n| n == AGENT_EXE) {
+        return Some(me.to_owned());
+    }
+    let beside = me.with_file_name(AGENT_EXE);
+    if beside.is_file() {
+        return Some(beside);
+    }
+    (me.parent())
+        .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
+        .and_then(Path::parent)
+        .map(|d| d.join(AGENT_EXE))
+        .filter(|p| p.is_file())
 }
 
 /// The arguments of the hidden `check-model` mode.

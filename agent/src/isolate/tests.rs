@@ -176,6 +176,27 @@ fn the_child_is_given_the_model_manifest_threads_and_limits() {
 }
 
 #[test]
+fn the_agent_binary_is_this_one_or_beside_it_or_above_cargos_deps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, deps) = (dir.path().join("bin"), dir.path().join("debug/deps"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&deps).unwrap();
+    // Another program with no agent anywhere near: none (the caller refuses to start).
+    assert_eq!(find_agent_exe(&bin.join("other")), None);
+    assert_eq!(find_agent_exe(&deps.join("e2e-0123")), None);
+    let me = bin.join(AGENT_EXE);
+    assert_eq!(find_agent_exe(&me), Some(me.clone()));
+    std::fs::write(&me, "").unwrap();
+    assert_eq!(find_agent_exe(&bin.join("drover")), Some(me));
+    // A test binary in <profile>/deps/ finds <profile>/drover-agent, only under deps/.
+    let above = dir.path().join("debug").join(AGENT_EXE);
+    std::fs::write(&above, "").unwrap();
+    assert_eq!(find_agent_exe(&deps.join("e2e-0123")), Some(above));
+    std::fs::create_dir_all(dir.path().join("debug/other")).unwrap();
+    assert_eq!(find_agent_exe(&dir.path().join("debug/other/x")), None);
+}
+
+#[test]
 fn isolation_asked_for_without_a_loader_refuses_to_start() {
     let mut rt = RuntimeConfig {
         isolate: false,
@@ -183,9 +204,6 @@ fn isolation_asked_for_without_a_loader_refuses_to_start() {
     };
     assert!(Loader::resolve(&rt, None).unwrap().is_none());
     rt.isolate = true;
-    // This test binary is not drover-agent and has none beside it in deps/.
-    let e = Loader::resolve(&rt, None).unwrap_err();
-    assert!(e.contains("set runtime.loader_exe"), "{e}");
     rt.loader_exe = Some("/nonexistent/drover-agent".into());
     let e = Loader::resolve(&rt, None).unwrap_err();
     assert!(e.starts_with("runtime.loader_exe: /nonexistent/drover-agent is not a file"));
