@@ -88,7 +88,7 @@ async fn a_state_file_of_the_single_model_release_keeps_serving_and_is_reported_
         })
         .await;
     assert_eq!(hello.active.map(|m| m.version), Some("2.0.0".into()));
-    assert_eq!(hello.protocol_max, 2);
+    assert_eq!(hello.protocol_max, drover_protocol::PROTOCOL_VERSION);
     let report =
         h.cp.wait_for("models report", |s| models_reports(s).pop())
             .await;
