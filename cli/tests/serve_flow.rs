@@ -130,6 +130,8 @@ async fn device_lifecycle_from_enroll_to_deploy_chunks_and_last_will() {
                 "model_hex": hex::encode(&model),
                 "baseline_csv": baseline_csv(128, 200),
                 "chunk_size": 1024,
+                // The scripted device speaks protocol 1: an agent that loads ONNX only.
+                "format": "onnx",
             }),
         )
         .await;
