@@ -6,13 +6,15 @@
 //! while its MQTT session retries in the background, as on an offline device).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use drover_agent::config::AgentConfig;
 use drover_agent::download::blob_path;
 use drover_agent::state::{Slot, SlotState, Slots, State};
-use drover_protocol::manifest::{chunk_hashes, Lineage, Manifest, TensorData, TensorValue};
+use drover_protocol::manifest::{
+    chunk_hashes, Artifact, Lineage, Manifest, TensorData, TensorValue,
+};
 use drover_protocol::messages::ModelRef;
 use drover_protocol::topics::hex32;
 use drover_protocol::trust::sha256;
@@ -35,7 +37,7 @@ fn fixture() -> Vec<u8> {
 }
 
 /// Installs the model as the healthy active slot of a fresh data dir.
-fn install(dir: &Path, bytes: &[u8]) {
+fn install(dir: &Path, bytes: &[u8], artifact: Option<Artifact>) {
     let manifest = Manifest {
         name: "dense".into(),
         version: "1.0.0".into(),
@@ -50,7 +52,7 @@ fn install(dir: &Path, bytes: &[u8]) {
         lineage: Lineage::default(),
         created_at_ms: 0,
         sampled_vectors: vec![],
-        artifact: None,
+        artifact,
     };
     std::fs::create_dir_all(dir.join("blobs")).unwrap();
     std::fs::write(blob_path(dir, &manifest.sha256), bytes).unwrap();
@@ -78,7 +80,7 @@ fn install(dir: &Path, bytes: &[u8]) {
     state.save(dir).unwrap();
 }
 
-fn config(dir: &Path) -> AgentConfig {
+fn config(dir: &Path, exe: &Path) -> AgentConfig {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -94,7 +96,7 @@ fn config(dir: &Path) -> AgentConfig {
         api_addr: "127.0.0.1:0".into(),
         metrics_addr: "127.0.0.1:0".into(),
         runtime: drover_agent::config::RuntimeConfig {
-            loader_exe: Some(env!("CARGO_BIN_EXE_drover-agent").into()),
+            loader_exe: Some(exe.to_owned()),
             ..Default::default()
         },
         ..AgentConfig::default()
@@ -143,9 +145,9 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    install(dir.path(), &bytes);
+    install(dir.path(), &bytes, None);
     let ((a50, a99), (f50, f99)) = rt.block_on(async {
-        let agent = drover_agent::run(config(dir.path()), std::future::pending()).await.unwrap();
+        let agent = drover_agent::run(config(dir.path(), Path::new(TEST_AGENT)), std::future::pending()).await.unwrap();
         let url = format!("http://{}/v2/models/dense/infer", agent.api_addr());
         let http = reqwest::Client::new();
         let body = serde_json::json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": x}]})
@@ -184,68 +186,39 @@ fn main() {
         (quantiles(api), quantiles(floor))
     });
 
-    // RSS/PSS of the real binary with the model loaded, after serving requests.
-    let dir2 = tempfile::tempdir().unwrap();
-    install(dir2.path(), &bytes);
-    let cfg_path = dir2.path().join("agent.toml");
-    std::fs::write(&cfg_path, config(dir2.path()).to_toml().unwrap()).unwrap();
-    // Cold start: process spawn to the first successful inference.
-    let spawned = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_drover-agent"))
-        .arg("--config")
-        .arg(&cfg_path)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line.trim().trim_start_matches("api_addr=").to_owned();
-    let cold_start = rt.block_on(async {
-        let http = reqwest::Client::new();
-        let body = serde_json::json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.1f32; 16]}]});
-        let url = format!("http://{addr}/v2/models/dense/infer");
-        loop {
-            if let Ok(r) = http.post(&url).json(&body).send().await {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-        }
-        let cold_start = spawned.elapsed();
-        for _ in 0..200 {
-            let r = http.post(format!("http://{addr}/v2/models/dense/infer")).json(&body).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-        }
-        cold_start
-    });
-    let pid = child.id();
-    let rss = mem_kb(pid, "status", "VmRSS:").unwrap_or(0);
-    let pss = mem_kb(pid, "smaps_rollup", "Pss:").unwrap_or(0);
-    // Idle CPU: the process's user + system time over a window with no requests (its
-    // telemetry timer, spool and reconnect backoff keep running).
-    let idle_secs = if std::env::args().any(|a| a == "--bench") {
-        20
-    } else {
-        1
+    // The real binary: cold start, RSS/PSS and idle CPU with the model loaded, the model
+    // installed as plain ONNX and as the compiled artifact devices are sent (issue 25); and
+    // the same for a device build of the agent (no ONNX importer) when `DEVICE_AGENT` names
+    // one, e.g. `cargo build -p drover-agent --profile release-size`.
+    let compiled = drover_runtime::compiled::compile(&bytes).unwrap();
+    let artifact = Artifact {
+        format: drover_runtime::compiled::COMPILED_FORMAT.into(),
+        format_version: drover_runtime::compiled::COMPILED_FORMAT_VERSION,
+        runtime_version: drover_runtime::compiled::runtime_version().into(),
+        source_sha256: sha256(&bytes),
     };
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(idle_secs));
-    let after = cpu_ticks(pid);
-    let idle_cpu_pct = match (before, after, clock_ticks()) {
-        (Some(b), Some(a), Some(hz)) => Some(100.0 * (a - b) as f64 / (hz * idle_secs) as f64),
-        _ => None,
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    let bin_size = std::fs::metadata(env!("CARGO_BIN_EXE_drover-agent"))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let mut runs = vec![
+        (
+            "test build, ONNX file".to_owned(),
+            PathBuf::from(TEST_AGENT),
+            bytes.clone(),
+            None,
+        ),
+        (
+            "test build, compiled".to_owned(),
+            PathBuf::from(TEST_AGENT),
+            compiled.clone(),
+            Some(artifact.clone()),
+        ),
+    ];
+    if let Some(device) = std::env::var_os("DEVICE_AGENT") {
+        let label = format!("device build ({}), compiled", Path::new(&device).display());
+        runs.push((label, PathBuf::from(device), compiled, Some(artifact)));
+    }
+    let mut figures = Vec::new();
+    for (label, exe, file, artifact) in runs {
+        figures.push((label, process_figures(&rt, &exe, &file, artifact)));
+    }
 
     println!("command: cargo bench -p drover-agent --bench api_overhead");
     println!("model: tests/fixtures/dense_v1.onnx (16 -> 128 -> 3 dense, batch 1), {n} sequential requests");
@@ -261,17 +234,124 @@ fn main() {
         "agent-side inference overhead (API - floor - tract) p50 {:8.1} us",
         a50 - f50 - d50
     );
-    println!(
-        "cold start (spawn -> first inference served) {:.1} ms",
-        cold_start.as_secs_f64() * 1e3
-    );
-    println!("agent binary (x86_64 release) {:.1} MB; with model loaded after 200 requests: RSS {:.1} MB, PSS {:.1} MB",
-        bin_size as f64 / 1e6, rss as f64 / 1024.0, pss as f64 / 1024.0);
-    match idle_cpu_pct {
-        Some(p) => {
-            println!("idle CPU over {idle_secs} s with the model loaded: {p:.2} % of one core")
+    for (label, f) in &figures {
+        println!(
+            "{label}: {} B binary; cold start (spawn -> first inference served) median of {COLD_STARTS} \
+             {:.1} ms (min {:.1}); after 200 requests RSS {:.1} MB, PSS {:.1} MB; idle CPU {}",
+            f.bin_size,
+            f.cold_start_ms.0,
+            f.cold_start_ms.1,
+            f.rss_kb as f64 / 1024.0,
+            f.pss_kb as f64 / 1024.0,
+            f.idle_cpu_pct
+                .map(|p| format!("{p:.2} % of one core over {} s", idle_secs()))
+                .unwrap_or_else(|| "unreadable".into()),
+        );
+    }
+}
+
+/// The agent binary `cargo bench` built (with the features tests unify: it loads ONNX too).
+const TEST_AGENT: &str = env!("CARGO_BIN_EXE_drover-agent");
+
+/// Process spawns per cold-start figure.
+const COLD_STARTS: usize = 5;
+
+fn idle_secs() -> u64 {
+    if std::env::args().any(|a| a == "--bench") {
+        20
+    } else {
+        1
+    }
+}
+
+struct ProcessFigures {
+    bin_size: u64,
+    /// Median and minimum.
+    cold_start_ms: (f64, f64),
+    rss_kb: u64,
+    pss_kb: u64,
+    idle_cpu_pct: Option<f64>,
+}
+
+/// Starts `exe` [`COLD_STARTS`] times on a data dir holding `file` as the healthy model and
+/// times spawn to the first inference served; the last process then serves 200 requests
+/// and is measured (RSS, PSS, idle CPU).
+fn process_figures(
+    rt: &tokio::runtime::Runtime,
+    exe: &Path,
+    file: &[u8],
+    artifact: Option<Artifact>,
+) -> ProcessFigures {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), file, artifact);
+    let cfg_path = dir.path().join("agent.toml");
+    std::fs::write(&cfg_path, config(dir.path(), exe).to_toml().unwrap()).unwrap();
+    let body = serde_json::json!({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": vec![0.1f32; 16]}]});
+    let http = reqwest::Client::new();
+    let mut cold = Vec::new();
+    let mut child = None;
+    for run in 0..COLD_STARTS {
+        if let Some(mut c) = child.take() {
+            let _ = Child::kill(&mut c);
+            let _ = c.wait();
         }
-        None => println!("idle CPU: /proc/{pid}/stat unreadable"),
+        let spawned = Instant::now();
+        let mut c = Command::new(exe)
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let addr = line.trim().trim_start_matches("api_addr=").to_owned();
+        let url = format!("http://{addr}/v2/models/dense/infer");
+        rt.block_on(async {
+            loop {
+                if let Ok(r) = http.post(&url).json(&body).send().await {
+                    if r.status() == 200 {
+                        break;
+                    }
+                }
+            }
+            cold.push(spawned.elapsed().as_secs_f64() * 1e3);
+            if run + 1 == COLD_STARTS {
+                for _ in 0..200 {
+                    let r = http.post(&url).json(&body).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            }
+        });
+        child = Some(c);
+    }
+    let mut c = child.unwrap();
+    let pid = c.id();
+    let rss_kb = mem_kb(pid, "status", "VmRSS:").unwrap_or(0);
+    let pss_kb = mem_kb(pid, "smaps_rollup", "Pss:").unwrap_or(0);
+    // Idle CPU: the process's user + system time over a window with no requests (its
+    // telemetry timer, spool and reconnect backoff keep running).
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(idle_secs()));
+    let after = cpu_ticks(pid);
+    let idle_cpu_pct = match (before, after, clock_ticks()) {
+        (Some(b), Some(a), Some(hz)) => Some(100.0 * (a - b) as f64 / (hz * idle_secs()) as f64),
+        _ => None,
+    };
+    let _ = c.kill();
+    let _ = c.wait();
+    cold.sort_by(f64::total_cmp);
+    ProcessFigures {
+        bin_size: std::fs::metadata(exe).map(|m| m.len()).unwrap_or(0),
+        cold_start_ms: (cold[cold.len() / 2], cold[0]),
+        rss_kb,
+        pss_kb,
+        idle_cpu_pct,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use drover_protocol::manifest::Artifact;
 use drover_protocol::messages::{Action, Command, DeployMode};
 use drover_protocol::trust::{KeyId, SigKind, SignedBlob};
 use drover_protocol::{DeviceId, DeviceKey, Manifest};
@@ -430,15 +431,26 @@ pub fn check_protocol(store: &Store, device: &str, action: &Action) -> Result<()
 /// one that compiled it, or a plain ONNX file to an agent without the importer. A device
 /// whose runtime is not known yet is let through: its agent checks again before download.
 pub fn check_runtime(store: &Store, device: &str, model: &ModelRow) -> Result<(), FleetError> {
-    use crate::store::DeviceRuntime;
     let manifest = Manifest::decode(&model.payload).map_err(FleetError::BadManifest)?;
+    check_runtime_for(store, device, model, manifest.artifact.as_ref())
+}
+
+/// [`check_runtime`] with the model's artifact already decoded (a rollout start checks
+/// every target against one manifest).
+fn check_runtime_for(
+    store: &Store,
+    device: &str,
+    model: &ModelRow,
+    artifact: Option<&Artifact>,
+) -> Result<(), FleetError> {
+    use crate::store::DeviceRuntime;
     let refused = |reason: String| FleetError::CannotLoad {
         device: device.to_owned(),
         model: format!("{}@{}", model.name, model.version),
         reason,
     };
-    match (store.device_runtime(device)?, &manifest.artifact) {
-        (DeviceRuntime::Reported(r), artifact) => r.check(artifact.as_ref()).map_err(refused),
+    match (store.device_runtime(device)?, artifact) {
+        (DeviceRuntime::Reported(r), artifact) => r.check(artifact).map_err(refused),
         (DeviceRuntime::Onnx { protocol }, Some(a)) => Err(refused(format!(
             "its agent speaks protocol {protocol} and loads plain ONNX files only, and the model \
              is compiled ({} {}); upgrade the agent, or publish the model again with \
@@ -456,9 +468,10 @@ pub fn check_all_load(
     targets: &[String],
     model: &ModelRow,
 ) -> Result<Option<String>, FleetError> {
+    let manifest = Manifest::decode(&model.payload).map_err(FleetError::BadManifest)?;
     let mut refused = Vec::new();
     for device in targets {
-        match check_runtime(s, device, model) {
+        match check_runtime_for(s, device, model, manifest.artifact.as_ref()) {
             Ok(()) => {}
             Err(FleetError::CannotLoad { reason, .. }) => refused.push((device, reason)),
             Err(e) => return Err(e),

@@ -7,7 +7,7 @@
 //!
 //! tract does not check versions itself: the manifest records the runtime version that
 //! compiled an artifact ([`runtime_version`]) and [`COMPILED_FORMAT_VERSION`], and
-//! [`check_compatible`] is the device's rule for accepting one.
+//! [`check_compatible`] applies the protocol's rule for accepting one with this runtime.
 //!
 //! Architecture invariant: loading never panics on hostile bytes (tract runs under
 //! `catch_unwind`; our operators' loaders check their parameters), and compiling is
@@ -122,50 +122,13 @@ impl Model {
     }
 }
 
-/// `major.minor.patch` as numbers.
-fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
-    let mut it = v.trim().split('.').map(|p| p.parse::<u64>().ok());
-    let r = (it.next()??, it.next()??, it.next()??);
-    it.next().is_none().then_some(r)
-}
-
-/// Can this runtime ([`runtime_version`]) run an artifact compiled by runtime
-/// `artifact_runtime` in format `format_version`? Yes when the format version is ours and
-/// the artifact's runtime is of the same `major.minor` series and not newer (tract reads
-/// what older patch releases wrote, not the reverse; a 0.x minor release may change an
-/// operator's form); the reason names both versions and what to do.
-pub fn check_compatible(artifact_runtime: &str, format_version: u32) -> Result<(), String> {
-    check_against(TRACT_VERSION, artifact_runtime, format_version)
-}
-
-fn check_against(mine: &str, artifact_runtime: &str, format_version: u32) -> Result<(), String> {
-    if format_version != COMPILED_FORMAT_VERSION {
-        return Err(format!(
-            "compiled artifact format {COMPILED_FORMAT} v{format_version}, this agent reads \
-             v{COMPILED_FORMAT_VERSION} (runtime {mine}): re-publish the model for this \
-             agent's runtime, or upgrade the agent"
-        ));
-    }
-    let (Some(theirs), Some(ours)) = (parse_version(artifact_runtime), parse_version(mine)) else {
-        return Err(format!(
-            "compiled artifact names runtime version {artifact_runtime:?}, not \
-             major.minor.patch (this agent's runtime is {mine}): re-publish the model"
-        ));
-    };
-    if theirs > ours {
-        return Err(format!(
-            "compiled by runtime {artifact_runtime}, newer than this agent's runtime {mine}: \
-             upgrade the agent, or re-publish the model for runtime {mine}"
-        ));
-    }
-    // tract 0.x: a minor version may change an operator's serialized form.
-    if (theirs.0, theirs.1) != (ours.0, ours.1) {
-        return Err(format!(
-            "compiled by runtime {artifact_runtime}, a series this agent's runtime {mine} \
-             does not read: re-publish the model for runtime {mine}"
-        ));
-    }
-    Ok(())
+/// Can this runtime run `artifact`? The one rule, [`RuntimeReport::check`] on this build's
+/// [`runtime_report`]: the control plane applies the same rule to the report a device
+/// sent before it sends anything, and the agent before it downloads.
+///
+/// [`RuntimeReport::check`]: drover_protocol::messages::RuntimeReport::check
+pub fn check_compatible(artifact: &drover_protocol::manifest::Artifact) -> Result<(), String> {
+    runtime_report().check(Some(artifact))
 }
 
 /// What this build loads (the device's `Runtime` report, protocol 3): tract at
@@ -200,7 +163,7 @@ pub fn load_artifact(
 ) -> Result<Model, RuntimeError> {
     match artifact {
         Some(a) if a.format == COMPILED_FORMAT => {
-            check_compatible(&a.runtime_version, a.format_version).map_err(RuntimeError::Load)?;
+            check_compatible(a).map_err(RuntimeError::Load)?;
             Model::load_compiled(bytes, threads)
         }
         Some(a) => Err(RuntimeError::Load(format!(
@@ -240,37 +203,47 @@ mod tests {
         }
     }
 
+    fn artifact(runtime_version: &str, format_version: u32) -> drover_protocol::manifest::Artifact {
+        drover_protocol::manifest::Artifact {
+            format: COMPILED_FORMAT.into(),
+            format_version,
+            runtime_version: runtime_version.into(),
+            source_sha256: [0; 32],
+        }
+    }
+
+    /// The version rule itself is tested in the protocol (`RuntimeReport::check`); this is
+    /// that the runtime applies it with its own version and formats.
     #[test]
-    fn same_series_older_or_same_runtime_accepted_others_refused() {
-        assert_eq!(
-            check_compatible(runtime_version(), COMPILED_FORMAT_VERSION),
-            Ok(())
-        );
-        assert_eq!(check_against("0.23.9", "0.23.1", 1), Ok(()));
-        assert_eq!(check_against("0.23.9", "0.23.9", 1), Ok(()));
-        let older = check_against("0.23.9", "0.22.1", 1).unwrap_err();
-        assert!(
-            older.contains("0.22.1") && older.contains("re-publish"),
-            "{older}"
-        );
-        let newer = check_against("0.23.9", "0.23.10", 1).unwrap_err();
-        assert!(
-            newer.contains("0.23.10") && newer.contains("0.23.9"),
-            "{newer}"
-        );
-        assert!(newer.contains("upgrade the agent"), "{newer}");
-        let newer = check_compatible("0.24.0", COMPILED_FORMAT_VERSION).unwrap_err();
+    fn the_runtime_applies_the_protocol_rule_with_its_own_version() {
+        assert_eq!(check_compatible(&artifact(runtime_version(), 1)), Ok(()));
+        let newer = check_compatible(&artifact("0.24.0", 1)).unwrap_err();
         assert!(
             newer.contains("0.24.0") && newer.contains(runtime_version()),
             "{newer}"
         );
-        let format = check_compatible(runtime_version(), COMPILED_FORMAT_VERSION + 1).unwrap_err();
-        assert!(
-            format.contains("v2") && format.contains("re-publish"),
-            "{format}"
-        );
-        assert!(check_compatible("0.23", 1).is_err());
-        assert!(check_compatible("", 1).is_err());
+        let older_series = check_compatible(&artifact("0.22.1", 1)).unwrap_err();
+        assert!(older_series.contains("0.22.1"), "{older_series}");
+        let format = check_compatible(&artifact(runtime_version(), COMPILED_FORMAT_VERSION + 1))
+            .unwrap_err();
+        assert!(format.contains("upgrade the agent"), "{format}");
+        assert!(check_compatible(&artifact("0.23", 1)).is_err());
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/compiled/gb_clf.nnef.tar"
+        ))
+        .unwrap();
+        assert!(load_artifact(
+            &bytes,
+            Some(&artifact(runtime_version(), 1)),
+            crate::Threads::One
+        )
+        .is_ok());
+        let Err(e) = load_artifact(&bytes, Some(&artifact("0.24.0", 1)), crate::Threads::One)
+        else {
+            panic!("a newer runtime's artifact is refused before loading");
+        };
+        assert!(e.to_string().contains("0.24.0"), "{e}");
     }
 
     #[test]

@@ -6,8 +6,11 @@
 
 use std::path::Path;
 
+use drover_protocol::manifest::Artifact;
 use drover_protocol::manifest::{TensorData, TensorValue, TestVector};
-use drover_runtime::compiled::{check_compatible, runtime_version, COMPILED_FORMAT_VERSION};
+use drover_runtime::compiled::{
+    check_compatible, runtime_version, COMPILED_FORMAT, COMPILED_FORMAT_VERSION,
+};
 use drover_runtime::{self_test, Model, RuntimeError, Threads};
 
 fn tensors(v: &serde_json::Value) -> Vec<TensorValue> {
@@ -54,7 +57,12 @@ fn a_committed_artifact_loads_runs_and_self_tests_on_the_device_runtime() {
     )
     .unwrap();
     assert_eq!(
-        check_compatible(runtime_version(), COMPILED_FORMAT_VERSION),
+        check_compatible(&Artifact {
+            format: COMPILED_FORMAT.into(),
+            format_version: COMPILED_FORMAT_VERSION,
+            runtime_version: runtime_version().into(),
+            source_sha256: [0; 32],
+        }),
         Ok(())
     );
     let model = Model::load_compiled(&artifact, Threads::One).unwrap();
