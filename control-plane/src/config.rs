@@ -44,6 +44,11 @@ pub struct ServeConfig {
     /// Development only: the embedded broker accepts plaintext MQTT with passwords and no
     /// client certificates (a warning is logged). Default: mutual TLS only.
     pub allow_plaintext: bool,
+    /// Which embedded broker runs: `rumqttd` (default, behind the mutual-TLS front),
+    /// `rumqttd-tuned` (the same, one rumqttd listener per core) or `rmqtt` (mutual TLS and
+    /// the ACL in its own hooks; builds with the `rmqtt` feature only). BENCHMARKS.md
+    /// compares them.
+    pub embedded_broker: String,
     /// Broker URL written into enrolled agents' configs; empty = derived from the broker.
     pub advertised_broker_url: String,
     /// Names and addresses devices reach the embedded broker by (`HOST` or `HOST:PORT`;
@@ -166,6 +171,7 @@ impl Default for ServeConfig {
             broker_client_cert_file: String::new(),
             broker_client_key_file: String::new(),
             allow_plaintext: false,
+            embedded_broker: "rumqttd".into(),
             advertised_broker_url: String::new(),
             advertise: Vec::new(),
             ingest: IngestConfig::default(),
@@ -371,6 +377,34 @@ pub enum BrokerMode {
     External(BrokerUrl),
 }
 
+/// The embedded broker's implementation (`embedded_broker`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddedBroker {
+    /// rumqttd behind Drover's mutual-TLS front (`broker/front.rs`).
+    Rumqttd,
+    /// The same with one rumqttd listener per core behind the front and bounded
+    /// per-filter logs (`broker::RumqttdShape::tuned`).
+    RumqttdTuned,
+    /// rmqtt, doing mutual TLS and the ACL itself (`broker/rmqtt_engine.rs`).
+    Rmqtt,
+}
+
+impl EmbeddedBroker {
+    fn parse(s: &str) -> Result<EmbeddedBroker, String> {
+        match s {
+            "rumqttd" => Ok(EmbeddedBroker::Rumqttd),
+            "rumqttd-tuned" => Ok(EmbeddedBroker::RumqttdTuned),
+            "rmqtt" if cfg!(feature = "rmqtt") => Ok(EmbeddedBroker::Rmqtt),
+            "rmqtt" => Err("embedded_broker = \"rmqtt\" needs a drover built with the `rmqtt` \
+                 feature (cargo build -p drover-cli --features rmqtt); this one has rumqttd only"
+                .into()),
+            other => Err(format!(
+                "embedded_broker = {other:?} is not a broker; use \"rumqttd\" (the default), \"rumqttd-tuned\" or \"rmqtt\""
+            )),
+        }
+    }
+}
+
 /// A config that passed validation, typed: addresses parsed, optional paths as `Option`,
 /// durations as `Duration`. What the server runs on; the TOML form stays in `ServeConfig`.
 #[derive(Clone, Debug)]
@@ -382,6 +416,7 @@ pub struct Settings {
     pub broker: BrokerMode,
     /// Embedded broker only: plaintext MQTT with passwords, no client certificates.
     pub allow_plaintext: bool,
+    pub embedded_broker: EmbeddedBroker,
     /// CA bundle for an `mqtts://` external broker (`None`: the fleet CA).
     pub broker_ca_file: Option<PathBuf>,
     /// Client certificate and key for an `mqtts://` external broker (`None`: the control
@@ -457,6 +492,8 @@ impl ServeConfig {
             api_tls,
             broker,
             allow_plaintext: self.allow_plaintext,
+            embedded_broker: EmbeddedBroker::parse(&self.embedded_broker)
+                .unwrap_or(EmbeddedBroker::Rumqttd),
             broker_ca_file: non_empty(&self.broker_ca_file),
             broker_client_identity: non_empty(&self.broker_client_cert_file)
                 .zip(non_empty(&self.broker_client_key_file)),
@@ -656,6 +693,9 @@ impl ServeConfig {
             if let Err(e) = parse_broker_url(&self.advertised_broker_url) {
                 errors.push(format!("advertised_broker_url: {e}"));
             }
+        }
+        if let Err(e) = EmbeddedBroker::parse(&self.embedded_broker) {
+            errors.push(e);
         }
         let advertise = self.check_advertise(broker.as_ref(), &mut errors);
         if self.continuous.tick_secs == 0 || self.continuous.local_jobs == 0 {

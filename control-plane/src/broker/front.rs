@@ -46,7 +46,7 @@ use super::{BrokerAuth, MAX_PAYLOAD};
 use crate::metrics::BrokerRefusal;
 
 /// How long a client may take to finish the TLS handshake and send CONNECT.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A CONNECT is small; anything larger before it is not a client we want.
 const MAX_CONNECT: usize = 16 * 1024;
 
@@ -109,14 +109,16 @@ pub fn server_tls_config(
     Ok(Arc::new(cfg))
 }
 
-/// Listens for mutual-TLS clients on `listen` and relays them to rumqttd at `backend`.
+/// Listens for mutual-TLS clients on `listen` and relays them to rumqttd at `backends`
+/// (one listener, or one per core with `embedded_broker = "rumqttd-tuned"`: sessions are
+/// spread over them in turn).
 /// The socket is bound at once (its address is known), but devices are accepted only once
 /// `open` turns true: the control plane opens it after its uplink subscriptions are in
 /// place, so a device reconnecting after a restart never publishes into a broker where no
 /// one listens yet (those frames would wait in its spool until its next reconnect).
 pub fn start_tls_front(
     listener: TcpListener,
-    backend: SocketAddr,
+    backends: Vec<SocketAddr>,
     config: Arc<rustls::ServerConfig>,
     auth: BrokerAuth,
     mut open: tokio::sync::watch::Receiver<bool>,
@@ -124,7 +126,10 @@ pub fn start_tls_front(
     let addr = listener
         .local_addr()
         .map_err(|source| TlsFrontError::Listen {
-            addr: backend,
+            addr: backends
+                .first()
+                .copied()
+                .unwrap_or(SocketAddr::from(([0; 4], 0))),
             source,
         })?;
     let listener = tokio::net::TcpListener::from_std(listener)
@@ -134,6 +139,7 @@ pub fn start_tls_front(
         if open.wait_for(|open| *open).await.is_err() {
             return;
         }
+        let mut turn = 0usize;
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
@@ -159,6 +165,8 @@ pub fn start_tls_front(
             };
             let acceptor = acceptor.clone();
             let auth = auth.clone();
+            turn = turn.wrapping_add(1);
+            let backend = backends[turn % backends.len().max(1)];
             tokio::spawn(async move {
                 if let Err(refused) = relay(stream, acceptor, backend, &auth, slot).await {
                     report(&auth, peer, refused);

@@ -10,6 +10,8 @@ mod acl;
 mod front;
 pub mod handshakes;
 mod limits;
+#[cfg(feature = "rmqtt")]
+mod rmqtt_engine;
 
 #[doc(hidden)]
 pub use front::fuzz_device_bytes;
@@ -70,9 +72,53 @@ pub fn concrete(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
         .map_err(|source| BrokerError::Port { addr, source })
 }
 
+/// How rumqttd is set up: as configured since issue 9, or `embedded_broker =
+/// "rumqttd-tuned"` (one listener, each its own thread and runtime, per core, and
+/// per-filter logs bounded to 2 × 4 MiB instead of 4 × 64 MiB). Its router stays one
+/// thread either way; BENCHMARKS.md compares both.
+#[derive(Clone, Copy, Debug)]
+pub struct RumqttdShape {
+    pub listeners: usize,
+    pub segment_size: usize,
+    pub segment_count: usize,
+}
+
+impl RumqttdShape {
+    pub const DEFAULT: RumqttdShape = RumqttdShape {
+        listeners: 1,
+        segment_size: 64 * 1024 * 1024,
+        segment_count: 4,
+    };
+
+    pub fn tuned() -> RumqttdShape {
+        RumqttdShape {
+            listeners: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .clamp(2, 8),
+            // A segment holds at least one full-size message.
+            segment_size: (4 * 1024 * 1024).max(2 * MAX_PAYLOAD),
+            segment_count: 2,
+        }
+    }
+}
+
 /// Starts the broker; returns the address it listens on once it accepts connections.
 pub fn start(listen: SocketAddr, devices: Devices) -> Result<SocketAddr, BrokerError> {
-    let addr = concrete(listen)?;
+    start_shaped(&[listen], devices, RumqttdShape::DEFAULT).map(|a| a[0])
+}
+
+/// Starts rumqttd with one listener per address in `listens` (the first is the control
+/// plane's); returns their addresses once each accepts connections.
+pub fn start_shaped(
+    listens: &[SocketAddr],
+    devices: Devices,
+    shape: RumqttdShape,
+) -> Result<Vec<SocketAddr>, BrokerError> {
+    let addrs = listens
+        .iter()
+        .map(|a| concrete(*a))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_PAYLOAD,
@@ -85,23 +131,34 @@ pub fn start(listen: SocketAddr, devices: Devices) -> Result<SocketAddr, BrokerE
         let ok = devices.broker_login_ok(&client_id, &user, &pass);
         async move { ok }
     });
-    let server = ServerSettings {
-        name: "drover-v4".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
+    let servers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let server = ServerSettings {
+                name: if i == 0 {
+                    "drover-v4".into()
+                } else {
+                    format!("drover-v4-{i}")
+                },
+                listen: *addr,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: connections.clone(),
+            };
+            ((i + 1).to_string(), server)
+        })
+        .collect::<HashMap<_, _>>();
     let config = Config {
         id: 0,
         router: RouterConfig {
             max_connections: 50_010,
             max_outgoing_packet_count: 1024,
-            max_segment_size: 64 * 1024 * 1024,
-            max_segment_count: 4,
+            max_segment_size: shape.segment_size,
+            max_segment_count: shape.segment_count,
             ..Default::default()
         },
-        v4: Some(HashMap::from([("1".to_string(), server)])),
+        v4: Some(servers),
         ..Default::default()
     };
     let mut broker = Broker::new(config);
@@ -113,11 +170,18 @@ pub fn start(listen: SocketAddr, devices: Devices) -> Result<SocketAddr, BrokerE
             }
         })
         .map_err(BrokerError::Thread)?;
-    // Readiness: the broker binds on its own thread; wait until it accepts.
+    // Readiness: the broker binds on its own threads; wait until each accepts.
+    for addr in &addrs {
+        listening(*addr)?;
+    }
+    Ok(addrs)
+}
+
+fn listening(addr: SocketAddr) -> Result<(), BrokerError> {
     for _ in 0..500 {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
             tracing::info!(%addr, "embedded MQTT broker listening");
-            return Ok(addr);
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -131,7 +195,7 @@ use std::net::ToSocketAddrs as _;
 use rand::RngCore as _;
 
 use crate::app::BrokerLogins;
-use crate::config::{BrokerMode, BrokerUrl, Settings};
+use crate::config::{BrokerMode, BrokerUrl, EmbeddedBroker, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -160,6 +224,11 @@ pub struct Prepared {
     /// The names and addresses the broker's certificate carries (embedded broker behind
     /// the TLS front; empty otherwise): `device enroll --broker-url` is checked against them.
     pub broker_names: Vec<String>,
+    /// Which embedded broker `launch` starts (`embedded_broker`).
+    pub engine: EmbeddedBroker,
+    /// `embedded_broker = "rmqtt"`: its listeners (then `tls_front` is `None`).
+    #[cfg(feature = "rmqtt")]
+    rmqtt: Option<rmqtt_engine::Plan>,
 }
 
 fn random_secret() -> String {
@@ -175,6 +244,12 @@ pub fn prepare(
     now_ms: u64,
 ) -> Result<Prepared, SetupError> {
     match &settings.broker {
+        #[cfg(feature = "rmqtt")]
+        BrokerMode::Embedded { listen }
+            if settings.embedded_broker == crate::config::EmbeddedBroker::Rmqtt =>
+        {
+            prepare_rmqtt(*listen, settings, ca, now_ms)
+        }
         BrokerMode::Embedded { listen } if !settings.allow_plaintext => {
             prepare_tls_front(*listen, settings, ca, now_ms)
         }
@@ -197,6 +272,9 @@ pub fn prepare(
                 },
                 agent_broker_url,
                 broker_names: Vec::new(),
+                engine: settings.embedded_broker,
+                #[cfg(feature = "rmqtt")]
+                rmqtt: None,
             })
         }
         BrokerMode::External(u) => {
@@ -217,6 +295,9 @@ pub fn prepare(
                     .clone()
                     .unwrap_or_else(|| format!("{scheme}://{}:{}", u.host, u.port)),
                 broker_names: Vec::new(),
+                engine: settings.embedded_broker,
+                #[cfg(feature = "rmqtt")]
+                rmqtt: None,
             })
         }
     }
@@ -298,6 +379,9 @@ fn prepare_tls_front(
         },
         agent_broker_url: agent_url(settings, "mqtts", public),
         broker_names: hosts,
+        engine: settings.embedded_broker,
+        #[cfg(feature = "rmqtt")]
+        rmqtt: None,
     })
 }
 
@@ -312,12 +396,73 @@ pub fn launch(
     let Some(embedded) = prepared.embedded else {
         return Ok((prepared.public_addr, None));
     };
-    start(embedded, auth.devices.clone())?;
+    #[cfg(feature = "rmqtt")]
+    if let Some(plan) = &prepared.rmqtt {
+        rmqtt_engine::start(plan, auth, open)?;
+        return Ok((plan.public, Some(embedded)));
+    }
+    let (listens, shape) = match prepared.engine {
+        EmbeddedBroker::RumqttdTuned => {
+            let shape = RumqttdShape::tuned();
+            let extra = SocketAddr::from(([127, 0, 0, 1], 0));
+            let mut l = vec![embedded];
+            l.extend(std::iter::repeat_n(extra, shape.listeners - 1));
+            (l, shape)
+        }
+        _ => (vec![embedded], RumqttdShape::DEFAULT),
+    };
+    let backends = start_shaped(&listens, auth.devices.clone(), shape)?;
     match prepared.tls_front.take() {
         Some((front, tls)) => {
-            let public = start_tls_front(front, embedded, tls, auth, open)?;
+            let public = start_tls_front(front, backends, tls, auth, open)?;
             Ok((public, Some(embedded)))
         }
         None => Ok((embedded, None)),
     }
+}
+
+/// rmqtt on the public address (mutual TLS with the broker certificate, unless
+/// `allow_plaintext`) and on a private loopback port for the control plane's login.
+#[cfg(feature = "rmqtt")]
+fn prepare_rmqtt(
+    listen: SocketAddr,
+    settings: &Settings,
+    ca: &crate::pki::FleetCa,
+    now_ms: u64,
+) -> Result<Prepared, SetupError> {
+    let backend = concrete(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let public = concrete(listen)?;
+    let login = ("drover-control-plane".to_string(), random_secret());
+    let (tls, hosts, scheme) = if settings.allow_plaintext {
+        (None, Vec::new(), "mqtt")
+    } else {
+        let hosts = broker_hosts(settings, public);
+        let (cert, key) = ca.broker_identity(&hosts, now_ms)?;
+        let files = rmqtt_engine::TlsFiles {
+            cert,
+            key,
+            ca: ca.dir().join(crate::pki::CA_CERT_FILE),
+        };
+        (Some(files), hosts, "mqtts")
+    };
+    let plan = rmqtt_engine::Plan {
+        backend,
+        public,
+        tls,
+        control_plane_user: login.0.clone(),
+    };
+    Ok(Prepared {
+        control_plane_url: loopback_login(backend, &login),
+        embedded: Some(backend),
+        tls_front: None,
+        public_addr: public,
+        logins: BrokerLogins {
+            control_plane: Some(login),
+            front_key: None,
+        },
+        agent_broker_url: agent_url(settings, scheme, public),
+        broker_names: hosts,
+        engine: settings.embedded_broker,
+        rmqtt: Some(plan),
+    })
 }

@@ -215,3 +215,29 @@ fn broker_urls_parse_with_credentials() {
     assert_eq!(parse_broker_url("mqtt://h").unwrap().port, 1883);
     assert!(parse_broker_url("tcp://h").is_err());
 }
+
+#[test]
+fn the_embedded_broker_is_rumqttd_unless_rmqtt_is_asked_for_and_built_in() {
+    let s = ServeConfig::default().validate().unwrap();
+    assert_eq!(s.embedded_broker, EmbeddedBroker::Rumqttd);
+    let with = |name: &str| {
+        ServeConfig {
+            embedded_broker: name.into(),
+            ..Default::default()
+        }
+        .validate()
+    };
+    match with("mosquitto") {
+        Err(ConfigError::Invalid(errs)) => {
+            assert!(errs[0].contains("\"rumqttd\""), "{errs:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    match with("rmqtt") {
+        Ok(s) if cfg!(feature = "rmqtt") => assert_eq!(s.embedded_broker, EmbeddedBroker::Rmqtt),
+        Err(ConfigError::Invalid(errs)) if !cfg!(feature = "rmqtt") => {
+            assert!(errs[0].contains("--features rmqtt"), "{errs:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
