@@ -101,6 +101,9 @@ pub struct StartArgs {
     pub bake: Option<Duration>,
     #[arg(long)]
     pub max_concurrent: Option<u32>,
+    /// Deploy commands sent per second within a wave (0: all at once).
+    #[arg(long)]
+    pub deploys_per_second: Option<f64>,
     /// Time a device has to install once commanded, e.g. `1h`.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub deadline: Option<Duration>,
@@ -193,6 +196,7 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
                 },
             ],
             max_concurrent: 100,
+            deploys_per_second: 0.0,
             device_deadline: Duration::from_secs(3600),
             on_failure: OnFailure::Pause,
             gates: Gates::default(),
@@ -222,6 +226,9 @@ pub fn build_plan(a: &StartArgs) -> anyhow::Result<Plan> {
         for w in &mut plan.waves {
             w.bake = b;
         }
+    }
+    if let Some(r) = a.deploys_per_second {
+        plan.deploys_per_second = r;
     }
     if let Some(n) = a.max_concurrent {
         plan.max_concurrent = n;

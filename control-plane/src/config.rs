@@ -59,7 +59,8 @@ pub struct ServeConfig {
     pub ingest: IngestConfig,
     /// Raw telemetry older than this is deleted (hourly rollups are kept).
     pub telemetry_retention_hours: u64,
-    /// Chunk requests for the same chunk within this window are answered by one publish.
+    /// A chunk devices need is published once no new device has asked for it for this long
+    /// (at most its hold after the first ask): devices arriving together share one publish.
     pub chunk_window_ms: u64,
     /// Deployment commands expire this long after being issued.
     pub command_ttl_hours: u64,

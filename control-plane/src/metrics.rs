@@ -131,6 +131,9 @@ pub struct Metrics {
     pub downlinks_too_large: AtomicU64,
     pub chunk_requests: AtomicU64,
     pub chunk_publishes: AtomicU64,
+    /// Chunks asked for again by a device they were published to since its first ask
+    /// (held by the coalescer until its resend delay).
+    pub chunk_asks_held: AtomicU64,
     pub chunk_bytes: AtomicU64,
     pub commands_issued: AtomicU64,
     pub devices_online: AtomicU64,
@@ -324,6 +327,11 @@ impl Metrics {
             "drover_chunk_publishes_total",
             "Chunk publishes (coalesced).",
             self.chunk_publishes.load(Relaxed),
+        );
+        counter(
+            "drover_chunk_asks_held_total",
+            "Chunks asked for again by a device they were already published to since its first ask; not republished before the resend delay.",
+            self.chunk_asks_held.load(Relaxed),
         );
         counter(
             "drover_chunk_egress_bytes_total",

@@ -148,18 +148,20 @@ async fn one_device_flooding_chunk_requests_is_held_to_its_byte_budget() {
         .await;
     assert_eq!(status, 200, "{r}");
 
-    // The flood is paced so each request lands in a window of its own (coalescing would
-    // otherwise hide the repetition): the next is sent once this one was published or
-    // refused.
+    // The flood is paced: the next request is sent once this one was published, held back
+    // (the device was sent those chunks already) or refused. Held requests cost the
+    // device's budget too.
     let m = server.metrics();
     let started = clock.unix_ms();
     for _ in 0..100 {
         let published = m.chunk_publishes.load(Relaxed);
         let limited = m.chunk_refused_rate_limited.load(Relaxed);
+        let held = m.chunk_asks_held.load(Relaxed);
         flooder.send(request(digest, chunks)).await;
-        eventually("the request published or refused", || async {
+        eventually("the request published, held or refused", || async {
             clock.advance(1);
             (m.chunk_publishes.load(Relaxed) >= published + u64::from(chunks)
+                || m.chunk_asks_held.load(Relaxed) >= held + u64::from(chunks)
                 || m.chunk_refused_rate_limited.load(Relaxed) > limited)
                 .then_some(())
         })

@@ -395,6 +395,13 @@ pub struct Progress {
     pub detail: Option<String>,
 }
 
+/// The longest a control plane lets a requested chunk wait before publishing it (its
+/// coalescer's republish hold), counted from the request, while the device keeps asking.
+/// The agent gives a download up after `MAX_SILENT_REQUESTS` requests `CHUNK_RETRY_MS`
+/// apart that bring nothing (a minute); that rule is sized so that twice this bound (one
+/// publish lost on the way, then its resend) cannot trip it.
+pub const CHUNK_SERVE_BOUND_MS: u64 = 20_000;
+
 /// Ask for chunks of a model (missing ones only: verified chunks are never re-fetched).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRequest {

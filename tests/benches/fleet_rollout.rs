@@ -4,11 +4,13 @@
 //!
 //! cargo bench -p drover-tests --bench fleet_rollout -- [--devices N] [--model-bytes B]
 //!     [--waves 1,10,50,100] [--bake-ms 5000] [--tick-ms 500] [--broker embedded|mosquitto]
+//!     [--deploys-per-second R]
 //!
 //! Prints total time, time per wave, the control plane's chunk egress (bytes published on
 //! chunk topics: should follow the model's size, not the device count), commands issued,
 //! peak RSS of the server process (broker + control plane) and of the simulator, and the
-//! per-device time from accepting the deploy command to serving the model. Without
+//! per-device time from accepting the deploy command to serving the model (all, and per
+//! wave). `--deploys-per-second` sets the plan's per-wave deploy rate (0: at once). Without
 //! `--bench` (as under `cargo test --all-targets`) it is a small smoke run.
 
 use std::time::{Duration, Instant};
@@ -24,6 +26,7 @@ struct Args {
     bake_ms: u64,
     tick_ms: u64,
     broker: String,
+    deploys_per_second: f64,
     smoke: bool,
 }
 
@@ -37,6 +40,7 @@ fn args() -> Args {
         bake_ms: if smoke { 500 } else { 5000 },
         tick_ms: 500,
         broker: "embedded".into(),
+        deploys_per_second: 0.0,
         smoke,
     };
     let mut i = 1;
@@ -48,6 +52,9 @@ fn args() -> Args {
             "--bake-ms" => a.bake_ms = v.parse().unwrap_or(a.bake_ms),
             "--tick-ms" => a.tick_ms = v.parse().unwrap_or(a.tick_ms),
             "--broker" => a.broker = v,
+            "--deploys-per-second" => {
+                a.deploys_per_second = v.parse().unwrap_or(a.deploys_per_second)
+            }
             "--waves" => {
                 a.waves = v.split(',').filter_map(|p| p.trim().parse().ok()).collect();
             }
@@ -97,13 +104,14 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let api = server.api();
     let waves_s: Vec<String> = a.waves.iter().map(|w| w.to_string()).collect();
     println!(
-        "command: cargo bench -p drover-tests --bench fleet_rollout -- --devices {} --model-bytes {} --waves {} --bake-ms {} --tick-ms {} --broker {}{}",
+        "command: cargo bench -p drover-tests --bench fleet_rollout -- --devices {} --model-bytes {} --waves {} --bake-ms {} --tick-ms {} --broker {} --deploys-per-second {}{}",
         a.devices,
         a.model_bytes,
         waves_s.join(","),
         a.bake_ms,
         a.tick_ms,
         a.broker,
+        a.deploys_per_second,
         if a.smoke { "   (smoke run: figures mean nothing)" } else { "" }
     );
     println!(
@@ -155,12 +163,16 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let cpu0 = cpu_seconds(server.pid()).unwrap_or(0.0);
     let received0 = Stats::get(&fleet.shared.stats.chunk_bytes_received);
 
-    let plan = scenario::plan(
+    let mut plan = scenario::plan(
         "bench@1.0.0",
         &a.waves,
         Duration::from_millis(a.bake_ms),
         20,
     );
+    if a.deploys_per_second > 0.0 {
+        plan["deploys_per_second"] = a.deploys_per_second.into();
+    }
+    let started = Instant::now();
     let id = scenario::start_rollout(&api, &plan).await?;
     let run = scenario::follow(&api, id, Duration::from_secs(3600)).await?;
     let page = metrics(&server.api_url).await?;
@@ -191,15 +203,34 @@ async fn run(a: Args) -> anyhow::Result<()> {
     println!(
         "rollout of {} bytes ({} chunks) to {} devices: {} in {:.1} s; {on_model} devices on it",
         onnx.len(),
-        onnx.len().div_ceil(64 * 1024),
+        onnx.len()
+            .div_ceil(drover_protocol::manifest::DEFAULT_CHUNK_SIZE as usize),
         a.devices,
         run.status,
         run.total.as_secs_f64()
     );
+    let per_wave = fleet
+        .shared
+        .command_to_active
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
+    let mut wave_end = started;
     for (w, target, d) in &run.waves {
+        let wave_start = wave_end;
+        wave_end += *d;
+        // A device's command is accepted within the wave that commanded it.
+        let mut ms: Vec<u64> = per_wave
+            .iter()
+            .filter(|(at, _)| *at >= wave_start && (*at < wave_end || *w == run.waves.len()))
+            .map(|(_, ms)| *ms)
+            .collect();
         println!(
-            "  wave {w}: cumulative {target} devices, {:.1} s",
-            d.as_secs_f64()
+            "  wave {w}: cumulative {target} devices, {:.1} s; command -> active p50 {} ms, p99 {} ms (n = {})",
+            d.as_secs_f64(),
+            sim::quantile(&mut ms, 0.5),
+            sim::quantile(&mut ms, 0.99),
+            ms.len()
         );
     }
     println!(

@@ -1,6 +1,11 @@
 //! Unit tests of the deployment path's failures (issue 24): a command whose acceptance
 //! cannot be persisted is not acted on (fault 4); a model the server cannot serve
-//! correctly fails after a bounded number of attempts, with the reason (fault 7).
+//! correctly fails after a bounded number of attempts, with the reason (fault 7); a server
+//! that holds chunks as long as its coalescer may never trips that rule.
+
+use std::collections::BTreeSet;
+
+use drover_protocol::messages::CHUNK_SERVE_BOUND_MS;
 
 use super::tests::*;
 use super::*;
@@ -164,4 +169,88 @@ fn a_model_the_server_never_serves_fails_after_n_silent_requests_but_progress_re
         format!("failed after {MAX_SILENT_REQUESTS} attempts: no chunk served (2 of 3 missing)")
     );
     assert!(requests > 0);
+}
+
+// The control plane's coalescer may hold a requested chunk up to CHUNK_SERVE_BOUND_MS; a
+// publish lost on the way is resent at most that long later again. Twice the bound, and
+// the retry that notices it, must stay inside the silent-request rule.
+const _: () = assert!(
+    2 * CHUNK_SERVE_BOUND_MS + CHUNK_RETRY_MS < MAX_SILENT_REQUESTS as u64 * CHUNK_RETRY_MS
+);
+
+/// Runs a download against a server that publishes every requested chunk `delay_ms` after
+/// the first request for it (the latest its coalescer may), the first publish of each
+/// chunk lost on the way when `lose_first`. Returns the failure detail, if the deploy fails.
+fn download_against_a_holding_server(delay_ms: u64, lose_first: bool) -> Option<String> {
+    let mut r = rig();
+    // Three request batches of 1 KiB chunks.
+    let chunks = 2 * CHUNK_BATCH as u32 + 3;
+    let m = TestModel::new(&r.signer, "1.0.0", (chunks * 1024) as usize - 100);
+    downloading(&mut r, 1, &m);
+    let mut due: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut lost: BTreeSet<u32> = BTreeSet::new();
+    let step = 100;
+    for _ in 0..(20 * 60 * 1000 / step) {
+        r.now += step;
+        let mut effects = r.tick(0, 0);
+        let now = r.now;
+        let served: Vec<u32> = (due.iter())
+            .filter(|(_, t)| **t <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for ix in served {
+            due.remove(&ix);
+            if lose_first && lost.insert(ix) {
+                continue;
+            }
+            effects.extend(r.handle(Input::Chunk(m.chunk(ix))));
+        }
+        let mut i = 0;
+        while i < effects.len() {
+            if let Effect::WriteChunk { index, .. } = effects[i] {
+                let more = r.handle(Input::ChunkWritten {
+                    manifest_digest: m.digest(),
+                    index,
+                });
+                effects.extend(more);
+            }
+            i += 1;
+        }
+        for u in uplinks(&effects) {
+            if let Uplink::ChunkRequest(req) = u {
+                for ix in req.indices {
+                    due.entry(ix).or_insert(now + delay_ms);
+                }
+            }
+        }
+        if let Some(d) = failed_detail(&effects) {
+            return Some(d);
+        }
+        if names(&effects).contains(&"finish".to_owned()) {
+            return None;
+        }
+    }
+    Some("neither finished nor failed".into())
+}
+
+#[test]
+fn a_server_holding_every_chunk_as_long_as_its_coalescer_may_never_fails_the_deploy() {
+    assert_eq!(
+        download_against_a_holding_server(CHUNK_SERVE_BOUND_MS, false),
+        None
+    );
+    // The worst case: each chunk's first publish lost, its resend a bound later again.
+    assert_eq!(
+        download_against_a_holding_server(CHUNK_SERVE_BOUND_MS, true),
+        None
+    );
+    // The rule still fails a server that really holds too long.
+    let silence = MAX_SILENT_REQUESTS as u64 * CHUNK_RETRY_MS;
+    let detail = download_against_a_holding_server(silence + CHUNK_RETRY_MS, false);
+    assert!(
+        detail
+            .as_deref()
+            .is_some_and(|d| d.contains("no chunk served")),
+        "{detail:?}"
+    );
 }

@@ -1,6 +1,7 @@
-//! Chunk serving: requests for the same chunk within a short window are answered by one
-//! publish on the model's shared chunk topic, so egress grows with model size, not with
-//! the number of downloading devices.
+//! Chunk serving: chunk requests are answered by publishes on the model's shared chunk
+//! topic, timed by the [`coalescer`] so that one publish serves every device downloading
+//! the model at the time, and egress stays a small multiple of the model size at any
+//! number of downloading devices.
 //!
 //! A request is served only for a model the requesting device was commanded to fetch (an
 //! unexpired deploy command naming that manifest, issued to that device), and only within
@@ -213,9 +214,8 @@ impl Server {
         if granted < wanted.len() {
             self.refuse(&device, Refused::RateLimited, &digest, now);
         }
-        for &ix in &wanted[..granted] {
-            self.co.request(digest, ix, now);
-        }
+        let held = self.co.request(&device, digest, &wanted[..granted], now);
+        (self.app.metrics.chunk_asks_held).fetch_add(held as u64, Relaxed);
     }
 
     async fn publish_due(&mut self, now: u64) {

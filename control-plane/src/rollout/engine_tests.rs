@@ -25,6 +25,7 @@ pub(super) fn plan(waves: &[(f64, u64)]) -> Plan {
             })
             .collect(),
         max_concurrent: 0,
+        deploys_per_second: 0.0,
         device_deadline: Duration::from_secs(600),
         on_failure: OnFailure::Pause,
         gates: Gates {
@@ -343,6 +344,56 @@ fn concurrency_limit_holds_back_online_devices_only() {
     f.dev(&offline).progress = None;
     let s2 = issue(step(&s1.state, &f.obs, S));
     assert_eq!(s2.actions.len(), 3, "3 more as slots free up");
+}
+
+#[test]
+fn a_wave_s_deploys_go_out_at_the_plan_s_rate_from_its_first_command() {
+    let mut f = Fleet::new(20);
+    let mut p = plan(&[(50.0, 0), (100.0, 0)]);
+    p.deploys_per_second = 2.0;
+    let s0 = RolloutState::new(1, p, candidate(), 0);
+    // One second's worth at the wave's first command, then 2 per second since it.
+    let s1 = issue(step(&s0, &f.obs, 10 * S));
+    assert_eq!(s1.actions.len(), 2);
+    let s2 = issue(step(&s1.state, &f.obs, 10 * S + 400));
+    assert_eq!(s2.actions.len(), 0, "not a whole command due yet");
+    let s3 = issue(step(&s2.state, &f.obs, 12 * S + 500));
+    assert_eq!(s3.actions.len(), 5, "2 + 2 x 2.5 s = 7 by now");
+    let s4 = issue(step(&s3.state, &f.obs, 60 * S));
+    assert_eq!(s4.actions.len(), 3, "the wave's 10 devices, no more");
+    // The next wave starts its own count: one second's worth at its first command.
+    f.report_all(&s4.state, DevState::Deploying, Phase::Healthy);
+    let mut s = s4.state;
+    let mut t = 60 * S;
+    let mut first_of_wave_2 = 0;
+    while first_of_wave_2 == 0 && t < 200 * S {
+        t += S;
+        let st = issue(step(&s, &f.obs, t));
+        if st.state.wave == 1 {
+            first_of_wave_2 = st.actions.len();
+        }
+        s = st.state;
+    }
+    assert_eq!(first_of_wave_2, 2);
+}
+
+#[test]
+fn a_negative_or_non_finite_deploy_rate_is_refused_with_what_to_give() {
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let mut p = plan(&[(100.0, 0)]);
+        p.selector = "all".into();
+        p.deploys_per_second = bad;
+        let e = p.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("deploys_per_second") && e.contains("0 or more"),
+            "{e}"
+        );
+    }
+    let p = Plan::from_toml(
+        "model = \"m@1.0.0\"\nselector = \"all\"\ndeploys_per_second = 50\n[[waves]]\npercent = 100\n",
+    )
+    .unwrap();
+    assert_eq!(p.deploys_per_second, 50.0);
 }
 
 #[test]

@@ -187,6 +187,12 @@ pub struct Plan {
     /// Devices downloading at once (0: no limit).
     #[serde(default = "default_concurrency")]
     pub max_concurrent: u32,
+    /// Deploy commands sent per second within a wave, from the wave's first (0: all at
+    /// once, within `max_concurrent`). A wave's devices share chunk publishes, so pacing
+    /// trades chunk egress for each device's own download time: a broker that delivers F
+    /// bytes/s feeds about F / model-size devices per second.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub deploys_per_second: f64,
     /// How long a device has to install after being commanded. An online device past it
     /// counts as failed; an offline one is counted apart and picked up when it returns.
     #[serde(with = "humantime_serde", default = "default_deadline")]
@@ -206,6 +212,10 @@ pub struct Plan {
     /// switch to the candidate only inside one. Empty: any time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub windows: Vec<String>,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 fn default_concurrency() -> u32 {
@@ -276,6 +286,13 @@ impl Plan {
                     last_count = last_count.max(c);
                 }
             }
+        }
+        if !(self.deploys_per_second.is_finite() && self.deploys_per_second >= 0.0) {
+            errs.push(format!(
+                "deploys_per_second = {} must be a number of commands per second, 0 or more \
+                 (0: each wave's deploys at once)",
+                self.deploys_per_second
+            ));
         }
         let g = &self.gates;
         for (name, v) in [

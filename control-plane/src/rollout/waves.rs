@@ -2,7 +2,7 @@
 //!
 //! [`assign`] ranks the selected devices by bucket (stable across steps and restarts) and
 //! gives a slot to each one up to the current wave's cumulative size; [`dispatch`] commands
-//! queued devices within the plan's concurrency limit; [`preview`] shows, before a rollout
+//! queued devices within the plan's concurrency limit and its per-wave deploy rate; [`preview`] shows, before a rollout
 //! starts, which devices its waves would take.
 
 use std::collections::BTreeMap;
@@ -108,6 +108,7 @@ pub(super) fn dispatch(
         .filter(|(id, d)| d.state == DevState::Deploying && obs.online(id))
         .count();
     let mut free = limit.saturating_sub(busy);
+    let mut paced = paced_allowance(s, now_ms);
     // Outside the apply windows a device with no model to shadow beside waits queued:
     // its only way in is activating, which waits for a window.
     let closed = !super::windows::open(&s.plan.windows, now_ms);
@@ -118,14 +119,37 @@ pub(super) fn dispatch(
         .map(|(id, _)| id.clone())
         .collect();
     for id in queued {
+        if paced == 0 {
+            break;
+        }
         if obs.online(&id) {
             if free == 0 {
                 continue;
             }
             free -= 1;
         }
+        paced -= 1;
         deploy(s, &id, now_ms, actions);
     }
+}
+
+/// Deploys the plan's `deploys_per_second` still allows in the current wave at `now`: one
+/// second's worth at the wave's first command, then the rate since it. Counted from the
+/// wave's devices' command times, so a restart neither resets nor doubles it.
+fn paced_allowance(s: &RolloutState, now_ms: u64) -> usize {
+    let rate = s.plan.deploys_per_second;
+    if !(rate.is_finite() && rate > 0.0) {
+        return usize::MAX;
+    }
+    let sent = s
+        .devices
+        .values()
+        .filter(|d| d.wave == s.wave)
+        .filter_map(|d| d.commanded_at_ms);
+    let (count, first) = sent.fold((0usize, u64::MAX), |(n, f), t| (n + 1, f.min(t)));
+    let elapsed_s = now_ms.saturating_sub(first.min(now_ms)) as f64 / 1000.0;
+    let allowed = (rate.ceil() + rate * elapsed_s).floor();
+    (allowed as usize).saturating_sub(count)
 }
 
 /// What a plan would do to the fleet as it is now: the devices it targets and how its

@@ -615,8 +615,12 @@ impl Device {
                 s.installs.fetch_add(1, Relaxed);
                 match self.accepted {
                     Some((seq, at)) if seq == command_seq && mode == DeployMode::Activate => {
+                        let ms = at.elapsed().as_millis() as u64;
                         if let Ok(mut v) = self.shared.command_to_active_ms.lock() {
-                            v.push(at.elapsed().as_millis() as u64);
+                            v.push(ms);
+                        }
+                        if let Ok(mut v) = self.shared.command_to_active.lock() {
+                            v.push((at, ms));
                         }
                     }
                     _ => {}

@@ -33,7 +33,7 @@ mod traffic;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use drover_protocol::topics::parse_hex32;
@@ -214,6 +214,8 @@ pub struct Shared {
     pub active: Mutex<Vec<BTreeMap<String, (String, bool)>>>,
     /// Milliseconds from accepting a deploy command to serving the model, per install.
     pub command_to_active_ms: Mutex<Vec<u64>>,
+    /// The same, with when each device accepted its command (benches split it by wave).
+    pub command_to_active: Mutex<Vec<(Instant, u64)>>,
     /// Durable frames not yet acknowledged, per device.
     pub unacked: Vec<AtomicU64>,
     /// When set, devices stop serving traffic and reporting windows (so a test can
@@ -331,6 +333,7 @@ impl Fleet {
             chunks: ChunkCache::default(),
             active: Mutex::new(vec![BTreeMap::new(); n]),
             command_to_active_ms: Mutex::new(Vec::new()),
+            command_to_active: Mutex::new(Vec::new()),
             unacked: (0..n).map(|_| AtomicU64::new(0)).collect(),
             quiet: AtomicBool::new(false),
             cfg,
