@@ -280,89 +280,28 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         self.render_timings(&mut s);
-        let mut counter = |name: &str, help: &str, v: u64| {
+        let counters: [(&str, &str, &AtomicU64); 16] = [
+            ("drover_uplink_received_total", "Uplink frames received from the broker.", &self.uplink_received),
+            ("drover_uplink_stored_total", "Uplink frames stored (new rows).", &self.uplink_stored),
+            ("drover_uplink_duplicates_total", "Uplink frames already stored (resent by an agent).", &self.uplink_duplicates),
+            ("drover_ingest_batches_total", "SQLite ingest transactions committed.", &self.ingest_batches),
+            ("drover_ingest_errors_total", "Ingest transactions that failed (frames not acked, agents resend).", &self.ingest_errors),
+            ("drover_uplink_acks_sent_total", "UplinkAck messages sent.", &self.acks_sent),
+            ("drover_downlinks_too_large_total", "Downlink frames above the downlink limit, refused by the outbox and not sent.", &self.downlinks_too_large),
+            ("drover_chunk_requests_total", "Chunk requests received.", &self.chunk_requests),
+            ("drover_chunk_publishes_total", "Chunk publishes (coalesced).", &self.chunk_publishes),
+            ("drover_chunk_asks_held_total", "Chunks asked for again by a device they were already published to since its first ask; not republished before the resend delay.", &self.chunk_asks_held),
+            ("drover_chunk_egress_bytes_total", "Bytes of chunk frames published.", &self.chunk_bytes),
+            ("drover_commands_issued_total", "Signed commands issued.", &self.commands_issued),
+            ("drover_broker_auth_refused_total", "MQTT logins refused by the embedded broker (certificate, login, client id).", &self.broker_auth_refused),
+            ("drover_broker_throttled_messages_total", "Packets the TLS front held back: their device exceeded its message rate.", &self.broker_throttled_messages),
+            ("drover_broker_throttled_bytes_total", "Packets the TLS front held back: their device exceeded its byte rate.", &self.broker_throttled_bytes),
+            ("drover_broker_sessions_replaced_total", "Sessions closed because the same device connected again.", &self.broker_sessions_replaced),
+        ];
+        for (name, help, v) in counters {
+            let v = v.load(Relaxed);
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        counter(
-            "drover_uplink_received_total",
-            "Uplink frames received from the broker.",
-            self.uplink_received.load(Relaxed),
-        );
-        counter(
-            "drover_uplink_stored_total",
-            "Uplink frames stored (new rows).",
-            self.uplink_stored.load(Relaxed),
-        );
-        counter(
-            "drover_uplink_duplicates_total",
-            "Uplink frames already stored (resent by an agent).",
-            self.uplink_duplicates.load(Relaxed),
-        );
-        counter(
-            "drover_ingest_batches_total",
-            "SQLite ingest transactions committed.",
-            self.ingest_batches.load(Relaxed),
-        );
-        counter(
-            "drover_ingest_errors_total",
-            "Ingest transactions that failed (frames not acked, agents resend).",
-            self.ingest_errors.load(Relaxed),
-        );
-        counter(
-            "drover_uplink_acks_sent_total",
-            "UplinkAck messages sent.",
-            self.acks_sent.load(Relaxed),
-        );
-        counter(
-            "drover_downlinks_too_large_total",
-            "Downlink frames above the downlink limit, refused by the outbox and not sent.",
-            self.downlinks_too_large.load(Relaxed),
-        );
-        counter(
-            "drover_chunk_requests_total",
-            "Chunk requests received.",
-            self.chunk_requests.load(Relaxed),
-        );
-        counter(
-            "drover_chunk_publishes_total",
-            "Chunk publishes (coalesced).",
-            self.chunk_publishes.load(Relaxed),
-        );
-        counter(
-            "drover_chunk_asks_held_total",
-            "Chunks asked for again by a device they were already published to since its first ask; not republished before the resend delay.",
-            self.chunk_asks_held.load(Relaxed),
-        );
-        counter(
-            "drover_chunk_egress_bytes_total",
-            "Bytes of chunk frames published.",
-            self.chunk_bytes.load(Relaxed),
-        );
-        counter(
-            "drover_commands_issued_total",
-            "Signed commands issued.",
-            self.commands_issued.load(Relaxed),
-        );
-        counter(
-            "drover_broker_auth_refused_total",
-            "MQTT logins refused by the embedded broker (certificate, login, client id).",
-            self.broker_auth_refused.load(Relaxed),
-        );
-        counter(
-            "drover_broker_throttled_messages_total",
-            "Packets the TLS front held back: their device exceeded its message rate.",
-            self.broker_throttled_messages.load(Relaxed),
-        );
-        counter(
-            "drover_broker_throttled_bytes_total",
-            "Packets the TLS front held back: their device exceeded its byte rate.",
-            self.broker_throttled_bytes.load(Relaxed),
-        );
-        counter(
-            "drover_broker_sessions_replaced_total",
-            "Sessions closed because the same device connected again.",
-            self.broker_sessions_replaced.load(Relaxed),
-        );
+        }
         labelled(
             &mut s,
             "drover_broker_refused_total",
