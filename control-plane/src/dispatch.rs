@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use drover_protocol::messages::{ChunkRequest, Downlink, HelloAck};
+use drover_protocol::messages::{Downlink, HelloAck};
 use drover_protocol::DeviceId;
 use tokio::sync::mpsc;
 
 use crate::app::App;
+use crate::chunks::ChunkEvent;
 use crate::ingest::{self, Event};
 
 async fn flush_acks(app: &App, acks: &mut HashMap<DeviceId, Vec<u64>>) {
@@ -24,7 +25,7 @@ async fn flush_acks(app: &App, acks: &mut HashMap<DeviceId, Vec<u64>>) {
 pub async fn run(
     mut events: mpsc::UnboundedReceiver<Event>,
     app: App,
-    chunk_tx: mpsc::UnboundedSender<(DeviceId, ChunkRequest)>,
+    chunk_tx: mpsc::UnboundedSender<ChunkEvent>,
     ack_interval: Duration,
 ) {
     let mut acks: HashMap<DeviceId, Vec<u64>> = HashMap::new();
@@ -43,7 +44,7 @@ pub async fn run(
                     }
                 }
                 Some(Event::Chunks { device, request }) => {
-                    let _ = chunk_tx.send((device, request));
+                    let _ = chunk_tx.send(ChunkEvent::Asked(device, request));
                 }
                 Some(Event::Json(records)) => {
                     for (topic, json, retain) in records {
@@ -51,6 +52,7 @@ pub async fn run(
                     }
                 }
                 Some(Event::Hello { device, negotiated, stored_up_to, pending_commands, .. }) => {
+                    let _ = chunk_tx.send(ChunkEvent::Reconnected(device.clone()));
                     let Ok(protocol_version) = negotiated else { continue };
                     reply_to_hello(&app, &device, protocol_version, stored_up_to, pending_commands).await;
                 }

@@ -14,7 +14,8 @@
 //!   silence) republishes nothing until [`RESEND_MS`] after its last publish; an ask
 //!   after that is a need again (a device that lost it to a reconnect without a
 //!   session, or behind a broker that has not delivered it yet). A device is "new" again after
-//!   [`FORGET_MS`] without a request (it stopped downloading, or was offline).
+//!   [`FORGET_MS`] without a request (it stopped downloading, or was offline), and at once
+//!   when it reconnects ([`Coalescer::reconnected`], on its hello).
 //! - **Needs are gathered until arrivals settle.** A chunk a device needs (never published
 //!   since it first asked) is published once no new need has come for the quiet period
 //!   (`chunk_window_ms`), at most the chunk's hold after the first need: a wave's devices
@@ -143,7 +144,8 @@ struct Seen {
 pub struct Coalescer {
     quiet_ms: u64,
     chunks: BTreeMap<(Digest, u32), Chunk>,
-    devices: HashMap<(DeviceId, Digest), Seen>,
+    /// Per device, per model it is downloading.
+    devices: HashMap<DeviceId, HashMap<Digest, Seen>>,
 }
 
 impl Coalescer {
@@ -157,7 +159,8 @@ impl Coalescer {
     }
 
     /// Records `device`'s request for chunks `indices` of model `digest`; returns how many
-    /// of them it holds back (published to that device since its first ask).
+    /// of them it holds back (published to that device since its first ask). The rest are
+    /// recorded as needs.
     pub fn request(
         &mut self,
         device: &DeviceId,
@@ -165,13 +168,33 @@ impl Coalescer {
         indices: &[u32],
         now_ms: u64,
     ) -> usize {
+        let needed = self.ask(device, digest, indices, now_ms);
+        self.need(digest, &needed, now_ms);
+        indices.len() - needed.len()
+    }
+
+    /// Records that `device` asked for chunks `indices` of model `digest` and returns the
+    /// ones it needs: those not published to it since its first ask. Records no need:
+    /// the caller passes the ones it grants to [`Coalescer::need`] (held asks publish
+    /// nothing, so they must cost the device no budget).
+    pub fn ask(
+        &mut self,
+        device: &DeviceId,
+        digest: Digest,
+        indices: &[u32],
+        now_ms: u64,
+    ) -> Vec<u32> {
         if self.devices.len() >= MAX_TRACKED {
-            self.devices
-                .retain(|_, s| now_ms.saturating_sub(s.last) <= FORGET_MS);
+            self.devices.retain(|_, models| {
+                models.retain(|_, s| now_ms.saturating_sub(s.last) <= FORGET_MS);
+                !models.is_empty()
+            });
         }
         let seen = self
             .devices
-            .entry((device.clone(), digest))
+            .entry(device.clone())
+            .or_default()
+            .entry(digest)
             .or_insert(Seen {
                 since: now_ms,
                 last: now_ms,
@@ -181,20 +204,36 @@ impl Coalescer {
         }
         seen.last = now_ms;
         let since = seen.since;
+        indices
+            .iter()
+            .copied()
+            .filter(|&index| match self.chunks.get(&(digest, index)) {
+                // Strictly after: a publish in the same millisecond may have been routed
+                // before the broker took the device's subscription.
+                Some(Chunk {
+                    last_pub: Some(p), ..
+                }) => !(*p > since && now_ms < p.saturating_add(RESEND_MS)),
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// Records needs for chunks `indices` of model `digest` (published within the quiet
+    /// period, or when their hold ends).
+    pub fn need(&mut self, digest: Digest, indices: &[u32], now_ms: u64) {
         if self.chunks.len() >= MAX_TRACKED {
             self.chunks.retain(|_, c| !c.idle(now_ms));
         }
-        let mut held = 0;
         for &index in indices {
-            let c = self.chunks.entry((digest, index)).or_default();
-            match c.last_pub {
-                // Strictly after: a publish in the same millisecond may have been routed
-                // before the broker took the device's subscription.
-                Some(p) if p > since && now_ms < p.saturating_add(RESEND_MS) => held += 1,
-                _ => c.need(now_ms),
-            }
+            self.chunks.entry((digest, index)).or_default().need(now_ms);
         }
-        held
+    }
+
+    /// `device` (re)connected: what was published to it before may have been lost with
+    /// its old connection, so its next asks are needs, not repeats. Without this a device
+    /// reconnecting within [`FORGET_MS`] of its last ask waited up to a hold per chunk.
+    pub fn reconnected(&mut self, device: &DeviceId) {
+        self.devices.remove(device);
     }
 
     /// Marks the chunks due at `now` published and returns them, in (model, index) order.

@@ -371,3 +371,25 @@ fn egress_is_one_model_per_wave_arriving_together_and_a_few_when_spread_or_starv
         println!("{row}");
     }
 }
+
+#[test]
+fn a_device_that_reconnects_needs_its_chunks_again_at_once() {
+    let mut c = Coalescer::new(100);
+    c.request(&dev(1), M, &[0, 1], 1_000);
+    assert_eq!(c.due(1_100).len(), 2);
+    // Without a reconnect, a re-ask 2 s later is a repeat: held.
+    assert_eq!(c.request(&dev(1), M, &[0], 3_000), 1);
+    // The device reconnects (its hello): what reached its old connection may be lost, so
+    // its asks are needs again and published after the quiet period, not after the resend.
+    c.reconnected(&dev(1));
+    assert_eq!(c.request(&dev(1), M, &[0, 1], 3_500), 0);
+    assert_eq!(c.due(3_599), vec![]);
+    // Published within the hold of the last publish (a run of demand): at most one hold later.
+    let due = c.next_deadline().unwrap();
+    assert!(due <= 3_500 + HOLD_BASE_MS * 2, "{due}");
+    assert_eq!(c.due(due).len(), 2);
+    // Another device's reconnect does not touch this one's repeats.
+    assert_eq!(c.request(&dev(1), M, &[0], due + 100), 1);
+    c.reconnected(&dev(2));
+    assert_eq!(c.request(&dev(1), M, &[0], due + 200), 1);
+}

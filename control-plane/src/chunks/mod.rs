@@ -208,14 +208,18 @@ impl Server {
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let granted = self
-            .budget
-            .grant(&device, wanted.len(), u64::from(chunk_size), now);
-        if granted < wanted.len() {
+        let a = admit_asks(
+            &mut self.co,
+            &mut self.budget,
+            (&device, digest),
+            &wanted,
+            u64::from(chunk_size),
+            now,
+        );
+        if a.rate_limited {
             self.refuse(&device, Refused::RateLimited, &digest, now);
         }
-        let held = self.co.request(&device, digest, &wanted[..granted], now);
-        (self.app.metrics.chunk_asks_held).fetch_add(held as u64, Relaxed);
+        (self.app.metrics.chunk_asks_held).fetch_add(a.held as u64, Relaxed);
     }
 
     async fn publish_due(&mut self, now: u64) {
@@ -240,8 +244,46 @@ impl Server {
     }
 }
 
-/// Serves chunk requests, each with the device that sent it, until `rx` closes.
-pub async fn run(mut rx: mpsc::UnboundedReceiver<(DeviceId, ChunkRequest)>, app: App, store: Db) {
+/// What an admitted request came to.
+#[derive(Debug, PartialEq, Eq)]
+struct Admitted {
+    /// Asks the coalescer held back (already published to the device).
+    held: usize,
+    /// Some needs were over the device's budget and refused.
+    rate_limited: bool,
+}
+
+/// The pure part of admitting a request for chunks `wanted` of a model: the coalescer
+/// sorts out the asks it holds back, the device's budget is charged only for the rest
+/// (a held ask publishes nothing), and the granted ones become needs.
+fn admit_asks(
+    co: &mut Coalescer,
+    budget: &mut DeviceBudget,
+    (device, digest): (&DeviceId, Digest),
+    wanted: &[u32],
+    chunk_bytes: u64,
+    now: u64,
+) -> Admitted {
+    let needed = co.ask(device, digest, wanted, now);
+    let granted = budget.grant(device, needed.len(), chunk_bytes, now);
+    co.need(digest, &needed[..granted], now);
+    Admitted {
+        held: wanted.len() - needed.len(),
+        rate_limited: granted < needed.len(),
+    }
+}
+
+/// What the chunk server is told.
+#[derive(Debug)]
+pub enum ChunkEvent {
+    /// A device asked for chunks.
+    Asked(DeviceId, ChunkRequest),
+    /// A device's hello arrived: it (re)connected.
+    Reconnected(DeviceId),
+}
+
+/// Serves chunk requests until `rx` closes.
+pub async fn run(mut rx: mpsc::UnboundedReceiver<ChunkEvent>, app: App, store: Db) {
     let clock = app.clock.clone();
     let now_ms = || clock.unix_ms();
     let mut server = Server {
@@ -270,9 +312,44 @@ pub async fn run(mut rx: mpsc::UnboundedReceiver<(DeviceId, ChunkRequest)>, app:
         };
         match req {
             None => return,
-            Some(Some((device, r))) => server.admit(device, r, now_ms()).await,
+            Some(Some(ChunkEvent::Asked(device, r))) => server.admit(device, r, now_ms()).await,
+            Some(Some(ChunkEvent::Reconnected(device))) => server.co.reconnected(&device),
             Some(None) => {}
         }
         server.publish_due(now_ms()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: Digest = [7; 32];
+
+    #[test]
+    fn held_asks_cost_the_device_no_budget() {
+        let device = DeviceId::new("d1").unwrap();
+        let mut co = Coalescer::new(100);
+        // Room for four chunks of 1,000 bytes, refilled too slowly to matter here.
+        let mut budget = DeviceBudget::new(4_000, 1_000_000_000);
+        let first = admit_asks(&mut co, &mut budget, (&device, M), &[0, 1], 1_000, 0);
+        assert_eq!((first.held, first.rate_limited), (0, false));
+        assert_eq!(co.due(100), vec![(M, 0), (M, 1)]);
+        // The agent re-asks every 2 s while the broker delivers: held, and not charged.
+        for t in [2_000, 2_100, 2_200, 2_300] {
+            let again = admit_asks(&mut co, &mut budget, (&device, M), &[0, 1], 1_000, t);
+            assert_eq!((again.held, again.rate_limited), (2, false), "at {t} ms");
+        }
+        assert!(co.due(5_000).is_empty());
+        // Two chunks' worth is left for the two needs after a reconnect: the budget only
+        // ever paid for what was published.
+        co.reconnected(&device);
+        let after = admit_asks(&mut co, &mut budget, (&device, M), &[0, 1], 1_000, 5_000);
+        assert_eq!((after.held, after.rate_limited), (0, false));
+        assert_eq!(co.due(5_100), vec![(M, 0), (M, 1)]);
+        // Now the bucket is empty: refused, and not recorded as a need.
+        let over = admit_asks(&mut co, &mut budget, (&device, M), &[2], 1_000, 5_200);
+        assert_eq!((over.held, over.rate_limited), (0, true));
+        assert!(co.due(9_000).is_empty());
     }
 }

@@ -22,13 +22,22 @@ const DEVICE: &str = "kill-a";
 
 /// Waits (generously) for the device to settle on `version` before the final round; a
 /// device that does not get there fails the final assertion anyway, with the details.
-async fn healthy_on_newest(srv: &[&str], version: &str) {
+/// A device still unsettled after the wait is reported (with the agent's log) on stderr.
+async fn healthy_on_newest(srv: &[&str], version: &str, log: &std::path::Path) {
     let want = format!("dense@{version}");
-    let _ = wait_until("the device settled", WAIT, || async {
+    let settled = wait_until("the device settled", WAIT, || async {
         let d = device_view(srv, DEVICE);
         (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
     })
     .await;
+    if settled.is_err() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        eprintln!(
+            "agent kills: not settled on {want} after {WAIT:?}: {}; agent log tail:\n{}",
+            device_view(srv, DEVICE),
+            &text[text.len().saturating_sub(6000)..]
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +93,7 @@ async fn twenty_agent_sigkills_during_deploys_and_reverts_end_on_the_newest_comm
     // The last round is always fault 3's: the other model is commanded, the agent is
     // killed early in its download, the operator re-deploys the model that is still
     // active, and the agent comes back. The download in flight must not win.
-    healthy_on_newest(&srv, newest).await;
+    healthy_on_newest(&srv, newest, &log).await;
     let (active, other) = (
         newest,
         if newest == versions[0] {

@@ -165,7 +165,7 @@ pub fn spawn_agent(config: &Path, log: &Path) -> std::process::Child {
         .arg("--config")
         .arg(config)
         .args(["--probation-ms", "300"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(log))
         .spawn()
@@ -205,14 +205,26 @@ pub fn device_view(srv: &[&str], id: &str) -> serde_json::Value {
         .unwrap_or_default()
 }
 
-/// Waits until the control plane sees `id` healthy on dense@`version`.
-pub async fn healthy_on(srv: &[&str], id: &str, version: &str) -> anyhow::Result<()> {
+/// Waits until the control plane sees `id` healthy on dense@`version`. On a timeout the
+/// error carries the device as the control plane last saw it and the agent's log, so a
+/// failure in CI (where the temporary directory is gone) can be read from its output.
+pub async fn healthy_on(srv: &[&str], id: &str, version: &str, log: &Path) -> anyhow::Result<()> {
     let want = format!("dense@{version}");
-    drover_tests::wait_until(&format!("{id} healthy on {want}"), WAIT, || async {
+    let waited = drover_tests::wait_until(&format!("{id} healthy on {want}"), WAIT, || async {
         let d = device_view(srv, id);
         (d["active_model"] == want.as_str() && d["last_phase"] == "healthy").then_some(())
     })
-    .await
+    .await;
+    waited.map_err(|e| {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        anyhow::anyhow!(
+            "{e}\nthe device as last seen: {}\nagent log (last 60 lines):\n{}",
+            device_view(srv, id),
+            tail.join("\n")
+        )
+    })
 }
 
 /// A valid KServe v2 request for the dense fixtures.

@@ -91,7 +91,7 @@ async fn poison_downlinks_are_refused_and_the_agent_stays_connected_and_serving(
     let log = dir.join("agent.log");
     let mut agent = spawn_agent(&dir.join(format!("{DEVICE}.toml")), &log);
     deploy_dense(&srv, DEVICE, "1.0.0");
-    healthy_on(&srv, DEVICE, "1.0.0").await.unwrap();
+    healthy_on(&srv, DEVICE, "1.0.0", &log).await.unwrap();
     let genuine = tokio::time::timeout(WAIT, async {
         loop {
             let f = captured.recv().await.unwrap();
@@ -143,9 +143,7 @@ async fn poison_downlinks_are_refused_and_the_agent_stays_connected_and_serving(
     // A fence: the next genuine command, published after the poison on the same
     // connection, is handled after it. The agent carries it out.
     deploy_dense(&srv, DEVICE, "2.0.0");
-    let text = || std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-    let settled = healthy_on(&srv, DEVICE, "2.0.0").await;
-    assert!(settled.is_ok(), "{settled:?}; agent log: {}", text());
+    healthy_on(&srv, DEVICE, "2.0.0", &log).await.unwrap();
 
     // Each frame that is not a valid downlink is reported once (acknowledged: never
     // redelivered, so never reported twice), with its size and the reason.
@@ -170,7 +168,12 @@ async fn poison_downlinks_are_refused_and_the_agent_stays_connected_and_serving(
         (details.len() >= 5).then_some(details)
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}; agent log: {}", text()));
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; agent log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
     assert_eq!(reports.len(), 5, "{reports:#?}");
     let oversized_len = MAX_DOWNLINK_LEN + 4096;
     assert!(

@@ -46,9 +46,10 @@ async fn kserve_abuse_on_a_running_agent_gets_client_errors_and_good_requests_ar
     let api = format!("127.0.0.1:{}", free_port());
     cli_enroll(&srv, dir, DEVICE, &[], &api).unwrap();
     publish_dense(&srv);
-    let mut agent = spawn_agent(&dir.join(format!("{DEVICE}.toml")), &dir.join("agent.log"));
+    let log = dir.join("agent.log");
+    let mut agent = spawn_agent(&dir.join(format!("{DEVICE}.toml")), &log);
     deploy_dense(&srv, DEVICE, "1.0.0");
-    healthy_on(&srv, DEVICE, "1.0.0").await.unwrap();
+    healthy_on(&srv, DEVICE, "1.0.0", &log).await.unwrap();
 
     let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
     let infer = format!("http://{api}/v2/models/dense/infer");
