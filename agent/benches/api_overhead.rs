@@ -237,11 +237,12 @@ fn main() {
     for (label, f) in &figures {
         println!(
             "{label}: {} B binary; cold start (spawn -> first inference served) median of {COLD_STARTS} \
-             {:.1} ms (min {:.1}); after 200 requests RSS {:.1} MB, PSS {:.1} MB; idle CPU {}",
+             {:.1} ms (min {:.1}); after 200 requests RSS {:.1} MiB ({:.1} MB), PSS {:.1} MiB; idle CPU {}",
             f.bin_size,
             f.cold_start_ms.0,
             f.cold_start_ms.1,
             f.rss_kb as f64 / 1024.0,
+            f.rss_kb as f64 * 1024.0 / 1e6,
             f.pss_kb as f64 / 1024.0,
             f.idle_cpu_pct
                 .map(|p| format!("{p:.2} % of one core over {} s", idle_secs()))

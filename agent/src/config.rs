@@ -152,6 +152,12 @@ pub struct RuntimeConfig {
     /// Threads one inference may use (tract's multithreaded kernels): 0 picks the
     /// device's cores, at most 4; 1 runs every inference on the thread serving it.
     pub threads: u32,
+    /// Threads of the agent's async runtime (MQTT, the HTTP API, telemetry): 1 by default,
+    /// which is what a device agent's I/O needs and each further thread costs about 0.5 MiB
+    /// of RSS (BENCHMARKS.md); inference never runs on them for long (it moves off to a
+    /// blocking thread). 0 picks the device's cores. Raise it for many concurrent
+    /// requests with large JSON bodies, whose parsing runs on these threads.
+    pub io_threads: u32,
     /// Load and self-test every new model (deploy, shadow) in a short-lived child process
     /// first (`crate::isolate`), so a model that crashes or runs away fails its deployment
     /// instead of taking the agent down.
@@ -171,6 +177,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             threads: 0,
+            io_threads: 1,
             isolate: true,
             load_memory_bytes: 0,
             load_timeout_ms: 120_000,
@@ -185,6 +192,14 @@ pub const MAX_RUNTIME_THREADS: u32 = 64;
 impl RuntimeConfig {
     pub fn threads(&self) -> drover_runtime::Threads {
         drover_runtime::Threads::from_config(self.threads as usize)
+    }
+
+    /// Worker threads for the agent's tokio runtime (`io_threads`; 0: the device's cores).
+    pub fn io_worker_threads(&self) -> usize {
+        match self.io_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        }
     }
 }
 
@@ -418,6 +433,11 @@ impl AgentConfig {
         if self.runtime.threads > MAX_RUNTIME_THREADS {
             errors.push(format!(
                 "runtime.threads: must be at most {MAX_RUNTIME_THREADS} (0 picks the device's cores)"
+            ));
+        }
+        if self.runtime.io_threads > MAX_RUNTIME_THREADS {
+            errors.push(format!(
+                "runtime.io_threads: must be at most {MAX_RUNTIME_THREADS} (0 picks the device's cores)"
             ));
         }
         let rt = &self.runtime;
@@ -685,6 +705,7 @@ fn env_key_path(rest: &str) -> Option<Vec<&'static str>> {
         &["models", "memory_bytes"],
         &["models", "disk_bytes"],
         &["runtime", "threads"],
+        &["runtime", "io_threads"],
         &["runtime", "isolate"],
         &["runtime", "load_memory_bytes"],
         &["runtime", "load_timeout_ms"],
@@ -730,6 +751,7 @@ fn set_path(table: &mut toml::Table, path: &[&str], value: &str) {
                     | "sample_rate_ppm"
                     | "max_bytes"
                     | "threads"
+                    | "io_threads"
                     | "load_memory_bytes"
                     | "load_timeout_ms"
                     | "per_minute"

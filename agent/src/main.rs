@@ -186,6 +186,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         loader_crash_at: cli.loader_crash_at.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.raw.runtime.io_worker_threads())
         .enable_all()
         .build()?;
     rt.block_on(async move {

@@ -61,6 +61,7 @@ fn every_error_is_reported_at_once() {
         store: StoreConfig { max_bytes: 1000 },
         runtime: RuntimeConfig {
             threads: 65,
+            io_threads: 65,
             load_memory_bytes: 1000,
             load_timeout_ms: 10,
             ..RuntimeConfig::default()
@@ -83,6 +84,7 @@ fn every_error_is_reported_at_once() {
         "api_addr",
         "store.max_bytes",
         "runtime.threads",
+        "runtime.io_threads",
         "runtime.load_memory_bytes",
         "runtime.load_timeout_ms",
         "capture.low_confidence_below",
@@ -107,6 +109,7 @@ fn layers_apply_in_order_defaults_file_env_flags() {
         ("DROVER_AGENT_API_ADDR", "127.0.0.1:2"),
         ("DROVER_AGENT_STORE_MAX_BYTES", "2000000"),
         ("DROVER_AGENT_RUNTIME_THREADS", "2"),
+        ("DROVER_AGENT_RUNTIME_IO_THREADS", "3"),
         ("DROVER_AGENT_RUNTIME_ISOLATE", "false"),
         ("DROVER_AGENT_RUNTIME_LOAD_MEMORY_BYTES", "268435456"),
         (
@@ -135,6 +138,8 @@ fn layers_apply_in_order_defaults_file_env_flags() {
     assert_eq!(v.raw.telemetry.interval_ms, 700);
     assert_eq!(v.raw.store.max_bytes, 2_000_000);
     assert_eq!(v.raw.runtime.threads(), drover_runtime::Threads::Fixed(2));
+    assert_eq!(v.raw.runtime.io_worker_threads(), 3);
+    assert_eq!(RuntimeConfig::default().io_worker_threads(), 1);
     assert_eq!(v.api_addr.port(), 3);
     // Default kept for what nobody set.
     assert_eq!(v.raw.telemetry.sample_rate_ppm, 10_000);
