@@ -49,6 +49,10 @@ pub struct ServeConfig {
     /// the ACL in its own hooks; builds with the `rmqtt` feature only). BENCHMARKS.md
     /// compares them.
     pub embedded_broker: String,
+    /// Connections the embedded broker's mutual-TLS front relays at once; 0 (default): as
+    /// many as the open-file limit carries (3 files each, 512 kept for the rest). Past it a
+    /// connection is closed at accept and counted (`reason="capacity"`).
+    pub broker_max_connections: usize,
     /// Broker URL written into enrolled agents' configs; empty = derived from the broker.
     pub advertised_broker_url: String,
     /// Names and addresses devices reach the embedded broker by (`HOST` or `HOST:PORT`;
@@ -173,6 +177,7 @@ impl Default for ServeConfig {
             broker_client_key_file: String::new(),
             allow_plaintext: false,
             embedded_broker: "rumqttd".into(),
+            broker_max_connections: 0,
             advertised_broker_url: String::new(),
             advertise: Vec::new(),
             ingest: IngestConfig::default(),
@@ -418,6 +423,8 @@ pub struct Settings {
     /// Embedded broker only: plaintext MQTT with passwords, no client certificates.
     pub allow_plaintext: bool,
     pub embedded_broker: EmbeddedBroker,
+    /// `broker_max_connections` (0: from the open-file limit).
+    pub broker_max_connections: usize,
     /// CA bundle for an `mqtts://` external broker (`None`: the fleet CA).
     pub broker_ca_file: Option<PathBuf>,
     /// Client certificate and key for an `mqtts://` external broker (`None`: the control
@@ -495,6 +502,7 @@ impl ServeConfig {
             allow_plaintext: self.allow_plaintext,
             embedded_broker: EmbeddedBroker::parse(&self.embedded_broker)
                 .unwrap_or(EmbeddedBroker::Rumqttd),
+            broker_max_connections: self.broker_max_connections,
             broker_ca_file: non_empty(&self.broker_ca_file),
             broker_client_identity: non_empty(&self.broker_client_cert_file)
                 .zip(non_empty(&self.broker_client_key_file)),

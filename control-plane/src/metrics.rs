@@ -84,10 +84,13 @@ pub enum BrokerRefusal {
     /// Closed on accept: too many connections of the fleet or of one peer address are
     /// still handshaking (`broker/handshakes.rs`).
     Handshakes,
+    /// Closed on accept: the front relays as many connections as the open-file limit
+    /// carries (`broker/capacity.rs`).
+    Capacity,
 }
 
 impl BrokerRefusal {
-    pub const ALL: [BrokerRefusal; 7] = [
+    pub const ALL: [BrokerRefusal; 8] = [
         BrokerRefusal::Tls,
         BrokerRefusal::Login,
         BrokerRefusal::ClientId,
@@ -95,6 +98,7 @@ impl BrokerRefusal {
         BrokerRefusal::Acl,
         BrokerRefusal::Protocol,
         BrokerRefusal::Handshakes,
+        BrokerRefusal::Capacity,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -106,6 +110,7 @@ impl BrokerRefusal {
             BrokerRefusal::Acl => "acl",
             BrokerRefusal::Protocol => "protocol",
             BrokerRefusal::Handshakes => "handshakes",
+            BrokerRefusal::Capacity => "capacity",
         }
     }
 

@@ -320,6 +320,9 @@ fn start_broker(
         sessions: Arc::clone(&sessions),
         metrics: Arc::clone(metrics),
         handshakes: Arc::default(),
+        capacity: Arc::new(crate::broker::capacity::Capacity::configured_or_from_limit(
+            settings.broker_max_connections,
+        )),
     };
     let (open_front, front_opens) = watch::channel(false);
     let (public_addr, backend_addr) = crate::broker::launch(&mut prepared, auth, front_opens)?;

@@ -130,12 +130,22 @@ async fn disconnect(c: AsyncClient, mut el: EventLoop) {
 }
 
 async fn embedded(dir: &Path, allow_plaintext: bool) -> (ServeHandle, Vec<String>) {
+    embedded_with(
+        dir,
+        ServeConfig {
+            allow_plaintext,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn embedded_with(dir: &Path, config: ServeConfig) -> (ServeHandle, Vec<String>) {
     let config = ServeConfig {
         data_dir: dir.join("server"),
         http_listen: "127.0.0.1:0".into(),
         mqtt_listen: "127.0.0.1:0".into(),
-        allow_plaintext,
-        ..Default::default()
+        ..config
     };
     let server = serve::run(config.validate().unwrap(), std::future::pending())
         .await
@@ -469,6 +479,66 @@ async fn silent_connections_fill_their_address_quota_and_a_device_still_connects
     let (c, el) = wait_until("a device connects after the flood", WAIT, || async {
         connect(port, &a, "gw-a").await.ok()
     })
+    .await
+    .unwrap();
+    disconnect(c, el).await;
+    server.shutdown().await;
+}
+
+/// Past `broker_max_connections` (by default what the open-file limit carries) the
+/// front closes a connection at accept, counted, instead of letting rumqttd's accept fail
+/// and spin; places come back as connections close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_past_the_brokers_capacity_are_closed_at_accept_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = ServeConfig {
+        broker_max_connections: 3,
+        ..Default::default()
+    };
+    let (server, srv) = embedded_with(dir, config).await;
+    let srv = refs(&srv);
+    let a = creds(&cli_enroll(&srv, dir, "cap-a", &[], "127.0.0.1:0").unwrap());
+    let port = server.mqtt_addr().port();
+    // Three connections hold every place (silent: they wait in their handshakes).
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    let m = server.metrics();
+    let mut over = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    wait_until("the connection past capacity refused", WAIT, || async {
+        (m.broker_refused(BrokerRefusal::Capacity) >= 1).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut byte = [0u8; 1];
+    let n = tokio::io::AsyncReadExt::read(&mut over, &mut byte)
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    assert!(
+        connect(port, &a, "cap-a").await.is_err(),
+        "a device got past a full broker"
+    );
+    assert_eq!(
+        m.broker_refused(BrokerRefusal::Handshakes),
+        0,
+        "refused by the capacity, not the handshake bound"
+    );
+    // The three close: their places come back and the device connects.
+    drop(held);
+    let (c, el) = wait_until(
+        "a device connects after the others closed",
+        WAIT,
+        || async { connect(port, &a, "cap-a").await.ok() },
+    )
     .await
     .unwrap();
     disconnect(c, el).await;

@@ -135,6 +135,7 @@ pub fn start_tls_front(
     let listener = tokio::net::TcpListener::from_std(listener)
         .map_err(|source| TlsFrontError::Listen { addr, source })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let max_connections = auth.capacity.max();
     tokio::spawn(async move {
         if open.wait_for(|open| *open).await.is_err() {
             return;
@@ -148,6 +149,12 @@ pub fn start_tls_front(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            // Past the open-file limit rumqttd's accept would fail (and spin): refuse here.
+            let Some(place) = auth.capacity.enter() else {
+                drop(stream);
+                report(&auth, peer, over_capacity(&auth));
+                continue;
             };
             // Bounded: a flood of silent connections fills its own address's quota and
             // is closed here, never delaying anyone else's handshake.
@@ -168,13 +175,14 @@ pub fn start_tls_front(
             turn = turn.wrapping_add(1);
             let backend = backends[turn % backends.len().max(1)];
             tokio::spawn(async move {
+                let _place = place;
                 if let Err(refused) = relay(stream, acceptor, backend, &auth, slot).await {
                     report(&auth, peer, refused);
                 }
             });
         }
     });
-    tracing::info!(%addr, "embedded MQTT broker listening (mutual TLS)");
+    tracing::info!(%addr, max_connections, "embedded MQTT broker listening (mutual TLS)");
     Ok(addr)
 }
 
@@ -193,6 +201,19 @@ fn refused(reason: BrokerRefusal, identity: &str, detail: impl Into<String>) -> 
         identity: Some(identity.to_owned()),
         detail: detail.into(),
     }
+}
+
+fn over_capacity(auth: &BrokerAuth) -> Refused {
+    unidentified(
+        BrokerRefusal::Capacity,
+        format!(
+            "the broker holds {} connections, the most it may (broker_max_connections, or \
+             the open-file limit at {} files per connection): raise the limit (systemd \
+             LimitNOFILE=, ulimit -n) and restart, or use an external broker",
+            auth.capacity.max(),
+            super::capacity::FILES_PER_CONNECTION
+        ),
+    )
 }
 
 fn unidentified(reason: BrokerRefusal, detail: impl Into<String>) -> Refused {

@@ -7,6 +7,7 @@
 //! each may publish and subscribe to; `limits.rs` its per-identity session and rate limits.
 
 mod acl;
+pub mod capacity;
 mod front;
 pub mod handshakes;
 mod limits;
@@ -40,6 +41,8 @@ pub struct BrokerAuth {
     pub metrics: Arc<Metrics>,
     /// Connections between accept and an admitted CONNECT (`handshakes.rs`).
     pub handshakes: Arc<handshakes::Handshakes>,
+    /// Connections the mutual-TLS front relays at once (`capacity.rs`).
+    pub capacity: Arc<capacity::Capacity>,
 }
 
 /// Largest MQTT payload the broker accepts (`envelope::MAX_BROKER_PAYLOAD`, derived from
