@@ -23,6 +23,7 @@ the archive, the sha256 of the member, the family, whether CI runs it, and the r
 input (shape and how its values are drawn: uniform, normal, int range or a constant).
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -78,7 +79,7 @@ def download(src: dict, archives: Path) -> Path:
 
 def extract(archive: Path, member: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
+    tmp = dest.with_suffix(f".part{os.getpid()}")
     if archive.suffix == ".whl":
         with zipfile.ZipFile(archive) as z, open(tmp, "wb") as out:
             out.write(z.read(member))
@@ -201,6 +202,12 @@ def main(argv: list) -> None:
     if cmd == "fetch":
         ci = "--ci" in args
         names = [a for a in args if not a.startswith("--")]
+        # Tests fetch from several processes at once into one cache: one fetcher at a time
+        # (the others then find the files in place), or one renames a half-written model
+        # under the other.
+        root.mkdir(parents=True, exist_ok=True)
+        lock_file = open(root / ".fetch.lock", "w")
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
         for m in lock["models"]:
             if (ci and not m.get("ci")) or (names and m["name"] not in names):
                 continue
