@@ -156,6 +156,9 @@ pub struct Metrics {
     pub broker_throttled_bytes: AtomicU64,
     /// Sessions closed because the same identity connected again.
     pub broker_sessions_replaced: AtomicU64,
+    /// Messages the embedded broker dropped on their way to a subscriber (rmqtt: its
+    /// queue was full, or the message expired in it).
+    pub broker_dropped: AtomicU64,
     /// Refused logins of the embedded broker's hook, logged once per username and interval.
     pub login_log: RateLog,
     /// Time to authenticate and store one ingest batch.
@@ -285,7 +288,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         self.render_timings(&mut s);
-        let counters: [(&str, &str, &AtomicU64); 16] = [
+        let counters: [(&str, &str, &AtomicU64); 17] = [
             ("drover_uplink_received_total", "Uplink frames received from the broker.", &self.uplink_received),
             ("drover_uplink_stored_total", "Uplink frames stored (new rows).", &self.uplink_stored),
             ("drover_uplink_duplicates_total", "Uplink frames already stored (resent by an agent).", &self.uplink_duplicates),
@@ -302,6 +305,7 @@ impl Metrics {
             ("drover_broker_throttled_messages_total", "Packets the TLS front held back: their device exceeded its message rate.", &self.broker_throttled_messages),
             ("drover_broker_throttled_bytes_total", "Packets the TLS front held back: their device exceeded its byte rate.", &self.broker_throttled_bytes),
             ("drover_broker_sessions_replaced_total", "Sessions closed because the same device connected again.", &self.broker_sessions_replaced),
+            ("drover_broker_dropped_total", "Messages the embedded broker dropped before a subscriber got them (its queue full, or expired in it).", &self.broker_dropped),
         ];
         for (name, help, v) in counters {
             let v = v.load(Relaxed);

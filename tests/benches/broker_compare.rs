@@ -129,8 +129,10 @@ async fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
-    println!("\n| broker | devices | connected (subscribed) | connect rate | all subscribed | keyring | held {}s | server files | RSS before / after | RSS per device | stored msg/s | load before / after |", a.hold);
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("\n| broker | devices | connected (subscribed) | connect rate | all subscribed | keyring | held {}s | server files | RSS before / after | RSS per device | stored | stored msg/s | broker dropped | load before / after |", a.hold);
+    println!(
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
     for r in &rows {
         println!("{}", r.markdown());
     }
@@ -176,6 +178,8 @@ struct Row {
     rss_after: u64,
     stored: u64,
     ingest_rate: f64,
+    /// Messages the broker dropped (`drover_broker_dropped_total`; rmqtt's queues).
+    dropped: u64,
     load_before: String,
     load_after: String,
 }
@@ -189,21 +193,21 @@ impl Row {
 
     fn line(&self) -> String {
         format!(
-            "{} x {}: connected {} (subscribed {}) in {:.1} s ({:.0}/s), all subscribed {:.1} s, keyring {}, held {}, server files {}, RSS {:.0} -> {:.0} MiB ({:.1} KiB/device), stored {} at {:.0} msg/s, load {} -> {}",
+            "{} x {}: connected {} (subscribed {}) in {:.1} s ({:.0}/s), all subscribed {:.1} s, keyring {}, held {}, server files {}, RSS {:.0} -> {:.0} MiB ({:.1} KiB/device), stored {} at {:.0} msg/s, broker dropped {}, load {} -> {}",
             self.broker, self.devices, self.connected, self.subscribed, self.connect_s,
             self.connected as f64 / self.connect_s.max(1e-9), self.subscribed_s, self.keyring, self.held, self.files,
             mib(self.rss_before), mib(self.rss_after), self.per_device(), self.stored, self.ingest_rate,
-            self.load_before, self.load_after
+            self.dropped, self.load_before, self.load_after
         )
     }
 
     fn markdown(&self) -> String {
         format!(
-            "| {} | {} | {} ({}) | {:.0}/s | {:.1} s | {} | {} | {} | {:.0} / {:.0} MiB | {:.1} KiB | {:.0} | {} / {} |",
+            "| {} | {} | {} ({}) | {:.0}/s | {:.1} s | {} | {} | {} | {:.0} / {:.0} MiB | {:.1} KiB | {} | {:.0} | {} | {} / {} |",
             self.broker, self.devices, self.connected, self.subscribed,
             self.connected as f64 / self.connect_s.max(1e-9), self.subscribed_s, self.keyring, self.held,
-            self.files, mib(self.rss_before), mib(self.rss_after), self.per_device(), self.ingest_rate,
-            self.load_before, self.load_after
+            self.files, mib(self.rss_before), mib(self.rss_after), self.per_device(), self.stored,
+            self.ingest_rate, self.dropped, self.load_before, self.load_after
         )
     }
 }
@@ -445,6 +449,11 @@ async fn one_run(bin: &Path, broker: &str, n: usize, a: &Args) -> anyhow::Result
     let files = open_files(server.pid());
     let rss_after = rss(server.pid()).map(|r| r.1).unwrap_or(0);
     let (stored, ingest_rate) = ingest(&server, &devs, &clients, a.messages).await?;
+    let dropped = metrics(&server.api_url)
+        .await
+        .ok()
+        .and_then(|p| prom_counter(&p, "drover_broker_dropped_total"))
+        .unwrap_or(0);
     stop.store(true, Relaxed);
     let row = Row {
         broker: broker.to_string(),
@@ -460,6 +469,7 @@ async fn one_run(bin: &Path, broker: &str, n: usize, a: &Args) -> anyhow::Result
         rss_after,
         stored,
         ingest_rate,
+        dropped,
         load_before,
         load_after: loadavg(),
     };

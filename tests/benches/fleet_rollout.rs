@@ -3,7 +3,7 @@
 //! own process; the fleet simulator runs in this one.
 //!
 //! cargo bench -p drover-tests --bench fleet_rollout -- [--devices N] [--model-bytes B]
-//!     [--waves 1,10,50,100] [--bake-ms 5000] [--tick-ms 500] [--broker embedded|mosquitto]
+//!     [--waves 1,10,50,100] [--bake-ms 5000] [--tick-ms 500] [--broker embedded|rmqtt|mosquitto]
 //!     [--deploys-per-second R]
 //!
 //! Prints total time, time per wave, the control plane's chunk egress (bytes published on
@@ -90,10 +90,16 @@ async fn run(a: Args) -> anyhow::Result<()> {
             &[(CONTROL_PLANE_USER.to_string(), cp_pass.to_string())],
         )?)
     } else {
-        anyhow::ensure!(a.broker == "embedded", "--broker is embedded or mosquitto");
+        anyhow::ensure!(
+            a.broker == "embedded" || a.broker == "rmqtt",
+            "--broker is embedded, rmqtt (a server built with `--features rmqtt`) or mosquitto"
+        );
         None
     };
     let mut extra = format!("rollout_tick_ms = {}\n", a.tick_ms);
+    if a.broker == "rmqtt" {
+        extra.push_str("embedded_broker = \"rmqtt\"\n");
+    }
     if let Some(m) = &mosq {
         extra.push_str(&format!(
             "broker_url = {:?}\n",

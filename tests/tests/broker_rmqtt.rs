@@ -1,14 +1,18 @@
 //! rmqtt as the embedded broker (`embedded_broker = "rmqtt"`, feature `rmqtt`; issue 23):
 //! mutual TLS with the fleet CA on the public address, the login bound to the
 //! certificate, the per-topic ACL in its hooks, its private loopback port taking only the
-//! control plane's login, the retained keyring, and a real agent running over it.
+//! control plane's login, the retained keyring, and a real agent running over it; and the
+//! front's per-identity rules in its hooks: one live session per identity, the connect
+//! rate, publishes paced by the message rate, a decommission closing the open session.
 //!
 //! cargo test -p drover-tests --features rmqtt --test broker_rmqtt
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use drover_control_plane::config::ServeConfig;
+use drover_control_plane::metrics::BrokerRefusal;
 use drover_control_plane::pki::FleetCa;
 use drover_control_plane::serve;
 use drover_host::clock::now_ms;
@@ -230,4 +234,102 @@ async fn rmqtt_requires_mutual_tls_bound_to_the_device_and_applies_the_acl() {
         .is_err());
     server.shutdown().await;
     drop(agent_b);
+}
+
+/// Waits for the connection to close (`true`), or `false` after `WAIT`.
+async fn closes(el: &mut EventLoop) -> bool {
+    tokio::time::timeout(WAIT, async { while el.poll().await.is_ok() {} })
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rmqtt_holds_each_identity_to_one_session_its_rates_and_a_decommission() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = ServeConfig {
+        data_dir: dir.join("server"),
+        http_listen: "127.0.0.1:0".into(),
+        mqtt_listen: "127.0.0.1:0".into(),
+        embedded_broker: "rmqtt".into(),
+        ..Default::default()
+    };
+    let server = serve::run(config.validate().unwrap(), std::future::pending())
+        .await
+        .unwrap();
+    let port = server.mqtt_addr().port();
+    let url = format!("http://{}", server.http_addr());
+    let token = server.api_token().to_string();
+    let srv: Vec<&str> = vec!["--server", &url, "--token", &token];
+    let cfg_a = cli_enroll(&srv, dir, "gw-a", &[], "127.0.0.1:0").unwrap();
+    let cfg_b = cli_enroll(&srv, dir, "gw-b", &[], "127.0.0.1:0").unwrap();
+    let (a, b) = (enrolled_identity(&cfg_a), enrolled_identity(&cfg_b));
+    let (pass_a, pass_b) = (password(&cfg_a), password(&cfg_b));
+
+    // One live session per identity: the second closes the first.
+    let (_c1, mut el1) = connect(port, "gw-a", Some(&a), ("gw-a", &pass_a))
+        .await
+        .unwrap();
+    let (c2, mut el2) = connect(port, "gw-a", Some(&a), ("gw-a", &pass_a))
+        .await
+        .unwrap();
+    assert!(
+        closes(&mut el1).await,
+        "the older session of gw-a stayed open"
+    );
+    wait_until("one open session of gw-a", WAIT, || async {
+        (server.open_tls_sessions("gw-a") == 1).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Publishes past the message rate are held back, and counted.
+    let pump = tokio::spawn(async move { while el2.poll().await.is_ok() {} });
+    let topic = topics::uplink(&DeviceId::new("gw-a").unwrap(), UplinkKind::Telemetry);
+    let flood = tokio::spawn(async move {
+        for _ in 0..1500 {
+            if c2
+                .publish(topic.as_str(), QoS::AtMostOnce, false, vec![0u8; 512])
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    wait_until("gw-a's flood throttled", WAIT, || async {
+        (server.metrics().broker_throttled_messages.load(Relaxed) > 0).then_some(())
+    })
+    .await
+    .unwrap();
+    flood.abort();
+    pump.abort();
+
+    // The connect rate: a burst of 20, then one a second; gw-b connects 30 times in a row.
+    let mut refused = 0;
+    for _ in 0..30 {
+        match connect(port, "gw-b", Some(&b), ("gw-b", &pass_b)).await {
+            Ok((c, _el)) => drop(c),
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(refused > 0, "30 connects in a row were all taken");
+    assert!(server.metrics().broker_refused(BrokerRefusal::ConnectRate) > 0);
+
+    // A decommission closes gw-a's open session at once, with no packet from it.
+    // (gw-a's connect bucket still has room: 3 connects so far.)
+    let (_c3, mut el3) = connect(port, "gw-a", Some(&a), ("gw-a", &pass_a))
+        .await
+        .unwrap();
+    drover_cli(&[&["device", "decommission", "gw-a"][..], &srv].concat()).unwrap();
+    assert!(
+        closes(&mut el3).await,
+        "a decommissioned device's open session stayed open"
+    );
+    wait_until("no open session of gw-a", WAIT, || async {
+        (server.open_tls_sessions("gw-a") == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    server.shutdown().await;
 }

@@ -692,7 +692,7 @@ pub fn fuzz_device_bytes(data: &[u8]) {
 }
 
 /// Counts a held-back packet and logs it once per identity and interval.
-fn throttled(auth: &BrokerAuth, identity: &str, limit: Limit, wait: Duration) {
+pub(super) fn throttled(auth: &BrokerAuth, identity: &str, limit: Limit, wait: Duration) {
     let (counter, what) = match limit {
         Limit::Messages => (&auth.metrics.broker_throttled_messages, "messages"),
         Limit::Bytes => (&auth.metrics.broker_throttled_bytes, "bytes"),

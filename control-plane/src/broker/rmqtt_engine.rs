@@ -8,9 +8,19 @@
 //! every publish and subscribe. Here every listener refuses anonymous clients and the
 //! hooks below answer every login and every packet; what they do not name is refused.
 //!
-//! Not (yet) here, compared with the front: the per-identity rate limits (`limits.rs`),
-//! refusing a session takeover by a second connection of the same identity, and cutting
-//! a decommissioned device's open session at once (its next packet is refused instead).
+//! The front's per-identity rules hold here too, through the same `limits::Sessions`:
+//! the connect rate is checked at login, each PUBLISH is paced by the identity's message
+//! and byte rates in the ACL hook (the hook runs in the connection's own task, so a
+//! device over its rate is held back, as behind the front), one live session per
+//! identity (the client id must be the identity, and rmqtt closes the older session of a
+//! client id), and `Sessions::kick` (decommission, integration revoked) closes an open
+//! session at once.
+//!
+//! Queues: rmqtt bounds each session's delivery queue and drops what overflows it (its
+//! `message_dropped` hook, counted here as `drover_broker_dropped_total`). A device's
+//! queue holds its downlink; the control plane's ingest sessions receive the whole
+//! fleet's telemetry, so their queue is sized for a fleet-wide burst
+//! ([`CONTROL_PLANE_QUEUE`]), as rumqttd's log is (4 × 64 MiB).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,12 +34,17 @@ use rmqtt::net::Builder;
 use rmqtt::retain::{RetainStorage, RetainTree};
 use rmqtt::server::MqttServer;
 use rmqtt::types::{
-    AuthResult, ConnectInfo, PublishAclResult, Retain, SubscribeAclResult, TopicFilter, TopicName,
+    AuthResult, ConnectInfo, PublishAclResult, Reason, Retain, SubscribeAclResult, TopicFilter,
+    TopicName,
 };
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
 
 use super::acl::Principal;
 use super::{BrokerAuth, BrokerError, MAX_PAYLOAD};
 use crate::app::Devices;
+use crate::metrics::BrokerRefusal;
 
 /// The broker's TLS files (PEM), written under the data dir: rmqtt reads paths.
 #[derive(Clone, Debug)]
@@ -50,7 +65,15 @@ pub struct Plan {
     pub control_plane_user: String,
 }
 
-fn listener(name: &str, addr: SocketAddr) -> Builder {
+/// Messages queued for one device session: its downlink (commands, chunks it asked
+/// for, the keyring), a few at a time.
+const DEVICE_QUEUE: usize = 10_000;
+/// Messages queued for one control-plane session: the fleet's telemetry while ingest
+/// catches up. 10,000 devices sending a 20-frame burst at once is 200,000; at a few
+/// hundred bytes a frame a full queue is a few hundred MiB, the order of rumqttd's log.
+pub const CONTROL_PLANE_QUEUE: usize = 1_000_000;
+
+fn listener(name: &str, addr: SocketAddr, queue: usize) -> Builder {
     Builder::new()
         .name(name)
         .laddr(addr)
@@ -60,7 +83,7 @@ fn listener(name: &str, addr: SocketAddr) -> Builder {
         .max_handshaking_limit(super::handshakes::MAX_PENDING)
         .handshake_timeout(super::front::HANDSHAKE_TIMEOUT)
         .max_inflight(std::num::NonZeroU16::new(1024).unwrap_or(std::num::NonZeroU16::MIN))
-        .max_mqueue_len(10_000)
+        .max_mqueue_len(queue)
         .nodelay(true)
         .backlog(4096)
 }
@@ -78,11 +101,11 @@ pub fn start(
             source: std::io::Error::other(e.to_string()),
         }
     };
-    let backend = listener("drover-control-plane", plan.backend)
+    let backend = listener("drover-control-plane", plan.backend, CONTROL_PLANE_QUEUE)
         .bind()
         .and_then(|l| l.tcp())
         .map_err(bind_err(plan.backend))?;
-    let public = listener("drover-devices", plan.public);
+    let public = listener("drover-devices", plan.public, DEVICE_QUEUE);
     let public = match &plan.tls {
         Some(f) => public
             .tls_cross_certificate(true)
@@ -112,11 +135,15 @@ pub fn start(
             backend_port,
             tls,
             control_plane_user,
+            scx: scx.clone(),
         };
         for typ in [
             Type::ClientAuthenticate,
+            Type::ClientConnected,
+            Type::ClientDisconnected,
             Type::ClientSubscribeCheckAcl,
             Type::MessagePublishCheckAcl,
+            Type::MessageDropped,
         ] {
             register.add(typ, Box::new(hooks.clone())).await;
         }
@@ -146,6 +173,8 @@ struct Hooks {
     /// The public listener does mutual TLS: the certificate's CN must be the login.
     tls: bool,
     control_plane_user: String,
+    /// To close a session `Sessions::kick` supersedes.
+    scx: ServerContext,
 }
 
 impl Hooks {
@@ -169,6 +198,18 @@ impl Hooks {
         if control_plane {
             return AuthResult::NotAuthorized;
         }
+        if !self.auth.sessions.may_connect(&user, Instant::now()) {
+            self.refuse(
+                BrokerRefusal::ConnectRate,
+                &user,
+                format!(
+                    "more than {} connects in a burst or {}/s",
+                    super::limits::CONNECT_BURST,
+                    super::limits::CONNECTS_PER_SEC
+                ),
+            );
+            return AuthResult::NotAuthorized;
+        }
         if self.tls {
             let cn = c.cert().and_then(|cert| cert.common_name.as_deref());
             if cn != Some(user.as_str()) {
@@ -187,6 +228,77 @@ impl Hooks {
             AuthResult::Allow(false, None)
         } else {
             AuthResult::BadUsernameOrPassword
+        }
+    }
+
+    /// Counts a refused login and logs it once per identity and reason per interval.
+    fn refuse(&self, reason: BrokerRefusal, identity: &str, detail: String) {
+        self.auth.metrics.broker_refuse(reason);
+        let key = format!("{identity} {reason:?}");
+        if let Some(suppressed) = self.auth.sessions.log.due(&key, Instant::now()) {
+            tracing::warn!(
+                device_id = identity,
+                ?reason,
+                suppressed,
+                "{detail}: connection refused"
+            );
+        }
+    }
+
+    /// The identity of a device or integration session (`None` for the control plane).
+    fn identity<'a>(&self, s: &'a rmqtt::session::Session) -> Option<&'a str> {
+        let user = s.id.username.as_deref()?;
+        (user != self.control_plane_user).then_some(user)
+    }
+
+    /// A device or integration session is up: it becomes its identity's live one, and a
+    /// task closes it once something supersedes it (a kick, or a newer session).
+    fn connected(&self, s: &rmqtt::session::Session) {
+        let Some(identity) = self.identity(s) else {
+            return;
+        };
+        let mut registered = self.auth.sessions.register(identity);
+        let (scx, id) = (self.scx.clone(), s.id.clone());
+        tokio::spawn(async move {
+            registered.superseded().await;
+            let mut entry = scx.extends.shared().await.entry(id.clone());
+            // A newer session of the same client id has already replaced this one in
+            // rmqtt (and closed it): kick only the session this task watches.
+            if entry.id_same() == Some(true) {
+                if let Err(e) = entry.kick(true, true, true).await {
+                    tracing::warn!(client_id = %id.client_id, "cannot close a superseded session: {e}");
+                } else {
+                    tracing::info!(device_id = %id.client_id, "open session closed: device decommissioned or integration revoked");
+                }
+            }
+        });
+    }
+
+    /// Paces a PUBLISH by its identity's message and byte rates: held back here, in the
+    /// connection's task, as the front holds it back.
+    async fn pace(&self, identity: &str, p: &rmqtt::types::Publish) {
+        let bytes = p.inner.topic.len() + p.inner.payload.len();
+        if let Some((wait, limit)) =
+            self.auth
+                .sessions
+                .charge(identity, true, bytes, Instant::now())
+        {
+            super::front::throttled(&self.auth, identity, limit, wait);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn dropped(&self, reason: &Reason) {
+        if !matches!(reason, Reason::MessageQueueFull | Reason::MessageExpiration) {
+            return; // ACL refusals are counted where they are decided
+        }
+        self.auth.metrics.broker_dropped.fetch_add(1, Relaxed);
+        if let Some(suppressed) = self.auth.sessions.log.due("broker dropped", Instant::now()) {
+            tracing::warn!(
+                %reason,
+                suppressed,
+                "the embedded broker dropped a message: a subscriber's queue is full (agents resend unacknowledged telemetry)"
+            );
         }
     }
 
@@ -219,11 +331,29 @@ impl Handler for Hooks {
                 };
                 (false, Some(HookResult::SubscribeAclResult(r)))
             }
+            Parameter::ClientConnected(s) => {
+                self.connected(s);
+                (true, acc)
+            }
+            Parameter::ClientDisconnected(s, _) => {
+                if let Some(identity) = self.identity(s) {
+                    self.auth.sessions.leave(identity);
+                }
+                (true, acc)
+            }
+            Parameter::MessageDropped(_, _, _, reason) => {
+                self.dropped(reason);
+                (true, acc)
+            }
             Parameter::MessagePublishCheckAcl(s, p) => {
-                let ok = self
-                    .principal(s.id.username.as_deref())
+                let principal = self.principal(s.id.username.as_deref());
+                let ok = principal
+                    .as_ref()
                     .is_some_and(|(_, pr)| pr.may_publish(&p.inner.topic));
                 let r = if ok {
+                    if let Some((identity, _)) = &principal {
+                        self.pace(identity, p).await;
+                    }
                     PublishAclResult::allow()
                 } else {
                     self.auth
