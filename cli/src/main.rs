@@ -7,11 +7,16 @@ use drover_cli::{self as cli, Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    // `drover rollout list | head -1`: a closed pipe ends the process quietly, as for
-    // any Unix tool, instead of a panic in println!.
-    sigpipe::reset();
     let json_errors = wants_json(std::env::args());
     let cli = Cli::parse();
+    // `drover rollout list | head -1`: a closed pipe ends the process quietly, as for
+    // any Unix tool, instead of a panic in println!. Not for the commands that run a
+    // server: a vectored write (writev has no MSG_NOSIGNAL) to a socket its peer reset
+    // would raise SIGPIPE and kill the whole server without a word, as 10,000 simulated
+    // devices on the rmqtt broker did; there SIGPIPE stays ignored and the write fails.
+    if !matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
+        sigpipe::reset();
+    }
     // The demo narrates on stdout; `serve` logs what it does; an ordinary command prints
     // its answer and logs only warnings (RUST_LOG changes any of these).
     let default_filter = match cli.command {

@@ -117,6 +117,50 @@ fn serve_stderr(extra: &[&str]) -> String {
     String::from_utf8(out.stderr).unwrap()
 }
 
+/// SIGPIPE's bit in a `SigIgn:` mask of /proc/<pid>/status.
+fn ignores_sigpipe(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    mask & (1 << (13 - 1)) != 0
+}
+
+#[test]
+fn a_server_ignores_sigpipe_so_a_peer_that_resets_cannot_kill_it() {
+    use std::io::{BufRead as _, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = drover()
+        .args([
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let serving = ignores_sigpipe(child.id());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // (An ordinary command ends on a closed pipe by SIGPIPE's default action: the test
+    // above.)
+    assert!(
+        serving,
+        "drover serve takes SIGPIPE's default action (death)"
+    );
+}
+
 #[test]
 fn logs_carry_no_colour_off_a_terminal_and_are_json_when_asked() {
     let text = serve_stderr(&[]);
