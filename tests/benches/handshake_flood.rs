@@ -3,6 +3,10 @@
 //! with N silent TCP connections open against the same listener, side by side in one run.
 //!
 //! cargo bench -p drover-tests --bench handshake_flood -- [--silent N] [--connects K]
+//!     [--broker rumqttd|rumqttd-tuned|rmqtt]
+//!
+//! `--broker` is the `embedded_broker` (default rumqttd behind the TLS front; `rmqtt` does
+//! the handshake itself and needs `--features rmqtt`).
 //!
 //! Without `--bench` (as under `cargo test --all-targets`) it is a small smoke run.
 
@@ -82,11 +86,19 @@ async fn main() -> anyhow::Result<()> {
     let bench = std::env::args().any(|a| a == "--bench");
     let silent_n = arg("--silent", if bench { 500 } else { 50 });
     let k = arg("--connects", if bench { 10 } else { 2 });
+    let argv: Vec<String> = std::env::args().collect();
+    let broker = argv
+        .iter()
+        .position(|a| a == "--broker")
+        .and_then(|i| argv.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "rumqttd".into());
     let tmp = tempfile::tempdir()?;
     let config = ServeConfig {
         data_dir: tmp.path().join("server"),
         http_listen: "127.0.0.1:0".into(),
         mqtt_listen: "127.0.0.1:0".into(),
+        embedded_broker: broker.clone(),
         ..Default::default()
     };
     let server = serve::run(config.validate()?, std::future::pending()).await?;
@@ -101,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let flooded = series(port, &dev.config, k).await?;
     drop(silent);
-    println!("handshake_flood: {k} connects each, mutual TLS through the embedded broker's front");
+    println!("handshake_flood: {k} connects each, mutual TLS to the embedded broker ({broker})");
     for (what, s) in [
         ("0 silent connections", &quiet),
         (&*format!("{silent_n} silent connections"), &flooded),
