@@ -25,7 +25,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr as _;
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use rmqtt::codec::v5::SubscribeAckReason;
 use rmqtt::context::ServerContext;
@@ -37,9 +38,6 @@ use rmqtt::types::{
     AuthResult, ConnectInfo, PublishAclResult, Reason, Retain, SubscribeAclResult, TopicFilter,
     TopicName,
 };
-
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
 
 use super::acl::Principal;
 use super::{BrokerAuth, BrokerError, MAX_PAYLOAD};
