@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use drover_tests::mosquitto::{Mosquitto, CONTROL_PLANE_USER};
 use drover_tests::serve_process::{cpu_seconds, metrics, prom_counter, rss, ServeProcess};
-use drover_tests::sim::{self, scenario, Fleet, Group, SimConfig, Stats};
+use drover_tests::sim::{self, scenario, Fleet, Group, InstallTimes, SimConfig, Stats};
 
 struct Args {
     devices: usize,
@@ -226,17 +226,40 @@ async fn run(a: Args) -> anyhow::Result<()> {
         let wave_start = wave_end;
         wave_end += *d;
         // A device's command is accepted within the wave that commanded it.
-        let mut ms: Vec<u64> = per_wave
+        let wave: Vec<InstallTimes> = per_wave
             .iter()
-            .filter(|(at, _)| *at >= wave_start && (*at < wave_end || *w == run.waves.len()))
-            .map(|(_, ms)| *ms)
+            .filter(|t| {
+                t.accepted >= wave_start && (t.accepted < wave_end || *w == run.waves.len())
+            })
+            .copied()
             .collect();
+        let p50 = |f: fn(&InstallTimes) -> u64| {
+            let mut v: Vec<u64> = wave.iter().map(f).collect();
+            sim::quantile(&mut v, 0.5)
+        };
+        let mut ms: Vec<u64> = wave.iter().map(|t| t.total_ms).collect();
         println!(
             "  wave {w}: cumulative {target} devices, {:.1} s; command -> active p50 {} ms, p99 {} ms (n = {})",
             d.as_secs_f64(),
             sim::quantile(&mut ms, 0.5),
             sim::quantile(&mut ms, 0.99),
             ms.len()
+        );
+        // How spread the wave's commands arrived: later arrivals are what the coalescer
+        // publishes again for.
+        let first = wave.iter().map(|t| t.accepted).min();
+        let mut spread: Vec<u64> = wave
+            .iter()
+            .map(|t| first.map_or(0, |f| t.accepted.duration_since(f).as_millis() as u64))
+            .collect();
+        println!(
+            "    commands accepted over p50 {} ms, p90 {} ms after the wave's first; p50 per phase: accepted -> first ask {} ms, ask -> first chunk {} ms, download {} ms, install {} ms",
+            sim::quantile(&mut spread, 0.5),
+            sim::quantile(&mut spread, 0.9),
+            p50(|t| t.ask_ms),
+            p50(|t| t.first_chunk_ms),
+            p50(|t| t.download_ms),
+            p50(|t| t.install_ms),
         );
     }
     println!(

@@ -195,6 +195,8 @@ struct Outcome {
     completed: usize,
     most_silent: u32,
     last_done_ms: u64,
+    /// Median time from a device's arrival to its last chunk.
+    p50_wait_ms: u64,
 }
 
 /// (time, sequence, device, chunk or request number, kind) in the event queue.
@@ -222,6 +224,8 @@ struct Device {
     peak_silent: u32,
     done: bool,
     failed: bool,
+    arrived: u64,
+    done_at: u64,
 }
 
 fn simulate(f: &Fleet) -> Outcome {
@@ -266,6 +270,7 @@ fn simulate(f: &Fleet) -> Outcome {
         match k {
             0 => {
                 devs[d].subscribed = true;
+                devs[d].arrived = now;
                 retry = Some(ask(d, &mut devs[d], &mut co, now));
             }
             1 => {
@@ -288,6 +293,7 @@ fn simulate(f: &Fleet) -> Outcome {
                     dv.requested.remove(&x);
                     if dv.have.len() == f.chunks as usize {
                         dv.done = true;
+                        dv.done_at = now;
                         dv.subscribed = false;
                         last_done_ms = now;
                     } else if dv.requested.is_empty() {
@@ -321,7 +327,14 @@ fn simulate(f: &Fleet) -> Outcome {
             }
         }
     }
+    let mut waits: Vec<u64> = devs
+        .iter()
+        .filter(|d| d.done)
+        .map(|d| d.done_at - d.arrived)
+        .collect();
+    waits.sort_unstable();
     Outcome {
+        p50_wait_ms: waits.get(waits.len() / 2).copied().unwrap_or(0),
         publishes,
         completed: devs.iter().filter(|d| d.done).count(),
         most_silent: devs.iter().map(|d| d.peak_silent).max().unwrap_or(0),
@@ -359,8 +372,8 @@ fn egress_is_one_model_per_wave_arriving_together_and_a_few_when_spread_or_starv
         };
         let o = simulate(&f);
         let row = format!(
-            "{devices} devices over {spread_ms} ms, {rate} B/ms, lossy {lossy}: {} publishes of {chunks} chunks, {} done by {} ms, most silent {}",
-            o.publishes, o.completed, o.last_done_ms, o.most_silent
+            "{devices} devices over {spread_ms} ms, {rate} B/ms, lossy {lossy}: {} publishes of {chunks} chunks, {} done by {} ms, p50 arrival -> done {} ms, most silent {}",
+            o.publishes, o.completed, o.last_done_ms, o.p50_wait_ms, o.most_silent
         );
         assert_eq!(o.completed, devices, "{row}");
         assert!(o.publishes <= most * u64::from(chunks), "{row}");

@@ -37,7 +37,7 @@ use tokio::sync::watch;
 
 use super::model::ModelBytes;
 use super::traffic::Window;
-use super::{Identity, Shared};
+use super::{Identity, InstallTimes, Shared};
 
 /// How often a device advances its clock-driven work (inference, probation, retries).
 const TICK: Duration = Duration::from_millis(200);
@@ -82,6 +82,13 @@ pub struct Device {
     pub(super) probation_counts: BTreeMap<String, (u64, u64)>,
     /// The last accepted command and when, for command → active times.
     accepted: Option<(u64, Instant)>,
+    /// Since that command: the first chunk request sent, the first chunk received and
+    /// the download finished.
+    asked_at: Option<Instant>,
+    first_chunk_at: Option<Instant>,
+    downloaded_at: Option<Instant>,
+    /// This device's chunk request topic.
+    chunk_request_topic: String,
     spool: BTreeMap<u64, (String, Vec<u8>)>,
     outbox: VecDeque<Op>,
     will: Option<LastWill>,
@@ -123,6 +130,10 @@ impl Device {
             runtime: drover_runtime::compiled::runtime_report(),
         };
         let now = now_ms();
+        let chunk_request_topic = drover_protocol::topics::uplink(
+            &ident.id,
+            drover_protocol::topics::UplinkKind::ChunkRequest,
+        );
         let mut dev = Device {
             ident,
             shared,
@@ -135,6 +146,10 @@ impl Device {
             shadow: BTreeMap::new(),
             probation_counts: BTreeMap::new(),
             accepted: None,
+            asked_at: None,
+            first_chunk_at: None,
+            downloaded_at: None,
+            chunk_request_topic,
             spool: BTreeMap::new(),
             outbox: VecDeque::new(),
             will: None,
@@ -295,6 +310,10 @@ impl Device {
                 | Decoded::Refused(FrameRefused::Chunk(_) | FrameRefused::ChunkTopic)
         ) {
             stats.chunks_received.fetch_add(1, Relaxed);
+            if self.accepted.is_some() && self.first_chunk_at.is_none() && !self.download.is_empty()
+            {
+                self.first_chunk_at = Some(Instant::now());
+            }
             stats
                 .chunk_bytes_received
                 .fetch_add(payload.len() as u64, Relaxed);
@@ -352,7 +371,15 @@ impl Device {
             // Every change of the slots is persisted: the fleet's view follows it.
             Effect::Persist(_) | Effect::PersistCommand(_) => self.publish_active(),
             Effect::CrashPoint(_) => {}
-            Effect::Uplink(sealed) => self.send(sealed),
+            Effect::Uplink(sealed) => {
+                if self.accepted.is_some()
+                    && self.asked_at.is_none()
+                    && sealed.topic == self.chunk_request_topic
+                {
+                    self.asked_at = Some(Instant::now());
+                }
+                self.send(sealed)
+            }
             Effect::SetWill { topic, payload } => {
                 self.will = Some(LastWill::new(topic, payload, QoS::AtLeastOnce, false));
             }
@@ -385,7 +412,8 @@ impl Device {
                 data,
             } => return Some(self.write_chunk(manifest_digest, index, &data)),
             Effect::FinishDownload { manifest_digest } => {
-                return Some(self.finish_download(manifest_digest))
+                self.downloaded_at.get_or_insert_with(Instant::now);
+                return Some(self.finish_download(manifest_digest));
             }
             Effect::CloseDownload { manifest_digest } => {
                 self.download.remove(&manifest_digest);
@@ -604,6 +632,9 @@ impl Device {
             } => {
                 s.commands_accepted.fetch_add(1, Relaxed);
                 self.accepted = Some((command_seq, Instant::now()));
+                self.asked_at = None;
+                self.first_chunk_at = None;
+                self.downloaded_at = None;
             }
             Event::ChunkRefused { .. } => {
                 s.chunks_refused.fetch_add(1, Relaxed);
@@ -615,12 +646,26 @@ impl Device {
                 s.installs.fetch_add(1, Relaxed);
                 match self.accepted {
                     Some((seq, at)) if seq == command_seq && mode == DeployMode::Activate => {
-                        let ms = at.elapsed().as_millis() as u64;
+                        let now = Instant::now();
+                        let ms = now.duration_since(at).as_millis() as u64;
+                        // Phases a device skipped (a model it already held) count as 0.
+                        let asked = self.asked_at.unwrap_or(at);
+                        let first = self.first_chunk_at.unwrap_or(asked).max(asked);
+                        let done = self.downloaded_at.unwrap_or(first).max(first);
+                        let span = |a: Instant, b: Instant| b.duration_since(a).as_millis() as u64;
+                        let times = InstallTimes {
+                            accepted: at,
+                            total_ms: ms,
+                            ask_ms: span(at, asked),
+                            first_chunk_ms: span(asked, first),
+                            download_ms: span(first, done),
+                            install_ms: span(done, now),
+                        };
                         if let Ok(mut v) = self.shared.command_to_active_ms.lock() {
                             v.push(ms);
                         }
                         if let Ok(mut v) = self.shared.command_to_active.lock() {
-                            v.push((at, ms));
+                            v.push(times);
                         }
                     }
                     _ => {}

@@ -204,6 +204,22 @@ impl Stats {
     }
 }
 
+/// One install's command → active time, split where the device waited.
+#[derive(Clone, Copy, Debug)]
+pub struct InstallTimes {
+    /// When the device accepted the command.
+    pub accepted: Instant,
+    pub total_ms: u64,
+    /// Accepted → first chunk request sent.
+    pub ask_ms: u64,
+    /// First chunk request → first chunk of the model received.
+    pub first_chunk_ms: u64,
+    /// First chunk → every chunk verified and the file assembled.
+    pub download_ms: u64,
+    /// Download complete → active (load, self-test, install).
+    pub install_ms: u64,
+}
+
 /// What every device and the fleet handle share.
 pub struct Shared {
     pub cfg: SimConfig,
@@ -214,8 +230,9 @@ pub struct Shared {
     pub active: Mutex<Vec<BTreeMap<String, (String, bool)>>>,
     /// Milliseconds from accepting a deploy command to serving the model, per install.
     pub command_to_active_ms: Mutex<Vec<u64>>,
-    /// The same, with when each device accepted its command (benches split it by wave).
-    pub command_to_active: Mutex<Vec<(Instant, u64)>>,
+    /// The same, with when each device accepted its command (benches split it by wave)
+    /// and where the time went.
+    pub command_to_active: Mutex<Vec<InstallTimes>>,
     /// Durable frames not yet acknowledged, per device.
     pub unacked: Vec<AtomicU64>,
     /// When set, devices stop serving traffic and reporting windows (so a test can
