@@ -17,7 +17,7 @@
 pub mod budget;
 pub mod coalescer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -51,6 +51,10 @@ const REFUSAL_MEMORY_MS: u64 = 1_000;
 
 /// Refusal logs: at most one per device and reason per minute.
 const LOG_INTERVAL_MS: u64 = 60_000;
+
+/// Events handled together (one store lookup for all of them; bounds how long that
+/// lookup holds the store).
+const MAX_EVENTS_PER_BATCH: usize = 4_096;
 
 /// Authorizations remembered before the cache is cleared (bounds its memory).
 const MAX_REMEMBERED: usize = 100_000;
@@ -149,42 +153,85 @@ impl Server {
         }
     }
 
-    /// Whether `device` holds an unexpired deploy command for `digest` (asks the store
-    /// at most once per [`REFUSAL_MEMORY_MS`] for a refused pair).
-    async fn commanded(&mut self, device: &DeviceId, digest: Digest, now: u64) -> bool {
-        let key = (device.clone(), digest);
-        if let Some(a) = self.authorized.get(&key).filter(|a| now < a.until_ms) {
-            return a.allowed;
+    /// Looks up, in one store call, whether each requesting device holds an unexpired
+    /// deploy command for the model it asks for, for the pairs not remembered. One call
+    /// per batch of events, not one per request: a wave's thousands of first asks would
+    /// otherwise each wait for a blocking-pool hop and the store's lock, one after
+    /// another, behind the rollout driver and the API.
+    async fn authorize(&mut self, events: &[ChunkEvent], now: u64) {
+        let mut missing = HashSet::new();
+        for e in events {
+            if let ChunkEvent::Asked(device, r) = e {
+                let key = (device.clone(), r.manifest_digest);
+                let known = self.authorized.get(&key).is_some_and(|a| now < a.until_ms);
+                if !r.indices.is_empty() && !known {
+                    missing.insert(key);
+                }
+            }
         }
-        let dev = device.to_string();
-        let expiry = self
+        if missing.is_empty() {
+            return;
+        }
+        let looked_up = self
             .files
             .store
-            .run(move |s| s.deploy_expiry(&dev, &digest, now))
+            .run(move |s| {
+                missing
+                    .into_iter()
+                    .map(|(device, digest)| {
+                        let r = s.deploy_expiry(device.as_str(), &digest, now);
+                        ((device, digest), r)
+                    })
+                    .collect::<Vec<_>>()
+            })
             .await;
-        let a = match expiry {
-            Ok(Ok(Some(until_ms))) => Authorization {
-                allowed: true,
-                until_ms,
-            },
-            Ok(Ok(None)) => Authorization {
-                allowed: false,
-                until_ms: now.saturating_add(REFUSAL_MEMORY_MS),
-            },
-            Ok(Err(e)) => {
-                tracing::warn!(device_id = %device, error = %e, "cannot read the device's commands; chunk request refused");
-                return false;
-            }
+        let looked_up = match looked_up {
+            Ok(v) => v,
             Err(e) => {
-                tracing::warn!(device_id = %device, error = %e, "cannot read the device's commands; chunk request refused");
-                return false;
+                tracing::warn!(error = %e, "cannot read the devices' commands; chunk requests refused");
+                return;
             }
         };
-        if self.authorized.len() >= MAX_REMEMBERED {
+        if self.authorized.len() + looked_up.len() > MAX_REMEMBERED {
             self.authorized.clear();
         }
-        self.authorized.insert(key, a);
-        a.allowed
+        for (key, r) in looked_up {
+            let a = match r {
+                Ok(Some(until_ms)) => Authorization {
+                    allowed: true,
+                    until_ms,
+                },
+                Ok(None) => Authorization {
+                    allowed: false,
+                    until_ms: now.saturating_add(REFUSAL_MEMORY_MS),
+                },
+                Err(e) => {
+                    tracing::warn!(device_id = %key.0, error = %e, "cannot read the device's commands; chunk request refused");
+                    continue;
+                }
+            };
+            self.authorized.insert(key, a);
+        }
+    }
+
+    /// Whether `device` holds an unexpired deploy command for `digest`, as [`Server::authorize`]
+    /// found it; `None` when the store could not say (already logged).
+    fn commanded(&self, device: &DeviceId, digest: Digest, now: u64) -> Option<bool> {
+        self.authorized
+            .get(&(device.clone(), digest))
+            .filter(|a| now < a.until_ms)
+            .map(|a| a.allowed)
+    }
+
+    /// Handles a batch of events in order, after one store lookup for all of them.
+    async fn handle(&mut self, events: Vec<ChunkEvent>, now: u64) {
+        self.authorize(&events, now).await;
+        for e in events {
+            match e {
+                ChunkEvent::Asked(device, r) => self.admit(device, r, now).await,
+                ChunkEvent::Reconnected(device) => self.co.reconnected(&device),
+            }
+        }
     }
 
     /// Checks a request and queues the chunks it is granted.
@@ -193,8 +240,10 @@ impl Server {
         if r.indices.is_empty() {
             return;
         }
-        if !self.commanded(&device, digest, now).await {
-            return self.refuse(&device, Refused::NotCommanded, &digest, now);
+        match self.commanded(&device, digest, now) {
+            Some(true) => {}
+            Some(false) => return self.refuse(&device, Refused::NotCommanded, &digest, now),
+            None => return,
         }
         let Some((bytes, chunk_size)) = self.files.get(digest).await else {
             return self.refuse(&device, Refused::UnknownModel, &digest, now);
@@ -312,8 +361,16 @@ pub async fn run(mut rx: mpsc::UnboundedReceiver<ChunkEvent>, app: App, store: D
         };
         match req {
             None => return,
-            Some(Some(ChunkEvent::Asked(device, r))) => server.admit(device, r, now_ms()).await,
-            Some(Some(ChunkEvent::Reconnected(device))) => server.co.reconnected(&device),
+            Some(Some(first)) => {
+                let mut events = vec![first];
+                while events.len() < MAX_EVENTS_PER_BATCH {
+                    match rx.try_recv() {
+                        Ok(e) => events.push(e),
+                        Err(_) => break,
+                    }
+                }
+                server.handle(events, now_ms()).await;
+            }
             Some(None) => {}
         }
         server.publish_due(now_ms()).await;
