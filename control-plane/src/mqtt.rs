@@ -36,9 +36,25 @@ pub enum MqttError {
     },
 }
 
-/// Handle to the sessions; `publisher` sends downlink, chunk and keyring publishes.
+/// The publishing sessions: each its own connection, request queue and in-flight window,
+/// so a backlog in one lane never delays another. Acks to every device of a large fleet
+/// (thousands of publishes every ack interval) queued in one session with commands and
+/// model chunks held a wave's first chunks back by seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Signed commands, hello replies, the keyring: few, and each one waited for.
+    Control = 0,
+    /// Model chunks on the shared chunk topics: large, and what a rollout waits for.
+    Chunks = 1,
+    /// Uplink acks and integration records: many, none urgent to the millisecond.
+    Bulk = 2,
+}
+
+/// Number of publishing sessions, one per [`Lane`]; uplink sessions come after them.
+const LANES: usize = 3;
+
+/// Handle to the sessions: the first [`LANES`] publish, the rest receive uplinks.
 pub struct MqttLink {
-    publisher: AsyncClient,
     clients: Vec<AsyncClient>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     stop_ingest: watch::Sender<bool>,
@@ -74,8 +90,8 @@ impl MqttLink {
         };
         let mut clients = Vec::new();
         let mut tasks = Vec::new();
-        // Session 0 publishes only, so its outgoing queue never waits behind ingest.
-        for n in 0..=sessions {
+        // Publishing sessions publish only, so their queues never wait behind ingest.
+        for n in 0..LANES + sessions {
             let mut o = MqttOptions::new(format!("{client_prefix}-{n}"), &url.host, url.port);
             o.set_keep_alive(Duration::from_secs(30))
                 .set_clean_session(true)
@@ -94,13 +110,13 @@ impl MqttLink {
                 o.set_credentials(u.clone(), url.password.clone().unwrap_or_default());
             }
             let (client, eventloop) = AsyncClient::new(o, 4096);
-            let sub = (n > 0).then(|| filter.clone());
+            let uplink = n >= LANES;
             tasks.push(tokio::spawn(poll_loop(
                 client.clone(),
                 eventloop,
-                sub,
-                (n > 0).then(|| inbound.clone()),
-                if n == 0 {
+                uplink.then(|| filter.clone()),
+                uplink.then(|| inbound.clone()),
+                if !uplink {
                     publisher_rx.clone()
                 } else {
                     ingest_rx.clone()
@@ -110,7 +126,6 @@ impl MqttLink {
             clients.push(client);
         }
         Ok(Self {
-            publisher: clients[0].clone(),
             clients,
             tasks: std::sync::Mutex::new(tasks),
             stop_ingest,
@@ -132,22 +147,23 @@ impl MqttLink {
 
     pub async fn publish(
         &self,
+        lane: Lane,
         topic: String,
         payload: Vec<u8>,
         qos: QoS,
         retain: bool,
     ) -> Result<(), MqttError> {
-        self.publisher
+        self.clients[lane as usize]
             .publish(topic.clone(), qos, retain, payload)
             .await
             .map_err(|source| MqttError::Publish { topic, source })
     }
 
     /// Stops the uplink sessions; their poll loops end and drop the ingest channel, so
-    /// ingest stores what is queued and stops. The publisher keeps running.
+    /// ingest stores what is queued and stops. The publishing sessions keep running.
     pub fn stop_ingest(&self) {
         let _ = self.stop_ingest.send(true);
-        for c in self.clients.iter().skip(1) {
+        for c in self.clients.iter().skip(LANES) {
             let _ = c.try_disconnect();
         }
     }
@@ -156,7 +172,9 @@ impl MqttLink {
     pub async fn shutdown(&self) {
         self.stop_ingest();
         let _ = self.stop_publisher.send(true);
-        let _ = self.publisher.try_disconnect();
+        for c in self.clients.iter().take(LANES) {
+            let _ = c.try_disconnect();
+        }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -215,7 +233,7 @@ async fn poll_loop(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
     filter: Option<String>,
-    // None for the publisher session: it must not keep the ingest channel open.
+    // None for a publishing session: it must not keep the ingest channel open.
     inbound: Option<mpsc::Sender<RawUplink>>,
     mut stop: watch::Receiver<bool>,
     subacked: Arc<watch::Sender<usize>>,

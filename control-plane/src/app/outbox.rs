@@ -15,7 +15,7 @@ use rumqttc::QoS;
 
 use super::devices::Devices;
 use crate::metrics::Metrics;
-use crate::mqtt::{MqttError, MqttLink};
+use crate::mqtt::{Lane, MqttError, MqttLink};
 
 /// Cheap to clone.
 #[derive(Clone)]
@@ -56,6 +56,10 @@ impl Outbox {
     /// refuse such a manifest with the figures before a command exists, so this is the
     /// last guard, not the operator's error message.
     pub async fn send(&self, device: &DeviceId, msg: Downlink) {
+        self.send_on(Lane::Control, device, msg).await;
+    }
+
+    async fn send_on(&self, lane: Lane, device: &DeviceId, msg: Downlink) {
         let Some(key) = self.devices.key(device) else {
             return;
         };
@@ -74,7 +78,13 @@ impl Outbox {
         }
         if let Err(e) = self
             .mqtt
-            .publish(topics::downlink(device), frame, QoS::AtLeastOnce, false)
+            .publish(
+                lane,
+                topics::downlink(device),
+                frame,
+                QoS::AtLeastOnce,
+                false,
+            )
             .await
         {
             tracing::warn!(device_id = %device, error = %e, "downlink publish failed");
@@ -88,8 +98,12 @@ impl Outbox {
 
     /// Acknowledges stored uplink sequence ranges to a device.
     pub async fn send_acks(&self, device: &DeviceId, ranges: Vec<(u64, u64)>) {
-        self.send(device, Downlink::UplinkAck(UplinkAck { ranges }))
-            .await;
+        self.send_on(
+            Lane::Bulk,
+            device,
+            Downlink::UplinkAck(UplinkAck { ranges }),
+        )
+        .await;
         self.metrics.acks_sent.fetch_add(1, Relaxed);
     }
 
@@ -97,6 +111,7 @@ impl Outbox {
     pub async fn publish_keyring(&self, keyring: &SignedBlob) -> Result<(), MqttError> {
         self.mqtt
             .publish(
+                Lane::Control,
                 topics::keyring(),
                 encode_keyring(keyring),
                 QoS::AtLeastOnce,
@@ -123,7 +138,7 @@ impl Outbox {
         }
         match self
             .mqtt
-            .publish(topic, json, QoS::AtMostOnce, retain)
+            .publish(Lane::Bulk, topic, json, QoS::AtMostOnce, retain)
             .await
         {
             Ok(()) => self.metrics.json_published.fetch_add(1, Relaxed),
@@ -135,7 +150,13 @@ impl Outbox {
     pub async fn publish_chunk(&self, model: &Digest, frame: Vec<u8>) -> Result<(), MqttError> {
         let len = frame.len() as u64;
         self.mqtt
-            .publish(topics::model_chunks(model), frame, QoS::AtLeastOnce, false)
+            .publish(
+                Lane::Chunks,
+                topics::model_chunks(model),
+                frame,
+                QoS::AtLeastOnce,
+                false,
+            )
             .await?;
         self.metrics.chunk_publishes.fetch_add(1, Relaxed);
         self.metrics.chunk_bytes.fetch_add(len, Relaxed);
