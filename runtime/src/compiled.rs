@@ -186,6 +186,41 @@ pub fn load_artifact(
 mod tests {
     use super::*;
 
+    /// The vendored tract-nnef parses each expression once (vendor/README.md): subscripts,
+    /// slices, and nested arrays and tuples still parse to the same trees.
+    #[test]
+    fn the_patched_nnef_parser_reads_subscripts_and_nesting() {
+        use tract_nnef::ast::parse::parse_assignments;
+        use tract_nnef::ast::{Literal, RValue, Subscript};
+        let rhs = |src: &str| parse_assignments(src).unwrap().remove(0).right;
+        let num = |n: &str| RValue::Literal(Literal::Numeric(n.into()));
+        let id = |n: &str| RValue::Identifier(n.into());
+
+        let RValue::Subscript(x, s) = rhs("y = x[1:2];") else {
+            panic!("slice")
+        };
+        assert_eq!(*x, id("x"));
+        assert_eq!(*s, Subscript::Range(Some(num("1")), Some(num("2"))));
+        let RValue::Subscript(a, s) = rhs("y = [3, 4][0];") else {
+            panic!("index")
+        };
+        assert_eq!(*a, RValue::Array(vec![num("3"), num("4")]));
+        assert_eq!(*s, Subscript::Single(num("0")));
+        // An open bracket that is not a subscript leaves the atom alone, as before.
+        assert!(parse_assignments("y = x[;").is_err());
+
+        let RValue::Invocation(inv) = rhs("y = conv(i\"a.b\", padding = [(0, 0), (1, 1)]);") else {
+            panic!("invocation")
+        };
+        assert_eq!(inv.arguments.len(), 2);
+        assert_eq!(inv.arguments[0].rvalue, id("a.b"));
+        let pair = |a, b| RValue::Tuple(vec![num(a), num(b)]);
+        assert_eq!(
+            inv.arguments[1].rvalue,
+            RValue::Array(vec![pair("0", "0"), pair("1", "1")])
+        );
+    }
+
     #[test]
     fn runtime_version_is_the_tract_in_cargo_lock() {
         let lock =
