@@ -224,18 +224,16 @@ async fn api_abuse_gets_clear_client_errors_and_the_server_keeps_serving() {
     let head = "POST /v1/devices HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
                 content-length: 1073741824\r\n\r\n";
     assert_eq!(raw_status(&addr, head, 4096).await, 401);
-    let junk = Case {
-        method: reqwest::Method::POST,
-        path: "/v1/devices",
-        auth: Some(format!("Bearer {}", api.token)),
-        content_type: Some("application/json"),
-        body: vec![b'x'; 16 << 20],
-        want: StatusCode::PAYLOAD_TOO_LARGE,
-    };
-    assert_eq!(
-        send(&http, &api.base, &junk).await,
-        Ok(StatusCode::PAYLOAD_TOO_LARGE)
+    // Raw: the server answers 413 and closes while the body is still being written, and an
+    // HTTP client may then report only the failed write (reqwest did, once in CI), never
+    // the answer. The answer is read after the write, whatever became of it.
+    let head = format!(
+        "POST /v1/devices HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        api.token,
+        16 << 20
     );
+    assert_eq!(raw_status(&addr, &head, 16 << 20).await, 413);
 
     // 20 rounds of every case at once (300 requests in flight): each answered as alone.
     let mut tasks = Vec::new();
