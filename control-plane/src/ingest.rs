@@ -197,6 +197,17 @@ impl Ingest {
         if items.is_empty() {
             return;
         }
+        // A chunk request is not stored: it is handed on before the batch is written, so a
+        // downloading device never waits for a commit (large under load) to get its chunks.
+        for item in &items {
+            if let Uplink::ChunkRequest(c) = &item.frame.msg {
+                m.chunk_requests.fetch_add(1, Relaxed);
+                let _ = self.events.send(Event::Chunks {
+                    device: item.frame.device.clone(),
+                    request: c.clone(),
+                });
+            }
+        }
         let outcome = match self.store.apply_batch(&items) {
             Ok(o) => o,
             Err(e) => {
@@ -229,13 +240,6 @@ impl Ingest {
                         self.online.remove(dev);
                         tracing::info!(device_id = %dev, "device offline");
                     }
-                }
-                Uplink::ChunkRequest(c) => {
-                    m.chunk_requests.fetch_add(1, Relaxed);
-                    let _ = self.events.send(Event::Chunks {
-                        device: dev.clone(),
-                        request: c.clone(),
-                    });
                 }
                 Uplink::KeyringRefused(k) => {
                     tracing::warn!(device_id = %dev, offered = k.offered_version, reason = %k.reason, "device refused the keyring");
@@ -336,6 +340,68 @@ pub fn ranges(seqs: &mut Vec<u64>) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use drover_protocol::envelope::{seal_uplink, UplinkFrame};
+    use drover_protocol::topics::UplinkKind;
+    use drover_protocol::DeviceKey;
+
+    use crate::app::{BrokerLogins, DeviceEntry};
+
+    #[test]
+    fn chunk_requests_are_handed_on_before_the_batch_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("d.db")).unwrap();
+        let dev = DeviceId::new("dev-1").unwrap();
+        let key = DeviceKey([3; 32]);
+        store
+            .enroll_device(&dev, &key, &Default::default(), 1)
+            .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let entry = DeviceEntry {
+            key: key.clone(),
+            decommissioned: false,
+        };
+        let devices = Devices::new(
+            [(dev.clone(), entry)],
+            BrokerLogins::default(),
+            Arc::clone(&metrics),
+        );
+        let (tx, rx) = mpsc::channel(16);
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let request = ChunkRequest {
+            manifest_digest: [9; 32],
+            indices: vec![0, 1],
+        };
+        let frame = UplinkFrame {
+            device: dev.clone(),
+            seq: 1,
+            sent_at_ms: 1,
+            msg: Uplink::ChunkRequest(request.clone()),
+        };
+        // Queued before the thread starts, so both arrive in one batch.
+        tx.try_send(RawUplink {
+            topic: topics::uplink(&dev, UplinkKind::ChunkRequest),
+            payload: seal_uplink(&key, &frame).into(),
+        })
+        .unwrap();
+        drop(tx);
+        spawn(store, devices, metrics, rx, events_tx, 64, false)
+            .unwrap()
+            .join()
+            .unwrap();
+        match events.try_recv() {
+            Ok(Event::Chunks { device, request: r }) => {
+                assert_eq!(device, dev);
+                assert_eq!(r.indices, request.indices);
+            }
+            other => panic!("the chunk request comes first, got {other:?}"),
+        }
+        match events.try_recv() {
+            Ok(Event::Acks(acks)) => assert_eq!(acks, vec![(dev, vec![1])]),
+            other => panic!("then its ack, got {other:?}"),
+        }
+        assert!(events.try_recv().is_err(), "handed on once");
+    }
 
     #[test]
     fn ranges_compress_runs_and_drop_duplicates() {
