@@ -187,7 +187,7 @@ pub async fn run_with_clock(
     let metrics = Arc::new(Metrics::default());
 
     let broker = start_broker(&settings, &ca, &api_store, &metrics, now)?;
-    let (inbound_tx, inbound_rx) = mpsc::channel(65_536);
+    let (inbound_tx, inbound_rx) = mpsc::channel(crate::config::INGEST_QUEUE);
     let mqtt = Arc::new(connect_mqtt(
         &settings,
         &paths,

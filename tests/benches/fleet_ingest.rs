@@ -6,7 +6,14 @@
 //! is measured in the same run, for the ratio.
 //!
 //! cargo bench -p drover-tests --bench fleet_ingest -- [--devices N] [--messages M]
-//!     [--broker embedded|mosquitto]
+//!     [--broker embedded|mosquitto] [--batch-max B] [--order burst|interleaved]
+//!
+//! `--order`: `burst` (each device publishes its M frames back to back, all devices at
+//! once) or `interleaved` (every device's first frame, then every device's second, ..., as a
+//! fleet reporting on a period sends them: the store's worst case, each batch spread over
+//! as many devices as it holds frames).
+//! `--batch-max`: the server's `[ingest] batch_max` (frames per SQLite transaction; the
+//! server's default when absent), to compare batch sizes in one build.
 //!
 //! `mosquitto`: Debian's mosquitto (password file, `%u` ACLs, persistence) as the broker,
 //! the control plane connecting to it as an external broker. Without `--bench` (as under
@@ -30,6 +37,8 @@ struct Args {
     devices: usize,
     messages: usize,
     broker: String,
+    batch_max: Option<usize>,
+    interleaved: bool,
     smoke: bool,
 }
 
@@ -40,6 +49,8 @@ fn args() -> Args {
         devices: if smoke { 10 } else { 1000 },
         messages: if smoke { 5 } else { 100 },
         broker: "embedded".into(),
+        batch_max: None,
+        interleaved: false,
         smoke,
     };
     let mut i = 1;
@@ -49,6 +60,16 @@ fn args() -> Args {
             "--devices" => a.devices = v.parse().unwrap_or(a.devices),
             "--messages" => a.messages = v.parse().unwrap_or(a.messages),
             "--broker" => a.broker = v,
+            "--order" => {
+                a.interleaved = match v.as_str() {
+                    "burst" => false,
+                    "interleaved" => true,
+                    _ => panic!("--order takes burst or interleaved, not {v:?}"),
+                }
+            }
+            "--batch-max" => {
+                a.batch_max = Some(v.parse().expect("--batch-max takes a number of frames"))
+            }
             _ => {
                 i += 1;
                 continue;
@@ -135,18 +156,25 @@ async fn run(a: Args) -> anyhow::Result<()> {
         anyhow::ensure!(a.broker == "embedded", "--broker is embedded or mosquitto");
         None
     };
-    let extra = match &mosq {
+    let mut extra = match &mosq {
         Some(m) => format!("broker_url = {:?}", m.url(CONTROL_PLANE_USER, cp_pass)),
         None => String::new(),
     };
+    if let Some(b) = a.batch_max {
+        extra.push_str(&format!("\n[ingest]\nbatch_max = {b}\n"));
+    }
     let server = ServeProcess::start(&bin, &dir.path().join("server"), &extra)?;
     let api = server.api();
     let total = (a.devices * a.messages) as u64;
     println!(
-        "command: cargo bench -p drover-tests --bench fleet_ingest -- --devices {} --messages {} --broker {}{}",
+        "command: cargo bench -p drover-tests --bench fleet_ingest -- --devices {} --messages {} --broker {} --order {}{}{}",
         a.devices,
         a.messages,
         a.broker,
+        if a.interleaved { "interleaved" } else { "burst" },
+        a.batch_max
+            .map(|b| format!(" --batch-max {b}"))
+            .unwrap_or_default(),
         if a.smoke { "   (smoke run: figures mean nothing)" } else { "" }
     );
     println!(
@@ -313,18 +341,29 @@ async fn run(a: Args) -> anyhow::Result<()> {
     };
     let stored0 = stored_now().await;
     let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for ((_, _, c), fr) in clients.iter().zip(frames) {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            for (topic, bytes) in fr {
-                c.publish(topic, QoS::AtLeastOnce, false, bytes).await?;
+    if a.interleaved {
+        let mut per_device: Vec<_> = frames.into_iter().map(Vec::into_iter).collect();
+        for _ in 0..a.messages {
+            for ((_, _, c), fr) in clients.iter().zip(per_device.iter_mut()) {
+                if let Some((topic, bytes)) = fr.next() {
+                    c.publish(topic, QoS::AtLeastOnce, false, bytes).await?;
+                }
             }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
+        }
+    } else {
+        let mut tasks = Vec::new();
+        for ((_, _, c), fr) in clients.iter().zip(frames) {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                for (topic, bytes) in fr {
+                    c.publish(topic, QoS::AtLeastOnce, false, bytes).await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
     }
     let mut stored = 0;
     while t0.elapsed() < Duration::from_secs(600) {

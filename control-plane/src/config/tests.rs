@@ -241,3 +241,40 @@ fn the_embedded_broker_is_rumqttd_unless_rmqtt_is_asked_for_and_built_in() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn ingest_batches_are_large_by_default_and_bounded_by_the_queue() {
+    let s = ServeConfig::default().validate().unwrap();
+    assert_eq!(s.ingest.batch_max, 32_768);
+    assert_eq!(
+        with_batch(INGEST_QUEUE)
+            .validate()
+            .unwrap()
+            .ingest
+            .batch_max,
+        INGEST_QUEUE
+    );
+    assert_eq!(with_batch(1).validate().unwrap().ingest.batch_max, 1);
+    for bad in [0, INGEST_QUEUE + 1] {
+        match with_batch(bad).validate() {
+            Err(ConfigError::Invalid(errs)) => {
+                assert_eq!(errs.len(), 1, "{errs:?}");
+                assert!(
+                    errs[0].contains("ingest.batch_max must be within 1..=65536"),
+                    "{errs:?}"
+                );
+            }
+            other => panic!("batch_max {bad}: {other:?}"),
+        }
+    }
+}
+
+fn with_batch(batch_max: usize) -> ServeConfig {
+    ServeConfig {
+        ingest: IngestConfig {
+            batch_max,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
