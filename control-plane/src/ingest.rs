@@ -378,7 +378,8 @@ mod tests {
             sent_at_ms: 1,
             msg: Uplink::ChunkRequest(request.clone()),
         };
-        // Queued before the thread starts, so both arrive in one batch.
+        // Queued, and the queue closed, before the thread starts: it stores this one batch
+        // and stops, and every event it sent is then in `events`, in order.
         tx.try_send(RawUplink {
             topic: topics::uplink(&dev, UplinkKind::ChunkRequest),
             payload: seal_uplink(&key, &frame).into(),
