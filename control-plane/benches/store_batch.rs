@@ -6,10 +6,13 @@
 //!
 //! cargo bench -p drover-control-plane --bench store_batch -- [--devices 1000,10000]
 //!     [--messages M] [--batch B]
+//!
+//! `--batch` defaults to the server's `[ingest] batch_max` default.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use drover_control_plane::config::IngestConfig;
 use drover_control_plane::store::{Inbound, Store};
 use drover_protocol::envelope::UplinkFrame;
 use drover_protocol::messages::{LatencyHistogram, SystemFacts, TelemetryBatch, Uplink};
@@ -50,7 +53,7 @@ fn args() -> Args {
     Args {
         devices,
         messages: number("--messages", 20),
-        batch: number("--batch", 8192).max(1),
+        batch: number("--batch", IngestConfig::default().batch_max).max(1),
     }
 }
 
