@@ -5,9 +5,12 @@
 //! the store puts on ingest at that fleet size. Fleet sizes run side by side in one run.
 //!
 //! cargo bench -p drover-control-plane --bench store_batch -- [--devices 1000,10000]
-//!     [--messages M] [--batch B]
+//!     [--messages M] [--batch B] [--history H]
 //!
-//! `--batch` defaults to the server's `[ingest] batch_max` default.
+//! `--batch` defaults to the server's `[ingest] batch_max` default. `--history H` first
+//! stores H hours of past reporting (one window per device and hour, untimed), so the
+//! timed frames land in a store that has run for a while: every device then has rows of
+//! its own in every per-device table, as on a server after days, not a fresh file.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,6 +25,7 @@ struct Args {
     devices: Vec<usize>,
     messages: usize,
     batch: usize,
+    history: u64,
 }
 
 fn args() -> Args {
@@ -32,6 +36,7 @@ fn args() -> Args {
             devices: vec![20],
             messages: 3,
             batch: 16,
+            history: 2,
         };
     }
     let value = |name: &str| argv.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
@@ -54,20 +59,24 @@ fn args() -> Args {
         devices,
         messages: number("--messages", 20),
         batch: number("--batch", IngestConfig::default().batch_max).max(1),
+        history: number("--history", 0) as u64,
     }
 }
 
-fn frame(device: &DeviceId, seq: u64) -> Inbound {
+const HOUR_MS: u64 = 3_600_000;
+
+/// Telemetry frame `seq` of a device, its window starting at `start_ms`.
+fn frame(device: &DeviceId, seq: u64, start_ms: u64) -> Inbound {
     let mut latency = LatencyHistogram::new();
     latency.counts[4] = 50;
     Inbound {
         frame: UplinkFrame {
             device: device.clone(),
             seq,
-            sent_at_ms: seq * 10_000,
+            sent_at_ms: start_ms + 10_000,
             msg: Uplink::Telemetry(TelemetryBatch {
-                window_start_ms: seq * 10_000,
-                window_end_ms: seq * 10_000 + 9_999,
+                window_start_ms: start_ms,
+                window_end_ms: start_ms + 9_999,
                 model: None,
                 inferences: 50,
                 errors: 0,
@@ -78,7 +87,7 @@ fn frame(device: &DeviceId, seq: u64) -> Inbound {
                 spool_dropped: 0,
             }),
         },
-        received_at_ms: 1_000_000 + seq * 10_000,
+        received_at_ms: start_ms + 10_000,
     }
 }
 
@@ -89,7 +98,7 @@ struct Run {
     db_bytes: u64,
 }
 
-fn run(devices: usize, messages: usize, batch: usize) -> Run {
+fn run(devices: usize, messages: usize, batch: usize, history: u64) -> Run {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("drover.db");
     let mut store = Store::open(&path).expect("open store");
@@ -102,8 +111,19 @@ fn run(devices: usize, messages: usize, batch: usize) -> Run {
             .enroll_device(id, &DeviceKey([7; 32]), &labels, 1)
             .expect("enroll");
     }
+    // The past: one window per device and hour, stored as the server would (untimed).
+    let past: Vec<Inbound> = (0..history)
+        .flat_map(|h| ids.iter().map(move |id| frame(id, h + 1, h * HOUR_MS)))
+        .collect();
+    for chunk in past.chunks(batch) {
+        store.apply_batch(chunk).expect("apply history batch");
+    }
+    let now_ms = history * HOUR_MS;
     let frames: Vec<Inbound> = (1..=messages as u64)
-        .flat_map(|seq| ids.iter().map(move |id| frame(id, seq)))
+        .flat_map(|k| {
+            ids.iter()
+                .map(move |id| frame(id, history + k, now_ms + k * 10_000))
+        })
         .collect();
     let mut stored = 0;
     let mut batches = Vec::new();
@@ -136,11 +156,11 @@ fn ms(d: Duration) -> f64 {
 fn main() {
     let a = args();
     println!(
-        "| devices | frames | batch | stored | took s | frames/s | batch ms median | batch ms max | db + wal MB |"
+        "| devices | history h | frames | batch | stored | took s | frames/s | batch ms median | batch ms max | db + wal MB |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &n in &a.devices {
-        let r = run(n, a.messages, a.batch);
+        let r = run(n, a.messages, a.batch, a.history);
         let frames = (n * a.messages) as u64;
         assert_eq!(
             r.stored, frames,
@@ -149,7 +169,8 @@ fn main() {
         let mut sorted = r.batches.clone();
         sorted.sort();
         println!(
-            "| {n} | {frames} | {} | {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {n} | {} | {frames} | {} | {} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            a.history,
             a.batch,
             r.stored,
             r.took.as_secs_f64(),
