@@ -66,11 +66,6 @@ pub struct ServeConfig {
     /// A chunk devices need is published once no new device has asked for it for this long
     /// (at most its hold after the first ask): devices arriving together share one publish.
     pub chunk_window_ms: u64,
-    /// A deployed model's chunks stay retained on the broker this long after its last
-    /// deploy command was sent (devices get them on subscribing, without asking); then
-    /// they are cleared. 0: never retained (every chunk is asked for and published on
-    /// the shared topic), for brokers that refuse large retained messages.
-    pub chunk_retain_minutes: u64,
     /// Deployment commands expire this long after being issued.
     pub command_ttl_hours: u64,
     /// How often the rollout driver re-evaluates every open rollout.
@@ -197,7 +192,6 @@ impl Default for ServeConfig {
             ingest: IngestConfig::default(),
             telemetry_retention_hours: 24 * 7,
             chunk_window_ms: 100,
-            chunk_retain_minutes: 60,
             command_ttl_hours: 24 * 7,
             rollout_tick_ms: 1000,
             rollout_republish_ms: 30_000,
@@ -452,8 +446,6 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub telemetry_retention: Duration,
     pub chunk_window: Duration,
-    /// How long chunks stay retained after the last deploy command (zero: not retained).
-    pub chunk_retain: Duration,
     pub command_ttl: Duration,
     pub rollout_tick: Duration,
     pub rollout_republish: Duration,
@@ -534,7 +526,6 @@ impl ServeConfig {
             telemetry_retention: HOUR
                 .saturating_mul(u32::try_from(self.telemetry_retention_hours).unwrap_or(u32::MAX)),
             chunk_window: Duration::from_millis(self.chunk_window_ms),
-            chunk_retain: Duration::from_secs(self.chunk_retain_minutes.saturating_mul(60)),
             command_ttl: HOUR
                 .saturating_mul(u32::try_from(self.command_ttl_hours).unwrap_or(u32::MAX)),
             rollout_tick: Duration::from_millis(self.rollout_tick_ms),

@@ -140,8 +140,6 @@ pub struct Metrics {
     /// (held by the coalescer until its resend delay).
     pub chunk_asks_held: AtomicU64,
     pub chunk_bytes: AtomicU64,
-    /// Chunks published retained (a deployed model, once per retention period).
-    pub chunk_retained_publishes: AtomicU64,
     pub commands_issued: AtomicU64,
     pub devices_online: AtomicU64,
     pub devices_enrolled: AtomicU64,
@@ -290,7 +288,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         self.render_timings(&mut s);
-        let counters: [(&str, &str, &AtomicU64); 18] = [
+        let counters: [(&str, &str, &AtomicU64); 17] = [
             ("drover_uplink_received_total", "Uplink frames received from the broker.", &self.uplink_received),
             ("drover_uplink_stored_total", "Uplink frames stored (new rows).", &self.uplink_stored),
             ("drover_uplink_duplicates_total", "Uplink frames already stored (resent by an agent).", &self.uplink_duplicates),
@@ -301,8 +299,7 @@ impl Metrics {
             ("drover_chunk_requests_total", "Chunk requests received.", &self.chunk_requests),
             ("drover_chunk_publishes_total", "Chunk publishes (coalesced).", &self.chunk_publishes),
             ("drover_chunk_asks_held_total", "Chunks asked for again by a device they were already published to since its first ask; not republished before the resend delay.", &self.chunk_asks_held),
-            ("drover_chunk_egress_bytes_total", "Bytes of chunk frames published (shared and retained).", &self.chunk_bytes),
-            ("drover_chunk_retained_publishes_total", "Chunks published retained: each deployed model once per retention period, received by devices on subscribing.", &self.chunk_retained_publishes),
+            ("drover_chunk_egress_bytes_total", "Bytes of chunk frames published.", &self.chunk_bytes),
             ("drover_commands_issued_total", "Signed commands issued.", &self.commands_issued),
             ("drover_broker_auth_refused_total", "MQTT logins refused by the embedded broker (certificate, login, client id).", &self.broker_auth_refused),
             ("drover_broker_throttled_messages_total", "Packets the TLS front held back: their device exceeded its message rate.", &self.broker_throttled_messages),

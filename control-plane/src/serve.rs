@@ -22,7 +22,6 @@ use tokio::task::JoinHandle;
 
 use crate::app::{App, DeviceEntry, Devices, KeyStore, Outbox, Paths};
 use crate::broker::{BrokerAuth, Sessions};
-use crate::chunks::Retained;
 use crate::config::Settings;
 use crate::keys;
 use crate::metrics::Metrics;
@@ -195,17 +194,13 @@ pub async fn run_with_clock(
         &broker.prepared,
         inbound_tx,
     )?);
-    let api_store = Db::new(api_store);
-    let outbox = Outbox::new(
-        Arc::clone(&mqtt),
-        broker.devices.clone(),
-        Arc::clone(&clock),
-        Arc::clone(&metrics),
-    );
-    let retained = Retained::new(api_store.clone(), outbox.clone(), &clock, &paths, &settings);
     let app = App {
-        outbox,
-        retained,
+        outbox: Outbox::new(
+            Arc::clone(&mqtt),
+            broker.devices.clone(),
+            Arc::clone(&clock),
+            Arc::clone(&metrics),
+        ),
         settings: Arc::new(settings),
         paths,
         clock,
@@ -220,6 +215,7 @@ pub async fn run_with_clock(
         broker_names: broker.prepared.broker_names.clone().into(),
     };
 
+    let api_store = Db::new(api_store);
     let pipeline = start_pipeline(&app, ingest_store, inbound_rx, &api_store)?;
     if !mqtt.ready(Duration::from_secs(10)).await {
         tracing::warn!("uplink subscriptions not acknowledged yet; continuing, sessions retry");

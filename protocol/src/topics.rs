@@ -4,7 +4,6 @@
 //! drover/v1/dev/{device}/up/{kind}     device → control plane (authenticated frames)
 //! drover/v1/dev/{device}/down          control plane → one device (hello acks, signed commands, acks)
 //! drover/v1/model/{digest}/chunks      control plane → every device downloading that model (shared)
-//! drover/v1/model/{digest}/chunks/{i}  retained: chunk i of a model being rolled out
 //! drover/v1/fleet/keyring              retained, root-signed keyring
 //! ```
 //!
@@ -209,18 +208,6 @@ pub fn model_chunks(manifest_digest: &[u8; 32]) -> String {
     format!("{PREFIX}/model/{}/chunks", hex32(manifest_digest))
 }
 
-/// Retained topic holding chunk `index` of the model whose signed manifest has this
-/// digest, while the model is being deployed: a device that subscribes to
-/// [`model_chunk_filter`] gets every chunk from the broker at once, with no request.
-pub fn model_chunk(manifest_digest: &[u8; 32], index: u32) -> String {
-    format!("{PREFIX}/model/{}/chunks/{index}", hex32(manifest_digest))
-}
-
-/// The filter covering every retained chunk topic of one model.
-pub fn model_chunk_filter(manifest_digest: &[u8; 32]) -> String {
-    format!("{PREFIX}/model/{}/chunks/+", hex32(manifest_digest))
-}
-
 /// Retained topic holding the current root-signed keyring.
 pub fn keyring() -> String {
     format!("{PREFIX}/fleet/keyring")
@@ -228,15 +215,14 @@ pub fn keyring() -> String {
 
 /// Broker ACL patterns for one device, with `user` standing for its authenticated
 /// identity (mosquitto's `%u`, EMQX's `${username}`): it may publish only under its own
-/// uplink topics, and read only its own downlink, every model's chunk topics (shared and
-/// retained) and the fleet keyring. Returns `(publish, subscribe)` topic filters.
+/// uplink topics, and read only its own downlink, every model's chunk topic and the
+/// fleet keyring. Returns `(publish, subscribe)` topic filters.
 pub fn device_acl(user: &str) -> (Vec<String>, Vec<String>) {
     (
         vec![format!("{PREFIX}/dev/{user}/up/#")],
         vec![
             format!("{PREFIX}/dev/{user}/down"),
             format!("{PREFIX}/model/+/chunks"),
-            format!("{PREFIX}/model/+/chunks/+"),
             keyring(),
         ],
     )
@@ -250,21 +236,9 @@ pub fn all_filter() -> String {
 /// What a topic received by the control plane or the agent names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParsedTopic {
-    Uplink {
-        device: DeviceId,
-        kind: UplinkKind,
-    },
-    Downlink {
-        device: DeviceId,
-    },
-    /// The shared chunk topic, or one retained chunk's topic (the frame names its index).
-    ModelChunks {
-        manifest_digest: [u8; 32],
-    },
-    /// [`model_chunk_filter`]: a subscription filter, never a topic anything is sent on.
-    ModelChunkFilter {
-        manifest_digest: [u8; 32],
-    },
+    Uplink { device: DeviceId, kind: UplinkKind },
+    Downlink { device: DeviceId },
+    ModelChunks { manifest_digest: [u8; 32] },
     Keyring,
 }
 
@@ -287,17 +261,6 @@ pub fn parse(topic: &str) -> Result<ParsedTopic, TopicError> {
             device: DeviceId::new(*id)?,
         }),
         ["model", digest, "chunks"] => Ok(ParsedTopic::ModelChunks {
-            manifest_digest: parse_hex32(digest).ok_or_else(unknown)?,
-        }),
-        // Decimal digits only, as `model_chunk` writes them (no sign, no leading zero).
-        ["model", digest, "chunks", index]
-            if index.parse::<u32>().is_ok_and(|i| i.to_string() == *index) =>
-        {
-            Ok(ParsedTopic::ModelChunks {
-                manifest_digest: parse_hex32(digest).ok_or_else(unknown)?,
-            })
-        }
-        ["model", digest, "chunks", "+"] => Ok(ParsedTopic::ModelChunkFilter {
             manifest_digest: parse_hex32(digest).ok_or_else(unknown)?,
         }),
         ["fleet", "keyring"] => Ok(ParsedTopic::Keyring),
@@ -391,46 +354,21 @@ mod tests {
                 manifest_digest: digest
             }
         );
-        for index in [0, 7, u32::MAX] {
-            assert_eq!(
-                parse(&model_chunk(&digest, index)).unwrap(),
-                ParsedTopic::ModelChunks {
-                    manifest_digest: digest
-                }
-            );
-        }
-        assert_eq!(
-            parse(&model_chunk_filter(&digest)).unwrap(),
-            ParsedTopic::ModelChunkFilter {
-                manifest_digest: digest
-            }
-        );
         assert_eq!(parse(&keyring()).unwrap(), ParsedTopic::Keyring);
     }
 
     #[test]
     fn malformed_topics_are_errors() {
-        let chunk = |tail: &str| format!("drover/v1/model/{}/chunks/{tail}", "ab".repeat(32));
         for t in [
-            "".to_owned(),
-            "drover/v1".into(),
-            "drover/v2/dev/a/up/hello".into(),
-            "drover/v1/dev/a/up/nope".into(),
-            "drover/v1/dev/a+/up/hello".into(),
-            "drover/v1/model/zz/chunks".into(),
-            "drover/v1/dev/a/up/hello/extra".into(),
-            // Retained chunk topics: decimal indices as written, nothing else.
-            chunk(""),
-            chunk("-1"),
-            chunk("07"),
-            chunk("+1"),
-            chunk("4294967296"),
-            chunk("#"),
-            chunk("1/2"),
-            "drover/v1/model/zz/chunks/1".into(),
-            "drover/v1/model/zz/chunks/+".into(),
+            "",
+            "drover/v1",
+            "drover/v2/dev/a/up/hello",
+            "drover/v1/dev/a/up/nope",
+            "drover/v1/dev/a+/up/hello",
+            "drover/v1/model/zz/chunks",
+            "drover/v1/dev/a/up/hello/extra",
         ] {
-            assert!(parse(&t).is_err(), "{t}");
+            assert!(parse(t).is_err(), "{t}");
         }
     }
 }

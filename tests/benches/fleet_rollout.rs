@@ -166,7 +166,6 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let page = metrics(&server.api_url).await?;
     let egress0 = prom_counter(&page, "drover_chunk_egress_bytes_total").unwrap_or(0);
     let pubs0 = prom_counter(&page, "drover_chunk_publishes_total").unwrap_or(0);
-    let asks0 = prom_counter(&page, "drover_chunk_requests_total").unwrap_or(0);
     let cpu0 = cpu_seconds(server.pid()).unwrap_or(0.0);
     let received0 = Stats::get(&fleet.shared.stats.chunk_bytes_received);
 
@@ -185,8 +184,6 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let page = metrics(&server.api_url).await?;
     let egress = prom_counter(&page, "drover_chunk_egress_bytes_total").unwrap_or(0) - egress0;
     let publishes = prom_counter(&page, "drover_chunk_publishes_total").unwrap_or(0) - pubs0;
-    let asks = prom_counter(&page, "drover_chunk_requests_total").unwrap_or(0) - asks0;
-    let retained = prom_counter(&page, "drover_chunk_retained_publishes_total").unwrap_or(0);
     let commands = prom_counter(&page, "drover_commands_issued_total").unwrap_or(0);
     let cpu = cpu_seconds(server.pid()).unwrap_or(0.0) - cpu0;
     let (server_peak, _) = rss(server.pid()).unwrap_or((0, 0));
@@ -270,9 +267,6 @@ async fn run(a: Args) -> anyhow::Result<()> {
         mib(egress),
         egress as f64 / onnx.len() as f64,
         mib(received)
-    );
-    println!(
-        "chunk delivery: {retained} chunks published retained; {asks} chunk requests from devices"
     );
     println!("signed commands issued: {commands}");
     println!(

@@ -33,7 +33,6 @@ pub fn acl() -> String {
          pattern write drover/v1/dev/%u/up/#\n\
          pattern read drover/v1/dev/%u/down\n\
          pattern read drover/v1/model/+/chunks\n\
-         pattern read drover/v1/model/+/chunks/+\n\
          pattern read drover/v1/fleet/keyring\n"
     )
 }

@@ -1,8 +1,7 @@
 //! The deployment path of the [`Machine`]: a verified deploy command becomes a pending
 //! deployment (persisted with the command's sequence number), then
-//! open → download (the broker's retained chunks on subscribing; chunks still missing
-//! after [`CHUNK_RETRY_MS`] without one are asked for [`CHUNK_BATCH`] at a time and
-//! re-asked after as long; each verified before it is written) → finish (whole-file hash) →
+//! open → download (chunks asked for [`CHUNK_BATCH`] at a time, re-asked after
+//! [`CHUNK_RETRY_MS`], each verified before it is written) → finish (whole-file hash) →
 //! load and self-test → activate (probation, then healthy or rolled back) or shadow;
 //! rollback, promote and remove commands. Everything here acts on one named slot: the job,
 //! probation and restore of model A are keyed by A's name, so B's never see them.
@@ -79,11 +78,6 @@ pub(super) struct Download {
     done: u32,
     requested: BTreeSet<u32>,
     last_request_ms: Option<u64>,
-    /// Before the first request (and after a reconnect): since when the download waits
-    /// for the broker's retained chunks, or since the last chunk came. The first request
-    /// goes out only after [`CHUNK_RETRY_MS`] without one: a rollout's chunks are retained
-    /// on the broker, so they arrive on subscribing, with no request at all.
-    waiting_since_ms: u64,
     last_reported: u32,
     /// Failed attempts per chunk (check or write), bounded by the chunk count.
     failures: BTreeMap<u32, u32>,
@@ -227,22 +221,8 @@ impl Machine {
 
     fn drop_download(&mut self, p: &Pending) {
         let manifest_digest = p.model.digest;
-        self.unsubscribe_chunks(&manifest_digest);
+        self.emit(Effect::Unsubscribe(topics::model_chunks(&manifest_digest)));
         self.emit(Effect::CloseDownload { manifest_digest });
-    }
-
-    /// A model's chunks come on two topics: the shared one (chunks published on request)
-    /// and the retained ones (every chunk of a model being rolled out, sent by the broker
-    /// on subscribing). A broker whose ACL refuses the second only costs the first
-    /// request's wait ([`CHUNK_RETRY_MS`]).
-    fn subscribe_chunks(&mut self, digest: &Digest) {
-        self.emit(Effect::Subscribe(topics::model_chunks(digest)));
-        self.emit(Effect::Subscribe(topics::model_chunk_filter(digest)));
-    }
-
-    fn unsubscribe_chunks(&mut self, digest: &Digest) {
-        self.emit(Effect::Unsubscribe(topics::model_chunks(digest)));
-        self.emit(Effect::Unsubscribe(topics::model_chunk_filter(digest)));
     }
 
     /// The name of the job in flight for this model if it is at this stage (a manifest
@@ -278,7 +258,6 @@ impl Machine {
             done,
             requested: BTreeSet::new(),
             last_request_ms: None,
-            waiting_since_ms: self.now,
             last_reported: done,
             failures: BTreeMap::new(),
             silent: 0,
@@ -288,7 +267,7 @@ impl Machine {
         if done == total {
             self.finish(&name);
         } else if connected {
-            self.subscribe_chunks(&digest);
+            self.emit(Effect::Subscribe(topics::model_chunks(&digest)));
         }
     }
 
@@ -322,32 +301,26 @@ impl Machine {
         );
     }
 
-    /// After a (re)connect the chunk topics are subscribed again (the retained chunks come
-    /// again with that) and missing chunks asked for if they do not.
+    /// After a (re)connect the chunk topics are subscribed again and chunks re-asked.
     pub(super) fn resubscribe_chunks(&mut self) {
-        let now = self.now;
-        let mut digests = Vec::new();
+        let mut topics = Vec::new();
         for job in self.job.values_mut() {
             if let Stage::Downloading(d) = &mut job.stage {
                 d.last_request_ms = None;
-                d.requested.clear();
-                d.waiting_since_ms = now;
-                digests.push(job.pending.model.digest);
+                topics.push(topics::model_chunks(&job.pending.model.digest));
             }
         }
-        for digest in digests {
-            self.subscribe_chunks(&digest);
+        for t in topics {
+            self.emit(Effect::Subscribe(t));
         }
     }
 
-    /// The slots whose chunk requests are due: the first once the retained chunks have
-    /// not come for [`CHUNK_RETRY_MS`], the next that long after the last request.
+    /// The slots whose chunk requests are due again.
     pub(super) fn chunk_retries_due(&self) -> Vec<String> {
         let due = |j: &Job| match &j.stage {
-            Stage::Downloading(d) => {
-                let since = d.last_request_ms.unwrap_or(d.waiting_since_ms);
-                self.now.saturating_sub(since) >= CHUNK_RETRY_MS
-            }
+            Stage::Downloading(d) => d
+                .last_request_ms
+                .is_none_or(|t| self.now.saturating_sub(t) >= CHUNK_RETRY_MS),
             _ => false,
         };
         self.job
@@ -469,9 +442,6 @@ impl Machine {
         }) = self.job.get_mut(&name)
         {
             d.silent = 0;
-            if d.last_request_ms.is_none() {
-                d.waiting_since_ms = self.now;
-            }
             if let Some(h) = d.have.get_mut(index as usize) {
                 if !*h {
                     *h = true;
@@ -490,11 +460,10 @@ impl Machine {
         let Stage::Downloading(d) = &mut job.stage else {
             return;
         };
-        // Only the end of a batch this device asked for asks for the next: chunks coming
-        // unasked (retained, or asked by other devices) leave the asking to the timer.
-        let batch_done = d.requested.remove(&index) && d.requested.is_empty();
+        d.requested.remove(&index);
         let (done, total) = (d.done, d.have.len() as u32);
         let report = done == total || done >= d.last_reported + (total / 4).max(1);
+        let batch_done = d.requested.is_empty();
         if report {
             d.last_reported = done;
             let (cmd, model) = (command_of(&job.pending), job.pending.model.clone());
@@ -532,7 +501,7 @@ impl Machine {
         let p = &job.pending;
         let (cmd, model, manifest) = (command_of(p), p.model.clone(), p.manifest.clone());
         let total = manifest.chunk_count();
-        self.unsubscribe_chunks(&model.digest);
+        self.emit(Effect::Unsubscribe(topics::model_chunks(&model.digest)));
         self.crash_point("deploy.after_verify");
         self.progress(
             cmd,

@@ -592,8 +592,6 @@ impl Machine {
                 Ok(blob) => Decoded::Input(Input::Keyring(blob)),
                 Err(e) => Decoded::Refused(FrameRefused::Keyring(e)),
             },
-            // The control plane clearing a retained chunk (an empty retained publish).
-            Ok(ParsedTopic::ModelChunks { .. }) if payload.is_empty() => Decoded::Ignored,
             Ok(ParsedTopic::ModelChunks { manifest_digest }) => {
                 match envelope::decode_chunk(payload) {
                     Ok(c) if c.manifest_digest == manifest_digest => {

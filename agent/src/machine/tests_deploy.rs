@@ -85,7 +85,7 @@ fn a_deploy_is_persisted_as_pending_then_asks_the_store_what_it_holds() {
 }
 
 #[test]
-fn a_download_waits_for_retained_chunks_then_asks_only_for_missing_ones_in_batches() {
+fn a_resumed_download_asks_only_for_missing_chunks_in_batches_and_again_after_the_retry() {
     let mut r = rig();
     let m = TestModel::new(&r.signer, "1.0.0", 70 * 1024);
     deploy(&mut r, 1, &m, DeployMode::Activate);
@@ -93,24 +93,7 @@ fn a_download_waits_for_retained_chunks_then_asks_only_for_missing_ones_in_batch
     have[0] = true;
     have[1] = true;
     let e = opened(&mut r, &m, Stored::Chunks(have));
-    assert_eq!(
-        names(&e),
-        ["progress Downloading", "subscribe", "subscribe"]
-    );
-    let topics: Vec<&String> = e
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Subscribe(t) => Some(t),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        topics,
-        [
-            &topics::model_chunks(&m.digest()),
-            &topics::model_chunk_filter(&m.digest())
-        ]
-    );
+    assert_eq!(names(&e), ["progress Downloading", "subscribe"]);
     assert_eq!(progress(&e)[0].1, Phase::Downloading);
     let asked = |e: &[Effect]| -> Vec<u32> {
         uplinks(e)
@@ -122,31 +105,18 @@ fn a_download_waits_for_retained_chunks_then_asks_only_for_missing_ones_in_batch
             .flatten()
             .collect()
     };
-    // The broker sends a rollout's retained chunks on subscribing: nothing is asked while
-    // they come, and each one starts the wait again.
-    assert!(asked(&r.tick(0, 0)).is_empty());
-    r.now += CHUNK_RETRY_MS - 1;
-    assert!(asked(&r.tick(0, 0)).is_empty());
-    assert!(uplinks(&chunk(&mut r, &m, 2)).is_empty());
-    r.now += CHUNK_RETRY_MS - 1;
-    assert!(asked(&r.tick(0, 0)).is_empty());
-    // Then silence: the missing chunks are asked for, a batch at a time.
-    r.now += 1;
     let first = asked(&r.tick(0, 0));
-    assert_eq!(first, (3..3 + CHUNK_BATCH as u32).collect::<Vec<_>>());
+    assert_eq!(first, (2..2 + CHUNK_BATCH as u32).collect::<Vec<_>>());
     r.now += CHUNK_RETRY_MS - 1;
     assert!(asked(&r.tick(0, 0)).is_empty());
     r.now += 1;
     assert_eq!(asked(&r.tick(0, 0)), first);
-    // Requests go only over a live session; a reconnect subscribes again and, when the
-    // retained chunks do not come, asks again.
+    // Requests go only over a live session; a reconnect subscribes and asks again.
     r.handle(Input::Disconnected);
     r.now += CHUNK_RETRY_MS;
     assert!(asked(&r.tick(0, 0)).is_empty());
     let e = r.handle(Input::Connected);
-    assert_eq!(names(&e).iter().filter(|n| *n == "subscribe").count(), 4);
-    assert!(asked(&r.tick(0, 0)).is_empty());
-    r.now += CHUNK_RETRY_MS;
+    assert_eq!(names(&e).iter().filter(|n| *n == "subscribe").count(), 3);
     assert_eq!(asked(&r.tick(0, 0)), first);
 }
 
@@ -164,8 +134,8 @@ fn verified_chunks_are_written_then_the_file_is_finished_self_tested_and_activat
         manifest_digest: m.digest(),
         index: 0,
     });
-    // Progress every quarter; a chunk that came unasked (retained) asks for nothing.
-    assert_eq!(names(&e), ["progress Downloading"]);
+    // Progress every quarter; the first chunk in also asks for the rest.
+    assert_eq!(names(&e), ["progress Downloading", "uplink ChunkRequest"]);
     chunk(&mut r, &m, 1);
     chunk(&mut r, &m, 2);
     // A chunk held already is not written twice.
@@ -180,7 +150,6 @@ fn verified_chunks_are_written_then_the_file_is_finished_self_tested_and_activat
     assert_eq!(
         names(&e),
         [
-            "unsubscribe",
             "unsubscribe",
             "crash deploy.after_verify",
             "progress Verified",
@@ -238,7 +207,6 @@ fn a_tampered_chunk_is_refused_and_never_written() {
         &e[..],
         [Effect::Event(Event::ChunkRefused { index: 2, .. })]
     ));
-    r.now += CHUNK_RETRY_MS;
     let asked: Vec<u32> = uplinks(&r.tick(0, 0))
         .into_iter()
         .filter_map(|u| match u {
@@ -284,7 +252,6 @@ fn a_newer_deploy_supersedes_the_download_in_flight() {
             "crash command.after_seq_persist",
             "progress Received",
             "unsubscribe",
-            "unsubscribe",
             "close",
             "progress Failed",
             "crash deploy.after_pending_persist",
@@ -313,7 +280,6 @@ fn a_model_already_in_the_store_is_self_tested_without_downloading() {
     assert_eq!(
         names(&e),
         [
-            "unsubscribe",
             "unsubscribe",
             "crash deploy.after_verify",
             "progress Verified",
@@ -351,13 +317,7 @@ fn a_failed_open_finish_or_self_test_fails_the_job_and_clears_pending() {
         };
         assert_eq!(
             names(&e),
-            [
-                "unsubscribe",
-                "unsubscribe",
-                "close",
-                "persist",
-                "progress Failed"
-            ],
+            ["unsubscribe", "close", "persist", "progress Failed"],
             "{stage}"
         );
         assert_eq!(persisted(&e).unwrap().one().pending, None, "{stage}");
@@ -485,13 +445,7 @@ fn a_rollback_cancels_the_download_in_flight_and_names_its_target() {
     );
     assert_eq!(
         names(&e)[3..],
-        [
-            "unsubscribe",
-            "unsubscribe",
-            "close",
-            "progress Failed",
-            "progress Done"
-        ]
+        ["unsubscribe", "close", "progress Failed", "progress Done"]
     );
     // The command's own write already dropped the pending deployment.
     assert_eq!(persisted(&e).unwrap().one().pending, None);

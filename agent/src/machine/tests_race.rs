@@ -60,7 +60,6 @@ fn redeploying_the_active_model_cancels_the_download_in_flight() {
             "crash command.after_seq_persist",
             "progress Received",
             "unsubscribe",
-            "unsubscribe",
             "close",
             "progress Failed",
             "progress Healthy"

@@ -515,9 +515,6 @@ pub(super) async fn deploy(
         .metrics
         .commands_issued
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if let Some(digest) = row.model_digest {
-        st.app.retained.keep(digest).await;
-    }
     st.app.outbox.send_command(&device, blob).await;
     Ok(Json(DeployResponse {
         device: row.device,

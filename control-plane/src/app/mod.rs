@@ -50,8 +50,6 @@ pub struct App {
     /// Open mutual-TLS sessions of the embedded broker (cut on decommission).
     pub tls_sessions: Arc<Sessions>,
     pub outbox: Outbox,
-    /// Models whose chunks are retained on the broker while they are deployed.
-    pub retained: crate::chunks::Retained,
     /// The bootstrap API token (`<data>/api-token`, an admin).
     pub api_token: Arc<str>,
     /// Every token the API accepts, by hash, with its identity and role.

@@ -146,43 +146,6 @@ impl Outbox {
         };
     }
 
-    /// Publishes one encoded chunk frame, retained, on its own topic (see
-    /// `chunks::retained`); counted in the chunk egress like a shared publish.
-    pub async fn publish_retained_chunk(
-        &self,
-        model: &Digest,
-        index: u32,
-        frame: Vec<u8>,
-    ) -> Result<(), MqttError> {
-        let len = frame.len() as u64;
-        self.mqtt
-            .publish(
-                Lane::Chunks,
-                topics::model_chunk(model, index),
-                frame,
-                QoS::AtLeastOnce,
-                true,
-            )
-            .await?;
-        self.metrics.chunk_publishes.fetch_add(1, Relaxed);
-        self.metrics.chunk_bytes.fetch_add(len, Relaxed);
-        self.metrics.chunk_retained_publishes.fetch_add(1, Relaxed);
-        Ok(())
-    }
-
-    /// Removes a retained chunk from the broker (an empty retained publish).
-    pub async fn clear_retained_chunk(&self, model: &Digest, index: u32) -> Result<(), MqttError> {
-        self.mqtt
-            .publish(
-                Lane::Chunks,
-                topics::model_chunk(model, index),
-                Vec::new(),
-                QoS::AtLeastOnce,
-                true,
-            )
-            .await
-    }
-
     /// Publishes one encoded chunk frame on the model's shared chunk topic.
     pub async fn publish_chunk(&self, model: &Digest, frame: Vec<u8>) -> Result<(), MqttError> {
         let len = frame.len() as u64;

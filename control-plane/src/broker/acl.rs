@@ -29,15 +29,12 @@ impl Principal {
     }
 
     /// A device subscribes only to its own downlink, the keyring and model chunk topics
-    /// (by digest; the one wildcard is a model's retained chunks, `.../chunks/+`); an
-    /// integration only inside the JSON stream.
+    /// (by digest: no wildcards); an integration only inside the JSON stream.
     pub(super) fn may_subscribe(&self, filter: &str) -> bool {
         match self {
             Principal::Device(device) => match topics::parse(filter) {
                 Ok(ParsedTopic::Downlink { device: d }) => d == *device,
-                Ok(ParsedTopic::Keyring)
-                | Ok(ParsedTopic::ModelChunks { .. })
-                | Ok(ParsedTopic::ModelChunkFilter { .. }) => true,
+                Ok(ParsedTopic::Keyring) | Ok(ParsedTopic::ModelChunks { .. }) => true,
                 _ => false,
             },
             Principal::Integration => topics::is_json_filter(filter),
@@ -71,21 +68,12 @@ mod tests {
         assert!(pa.may_subscribe(&topics::downlink(&a)));
         assert!(pa.may_subscribe(&topics::keyring()));
         assert!(pa.may_subscribe(&topics::model_chunks(&[3; 32])));
-        assert!(pa.may_subscribe(&topics::model_chunk_filter(&[3; 32])));
         assert!(!pa.may_subscribe(&topics::downlink(&b)));
-        let other = "ab".repeat(32);
-        let (every_chunk, every_topic) = (
-            format!("drover/v1/model/{other}/chunks/#"),
-            format!("drover/v1/model/{other}/#"),
-        );
         for wild in [
             "#",
             "drover/#",
             "drover/v1/dev/+/down",
             "drover/v1/model/+/chunks",
-            "drover/v1/model/+/chunks/+",
-            every_chunk.as_str(),
-            every_topic.as_str(),
             "drover/v1/json/#",
         ] {
             assert!(!pa.may_subscribe(wild), "{wild}");
@@ -108,8 +96,6 @@ mod tests {
             "drover/v1/dev/+/down".into(),
             topics::keyring(),
             topics::model_chunks(&[3; 32]),
-            topics::model_chunk_filter(&[3; 32]),
-            topics::model_chunk(&[3; 32], 0),
             "drover/v1/model/+/chunks".into(),
         ] {
             assert!(!i.may_subscribe(&other), "{other}");

@@ -16,7 +16,6 @@
 
 pub mod budget;
 pub mod coalescer;
-pub mod retained;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -33,7 +32,6 @@ use tokio::sync::mpsc;
 
 pub use self::budget::DeviceBudget;
 pub use self::coalescer::Coalescer;
-pub use self::retained::Retained;
 
 use crate::app::App;
 use crate::store::Db;
@@ -57,9 +55,6 @@ const LOG_INTERVAL_MS: u64 = 60_000;
 /// Events handled together (one store lookup for all of them; bounds how long that
 /// lookup holds the store).
 const MAX_EVENTS_PER_BATCH: usize = 4_096;
-
-/// How often retained models past their time are cleared.
-const RETAINED_SWEEP_MS: u64 = 10_000;
 
 /// Authorizations remembered before the cache is cleared (bounds its memory).
 const MAX_REMEMBERED: usize = 100_000;
@@ -352,21 +347,17 @@ pub async fn run(mut rx: mpsc::UnboundedReceiver<ChunkEvent>, app: App, store: D
         authorized: HashMap::new(),
         last_logged: HashMap::new(),
     };
-    let mut next_sweep = now_ms();
     loop {
-        let now = now_ms();
-        if now >= next_sweep {
-            server.app.retained.sweep().await;
-            next_sweep = now.saturating_add(RETAINED_SWEEP_MS);
-        }
-        let wake = server
+        let sleep_for = server
             .co
             .next_deadline()
-            .map_or(next_sweep, |d| d.min(next_sweep));
-        let sleep_for = Duration::from_millis(wake.saturating_sub(now_ms()));
-        let req = tokio::select! {
-            r = rx.recv() => r.map(Some),
-            _ = tokio::time::sleep(sleep_for) => Some(None),
+            .map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+        let req = match sleep_for {
+            Some(d) => tokio::select! {
+                r = rx.recv() => r.map(Some),
+                _ = tokio::time::sleep(d) => Some(None),
+            },
+            None => rx.recv().await.map(Some),
         };
         match req {
             None => return,

@@ -683,8 +683,6 @@ impl Driver {
             // Crash tests: the step is committed, its commands not yet published.
             drover_host::crash::point("rollout.after_commit");
         }
-        // Retained on the broker before the commands go out (`chunks::retained`).
-        self.app.retained.keep_deployed(&rows).await;
         for row in &rows {
             if let Ok(device) = DeviceId::new(row.device.clone()) {
                 self.app.metrics.commands_issued.fetch_add(1, Relaxed);
@@ -734,7 +732,6 @@ impl Driver {
             })
             .await
             .unwrap_or_default();
-        self.app.retained.keep_deployed(&rows).await;
         for row in rows {
             if let Ok(device) = DeviceId::new(row.device.clone()) {
                 tracing::info!(rollout = r.id, device_id = %device, seq = row.seq, "republishing an unanswered command");
